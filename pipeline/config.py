@@ -1,0 +1,218 @@
+"""One config for the server and the trainer: YAML file + dotted `--set section.key=value` overrides.
+
+Every field is documented where it is declared, with where its default comes from. Unknown keys
+and wrong types are errors naming the key (`ConfigError: train.max_stepz: unknown key ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """HF model name or local directory (the seed recipe: premai-io/prem-1B-chat)."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
+    attn_implementation: str = "auto"
+    """Trainer attention kernel: auto (flash_attention_2 on GPU when installed, else sdpa) or any HF name."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off unless asked for: it executes the model repo's Python."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address the generation server binds. Anything but loopback requires `token`."""
+    port: int = 8710
+    """HTTP port of the generation server."""
+    token: str = ""
+    """Shared secret; when set every request needs `Authorization: Bearer <token>`. Prefer the
+    GRPO_SERVER_TOKEN environment variable, which overrides this and is never written to disk."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism (GPUs given to the server)."""
+    max_model_len: int = 512
+    """Longest prompt + completion the server accepts (recipe: 256 + 200 fits in 512)."""
+    gpu_memory_utilization: float = 0.3
+    """GPU: fraction of GPU memory vLLM may take (weights + KV cache)."""
+    kv_cache_gib: float = 1.0
+    """CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    max_n: int = 64
+    """Largest `n` (completions per prompt) one request may ask for."""
+    max_tokens: int = 4096
+    """Largest `max_tokens` one request may ask for."""
+    max_prompts: int = 1024
+    """Most prompts in one request."""
+    request_timeout_s: float = 600.0
+    """Client-side deadline of one generate/score call."""
+    startup_timeout_s: float = 300.0
+    """How long the launcher waits for the server's health check."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph capture (faster start; turn off for long GPU runs)."""
+    seed: int = 0
+    """Engine seed (requests carry their own seeds too)."""
+
+
+@dataclass
+class SyncConfig:
+    transport: str = "auto"
+    """auto | nccl | gloo. auto: NCCL when the trainer's device is CUDA, gloo on CPU."""
+    bucket_mb: int = 256
+    """Tensors are packed into broadcast buckets of this many MB (not one call per tensor)."""
+    timeout_s: float = 60.0
+    """Any weight-sync call (HTTP or collective) fails after this many seconds instead of hanging."""
+    host: str = ""
+    """Address the trainer's rank 0 listens on for the sync group; empty = the server's host."""
+    port: int = 0
+    """Port for the sync group's rendezvous; 0 = a free port chosen at start."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "jsonl"
+    """jsonl (local files with GSM8K's question/answer fields) | hub (openai/gsm8k via datasets)."""
+    train_file: str = ""
+    """Training JSONL, relative to the working directory."""
+    test_file: str = ""
+    """Evaluation JSONL."""
+    hub_name: str = "openai/gsm8k"
+    """Dataset name on the hub (data.source=hub)."""
+    hub_config: str = "main"
+    """Dataset config on the hub."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (chat template included) are dropped before training (seed: 256)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: dict[str, float] = field(default_factory=dict)
+    """Per-reward weights by name (strict_format, soft_format, int_answer, xml_count, correctness);
+    missing names weigh 1.0, so totals are the seed card's points."""
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _check_type(value, hint, key: str):
+    """Return `value` converted to `hint` where lossless (int -> float), else raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        _, value_hint = typing.get_args(hint)
+        return {str(k): _check_type(v, value_hint, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item_hint,) = typing.get_args(hint)
+        return [_check_type(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {hint}")
+
+
+def _merge(obj, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key (expected one of: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a section (mapping), got {type(value).__name__}")
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _check_type(value, hints[key], dotted))
+
+
+def parse_override(item: str) -> dict:
+    """`train.max_steps=5` -> {"train": {"max_steps": 5}} (the value is parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
+    """Defaults <- YAML file <- `--set` overrides, validated."""
+    config = base or Config()
+    if path:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _merge(config, data)
+    for item in overrides:
+        _merge(config, parse_override(item))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that no single type can express."""
+    from pipeline.rewards import REWARD_FUNCS
+
+    if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype: expected auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
+    if config.sync.transport not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"sync.transport: expected auto, nccl or gloo, got {config.sync.transport!r}")
+    if config.data.source not in ("jsonl", "hub"):
+        raise ConfigError(f"data.source: expected jsonl or hub, got {config.data.source!r}")
+    for name in config.rewards:
+        if name not in REWARD_FUNCS:
+            raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(REWARD_FUNCS)})")
+    for key in ("port", "tensor_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts"):
+        if getattr(config.server, key) < (0 if key == "port" else 1):
+            raise ConfigError(f"server.{key}: must be positive, got {getattr(config.server, key)}")
+    if config.sync.bucket_mb < 1:
+        raise ConfigError(f"sync.bucket_mb: must be at least 1, got {config.sync.bucket_mb}")
+
+
+def to_dict(config: Config, redact: bool = True) -> dict:
+    """Plain dict for saving next to a run; the server token is never written."""
+    data = dataclasses.asdict(config)
+    if redact and data["server"]["token"]:
+        data["server"]["token"] = "<redacted>"
+    return data
