@@ -45,7 +45,10 @@ class SyncGroup:
 
     def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int,
                  device: torch.device | str, timeout_s: float):
-        from vllm.distributed.utils import StatelessProcessGroup, stateless_init_torch_distributed_process_group
+        from vllm.distributed.utils import (
+            StatelessProcessGroup,
+            stateless_init_torch_distributed_process_group,
+        )
 
         self.backend, self.rank, self.device = backend, rank, torch.device(device)
         with _without_agent_store():

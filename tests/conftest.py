@@ -36,3 +36,35 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_model_dir(tmp_path_factory, gsm8k_dir) -> Path:
+    from pipeline.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), tiny_corpus(gsm8k_dir),
+                            tie_word_embeddings=False, seed=1)
+
+
+def start_server(model_dir: Path, log_dir: Path, *extra: str, token: str = ""):
+    """A real `python -m pipeline.serve` process on a free loopback port, healthy or failed."""
+    from pipeline.server_process import ServerProcess
+    from pipeline.weight_push import free_port
+
+    port = free_port("127.0.0.1")
+    server = ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1",
+                            "--set", "server.request_timeout_s=120", *extra],
+                           log_dir / "server.log", "127.0.0.1", port, token=token)
+    server.wait_healthy(240)
+    return server
+
+
+SERVER_TOKEN = "test-token-not-secret"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, tmp_path_factory):
+    """One generation server for the whole session (tied tiny model, token required)."""
+    proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), token=SERVER_TOKEN)
+    yield proc
+    proc.stop()
