@@ -43,3 +43,17 @@ format: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+CONFIG ?=
+SERVE_ARGS ?=
+.PHONY: serve bench-sync
+serve: install
+	$(PY) -m pipeline.serve $(if $(CONFIG),--config $(CONFIG)) $(SERVE_ARGS)
+
+bench-sync: install
+	$(PY) bench/sync.py
+
+TRAIN_ARGS ?=
+.PHONY: train
+train: install
+	$(PY) launch/train.py $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)

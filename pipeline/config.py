@@ -23,6 +23,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = ""
     """HF model name or local directory (the seed recipe: premai-io/prem-1B-chat)."""
+    build: str = ""
+    """'' = use model.path as is; 'tiny' = build a small random Qwen2 + tokenizer locally (cached
+    under <run.root>/.cache), for CPU runs with no download."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
     attn_implementation: str = "auto"
@@ -81,7 +84,8 @@ class SyncConfig:
 @dataclass
 class DataConfig:
     source: str = "jsonl"
-    """jsonl (local files with GSM8K's question/answer fields) | hub (openai/gsm8k via datasets)."""
+    """jsonl (local files with GSM8K's question/answer fields) | hub (openai/gsm8k via datasets) |
+    synthetic (GSM8K-style problems generated locally; no download)."""
     train_file: str = ""
     """Training JSONL, relative to the working directory."""
     test_file: str = ""
@@ -90,12 +94,86 @@ class DataConfig:
     """Dataset name on the hub (data.source=hub)."""
     hub_config: str = "main"
     """Dataset config on the hub."""
+    synthetic_train: int = 4000
+    """Number of generated training problems (data.source=synthetic)."""
+    synthetic_test: int = 200
+    """Number of generated test problems (data.source=synthetic)."""
     max_prompt_tokens: int = 256
     """Prompts longer than this (chat template included) are dropped before training (seed: 256)."""
 
 
 @dataclass
+class TrainConfig:
+    num_generations: int = 16
+    """Completions per prompt, G (seed: 16)."""
+    micro_batch_size: int = 2
+    """Completions per rank per forward/backward (seed: batch size 2 per device)."""
+    gradient_accumulation_steps: int = 2
+    """Micro-batches per optimizer step (seed: 2). Completions per step = micro_batch_size x
+    gradient_accumulation_steps x ranks, and must be a multiple of num_generations (as in TRL)."""
+    num_ranks: int = 0
+    """Trainer ranks on this host; 0 = GPUs minus the server's tensor_parallel_size, or 2 on CPU."""
+    learning_rate: float = 5e-6
+    """Peak learning rate of AdamW (seed: 5e-6)."""
+    lr_scheduler: str = "cosine"
+    """Any `transformers.get_scheduler` name (seed: cosine)."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear warm-up (seed: 0.1)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (TRL's default)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (HF TrainingArguments default)."""
+    adam_beta2: float = 0.999
+    """AdamW beta2 (HF TrainingArguments default)."""
+    max_grad_norm: float = 0.1
+    """Gradient clipping, written into the DeepSpeed config (seed: 0.1)."""
+    epochs: int = 1
+    """Passes over the training prompts (seed: 1)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 = as many as `epochs` gives."""
+    max_completion_tokens: int = 200
+    """Longest completion sampled (seed: 200)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's logprobs use the same one (TRL's default 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling; keep 1.0 so server logprobs are those of the full distribution."""
+    epsilon: float = 0.2
+    """PPO clip range of the importance ratio (TRL's default)."""
+    beta: float = 0.0
+    """KL penalty weight to the frozen initial model; 0 loads no reference model (TRL's default)."""
+    loss_aggregation: str = "sequence"
+    """sequence: mean per completion, then over completions (GRPO); token: mean over all trained
+    tokens of the step (DAPO, Dr.GRPO)."""
+    advantage_scaling: str = "group"
+    """Divide centred rewards by the group's std (group), the batch's std (batch), or not (none)."""
+    mask_truncated_completions: bool = False
+    """Give completions cut at max_completion_tokens no gradient (DAPO's overlong filtering)."""
+    deepspeed_config: str = "configs/ds_zero2.json"
+    """DeepSpeed JSON (ZeRO stage etc.); batch sizes, clipping and precision are filled in from here."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0 = only the final model)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    log_every: int = 1
+    """Write metrics every N steps (metrics.jsonl, TensorBoard)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run name; the run directory is <root>/<name>. Empty = a timestamp."""
+    root: str = "runs"
+    """Where run directories go."""
+    seed: int = 42
+    """Seeds data order, sampling and initialisation."""
+
+
+@dataclass
 class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -198,16 +276,51 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.dtype: expected auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
     if config.sync.transport not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"sync.transport: expected auto, nccl or gloo, got {config.sync.transport!r}")
-    if config.data.source not in ("jsonl", "hub"):
-        raise ConfigError(f"data.source: expected jsonl or hub, got {config.data.source!r}")
+    if config.data.source not in ("jsonl", "hub", "synthetic"):
+        raise ConfigError(f"data.source: expected jsonl, hub or synthetic, got {config.data.source!r}")
+    if config.data.source == "jsonl" and not config.data.train_file:
+        raise ConfigError("data.train_file: required when data.source is jsonl")
     for name in config.rewards:
         if name not in REWARD_FUNCS:
             raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(REWARD_FUNCS)})")
     for key in ("port", "tensor_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts"):
         if getattr(config.server, key) < (0 if key == "port" else 1):
             raise ConfigError(f"server.{key}: must be positive, got {getattr(config.server, key)}")
+    t = config.train
+    for key in ("num_generations", "micro_batch_size", "gradient_accumulation_steps", "epochs",
+                "max_completion_tokens", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    if t.num_generations < 2:
+        raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
+    if t.loss_aggregation not in ("sequence", "token"):
+        raise ConfigError(f"train.loss_aggregation: expected sequence or token, got {t.loss_aggregation!r}")
+    if t.advantage_scaling not in ("group", "batch", "none"):
+        raise ConfigError(f"train.advantage_scaling: expected group, batch or none, got {t.advantage_scaling!r}")
+    if not 0 < t.top_p <= 1 or t.temperature <= 0:
+        raise ConfigError("train.temperature must be > 0 and train.top_p in (0, 1]")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
+    if t.num_generations > config.server.max_n:
+        raise ConfigError(f"train.num_generations={t.num_generations} exceeds server.max_n={config.server.max_n}")
+    longest = config.data.max_prompt_tokens + t.max_completion_tokens
+    if longest > config.server.max_model_len:
+        raise ConfigError(f"data.max_prompt_tokens + train.max_completion_tokens = {longest} exceeds "
+                          f"server.max_model_len={config.server.max_model_len}")
     if config.sync.bucket_mb < 1:
         raise ConfigError(f"sync.bucket_mb: must be at least 1, got {config.sync.bucket_mb}")
+
+
+def check_batch(config: Config, ranks: int) -> int:
+    """Prompts per optimizer step for `ranks` trainer ranks, or ConfigError."""
+    t = config.train
+    completions = t.micro_batch_size * t.gradient_accumulation_steps * ranks
+    if completions % t.num_generations:
+        raise ConfigError(
+            f"train.micro_batch_size x train.gradient_accumulation_steps x ranks = {t.micro_batch_size} x "
+            f"{t.gradient_accumulation_steps} x {ranks} = {completions} completions per step, which is not a "
+            f"multiple of train.num_generations={t.num_generations}")
+    return completions // t.num_generations
 
 
 def to_dict(config: Config, redact: bool = True) -> dict:

@@ -94,15 +94,20 @@ def load_hub(name: str = "openai/gsm8k", config: str = "main", split: str = "tra
 
 
 def load_examples(source: str, split: str, files: dict[str, str] | None = None,
-                  hub_name: str = "openai/gsm8k", hub_config: str = "main") -> list[Example]:
-    """`source` is "jsonl" (then `files[split]` is the path) or "hub"."""
+                  hub_name: str = "openai/gsm8k", hub_config: str = "main",
+                  synthetic_sizes: dict[str, int] | None = None, seed: int = 0) -> list[Example]:
+    """`source` is "jsonl" (then `files[split]` is the path), "hub" or "synthetic" (generated)."""
+    if source == "synthetic":
+        from pipeline import synthetic
+
+        return synthetic.generate((synthetic_sizes or {}).get(split, 1000), seed, split)
     if source == "jsonl":
         if not files or split not in files:
             raise DataError(f"data.source is 'jsonl' but no file is configured for split '{split}'")
         return read_jsonl(files[split])
     if source == "hub":
         return load_hub(hub_name, hub_config, split)
-    raise DataError(f"data.source must be 'jsonl' or 'hub', got {source!r}")
+    raise DataError(f"data.source must be 'jsonl', 'hub' or 'synthetic', got {source!r}")
 
 
 def prompt_token_ids(tokenizer, example: Example, system_prompt: str = SYSTEM_PROMPT) -> list[int]:

@@ -110,3 +110,31 @@ class WeightPusher:
 
     def close(self) -> None:
         self.group.close()
+
+
+def full_parameters(module: torch.nn.Module, zero_stage: int, is_sender: bool, chunk_bytes: int = 256 * 2**20):
+    """Yield (name, full tensor) for every parameter on the sending rank.
+
+    Under ZeRO-3 each rank holds a shard, so parameters are gathered a chunk at a time (a
+    collective: every rank must run this generator to the end; only the sender gets tensors). The
+    sender receives copies, so at most one chunk is gathered and one bucket packed at any time,
+    never the whole model twice.
+    """
+    params = list(module.named_parameters())
+    if zero_stage < 3:
+        if is_sender:
+            yield from ((name, p.detach()) for name, p in params)
+        return
+    import deepspeed
+
+    chunk, size = [], 0
+    for i, (name, param) in enumerate(params):
+        chunk.append((name, param))
+        size += param.ds_numel * param.element_size()
+        if size >= chunk_bytes or i == len(params) - 1:
+            with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
+                if is_sender:
+                    copies = [(n, p.detach().clone()) for n, p in chunk]
+            if is_sender:
+                yield from copies
+            chunk, size = [], 0

@@ -1,0 +1,92 @@
+"""Weight-sync benchmark: push a ~100M-parameter model into a running server.
+
+    make bench-sync      (python bench/sync.py [--layers 8 --hidden 1024] [--repeats 3])
+
+Compares, in one run on one machine: bucketed push (sync.bucket_mb), one bucket per tensor (what
+per-parameter sync costs), and a plain in-process torch copy of the same bytes (the practical
+limit). Writes bench/results-sync.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.server_process import ServerProcess  # noqa: E402
+from pipeline.tiny_model import build_tiny_model  # noqa: E402
+from pipeline.weight_push import WeightPusher, free_port  # noqa: E402
+
+
+def inprocess_copy_s(tensors: list[torch.Tensor]) -> float:
+    targets = [torch.empty_like(t) for t in tensors]
+    start = time.perf_counter()
+    for dst, src in zip(targets, tensors, strict=True):
+        dst.copy_(src)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=int, default=256)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results-sync.json"))
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
+    corpus = ["Natalia sold 48 clips in April and half as many in May. <reasoning> <answer>"] * 50
+    model_dir = build_tiny_model(work / "model", corpus, vocab_size=512, hidden_size=args.hidden,
+                                 intermediate_size=args.hidden * 11 // 4, num_layers=args.layers,
+                                 num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 256),
+                                 tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    params = list(model.named_parameters())
+    nbytes = sum(p.numel() * p.element_size() for _, p in params)
+    port = free_port("127.0.0.1")
+    server = ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1"],
+                           work / "server.log", "127.0.0.1", port)
+    try:
+        client = server.wait_healthy(300)
+        results = {"params": sum(p.numel() for _, p in params), "bytes": nbytes, "dtype": "float32"}
+        for label, bucket_mb in (("bucketed", args.bucket_mb), ("per_tensor", 0)):
+            pusher = WeightPusher(client, transport="gloo", bucket_mb=max(bucket_mb, 1), timeout_s=120)
+            if bucket_mb == 0:
+                pusher.bucket_bytes = 1  # every tensor in a bucket of its own
+            times = []
+            for version in range(1, args.repeats + 2):
+                stats = pusher.push(params, version=version)
+                times.append(stats["seconds"])
+            pusher.close()
+            steady = times[1:]  # the first push pays one-time allocation
+            results[label] = {"seconds_median": statistics.median(steady), "seconds": steady,
+                              "buckets": stats["buckets"], "gb_per_s": nbytes / statistics.median(steady) / 1e9}
+        copy = statistics.median(inprocess_copy_s([p.detach() for _, p in params]) for _ in range(args.repeats))
+        results["inprocess_copy"] = {"seconds_median": copy, "gb_per_s": nbytes / copy / 1e9}
+        results["bucketed_vs_copy"] = results["bucketed"]["gb_per_s"] / results["inprocess_copy"]["gb_per_s"]
+    finally:
+        server.stop()
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nweight sync, {results['params'] / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB fp32, gloo on CPU")
+    print(f"{'method':<16}{'s/push':>10}{'GB/s':>10}{'buckets':>10}")
+    for label in ("bucketed", "per_tensor", "inprocess_copy"):
+        r = results[label]
+        print(f"{label:<16}{r['seconds_median']:>10.3f}{r['gb_per_s']:>10.2f}{r.get('buckets', '-'):>10}")
+    print(f"bucketed / in-process copy bandwidth: {results['bucketed_vs_copy']:.1%}   -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

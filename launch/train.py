@@ -1,0 +1,196 @@
+"""Start a GRPO run: the generation server, then the trainer ranks under the `deepspeed` launcher.
+
+    python launch/train.py [--config configs/tiny-cpu.yaml] [--set train.max_steps=5] [--resume --name R]
+
+Single host (default): starts `python -m pipeline.serve` in its own process group, waits for its
+health check (with a deadline and its log tail on failure), runs `deepspeed --module pipeline.train`
+and stops the server when training ends, fails or is interrupted. Exit code = the trainer's.
+
+Multi-node: start the server yourself on one host (`make serve CONFIG=...`, with GRPO_SERVER_TOKEN
+set if it binds off loopback) and pass `--server-url http://HOST:PORT --hostfile hosts` here; the
+trainer ranks run on the hostfile's hosts (see launch/slurm.sbatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny-cpu.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.max_steps=5 (repeatable)")
+    p.add_argument("--name", help="run name (shortcut for --set run.name=...)")
+    p.add_argument("--resume", action="store_true", help="continue run --name from its latest checkpoint")
+    p.add_argument("--server-url", help="use a server that is already running (multi-node); do not start one")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile: trainer ranks on several hosts")
+    return p.parse_args(argv)
+
+
+def trainer_ranks(config: Config) -> tuple[int, str]:
+    """(ranks on this host, device kind): GPUs minus the server's, or 2 CPU ranks."""
+    if config.train.num_ranks:
+        return config.train.num_ranks, "cpu" if not _gpus() else "cuda"
+    gpus = _gpus()
+    if gpus:
+        ranks = gpus - config.server.tensor_parallel_size
+        if ranks < 1:
+            raise ConfigError(f"server.tensor_parallel_size={config.server.tensor_parallel_size} leaves no GPU "
+                              f"for training on this host ({gpus} GPUs)")
+        return ranks, "cuda"
+    return 2, "cpu"
+
+
+def _gpus() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def prepare_model(config: Config) -> None:
+    """model.build=tiny: build (once, cached) a small local model; model.path points at it."""
+    if config.model.build != "tiny":
+        if config.model.build:
+            raise ConfigError(f"model.build: expected '' or 'tiny', got {config.model.build!r}")
+        return
+    from pipeline.data import SYSTEM_PROMPT
+    from pipeline.synthetic import generate
+    from pipeline.tiny_model import build_tiny_model
+
+    cache = Path(config.run.root) / ".cache" / f"tiny-model-seed{config.run.seed}"
+    if not (cache / "config.json").exists():
+        corpus = [SYSTEM_PROMPT] + [e.question + "\n" + e.solution for e in generate(2000, config.run.seed)]
+        build_tiny_model(cache.with_suffix(".tmp"), corpus, hidden_size=64, num_layers=2, seed=config.run.seed)
+        cache.with_suffix(".tmp").rename(cache)
+    config.model.path = str(cache)
+    config.model.build = ""
+
+
+def tee(stream, *sinks) -> threading.Thread:
+    def run():
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            for sink in sinks:
+                sink.write(chunk)
+                sink.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def main(argv=None) -> int:
+    from pipeline.server_process import ServerProcess
+    from pipeline.weight_push import free_port
+
+    args = parse_args(argv)
+    overrides = list(args.set) + ([f"run.name={args.name}"] if args.name else [])
+    try:
+        config = load_config(args.config, overrides)
+        if args.resume and not config.run.name:
+            raise ConfigError("--resume needs --name (the run to continue)")
+        ranks, device = trainer_ranks(config)
+        if not args.hostfile:
+            check_batch(config, ranks)
+        config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(config.run.root) / config.run.name
+        if args.resume and not (run_dir / "checkpoints" / "latest").exists():
+            raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        if not args.resume and (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
+        prepare_model(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    token = os.environ.get("GRPO_SERVER_TOKEN") or config.server.token
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = run_dir / "config.yaml"
+        resolved.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    except OSError as e:
+        print(f"error: run directory {run_dir} is not writable: {e.strerror or e}", file=sys.stderr)
+        return 2
+    env = {"GRPO_SERVER_TOKEN": token} if token else {}
+    print(f"run directory: {run_dir}", flush=True)
+
+    server = None
+    trainer = None
+
+    def stop_all(signum=None, frame=None):
+        if trainer is not None and trainer.poll() is None:
+            try:
+                os.killpg(trainer.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if signum is not None:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_all)
+    try:
+        if args.server_url:
+            server_url = args.server_url
+        else:
+            server = ServerProcess(["--config", str(resolved)], run_dir / "server.log", config.server.host,
+                                   config.server.port, token=token, cwd=REPO)
+            print(f"starting generation server ({config.model.path}); log: {run_dir / 'server.log'}", flush=True)
+            server.wait_healthy(config.server.startup_timeout_s)
+            server_url = server.client.base_url
+        cmd = ["deepspeed", "--master_port", str(free_port("127.0.0.1"))]
+        cmd += ["--hostfile", args.hostfile] if args.hostfile else ["--num_gpus", str(ranks)]
+        cmd += ["--module", "pipeline.train", "--config", str(resolved), "--run-dir", str(run_dir),
+                "--server-url", server_url] + (["--resume"] if args.resume else [])
+        trainer_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+        if device == "cpu":
+            trainer_env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        deepspeed_bin = Path(sys.executable).with_name("deepspeed")
+        cmd[0] = str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed"
+        with open(run_dir / "trainer.log", "ab") as log:
+            trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
+                                       cwd=REPO, start_new_session=True)
+            copier = tee(trainer.stdout, sys.stdout.buffer, log)
+            code = trainer.wait()
+            copier.join(10)
+        print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
+        return code
+    except KeyboardInterrupt:
+        print("interrupted: stopping trainer and server", file=sys.stderr, flush=True)
+        stop_all()
+        return 130
+    except Exception as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if trainer is not None:
+            stop_all()
+            try:
+                trainer.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(trainer.pid, signal.SIGKILL)  # whatever is left of the rank processes
+            except ProcessLookupError:
+                pass
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""GRPO math: group-normalised advantages, per-token logprobs, and the clipped policy loss.
+
+Pure functions on tensors, so each is unit-tested on hand-computed cases. References:
+- advantages: (r - mean_group) / std, with std from the group (GRPO, DeepSeekMath), the whole batch
+  (`batch`, as in Dr.GRPO's suggestion to avoid question-level difficulty bias) or none (`none`).
+- loss: PPO's clipped surrogate per token, `-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`,
+  aggregated per sequence then averaged (`sequence`, the original GRPO) or over all tokens of the
+  step (`token`, DAPO / Dr.GRPO), plus `beta * KL(pi || ref)` with the k3 estimator when beta > 0.
+- `old_logprobs` are the server's (the behaviour policy that sampled the tokens), so the ratio also
+  absorbs any numerical mismatch between vLLM and the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scaling: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """rewards: flat (num_prompts * group_size,), prompt-major. Returns the same shape."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scaling == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scaling == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scaling != "none":
+        raise ValueError(f"advantage scaling must be group, batch or none, got {scaling!r}")
+    return centred.reshape(-1)
+
+
+@dataclass
+class Batch:
+    """A padded micro-batch of prompt+completion sequences (right-padded)."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T-1): 1 where target token t+1 is a trained completion token
+    old_logprobs: torch.Tensor  # (B, T-1), server logprobs aligned with completion_mask
+    advantages: torch.Tensor  # (B,)
+
+
+def make_batch(prompts: list[list[int]], completions: list[list[int]], old_logprobs: list[list[float]],
+               advantages: list[float], trained: list[bool], pad_id: int, device) -> Batch:
+    """Pack sequences; `trained[i]` False masks a whole completion (e.g. truncated ones)."""
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    n = len(prompts)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, length), dtype=torch.long)
+    mask = torch.zeros((n, length - 1))
+    old = torch.zeros((n, length - 1))
+    for i, (p, c, lp) in enumerate(zip(prompts, completions, old_logprobs, strict=True)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention[i, : len(p) + len(c)] = 1
+        # position t predicts token t+1: completion token j sits at len(p)+j, predicted at len(p)+j-1
+        start = len(p) - 1
+        mask[i, start: start + len(c)] = 1.0 if trained[i] else 0.0
+        old[i, start: start + len(c)] = torch.tensor(lp)
+    return Batch(input_ids.to(device), attention.to(device), mask.to(device), old.to(device),
+                 torch.tensor(advantages, dtype=torch.float32, device=device))
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) for every position, shape (B, T-1), in fp32."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logits = logits.float() / temperature
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    # log_softmax via logsumexp keeps memory at one (B, T, V) fp32 tensor
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, aggregation: str = "sequence",
+              beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+              token_normaliser: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO loss of one micro-batch and its diagnostics.
+
+    `token_normaliser` (aggregation="token"): the number of trained tokens this micro-batch's loss
+    is divided by; the caller passes a step-global count so the mean is over the whole step.
+    """
+    mask = batch.completion_mask
+    log_ratio = (logprobs - batch.old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    adv = batch.advantages.unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv
+    per_token = -torch.min(unclipped, clipped)
+    kl = None
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs")
+        delta = ref_logprobs - logprobs
+        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+        per_token = per_token + beta * kl
+    tokens = mask.sum()
+    if aggregation == "sequence":
+        per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        trained = (mask.sum(1) > 0).float()
+        loss = (per_sequence * trained).sum() / trained.sum().clamp(min=1)
+    elif aggregation == "token":
+        loss = (per_token * mask).sum() / (token_normaliser or tokens.clamp(min=1))
+    else:
+        raise ValueError(f"loss aggregation must be sequence or token, got {aggregation!r}")
+    with torch.no_grad():  # sums, so the caller can reduce them over micro-batches and ranks
+        is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+        stats = {
+            "tokens": float(tokens),
+            "clipped_tokens": float((is_clipped.float() * mask).sum()),
+            "ratio_sum": float((ratio * mask).sum()),
+            "ratio_max": float(torch.where(mask > 0, ratio, torch.zeros_like(ratio)).max()),
+            "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
+        }
+    return loss, stats

@@ -1,0 +1,375 @@
+"""The GRPO trainer: one rank of `deepspeed --module pipeline.train`, started by launch/train.py.
+
+Each optimizer step runs the stages in order, each in one obvious place:
+  data      prompts for this step (seeded order, resumable)            this file, `StepData`
+  generate  G completions per prompt from the vLLM server              rollout.generate_step
+  reward    this rank's completions, gathered for group statistics     rollout.score_slice
+  advantage group-normalised rewards                                    grpo.group_advantages
+  loss      clipped policy gradient on the server's token ids          grpo.grpo_loss
+  optimizer DeepSpeed backward/step (accumulation, clipping, schedule)  this file
+  sync      push the new weights to the server, check logprobs match   weight_push.WeightPusher
+
+What it simplifies on purpose: one policy update per batch of rollouts (TRL's num_iterations=1),
+so the server's logprobs are the "old" policy; no HF Trainer in between, so DeepSpeed sees exactly
+the batch sizes we compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config, ConfigError, check_batch, load_config
+from pipeline.data import SYSTEM_PROMPT, Example, drop_long_prompts, load_examples, prompt_token_ids
+from pipeline.device import resolve_attn, resolve_dtype
+from pipeline.grpo import group_advantages, grpo_loss, make_batch, token_logprobs
+from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
+from pipeline.rollout import generate_step, score_slice
+
+log = logging.getLogger("pipeline.train")
+
+
+class StepData:
+    """The prompts of step s: a seeded permutation per epoch, consumed in order (so resumable)."""
+
+    def __init__(self, examples: list[Example], prompts_per_step: int, seed: int):
+        self.examples, self.per_step, self.seed = examples, prompts_per_step, seed
+        self.steps_per_epoch = len(examples) // prompts_per_step
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train: {len(examples)} training prompts are fewer than the "
+                              f"{prompts_per_step} prompts one step needs")
+        self._order: dict[int, list[int]] = {}
+
+    def __call__(self, step: int) -> list[Example]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch not in self._order:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._order = {epoch: order}
+        order = self._order[epoch]
+        return [self.examples[i] for i in order[index * self.per_step: (index + 1) * self.per_step]]
+
+
+def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
+    """The JSON from train.deepspeed_config with what this config decides filled in."""
+    path = Path(config.train.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.deepspeed_config: cannot load {path}: {e}") from None
+    ds.update({
+        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+        "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+        "gradient_clipping": config.train.max_grad_norm,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no DeepSpeed op build needed on CPU
+        "steps_per_print": 10**9,
+    })
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the three values above
+    return ds
+
+
+class Metrics:
+    """Sums over this rank's share of a step, reduced over ranks, written by rank 0."""
+
+    def __init__(self, run_dir: Path, is_writer: bool):
+        self.is_writer = is_writer
+        self.file = open(run_dir / "metrics.jsonl", "a") if is_writer else None  # noqa: SIM115
+        self.tb = None
+        if is_writer:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    @staticmethod
+    def reduce(sums: dict[str, float], maxima: dict[str, float]) -> tuple[dict, dict]:
+        keys, mkeys = sorted(sums), sorted(maxima)
+        s = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        m = torch.tensor([maxima[k] for k in mkeys] or [0.0], dtype=torch.float64)
+        dist.all_reduce(s, op=dist.ReduceOp.SUM)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        return dict(zip(keys, s.tolist(), strict=True)), dict(zip(mkeys, m.tolist(), strict=False))
+
+    def write(self, row: dict) -> None:
+        if not self.is_writer:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float):
+                self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.tb.close()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="pipeline.train", description="One GRPO trainer rank (use launch/train.py)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--server-url", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser.parse_args(argv)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr)]
+                        + ([logging.FileHandler(run_dir / "train.log")] if rank == 0 else []))
+
+
+def main(argv=None) -> int:
+    import deepspeed
+    import transformers
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    config = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir)
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup_logging(run_dir, rank)
+    t = config.train
+    prompts_per_step = check_batch(config, world)
+    seed = config.run.seed
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    # --- data ------------------------------------------------------------------------------------
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path,
+                                                           trust_remote_code=config.model.trust_remote_code)
+    files = {"train": config.data.train_file, "test": config.data.test_file}
+    examples = load_examples(config.data.source, "train", files, config.data.hub_name, config.data.hub_config,
+                             {"train": config.data.synthetic_train}, seed)
+    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens)
+    log.info("%d training prompts (%d dropped as longer than %d tokens)", len(examples), dropped,
+             config.data.max_prompt_tokens)
+    step_data = StepData(examples, prompts_per_step, seed)
+    total_steps = step_data.steps_per_epoch * t.epochs
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+
+    # --- model, optimizer, schedule under DeepSpeed ------------------------------------------------
+    dtype = resolve_dtype(config.model.dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        config.model.path, dtype=torch.float32, attn_implementation=resolve_attn(config.model.attn_implementation),
+        trust_remote_code=config.model.trust_remote_code)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay)
+    scheduler = transformers.get_scheduler(t.lr_scheduler, optimizer,
+                                           num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+                                           num_training_steps=total_steps)
+    ds_config = deepspeed_config(config, dtype)
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    device = engine.device
+    reference = None
+    if t.beta > 0:
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
+        ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
+        if zero_stage != 3:
+            ref_config["zero_optimization"] = {"stage": 0}
+        reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
+        reference.eval()
+
+    # --- resume -------------------------------------------------------------------------------------
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    if args.resume:
+        path, state = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", path, start_step)
+
+    # --- weight sync: the server must serve exactly the trainer's weights before the first rollout ---
+    client = pusher = None
+    if rank == 0:
+        from pipeline.client import ServerClient
+        from pipeline.weight_push import WeightPusher
+
+        client = ServerClient(args.server_url, os.environ.get("GRPO_SERVER_TOKEN", config.server.token),
+                              config.server.request_timeout_s)
+        sync_host = config.sync.host or ("127.0.0.1" if args.server_url.split("//")[1].startswith(("127.", "localhost"))
+                                         else config.server.host)
+        pusher = WeightPusher(client, transport=config.sync.transport, device=device, host=sync_host,
+                              port=config.sync.port, bucket_mb=config.sync.bucket_mb, timeout_s=config.sync.timeout_s)
+
+    def push_weights(version: int) -> float:
+        from pipeline.weight_push import full_parameters
+
+        start = time.perf_counter()
+        tensors = full_parameters(engine.module, zero_stage, rank == 0, config.sync.bucket_mb * 2**20)
+        if rank == 0:
+            pusher.push(tensors, version)
+        else:
+            for _ in tensors:  # take part in the ZeRO-3 gathers
+                pass
+        dist.barrier()
+        return time.perf_counter() - start
+
+    push_weights(start_step)
+    metrics = Metrics(run_dir, rank == 0)
+    per_rank = t.micro_batch_size * t.gradient_accumulation_steps
+    bar = tqdm(total=total_steps, initial=start_step, desc="GRPO", disable=rank != 0, dynamic_ncols=True)
+
+    for step in range(start_step, total_steps):
+        step_start = time.perf_counter()
+        engine.train()
+        # --- generate ---
+        batch_examples = step_data(step)
+        prompt_ids = [prompt_token_ids(tokenizer, e, SYSTEM_PROMPT) for e in batch_examples]
+        completions = generate_step(client, prompt_ids, [e.answer for e in batch_examples],
+                                    n=t.num_generations, max_tokens=t.max_completion_tokens,
+                                    temperature=t.temperature, top_p=t.top_p,
+                                    seed=seed * 1_000_003 + step, expected_version=step)
+        mine = completions[rank * per_rank: (rank + 1) * per_rank]
+        time_generate = time.perf_counter() - step_start
+
+        # --- reward (own slice) and advantage (over all groups) ---
+        start = time.perf_counter()
+        totals, per_reward = score_slice(mine, config.rewards)
+        gathered = [torch.zeros(per_rank, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(gathered, torch.tensor(totals, dtype=torch.float64))
+        advantages = group_advantages(torch.cat(gathered), t.num_generations, t.advantage_scaling)
+        advantages = advantages[rank * per_rank: (rank + 1) * per_rank].float()
+        time_reward = time.perf_counter() - start
+
+        # --- loss and optimizer step (micro-batches; DeepSpeed steps at the accumulation boundary) ---
+        start = time.perf_counter()
+        trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
+        token_total = None
+        if t.loss_aggregation == "token":
+            count = torch.tensor([float(sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k))])
+            dist.all_reduce(count)
+            # DeepSpeed divides by accumulation steps and averages ranks; undo both for a step-global mean
+            token_total = max(count.item(), 1.0) / (t.gradient_accumulation_steps * world)
+        sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0}
+        ratio_max = 0.0
+        for m in range(t.gradient_accumulation_steps):
+            part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
+            chunk = mine[part]
+            batch = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk],
+                               [c.logprobs for c in chunk], advantages[part].tolist(), trained[part],
+                               tokenizer.pad_token_id, device)
+            logprobs = token_logprobs(engine, batch.input_ids, batch.attention_mask, t.temperature)
+            ref_logprobs = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logprobs = token_logprobs(reference, batch.input_ids, batch.attention_mask, t.temperature)
+            loss, stats = grpo_loss(logprobs, batch, epsilon=t.epsilon, aggregation=t.loss_aggregation,
+                                    beta=t.beta, ref_logprobs=ref_logprobs, token_normaliser=token_total)
+            engine.backward(loss)
+            engine.step()
+            sums["loss"] += loss.item() / t.gradient_accumulation_steps
+            for key in ("tokens", "clipped_tokens", "ratio_sum", "kl_sum"):
+                sums[key] += stats[key]
+            ratio_max = max(ratio_max, stats["ratio_max"])
+        time_train = time.perf_counter() - start
+
+        # --- sync: the server now serves version step+1; check it on one probe sequence ---
+        start = time.perf_counter()
+        push_weights(step + 1)
+        time_sync = time.perf_counter() - start
+        probe = completions[0]
+        engine.eval()
+        with torch.no_grad():
+            ids = torch.tensor([probe.prompt_ids + probe.token_ids], device=device)
+            probe_lp = token_logprobs(engine, ids, torch.ones_like(ids))[0, len(probe.prompt_ids) - 1:]
+        sync_diff = 0.0
+        if rank == 0:
+            served = torch.tensor(client.score([(probe.prompt_ids, probe.token_ids)])["logprobs"][0])
+            sync_diff = float((served - probe_lp.float().cpu()).abs().max())
+
+        # --- metrics (sums over ranks) ---
+        sums.update({
+            "count": float(len(mine)),
+            "reward_total": float(sum(totals)),
+            "strict": float(sum(v == STRICT_POINTS for v in per_reward["strict_format"])),
+            "correct": float(sum(v > 0 for v in per_reward["correctness"])),
+            "length": float(sum(len(c.token_ids) for c in mine)),
+            "truncated": float(sum(c.truncated for c in mine)),
+            "loss": sums["loss"] / world,
+            **{f"r_{name}": float(sum(values)) for name, values in per_reward.items()},
+        })
+        s, mx = Metrics.reduce(sums, {"ratio_max": ratio_max})
+        n, tokens = s["count"], max(s["tokens"], 1.0)
+        row = {
+            "step": step + 1, "epoch": (step + 1) / step_data.steps_per_epoch, "lr": engine.get_lr()[0],
+            "loss": s["loss"], "reward/total": s["reward_total"] / n,
+            **{f"reward/{name}": s[f"r_{name}"] / n for name in REWARD_FUNCS},
+            "format/strict_rate": s["strict"] / n, "accuracy": s["correct"] / n,
+            "completion_len/mean": s["length"] / n, "completions/truncated_rate": s["truncated"] / n,
+            "clip_ratio": s["clipped_tokens"] / tokens, "is_ratio/mean": s["ratio_sum"] / tokens,
+            "is_ratio/max": mx["ratio_max"], "sync/logprob_max_abs_diff": sync_diff,
+            "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
+            "time/sync": time_sync, "time/step": time.perf_counter() - step_start,
+        }
+        if t.beta > 0:
+            row["kl"] = s["kl_sum"] / tokens
+        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+            metrics.write(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward/total']:.3f}", strict=f"{row['format/strict_rate']:.2f}",
+                        step_s=f"{row['time/step']:.1f}")
+
+        # --- checkpoint ---
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(engine, ckpt_dir, step + 1, t.keep_checkpoints, rank)
+
+    bar.close()
+    metrics.close()
+    save_checkpoint(engine, ckpt_dir, total_steps, t.keep_checkpoints, rank)
+    save_final_model(engine, zero_stage, tokenizer, run_dir / "final", rank)
+    if pusher is not None:
+        pusher.close()
+    log.info("done: %d steps; final model in %s", total_steps, run_dir / "final")
+    dist.barrier()
+    return 0
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> None:
+    """Model, optimizer, scheduler (DeepSpeed) plus our step counter; old ones pruned."""
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step}", client_state={"step": step})
+    if rank == 0:
+        tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        for old in tags[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: int) -> None:
+    """HF format (loadable by AutoModelForCausalLM and by the server), gathered under ZeRO-3."""
+    from pipeline.weight_push import full_parameters
+
+    state = dict(full_parameters(engine.module, zero_stage, rank == 0))
+    if rank == 0:
+        engine.module.save_pretrained(out_dir, state_dict=state)
+        tokenizer.save_pretrained(out_dir)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
