@@ -83,7 +83,7 @@ class SyncConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "jsonl"
+    source: str = "synthetic"
     """jsonl (local files with GSM8K's question/answer fields) | hub (openai/gsm8k via datasets) |
     synthetic (GSM8K-style problems generated locally; no download)."""
     train_file: str = ""

@@ -68,3 +68,13 @@ def server(tiny_model_dir, tmp_path_factory):
     proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), token=SERVER_TOKEN)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The session server's architecture, SFT-warmed on formatted synthetic solutions so that rewards
+    vary within groups (a random model earns all-zero rewards, hence zero advantages and no update)."""
+    from pipeline.synthetic import generate
+    from pipeline.warmstart import sft_warm_start
+
+    return sft_warm_start(tiny_model_dir, generate(1000, 0), tmp_path_factory.mktemp("warm"), max_steps=150)

@@ -1,0 +1,106 @@
+"""GRPO math on small hand-computed cases, and the loss against a straightforward re-computation."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.grpo import group_advantages, grpo_loss, make_batch
+
+
+def test_equal_rewards_give_zero_advantage():
+    adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5]), 3)
+    assert torch.equal(adv, torch.zeros(6))
+
+
+def test_group_scaling_by_hand():
+    adv = group_advantages(torch.tensor([0.0, 2.0, 1.0, 1.0]), 2, "group", eps=1e-12)
+    s = math.sqrt(2.0)  # unbiased std of [0, 2]
+    assert adv.tolist() == pytest.approx([-1 / s, 1 / s, 0.0, 0.0])
+    none = group_advantages(torch.tensor([0.0, 2.0, 1.0, 1.0]), 2, "none")
+    assert none.tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
+    batch = group_advantages(torch.tensor([0.0, 2.0, 1.0, 1.0]), 2, "batch", eps=1e-12)
+    assert batch.tolist() == pytest.approx([-1 / torch.tensor([0.0, 2, 1, 1]).std().item(),
+                                            1 / torch.tensor([0.0, 2, 1, 1]).std().item(), 0, 0])
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(torch.zeros(4), 3)
+
+
+def batch_of(old, adv, prompt_len=2, trained=None):
+    """Sequences of prompt_len prompt tokens + len(old[i]) completion tokens."""
+    prompts = [[5] * prompt_len for _ in old]
+    completions = [[7] * len(o) for o in old]
+    return make_batch(prompts, completions, old, adv, trained or [True] * len(old), pad_id=0, device="cpu")
+
+
+def test_make_batch_masks_prompt_and_padding():
+    b = batch_of([[-1.0, -2.0], [-3.0]], [1.0, -1.0], prompt_len=2)
+    assert b.input_ids.tolist() == [[5, 5, 7, 7], [5, 5, 7, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    # targets are tokens 1..3: positions predicting completion tokens are 1, 2 (row 0) and 1 (row 1)
+    assert b.completion_mask.tolist() == [[0, 1, 1], [0, 1, 0]]
+    assert b.old_logprobs.tolist() == [[0, -1, -2], [0, -3, 0]]
+    masked = batch_of([[-1.0, -2.0]], [1.0], trained=[False])
+    assert masked.completion_mask.sum() == 0
+
+
+def test_ratio_one_gives_minus_advantage_and_no_clipping():
+    b = batch_of([[-1.0, -2.0]], [0.5])
+    loss, stats = grpo_loss(b.old_logprobs.clone(), b, epsilon=0.2)
+    assert loss.item() == pytest.approx(-0.5)
+    assert stats["clipped_tokens"] == 0 and stats["ratio_sum"] == pytest.approx(2.0)
+
+
+def test_clipping_active_and_inactive():
+    b = batch_of([[0.0]], [1.0])
+    up = b.old_logprobs.clone()
+    up[0, 1] = math.log(1.5)  # ratio 1.5 > 1.2 with A > 0: clipped at 1.2, no gradient
+    logp = up.clone().requires_grad_(True)
+    loss, stats = grpo_loss(logp, b, epsilon=0.2)
+    assert loss.item() == pytest.approx(-1.2)
+    loss.backward()
+    assert logp.grad.abs().sum() == 0
+    assert stats["clipped_tokens"] == 1
+    # same ratio with A < 0: min picks the unclipped (more pessimistic) term, gradient flows
+    b_neg = batch_of([[0.0]], [-1.0])
+    logp = up.clone().requires_grad_(True)
+    loss, stats = grpo_loss(logp, b_neg, epsilon=0.2)
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    assert logp.grad[0, 1].item() == pytest.approx(1.5)
+    assert stats["clipped_tokens"] == 0
+
+
+def test_masked_tokens_do_not_contribute():
+    b = batch_of([[-1.0, -1.0], [-1.0]], [1.0, 1.0])
+    logp = b.old_logprobs.clone()
+    logp[1, 2] = 50.0  # a padding position: must not matter
+    loss, _ = grpo_loss(logp, b)
+    assert loss.item() == pytest.approx(-1.0)
+
+
+def test_loss_matches_a_straightforward_computation():
+    torch.manual_seed(0)
+    old = [[-1.0, -0.5, -2.0], [-0.3], [-1.2, -0.7]]
+    adv = [0.8, -1.1, 0.3]
+    b = batch_of(old, adv, prompt_len=3)
+    logp = b.old_logprobs + 0.3 * torch.randn_like(b.old_logprobs)
+    ref = b.old_logprobs + 0.1 * torch.randn_like(b.old_logprobs)
+    eps, beta = 0.2, 0.05
+    seq_losses, all_tokens = [], []
+    for i, o in enumerate(old):
+        terms = []
+        for j in range(len(o)):
+            pos = 3 - 1 + j
+            lp, lo, lr = logp[i, pos].item(), o[j], ref[i, pos].item()
+            ratio = math.exp(lp - lo)
+            surrogate = min(ratio * adv[i], max(min(ratio, 1 + eps), 1 - eps) * adv[i])
+            kl = math.exp(lr - lp) - (lr - lp) - 1
+            terms.append(-surrogate + beta * kl)
+        seq_losses.append(sum(terms) / len(terms))
+        all_tokens += terms
+    loss, stats = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, aggregation="sequence")
+    assert loss.item() == pytest.approx(sum(seq_losses) / len(seq_losses), rel=1e-5)
+    loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, aggregation="token")
+    assert loss.item() == pytest.approx(sum(all_tokens) / len(all_tokens), rel=1e-5)
+    assert stats["tokens"] == 6 and stats["kl_sum"] > 0

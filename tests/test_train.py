@@ -1,0 +1,120 @@
+"""The trainer end to end: launcher -> deepspeed ranks -> shared server, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SERVER_TOKEN
+from transformers import AutoModelForCausalLM
+
+from pipeline.synthetic import generate
+from pipeline.train import StepData
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = {
+    "step", "epoch", "lr", "loss", "reward/total", "reward/strict_format", "reward/soft_format",
+    "reward/int_answer", "reward/xml_count", "reward/correctness", "format/strict_rate", "accuracy",
+    "completion_len/mean", "completions/truncated_rate", "clip_ratio", "sync/logprob_max_abs_diff",
+    "time/generate", "time/reward", "time/train", "time/sync", "time/step",
+}
+
+
+def launch(*args, timeout=600, server=None, root):
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+           "--set", f"run.root={root}", *args]
+    if server is not None:
+        cmd += ["--server-url", server.client.base_url]
+    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def hf_logprobs(model_dir, prompt, completion):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return lp.gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:]
+
+
+def test_step_data_is_deterministic_and_resumable():
+    examples = generate(10, 0)
+    a, b = StepData(examples, 3, seed=1), StepData(examples, 3, seed=1)
+    assert a.steps_per_epoch == 3
+    assert [a(s) for s in range(6)] == [b(s) for s in reversed(range(6))][::-1]  # any order of calls
+    assert {e.question for s in range(3) for e in a(s)} <= {e.question for e in examples}
+    assert len({e.question for s in range(3) for e in a(s)}) == 9  # no repeats within an epoch
+    assert a(0) != a(3)  # each epoch is reshuffled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
+    name = f"zero{zero}"
+    proc = launch("--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
+                  "--set", "train.max_steps=3", "--set", f"train.deepspeed_config=configs/ds_zero{zero}.json",
+                  "--set", "train.save_every=2", server=server, root=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / name
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert REQUIRED_KEYS <= set(row), REQUIRED_KEYS - set(row)
+        assert row["sync/logprob_max_abs_diff"] <= 1e-3
+        assert row["time/step"] > 0
+    assert any(r["reward/total"] > 0 for r in rows), "warm model should earn some reward"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-3"
+    for f in ("config.yaml", "train.log", "trainer.log"):  # server.log: the shared server is not the run's
+        assert (run_dir / f).exists(), f
+    assert SERVER_TOKEN not in (run_dir / "config.yaml").read_text()
+    assert list((run_dir / "tensorboard").iterdir())
+
+    # The server serves exactly the final model, which differs from where training started.
+    assert server.client.health()["version"] == 3
+    prompt = [int(t) for t in server.client.request("POST", "/generate", {"prompts": ["Tom has 3 apples."],
+                                                                           "max_tokens": 1})["results"][0]["prompt_token_ids"]]
+    completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0]["completions"][0]["token_ids"]
+    served = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
+    assert (served - hf_logprobs(run_dir / "final", prompt, completion)).abs().max() <= 1e-3
+    assert (served - hf_logprobs(warm_model_dir, prompt, completion)).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_resume_continues_steps(server, warm_model_dir, tmp_path):
+    common = ["--name", "r", "--set", f"model.path={warm_model_dir}", "--set", "model.build="]
+    first = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    resumed = launch(*common, "--resume", "--set", "train.max_steps=4", server=server, root=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in (tmp_path / "r" / "train.log").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [1, 2, 3, 4]
+    assert server.client.health()["version"] == 4
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, timeout=30).stdout
+    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+
+
+@pytest.mark.slow
+def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
+    from pipeline.weight_push import free_port
+
+    port = free_port("127.0.0.1")
+    proc = launch("--name", "crash", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
+                  "--set", f"server.port={port}", "--set", "train.deepspeed_config=configs/missing.json",
+                  root=tmp_path, timeout=600)
+    assert proc.returncode != 0
+    assert "configs/missing.json" in proc.stdout + proc.stderr
+    assert not _processes_mentioning(str(tmp_path)), "orphan processes left behind"
+    with pytest.raises(Exception):  # noqa: B017 - nothing listens on the server port any more
+        __import__("requests").get(f"http://127.0.0.1:{port}/health", timeout=2)
