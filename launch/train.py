@@ -85,12 +85,14 @@ def prepare_model(config: Config) -> None:
     config.model.build = ""
 
 
-def tee(stream, *sinks) -> threading.Thread:
+def tee(stream, console, log_path: Path) -> threading.Thread:
+    """Copy the trainer's output to the console and to the run's trainer.log until it closes."""
     def run():
-        for chunk in iter(lambda: stream.read1(4096), b""):
-            for sink in sinks:
-                sink.write(chunk)
-                sink.flush()
+        with open(log_path, "ab") as log:
+            for chunk in iter(lambda: stream.read1(4096), b""):
+                for sink in (console, log):
+                    sink.write(chunk)
+                    sink.flush()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -146,7 +148,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, stop_all)
     try:
         if args.server_url:
+            from pipeline.client import ServerClient
+
             server_url = args.server_url
+            ServerClient(server_url, token).wait_healthy(config.server.startup_timeout_s)
         else:
             server = ServerProcess(["--config", str(resolved)], run_dir / "server.log", config.server.host,
                                    config.server.port, token=token, cwd=REPO)
@@ -162,12 +167,11 @@ def main(argv=None) -> int:
             trainer_env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
         deepspeed_bin = Path(sys.executable).with_name("deepspeed")
         cmd[0] = str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed"
-        with open(run_dir / "trainer.log", "ab") as log:
-            trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
-                                       cwd=REPO, start_new_session=True)
-            copier = tee(trainer.stdout, sys.stdout.buffer, log)
-            code = trainer.wait()
-            copier.join(10)
+        trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
+                                   cwd=REPO, start_new_session=True)
+        copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")
+        code = trainer.wait()
+        copier.join(10)
         print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
         return code
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -209,8 +210,9 @@ def main(argv=None) -> int:
 
         client = ServerClient(args.server_url, os.environ.get("GRPO_SERVER_TOKEN", config.server.token),
                               config.server.request_timeout_s)
-        sync_host = config.sync.host or ("127.0.0.1" if args.server_url.split("//")[1].startswith(("127.", "localhost"))
-                                         else config.server.host)
+        # Trainer rank 0 hosts the sync group's rendezvous; the server's workers connect to it.
+        server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
+        sync_host = config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn())
         pusher = WeightPusher(client, transport=config.sync.transport, device=device, host=sync_host,
                               port=config.sync.port, bucket_mb=config.sync.bucket_mb, timeout_s=config.sync.timeout_s)
 
