@@ -67,22 +67,15 @@ def _gpus() -> int:
 
 
 def prepare_model(config: Config) -> None:
-    """model.build=tiny: build (once, cached) a small local model; model.path points at it."""
-    if config.model.build != "tiny":
-        if config.model.build:
+    """model.build=tiny: build (once, cached) the embedded default; model.path points at it."""
+    if config.model.build:
+        if config.model.build != "tiny":
             raise ConfigError(f"model.build: expected '' or 'tiny', got {config.model.build!r}")
-        return
-    from pipeline.data import SYSTEM_PROMPT
-    from pipeline.synthetic import generate
-    from pipeline.tiny_model import build_tiny_model
+        from pipeline.default_model import build_default_model
 
-    cache = Path(config.run.root) / ".cache" / f"tiny-model-seed{config.run.seed}"
-    if not (cache / "config.json").exists():
-        corpus = [SYSTEM_PROMPT] + [e.question + "\n" + e.solution for e in generate(2000, config.run.seed)]
-        build_tiny_model(cache.with_suffix(".tmp"), corpus, hidden_size=64, num_layers=2, seed=config.run.seed)
-        cache.with_suffix(".tmp").rename(cache)
-    config.model.path = str(cache)
-    config.model.build = ""
+        print("building the embedded default model (cached after the first run)...", flush=True)
+        config.model.path = str(build_default_model(config))
+        config.model.build = ""
 
 
 def tee(stream, console, log_path: Path) -> threading.Thread:

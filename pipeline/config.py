@@ -24,8 +24,15 @@ class ModelConfig:
     path: str = ""
     """HF model name or local directory (the seed recipe: premai-io/prem-1B-chat)."""
     build: str = ""
-    """'' = use model.path as is; 'tiny' = build a small random Qwen2 + tokenizer locally (cached
-    under <run.root>/.cache), for CPU runs with no download."""
+    """'' = use model.path as is; 'tiny' = the embedded default: build a small Qwen2 + tokenizer
+    locally and warm-start it with TRL's SFT trainer (cached under <run.root>/.cache; no download)."""
+    build_hidden_size: int = 128
+    """model.build=tiny: hidden size (head size is fixed at 32, as vLLM-CPU needs >= 32)."""
+    build_layers: int = 4
+    """model.build=tiny: decoder layers."""
+    build_sft_steps: int = 100
+    """model.build=tiny: SFT warm-start steps (batch 16) on formatted solutions; enough for partial
+    format compliance, so GRPO has non-zero rewards to learn from."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
     attn_implementation: str = "auto"

@@ -114,14 +114,18 @@ def _normalise_answer(answer: str) -> str:
     return answer[:-1] if answer.endswith(".") else answer
 
 
+def answer_key(answer: str) -> Fraction | str:
+    """The normalised form answers are compared by: an exact rational for plain decimals, else text."""
+    answer = _normalise_answer(answer)
+    return Fraction(answer) if _DECIMAL_RE.fullmatch(answer) else answer
+
+
 def answers_match(predicted: str | None, reference: str | None) -> bool:
     """Normalised equality; plain decimal numbers compare as exact rationals (`18.00` == `18`)."""
     if predicted is None or reference is None:
         return False
-    predicted, reference = _normalise_answer(predicted), _normalise_answer(reference)
-    if _DECIMAL_RE.fullmatch(predicted) and _DECIMAL_RE.fullmatch(reference):
-        return Fraction(predicted) == Fraction(reference)
-    return predicted == reference
+    predicted, reference = answer_key(predicted), answer_key(reference)
+    return type(predicted) is type(reference) and predicted == reference
 
 
 # --- TRL-convention reward functions -------------------------------------------------------------

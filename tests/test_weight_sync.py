@@ -29,28 +29,29 @@ def perturb(model, seed):
 
 
 def check_pushes_land(server, model_dir, prompt, version0):
-    """Two pushes in a row; each time server logprobs == HF logprobs of the new weights."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0]["completions"][0]
-    completion = completion["token_ids"]
-    before = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
-    assert (before - hf_logprobs(model, prompt, completion)).abs().max() <= 1e-3
+    """Three pushes in a row; each time the server's logprobs == HF logprobs of the pushed weights.
 
+    The first push makes the (shared) server serve `model_dir`, whatever it served before."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     pusher = WeightPusher(server.client, transport="gloo", timeout_s=60, bucket_mb=1)
     try:
-        for step in (1, 2):
-            perturb(model, seed=step)
-            stats = pusher.push(model.named_parameters(), version=version0 + step)
+        pusher.push(model.named_parameters(), version=version0 + 1)
+        completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0]["completions"][0]
+        completion = completion["token_ids"]
+        before = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
+        assert (before - hf_logprobs(model, prompt, completion)).abs().max() <= 1e-3
+        for version in (version0 + 2, version0 + 3):
+            perturb(model, seed=version)
+            stats = pusher.push(model.named_parameters(), version=version)
             assert stats["buckets"] >= 1 and stats["bytes"] > 0
             scored = server.client.score([(prompt, completion)])
-            assert scored["version"] == version0 + step
+            assert scored["version"] == version
             after = torch.tensor(scored["logprobs"][0])
             assert (after - hf_logprobs(model, prompt, completion)).abs().max() <= 1e-3
             assert (after - before).abs().max() > 1e-2, "the push did not change the served weights"
             before = after
-            assert server.client.health()["version"] == version0 + step
-            out = server.client.generate([prompt], n=2, max_tokens=4, seed=0)
-            assert out["version"] == version0 + step
+            assert server.client.health()["version"] == version
+            assert server.client.generate([prompt], n=2, max_tokens=4, seed=0)["version"] == version
     finally:
         pusher.close()
 

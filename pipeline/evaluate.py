@@ -1,0 +1,189 @@
+"""Evaluate a model on a test split through vLLM: greedy pass@1 and sampled maj@k.
+
+    python -m pipeline.evaluate --model runs/<name>/final [--config C] [--limit 100] [--maj-k 8]
+    python -m pipeline.evaluate --server-url http://127.0.0.1:8710 ...   (a server already running)
+
+Reports strict accuracy (correct answer in the exact XML format), lenient accuracy (correct answer
+found anywhere sensible: the <answer> block, else the last number), strict/soft format rates, mean
+completion length and truncation rate; writes a JSON summary and one JSONL row per example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+from pipeline.data import Example, drop_long_prompts, load_examples, prompt_token_ids
+from pipeline.rewards import answer_key, answers_match, extract_xml_answer, is_soft_format, is_strict_format
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+REQUEST_PROMPTS = 128  # prompts per generate call: well under server.max_prompts
+
+
+def lenient_answer(text: str) -> str | None:
+    """The <answer> block if there is a non-empty one, else the last number in the text."""
+    answer = extract_xml_answer(text)
+    if answer:
+        return answer
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def majority_answer(texts: list[str]) -> str | None:
+    """Most common lenient answer (by normalised value); ties go to the one seen first."""
+    answers = [a for a in map(lenient_answer, texts) if a]
+    if not answers:
+        return None
+    counts = Counter(answer_key(a) for a in answers)
+    best = max(counts.values())
+    return next(a for a in answers if counts[answer_key(a)] == best)
+
+
+def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
+    """One example's record from its greedy completion and its sampled completions."""
+    text = greedy["text"]
+    strict = is_strict_format(text)
+    majority = majority_answer(samples) if samples else None
+    return {
+        "source": example.source, "question": example.question, "reference": example.answer,
+        "completion": text, "answer": extract_xml_answer(text), "lenient_answer": lenient_answer(text),
+        "strict_format": strict, "soft_format": is_soft_format(text),
+        "strict_correct": strict and answers_match(extract_xml_answer(text), example.answer),
+        "lenient_correct": answers_match(lenient_answer(text), example.answer),
+        "length": len(greedy["token_ids"]), "truncated": greedy["finish_reason"] == "length",
+        "majority_answer": majority, "majority_correct": answers_match(majority, example.answer),
+    }
+
+
+def summarise(rows: list[dict], maj_k: int) -> dict:
+    n = len(rows)
+    mean = (lambda key: sum(float(r[key]) for r in rows) / n) if n else (lambda key: 0.0)
+    summary = {
+        "examples": n,
+        "pass@1/strict_accuracy": mean("strict_correct"),
+        "pass@1/lenient_accuracy": mean("lenient_correct"),
+        "format/strict_rate": mean("strict_format"),
+        "format/soft_rate": mean("soft_format"),
+        "completion_len/mean": mean("length"),
+        "completions/truncated_rate": mean("truncated"),
+    }
+    if maj_k:
+        summary[f"maj@{maj_k}/accuracy"] = mean("majority_correct")
+    return summary
+
+
+def evaluate(client, tokenizer, examples: list[Example], *, max_tokens: int, maj_k: int = 8,
+             temperature: float = 1.0, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Greedy and (if maj_k) sampled generation for every example through `client`."""
+    rows = []
+    for start in range(0, len(examples), REQUEST_PROMPTS):
+        chunk = examples[start: start + REQUEST_PROMPTS]
+        ids = [prompt_token_ids(tokenizer, e) for e in chunk]
+        greedy = client.generate(ids, n=1, max_tokens=max_tokens, temperature=0.0)["results"]
+        sampled = (client.generate(ids, n=maj_k, max_tokens=max_tokens, temperature=temperature, seed=seed)["results"]
+                   if maj_k else [{"completions": []}] * len(chunk))
+        for example, g, s in zip(chunk, greedy, sampled, strict=True):
+            rows.append(score_example(example, g["completions"][0], [c["text"] for c in s["completions"]]))
+    return summarise(rows, maj_k), rows
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """Metrics as rows, one column per evaluated model (e.g. before / after)."""
+    keys = list(next(iter(columns.values())))
+    width = max(len(k) for k in keys) + 2
+    lines = [f"{'metric':<{width}}" + "".join(f"{name:>12}" for name in columns)]
+    for key in keys:
+        cells = "".join(f"{c.get(key, float('nan')):>12.3f}" if key != "examples" else f"{c[key]:>12d}"
+                        for c in columns.values())
+        lines.append(f"{key:<{width}}" + cells)
+    return "\n".join(lines)
+
+
+def load_eval_examples(config, tokenizer, data_file: str | None, limit: int | None) -> tuple[list[Example], int]:
+    if data_file:
+        from pipeline.data import read_jsonl
+
+        examples = read_jsonl(data_file)
+    else:
+        files = {"train": config.data.train_file, "test": config.data.test_file}
+        examples = load_examples(config.data.source, "test", files, config.data.hub_name, config.data.hub_config,
+                                 {"test": config.data.synthetic_test}, config.run.seed)
+    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens)
+    return examples[:limit] if limit else examples, dropped
+
+
+def main(argv=None) -> int:
+    from transformers import AutoTokenizer
+
+    from pipeline.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model directory or hub name (started in a server of its own)")
+    parser.add_argument("--server-url", help="evaluate whatever this running server serves instead")
+    parser.add_argument("--config", help="YAML config: data split, server settings (default: built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data-file", help="a GSM8K-format JSONL to evaluate on instead of the config's test split")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--maj-k", type=int, default=8, help="samples per question for maj@k (0 = greedy only)")
+    parser.add_argument("--max-tokens", type=int, help="completion length (default: train.max_completion_tokens)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for maj@k")
+    parser.add_argument("--out", default="eval", help="writes OUT.json (summary) and OUT.jsonl (per example)")
+    args = parser.parse_args(argv)
+    if not (args.model or args.server_url):
+        parser.error("give --model or --server-url")
+    try:
+        config = load_config(args.config, args.set + ([f"model.path={args.model}"] if args.model else []))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = None
+    try:
+        if args.server_url:
+            from pipeline.client import ServerClient
+
+            client = ServerClient(args.server_url, _token(config), config.server.request_timeout_s)
+            model_path = client.model_info()["model"]
+        else:
+            from pipeline.server_process import ServerProcess
+            from pipeline.weight_push import free_port
+
+            port = free_port("127.0.0.1")
+            out_dir = Path(args.out).parent
+            server = ServerProcess([*(["--config", args.config] if args.config else []), *sum((["--set", s] for s in args.set), []),
+                                    "--model", args.model, "--port", str(port)], out_dir / "eval-server.log",
+                                   "127.0.0.1", port, token=_token(config))
+            client = server.wait_healthy(config.server.startup_timeout_s)
+            model_path = args.model
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+        examples, dropped = load_eval_examples(config, tokenizer, args.data_file, args.limit)
+        summary, rows = evaluate(client, tokenizer, examples, maj_k=args.maj_k, temperature=args.temperature,
+                                 max_tokens=args.max_tokens or config.train.max_completion_tokens, seed=config.run.seed)
+    except Exception as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+    summary["prompts_dropped_as_too_long"] = dropped
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(args.out + ".jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    print(format_table({"value": {k: v for k, v in summary.items() if k != "prompts_dropped_as_too_long"}}))
+    print(f"-> {args.out}.json, {args.out}.jsonl")
+    return 0
+
+
+def _token(config) -> str:
+    import os
+
+    return os.environ.get("GRPO_SERVER_TOKEN") or config.server.token
+
+
+if __name__ == "__main__":
+    sys.exit(main())
