@@ -14,6 +14,7 @@ trainer ranks run on the hostfile's hosts (see launch/slurm.sbatch).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -27,7 +28,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.client import ServerClient  # noqa: E402
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
+from pipeline.evaluate import format_table, run_eval  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
@@ -76,6 +79,32 @@ def prepare_model(config: Config) -> None:
         print("building the embedded default model (cached after the first run)...", flush=True)
         config.model.path = str(build_default_model(config))
         config.model.build = ""
+
+
+def finish_run(client, config: Config, run_dir: Path, started: float, ranks: int, device: str) -> None:
+    """After a successful run: evaluate the final weights (still served), write the report."""
+    import platform
+
+    from pipeline.device import choose_transport
+    from pipeline.report import read_json, write_report
+
+    before = read_json(run_dir / "eval_before.json")
+    if config.eval.enabled:
+        print("evaluating the trained model...", flush=True)
+        after = run_eval(client, config, run_dir / "eval_after")
+        print(format_table({"before": before, "after": after} if before else {"after": after}), flush=True)
+    cores = os.cpu_count()
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpus = ", ".join(subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                    text=True, timeout=30).stdout.split("\n")[:-1]) if device == "cuda" else ""
+    info = read_json(run_dir / "run_info.json") or {"wall_time_s": 0.0}
+    info.update({
+        "hardware": f"{platform.machine()} {cores} cores, {memory_gib:.0f} GiB RAM" + (f", GPUs: {gpus}" if gpus else ", no GPU"),
+        "ranks": ranks, "device": device, "transport": choose_transport(config.sync.transport, device),
+        "wall_time_s": info["wall_time_s"] + time.time() - started,  # summed over resumed sessions
+    })
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"report: {write_report(run_dir)}", flush=True)
 
 
 def tee(stream, console, log_path: Path) -> threading.Thread:
@@ -128,6 +157,7 @@ def main(argv=None) -> int:
 
     server = None
     trainer = None
+    started = time.time()
 
     def stop_all(signum=None, frame=None):
         if trainer is not None and trainer.poll() is None:
@@ -141,8 +171,6 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, stop_all)
     try:
         if args.server_url:
-            from pipeline.client import ServerClient
-
             server_url = args.server_url
             ServerClient(server_url, token).wait_healthy(config.server.startup_timeout_s)
         else:
@@ -151,6 +179,11 @@ def main(argv=None) -> int:
             print(f"starting generation server ({config.model.path}); log: {run_dir / 'server.log'}", flush=True)
             server.wait_healthy(config.server.startup_timeout_s)
             server_url = server.client.base_url
+        client = ServerClient(server_url, token, config.server.request_timeout_s)
+        if config.eval.enabled and not (run_dir / "eval_before.json").exists():
+            print("evaluating the initial model...", flush=True)
+            summary = run_eval(client, config, run_dir / "eval_before")
+            print(format_table({"before": summary}), flush=True)
         cmd = ["deepspeed", "--master_port", str(free_port("127.0.0.1"))]
         cmd += ["--hostfile", args.hostfile] if args.hostfile else ["--num_gpus", str(ranks)]
         cmd += ["--module", "pipeline.train", "--config", str(resolved), "--run-dir", str(run_dir),
@@ -166,6 +199,8 @@ def main(argv=None) -> int:
         code = trainer.wait()
         copier.join(10)
         print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
+        if code == 0:
+            finish_run(client, config, run_dir, started, ranks, device)
         return code
     except KeyboardInterrupt:
         print("interrupted: stopping trainer and server", file=sys.stderr, flush=True)

@@ -168,6 +168,18 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = True
+    """Evaluate on the test split before and after training (launcher), through the same server."""
+    limit: int = 0
+    """Evaluate only the first N test problems (0 = all)."""
+    maj_k: int = 8
+    """Samples per problem for maj@k accuracy (0 = greedy pass@1 only)."""
+    temperature: float = 1.0
+    """Sampling temperature for maj@k."""
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     """Run name; the run directory is <root>/<name>. Empty = a timestamp."""
@@ -181,6 +193,7 @@ class RunConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)

@@ -40,3 +40,15 @@ def choose_transport(requested: str, device: torch.device | str) -> str:
     if requested != "auto":
         return requested
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def engine_options(max_model_len: int) -> dict:
+    """Extra vLLM engine arguments for this device.
+
+    On CPU, chunked prefill is off: a seeded request whose prefill is split across scheduler steps
+    makes vLLM rewind its sampling generator, which CPU generators cannot do ("CPU Generator does not
+    use offset"), and the engine dies. Whole-prompt prefill avoids the rewind.
+    """
+    if accelerator() == "cuda":
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len)}

@@ -116,9 +116,28 @@ def load_eval_examples(config, tokenizer, data_file: str | None, limit: int | No
     return examples[:limit] if limit else examples, dropped
 
 
-def main(argv=None) -> int:
+def run_eval(client, config, out: str | Path, data_file: str | None = None, limit: int | None = None,
+             maj_k: int | None = None, max_tokens: int | None = None, temperature: float | None = None) -> dict:
+    """Evaluate what `client`'s server serves on the config's test split; write OUT.json/.jsonl."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    examples, dropped = load_eval_examples(config, tokenizer, data_file, limit or config.eval.limit or None)
+    summary, rows = evaluate(client, tokenizer, examples, seed=config.run.seed,
+                             maj_k=config.eval.maj_k if maj_k is None else maj_k,
+                             temperature=temperature or config.eval.temperature,
+                             max_tokens=max_tokens or config.train.max_completion_tokens)
+    summary["prompts_dropped_as_too_long"] = dropped
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    return summary
+
+
+def main(argv=None) -> int:
     from pipeline.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0])
@@ -128,9 +147,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-file", help="a GSM8K-format JSONL to evaluate on instead of the config's test split")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    parser.add_argument("--maj-k", type=int, default=8, help="samples per question for maj@k (0 = greedy only)")
+    parser.add_argument("--maj-k", type=int, help="samples per question for maj@k (0 = greedy only; default eval.maj_k)")
     parser.add_argument("--max-tokens", type=int, help="completion length (default: train.max_completion_tokens)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for maj@k")
+    parser.add_argument("--temperature", type=float, help="sampling temperature for maj@k (default eval.temperature)")
     parser.add_argument("--out", default="eval", help="writes OUT.json (summary) and OUT.jsonl (per example)")
     args = parser.parse_args(argv)
     if not (args.model or args.server_url):
@@ -158,22 +177,15 @@ def main(argv=None) -> int:
                                    "127.0.0.1", port, token=_token(config))
             client = server.wait_healthy(config.server.startup_timeout_s)
             model_path = args.model
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
-        examples, dropped = load_eval_examples(config, tokenizer, args.data_file, args.limit)
-        summary, rows = evaluate(client, tokenizer, examples, maj_k=args.maj_k, temperature=args.temperature,
-                                 max_tokens=args.max_tokens or config.train.max_completion_tokens, seed=config.run.seed)
+        config.model.path = model_path
+        summary = run_eval(client, config, args.out, args.data_file, args.limit, args.maj_k, args.max_tokens,
+                           args.temperature)
     except Exception as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if server is not None:
             server.stop()
-    summary["prompts_dropped_as_too_long"] = dropped
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(args.out + ".jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=str) + "\n")
     print(format_table({"value": {k: v for k, v in summary.items() if k != "prompts_dropped_as_too_long"}}))
     print(f"-> {args.out}.json, {args.out}.jsonl")
     return 0

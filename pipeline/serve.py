@@ -112,7 +112,7 @@ class GenerationServer:
     def __init__(self, config: Config):
         from vllm import LLM
 
-        from pipeline.device import accelerator, resolve_dtype
+        from pipeline.device import accelerator, engine_options, resolve_dtype
 
         self.config = config
         cfg = config.server
@@ -133,6 +133,7 @@ class GenerationServer:
             # Logprobs after temperature: what the trainer computes as log_softmax(logits / T).
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            **engine_options(cfg.max_model_len),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
