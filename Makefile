@@ -57,3 +57,17 @@ TRAIN_ARGS ?=
 .PHONY: train
 train: install
 	$(PY) launch/train.py $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
+
+MODEL ?=
+RUN ?=
+EVAL_ARGS ?=
+.PHONY: eval report
+# make eval MODEL=runs/<name>/final [EVAL_ARGS="--limit 100 --data-file ../shared/data/gsm8k/test.jsonl"]
+eval: install
+	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=<model dir or hub name> [CONFIG=...] [EVAL_ARGS=...]"; exit 2; }
+	$(PY) -m pipeline.evaluate --model $(MODEL) --config $(or $(CONFIG),configs/tiny-cpu.yaml) --out $(MODEL)/eval $(EVAL_ARGS)
+
+# make report RUN=runs/<name>
+report: install
+	@test -n "$(RUN)" || { echo "usage: make report RUN=runs/<name>"; exit 2; }
+	$(PY) -m pipeline.report $(RUN)

@@ -1,0 +1,47 @@
+"""Config loading: YAML + --set overrides, one-line errors naming the key."""
+
+import pytest
+
+from pipeline.config import ConfigError, check_batch, load_config, to_dict
+
+
+def test_overrides_and_types(tmp_path):
+    c = load_config("configs/tiny-cpu.yaml", ["train.max_steps=5", "train.learning_rate=1e-4",
+                                              "rewards.correctness=2", "server.token=abc"])
+    assert c.train.max_steps == 5 and c.train.learning_rate == 1e-4 and c.rewards == {"correctness": 2.0}
+    assert to_dict(c)["server"]["token"] == "<redacted>"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=5", "train.max_stepz: unknown key"),
+    ("trian.max_steps=5", "trian: unknown key"),
+    ("train.max_steps=abc", "train.max_steps: expected int"),
+    ("train.max_steps=1.5", "train.max_steps: expected int"),
+    ("train=3", "train: expected a section"),
+    ("rewards.corectness=1", "rewards.corectness: unknown reward"),
+    ("train.loss_aggregation=mean", "train.loss_aggregation: expected sequence or token"),
+    ("train.max_completion_tokens=400", "exceeds server.max_model_len"),
+    ("train.num_generations=1", "train.num_generations"),
+    ("sync.transport=tcp", "sync.transport"),
+    ("noequals", "expected section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny-cpu.yaml", [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batch_must_split_into_groups():
+    c = load_config("configs/tiny-cpu.yaml", ["train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="not a multiple of train.num_generations=16"):
+        check_batch(c, 2)
+    assert check_batch(load_config("configs/tiny-cpu.yaml"), 2) == 2
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match=f"{bad}: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,58 @@
+"""Report writing: curves as PNG and a model card whose numbers are the run's."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from pipeline.config import load_config, to_dict
+from pipeline.report import window_means, write_report
+
+
+def fake_run(tmp_path, steps=20):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = to_dict(load_config("configs/tiny-cpu.yaml", ["model.path=premai-io/prem-1B-chat", "model.build="]))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"step": s, "reward/total": 0.1 * s, "format/strict_rate": s / steps, "accuracy": 0.01 * s,
+             "completion_len/mean": 30.0, "completions/truncated_rate": 0.0,
+             **{f"reward/{n}": 0.01 * s for n in ("strict_format", "soft_format", "int_answer", "xml_count",
+                                                   "correctness")},
+             **{f"time/{k}": 1.0 for k in ("generate", "reward", "train", "sync", "step")}}
+            for s in range(1, steps + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "rew')  # torn line
+    summary = {"examples": 50, "pass@1/strict_accuracy": 0.1, "pass@1/lenient_accuracy": 0.2,
+               "format/strict_rate": 0.3, "format/soft_rate": 0.4, "completion_len/mean": 33.0,
+               "completions/truncated_rate": 0.0, "maj@8/accuracy": 0.25}
+    (run / "eval_before.json").write_text(json.dumps(summary))
+    (run / "eval_after.json").write_text(json.dumps({**summary, "format/strict_rate": 0.9}))
+    (run / "run_info.json").write_text(json.dumps({"wall_time_s": 600, "hardware": "x86_64 2 cores", "ranks": 2,
+                                                   "device": "cpu", "transport": "gloo"}))
+    return run, rows
+
+
+def test_report_card_and_curves(tmp_path):
+    run, rows = fake_run(tmp_path)
+    card = write_report(run).read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "premai-io/prem-1B-chat"
+    assert meta["datasets"] == ["synthetic-gsm8k-style"] and meta["pipeline_tag"] == "text-generation"
+    first, last = window_means(rows, "reward/total")
+    assert (first, last) == (sum(0.1 * s for s in range(1, 5)) / 4, sum(0.1 * s for s in range(17, 21)) / 4)
+    assert f"| reward/total | {first:.3f} | {last:.3f} |" in card
+    assert "| format/strict_rate | 0.300 | 0.900 |" in card
+    assert "| maj@8/accuracy | 0.250 | 0.250 |" in card
+    assert "Wall time: 10.0 min" in card and "Learning rate: 0.0005" in card
+    for png in ("reward_curves.png", "format_curves.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in card
+
+
+def test_report_cli(tmp_path):
+    run, _ = fake_run(tmp_path)
+    ok = subprocess.run([sys.executable, "-m", "pipeline.report", str(run)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and (run / "README.md").exists()
+    bad = subprocess.run([sys.executable, "-m", "pipeline.report", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "no metrics.jsonl" in bad.stderr
