@@ -199,8 +199,10 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: dict[str, float] = field(default_factory=dict)
-    """Per-reward weights by name (strict_format, soft_format, int_answer, xml_count, correctness);
-    missing names weigh 1.0, so totals are the seed card's points."""
+    """Per-reward weights by name (strict_format, soft_format, int_answer, xml_count, correctness,
+    reasoning_steps); the five card rewards default to 1.0, so totals are the seed card's points, and
+    reasoning_steps (0.5 x fraction of correct arithmetic steps) to 0.0: it can be gamed with
+    trivially true claims, so give it a small weight if any."""
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.rewards import extract_gsm8k_answer
+from pipeline.answers import extract_gsm8k_answer
 
 SYSTEM_PROMPT = """Respond in the following format:
 <reasoning>

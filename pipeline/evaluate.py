@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.data import Example, drop_long_prompts, load_examples, prompt_token_ids
+from pipeline.reasoning import ReasoningCheck, check_reasoning, summarise_checks
 from pipeline.rewards import answer_key, answers_match, extract_xml_answer, is_soft_format, is_strict_format
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -47,6 +48,7 @@ def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
     """One example's record from its greedy completion and its sampled completions."""
     text = greedy["text"]
     strict = is_strict_format(text)
+    reasoning = check_reasoning(text)
     majority = majority_answer(samples) if samples else None
     return {
         "source": example.source, "question": example.question, "reference": example.answer,
@@ -56,6 +58,8 @@ def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
         "lenient_correct": answers_match(lenient_answer(text), example.answer),
         "length": len(greedy["token_ids"]), "truncated": greedy["finish_reason"] == "length",
         "majority_answer": majority, "majority_correct": answers_match(majority, example.answer),
+        "reasoning_steps": reasoning.steps, "reasoning_correct_steps": reasoning.correct_steps,
+        "reasoning_final_consistent": reasoning.final_consistent,
     }
 
 
@@ -73,6 +77,9 @@ def summarise(rows: list[dict], maj_k: int) -> dict:
     }
     if maj_k:
         summary[f"maj@{maj_k}/accuracy"] = mean("majority_correct")
+    summary.update(summarise_checks([
+        ReasoningCheck(r["reasoning_steps"], r["reasoning_correct_steps"], r["reasoning_final_consistent"])
+        for r in rows]))
     return summary
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.reasoning import REASONING_POINTS
 from pipeline.rewards import (
     CORRECT_POINTS,
+    DEFAULT_WEIGHTS,
     INT_POINTS,
     REWARD_FUNCS,
     SOFT_POINTS,
@@ -24,8 +26,10 @@ from pipeline.rewards import (
 )
 
 REWARD_POINTS = {"strict_format": STRICT_POINTS, "soft_format": SOFT_POINTS, "int_answer": INT_POINTS,
-                 "xml_count": 4 * XML_TAG_POINTS, "correctness": CORRECT_POINTS}
+                 "xml_count": 4 * XML_TAG_POINTS, "correctness": CORRECT_POINTS,
+                 "reasoning_steps": REASONING_POINTS}
 EVAL_KEYS = ["pass@1/strict_accuracy", "pass@1/lenient_accuracy", "format/strict_rate", "format/soft_rate",
+             "reasoning/step_accuracy", "reasoning/no_step_rate", "reasoning/final_consistent_rate",
              "completion_len/mean", "completions/truncated_rate"]
 
 
@@ -73,7 +77,8 @@ def plot_curves(rows: list[dict], run_dir: Path) -> list[str]:
     written = []
     panels = {
         "reward_curves.png": ["reward/total"] + [f"reward/{n}" for n in REWARD_FUNCS],
-        "format_curves.png": ["format/strict_rate", "accuracy", "completion_len/mean", "completions/truncated_rate"],
+        "format_curves.png": ["format/strict_rate", "accuracy", "reasoning/step_accuracy", "completion_len/mean",
+                              "completions/truncated_rate"],
     }
     for filename, keys in panels.items():
         fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(4 * ((len(keys) + 1) // 2), 6.5), squeeze=False)
@@ -126,10 +131,11 @@ def model_card(run_dir: Path, config: dict, rows: list[dict], before: dict | Non
     built = read_json(Path(base) / "build.json") if base and Path(base).exists() else None
     base_model = "embedded-default (built locally)" if built else base
     dataset_id, dataset_text = describe_data(config)
-    weights = {name: config.get("rewards", {}).get(name, 1.0) for name in REWARD_FUNCS}
+    weights = {name: config.get("rewards", {}).get(name, DEFAULT_WEIGHTS[name]) for name in REWARD_FUNCS}
     first_r, last_r = window_means(rows, "reward/total")
     first_s, last_s = window_means(rows, "format/strict_rate")
     first_a, last_a = window_means(rows, "accuracy")
+    first_q, last_q = window_means(rows, "reasoning/step_accuracy")
     times = {k: window_means(rows, f"time/{k}", 1.0)[0] for k in ("generate", "reward", "train", "sync", "step")}
     meta = {
         "language": ["en"], "tags": ["math", "reasoning", "grpo", "gsm8k", "reinforcement-learning"],
@@ -187,7 +193,9 @@ The model is taught to answer as:
 Format rewards: strict XML format (exact layout, multi-line reasoning allowed), soft format (tags
 in order, anything may follow), integer answer, and XML structure (+0.125 per well-formed tag line,
 minus 0.001 per character after `</answer>`). Correctness: 2.0 when the extracted answer equals the
-reference (numbers compared exactly, `$` and `,` ignored); 0.0 otherwise.
+reference (numbers compared exactly, `$` and `,` ignored); 0.0 otherwise. The optional reasoning-step
+reward (0.5 x the fraction of arithmetic claims `a op b = c` in the reasoning that are correct) is
+off unless its weight is set: a policy can game it with trivially true claims.
 
 ## Training Configuration
 
@@ -213,6 +221,7 @@ Training curves (means over the first vs the last 20% of steps):
 | reward/total | {first_r:.3f} | {last_r:.3f} |
 | format/strict_rate | {first_s:.3f} | {last_s:.3f} |
 | accuracy (correct answers among samples) | {first_a:.3f} | {last_a:.3f} |
+| reasoning/step_accuracy (correct arithmetic claims) | {first_q:.3f} | {last_q:.3f} |
 
 {"".join(f"![{p}]({p})" + chr(10) for p in plots)}
 Evaluation before vs after GRPO:
@@ -242,7 +251,10 @@ Evaluation before vs after GRPO:
 
 Measured on held-out problems: format adherence (strict and soft XML), mathematical accuracy
 (strict: correct and in format; lenient: correct answer anywhere sensible; maj@k over samples),
-completion length and truncation. Per-example completions are in `eval_after.jsonl`.
+quality of step-by-step reasoning (`reasoning/step_accuracy`: the fraction of arithmetic claims
+`expression = value` inside `<reasoning>` that are correct, evaluated by a safe parser; completions
+with no checkable step are counted apart in `reasoning/no_step_rate`; `final_consistent_rate`: the
+answer equals the last computed value), completion length and truncation. Per-example completions are in `eval_after.jsonl`.
 
 ## Citation
 

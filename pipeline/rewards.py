@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from fractions import Fraction
+
+from pipeline.answers import (  # noqa: F401  (re-exported: the reward API names them)
+    answer_key,
+    answers_match,
+    completion_text,
+    extract_gsm8k_answer,
+    extract_xml_answer,
+)
+from pipeline.reasoning import reasoning_steps_reward
 
 TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 # Points as published on the seed model card; each reward returns exactly these values.
@@ -29,38 +37,6 @@ XML_TAIL_PENALTY = 0.001  # per character of text after the last </answer>
 CORRECT_POINTS = 2.0
 
 _INT_RE = re.compile(r"-?[0-9]+")
-_DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
-
-
-def completion_text(completion) -> str:
-    """The text of one completion: a string, or the last assistant message of a chat list."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list):
-        for message in reversed(completion):
-            if isinstance(message, dict) and message.get("role") == "assistant":
-                return str(message.get("content") or "")
-        return ""
-    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
-
-
-def extract_xml_answer(text: str) -> str | None:
-    """Text between the last `<answer>` and the first `</answer>` after it, stripped."""
-    start = text.rfind("<answer>")
-    if start < 0:
-        return None
-    start += len("<answer>")
-    end = text.find("</answer>", start)
-    if end < 0:
-        return None
-    return text[start:end].strip()
-
-
-def extract_gsm8k_answer(solution: str) -> str:
-    """The final answer of a GSM8K reference solution: the text after `####`, without commas."""
-    if "####" not in solution:
-        raise ValueError("GSM8K answer has no '####' final-answer marker")
-    return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
 def is_strict_format(text: str) -> bool:
@@ -109,25 +85,6 @@ def xml_count_score(text: str) -> float:
     return score
 
 
-def _normalise_answer(answer: str) -> str:
-    answer = answer.strip().replace("$", "").replace(",", "")
-    return answer[:-1] if answer.endswith(".") else answer
-
-
-def answer_key(answer: str) -> Fraction | str:
-    """The normalised form answers are compared by: an exact rational for plain decimals, else text."""
-    answer = _normalise_answer(answer)
-    return Fraction(answer) if _DECIMAL_RE.fullmatch(answer) else answer
-
-
-def answers_match(predicted: str | None, reference: str | None) -> bool:
-    """Normalised equality; plain decimal numbers compare as exact rationals (`18.00` == `18`)."""
-    if predicted is None or reference is None:
-        return False
-    predicted, reference = answer_key(predicted), answer_key(reference)
-    return type(predicted) is type(reference) and predicted == reference
-
-
 # --- TRL-convention reward functions -------------------------------------------------------------
 
 
@@ -160,27 +117,32 @@ def correctness_reward(prompts=None, completions=(), answer: Sequence[str] = (),
     ]
 
 
-# Name used in configs and metrics (`reward/<name>`) -> function. Order is the seed card's.
+# Name used in configs and metrics (`reward/<name>`) -> function. Order is the seed card's, then
+# the optional reasoning-step reward (weight 0 unless configured: see its reward-hacking note).
 REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
     "strict_format": strict_format_reward,
     "soft_format": soft_format_reward,
     "int_answer": int_answer_reward,
     "xml_count": xml_count_reward,
     "correctness": correctness_reward,
+    "reasoning_steps": reasoning_steps_reward,
 }
+DEFAULT_WEIGHTS = {name: 0.0 if name == "reasoning_steps" else 1.0 for name in REWARD_FUNCS}
 
 
 def score_completions(
     completions: Sequence, answers: Sequence[str], weights: dict[str, float] | None = None
 ) -> tuple[list[float], dict[str, list[float]]]:
-    """Weighted total per completion, and each reward's raw values (for `reward/<name>` metrics)."""
+    """Weighted total per completion (weights default to DEFAULT_WEIGHTS), and each reward's raw
+    values (for `reward/<name>` metrics)."""
     weights = weights or {}
     unknown = set(weights) - set(REWARD_FUNCS)
     if unknown:
         raise ValueError(f"unknown reward name(s) {sorted(unknown)}; expected some of {list(REWARD_FUNCS)}")
     per_reward = {name: fn(completions=completions, answer=answers) for name, fn in REWARD_FUNCS.items()}
+    weights = {**DEFAULT_WEIGHTS, **weights}
     totals = [
-        sum(weights.get(name, 1.0) * values[i] for name, values in per_reward.items())
+        sum(weights[name] * values[i] for name, values in per_reward.items())
         for i in range(len(completions))
     ]
     return totals, per_reward

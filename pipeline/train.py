@@ -35,6 +35,7 @@ from pipeline.config import Config, ConfigError, check_batch, load_config
 from pipeline.data import SYSTEM_PROMPT, Example, drop_long_prompts, load_examples, prompt_token_ids
 from pipeline.device import resolve_attn, resolve_dtype
 from pipeline.grpo import group_advantages, grpo_loss, make_batch, token_logprobs
+from pipeline.reasoning import check_reasoning
 from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
 from pipeline.rollout import generate_step, score_slice
 
@@ -95,10 +96,10 @@ class Metrics:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     @staticmethod
-    def reduce(sums: dict[str, float], maxima: dict[str, float]) -> tuple[dict, dict]:
+    def reduce(sums: dict[str, float], maxima: dict[str, float], device) -> tuple[dict, dict]:
         keys, mkeys = sorted(sums), sorted(maxima)
-        s = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        m = torch.tensor([maxima[k] for k in mkeys] or [0.0], dtype=torch.float64)
+        s = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+        m = torch.tensor([maxima[k] for k in mkeys] or [0.0], dtype=torch.float64, device=device)
         dist.all_reduce(s, op=dist.ReduceOp.SUM)
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
         return dict(zip(keys, s.tolist(), strict=True)), dict(zip(mkeys, m.tolist(), strict=False))
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.set)
     run_dir = Path(args.run_dir)
+    if torch.cuda.is_available():  # before any collective: NCCL binds to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(run_dir, rank)
@@ -169,8 +172,10 @@ def main(argv=None) -> int:
 
     # --- model, optimizer, schedule under DeepSpeed ------------------------------------------------
     dtype = resolve_dtype(config.model.dtype)
+    # Loaded in the training dtype (Flash Attention 2 needs bf16/fp16); DeepSpeed keeps fp32 master
+    # weights in the optimizer when bf16 is on.
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        config.model.path, dtype=torch.float32, attn_implementation=resolve_attn(config.model.attn_implementation),
+        config.model.path, dtype=dtype, attn_implementation=resolve_attn(config.model.attn_implementation),
         trust_remote_code=config.model.trust_remote_code)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     device = engine.device
     reference = None
     if t.beta > 0:
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
         ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
         if zero_stage != 3:
             ref_config["zero_optimization"] = {"stage": 0}
@@ -250,9 +255,10 @@ def main(argv=None) -> int:
         # --- reward (own slice) and advantage (over all groups) ---
         start = time.perf_counter()
         totals, per_reward = score_slice(mine, config.rewards)
-        gathered = [torch.zeros(per_rank, dtype=torch.float64) for _ in range(world)]
-        dist.all_gather(gathered, torch.tensor(totals, dtype=torch.float64))
-        advantages = group_advantages(torch.cat(gathered), t.num_generations, t.advantage_scaling)
+        # collectives take tensors on the rank's device (NCCL needs CUDA tensors; gloo CPU ones)
+        gathered = [torch.zeros(per_rank, dtype=torch.float64, device=device) for _ in range(world)]
+        dist.all_gather(gathered, torch.tensor(totals, dtype=torch.float64, device=device))
+        advantages = group_advantages(torch.cat(gathered).cpu(), t.num_generations, t.advantage_scaling)
         advantages = advantages[rank * per_rank: (rank + 1) * per_rank].float()
         time_reward = time.perf_counter() - start
 
@@ -261,7 +267,8 @@ def main(argv=None) -> int:
         trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
         token_total = None
         if t.loss_aggregation == "token":
-            count = torch.tensor([float(sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k))])
+            count = torch.tensor([float(sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k))],
+                                 device=device)
             dist.all_reduce(count)
             # DeepSpeed divides by accumulation steps and averages ranks; undo both for a step-global mean
             token_total = max(count.item(), 1.0) / (t.gradient_accumulation_steps * world)
@@ -303,6 +310,7 @@ def main(argv=None) -> int:
             sync_diff = float((served - probe_lp.float().cpu()).abs().max())
 
         # --- metrics (sums over ranks) ---
+        checks = [check_reasoning(c.text) for c in mine]
         sums.update({
             "count": float(len(mine)),
             "reward_total": float(sum(totals)),
@@ -310,10 +318,12 @@ def main(argv=None) -> int:
             "correct": float(sum(v > 0 for v in per_reward["correctness"])),
             "length": float(sum(len(c.token_ids) for c in mine)),
             "truncated": float(sum(c.truncated for c in mine)),
+            "reasoning_steps": float(sum(r.steps for r in checks)),
+            "reasoning_correct": float(sum(r.correct_steps for r in checks)),
             "loss": sums["loss"] / world,
             **{f"r_{name}": float(sum(values)) for name, values in per_reward.items()},
         })
-        s, mx = Metrics.reduce(sums, {"ratio_max": ratio_max})
+        s, mx = Metrics.reduce(sums, {"ratio_max": ratio_max}, device)
         n, tokens = s["count"], max(s["tokens"], 1.0)
         row = {
             "step": step + 1, "epoch": (step + 1) / step_data.steps_per_epoch, "lr": engine.get_lr()[0],
@@ -321,6 +331,7 @@ def main(argv=None) -> int:
             **{f"reward/{name}": s[f"r_{name}"] / n for name in REWARD_FUNCS},
             "format/strict_rate": s["strict"] / n, "accuracy": s["correct"] / n,
             "completion_len/mean": s["length"] / n, "completions/truncated_rate": s["truncated"] / n,
+            "reasoning/step_accuracy": s["reasoning_correct"] / max(s["reasoning_steps"], 1.0),
             "clip_ratio": s["clipped_tokens"] / tokens, "is_ratio/mean": s["ratio_sum"] / tokens,
             "is_ratio/max": mx["ratio_max"], "sync/logprob_max_abs_diff": sync_diff,
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
