@@ -71,3 +71,12 @@ eval: install
 report: install
 	@test -n "$(RUN)" || { echo "usage: make report RUN=runs/<name>"; exit 2; }
 	$(PY) -m pipeline.report $(RUN)
+
+REPO ?=
+PUBLISH_ARGS ?=
+.PHONY: publish
+# make publish RUN=runs/<name> REPO=user/name [PUBLISH_ARGS="--private"]   (HF_TOKEN must be set)
+# make publish RUN=runs/<name> PUBLISH_ARGS="--dry-run out/"               (writes what would go up)
+publish: install
+	@test -n "$(RUN)" || { echo "usage: make publish RUN=runs/<name> REPO=user/name"; exit 2; }
+	$(PY) -m pipeline.publish $(RUN) $(if $(REPO),--repo $(REPO)) $(PUBLISH_ARGS)

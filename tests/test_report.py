@@ -10,10 +10,11 @@ from pipeline.config import load_config, to_dict
 from pipeline.report import window_means, write_report
 
 
-def fake_run(tmp_path, steps=20):
+def fake_run(tmp_path, steps=20, overrides=()):
     run = tmp_path / "run"
     run.mkdir()
-    config = to_dict(load_config("configs/tiny-cpu.yaml", ["model.path=premai-io/prem-1B-chat", "model.build="]))
+    config = to_dict(load_config("configs/tiny-cpu.yaml", ["model.path=premai-io/prem-1B-chat", "model.build=",
+                                                           *overrides]))
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"step": s, "reward/total": 0.1 * s, "format/strict_rate": s / steps, "accuracy": 0.01 * s,
              "completion_len/mean": 30.0, "completions/truncated_rate": 0.0,
@@ -37,7 +38,8 @@ def test_report_card_and_curves(tmp_path):
     card = write_report(run).read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "premai-io/prem-1B-chat"
-    assert meta["datasets"] == ["synthetic-gsm8k-style"] and meta["pipeline_tag"] == "text-generation"
+    assert "datasets" not in meta  # generated data has no Hub id
+    assert meta["pipeline_tag"] == "text-generation" and meta["license"] == "apache-2.0"
     first, last = window_means(rows, "reward/total")
     assert (first, last) == (sum(0.1 * s for s in range(1, 5)) / 4, sum(0.1 * s for s in range(17, 21)) / 4)
     assert f"| reward/total | {first:.3f} | {last:.3f} |" in card
