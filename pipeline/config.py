@@ -145,7 +145,16 @@ class TrainConfig:
     top_p: float = 1.0
     """Nucleus sampling; keep 1.0 so server logprobs are those of the full distribution."""
     epsilon: float = 0.2
-    """PPO clip range of the importance ratio (TRL's default)."""
+    """PPO clip range of the importance ratio pi_theta / pi_server (TRL's default)."""
+    is_cap: float = 3.0
+    """Truncated importance sampling: the ratio's weight never exceeds this for negative advantages
+    (dual-clip PPO's c); matters for stale (overlapped) or numerically mismatched (bf16) rollouts."""
+    overlap: bool = False
+    """Overlapped mode: the server generates step k+1's rollouts (with the weights before step k's
+    update) while the trainer computes step k; rollouts are then one step stale."""
+    max_staleness: int = 1
+    """Overlapped mode: rollouts generated more than this many weight versions ago are discarded
+    and regenerated."""
     beta: float = 0.0
     """KL penalty weight to the frozen initial model; 0 loads no reference model (TRL's default)."""
     loss_aggregation: str = "sequence"
@@ -326,6 +335,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.advantage_scaling: expected group, batch or none, got {t.advantage_scaling!r}")
     if not 0 < t.top_p <= 1 or t.temperature <= 0:
         raise ConfigError("train.temperature must be > 0 and train.top_p in (0, 1]")
+    if t.is_cap <= 1 or t.max_staleness < 0:
+        raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
     if t.num_generations > config.server.max_n:

@@ -6,8 +6,11 @@ Pure functions on tensors, so each is unit-tested on hand-computed cases. Refere
 - loss: PPO's clipped surrogate per token, `-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`,
   aggregated per sequence then averaged (`sequence`, the original GRPO) or over all tokens of the
   step (`token`, DAPO / Dr.GRPO), plus `beta * KL(pi || ref)` with the k3 estimator when beta > 0.
-- `old_logprobs` are the server's (the behaviour policy that sampled the tokens), so the ratio also
-  absorbs any numerical mismatch between vLLM and the trainer.
+- `old_logprobs` are the server's (the behaviour policy mu that sampled the tokens), so the ratio
+  pi_theta / mu also corrects for numerical mismatch between vLLM and the trainer and, in overlapped
+  mode, for rollouts one step stale. Truncated importance sampling: for A < 0 the surrogate is
+  additionally bounded by `is_cap * A` (dual-clip PPO, Ye et al. 2020), so no token's weight exceeds
+  `is_cap` however far pi_theta has moved from mu (for A > 0 the PPO clip already bounds it at 1 + eps).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, aggregation: str = "sequence",
-              beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+              is_cap: float = 3.0, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
               token_normaliser: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO loss of one micro-batch and its diagnostics.
 
@@ -89,6 +92,7 @@ def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, agg
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv
     per_token = -torch.min(unclipped, clipped)
+    per_token = torch.where(adv < 0, torch.minimum(per_token, -is_cap * adv), per_token)  # dual clip
     kl = None
     if beta > 0:
         if ref_logprobs is None:
@@ -112,6 +116,7 @@ def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, agg
             "clipped_tokens": float((is_clipped.float() * mask).sum()),
             "ratio_sum": float((ratio * mask).sum()),
             "ratio_max": float(torch.where(mask > 0, ratio, torch.zeros_like(ratio)).max()),
+            "capped_tokens": float(((ratio > is_cap) & (adv < 0)).float().mul(mask).sum()),
             "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
         }
     return loss, stats

@@ -37,7 +37,7 @@ from pipeline.device import resolve_attn, resolve_dtype
 from pipeline.grpo import group_advantages, grpo_loss, make_batch, token_logprobs
 from pipeline.reasoning import check_reasoning
 from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
-from pipeline.rollout import generate_step, score_slice
+from pipeline.rollout import Rollouts, score_slice
 
 log = logging.getLogger("pipeline.train")
 
@@ -236,21 +236,31 @@ def main(argv=None) -> int:
 
     push_weights(start_step)
     metrics = Metrics(run_dir, rank == 0)
+    rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
+                        top_p=t.top_p, seed=seed, max_staleness=t.max_staleness if t.overlap else 0)
+
+    def request_rollouts(step: int) -> list[Example]:
+        batch_examples = step_data(step)
+        rollouts.request(step, [prompt_token_ids(tokenizer, e, SYSTEM_PROMPT) for e in batch_examples],
+                         [e.answer for e in batch_examples])
+        return batch_examples
+
+    if t.overlap and start_step < total_steps:
+        request_rollouts(start_step)
     per_rank = t.micro_batch_size * t.gradient_accumulation_steps
     bar = tqdm(total=total_steps, initial=start_step, desc="GRPO", disable=rank != 0, dynamic_ncols=True)
 
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         engine.train()
-        # --- generate ---
-        batch_examples = step_data(step)
-        prompt_ids = [prompt_token_ids(tokenizer, e, SYSTEM_PROMPT) for e in batch_examples]
-        completions = generate_step(client, prompt_ids, [e.answer for e in batch_examples],
-                                    n=t.num_generations, max_tokens=t.max_completion_tokens,
-                                    temperature=t.temperature, top_p=t.top_p,
-                                    seed=seed * 1_000_003 + step, expected_version=step)
+        # --- generate (overlapped: already under way; then start the next step's) ---
+        if not t.overlap:
+            request_rollouts(step)
+        completions, generated_by = rollouts.collect(step, version=step)
+        if t.overlap and step + 1 < total_steps:
+            request_rollouts(step + 1)  # generated while this step trains; its push waits for it
         mine = completions[rank * per_rank: (rank + 1) * per_rank]
-        time_generate = time.perf_counter() - step_start
+        time_generate = time.perf_counter() - step_start  # the trainer's wait for rollouts
 
         # --- reward (own slice) and advantage (over all groups) ---
         start = time.perf_counter()
@@ -272,7 +282,8 @@ def main(argv=None) -> int:
             dist.all_reduce(count)
             # DeepSpeed divides by accumulation steps and averages ranks; undo both for a step-global mean
             token_total = max(count.item(), 1.0) / (t.gradient_accumulation_steps * world)
-        sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0}
+        sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "capped_tokens": 0.0, "ratio_sum": 0.0,
+                "kl_sum": 0.0}
         ratio_max = 0.0
         for m in range(t.gradient_accumulation_steps):
             part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
@@ -286,19 +297,21 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     ref_logprobs = token_logprobs(reference, batch.input_ids, batch.attention_mask, t.temperature)
             loss, stats = grpo_loss(logprobs, batch, epsilon=t.epsilon, aggregation=t.loss_aggregation,
-                                    beta=t.beta, ref_logprobs=ref_logprobs, token_normaliser=token_total)
+                                    is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs, token_normaliser=token_total)
             engine.backward(loss)
             engine.step()
             sums["loss"] += loss.item() / t.gradient_accumulation_steps
-            for key in ("tokens", "clipped_tokens", "ratio_sum", "kl_sum"):
+            for key in ("tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "kl_sum"):
                 sums[key] += stats[key]
             ratio_max = max(ratio_max, stats["ratio_max"])
         time_train = time.perf_counter() - start
 
         # --- sync: the server now serves version step+1; check it on one probe sequence ---
         start = time.perf_counter()
+        rollouts.wait()  # overlapped: the next step's generation finishes before its weights change
+        time_wait = time.perf_counter() - start
         push_weights(step + 1)
-        time_sync = time.perf_counter() - start
+        time_sync = time.perf_counter() - start - time_wait
         probe = completions[0]
         engine.eval()
         with torch.no_grad():
@@ -333,9 +346,11 @@ def main(argv=None) -> int:
             "completion_len/mean": s["length"] / n, "completions/truncated_rate": s["truncated"] / n,
             "reasoning/step_accuracy": s["reasoning_correct"] / max(s["reasoning_steps"], 1.0),
             "clip_ratio": s["clipped_tokens"] / tokens, "is_ratio/mean": s["ratio_sum"] / tokens,
-            "is_ratio/max": mx["ratio_max"], "sync/logprob_max_abs_diff": sync_diff,
+            "is_ratio/max": mx["ratio_max"], "is_ratio/capped_frac": s["capped_tokens"] / tokens,
+            "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
+            "sync/logprob_max_abs_diff": sync_diff,
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
-            "time/sync": time_sync, "time/step": time.perf_counter() - step_start,
+            "time/sync": time_sync, "time/wait_rollouts": time_wait, "time/step": time.perf_counter() - step_start,
         }
         if t.beta > 0:
             row["kl"] = s["kl_sum"] / tokens
@@ -351,6 +366,7 @@ def main(argv=None) -> int:
 
     bar.close()
     metrics.close()
+    rollouts.close()
     save_checkpoint(engine, ckpt_dir, total_steps, t.keep_checkpoints, rank)
     save_final_model(engine, zero_stage, tokenizer, run_dir / "final", rank)
     if pusher is not None:

@@ -104,3 +104,18 @@ def test_loss_matches_a_straightforward_computation():
     loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, aggregation="token")
     assert loss.item() == pytest.approx(sum(all_tokens) / len(all_tokens), rel=1e-5)
     assert stats["tokens"] == 6 and stats["kl_sum"] > 0
+
+
+def test_truncated_importance_weight_for_negative_advantages():
+    b = batch_of([[0.0]], [-1.0])
+    far = b.old_logprobs.clone()
+    far[0, 1] = math.log(10.0)  # the policy moved far from the (stale) behaviour policy
+    logp = far.clone().requires_grad_(True)
+    loss, stats = grpo_loss(logp, b, epsilon=0.2, is_cap=3.0)
+    assert loss.item() == pytest.approx(3.0)  # not 10: the weight is capped
+    loss.backward()
+    assert logp.grad.abs().sum() == 0 and stats["capped_tokens"] == 1
+    near = b.old_logprobs.clone()
+    near[0, 1] = math.log(2.0)  # below the cap: the ordinary PPO term
+    loss, stats = grpo_loss(near, b, epsilon=0.2, is_cap=3.0)
+    assert loss.item() == pytest.approx(2.0) and stats["capped_tokens"] == 0

@@ -87,6 +87,27 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_overlapped_mode(server, warm_model_dir, tmp_path):
+    proc = launch("--name", "overlap", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
+                  "--set", "train.max_steps=3", "--set", "train.overlap=true", "--set", "eval.enabled=false",
+                  server=server, root=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "overlap")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the first step's rollouts come from the starting weights; later ones are exactly one step stale
+    assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]
+    assert all(r["rollout/discarded_total"] == 0 for r in rows)
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
+    assert server.client.health()["version"] == 3
+    prompt = server.client.request("POST", "/generate", {"prompts": ["Ana has 5 books."], "max_tokens": 1})
+    prompt = prompt["results"][0]["prompt_token_ids"]
+    completion = server.client.generate([prompt], n=1, max_tokens=16, seed=1)["results"][0]["completions"][0]
+    served = torch.tensor(server.client.score([(prompt, completion["token_ids"])])["logprobs"][0])
+    final = hf_logprobs(tmp_path / "overlap" / "final", prompt, completion["token_ids"])
+    assert (served - final).abs().max() <= 1e-3
+
+
+@pytest.mark.slow
 def test_resume_continues_steps(server, warm_model_dir, tmp_path):
     common = ["--name", "r", "--set", f"model.path={warm_model_dir}", "--set", "model.build="]
     first = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
