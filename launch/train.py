@@ -47,6 +47,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Our server must not start on a port another server answers on: the trainer would talk to
+    (and push weights into) the wrong one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise ConfigError(f"server.port: {host}:{port} is already in use (another run's server?); "
+                              f"pick another with --set server.port=N") from None
+
+
 def trainer_ranks(config: Config) -> tuple[int, str]:
     """(ranks on this host, device kind): GPUs minus the server's, or 2 CPU ranks."""
     if config.train.num_ranks:
@@ -140,6 +153,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
         if not args.resume and (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
+        if not args.server_url:
+            check_port_free(config.server.host, config.server.port)
         prepare_model(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

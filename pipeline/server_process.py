@@ -38,6 +38,9 @@ class ServerProcess:
     def wait_healthy(self, deadline_s: float) -> ServerClient:
         try:
             self.client.wait_healthy(deadline_s, alive=lambda: self.proc.poll() is None)
+            if self.proc.poll() is not None:  # whoever answered, it was not our process
+                raise ServerError(f"the server process exited (code {self.proc.returncode}) although "
+                                  f"{self.client.base_url} answers: is another server on that port?")
         except ServerError as e:
             self.stop()
             raise ServerError(f"{e}\n--- {self.log_path} (last lines) ---\n{log_tail(self.log_path)}") from None

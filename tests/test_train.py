@@ -126,6 +126,16 @@ def _processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
+def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
+    port = int(server.client.base_url.rsplit(":", 1)[1])
+    proc = launch("--name", "clash", "--set", f"server.port={port}", root=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: server.port: 127.0.0.1:{port} is already in use (another run's server?); "
+        "pick another with --set server.port=N")
+    assert not (tmp_path / "clash").exists()
+
+
 @pytest.mark.slow
 def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     from pipeline.weight_push import free_port

@@ -1,0 +1,231 @@
+"""`make bench`: this pipeline (synchronous and overlapped) against TRL's GRPOTrainer, one machine,
+one model, equal settings (G=16, 1 prompt per step, 200-token completions, same data, same steps,
+fp32 on CPU). Warm-up steps are excluded. Writes bench/results.json and prints a table.
+
+    python bench/run.py            # ~100M-parameter Qwen2 built locally, plus the tiny default
+    python bench/run.py --quick    # tiny model, few steps: checks the benchmark itself still runs (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.weight_push import free_port  # noqa: E402
+
+PY = sys.executable
+
+
+class PeakRSS(threading.Thread):
+    """Samples the resident memory of every process below the benchmark, by role."""
+
+    ROLES = (("EngineCore", "server engine core"), ("VLLM::Worker", "server worker"), ("Worker", "server worker"),
+             ("pipeline.serve", "server API"), ("pipeline.train", "trainer rank"),
+             ("trl_baseline", "TRL process"))
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peaks: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self):
+        me = psutil.Process()
+        while not self.stop.wait(0.5):
+            for proc in me.children(recursive=True):
+                try:
+                    text = " ".join(proc.cmdline()) + " " + proc.name()
+                    rss = proc.memory_info().rss / 2**30
+                except psutil.Error:
+                    continue
+                for needle, role in self.ROLES:
+                    if needle in text:
+                        self.peaks[role] = max(self.peaks.get(role, 0.0), rss)
+                        break
+
+    def take(self) -> dict[str, float]:
+        peaks, self.peaks = {k: round(v, 2) for k, v in self.peaks.items()}, {}
+        return peaks
+
+
+def build_model(out: Path, hidden: int, layers: int) -> Path:
+    if (out / "config.json").exists():
+        return out
+    from pipeline.data import SYSTEM_PROMPT
+    from pipeline.synthetic import generate
+    from pipeline.tiny_model import build_tiny_model
+    from pipeline.warmstart import formatted_completion
+
+    corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e) for e in generate(2000, 0)]
+    return build_tiny_model(out, corpus, vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                            num_layers=layers, num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 256),
+                            tie_word_embeddings=False)
+
+
+def model_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def inprocess_copy_gbps(nbytes: int) -> float:
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / min(times) / 1e9
+
+
+def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool, root: Path, rss: PeakRSS) -> dict:
+    cmd = [PY, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+           "--name", name, "--set", f"run.root={root}", "--set", f"model.path={model}", "--set", "model.build=",
+           "--set", "train.micro_batch_size=4", "--set", "train.gradient_accumulation_steps=2",
+           "--set", f"train.max_steps={steps}", "--set", f"train.max_completion_tokens={max_tokens}",
+           "--set", "server.max_model_len=512", "--set", "data.max_prompt_tokens=256",
+           "--set", "eval.enabled=false", "--set", f"train.overlap={str(overlap).lower()}",
+           "--set", "train.learning_rate=1e-5", "--set", "sync.bucket_mb=256",
+           "--set", f"server.port={free_port('127.0.0.1')}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"ok": False, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300], "peak_rss_gib": rss.take()}
+    rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    return {"ok": True, "rows": rows, "wall_s": wall, "peak_rss_gib": rss.take()}
+
+
+def summarise_ours(result: dict, warmup: int, nbytes: int) -> dict:
+    if not result["ok"]:
+        return result
+    rows = result["rows"][warmup:] or result["rows"]
+    step = [r["time/step"] for r in rows]
+    med = statistics.median
+    idle = [r["time/generate"] + r.get("time/wait_rollouts", 0.0) for r in rows]
+    tokens = [r["completion_len/mean"] * 16 for r in rows]
+    return {
+        "ok": True, "steps_measured": len(rows), "s_per_step_median": med(step),
+        "s_per_step_min": min(step), "s_per_step_max": max(step),
+        "rollout_tokens_per_s": sum(tokens) / sum(step),
+        "split_s": {"generate_wait": med(r["time/generate"] for r in rows), "reward": med(r["time/reward"] for r in rows),
+                    "train": med(r["time/train"] for r in rows), "sync": med(r["time/sync"] for r in rows),
+                    "wait_rollouts": med(r.get("time/wait_rollouts", 0.0) for r in rows)},
+        "trainer_idle_fraction": sum(idle) / sum(step),
+        "sync_gb_per_s": nbytes / med(r["time/sync"] for r in rows) / 1e9,
+        "sync_fraction_of_step": med(r["time/sync"] / r["time/step"] for r in rows),
+        "max_staleness_seen": max(r.get("rollout/staleness", 0) for r in result["rows"]),
+        "wall_s": result["wall_s"], "peak_rss_gib": result["peak_rss_gib"],
+    }
+
+
+def run_trl(name: str, model: Path, steps: int, max_tokens: int, use_vllm: bool, root: Path, rss: PeakRSS,
+            warmup: int) -> dict:
+    out = root / f"{name}.json"
+    cmd = [PY, str(REPO / "bench" / "trl_baseline.py"), "--model", str(model), "--steps", str(steps),
+           "--max-completion", str(max_tokens), "--out", str(out)] + (["--use-vllm"] if use_vllm else [])
+    try:
+        subprocess.run(cmd, capture_output=True, text=True, timeout=1800 if not use_vllm else 600, cwd=REPO,
+                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": "timed out", "peak_rss_gib": rss.take()}
+    data = json.loads(out.read_text()) if out.exists() else {"ok": False, "error": "no result written"}
+    if not data.get("ok"):
+        return {"ok": False, "error": data.get("error", "?"), "peak_rss_gib": rss.take()}
+    times = data["step_times"][warmup:] or data["step_times"]
+    tokens = data["completion_tokens"][warmup:] or data["completion_tokens"] or [0]
+    return {"ok": True, "steps_measured": len(times), "s_per_step_median": statistics.median(times),
+            "s_per_step_min": min(times), "s_per_step_max": max(times),
+            "rollout_tokens_per_s": sum(tokens[: len(times)]) / sum(times), "peak_rss_gib": rss.take()}
+
+
+def table(results: dict) -> str:
+    lines = [f"{'run':<34}{'s/step (median, min-max)':>28}{'tokens/s':>10}{'idle':>7}{'sync GB/s':>11}",
+             "-" * 90]
+    for name, r in results["runs"].items():
+        if not r.get("ok"):
+            lines.append(f"{name:<34}  FAILED: {r.get('error', '?')[:80]}")
+            continue
+        spread = f"{r['s_per_step_median']:.2f} ({r['s_per_step_min']:.2f}-{r['s_per_step_max']:.2f})"
+        idle = f"{r['trainer_idle_fraction']:.0%}" if "trainer_idle_fraction" in r else "-"
+        sync = f"{r['sync_gb_per_s']:.2f}" if "sync_gb_per_s" in r else "-"
+        lines.append(f"{name:<34}{spread:>28}{r['rollout_tokens_per_s']:>10.0f}{idle:>7}{sync:>11}")
+    lines.append("")
+    for key, value in results["ratios"].items():
+        lines.append(f"{key}: {value:.2f}x" if value else f"{key}: n/a")
+    lines.append(f"in-process copy of the model's bytes: {results['inprocess_copy_gb_per_s']:.2f} GB/s")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 3 steps: checks that the benchmark runs")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 6, quick 3)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    args = parser.parse_args()
+    steps = args.steps or (3 if args.quick else 6)
+    warmup = 1 if args.quick else 2
+    max_tokens = 32 if args.quick else 200
+    root = REPO / "bench" / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    models = {"tiny": build_model(REPO / "bench" / "models" / "tiny", 64, 2)}
+    if not args.quick:
+        models["100M"] = build_model(REPO / "bench" / "models" / "qwen2-100M", 1024, 8)
+    rss = PeakRSS()
+    runs: dict[str, dict] = {}
+    for label, model in reversed(models.items()):  # the main model first
+        nbytes = model_bytes(model)
+        print(f"[{label}] ours, synchronous ...", flush=True)
+        runs[f"{label} ours sync"] = summarise_ours(
+            run_ours(f"{label}-sync", model, steps, max_tokens, False, root, rss), warmup, nbytes)
+        print(f"[{label}] ours, overlapped ...", flush=True)
+        runs[f"{label} ours overlap"] = summarise_ours(
+            run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss), warmup, nbytes)
+        print(f"[{label}] TRL GRPOTrainer use_vllm=False ...", flush=True)
+        runs[f"{label} TRL (HF generate)"] = run_trl(f"{label}-trl", model, steps, max_tokens, False, root, rss,
+                                                     warmup)
+        if label == next(reversed(models)):
+            print(f"[{label}] TRL GRPOTrainer use_vllm=True (colocate) ...", flush=True)
+            runs[f"{label} TRL (vLLM colocate)"] = run_trl(f"{label}-trl-vllm", model, min(steps, 2), max_tokens,
+                                                            True, root, rss, 0)
+    rss.stop.set()
+    main_label = next(reversed(models))
+
+    def ratio(a: str, b: str) -> float | None:
+        ra, rb = runs.get(f"{main_label} {a}", {}), runs.get(f"{main_label} {b}", {})
+        return rb["s_per_step_median"] / ra["s_per_step_median"] if ra.get("ok") and rb.get("ok") else None
+
+    main_bytes = model_bytes(models[main_label])
+    results = {
+        "model": main_label, "params_bytes_fp32": main_bytes, "steps": steps, "warmup_excluded": warmup,
+        "settings": {"G": 16, "prompts_per_step": 1, "max_completion_tokens": max_tokens, "dtype": "float32",
+                     "trainer_ranks": 2, "machine": f"{os.cpu_count()} cores"},
+        "runs": runs,
+        "ratios": {"sync speed-up vs TRL (HF generate)": ratio("ours sync", "TRL (HF generate)"),
+                   "overlap speed-up vs TRL (HF generate)": ratio("ours overlap", "TRL (HF generate)"),
+                   "overlap speed-up vs sync": ratio("ours overlap", "ours sync"),
+                   "sync speed-up vs TRL (vLLM)": ratio("ours sync", "TRL (vLLM colocate)")},
+        "inprocess_copy_gb_per_s": inprocess_copy_gbps(main_bytes),
+    }
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + table(results))
+    print(f"-> {args.out}")
+    failed = [n for n, r in runs.items() if not r.get("ok") and "vLLM" not in n]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
