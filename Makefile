@@ -46,9 +46,17 @@ clean:
 
 CONFIG ?=
 SERVE_ARGS ?=
-.PHONY: serve bench-sync
+.PHONY: serve bench bench-quick bench-sync
 serve: install
 	$(PY) -m pipeline.serve $(if $(CONFIG),--config $(CONFIG)) $(SERVE_ARGS)
+
+# ours (sync, overlapped) vs TRL GRPOTrainer on a ~100M model: writes bench/results.json (~15 min)
+bench: install
+	$(PY) bench/run.py
+
+# the same on a tiny model, 3 steps: checks that the benchmark still runs (CI)
+bench-quick: install
+	$(PY) bench/run.py --quick --out bench/results-quick.json
 
 bench-sync: install
 	$(PY) bench/sync.py
