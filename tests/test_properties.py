@@ -1,0 +1,89 @@
+"""Property-based checks (hypothesis): bad data and hostile completions never escape as tracebacks
+from deep inside a library, and rewards stay within their bounds."""
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.data import DataError, read_jsonl
+from pipeline.rewards import REWARD_FUNCS
+
+TAG_SOUP = st.lists(st.sampled_from(["<reasoning>", "</reasoning>", "<answer>", "</answer>", "\n", " ", "\r\n",
+                                     "42", "-7", "1,000", "$", ".", "١٢", "x", "= 5", "3 * 4 = 12"]), max_size=60)
+TEXT = st.one_of(st.text(max_size=500), TAG_SOUP.map("".join))
+BOUNDS = {"strict_format": (0.0, 0.5), "soft_format": (0.0, 0.3), "int_answer": (0.0, 0.5),
+          "xml_count": (float("-inf"), 0.5), "correctness": (0.0, 2.0), "reasoning_steps": (0.0, 0.5)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(TEXT, min_size=1, max_size=4), reference=st.text(max_size=20))
+def test_rewards_never_raise_and_stay_in_bounds(texts, reference):
+    for name, fn in REWARD_FUNCS.items():
+        values = fn(completions=texts, answer=[reference] * len(texts))
+        low, high = BOUNDS[name]
+        assert len(values) == len(texts)
+        assert all(low <= v <= high for v in values), (name, values)
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children,
+                                                                                           max_size=3), max_leaves=8)
+ROWS = st.one_of(
+    JSON_VALUES.map(json.dumps),
+    st.fixed_dictionaries({"question": st.one_of(st.text(), st.integers()),
+                           "answer": st.one_of(st.text(), st.just("x #### 5"))}).map(json.dumps),
+    st.text(),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.one_of(ROWS.map(str.encode), st.binary(max_size=40)), min_size=1, max_size=6))
+def test_loader_fails_cleanly_with_file_and_line(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        examples = read_jsonl(path)
+    except DataError as e:
+        message = str(e)
+        assert message.startswith(f"{path}:") and "\n" not in message
+        return
+    assert examples and all(e.question and e.answer for e in examples)
+
+
+FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 70), st.floats(-2, 3, allow_nan=False),
+                         st.text(max_size=8), st.lists(st.integers(-3, 1100), max_size=8),
+                         st.lists(st.lists(st.integers(-3, 1100), max_size=8), max_size=3))
+GENERATE_BODIES = st.dictionaries(
+    st.sampled_from(["prompt_token_ids", "prompts", "n", "temperature", "top_p", "max_tokens", "seed",
+                     "stop_token_ids", "ignore_eos", "bogus"]), FIELD_VALUES, max_size=6)
+SCORE_BODIES = st.one_of(
+    st.dictionaries(st.sampled_from(["sequences", "bogus"]), FIELD_VALUES, max_size=2),
+    st.fixed_dictionaries({"sequences": st.lists(st.fixed_dictionaries({
+        "prompt_token_ids": st.lists(st.integers(-2, 1100), max_size=6),
+        "completion_token_ids": st.lists(st.integers(-2, 1100), max_size=6)}), max_size=3)}))
+BUCKET_BODIES = st.dictionaries(st.sampled_from(["tensors", "version", "x"]), FIELD_VALUES, max_size=2)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path_body=st.one_of(st.tuples(st.just("/generate"), GENERATE_BODIES),
+                           st.tuples(st.just("/score"), SCORE_BODIES),
+                           st.tuples(st.just("/weights/bucket"), BUCKET_BODIES),
+                           st.tuples(st.just("/generate"), st.text(max_size=30))))
+def test_server_api_fuzz_never_500(server, path_body):
+    path, body = path_body
+    session = server.client.session
+    if isinstance(body, str):
+        response = session.post(server.client.base_url + path, data=body.encode(), timeout=60,
+                                headers={"Content-Type": "application/json"})
+    else:
+        response = session.post(server.client.base_url + path, json=body, timeout=60)
+    assert response.status_code < 500, (path, body, response.text[:300])
+
+
+def test_server_fuzz_leaves_it_healthy_and_rejects_oversized(server):
+    session, url = server.client.session, server.client.base_url
+    huge = {"prompt_token_ids": [[1] * 100] * 2000, "max_tokens": 1}
+    assert session.post(url + "/generate", json=huge, timeout=60).status_code == 400  # too many prompts
+    assert session.post(url + "/generate", json={"prompt_token_ids": [[1] * 5000]}, timeout=60).status_code == 400
+    assert server.client.health()["status"] == "ok"
