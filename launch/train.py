@@ -135,7 +135,7 @@ def tee(stream, console, log_path: Path) -> threading.Thread:
 
 
 def main(argv=None) -> int:
-    from pipeline.server_process import ServerProcess
+    from pipeline.server_process import ServerProcess, die_with_parent
     from pipeline.weight_push import free_port
 
     args = parse_args(argv)
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         deepspeed_bin = Path(sys.executable).with_name("deepspeed")
         cmd[0] = str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed"
         trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
-                                   cwd=REPO, start_new_session=True)
+                                   cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
         copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")
         code = trainer.wait()
         copier.join(10)

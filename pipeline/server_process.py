@@ -15,6 +15,18 @@ from pathlib import Path
 from pipeline.client import ServerClient, ServerError
 
 
+def die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to this child when its parent dies, even by SIGKILL,
+    so a killed launcher never leaves a server or trainer ranks running (Linux prctl)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: rely on the launcher's own clean-up
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -32,7 +44,8 @@ class ServerProcess:
             full_env["GRPO_SERVER_TOKEN"] = token  # by environment: never on a command line or in a file
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", *args], stdout=log,
-                                         stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True)
+                                         stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         self.client = ServerClient(f"http://{host}:{port}", token)
 
     def wait_healthy(self, deadline_s: float) -> ServerClient:

@@ -53,14 +53,16 @@ class StepData:
                               f"{prompts_per_step} prompts one step needs")
         self._order: dict[int, list[int]] = {}
 
-    def __call__(self, step: int) -> list[Example]:
+    def indices(self, step: int) -> list[int]:
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch not in self._order:
             order = list(range(len(self.examples)))
             random.Random(self.seed + epoch).shuffle(order)
             self._order = {epoch: order}
-        order = self._order[epoch]
-        return [self.examples[i] for i in order[index * self.per_step: (index + 1) * self.per_step]]
+        return self._order[epoch][index * self.per_step: (index + 1) * self.per_step]
+
+    def __call__(self, step: int) -> list[Example]:
+        return [self.examples[i] for i in self.indices(step)]
 
 
 def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
         if path is None:
             raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
         start_step = state["step"]
+        if rank == 0:
+            trim_metrics(run_dir / "metrics.jsonl", start_step)
         log.info("resumed from %s at step %d", path, start_step)
 
     # --- weight sync: the server must serve exactly the trainer's weights before the first rollout ---
@@ -347,6 +351,7 @@ def main(argv=None) -> int:
             "reasoning/step_accuracy": s["reasoning_correct"] / max(s["reasoning_steps"], 1.0),
             "clip_ratio": s["clipped_tokens"] / tokens, "is_ratio/mean": s["ratio_sum"] / tokens,
             "is_ratio/max": mx["ratio_max"], "is_ratio/capped_frac": s["capped_tokens"] / tokens,
+            "data/first_index": step_data.indices(step)[0],  # shows the data order survives a resume
             "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
             "sync/logprob_max_abs_diff": sync_diff,
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
@@ -377,12 +382,39 @@ def main(argv=None) -> int:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> None:
-    """Model, optimizer, scheduler (DeepSpeed) plus our step counter; old ones pruned."""
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step}", client_state={"step": step})
+    """Model, optimizer, scheduler (DeepSpeed) plus our step counter; old ones pruned.
+
+    Atomic: `latest` names a tag only once every rank has finished writing it, and is itself
+    replaced with a rename, so a kill at any moment leaves the previous complete checkpoint loadable.
+    """
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step-{step}", client_state={"step": step}, save_latest=False)
+    dist.barrier()
     if rank == 0:
+        tmp = ckpt_dir / "latest.tmp"
+        tmp.write_text(f"step-{step}")
+        os.replace(tmp, ckpt_dir / "latest")
         tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
         for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """On resume: keep only whole rows up to the checkpoint's step (rows written after it, and a line
+    torn by a kill, would otherwise be duplicated or corrupt the file)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: int) -> None:
