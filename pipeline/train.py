@@ -225,10 +225,9 @@ def main(argv=None) -> int:
         pusher = WeightPusher(client, transport=config.sync.transport, device=device, host=sync_host,
                               port=config.sync.port, bucket_mb=config.sync.bucket_mb, timeout_s=config.sync.timeout_s)
 
-    def push_weights(version: int) -> float:
+    def push_weights(version: int) -> None:
         from pipeline.weight_push import full_parameters
 
-        start = time.perf_counter()
         tensors = full_parameters(engine.module, zero_stage, rank == 0, config.sync.bucket_mb * 2**20)
         if rank == 0:
             pusher.push(tensors, version)
@@ -236,18 +235,15 @@ def main(argv=None) -> int:
             for _ in tensors:  # take part in the ZeRO-3 gathers
                 pass
         dist.barrier()
-        return time.perf_counter() - start
 
     push_weights(start_step)
     metrics = Metrics(run_dir, rank == 0)
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
                         top_p=t.top_p, seed=seed, max_staleness=t.max_staleness if t.overlap else 0)
 
-    def request_rollouts(step: int) -> list[Example]:
-        batch_examples = step_data(step)
-        rollouts.request(step, [prompt_token_ids(tokenizer, e, SYSTEM_PROMPT) for e in batch_examples],
-                         [e.answer for e in batch_examples])
-        return batch_examples
+    def request_rollouts(step: int) -> None:
+        batch = step_data(step)
+        rollouts.request(step, [prompt_token_ids(tokenizer, e, SYSTEM_PROMPT) for e in batch], [e.answer for e in batch])
 
     if t.overlap and start_step < total_steps:
         request_rollouts(start_step)
