@@ -122,8 +122,8 @@ def test_resume_continues_steps(server, warm_model_dir, tmp_path):
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, timeout=30).stdout
-    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, timeout=30).stdout
+    return [line for line in out.splitlines() if text in line and "ps -ww -eo" not in line]
 
 
 def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
