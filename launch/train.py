@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,41 @@ def check_port_free(host: str, port: int) -> None:
         except OSError:
             raise ConfigError(f"server.port: {host}:{port} is already in use (another run's server?); "
                               f"pick another with --set server.port=N") from None
+
+
+def resolve_deepspeed_config(config: Config) -> None:
+    """train.deepspeed_config must name a readable DeepSpeed JSON with a ZeRO stage; relative paths are
+    looked up from the working directory, then the repo (the trainer gets the absolute path)."""
+    given = Path(config.train.deepspeed_config)
+    path = next((p for p in (given, REPO / given) if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"train.deepspeed_config: {given} not found (expected a DeepSpeed JSON such as "
+                          f"configs/ds_zero2.json)")
+    try:
+        stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"train.deepspeed_config: {path} is not a DeepSpeed JSON object: {e}") from None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization.stage must be 0-3, got {stage!r}")
+    config.train.deepspeed_config = str(path.resolve())
+
+
+def check_disk_space(config: Config, run_dir: Path) -> None:
+    """Fail before anything starts if the run directory's disk cannot hold the checkpoints: a disk that
+    fills up hours into a run loses the step that was being saved. Per checkpoint we count 8x the
+    model's weight files (weights + fp32 master copy + two Adam moments), for the checkpoints kept plus
+    the one being written, plus the final model."""
+    model_dir = Path(config.model.path)
+    if not model_dir.is_dir():
+        return  # a hub name: its size is not known before download
+    weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
+    checkpoints = (config.train.keep_checkpoints if config.train.save_every else 0) + 1
+    need = weights * (8 * checkpoints + 1) + 50 * 2**20  # + logs, metrics, evaluations
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(f"run.root: {existing} has {free / 2**20:.0f} MiB free; this run needs about "
+                          f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model")
 
 
 def trainer_ranks(config: Config) -> tuple[int, str]:
@@ -155,7 +191,9 @@ def main(argv=None) -> int:
             raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
         if not args.server_url:
             check_port_free(config.server.host, config.server.port)
+        resolve_deepspeed_config(config)
         prepare_model(config)
+        check_disk_space(config, run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -174,6 +212,13 @@ def main(argv=None) -> int:
     trainer = None
     started = time.time()
 
+    def start_server() -> ServerProcess:
+        process = ServerProcess(["--config", str(resolved)], run_dir / "server.log", config.server.host,
+                                config.server.port, token=token, cwd=REPO)
+        print(f"starting generation server ({config.model.path}); log: {run_dir / 'server.log'}", flush=True)
+        process.wait_healthy(config.server.startup_timeout_s)
+        return process
+
     def stop_all(signum=None, frame=None):
         if trainer is not None and trainer.poll() is None:
             try:
@@ -189,10 +234,7 @@ def main(argv=None) -> int:
             server_url = args.server_url
             ServerClient(server_url, token).wait_healthy(config.server.startup_timeout_s)
         else:
-            server = ServerProcess(["--config", str(resolved)], run_dir / "server.log", config.server.host,
-                                   config.server.port, token=token, cwd=REPO)
-            print(f"starting generation server ({config.model.path}); log: {run_dir / 'server.log'}", flush=True)
-            server.wait_healthy(config.server.startup_timeout_s)
+            server = start_server()
             server_url = server.client.base_url
         client = ServerClient(server_url, token, config.server.request_timeout_s)
         if config.eval.enabled and not (run_dir / "eval_before.json").exists():
@@ -211,7 +253,17 @@ def main(argv=None) -> int:
         trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
                                    cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
         copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")
-        code = trainer.wait()
+        restarts = 0
+        while (code := trainer.poll()) is None:
+            if server is not None and server.proc.poll() is not None and config.server.restart \
+                    and restarts < config.server.max_restarts:
+                # The trainer notices on its next call, waits for the new server and re-pushes its weights.
+                restarts += 1
+                print(f"generation server exited (code {server.proc.returncode}); restarting it "
+                      f"({restarts} of at most {config.server.max_restarts})", flush=True)
+                server.stop()  # engine-core and worker processes left of the dead one
+                server = start_server()
+            time.sleep(0.5)
         copier.join(10)
         print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
         if code == 0:

@@ -67,7 +67,12 @@ class ServerConfig:
     request_timeout_s: float = 600.0
     """Client-side deadline of one generate/score call."""
     startup_timeout_s: float = 300.0
-    """How long the launcher waits for the server's health check."""
+    """How long the launcher waits for the server's health check (and the trainer, after a restart)."""
+    restart: bool = False
+    """If the server process dies, the launcher starts a new one; the trainer waits for it, pushes its
+    current weights and retries the lost request (recorded as `server/restarts`). Off: the run fails."""
+    max_restarts: int = 3
+    """server.restart: give up (fail the run) after this many restarts."""
     enforce_eager: bool = True
     """Skip CUDA-graph capture (faster start; turn off for long GPU runs)."""
     seed: int = 0
@@ -319,6 +324,8 @@ def validate(config: Config) -> None:
     for name in config.rewards:
         if name not in REWARD_FUNCS:
             raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(REWARD_FUNCS)})")
+    if config.server.max_restarts < 0:
+        raise ConfigError(f"server.max_restarts: must be >= 0, got {config.server.max_restarts}")
     for key in ("port", "tensor_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts"):
         if getattr(config.server, key) < (0 if key == "port" else 1):
             raise ConfigError(f"server.{key}: must be positive, got {getattr(config.server, key)}")

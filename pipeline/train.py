@@ -17,6 +17,7 @@ the batch sizes we compute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,13 +32,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.client import ServerError
 from pipeline.config import Config, ConfigError, check_batch, load_config
-from pipeline.data import SYSTEM_PROMPT, Example, drop_long_prompts, load_examples, prompt_token_ids
+from pipeline.data import (
+    SYSTEM_PROMPT,
+    DataError,
+    Example,
+    drop_long_prompts,
+    load_examples,
+    prompt_token_ids,
+)
 from pipeline.device import resolve_attn, resolve_dtype
 from pipeline.grpo import group_advantages, grpo_loss, make_batch, token_logprobs
 from pipeline.reasoning import check_reasoning
 from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
-from pipeline.rollout import Rollouts, score_slice
+from pipeline.rollout import Rollouts, StaleRolloutError, score_slice
+from pipeline.weight_push import WeightSyncError, full_parameters
 
 log = logging.getLogger("pipeline.train")
 
@@ -215,28 +225,66 @@ def main(argv=None) -> int:
     client = pusher = None
     if rank == 0:
         from pipeline.client import ServerClient
-        from pipeline.weight_push import WeightPusher
 
         client = ServerClient(args.server_url, os.environ.get("GRPO_SERVER_TOKEN", config.server.token),
                               config.server.request_timeout_s)
+
+    def connect_pusher():
+        from pipeline.weight_push import WeightPusher
+
         # Trainer rank 0 hosts the sync group's rendezvous; the server's workers connect to it.
         server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
         sync_host = config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn())
-        pusher = WeightPusher(client, transport=config.sync.transport, device=device, host=sync_host,
-                              port=config.sync.port, bucket_mb=config.sync.bucket_mb, timeout_s=config.sync.timeout_s)
+        return WeightPusher(client, transport=config.sync.transport, device=device, host=sync_host,
+                            port=config.sync.port, bucket_mb=config.sync.bucket_mb, timeout_s=config.sync.timeout_s)
 
-    def push_weights(version: int) -> None:
-        from pipeline.weight_push import full_parameters
-
+    def push_weights(version: int) -> Exception | None:
+        """Collective: every rank takes part in the ZeRO-3 gathers; returns rank 0's error on all ranks."""
         tensors = full_parameters(engine.module, zero_stage, rank == 0, config.sync.bucket_mb * 2**20)
+        error = [None]
         if rank == 0:
-            pusher.push(tensors, version)
-        else:
-            for _ in tensors:  # take part in the ZeRO-3 gathers
-                pass
-        dist.barrier()
+            try:
+                pusher.push(tensors, version)
+            except WeightSyncError as e:
+                error = [e]
+        for _ in tensors:  # finish the gathers (the whole model on ranks > 0; the rest after an error)
+            pass
+        dist.broadcast_object_list(error, src=0)
+        return error[0]
 
-    push_weights(start_step)
+    restarts = 0
+
+    def recover(error: Exception, version: int) -> None:
+        """After a lost server: with server.restart, wait for the launcher's new server, form a new sync
+        group with it and give it the trainer's weights (`version`); otherwise fail with the error."""
+        nonlocal pusher, restarts
+        if not config.server.restart or restarts >= config.server.max_restarts:
+            raise error
+        fresh = [False]
+        if rank == 0:
+            log.warning("server lost (%s); waiting up to %.0fs for a restarted server", error,
+                        config.server.startup_timeout_s)
+            fresh = [client.wait_healthy(config.server.startup_timeout_s)["version"] != version]
+            if fresh[0]:  # a new process: the old sync group's peers are gone
+                with contextlib.suppress(Exception):
+                    pusher.close()
+                pusher = connect_pusher()
+        dist.broadcast_object_list(fresh, src=0)
+        if fresh[0]:
+            restarts += 1
+        if fresh[0] and rank == 0:
+            log.warning("server restart %d of at most %d: pushing weights version %d", restarts,
+                        config.server.max_restarts, version)
+        if (again := push_weights(version)) is not None:
+            raise again
+
+    def sync_weights(version: int) -> None:
+        if (error := push_weights(version)) is not None:
+            recover(error, version)
+
+    if rank == 0:
+        pusher = connect_pusher()
+    sync_weights(start_step)
     metrics = Metrics(run_dir, rank == 0)
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
                         top_p=t.top_p, seed=seed, max_staleness=t.max_staleness if t.overlap else 0)
@@ -256,7 +304,12 @@ def main(argv=None) -> int:
         # --- generate (overlapped: already under way; then start the next step's) ---
         if not t.overlap:
             request_rollouts(step)
-        completions, generated_by = rollouts.collect(step, version=step)
+        try:
+            completions, generated_by = rollouts.collect(step, version=step)
+        except ServerError as e:  # the server died mid-generation: fail, or (server.restart) retry once
+            recover(e, step)
+            request_rollouts(step)
+            completions, generated_by = rollouts.collect(step, version=step)
         if t.overlap and step + 1 < total_steps:
             request_rollouts(step + 1)  # generated while this step trains; its push waits for it
         mine = completions[rank * per_rank: (rank + 1) * per_rank]
@@ -310,7 +363,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         rollouts.wait()  # overlapped: the next step's generation finishes before its weights change
         time_wait = time.perf_counter() - start
-        push_weights(step + 1)
+        sync_weights(step + 1)
         time_sync = time.perf_counter() - start - time_wait
         probe = completions[0]
         engine.eval()
@@ -349,6 +402,7 @@ def main(argv=None) -> int:
             "is_ratio/max": mx["ratio_max"], "is_ratio/capped_frac": s["capped_tokens"] / tokens,
             "data/first_index": step_data.indices(step)[0],  # shows the data order survives a resume
             "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
+            "server/restarts": restarts,
             "sync/logprob_max_abs_diff": sync_diff,
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
             "time/sync": time_sync, "time/wait_rollouts": time_wait, "time/step": time.perf_counter() - step_start,
@@ -415,8 +469,6 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: int) -> None:
     """HF format (loadable by AutoModelForCausalLM and by the server), gathered under ZeRO-3."""
-    from pipeline.weight_push import full_parameters
-
     state = dict(full_parameters(engine.module, zero_stage, rank == 0))
     if rank == 0:
         engine.module.save_pretrained(out_dir, state_dict=state)
@@ -427,6 +479,9 @@ def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: in
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (ServerError, WeightSyncError, StaleRolloutError) as e:  # the server failed: say so in one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -10,6 +10,7 @@ one request per parameter (TRL's per-parameter sync is a known bottleneck).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -40,6 +41,34 @@ def _without_agent_store():
             os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
 
 
+@contextmanager
+def _gloo_bound_towards(host: str):
+    """Make gloo bind the interface this process uses to reach `host` (the rendezvous host).
+
+    Left alone, gloo binds the address its hostname resolves to, or loopback when that address is not
+    on this machine (common: /etc/hosts, containers, namespaces); the other side then dials its own
+    loopback and the group never forms. GLOO_SOCKET_IFNAME set by the user is respected."""
+    interface = None
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        import psutil
+
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # UDP: no packet is sent
+                probe.connect((host, 9))
+                local = probe.getsockname()[0]
+        except OSError:  # not an IPv4 route: leave gloo's default
+            local = None
+        interface = next((name for name, addresses in psutil.net_if_addrs().items()
+                          if any(a.address == local for a in addresses)), None)
+    if interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+    try:
+        yield
+    finally:
+        if interface:
+            del os.environ["GLOO_SOCKET_IFNAME"]
+
+
 class SyncGroup:
     """A broadcast group between the trainer (member 0) and the vLLM workers."""
 
@@ -53,8 +82,9 @@ class SyncGroup:
         self.backend, self.rank, self.device = backend, rank, torch.device(device)
         with _without_agent_store():
             if backend == "gloo":
-                self._pg = stateless_init_torch_distributed_process_group(
-                    host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
+                with _gloo_bound_towards(host):
+                    self._pg = stateless_init_torch_distributed_process_group(
+                        host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
                 self._nccl = None
             else:
                 from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator

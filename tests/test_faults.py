@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start_launch(*args, server, root):
+    """The launcher in the background; with `server` it uses the session's server, else starts its own.
+    Its output goes to root/launch.log."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--set", f"run.root={root}", "--server-url", server.client.base_url, *args]
+           "--set", f"run.root={root}", *args]
+    if server is not None:
+        cmd += ["--server-url", server.client.base_url]
+    else:
+        from pipeline.weight_push import free_port
+
+        cmd += ["--set", f"server.port={free_port('127.0.0.1')}"]
     env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(Path(root) / "launch.log", "ab") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_for_step(path: Path, step: int, proc, timeout: float = 300) -> None:
@@ -94,3 +104,84 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
                      "--set", "eval.enabled=false", "--set", f"train.max_steps={int(latest.split('-')[1]) + 1}",
                      server=server, root=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def kill_server_of(root: Path) -> None:
+    """SIGKILL the launcher-owned server's whole process group (API process, engine core, workers)."""
+    pids = [int(line.split()[0]) for line in _processes_mentioning(str(root)) if "pipeline.serve" in line]
+    assert pids, "server process not found"
+    os.killpg(pids[0], signal.SIGKILL)
+
+
+def warm_run(name: str, *extra: str, warm_model_dir) -> list[str]:
+    return ["--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
+            "--set", "eval.enabled=false", *extra]
+
+
+@pytest.mark.slow
+def test_server_killed_fails_run_within_timeout(warm_model_dir, tmp_path):
+    proc = start_launch(*warm_run("sk", "--set", "train.max_steps=40", warm_model_dir=warm_model_dir),
+                        server=None, root=tmp_path)
+    wait_for_step(tmp_path / "sk" / "metrics.jsonl", 2, proc)
+    kill_server_of(tmp_path)  # generation is most of a step: usually mid-generation, else mid-train/push
+    killed = time.monotonic()
+    code = proc.wait(120)
+    assert code != 0 and time.monotonic() - killed < 60
+    output = (tmp_path / "launch.log").read_text()
+    assert re.search(r"error: (POST /\w+: cannot reach the server|weight push for version)", output), output[-3000:]
+    wait_gone(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_server_restart_continues_training(warm_model_dir, tmp_path):
+    proc = start_launch(*warm_run("sr", "--set", "train.max_steps=6", "--set", "server.restart=true",
+                                  warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+    wait_for_step(tmp_path / "sr" / "metrics.jsonl", 2, proc)
+    kill_server_of(tmp_path)
+    assert proc.wait(600) == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    assert "restarting it (1 of at most 3)" in (tmp_path / "launch.log").read_text()
+    rows = read_metrics(tmp_path / "sr")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["server/restarts"] == 1 and rows[0]["server/restarts"] == 0
+    # the new server got the trainer's weights: every later probe matches the trainer
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
+    wait_gone(str(tmp_path))
+
+
+def test_missing_zero_config_refused_before_start(tiny_model_dir, tmp_path):
+    proc = launch("--name", "nz", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
+                  "--set", "train.deepspeed_config=configs/missing.json", root=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: train.deepspeed_config: configs/missing.json not found (expected a DeepSpeed JSON such as "
+        "configs/ds_zero2.json)")
+    assert not (tmp_path / "nz").exists()
+
+
+def test_unwritable_run_root_refused_before_start(tiny_model_dir, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    proc = launch("--name", "u", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
+                  root=tmp_path / "file" / "runs", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run directory {tmp_path}/file/runs/u is not writable")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a real full disk for the run directory (needs root; skipped where not allowed)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                      timeout=30).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def test_full_disk_refused_before_start(tiny_model_dir, small_disk):
+    proc = launch("--name", "full", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
+                  "--set", "train.save_every=2", root=small_disk, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: run.root: {small_disk} has 2 MiB free; this run needs about "), last
+    assert list(small_disk.iterdir()) == []  # nothing written, no process started

@@ -138,14 +138,17 @@ def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
 
 @pytest.mark.slow
 def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
+    """The trainer fails after the server is up (a bad data row): both stop, the error is one line."""
     from pipeline.weight_push import free_port
 
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "no answer"}\n')
     port = free_port("127.0.0.1")
     proc = launch("--name", "crash", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", f"server.port={port}", "--set", "train.deepspeed_config=configs/missing.json",
-                  root=tmp_path, timeout=600)
+                  "--set", f"server.port={port}", "--set", "data.source=jsonl", "--set", f"data.train_file={bad}",
+                  "--set", "eval.enabled=false", root=tmp_path, timeout=600)
     assert proc.returncode != 0
-    assert "configs/missing.json" in proc.stdout + proc.stderr
+    assert f"error: {bad}:2: missing field 'answer'" in proc.stdout + proc.stderr
     assert not _processes_mentioning(str(tmp_path)), "orphan processes left behind"
     with pytest.raises(Exception):  # noqa: B017 - nothing listens on the server port any more
         __import__("requests").get(f"http://127.0.0.1:{port}/health", timeout=2)
