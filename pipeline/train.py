@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.client import ServerError
+from pipeline.client import ServerClient, ServerError
 from pipeline.config import Config, ConfigError, check_batch, load_config
 from pipeline.data import (
     SYSTEM_PROMPT,
@@ -47,7 +47,7 @@ from pipeline.grpo import group_advantages, grpo_loss, make_batch, token_logprob
 from pipeline.reasoning import check_reasoning
 from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
 from pipeline.rollout import Rollouts, StaleRolloutError, score_slice
-from pipeline.weight_push import WeightSyncError, full_parameters
+from pipeline.weight_push import WeightPusher, WeightSyncError, full_parameters
 
 log = logging.getLogger("pipeline.train")
 
@@ -224,14 +224,10 @@ def main(argv=None) -> int:
     # --- weight sync: the server must serve exactly the trainer's weights before the first rollout ---
     client = pusher = None
     if rank == 0:
-        from pipeline.client import ServerClient
-
         client = ServerClient(args.server_url, os.environ.get("GRPO_SERVER_TOKEN", config.server.token),
                               config.server.request_timeout_s)
 
-    def connect_pusher():
-        from pipeline.weight_push import WeightPusher
-
+    def connect_pusher() -> WeightPusher:
         # Trainer rank 0 hosts the sync group's rendezvous; the server's workers connect to it.
         server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
         sync_host = config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn())
@@ -272,9 +268,9 @@ def main(argv=None) -> int:
         dist.broadcast_object_list(fresh, src=0)
         if fresh[0]:
             restarts += 1
-        if fresh[0] and rank == 0:
-            log.warning("server restart %d of at most %d: pushing weights version %d", restarts,
-                        config.server.max_restarts, version)
+            if rank == 0:
+                log.warning("server restart %d of at most %d: pushing weights version %d", restarts,
+                            config.server.max_restarts, version)
         if (again := push_weights(version)) is not None:
             raise again
 
