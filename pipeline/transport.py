@@ -58,8 +58,9 @@ def _gloo_bound_towards(host: str):
                 local = probe.getsockname()[0]
         except OSError:  # not an IPv4 route: leave gloo's default
             local = None
-        interface = next((name for name, addresses in psutil.net_if_addrs().items()
-                          if any(a.address == local for a in addresses)), None)
+        if local:
+            interface = next((name for name, addresses in psutil.net_if_addrs().items()
+                              if any(a.address == local for a in addresses)), None)
     if interface:
         os.environ["GLOO_SOCKET_IFNAME"] = interface
     try:

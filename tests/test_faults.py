@@ -32,6 +32,11 @@ def start_launch(*args, server, root):
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def warm_run(name: str, *extra: str, warm_model_dir) -> list[str]:
+    return ["--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
+            "--set", "eval.enabled=false", *extra]
+
+
 def wait_for_step(path: Path, step: int, proc, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -51,8 +56,7 @@ def wait_gone(text: str, timeout: float = 60) -> None:
 
 @pytest.mark.slow
 def test_kill_9_whole_run_then_resume(server, warm_model_dir, tmp_path):
-    common = ["--name", "k", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-              "--set", "eval.enabled=false", "--set", "train.save_every=2"]
+    common = warm_run("k", "--set", "train.save_every=2", warm_model_dir=warm_model_dir)
     proc = start_launch(*common, "--set", "train.max_steps=12", server=server, root=tmp_path)
     wait_for_step(tmp_path / "k" / "metrics.jsonl", 5, proc)
     os.kill(proc.pid, signal.SIGKILL)  # no clean-up code runs in the launcher
@@ -86,9 +90,8 @@ def test_kill_9_whole_run_then_resume(server, warm_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_path):
-    proc = start_launch("--name", "rk", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-                        "--set", "eval.enabled=false", "--set", "train.save_every=2", "--set", "train.max_steps=40",
-                        server=server, root=tmp_path)
+    proc = start_launch(*warm_run("rk", "--set", "train.save_every=2", "--set", "train.max_steps=40",
+                                  warm_model_dir=warm_model_dir), server=server, root=tmp_path)
     wait_for_step(tmp_path / "rk" / "metrics.jsonl", 3, proc)
     ranks = [line.split()[0] for line in _processes_mentioning(str(tmp_path)) if "pipeline.train" in line
              and "--local_rank=1" in line]
@@ -100,9 +103,8 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
     from transformers import AutoModelForCausalLM  # noqa: F401  (the checkpoint must load)
 
     assert (tmp_path / "rk" / "checkpoints" / latest).is_dir()
-    resumed = launch("--name", "rk", "--resume", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-                     "--set", "eval.enabled=false", "--set", f"train.max_steps={int(latest.split('-')[1]) + 1}",
-                     server=server, root=tmp_path)
+    resumed = launch(*warm_run("rk", "--resume", "--set", f"train.max_steps={int(latest.split('-')[1]) + 1}",
+                               warm_model_dir=warm_model_dir), server=server, root=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
@@ -111,11 +113,6 @@ def kill_server_of(root: Path) -> None:
     pids = [int(line.split()[0]) for line in _processes_mentioning(str(root)) if "pipeline.serve" in line]
     assert pids, "server process not found"
     os.killpg(pids[0], signal.SIGKILL)
-
-
-def warm_run(name: str, *extra: str, warm_model_dir) -> list[str]:
-    return ["--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-            "--set", "eval.enabled=false", *extra]
 
 
 @pytest.mark.slow
