@@ -129,6 +129,9 @@ class TrainConfig:
     """Peak learning rate of AdamW (seed: 5e-6)."""
     lr_scheduler: str = "cosine"
     """Any `transformers.get_scheduler` name (seed: cosine)."""
+    min_lr_ratio: float = 0.0
+    """cosine only: decay to this fraction of learning_rate instead of to 0 (transformers'
+    cosine_with_min_lr). Short runs use it so the last steps still learn (seed: 0)."""
     warmup_ratio: float = 0.1
     """Fraction of steps with linear warm-up (seed: 0.1)."""
     weight_decay: float = 0.0
@@ -346,6 +349,9 @@ def validate(config: Config) -> None:
         raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
+    if not 0 <= t.min_lr_ratio < 1 or (t.min_lr_ratio and t.lr_scheduler != "cosine"):
+        raise ConfigError(f"train.min_lr_ratio: expected a value in [0, 1) with lr_scheduler cosine, got "
+                          f"{t.min_lr_ratio} with {t.lr_scheduler!r}")
     if t.num_generations > config.server.max_n:
         raise ConfigError(f"train.num_generations={t.num_generations} exceeds server.max_n={config.server.max_n}")
     longest = config.data.max_prompt_tokens + t.max_completion_tokens

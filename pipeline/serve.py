@@ -302,7 +302,11 @@ class GenerationServer:
 
         def run():
             loaded = self._rpc("end_weight_update", timeout=timeout)
-            self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+            # Cached KV was computed by the old weights. Engine calls are serialised, so nothing holds
+            # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
+            # rather than serve prompts whose prefix still runs on the old policy.
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache after the weight update")
             self.version, self.error = req.version, ""
             return loaded
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.client import ServerClient, ServerError
-from pipeline.config import Config, ConfigError, check_batch, load_config
+from pipeline.config import Config, ConfigError, TrainConfig, check_batch, load_config
 from pipeline.data import (
     SYSTEM_PROMPT,
     DataError,
@@ -73,6 +73,16 @@ class StepData:
 
     def __call__(self, step: int) -> list[Example]:
         return [self.examples[i] for i in self.indices(step)]
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
+    """train.lr_scheduler with linear warm-up; cosine ends at train.min_lr_ratio x the peak."""
+    from transformers import get_scheduler
+
+    name, floor = (("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}) if t.min_lr_ratio
+                   else (t.lr_scheduler, None))
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+                         num_training_steps=total_steps, scheduler_specific_kwargs=floor)
 
 
 def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
@@ -193,9 +203,7 @@ def main(argv=None) -> int:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay)
-    scheduler = transformers.get_scheduler(t.lr_scheduler, optimizer,
-                                           num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
-                                           num_training_steps=total_steps)
+    scheduler = lr_schedule(optimizer, t, total_steps)
     ds_config = deepspeed_config(config, dtype)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

@@ -23,6 +23,8 @@ def test_overrides_and_types(tmp_path):
     ("train.max_completion_tokens=400", "exceeds server.max_model_len"),
     ("train.num_generations=1", "train.num_generations"),
     ("sync.transport=tcp", "sync.transport"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio: expected a value in [0, 1)"),
+    ("train.lr_scheduler=linear", "train.min_lr_ratio: expected a value in [0, 1) with lr_scheduler cosine"),
     ("noequals", "expected section.key=value"),
 ])
 def test_bad_values_name_the_key(override, message):

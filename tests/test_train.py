@@ -11,8 +11,9 @@ import torch
 from conftest import SERVER_TOKEN
 from transformers import AutoModelForCausalLM
 
+from pipeline.config import TrainConfig
 from pipeline.synthetic import generate
-from pipeline.train import StepData
+from pipeline.train import StepData, lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
@@ -42,6 +43,23 @@ def hf_logprobs(model_dir, prompt, completion):
     with torch.no_grad():
         lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
     return lp.gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:]
+
+
+def test_lr_schedule_warms_up_and_ends_at_the_floor():
+    def lrs(**fields):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        scheduler = lr_schedule(optimizer, TrainConfig(learning_rate=1e-4, warmup_ratio=0.1, **fields), 100)
+        out = []
+        for _ in range(100):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out + [optimizer.param_groups[0]["lr"]]
+
+    plain, floored = lrs(), lrs(min_lr_ratio=0.1)
+    assert plain[0] == floored[0] == 0 and plain[10] == floored[10] == pytest.approx(1e-4)
+    assert plain[-1] == pytest.approx(0, abs=1e-12) and floored[-1] == pytest.approx(1e-5)
+    assert min(floored[10:]) == pytest.approx(1e-5) and floored[55] > plain[55]
 
 
 def test_step_data_is_deterministic_and_resumable():
