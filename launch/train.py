@@ -54,6 +54,9 @@ def check_port_free(host: str, port: int) -> None:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As uvicorn does: connections of a server that just stopped linger in TIME_WAIT, and must
+        # not make the next run refuse the port; a live listener still fails the bind.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

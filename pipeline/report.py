@@ -157,6 +157,7 @@ def model_card(run_dir: Path, config: dict, rows: list[dict], before: dict | Non
     else:
         base_text = f"Started from `{base}`."
     wall = info.get("wall_time_s")
+    floor = f" down to {t['min_lr_ratio']:g} x the peak" if t.get("min_lr_ratio") else ""
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False).strip()}
 ---
@@ -203,7 +204,7 @@ off unless its weight is set: a policy can game it with trivially true claims.
 
 ## Training Configuration
 
-- Learning rate: {t['learning_rate']:g} ({t['lr_scheduler']} schedule, warmup ratio {t['warmup_ratio']:g})
+- Learning rate: {t['learning_rate']:g} ({t['lr_scheduler']} schedule{floor}, warmup ratio {t['warmup_ratio']:g})
 - Batch size: {t['micro_batch_size']} completions per device, gradient accumulation {t['gradient_accumulation_steps']}, {info.get('ranks', '?')} trainer ranks
 - Steps: {len(rows)} optimizer steps ({t['epochs']} epoch{'s' if t['epochs'] != 1 else ''} cap, `max_steps` {t['max_steps'] or 'unset'})
 - Generations per prompt: {t['num_generations']}; temperature {t['temperature']:g}, top-p {t['top_p']:g}

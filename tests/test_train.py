@@ -154,6 +154,29 @@ def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
     assert not (tmp_path / "clash").exists()
 
 
+def test_port_left_in_time_wait_is_not_refused():
+    """A stopped server's closed connections linger in TIME_WAIT: `make train` twice in a row must
+    still get the port (the check once refused it, the server itself binds with SO_REUSEADDR)."""
+    import importlib.util
+    import socket
+    import time
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn, _ = listener.accept()
+    conn.close()  # the server side closes first, so its end of the connection enters TIME_WAIT
+    client.close()
+    listener.close()
+    time.sleep(0.2)
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the situation is real: a plain bind is refused
+    launcher.check_port_free("127.0.0.1", port)
+
+
 @pytest.mark.slow
 def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     """The trainer fails after the server is up (a bad data row): both stop, the error is one line."""
