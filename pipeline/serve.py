@@ -254,9 +254,13 @@ class GenerationServer:
         try:
             return self.llm.collective_rpc(method, args=args, timeout=timeout)
         except Exception as e:  # the trainer died mid-transfer, or a tensor did not fit
-            self.error = f"{method} failed: {type(e).__name__}: {e}"
-            log.error("weight sync: %s", self.error)
-            raise HTTPException(503, self.error) from None
+            raise self._update_failed(f"{method} failed: {type(e).__name__}: {e}") from None
+
+    def _update_failed(self, error: str) -> HTTPException:
+        """The weights are unusable until the next complete update: refuse generation meanwhile."""
+        self.error = error
+        log.error("weight sync: %s", error)
+        return HTTPException(503, error)
 
     def init_sync(self, req: SyncInitRequest) -> dict:
         world = 1 + self.config.server.tensor_parallel_size
@@ -306,7 +310,7 @@ class GenerationServer:
             # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
             # rather than serve prompts whose prefix still runs on the old policy.
             if not self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM refused to reset its prefix cache after the weight update")
+                raise self._update_failed("reset_prefix_cache refused: cached KV is from the old weights")
             self.version, self.error = req.version, ""
             return loaded
 
