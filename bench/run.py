@@ -23,7 +23,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.weight_push import free_port  # noqa: E402
+from pipeline.client import free_port  # noqa: E402
 
 PY = sys.executable
 

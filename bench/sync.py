@@ -22,9 +22,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.weight_push import WeightPusher, free_port  # noqa: E402
+
 from pipeline.server_process import ServerProcess  # noqa: E402
 from pipeline.tiny_model import build_tiny_model  # noqa: E402
-from pipeline.weight_push import WeightPusher, free_port  # noqa: E402
 
 
 def inprocess_copy_s(tensors: list[torch.Tensor]) -> float:

@@ -174,8 +174,8 @@ def tee(stream, console, log_path: Path) -> threading.Thread:
 
 
 def main(argv=None) -> int:
+    from pipeline.client import free_port
     from pipeline.server_process import ServerProcess, die_with_parent
-    from pipeline.weight_push import free_port
 
     args = parse_args(argv)
     overrides = list(args.set) + ([f"run.name={args.name}"] if args.name else [])

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import requests
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class ServerError(RuntimeError):

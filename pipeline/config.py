@@ -74,8 +74,9 @@ class ServerConfig:
     current weights and retries the lost request (recorded as `server/restarts`). Off: the run fails."""
     max_restarts: int = 3
     """server.restart: give up (fail the run) after this many restarts."""
-    enforce_eager: bool = True
-    """Skip CUDA-graph capture (faster start; turn off for long GPU runs)."""
+    enforce_eager: bool | None = None
+    """Skip CUDA-graph capture. Unset: eager on CPU, CUDA graphs on GPU (they survive weight pushes:
+    vLLM's layer-wise reload copies into the captured storage). true: faster start, slower decode."""
     seed: int = 0
     """Engine seed (requests carry their own seeds too)."""
 
@@ -83,11 +84,17 @@ class ServerConfig:
 @dataclass
 class SyncConfig:
     transport: str = "auto"
-    """auto | nccl | gloo. auto: NCCL when the trainer's device is CUDA, gloo on CPU."""
+    """The backend of vLLM's weight-transfer API: auto | nccl | ipc | gloo. auto: vLLM's `nccl`
+    on GPU (the launcher picks vLLM's `ipc` when trainer and server share one GPU), our `gloo`
+    engine on CPU."""
     bucket_mb: int = 256
-    """Tensors are packed into broadcast buckets of this many MB (not one call per tensor)."""
+    """Tensors are packed into buckets of this many MB (gloo buckets, vLLM's packed NCCL/IPC buffers)."""
     timeout_s: float = 60.0
-    """Any weight-sync call (HTTP or collective) fails after this many seconds instead of hanging."""
+    """A whole push, and every call in it (HTTP or collective), fails after this many seconds instead
+    of hanging; a server worker stuck that long makes the server exit (server.restart restarts it)."""
+    verify_mb: int = 64
+    """Each push is checked by sha256 of a fixed sample of whole layers of about this many MB (all of
+    a smaller model) against the server's digests; a mismatch fails the step."""
     host: str = ""
     """Address the trainer's rank 0 listens on for the sync group; empty = the server's host."""
     port: int = 0
@@ -319,8 +326,8 @@ def validate(config: Config) -> None:
 
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype: expected auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
-    if config.sync.transport not in ("auto", "nccl", "gloo"):
-        raise ConfigError(f"sync.transport: expected auto, nccl or gloo, got {config.sync.transport!r}")
+    if config.sync.transport not in ("auto", "nccl", "ipc", "gloo"):
+        raise ConfigError(f"sync.transport: expected auto, nccl, ipc or gloo, got {config.sync.transport!r}")
     if config.data.source not in ("jsonl", "hub", "synthetic"):
         raise ConfigError(f"data.source: expected jsonl, hub or synthetic, got {config.data.source!r}")
     if config.data.source == "jsonl" and not config.data.train_file:
@@ -361,6 +368,8 @@ def validate(config: Config) -> None:
                           f"server.max_model_len={config.server.max_model_len}")
     if config.sync.bucket_mb < 1:
         raise ConfigError(f"sync.bucket_mb: must be at least 1, got {config.sync.bucket_mb}")
+    if config.sync.verify_mb < 0 or config.sync.timeout_s <= 0:
+        raise ConfigError("sync.verify_mb must be >= 0 and sync.timeout_s > 0")
 
 
 def check_batch(config: Config, ranks: int) -> int:

@@ -1,4 +1,4 @@
-"""The one place where CPU and GPU runs differ: device, dtype, attention kernel, sync transport.
+"""The one place where CPU and GPU runs differ: device, dtype, attention kernel, sync backend, graphs.
 
 Everything else (the server, the loop, the rewards) is the same code on both.
 """
@@ -21,11 +21,24 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def resolve_attn(name: str) -> str:
-    """model.attn_implementation: `auto` is Flash Attention 2 on GPU when installed, else SDPA."""
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """Largest expected |served - trainer| per-token logprob for identical weights: fp32 kernels
+    agree to ~1e-6; in bf16 vLLM's and HF's kernels (FA2 vs sdpa, fused ops) differ by 1e-2..1e-1,
+    so the probe there cannot prove a push landed; the checksums do."""
+    return 1e-3 if dtype == torch.float32 else 0.5
+
+
+def resolve_attn(name: str, dtype: torch.dtype) -> str:
+    """model.attn_implementation: `auto` is Flash Attention 2 on GPU when installed and the dtype is
+    16-bit (FA2 takes only fp16/bf16: with fp32 it fails at the first forward), else SDPA."""
     if name != "auto":
+        if name == "flash_attention_2" and dtype not in (torch.float16, torch.bfloat16):
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"model.attn_implementation: flash_attention_2 needs model.dtype bfloat16 or "
+                              f"float16, got {str(dtype).removeprefix('torch.')}")
         return name
-    if accelerator() == "cuda":
+    if accelerator() == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
             import flash_attn  # noqa: F401
 
@@ -35,11 +48,19 @@ def resolve_attn(name: str) -> str:
     return "sdpa"
 
 
-def choose_transport(requested: str, device: torch.device | str) -> str:
-    """sync.transport: `auto` is NCCL between CUDA devices, gloo between CPU processes."""
+def sync_backend(requested: str, device: str) -> str:
+    """sync.transport, the name of a backend in vLLM's weight-transfer factories: `auto` is vLLM's
+    `nccl` on GPU and our `gloo` (pipeline/gloo_transfer.py) on CPU. The launcher asks for `ipc`
+    when trainer and server share one GPU (NCCL cannot hold one device twice)."""
     if requested != "auto":
         return requested
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def resolve_enforce_eager(requested: bool | None, device: str) -> bool:
+    """server.enforce_eager: unset = CUDA graphs on GPU (vLLM's layer-wise reload copies new
+    weights into the captured tensors' storage, so graphs survive pushes), eager on CPU."""
+    return (device != "cuda") if requested is None else requested
 
 
 def engine_options(max_model_len: int) -> dict:

@@ -174,8 +174,8 @@ def main(argv=None) -> int:
             client = ServerClient(args.server_url, _token(config), config.server.request_timeout_s)
             model_path = client.model_info()["model"]
         else:
+            from pipeline.client import free_port
             from pipeline.server_process import ServerProcess
-            from pipeline.weight_push import free_port
 
             port = free_port("127.0.0.1")
             out_dir = Path(args.out).parent

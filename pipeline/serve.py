@@ -25,14 +25,13 @@ from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import Config, ConfigError, load_config
 
 log = logging.getLogger("pipeline.serve")
 TOKEN_ENV = "GRPO_SERVER_TOKEN"
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
-WORKER_EXTENSION = "pipeline.weight_loader.WeightSyncExtension"
+WORKER_EXTENSION = "pipeline.worker_ext.WorkerExtension"
 
 
 class Strict(BaseModel):
@@ -64,37 +63,22 @@ class ScoreRequest(Strict):
 
 
 class SyncInitRequest(Strict):
-    backend: str = Field(pattern="^(gloo|nccl)$")
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
-    timeout_s: float = Field(60.0, gt=0)
+    init_info: dict
+    """The backend's worker-side init info (vLLM's `init_weight_transfer_engine` payload)."""
 
 
 class VersionRequest(Strict):
     version: int = Field(ge=0)
 
 
-class TensorMeta(Strict):
-    name: str = Field(min_length=1)
-    dtype: str = Field(pattern="^(" + "|".join(DTYPE_NAMES) + ")$")
-    shape: list[Annotated[int, Field(ge=0)]]
-    offset: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
+class UpdateRequest(Strict):
+    update_info: dict | list[dict]
+    """The backend's update info (vLLM's `update_weights` payload; a list = one per worker)."""
 
 
-class BucketRequest(Strict):
-    tensors: list[TensorMeta] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        sizes = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2, "bfloat16": 2}
-        for t in self.tensors:
-            numel = 1
-            for d in t.shape:
-                numel *= d
-            if numel * sizes.get(t.dtype, 1) != t.nbytes:
-                raise ValueError(f"tensor {t.name}: nbytes {t.nbytes} does not match {t.dtype} {t.shape}")
-        return self
+class ChecksumRequest(Strict):
+    names: list[Annotated[str, Field(max_length=1000)]] = Field(max_length=100_000)
+    received: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=100_000)
 
 
 def is_loopback(host: str) -> bool:
@@ -111,25 +95,40 @@ class GenerationServer:
 
     def __init__(self, config: Config):
         from vllm import LLM
+        from vllm.config import WeightTransferConfig
 
-        from pipeline.device import accelerator, engine_options, resolve_dtype
+        from pipeline.device import (
+            accelerator,
+            engine_options,
+            resolve_dtype,
+            resolve_enforce_eager,
+            sync_backend,
+        )
 
         self.config = config
         cfg = config.server
         self.device = accelerator()
         self.dtype = str(resolve_dtype(config.model.dtype)).removeprefix("torch.")
+        self.backend = sync_backend(config.sync.transport, self.device)
         if self.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+        if self.backend == "ipc":
+            # vLLM's IPC engine ships CUDA IPC handles pickled over HTTP and refuses to unpickle them
+            # without this; main() refuses to start ipc without a token, so only the run can send them.
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         self.llm = LLM(
             model=config.model.path,
             dtype=self.dtype,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=resolve_enforce_eager(cfg.enforce_eager, self.device),
             trust_remote_code=config.model.trust_remote_code,
             seed=cfg.seed,
             worker_extension_cls=WORKER_EXTENSION,
+            # vLLM's weight-transfer API: its nccl/ipc engines on GPU, ours (pipeline.gloo_transfer,
+            # registered through the vllm.general_plugins entry point) on CPU.
+            weight_transfer_config=WeightTransferConfig(backend=self.backend),
             # Logprobs after temperature: what the trainer computes as log_softmax(logits / T).
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
@@ -140,6 +139,7 @@ class GenerationServer:
         self.version = 0  # training step of the weights served; 0 = as loaded from disk
         self.updating = False
         self.error = ""  # set when a weight update failed half-way: the weights are unusable
+        self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
         self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
 
@@ -161,7 +161,8 @@ class GenerationServer:
             "model": self.config.model.path, "dtype": self.dtype, "device": self.device,
             "max_model_len": cfg.max_model_len, "vocab_size": self.vocab_size,
             "eos_token_id": self.tokenizer.eos_token_id, "version": self.version,
-            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "tensor_parallel_size": cfg.tensor_parallel_size, "sync_backend": self.backend,
+            "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", ""),
             "limits": {"max_n": cfg.max_n, "max_tokens": cfg.max_tokens, "max_prompts": cfg.max_prompts},
         }
 
@@ -248,12 +249,19 @@ class GenerationServer:
             logprobs.append([step[tok].logprob for step, tok in zip(steps, seq.completion_token_ids, strict=True)])
         return {"version": version, "logprobs": logprobs}
 
-    # --- weight updates ----------------------------------------------------------------------------
+    # --- weight updates: vLLM's weight-transfer worker methods, with deadlines and versions -------
 
-    def _rpc(self, method: str, *args, timeout: float):
+    def _rpc(self, method: str, timeout: float, **kwargs):
+        """One of vLLM's worker methods on every worker (as `LLM.start_weight_update` & co. call them,
+        but with a deadline). A worker that does not answer in time is stuck in a transfer that will
+        never finish (NCCL has no timeout): the server marks itself unhealthy and exits, and the
+        launcher's server.restart brings up a new one."""
         try:
-            return self.llm.collective_rpc(method, args=args, timeout=timeout)
-        except Exception as e:  # the trainer died mid-transfer, or a tensor did not fit
+            return self.llm.collective_rpc(method, timeout=timeout, kwargs=kwargs)
+        except TimeoutError:
+            self._die(f"{method} did not finish within sync.timeout_s={timeout:.0f}s; a worker is stuck")
+            raise self._update_failed(self.fatal) from None
+        except Exception as e:  # the trainer died mid-transfer, a tensor did not fit, a bad payload
             raise self._update_failed(f"{method} failed: {type(e).__name__}: {e}") from None
 
     def _update_failed(self, error: str) -> HTTPException:
@@ -262,64 +270,93 @@ class GenerationServer:
         log.error("weight sync: %s", error)
         return HTTPException(503, error)
 
+    def _die(self, reason: str) -> None:
+        import signal
+
+        self.fatal = reason
+        log.error("server unusable, exiting: %s", reason)
+        # SIGTERM after the error response has gone out; a hard exit if shutdown itself hangs.
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(30.0, os._exit, (1,)).start()
+
+    def _check_payload(self, kind: str, payload: dict | list[dict]) -> None:
+        """Parse the payload as the backend's own dataclass does, so a malformed one is a 400 here
+        instead of an exception inside the workers."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+        cls = WeightTransferEngineFactory._registry[self.backend]()
+        info_cls = cls.init_info_cls if kind == "init" else cls.update_info_cls
+        for item in payload if isinstance(payload, list) else [payload]:
+            try:
+                info_cls(**item)
+            except (TypeError, ValueError) as e:
+                raise HTTPException(400, f"{kind}_info is not a valid {self.backend} {kind} info: {e}") from None
+
     def init_sync(self, req: SyncInitRequest) -> dict:
-        world = 1 + self.config.server.tensor_parallel_size
+        self._check_payload("init", req.init_info)
+        timeout = self.config.sync.timeout_s
 
         def run():
-            ranks = self._rpc("init_sync_group", req.backend, req.host, req.port, world, req.timeout_s,
-                              timeout=req.timeout_s)
+            self._rpc("init_weight_transfer_engine", timeout, init_info=req.init_info)
             self.sync_ready = True
-            return ranks
 
-        return {"world_size": world, "worker_ranks": self.call(run, during_update=True)}
+        self.call(run, during_update=True)
+        return {"backend": self.backend, "world_size": 1 + self.config.server.tensor_parallel_size}
 
-    def begin_update(self, req: VersionRequest) -> dict:
+    def start_update(self, req: VersionRequest) -> dict:
         timeout = self.config.sync.timeout_s
         if not self.sync_ready:
-            raise HTTPException(409, "no sync group: call /weights/init first")
-        with self.engine:  # wait for in-flight generation, then block new generation until /end
+            raise HTTPException(409, "no transfer group: call /weights/init first")
+        with self.engine:  # wait for in-flight generation, then block new generation until /finish
+            if self.updating:
+                raise HTTPException(409, "a weight update is already in progress")
             self.updating = True
         try:
-            self.call(lambda: self._rpc("begin_weight_update", timeout=timeout), during_update=True)
+            self.call(lambda: self._rpc("start_weight_update", timeout), during_update=True)
         except HTTPException:
             self._finish_update()
             raise
-        log.info("weight update to version %d begun", req.version)
+        log.info("weight update to version %d started", req.version)
         return {"version": self.version}
 
-    def receive_bucket(self, req: BucketRequest) -> dict:
+    def update(self, req: UpdateRequest) -> dict:
         if not self.updating:
-            raise HTTPException(409, "no weight update in progress: call /weights/begin first")
-        meta = [t.model_dump() for t in req.tensors]
+            raise HTTPException(409, "no weight update in progress: call /weights/start first")
+        self._check_payload("update", req.update_info)
         timeout = self.config.sync.timeout_s
         try:
-            seconds = self.call(lambda: self._rpc("receive_bucket", meta, timeout=timeout), during_update=True)
+            self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), during_update=True)
         except HTTPException:
             self._finish_update()
             raise
-        return {"tensors": len(meta), "receive_s": max(seconds)}
+        return {"ok": True}
 
-    def end_update(self, req: VersionRequest) -> dict:
+    def finish_update(self, req: VersionRequest) -> dict:
         if not self.updating:
-            raise HTTPException(409, "no weight update in progress: call /weights/begin first")
+            raise HTTPException(409, "no weight update in progress: call /weights/start first")
         timeout = self.config.sync.timeout_s
 
         def run():
-            loaded = self._rpc("end_weight_update", timeout=timeout)
+            self._rpc("finish_weight_update", timeout)
             # Cached KV was computed by the old weights. Engine calls are serialised, so nothing holds
             # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
             # rather than serve prompts whose prefix still runs on the old policy.
             if not self.llm.reset_prefix_cache():
                 raise self._update_failed("reset_prefix_cache refused: cached KV is from the old weights")
             self.version, self.error = req.version, ""
-            return loaded
 
         try:
-            loaded = self.call(run, during_update=True)
+            self.call(run, during_update=True)
         finally:
             self._finish_update()
-        log.info("weights updated to version %d (%d tensors)", req.version, loaded[0])
-        return {"version": self.version, "tensors": loaded[0]}
+        log.info("weights updated to version %d", req.version)
+        return {"version": self.version}
+
+    def checksums(self, req: ChecksumRequest) -> dict:
+        timeout = self.config.sync.timeout_s
+        workers = self.call(lambda: self._rpc("grpo_weight_digests", timeout, names=req.names,
+                                              received=req.received), during_update=True)
+        return {"version": self.version, "workers": workers}
 
     def _finish_update(self) -> None:
         with self.engine:
@@ -356,6 +393,8 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
 
     @app.get("/health")
     def health():
+        if server.fatal:
+            return JSONResponse({"status": "exiting", "detail": server.fatal, "version": server.version}, 503)
         if server.error:
             return JSONResponse({"status": "error", "detail": server.error, "version": server.version}, 503)
         return {"status": "ok", "version": server.version, "updating": server.updating}
@@ -380,17 +419,21 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
     def weights_init(req: SyncInitRequest):
         return server.init_sync(req)
 
-    @app.post("/weights/begin")
-    def weights_begin(req: VersionRequest):
-        return server.begin_update(req)
+    @app.post("/weights/start")
+    def weights_start(req: VersionRequest):
+        return server.start_update(req)
 
-    @app.post("/weights/bucket")
-    def weights_bucket(req: BucketRequest):
-        return server.receive_bucket(req)
+    @app.post("/weights/update")
+    def weights_update(req: UpdateRequest):
+        return server.update(req)
 
-    @app.post("/weights/end")
-    def weights_end(req: VersionRequest):
-        return server.end_update(req)
+    @app.post("/weights/finish")
+    def weights_finish(req: VersionRequest):
+        return server.finish_update(req)
+
+    @app.post("/weights/checksums")
+    def weights_checksums(req: ChecksumRequest):
+        return server.checksums(req)
 
     return app
 
@@ -423,7 +466,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def set_engine_process_env(environ=os.environ) -> None:
+    """Before anything touches CUDA. vLLM forks its engine and worker processes by default on GPU
+    (vllm/envs.py) and forces spawn only once CUDA is *initialised* (`_maybe_force_spawn`), but
+    `torch.cuda.is_available()` already makes a forked child fail with "Cannot re-initialize CUDA
+    in forked subprocess". Spawn, as TRL's vllm_serve sets it; the CPU platform uses spawn anyway.
+    The NVML-based availability check keeps even that probe from poisoning a fork."""
+    environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
 def main(argv=None) -> int:
+    set_engine_process_env()
     import uvicorn
 
     args = parse_args(argv)
@@ -443,6 +497,10 @@ def main(argv=None) -> int:
     if not is_loopback(config.server.host) and not token:
         print(f"error: server.host={config.server.host} is not loopback; refusing to start without a token "
               f"(set {TOKEN_ENV} or server.token)", file=sys.stderr)
+        return 2
+    if config.sync.transport == "ipc" and not token:
+        print(f"error: sync.transport=ipc ships pickled CUDA IPC handles; refusing to start without a token "
+              f"(set {TOKEN_ENV})", file=sys.stderr)
         return 2
     setup_logging(args.run_dir)
     start = time.perf_counter()

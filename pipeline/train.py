@@ -7,7 +7,7 @@ Each optimizer step runs the stages in order, each in one obvious place:
   advantage group-normalised rewards                                    grpo.group_advantages
   loss      clipped policy gradient on the server's token ids          grpo.grpo_loss
   optimizer DeepSpeed backward/step (accumulation, clipping, schedule)  this file
-  sync      push the new weights to the server, check logprobs match   weight_push.WeightPusher
+  sync      push the new weights (vLLM weight-transfer API), verify them  weight_sync.WeightSync
 
 What it simplifies on purpose: one policy update per batch of rollouts (TRL's num_iterations=1),
 so the server's logprobs are the "old" policy; no HF Trainer in between, so DeepSpeed sees exactly
@@ -17,7 +17,6 @@ the batch sizes we compute.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -42,12 +41,12 @@ from pipeline.data import (
     load_examples,
     prompt_token_ids,
 )
-from pipeline.device import resolve_attn, resolve_dtype
+from pipeline.device import probe_tolerance, resolve_attn, resolve_dtype
 from pipeline.grpo import group_advantages, grpo_loss, make_batch, token_logprobs
 from pipeline.reasoning import check_reasoning
 from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
 from pipeline.rollout import Rollouts, StaleRolloutError, score_slice
-from pipeline.weight_push import WeightPusher, WeightSyncError, full_parameters
+from pipeline.weight_sync import ModelSource, WeightSync, WeightSyncError
 
 log = logging.getLogger("pipeline.train")
 
@@ -148,8 +147,22 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--server-url", required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--token-file", help="read the server token from this file (0600; multi-node ranks "
+                                             "whose launcher does not forward the environment)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
     return parser.parse_args(argv)
+
+
+def server_token(token_file: str | None, config: Config) -> str:
+    """GRPO_SERVER_TOKEN, else --token-file, else server.token (the token never travels on a command line)."""
+    if os.environ.get("GRPO_SERVER_TOKEN"):
+        return os.environ["GRPO_SERVER_TOKEN"]
+    if token_file:
+        try:
+            return Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--token-file: cannot read {token_file}: {e.strerror or e}") from None
+    return config.server.token
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -181,6 +194,8 @@ def main(argv=None) -> int:
     # --- data ------------------------------------------------------------------------------------
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path,
                                                            trust_remote_code=config.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:  # e.g. prem-1B-chat: padding only needs some id; masks hide it
+        tokenizer.pad_token = tokenizer.eos_token
     files = {"train": config.data.train_file, "test": config.data.test_file}
     examples = load_examples(config.data.source, "train", files, config.data.hub_name, config.data.hub_config,
                              {"train": config.data.synthetic_train}, seed)
@@ -196,9 +211,9 @@ def main(argv=None) -> int:
     dtype = resolve_dtype(config.model.dtype)
     # Loaded in the training dtype (Flash Attention 2 needs bf16/fp16); DeepSpeed keeps fp32 master
     # weights in the optimizer when bf16 is on.
+    attn = resolve_attn(config.model.attn_implementation, dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        config.model.path, dtype=dtype, attn_implementation=resolve_attn(config.model.attn_implementation),
-        trust_remote_code=config.model.trust_remote_code)
+        config.model.path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.model.trust_remote_code)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
@@ -210,7 +225,8 @@ def main(argv=None) -> int:
     device = engine.device
     reference = None
     if t.beta > 0:
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype)
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(  # the same kernel: KL compares like with like
+            config.model.path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.model.trust_remote_code)
         ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
         if zero_stage != 3:
             ref_config["zero_optimization"] = {"stage": 0}
@@ -230,38 +246,21 @@ def main(argv=None) -> int:
         log.info("resumed from %s at step %d", path, start_step)
 
     # --- weight sync: the server must serve exactly the trainer's weights before the first rollout ---
-    client = pusher = None
+    client = None
     if rank == 0:
-        client = ServerClient(args.server_url, os.environ.get("GRPO_SERVER_TOKEN", config.server.token),
-                              config.server.request_timeout_s)
-
-    def connect_pusher() -> WeightPusher:
-        # Trainer rank 0 hosts the sync group's rendezvous; the server's workers connect to it.
-        server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
-        sync_host = config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn())
-        return WeightPusher(client, transport=config.sync.transport, device=device, host=sync_host,
-                            port=config.sync.port, bucket_mb=config.sync.bucket_mb, timeout_s=config.sync.timeout_s)
-
-    def push_weights(version: int) -> Exception | None:
-        """Collective: every rank takes part in the ZeRO-3 gathers; returns rank 0's error on all ranks."""
-        tensors = full_parameters(engine.module, zero_stage, rank == 0, config.sync.bucket_mb * 2**20)
-        error = [None]
-        if rank == 0:
-            try:
-                pusher.push(tensors, version)
-            except WeightSyncError as e:
-                error = [e]
-        for _ in tensors:  # finish the gathers (the whole model on ranks > 0; the rest after an error)
-            pass
-        dist.broadcast_object_list(error, src=0)
-        return error[0]
-
+        client = ServerClient(args.server_url, server_token(args.token_file, config), config.server.request_timeout_s)
+    server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
+    # Trainer rank 0 hosts the transfer group's rendezvous; the server's workers connect to it.
+    weight_sync = WeightSync(engine.module, zero_stage, rank, device, client,
+                             host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()),
+                             port=config.sync.port, timeout_s=config.sync.timeout_s,
+                             bucket_bytes=config.sync.bucket_mb * 2**20, verify_bytes=config.sync.verify_mb * 2**20)
     restarts = 0
 
     def recover(error: Exception, version: int) -> None:
-        """After a lost server: with server.restart, wait for the launcher's new server, form a new sync
-        group with it and give it the trainer's weights (`version`); otherwise fail with the error."""
-        nonlocal pusher, restarts
+        """After a lost server: with server.restart, wait for the launcher's new server, form a new
+        transfer group with it and give it the trainer's weights (`version`); else fail with the error."""
+        nonlocal restarts
         if not config.server.restart or restarts >= config.server.max_restarts:
             raise error
         fresh = [False]
@@ -269,25 +268,22 @@ def main(argv=None) -> int:
             log.warning("server lost (%s); waiting up to %.0fs for a restarted server", error,
                         config.server.startup_timeout_s)
             fresh = [client.wait_healthy(config.server.startup_timeout_s)["version"] != version]
-            if fresh[0]:  # a new process: the old sync group's peers are gone
-                with contextlib.suppress(Exception):
-                    pusher.close()
-                pusher = connect_pusher()
         dist.broadcast_object_list(fresh, src=0)
-        if fresh[0]:
+        if fresh[0]:  # a new process: the old group's peers are gone
             restarts += 1
             if rank == 0:
                 log.warning("server restart %d of at most %d: pushing weights version %d", restarts,
                             config.server.max_restarts, version)
-        if (again := push_weights(version)) is not None:
-            raise again
+        weight_sync.connect()
+        weight_sync.push(version)
 
     def sync_weights(version: int) -> None:
-        if (error := push_weights(version)) is not None:
-            recover(error, version)
+        try:
+            weight_sync.push(version)
+        except WeightSyncError as e:
+            recover(e, version)
 
-    if rank == 0:
-        pusher = connect_pusher()
+    weight_sync.connect()
     sync_weights(start_step)
     metrics = Metrics(run_dir, rank == 0)
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
@@ -378,6 +374,9 @@ def main(argv=None) -> int:
         if rank == 0:
             served = torch.tensor(client.score([(probe.prompt_ids, probe.token_ids)])["logprobs"][0])
             sync_diff = float((served - probe_lp.float().cpu()).abs().max())
+            if sync_diff > probe_tolerance(dtype):  # the checksums are the proof; this is a second signal
+                log.warning("step %d: served logprobs differ from the trainer's by %.2e (tolerance %.0e for %s)",
+                            step + 1, sync_diff, probe_tolerance(dtype), dtype)
 
         # --- metrics (sums over ranks) ---
         checks = [check_reasoning(c.text) for c in mine]
@@ -408,6 +407,7 @@ def main(argv=None) -> int:
             "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
             "server/restarts": restarts,
             "sync/logprob_max_abs_diff": sync_diff,
+            "sync/verified_tensors": weight_sync.last_stats.get("verified_tensors", 0),
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
             "time/sync": time_sync, "time/wait_rollouts": time_wait, "time/step": time.perf_counter() - step_start,
         }
@@ -428,8 +428,7 @@ def main(argv=None) -> int:
     rollouts.close()
     save_checkpoint(engine, ckpt_dir, total_steps, t.keep_checkpoints, rank)
     save_final_model(engine, zero_stage, tokenizer, run_dir / "final", rank)
-    if pusher is not None:
-        pusher.close()
+    weight_sync.close()
     log.info("done: %d steps; final model in %s", total_steps, run_dir / "final")
     dist.barrier()
     return 0
@@ -473,7 +472,8 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: int) -> None:
     """HF format (loadable by AutoModelForCausalLM and by the server), gathered under ZeRO-3."""
-    state = dict(full_parameters(engine.module, zero_stage, rank == 0))
+    source = ModelSource(engine.module, zero_stage, rank == 0, next(engine.module.parameters()).dtype, torch.device("cpu"))
+    state = dict(iter(source))
     if rank == 0:
         engine.module.save_pretrained(out_dir, state_dict=state)
         tokenizer.save_pretrained(out_dir)

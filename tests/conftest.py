@@ -48,8 +48,8 @@ def tiny_untied_model_dir(tmp_path_factory, gsm8k_dir) -> Path:
 
 def start_server(model_dir: Path, log_dir: Path, *extra: str, token: str = ""):
     """A real `python -m pipeline.serve` process on a free loopback port, healthy or failed."""
+    from pipeline.client import free_port
     from pipeline.server_process import ServerProcess
-    from pipeline.weight_push import free_port
 
     port = free_port("127.0.0.1")
     server = ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1",

@@ -24,7 +24,7 @@ def start_launch(*args, server, root):
     if server is not None:
         cmd += ["--server-url", server.client.base_url]
     else:
-        from pipeline.weight_push import free_port
+        from pipeline.client import free_port
 
         cmd += ["--set", f"server.port={free_port('127.0.0.1')}"]
     env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN}

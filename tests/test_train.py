@@ -180,7 +180,7 @@ def test_port_left_in_time_wait_is_not_refused():
 @pytest.mark.slow
 def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     """The trainer fails after the server is up (a bad data row): both stop, the error is one line."""
-    from pipeline.weight_push import free_port
+    from pipeline.client import free_port
 
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "no answer"}\n')

