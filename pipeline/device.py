@@ -5,6 +5,8 @@ Everything else (the server, the loop, the rewards) is the same code on both.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 
@@ -32,19 +34,18 @@ def resolve_attn(name: str, dtype: torch.dtype) -> str:
     """model.attn_implementation: `auto` is Flash Attention 2 on GPU when installed and the dtype is
     16-bit (FA2 takes only fp16/bf16: with fp32 it fails at the first forward), else SDPA."""
     if name != "auto":
-        if name == "flash_attention_2" and dtype not in (torch.float16, torch.bfloat16):
+        if name == "flash_attention_2":
             from pipeline.config import ConfigError
 
-            raise ConfigError(f"model.attn_implementation: flash_attention_2 needs model.dtype bfloat16 or "
-                              f"float16, got {str(dtype).removeprefix('torch.')}")
+            if dtype not in (torch.float16, torch.bfloat16):
+                raise ConfigError(f"model.attn_implementation: flash_attention_2 needs model.dtype bfloat16 or "
+                                  f"float16, got {str(dtype).removeprefix('torch.')}")
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                                  "(make install-flash-attn), or use auto/sdpa")
         return name
-    if accelerator() == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    if accelerator() == "cuda" and dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
     return "sdpa"
 
 

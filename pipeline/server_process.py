@@ -36,14 +36,14 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 class ServerProcess:
     def __init__(self, args: list[str], log_path: str | Path, host: str, port: int, token: str = "",
-                 env: dict[str, str] | None = None, cwd: str | Path | None = None):
+                 env: dict[str, str] | None = None, cwd: str | Path | None = None, command: list[str] | None = None):
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, **(env or {})}
         if token:
             full_env["GRPO_SERVER_TOKEN"] = token  # by environment: never on a command line or in a file
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", *args], stdout=log,
+            self.proc = subprocess.Popen(command or [sys.executable, "-m", "pipeline.serve", *args], stdout=log,
                                          stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True,
                                          preexec_fn=die_with_parent)
         self.client = ServerClient(f"http://{host}:{port}", token)

@@ -62,13 +62,16 @@ SCORE_BODIES = st.one_of(
     st.fixed_dictionaries({"sequences": st.lists(st.fixed_dictionaries({
         "prompt_token_ids": st.lists(st.integers(-2, 1100), max_size=6),
         "completion_token_ids": st.lists(st.integers(-2, 1100), max_size=6)}), max_size=3)}))
-BUCKET_BODIES = st.dictionaries(st.sampled_from(["tensors", "version", "x"]), FIELD_VALUES, max_size=2)
+UPDATE_BODIES = st.one_of(
+    st.dictionaries(st.sampled_from(["update_info", "version", "x"]), FIELD_VALUES, max_size=2),
+    st.fixed_dictionaries({"update_info": st.dictionaries(st.sampled_from(["names", "dtype_names", "shapes", "y"]),
+                                                          FIELD_VALUES, max_size=4)}))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path_body=st.one_of(st.tuples(st.just("/generate"), GENERATE_BODIES),
                            st.tuples(st.just("/score"), SCORE_BODIES),
-                           st.tuples(st.just("/weights/bucket"), BUCKET_BODIES),
+                           st.tuples(st.sampled_from(["/weights/update", "/weights/finish"]), UPDATE_BODIES),
                            st.tuples(st.just("/generate"), st.text(max_size=30))))
 def test_server_api_fuzz_never_500(server, path_body):
     path, body = path_body

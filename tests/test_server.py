@@ -85,13 +85,12 @@ def test_bad_score_and_weight_requests(server):
     r = post(url + "/score", json={"sequences": [{"prompt_token_ids": [1], "completion_token_ids": [1] * 600}]},
              timeout=30)
     assert r.status_code == 400 and "max_model_len" in r.text
-    r = post(url + "/weights/bucket", json={"tensors": [{"name": "x", "dtype": "float32", "shape": [2],
-                                                         "offset": 0, "nbytes": 8}]}, timeout=30)
-    assert r.status_code == 409 and "begin" in r.text
-    r = post(url + "/weights/bucket", json={"tensors": [{"name": "x", "dtype": "float32", "shape": [2],
-                                                         "offset": 0, "nbytes": 3}]}, timeout=30)
-    assert r.status_code == 422 and "does not match" in r.text
-    r = post(url + "/weights/end", json={"version": 1}, timeout=30)
+    r = post(url + "/weights/update", json={"update_info": {"names": ["x"], "dtype_names": ["float32"],
+                                                            "shapes": [[2]]}}, timeout=30)
+    assert r.status_code == 409 and "start" in r.text
+    r = post(url + "/weights/init", json={"init_info": {"master_address": "127.0.0.1"}}, timeout=30)
+    assert r.status_code == 400 and "gloo init info" in r.text  # the backend's own dataclass rejects it
+    r = post(url + "/weights/finish", json={"version": 1}, timeout=30)
     assert r.status_code == 409
     assert server.client.health()["status"] == "ok"
 
@@ -101,8 +100,8 @@ def test_token_required(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVER_TOKEN}):
         for path in ("/health", "/model"):
             assert requests.get(url + path, headers=headers, timeout=10).status_code == 401
-        r = requests.post(url + "/weights/begin", json={"version": 1}, headers=headers, timeout=10)
-        assert r.status_code == 401
+        for path in ("/weights/init", "/weights/start", "/weights/update", "/weights/finish", "/weights/checksums"):
+            assert requests.post(url + path, json={}, headers=headers, timeout=10).status_code == 401
     ok = requests.get(url + "/health", headers={"Authorization": f"Bearer {SERVER_TOKEN}"}, timeout=10)
     assert ok.status_code == 200
 

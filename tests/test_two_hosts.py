@@ -83,7 +83,7 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
         # From the trainer host: the server serves the final version, and nothing answers without the token.
         probe = ("import json, sys, requests; u, t = sys.argv[1:]; "
                  "h = requests.get(u + '/health', headers={'Authorization': 'Bearer ' + t}, timeout=10); "
-                 "n = requests.post(u + '/weights/begin', json={'version': 9}, timeout=10); "
+                 "n = requests.post(u + '/weights/start', json={'version': 9}, timeout=10); "
                  "print(json.dumps([h.json()['version'], n.status_code]))")
         answer = subprocess.run(in_namespace(trn, sys.executable, "-c", probe, url, TOKEN), capture_output=True,
                                 text=True, timeout=60)

@@ -1,0 +1,164 @@
+"""The launch plan: which processes a run starts, on which hosts and GPUs, with which commands and
+environment. Pure Python (no torch, no model): `launch/train.py --dry-run` prints it, `--plan-json`
+writes it, and the real launch starts exactly these processes (one code path).
+
+Placement, on the host that launches (GPUs 0..N-1):
+- no GPU: the server on CPU, `train.num_ranks` (default 2) CPU ranks, our gloo transfer engine;
+- one GPU: server and one rank share it (memory split by server.gpu_memory_utilization) and sync
+  through vLLM's CUDA `ipc` engine: NCCL refuses a communicator that holds one device twice;
+- two or more: the server on GPUs [0, tp), the ranks on the rest via `--include` (DeepSpeed's
+  `--num_gpus` would start at GPU 0, under the server), vLLM's `nccl` engine;
+- a hostfile (several nodes): the ranks on the hostfile's slots, the server already running
+  elsewhere (`--server-url`), the token in a 0600 file (DeepSpeed's PDSH runner forwards only
+  some environment variables to other nodes).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+SECRET_ENV = ("GRPO_SERVER_TOKEN",)
+REDACTED = "<redacted>"
+
+
+class PlanError(ValueError):
+    """The requested layout cannot run; the message names the setting."""
+
+
+def read_hostfile(path: str) -> dict[str, int]:
+    """DeepSpeed hostfile lines `host slots=N` -> {host: N} (comments and blank lines skipped)."""
+    hosts: dict[str, int] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise PlanError(f"--hostfile: cannot read {path}: {e.strerror or e}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("slots=")), None)
+        if slots is None or not slots.isdigit() or int(slots) < 1:
+            raise PlanError(f"{path}:{number}: expected 'hostname slots=N' with N >= 1, got {line!r}")
+        if parts[0] in hosts:
+            raise PlanError(f"{path}:{number}: host {parts[0]} is listed twice")
+        hosts[parts[0]] = int(slots)
+    if not hosts:
+        raise PlanError(f"{path}: no hosts (expected lines like 'node1 slots=8')")
+    return hosts
+
+
+def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_port: int, server_url: str | None,
+              hostfile: str | None, transport: str, config_path: str, run_dir: str, resume: bool,
+              master_port: int, token: str, python: str = sys.executable, deepspeed: str = "deepspeed",
+              launcher: str = "") -> dict:
+    """The processes of one run as a JSON-able dict (token values included: see `redacted`)."""
+    if tp < 1:
+        raise PlanError(f"server.tensor_parallel_size: must be at least 1, got {tp}")
+    cuda = gpus > 0
+    common_env = {"GRPO_SERVER_TOKEN": token} if token else {}
+    server = None
+    token_file = None
+    if hostfile:
+        if not server_url:
+            raise PlanError("--hostfile: start the server on its own node and pass --server-url "
+                            "(see launch/slurm.sbatch)")
+        hosts = read_hostfile(hostfile)
+        trainer_gpus = {host: list(range(slots)) for host, slots in hosts.items()}
+        ranks = sum(slots for slots in hosts.values())
+        if num_ranks and num_ranks != ranks:
+            raise PlanError(f"train.num_ranks={num_ranks} but {hostfile} has {ranks} slots; set 0 to use all")
+        backend = transport if transport != "auto" else "nccl"
+        token_file = str(Path(run_dir) / "server.token")
+        trainer_env = {}  # other nodes read the token from the file; the environment does not reach them
+        placement = ["--hostfile", hostfile, "--master_addr", next(iter(hosts)), "--master_port", str(master_port)]
+        placement += ["--launcher", launcher] if launcher else []
+    else:
+        if not cuda:
+            ranks = num_ranks or 2
+            trainer_gpus = {"localhost": []}
+            backend = transport if transport != "auto" else "gloo"
+            placement = ["--num_gpus", str(ranks), "--master_port", str(master_port)]
+            trainer_env = {**common_env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+            server_gpus: list[int] = []
+        elif gpus == 1:
+            if tp != 1:
+                raise PlanError(f"server.tensor_parallel_size={tp} needs {tp} GPUs; this host has 1")
+            if num_ranks > 1:
+                raise PlanError(f"train.num_ranks={num_ranks}: one GPU holds the server and one trainer rank")
+            ranks, server_gpus, trainer_gpus = 1, [0], {"localhost": [0]}
+            backend = transport if transport != "auto" else "ipc"
+            placement = ["--include", "localhost:0", "--master_port", str(master_port)]
+            trainer_env = dict(common_env)
+        else:
+            free = gpus - tp
+            if free < 1:
+                raise PlanError(f"server.tensor_parallel_size={tp} leaves no GPU for training on this host "
+                                f"({gpus} GPUs); use tp <= {gpus - 1}")
+            ranks = num_ranks or free
+            if ranks > free:
+                raise PlanError(f"train.num_ranks={ranks} needs {ranks} GPUs, but only {free} of {gpus} are left "
+                                f"after the server's tensor_parallel_size={tp}")
+            server_gpus = list(range(tp))
+            trainer_gpus = {"localhost": list(range(tp, tp + ranks))}
+            backend = transport if transport != "auto" else "nccl"
+            placement = ["--include", "localhost:" + ",".join(map(str, trainer_gpus["localhost"])),
+                         "--master_port", str(master_port)]
+            trainer_env = dict(common_env)
+        if backend == "ipc" and gpus != 1:
+            raise PlanError("sync.transport=ipc: trainer and server must share one GPU (use nccl with several)")
+        if backend == "nccl" and not cuda:
+            raise PlanError("sync.transport=nccl needs GPUs; use gloo (or auto) on CPU")
+        if not server_url:
+            server_env = {**common_env, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                          "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+            if cuda:
+                server_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, server_gpus))
+            server = {"host": server_host, "port": server_port, "gpus": server_gpus, "tensor_parallel_size": tp,
+                      "command": [python, "-m", "pipeline.serve", "--config", config_path, "--run-dir", run_dir],
+                      "env": server_env}
+    url = server_url or f"http://{server_host}:{server_port}"
+    command = [deepspeed, *placement, "--module", "pipeline.train", "--config", config_path, "--run-dir", run_dir,
+               "--server-url", url]
+    command += ["--token-file", token_file] if token_file else []
+    command += ["--resume"] if resume else []
+    return {"server": server,
+            "trainer": {"ranks": ranks, "gpus": trainer_gpus, "device": "cuda" if cuda or hostfile else "cpu",
+                        "command": command, "env": trainer_env, "token_file": token_file},
+            "sync": {"transport": backend}, "server_url": url}
+
+
+def redacted(plan: dict) -> dict:
+    """The plan with secret values replaced (for printing and --plan-json)."""
+    import copy
+
+    out = copy.deepcopy(plan)
+    for part in (out["server"], out["trainer"]):
+        for name in SECRET_ENV:
+            if part and name in part["env"]:
+                part["env"][name] = REDACTED
+    return out
+
+
+def describe(plan: dict) -> str:
+    """Human-readable dry run: processes, hosts, GPUs, commands, names (never values) of env vars."""
+    lines = []
+    server = plan["server"]
+    if server:
+        gpus = ",".join(map(str, server["gpus"])) or "none (CPU)"
+        lines += [f"server  {server['host']}:{server['port']}  GPUs: {gpus}  tensor_parallel_size: "
+                  f"{server['tensor_parallel_size']}",
+                  f"        env: {' '.join(sorted(server['env']))}",
+                  f"        $ {shlex.join(server['command'])}"]
+    else:
+        lines.append(f"server  already running at {plan['server_url']} (not started by this launcher)")
+    trainer = plan["trainer"]
+    where = "; ".join(f"{host}: GPUs {','.join(map(str, g)) or 'none (CPU)'}" for host, g in trainer["gpus"].items())
+    lines += [f"trainer {trainer['ranks']} DeepSpeed rank(s) on {trainer['device']}  ({where})",
+              f"        env: {' '.join(sorted(trainer['env'])) or '(inherited only)'}"
+              + (f"; token from {trainer['token_file']} (0600)" if trainer["token_file"] else ""),
+              f"        $ {shlex.join(trainer['command'])}",
+              f"sync    {plan['sync']['transport']} (vLLM weight-transfer API)"]
+    return "\n".join(lines)
