@@ -141,6 +141,7 @@ class GenerationServer:
         self.error = ""  # set when a weight update failed half-way: the weights are unusable
         self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
+        self.worker_session = False  # the workers are between start_weight_update and finish_weight_update
         self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
 
     # --- engine access ---------------------------------------------------------------------------
@@ -297,6 +298,7 @@ class GenerationServer:
         timeout = self.config.sync.timeout_s
 
         def run():
+            self._abandon_update()
             self._rpc("init_weight_transfer_engine", timeout, init_info=req.init_info)
             self.sync_ready = True
 
@@ -308,11 +310,15 @@ class GenerationServer:
         if not self.sync_ready:
             raise HTTPException(409, "no transfer group: call /weights/init first")
         with self.engine:  # wait for in-flight generation, then block new generation until /finish
-            if self.updating:
-                raise HTTPException(409, "a weight update is already in progress")
+            self._abandon_update()
             self.updating = True
+
+        def run():
+            self._rpc("start_weight_update", timeout)
+            self.worker_session = True
+
         try:
-            self.call(lambda: self._rpc("start_weight_update", timeout), during_update=True)
+            self.call(run, during_update=True)
         except HTTPException:
             self._finish_update()
             raise
@@ -327,6 +333,7 @@ class GenerationServer:
         try:
             self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), during_update=True)
         except HTTPException:
+            self.worker_session = False  # a failed update_weights ends the worker's session (gpu_worker.py)
             self._finish_update()
             raise
         return {"ok": True}
@@ -337,6 +344,7 @@ class GenerationServer:
         timeout = self.config.sync.timeout_s
 
         def run():
+            self.worker_session = False
             self._rpc("finish_weight_update", timeout)
             # Cached KV was computed by the old weights. Engine calls are serialised, so nothing holds
             # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
@@ -357,6 +365,20 @@ class GenerationServer:
         workers = self.call(lambda: self._rpc("grpo_weight_digests", timeout, names=req.names,
                                               received=req.received), during_update=True)
         return {"version": self.version, "workers": workers}
+
+    def _abandon_update(self) -> None:
+        """A new /weights/init or /weights/start while an update is open: its trainer died or gave up
+        (one run's trainer is the only holder of the token). Close the workers' session and refuse
+        generation until the next complete update: some layers may already hold new weights."""
+        with self.engine:
+            if self.worker_session:
+                with contextlib.suppress(Exception):
+                    self.llm.collective_rpc("finish_weight_update", timeout=self.config.sync.timeout_s)
+                self.worker_session = False
+            if self.updating:
+                self.updating = False
+                self.error = "a weight update was abandoned half-way; waiting for a complete one"
+                log.warning("weight sync: %s", self.error)
 
     def _finish_update(self) -> None:
         with self.engine:

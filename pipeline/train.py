@@ -153,6 +153,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def load_tokenizer(config: Config):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path,
+                                                           trust_remote_code=config.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:  # e.g. prem-1B-chat: padding only needs some id; the mask hides it
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def server_token(token_file: str | None, config: Config) -> str:
     """GRPO_SERVER_TOKEN, else --token-file, else server.token (the token never travels on a command line)."""
     if os.environ.get("GRPO_SERVER_TOKEN"):
@@ -192,10 +202,7 @@ def main(argv=None) -> int:
     torch.manual_seed(seed)
 
     # --- data ------------------------------------------------------------------------------------
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path,
-                                                           trust_remote_code=config.model.trust_remote_code)
-    if tokenizer.pad_token_id is None:  # e.g. prem-1B-chat: padding only needs some id; masks hide it
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(config)
     files = {"train": config.data.train_file, "test": config.data.test_file}
     examples = load_examples(config.data.source, "train", files, config.data.hub_name, config.data.hub_config,
                              {"train": config.data.synthetic_train}, seed)

@@ -54,6 +54,7 @@ def test_seeded_batch_larger_than_one_scheduler_step(server):
 def test_text_prompts_and_model_info(server):
     info = server.client.model_info()
     assert info["dtype"] == "float32" and info["device"] == "cpu" and info["max_model_len"] == 512
+    assert info["sync_backend"] == "gloo" and info["worker_multiproc_method"] == "spawn"
     out = server.client.request("POST", "/generate", {"prompts": ["Natalia sold"], "n": 2, "max_tokens": 4})
     assert len(out["results"][0]["completions"]) == 2
     assert server.client.request("POST", "/reset_prefix_cache") == {"reset": True}

@@ -87,6 +87,35 @@ def test_push_untied_model(untied_server, tiny_untied_model_dir, prompt):
     check_pushes_land(untied_server, tiny_untied_model_dir, prompt, 0, bucket_bytes=2**20)
 
 
+def test_stalled_server_fails_the_push_within_the_deadline_then_recovers(untied_server, tiny_untied_model_dir,
+                                                                         prompt):
+    """SIGSTOP the whole server (API, engine core, workers): alive but silent, the case no socket error
+    reports. The push must fail within sync.timeout_s; after SIGCONT a reconnect supersedes the
+    abandoned update and a full push lands."""
+    import os
+    import signal
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir, dtype=torch.float32)
+    timeout_s = 8
+    sync = connect(untied_server, model, timeout_s=timeout_s)
+    version = untied_server.client.health()["version"]
+    os.killpg(untied_server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WeightSyncError, match=f"version {version + 1}"):
+            sync.push(version + 1)
+        assert time.monotonic() - start < timeout_s + 5
+    finally:
+        os.killpg(untied_server.proc.pid, signal.SIGCONT)
+    sync.connect()
+    sync.push(version + 2)
+    completion = untied_server.client.generate([prompt], n=1, max_tokens=8, seed=0)["results"][0]["completions"][0]
+    scored = untied_server.client.score([(prompt, completion["token_ids"])])
+    assert scored["version"] == version + 2
+    assert (torch.tensor(scored["logprobs"][0]) - hf_logprobs(model, prompt, completion["token_ids"])).abs().max() <= 1e-3
+    sync.close()
+
+
 def test_checksums_catch_a_push_that_did_not_land(server, tiny_model_dir, monkeypatch):
     """Sabotage the data plane (the trainer sends other bytes than it hashes): the push must fail."""
     from pipeline import gloo_transfer
