@@ -2,9 +2,10 @@
 
     make bench-sync      (python bench/sync.py [--layers 8 --hidden 1024] [--repeats 3])
 
-Compares, in one run on one machine: bucketed push (sync.bucket_mb), one bucket per tensor (what
-per-parameter sync costs), and a plain in-process torch copy of the same bytes (the practical
-limit). Writes bench/results-sync.json.
+Pushes through vLLM's weight-transfer API with our gloo engine (the CPU path). Compares, in one
+run on one machine: bucketed push (sync.bucket_mb), one bucket per tensor (what per-parameter sync
+costs), and a plain in-process torch copy of the same bytes (the practical limit); reports the
+checksum verification's share of each push. Writes bench/results-sync.json.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.weight_push import WeightPusher, free_port  # noqa: E402
-
+from pipeline.client import free_port  # noqa: E402
 from pipeline.server_process import ServerProcess  # noqa: E402
 from pipeline.tiny_model import build_tiny_model  # noqa: E402
+from pipeline.weight_sync import WeightSync  # noqa: E402
 
 
 def inprocess_copy_s(tensors: list[torch.Tensor]) -> float:
@@ -62,18 +63,22 @@ def main() -> int:
     try:
         client = server.wait_healthy(300)
         results = {"params": sum(p.numel() for _, p in params), "bytes": nbytes, "dtype": "float32"}
-        for label, bucket_mb in (("bucketed", args.bucket_mb), ("per_tensor", 0)):
-            pusher = WeightPusher(client, transport="gloo", bucket_mb=max(bucket_mb, 1), timeout_s=120)
-            if bucket_mb == 0:
-                pusher.bucket_bytes = 1  # every tensor in a bucket of its own
-            times = []
+        for label, bucket_bytes in (("bucketed", args.bucket_mb * 2**20), ("per_tensor", 1)):
+            # bucket_bytes=1: every tensor in a bucket of its own
+            sync = WeightSync(model, 0, 0, torch.device("cpu"), client, host="127.0.0.1", timeout_s=120,
+                              bucket_bytes=bucket_bytes)
+            sync.connect()
+            times, verify = [], []
             for version in range(1, args.repeats + 2):
-                stats = pusher.push(params, version=version)
+                stats = sync.push(version)
                 times.append(stats["seconds"])
-            pusher.close()
+                verify.append(stats["verify_s"])
+            sync.close()
             steady = times[1:]  # the first push pays one-time allocation
             results[label] = {"seconds_median": statistics.median(steady), "seconds": steady,
-                              "buckets": stats["buckets"], "gb_per_s": nbytes / statistics.median(steady) / 1e9}
+                              "verify_s_median": statistics.median(verify[1:]),
+                              "verified_tensors": stats["verified_tensors"],
+                              "gb_per_s": nbytes / statistics.median(steady) / 1e9}
         copy = statistics.median(inprocess_copy_s([p.detach() for _, p in params]) for _ in range(args.repeats))
         results["inprocess_copy"] = {"seconds_median": copy, "gb_per_s": nbytes / copy / 1e9}
         results["bucketed_vs_copy"] = results["bucketed"]["gb_per_s"] / results["inprocess_copy"]["gb_per_s"]
@@ -81,10 +86,10 @@ def main() -> int:
         server.stop()
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nweight sync, {results['params'] / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB fp32, gloo on CPU")
-    print(f"{'method':<16}{'s/push':>10}{'GB/s':>10}{'buckets':>10}")
+    print(f"{'method':<16}{'s/push':>10}{'GB/s':>10}{'verify s':>10}")
     for label in ("bucketed", "per_tensor", "inprocess_copy"):
         r = results[label]
-        print(f"{label:<16}{r['seconds_median']:>10.3f}{r['gb_per_s']:>10.2f}{r.get('buckets', '-'):>10}")
+        print(f"{label:<16}{r['seconds_median']:>10.3f}{r['gb_per_s']:>10.2f}{r.get('verify_s_median', 0):>10.3f}")
     print(f"bucketed / in-process copy bandwidth: {results['bucketed_vs_copy']:.1%}   -> {args.out}")
     return 0
 

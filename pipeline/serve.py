@@ -116,13 +116,14 @@ class GenerationServer:
             # vLLM's IPC engine ships CUDA IPC handles pickled over HTTP and refuses to unpickle them
             # without this; main() refuses to start ipc without a token, so only the run can send them.
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        self.enforce_eager = resolve_enforce_eager(cfg.enforce_eager, self.device)
         self.llm = LLM(
             model=config.model.path,
             dtype=self.dtype,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=resolve_enforce_eager(cfg.enforce_eager, self.device),
+            enforce_eager=self.enforce_eager,
             trust_remote_code=config.model.trust_remote_code,
             seed=cfg.seed,
             worker_extension_cls=WORKER_EXTENSION,
@@ -163,6 +164,7 @@ class GenerationServer:
             "max_model_len": cfg.max_model_len, "vocab_size": self.vocab_size,
             "eos_token_id": self.tokenizer.eos_token_id, "version": self.version,
             "tensor_parallel_size": cfg.tensor_parallel_size, "sync_backend": self.backend,
+            "enforce_eager": self.enforce_eager,
             "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", ""),
             "limits": {"max_n": cfg.max_n, "max_tokens": cfg.max_tokens, "max_prompts": cfg.max_prompts},
         }

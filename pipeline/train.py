@@ -415,6 +415,7 @@ def main(argv=None) -> int:
             "server/restarts": restarts,
             "sync/logprob_max_abs_diff": sync_diff,
             "sync/verified_tensors": weight_sync.last_stats.get("verified_tensors", 0),
+            "sync/gb_per_s": weight_sync.last_stats.get("gb_per_s", 0.0),
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
             "time/sync": time_sync, "time/wait_rollouts": time_wait, "time/step": time.perf_counter() - step_start,
         }

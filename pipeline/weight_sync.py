@@ -158,11 +158,11 @@ def expected_digests(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[list[i
 
 
 def compare_digests(expected: dict[str, tuple[list[int], str]], hf_digests: dict[str, str],
-                    workers: list[dict]) -> int:
-    """Raise on any mismatch; return how many tensors were verified. A worker's parameter is checked
+                    workers: list[dict]) -> list[str]:
+    """Raise on any mismatch; return the names verified (per worker). A worker's parameter is checked
     when its shape is the full one (tensor-parallel shards are not) and vLLM can see its bytes;
     otherwise the digest the gloo engine took on receipt stands in for it."""
-    verified = 0
+    verified = []
     for worker in workers:
         for name, (shape, want) in expected.items():
             seen = worker["loaded"].get(name)
@@ -170,12 +170,12 @@ def compare_digests(expected: dict[str, tuple[list[int], str]], hf_digests: dict
                 if seen["sha256"] != want:
                     raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
                                           f"vLLM is not the tensor the trainer sent")
-                verified += 1
+                verified.append(name)
             elif name in worker["received"]:
                 if worker["received"][name] != hf_digests[name]:
                     raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as received "
                                           f"is not the tensor the trainer sent")
-                verified += 1
+                verified.append(name)
     return verified
 
 
@@ -195,6 +195,7 @@ class WeightSync:
         self.engine = None
         self.backend = ""
         self.last_stats: dict[str, float] = {}
+        self.verified_names: list[str] = []
         self._warned_unverified = False
 
     # --- connect -------------------------------------------------------------------------------------
@@ -293,12 +294,12 @@ class WeightSync:
         expected = expected_digests(kept)
         hf_digests = {name: expected[name][1] for name in kept}
         workers = self.client.checksums(sorted(expected), sorted(kept) if self.backend == "gloo" else [])
-        verified = compare_digests(expected, hf_digests, workers)
-        if verified == 0 and not self._warned_unverified:
+        self.verified_names = compare_digests(expected, hf_digests, workers)
+        if not self.verified_names and not self._warned_unverified:
             self._warned_unverified = True
             log.warning("weight checksums: none of the %d sampled tensors could be matched to the server's "
                         "parameters (architecture not mapped?); relying on the logprob probe", len(sample))
-        return {"verified_tensors": verified, "verify_s": time.perf_counter() - start}
+        return {"verified_tensors": len(self.verified_names), "verify_s": time.perf_counter() - start}
 
     def close(self) -> None:
         if self.engine is not None:

@@ -76,3 +76,11 @@ def test_config_accepts_the_vllm_backends():
     assert load_config(None, ["server.enforce_eager=null"]).server.enforce_eager is None
     with pytest.raises(ConfigError, match="sync.transport: expected auto, nccl, ipc or gloo"):
         load_config(None, ["sync.transport=pynccl"])
+
+
+def test_gpu_check_says_it_needs_a_gpu():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "bench/gpu_check.py"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr == "error: make gpu-check needs CUDA GPUs (nvidia-smi lists none)\n"

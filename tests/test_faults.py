@@ -16,7 +16,7 @@ from test_train import _processes_mentioning, launch, read_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_launch(*args, server, root):
+def start_launch(*args, server, root, token=SERVER_TOKEN):
     """The launcher in the background; with `server` it uses the session's server, else starts its own.
     Its output goes to root/launch.log."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
@@ -27,7 +27,8 @@ def start_launch(*args, server, root):
         from pipeline.client import free_port
 
         cmd += ["--set", f"server.port={free_port('127.0.0.1')}"]
-    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN}
+    env = {**os.environ, "GRPO_SERVER_TOKEN": token} if token else {
+        k: v for k, v in os.environ.items() if k != "GRPO_SERVER_TOKEN"}
     with open(Path(root) / "launch.log", "ab") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -142,6 +143,32 @@ def test_server_restart_continues_training(warm_model_dir, tmp_path):
     assert rows[-1]["server/restarts"] == 1 and rows[0]["server/restarts"] == 0
     # the new server got the trainer's weights: every later probe matches the trainer
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
+    wait_gone(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_own_server_gets_a_fresh_token_and_refuses_strangers(warm_model_dir, tmp_path):
+    """No token configured: the launcher still gives its server a random one (environment only), so
+    another local user cannot call /weights/* on loopback; the token is in no file of the run."""
+    import requests
+
+    proc = start_launch(*warm_run("tok", "--set", "train.max_steps=3", warm_model_dir=warm_model_dir),
+                        server=None, root=tmp_path, token=None)
+    wait_for_step(tmp_path / "tok" / "metrics.jsonl", 1, proc)
+    port = next(int(line.split("server.port=")[1].split()[0]) for line in [" ".join(proc.args)]
+                if "server.port=" in line)
+    server_pid = next(int(line.split()[0]) for line in _processes_mentioning(str(tmp_path)) if "pipeline.serve" in line)
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{server_pid}/environ").read_text().split("\0") if "=" in item)
+    token = environ["GRPO_SERVER_TOKEN"]
+    assert re.fullmatch(r"[0-9a-f]{32}", token)
+    url = f"http://127.0.0.1:{port}"
+    assert requests.get(url + "/health", timeout=10).status_code == 401
+    assert requests.post(url + "/weights/start", json={"version": 99}, timeout=10).status_code == 401
+    assert requests.get(url + "/health", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+    assert proc.wait(300) == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    for path in (tmp_path / "tok").rglob("*"):
+        if path.is_file() and path.stat().st_size < 50 * 2**20:
+            assert token.encode() not in path.read_bytes(), f"token leaked into {path}"
     wait_gone(str(tmp_path))
 
 

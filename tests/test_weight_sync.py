@@ -46,6 +46,8 @@ def check_pushes_land(server, model_dir, prompt, version0, bucket_bytes):
         # every parameter verified: vLLM's own digests or, for the linear weights vLLM-CPU hides, the
         # digests our engine took on receipt
         assert stats["verified_tensors"] >= len(list(model.parameters()))
+        assert any(name.endswith("o_proj.weight") for name in sync.verified_names)  # hidden from vLLM-CPU's own
+        assert any(name.endswith("norm.weight") for name in sync.verified_names)  # vLLM's own digests
         completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0]["completions"][0]
         completion = completion["token_ids"]
         before = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])

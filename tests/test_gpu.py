@@ -1,0 +1,225 @@
+"""The GPU path: what only CUDA can show (`make test-gpu`; every test skips without enough GPUs).
+
+vLLM's `nccl` and `ipc` weight-transfer engines, tensor-parallel servers, ZeRO-3 gathers on GPUs,
+FlashAttention-2 against sdpa, CUDA graphs across pushes, a server killed mid-NCCL-push, the one-GPU
+layout and a short bf16 run of the real launcher. Models are the suite's tiny Qwen2s, in bf16.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.client import free_port
+from pipeline.device import probe_tolerance
+from pipeline.server_process import ServerProcess
+from pipeline.weight_sync import WeightSync, WeightSyncError
+
+pytestmark = pytest.mark.gpu
+REPO = Path(__file__).resolve().parents[1]
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+TOKEN = "gpu-suite-token"
+BF16_TOL = probe_tolerance(torch.bfloat16)
+
+
+def need(gpus: int):
+    return pytest.mark.skipif(GPUS < gpus, reason=f"needs {gpus} CUDA GPU(s), found {GPUS}")
+
+
+def gpu_server(model_dir: Path, log_dir: Path, gpus: list[int], *extra: str) -> ServerProcess:
+    port = free_port()
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    server = ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "model.dtype=bfloat16",
+                            "--set", "server.gpu_memory_utilization=0.3",
+                            "--set", f"server.tensor_parallel_size={len(gpus)}", *extra],
+                           log_dir / "server.log", "127.0.0.1", port, token=TOKEN, env=env)
+    server.wait_healthy(600)
+    return server
+
+
+def hf_model(model_dir: Path, device: str, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn).to(device)
+
+
+def hf_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion], device=model.device)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return lp.gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:].cpu()
+
+
+def perturb(model, seed: int) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+PROMPT = [5, 17, 42, 8, 99, 3, 64, 12]
+
+
+def push_and_check(server, model, device: str, version: int, **kw) -> WeightSync:
+    """Push `model` (already on `device`), then: checksums equal (fused names included) and the
+    served logprobs within the bf16 tolerance of HF's."""
+    sync = WeightSync(model, 0, 0, torch.device(device), server.client, host="127.0.0.1", timeout_s=120, **kw)
+    sync.connect()
+    stats = sync.push(version)
+    assert stats["verified_tensors"] > 0
+    assert any("qkv_proj" in n for n in sync.verified_names), sync.verified_names  # fused vLLM names mapped
+    out = server.client.generate([PROMPT], n=1, max_tokens=16, seed=0)
+    assert out["version"] == version
+    completion = out["results"][0]["completions"][0]
+    decoded = torch.tensor(completion["logprobs"])  # the decode path (CUDA graphs when enabled)
+    assert (decoded - hf_logprobs(model, PROMPT, completion["token_ids"])).abs().max() <= BF16_TOL
+    scored = torch.tensor(server.client.score([(PROMPT, completion["token_ids"])])["logprobs"][0])
+    assert (scored - hf_logprobs(model, PROMPT, completion["token_ids"])).abs().max() <= BF16_TOL
+    return sync
+
+
+@need(2)
+def test_nccl_push_into_a_server_on_another_gpu(tiny_model_dir, tmp_path):
+    server = gpu_server(tiny_model_dir, tmp_path, [0])
+    try:
+        model = hf_model(tiny_model_dir, "cuda:1")
+        sync = push_and_check(server, model, "cuda:1", 1)
+        assert sync.backend == "nccl"
+        perturb(model, 2)
+        sync.push(2)  # a second round through the same communicator
+        completion = server.client.generate([PROMPT], n=1, max_tokens=8, seed=1)["results"][0]["completions"][0]
+        assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+                ).abs().max() <= BF16_TOL
+        sync.close()
+    finally:
+        server.stop()
+
+
+@need(1)
+def test_ipc_push_when_trainer_and_server_share_one_gpu(tiny_model_dir, tmp_path):
+    server = gpu_server(tiny_model_dir, tmp_path, [0], "--set", "sync.transport=ipc")
+    try:
+        model = hf_model(tiny_model_dir, "cuda:0")
+        perturb(model, 3)
+        sync = push_and_check(server, model, "cuda:0", 1)
+        assert sync.backend == "ipc"
+        sync.close()
+    finally:
+        server.stop()
+
+
+@need(3)
+def test_tensor_parallel_server(tiny_untied_model_dir, tmp_path):
+    server = gpu_server(tiny_untied_model_dir, tmp_path, [0, 1])
+    try:
+        model = hf_model(tiny_untied_model_dir, "cuda:2")
+        perturb(model, 4)
+        sync = push_and_check(server, model, "cuda:2", 1)
+        assert server.client.model_info()["tensor_parallel_size"] == 2
+        sync.close()
+    finally:
+        server.stop()
+
+
+@need(2)
+def test_cuda_graphs_survive_pushes(tiny_model_dir, tmp_path):
+    server = gpu_server(tiny_model_dir, tmp_path, [0])  # enforce_eager unset: CUDA graphs on GPU
+    try:
+        assert server.client.model_info()["enforce_eager"] is False
+        model = hf_model(tiny_model_dir, "cuda:1")
+        sync = push_and_check(server, model, "cuda:1", 1)
+        for version in (2, 3):
+            perturb(model, version)
+            sync.push(version)
+            completion = server.client.generate([PROMPT], n=1, max_tokens=16, seed=version)["results"][0]
+            completion = completion["completions"][0]
+            assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+                    ).abs().max() <= BF16_TOL
+        sync.close()
+    finally:
+        server.stop()
+
+
+@need(2)
+def test_server_killed_mid_nccl_push_fails_within_the_deadline(tiny_model_dir, tmp_path):
+    server = gpu_server(tiny_model_dir, tmp_path, [0])
+    model = hf_model(tiny_model_dir, "cuda:1")
+    timeout_s = 20
+    sync = WeightSync(model, 0, 0, torch.device("cuda:1"), server.client, host="127.0.0.1", timeout_s=timeout_s,
+                      bucket_bytes=64 * 1024)
+    sync.connect()
+    sync.push(1)
+    killed = threading.Event()
+    real_iter = type(sync.source).__iter__
+
+    def kill_midway(self):
+        for i, item in enumerate(real_iter(self)):
+            if i == 6:
+                server.kill()
+                killed.set()
+            yield item
+
+    type(sync.source).__iter__ = kill_midway
+    start = time.monotonic()
+    try:
+        with pytest.raises(WeightSyncError, match="version 2"):
+            sync.push(2)
+    finally:
+        type(sync.source).__iter__ = real_iter
+        server.stop()
+    assert killed.is_set() and time.monotonic() - start < timeout_s + 10
+
+
+@need(1)
+def test_flash_attention_matches_sdpa(tiny_model_dir):
+    pytest.importorskip("flash_attn")
+    completion = [7, 9, 11, 13, 15, 17]
+    fa2 = hf_logprobs(hf_model(tiny_model_dir, "cuda:0", "flash_attention_2"), PROMPT, completion)
+    sdpa = hf_logprobs(hf_model(tiny_model_dir, "cuda:0", "sdpa"), PROMPT, completion)
+    assert (fa2 - sdpa).abs().max() <= BF16_TOL
+
+
+def launch_run(tmp_path: Path, model_dir: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "launch/train.py", "--name", "gpu", "--set", f"run.root={tmp_path}",
+           "--set", f"model.path={model_dir}", "--set", "model.build=", "--set", "model.dtype=bfloat16",
+           "--set", "eval.enabled=false", "--set", f"server.port={free_port()}", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"})
+
+
+def check_run(tmp_path: Path, proc, steps: int, transport: str) -> list[dict]:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(r["sync/verified_tensors"] > 0 and r["sync/logprob_max_abs_diff"] <= BF16_TOL for r in rows)
+    assert json.loads((tmp_path / "gpu" / "run_info.json").read_text())["transport"] == transport
+    return rows
+
+
+@need(1)
+def test_one_gpu_layout_runs(warm_model_dir, tmp_path):
+    proc = launch_run(tmp_path, warm_model_dir, "--gpus", "1", "--set", "train.max_steps=3")
+    check_run(tmp_path, proc, 3, "ipc")
+
+
+@need(2)
+def test_five_bf16_steps_of_make_train(warm_model_dir, tmp_path):
+    gpus = min(GPUS, 3)  # the server + 1 or 2 ranks
+    ranks = gpus - 1
+    proc = launch_run(tmp_path, warm_model_dir, "--gpus", str(gpus), "--set", "train.max_steps=5",
+                      "--set", f"train.micro_batch_size={16 // ranks}", "--set", "train.gradient_accumulation_steps=1")
+    rows = check_run(tmp_path, proc, 5, "nccl")
+    assert all(r["time/sync"] > 0 for r in rows)
+
+
+@need(3)
+def test_zero3_gathers_and_pushes_on_gpus(warm_model_dir, tmp_path):
+    proc = launch_run(tmp_path, warm_model_dir, "--gpus", "3", "--set", "train.max_steps=3",
+                      "--set", "train.deepspeed_config=configs/ds_zero3_gpu.json")
+    check_run(tmp_path, proc, 3, "nccl")
