@@ -74,7 +74,10 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
         token_file = str(Path(run_dir) / "server.token")
         trainer_env = {}  # other nodes read the token from the file; the environment does not reach them
         placement = ["--hostfile", hostfile, "--master_addr", next(iter(hosts)), "--master_port", str(master_port)]
-        placement += ["--launcher", launcher] if launcher else []
+        if launcher:
+            placement += ["--launcher", launcher]
+        if launcher == "slurm":  # srun places tasks by count: name the hosts, or it may use the server's node
+            placement += ["--include", "@".join(hosts)]
     else:
         if not cuda:
             ranks = num_ranks or 2

@@ -114,6 +114,7 @@ def test_two_node_hostfile_plan(tmp_path):
     cmd = trainer["command"]
     assert cmd[cmd.index("--master_addr") + 1] == "node1" and cmd[cmd.index("--master_port") + 1] == "29500"
     assert cmd[cmd.index("--launcher") + 1] == "slurm"
+    assert cmd[cmd.index("--include") + 1] == "node1@node2"  # srun must not place ranks on the server's node
     # other nodes get the token from a 0600 file in the (shared) run directory, never the environment
     assert "GRPO_SERVER_TOKEN" not in trainer["env"]
     assert cmd[cmd.index("--token-file") + 1] == trainer["token_file"]
