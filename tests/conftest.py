@@ -1,6 +1,8 @@
 """Shared fixtures: the real GSM8K files from ../shared and a tiny locally built model."""
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,26 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     from pipeline.warmstart import sft_warm_start
 
     return sft_warm_start(tiny_model_dir, generate(1000, 0), tmp_path_factory.mktemp("warm"), max_steps=150)
+
+
+@contextlib.contextmanager
+def killed_mid_push(sync, kill, after: int = 6):
+    """During the pushes inside this block, call `kill()` once `after` tensors have gone into the
+    transfer (with small buckets, several have landed on the server by then). Yields an Event set
+    when it fired."""
+    source_cls = type(sync.source)
+    real_iter = source_cls.__iter__
+    fired = threading.Event()
+
+    def iterate_then_kill(self):
+        for i, item in enumerate(real_iter(self)):
+            if i == after and not fired.is_set():
+                kill()
+                fired.set()
+            yield item
+
+    source_cls.__iter__ = iterate_then_kill
+    try:
+        yield fired
+    finally:
+        source_cls.__iter__ = real_iter

@@ -9,12 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import killed_mid_push
 
 from pipeline.client import free_port
 from pipeline.device import probe_tolerance
@@ -155,23 +155,11 @@ def test_server_killed_mid_nccl_push_fails_within_the_deadline(tiny_model_dir, t
                       bucket_bytes=64 * 1024)
     sync.connect()
     sync.push(1)
-    killed = threading.Event()
-    real_iter = type(sync.source).__iter__
-
-    def kill_midway(self):
-        for i, item in enumerate(real_iter(self)):
-            if i == 6:
-                server.kill()
-                killed.set()
-            yield item
-
-    type(sync.source).__iter__ = kill_midway
     start = time.monotonic()
     try:
-        with pytest.raises(WeightSyncError, match="version 2"):
+        with killed_mid_push(sync, server.kill) as killed, pytest.raises(WeightSyncError, match="version 2"):
             sync.push(2)
     finally:
-        type(sync.source).__iter__ = real_iter
         server.stop()
     assert killed.is_set() and time.monotonic() - start < timeout_s + 10
 

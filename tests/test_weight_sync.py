@@ -1,12 +1,11 @@
 """Weight sync into a running server through vLLM's weight-transfer API (our gloo engine on CPU):
 after a push the server's logprobs are the trainer's, and its checksums match what was sent."""
 
-import threading
 import time
 
 import pytest
 import torch
-from conftest import start_server
+from conftest import killed_mid_push, start_server
 from transformers import AutoModelForCausalLM
 
 from pipeline.data import prompt_token_ids, read_jsonl
@@ -148,23 +147,9 @@ def test_server_killed_mid_push_raises_within_timeout(untied_server, tiny_untied
     model = AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir, dtype=torch.float32)
     timeout_s = 10
     sync = connect(untied_server, model, timeout_s=timeout_s, bucket_bytes=4096)
-    killed = threading.Event()
-    source_iter = type(sync.source).__iter__
-
-    def tensors_then_kill(self):
-        for i, item in enumerate(source_iter(self)):
-            if i == 6:  # several 4 KiB buckets have gone through; kill everything mid-push
-                untied_server.kill()
-                killed.set()
-            yield item
-
-    type(sync.source).__iter__ = tensors_then_kill
     start = time.monotonic()
-    try:
-        with pytest.raises(WeightSyncError) as err:
-            sync.push(5)
-    finally:
-        type(sync.source).__iter__ = source_iter
+    with killed_mid_push(sync, untied_server.kill) as killed, pytest.raises(WeightSyncError) as err:
+        sync.push(5)
     elapsed = time.monotonic() - start
     assert killed.is_set()
     assert elapsed < timeout_s + 5, f"took {elapsed:.1f}s"
