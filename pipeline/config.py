@@ -67,7 +67,10 @@ class ServerConfig:
     max_prompts: int = 1024
     """Most prompts in one request."""
     request_timeout_s: float = 600.0
-    """Client-side deadline of one generate/score call."""
+    """Deadline of one generate/score call, on both sides: the trainer's client gives up after it, and
+    the server's watchdog declares its engine stuck (the server exits; server.restart replaces it)."""
+    max_request_mb: int = 64
+    """Largest request body the server reads (413 above it)."""
     startup_timeout_s: float = 300.0
     """How long the launcher waits for the server's health check (and the trainer, after a restart)."""
     restart: bool = False
@@ -338,9 +341,12 @@ def validate(config: Config) -> None:
     for name in config.rewards:
         if name not in REWARD_FUNCS:
             raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(REWARD_FUNCS)})")
+    if not 0 <= config.run.seed < 2**32:
+        raise ConfigError(f"run.seed: expected an integer in [0, 2**32), got {config.run.seed}")
     if config.server.max_restarts < 0:
         raise ConfigError(f"server.max_restarts: must be >= 0, got {config.server.max_restarts}")
-    for key in ("port", "tensor_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts"):
+    for key in ("port", "tensor_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts",
+                "max_request_mb"):
         if getattr(config.server, key) < (0 if key == "port" else 1):
             raise ConfigError(f"server.{key}: must be positive, got {getattr(config.server, key)}")
     t = config.train

@@ -37,6 +37,7 @@ log = logging.getLogger("pipeline.gloo_transfer")
 BACKEND = "gloo"
 ALIGN = 16  # bytes; every tensor starts at a multiple of this so `.view(dtype)` is legal
 DEFAULT_BUCKET_BYTES = 256 * 2**20
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
 def register() -> None:
@@ -167,6 +168,21 @@ class GlooWeightTransferInitInfo(WeightTransferInitInfo):
     timeout_s: float = 60.0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
 
+    def __post_init__(self):
+        checks = {"master_address": isinstance(self.master_address, str) and 0 < len(self.master_address) < 256,
+                  "master_port": _is_int(self.master_port) and 0 < self.master_port < 65536,
+                  "world_size": _is_int(self.world_size) and 2 <= self.world_size <= 4096,
+                  "rank_offset": _is_int(self.rank_offset) and 1 <= self.rank_offset < self.world_size,
+                  "timeout_s": isinstance(self.timeout_s, int | float) and 0 < self.timeout_s <= 86400,
+                  "bucket_bytes": _is_int(self.bucket_bytes) and 1 <= self.bucket_bytes <= 2**40}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range or wrong type: {', '.join(bad)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 @dataclass
 class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
@@ -178,9 +194,17 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     its own checksums cannot see them; these digests cover them)."""
 
     def __post_init__(self):
+        lists = (self.names, self.dtype_names, self.shapes, self.digest_names)
+        if not all(isinstance(x, list) for x in lists):
+            raise ValueError("names, dtype_names, shapes and digest_names must be lists")
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
             raise ValueError(f"names, dtype_names and shapes differ in length: {len(self.names)}, "
                              f"{len(self.dtype_names)}, {len(self.shapes)}")
+        for name, dtype_name, shape in zip(self.names, self.dtype_names, self.shapes, strict=True):
+            if not isinstance(name, str) or dtype_name not in WIRE_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype must be one of {', '.join(WIRE_DTYPES)}")
+            if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**40 for d in shape):
+                raise ValueError(f"tensor {name!r}: shape must be a list of non-negative ints")
 
 
 class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]):

@@ -44,11 +44,15 @@ class Rollouts:
         self.pending: dict[int, tuple[Future, list[list[int]], list[str]]] = {}
         self.discarded = 0
 
+    def step_seed(self, step: int) -> int:
+        """The sampling seed of step `step`: distinct per run seed and step, and (mod 2**62) always
+        within the server's seed range, however large the run seed or the step."""
+        return (self.seed * 1_000_003 + step) % 2**62
+
     def request(self, step: int, prompt_ids: list[list[int]], answers: list[str]) -> None:
         """Start generating step `step`'s rollouts (returns at once)."""
         if self.is_sender:
-            future = self.pool.submit(self.client.generate, prompt_ids, seed=self.seed * 1_000_003 + step,
-                                      **self.params)
+            future = self.pool.submit(self.client.generate, prompt_ids, seed=self.step_seed(step), **self.params)
             self.pending[step] = (future, prompt_ids, answers)
 
     def collect(self, step: int, version: int) -> tuple[list[Completion], int]:
@@ -61,7 +65,7 @@ class Rollouts:
                 out = future.result()
                 if not version - self.max_staleness <= out["version"] <= version:
                     self.discarded += 1  # too stale: generate again from the current weights
-                    out = self.client.generate(prompt_ids, seed=self.seed * 1_000_003 + step, **self.params)
+                    out = self.client.generate(prompt_ids, seed=self.step_seed(step), **self.params)
                     if out["version"] != version:
                         raise StaleRolloutError(f"server generated with weights version {out['version']}, "
                                                 f"the trainer is at version {version}")

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.config import Config, ConfigError, load_config
 
@@ -34,21 +35,41 @@ TOKEN_ENV = "GRPO_SERVER_TOKEN"
 WORKER_EXTENSION = "pipeline.worker_ext.WorkerExtension"
 
 
+# --- requests: every field bounded at the boundary, so nothing a client sends reaches the engine
+# in a shape it cannot take (vLLM serialises ints as 64-bit: a seed of 2**64 once wedged the engine).
+
+SEED_MAX = 2**63 - 1
+MAX_ITEMS = 100_000  # any list in a request (prompts, tokens of one prompt, names)
+MAX_TEXT = 1_000_000  # characters of one text prompt
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"), which no tokenizer takes
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (lone surrogate)") from None
+    return text
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_ITEMS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_valid_unicode)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Name = Annotated[str, Field(max_length=1000), AfterValidator(_valid_unicode)]
 
 
 class GenerateRequest(Strict):
-    prompt_token_ids: list[TokenIds] | None = None
-    prompts: list[str] | None = None
-    n: int = Field(1, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(16, ge=1)
-    seed: int | None = None
+    prompt_token_ids: Annotated[list[TokenIds], Field(max_length=MAX_ITEMS)] | None = None
+    prompts: Annotated[list[Text], Field(max_length=MAX_ITEMS)] | None = None
+    n: int = Field(1, ge=1, le=2**31)
+    temperature: Finite = Field(1.0, ge=0.0, le=1e4)
+    top_p: Finite = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(16, ge=1, le=2**31)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
 
@@ -59,7 +80,7 @@ class ScoreSequence(Strict):
 
 
 class ScoreRequest(Strict):
-    sequences: list[ScoreSequence] = Field(min_length=1)
+    sequences: list[ScoreSequence] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
 class SyncInitRequest(Strict):
@@ -68,7 +89,7 @@ class SyncInitRequest(Strict):
 
 
 class VersionRequest(Strict):
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=SEED_MAX)
 
 
 class UpdateRequest(Strict):
@@ -77,8 +98,16 @@ class UpdateRequest(Strict):
 
 
 class ChecksumRequest(Strict):
-    names: list[Annotated[str, Field(max_length=1000)]] = Field(max_length=100_000)
-    received: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=100_000)
+    names: list[Name] = Field(max_length=MAX_ITEMS)
+    received: list[Name] = Field(default_factory=list, max_length=MAX_ITEMS)
+
+
+LOGPROB_FLOOR = -1e9
+
+
+def finite(logprob: float) -> float:
+    """JSON has no -inf: a token the model gives probability 0 is reported at -1e9."""
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def is_loopback(host: str) -> bool:
@@ -147,15 +176,70 @@ class GenerationServer:
 
     # --- engine access ---------------------------------------------------------------------------
 
-    def call(self, fn, *, during_update: bool = False, timeout: float | None = None):
-        timeout = timeout or self.config.server.request_timeout_s
-        with self.engine:
+    def call(self, fn, what: str, *, during_update: bool = False):
+        """Run `fn` on the engine: one call at a time (each batches all its prompts), never during a
+        weight update unless it is part of it, within the request deadline, under the watchdog."""
+        deadline = time.monotonic() + self.config.server.request_timeout_s
+        if self.fatal:
+            raise HTTPException(503, f"server exiting: {self.fatal}")
+        if not self.engine.acquire(timeout=self.config.server.request_timeout_s):
+            raise HTTPException(503, f"{what}: the engine stayed busy past server.request_timeout_s; try again")
+        try:
             if not during_update:
-                if not self.engine.wait_for(lambda: not self.updating, timeout):
+                if not self.engine.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
                     raise HTTPException(503, "a weight update is in progress; try again")
                 if self.error:
                     raise HTTPException(503, f"weights unusable after a failed update: {self.error}")
+            if self.fatal:
+                raise HTTPException(503, f"server exiting: {self.fatal}")
+            return self._guarded(fn, what)
+        finally:
+            self.engine.release()
+
+    def _guarded(self, fn, what: str):
+        """The watchdog and the recovery around one engine call. Past server.request_timeout_s the
+        engine is stuck: the server exits (the launcher's server.restart replaces it). An exception
+        may leave half-added requests behind, and every later call would wait for them forever: they
+        are aborted, and a one-token probe decides whether the engine still serves (then the request
+        gets a 400) or not (the server exits)."""
+        timeout = self.config.server.request_timeout_s
+        watchdog = threading.Timer(timeout, self._die, (f"{what} ran past server.request_timeout_s={timeout:.0f}s",))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
             return fn()
+        except HTTPException:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below, never a bare 500
+            log.exception("%s failed in the engine", what)
+            if self._engine_serves():
+                raise HTTPException(400, f"{what}: the engine rejected the request: {type(e).__name__}: "
+                                         f"{str(e)[:300]}") from None
+            self._die(f"the engine cannot serve after a failed {what}: {type(e).__name__}: {str(e)[:300]}")
+            raise HTTPException(503, f"server exiting: {self.fatal}") from None
+        finally:
+            watchdog.cancel()
+
+    def _engine_serves(self) -> bool:
+        from vllm import SamplingParams
+
+        if self.engine_dead():
+            return False
+        engine = self.llm.llm_engine
+        try:
+            leftovers = list(engine.output_processor.request_states)
+            if leftovers:
+                engine.abort_request(leftovers, internal=True)
+            self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+            return True
+        except Exception:  # noqa: BLE001 - the engine is gone or broken
+            log.exception("engine probe failed")
+            return False
+
+    def engine_dead(self) -> bool:
+        """vLLM's monitor flags the engine-core process's death here."""
+        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+        return bool(getattr(resources, "engine_dead", False))
 
     def info(self) -> dict:
         cfg = self.config.server
@@ -183,7 +267,10 @@ class GenerationServer:
         if (req.prompts is None) == (req.prompt_token_ids is None):
             raise HTTPException(400, "give exactly one of 'prompts' (text) or 'prompt_token_ids'")
         if req.prompts is not None:
-            prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in req.prompts]
+            try:
+                prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in req.prompts]
+            except Exception as e:  # noqa: BLE001 - whatever the tokenizer refuses is the client's text
+                raise HTTPException(400, f"prompts: the tokenizer cannot encode them: {type(e).__name__}") from None
         else:
             prompt_ids = req.prompt_token_ids
         if not prompt_ids or len(prompt_ids) > cfg.max_prompts:
@@ -200,26 +287,32 @@ class GenerationServer:
                                          f"that exceeds max_model_len={cfg.max_model_len}")
             self._check_ids(ids, f"prompt {i}")
         self._check_ids(req.stop_token_ids or [], "stop_token_ids")
-        params = [
-            SamplingParams(
-                n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens,
-                seed=None if req.seed is None else req.seed + i, logprobs=0,
-                stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            )
-            for i in range(len(prompt_ids))
-        ]
+        if req.seed is not None and req.seed + len(prompt_ids) - 1 > SEED_MAX:
+            raise HTTPException(400, f"seed: prompt i is sampled with seed + i, which must stay <= 2**63-1; "
+                                     f"got seed={req.seed} with {len(prompt_ids)} prompts")
+        try:
+            params = [
+                SamplingParams(
+                    n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens,
+                    seed=None if req.seed is None else req.seed + i, logprobs=0,
+                    stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                )
+                for i in range(len(prompt_ids))
+            ]
+        except ValueError as e:  # vLLM's own checks of sampling parameters
+            raise HTTPException(400, f"sampling parameters: {e}") from None
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
 
         def run():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return self.version, outputs
 
-        version, outputs = self.call(run)
+        version, outputs = self.call(run, "generate")
         results = []
         for out in outputs:
             completions = []
             for c in out.outputs:
-                logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids, strict=True)]
+                logprobs = [finite(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids, strict=True)]
                 completions.append({"text": c.text, "token_ids": list(c.token_ids), "logprobs": logprobs,
                                     "finish_reason": c.finish_reason})
             results.append({"prompt_token_ids": list(out.prompt_token_ids), "completions": completions})
@@ -244,17 +337,17 @@ class GenerationServer:
         def run():
             return self.version, self.llm.generate(prompts, params, use_tqdm=False)
 
-        version, outputs = self.call(run)
+        version, outputs = self.call(run, "score")
         logprobs = []
         for seq, out in zip(req.sequences, outputs, strict=True):
             start = len(seq.prompt_token_ids)
             steps = out.prompt_logprobs[start:]
-            logprobs.append([step[tok].logprob for step, tok in zip(steps, seq.completion_token_ids, strict=True)])
+            logprobs.append([finite(step[tok].logprob) for step, tok in zip(steps, seq.completion_token_ids, strict=True)])
         return {"version": version, "logprobs": logprobs}
 
     # --- weight updates: vLLM's weight-transfer worker methods, with deadlines and versions -------
 
-    def _rpc(self, method: str, timeout: float, **kwargs):
+    def _rpc(self, method: str, timeout: float, *, touches_weights: bool = True, **kwargs):
         """One of vLLM's worker methods on every worker (as `LLM.start_weight_update` & co. call them,
         but with a deadline). A worker that does not answer in time is stuck in a transfer that will
         never finish (NCCL has no timeout): the server marks itself unhealthy and exits, and the
@@ -265,7 +358,9 @@ class GenerationServer:
             self._die(f"{method} did not finish within sync.timeout_s={timeout:.0f}s; a worker is stuck")
             raise self._update_failed(self.fatal) from None
         except Exception as e:  # the trainer died mid-transfer, a tensor did not fit, a bad payload
-            raise self._update_failed(f"{method} failed: {type(e).__name__}: {e}") from None
+            if not touches_weights:  # e.g. a rendezvous that cannot form: the weights are as they were
+                raise HTTPException(400, f"{method} failed: {type(e).__name__}: {str(e)[:500]}") from None
+            raise self._update_failed(f"{method} failed: {type(e).__name__}: {str(e)[:500]}") from None
 
     def _update_failed(self, error: str) -> HTTPException:
         """The weights are unusable until the next complete update: refuse generation meanwhile."""
@@ -301,17 +396,17 @@ class GenerationServer:
 
         def run():
             self._abandon_update()
-            self._rpc("init_weight_transfer_engine", timeout, init_info=req.init_info)
+            self._rpc("init_weight_transfer_engine", timeout, touches_weights=False, init_info=req.init_info)
             self.sync_ready = True
 
-        self.call(run, during_update=True)
+        self.call(run, "weights/init", during_update=True)
         return {"backend": self.backend, "world_size": 1 + self.config.server.tensor_parallel_size}
 
     def start_update(self, req: VersionRequest) -> dict:
         timeout = self.config.sync.timeout_s
         if not self.sync_ready:
             raise HTTPException(409, "no transfer group: call /weights/init first")
-        with self.engine:  # wait for in-flight generation, then block new generation until /finish
+        with self._locked("weights/start"):  # wait for in-flight generation, then hold new generation until /finish
             self._abandon_update()
             self.updating = True
 
@@ -320,7 +415,7 @@ class GenerationServer:
             self.worker_session = True
 
         try:
-            self.call(run, during_update=True)
+            self.call(run, "weights/start", during_update=True)
         except HTTPException:
             self._finish_update()
             raise
@@ -333,7 +428,8 @@ class GenerationServer:
         self._check_payload("update", req.update_info)
         timeout = self.config.sync.timeout_s
         try:
-            self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), during_update=True)
+            self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update",
+                      during_update=True)
         except HTTPException:
             self.worker_session = False  # a failed update_weights ends the worker's session (gpu_worker.py)
             self._finish_update()
@@ -356,7 +452,7 @@ class GenerationServer:
             self.version, self.error = req.version, ""
 
         try:
-            self.call(run, during_update=True)
+            self.call(run, "weights/finish", during_update=True)
         finally:
             self._finish_update()
         log.info("weights updated to version %d", req.version)
@@ -364,15 +460,24 @@ class GenerationServer:
 
     def checksums(self, req: ChecksumRequest) -> dict:
         timeout = self.config.sync.timeout_s
-        workers = self.call(lambda: self._rpc("grpo_weight_digests", timeout, names=req.names,
-                                              received=req.received), during_update=True)
+        workers = self.call(lambda: self._rpc("grpo_weight_digests", timeout, touches_weights=False, names=req.names,
+                                              received=req.received), "weights/checksums", during_update=True)
         return {"version": self.version, "workers": workers}
+
+    @contextlib.contextmanager
+    def _locked(self, what: str):
+        if not self.engine.acquire(timeout=self.config.server.request_timeout_s):
+            raise HTTPException(503, f"{what}: the engine stayed busy past server.request_timeout_s; try again")
+        try:
+            yield
+        finally:
+            self.engine.release()
 
     def _abandon_update(self) -> None:
         """A new /weights/init or /weights/start while an update is open: its trainer died or gave up
         (one run's trainer is the only holder of the token). Close the workers' session and refuse
         generation until the next complete update: some layers may already hold new weights."""
-        with self.engine:
+        with self._locked("weights"):
             if self.worker_session:
                 with contextlib.suppress(Exception):
                     self.llm.collective_rpc("finish_weight_update", timeout=self.config.sync.timeout_s)
@@ -383,7 +488,7 @@ class GenerationServer:
                 log.warning("weight sync: %s", self.error)
 
     def _finish_update(self) -> None:
-        with self.engine:
+        with self._locked("weights"):
             self.updating = False
             self.engine.notify_all()
 
@@ -403,6 +508,25 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
         log.info("server stopped")
 
     app = FastAPI(title="grpo-pipeline generation server", version="1", lifespan=lifespan)
+    max_body = server.config.server.max_request_mb * 2**20
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # One line naming the fields. Never echo the input: it may be NaN or huge, and the default
+        # handler's attempt to render NaN back as JSON was itself a 500.
+        parts = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(x) for x in error.get("loc", ())[1:]) or "body"
+            parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > max_body:
+            return JSONResponse({"detail": f"request body over server.max_request_mb="
+                                           f"{server.config.server.max_request_mb}"}, status_code=413)
+        return await call_next(request)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -417,6 +541,8 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
 
     @app.get("/health")
     def health():
+        if not server.fatal and server.engine_dead():
+            server._die("the engine-core process died")
         if server.fatal:
             return JSONResponse({"status": "exiting", "detail": server.fatal, "version": server.version}, 503)
         if server.error:
@@ -437,7 +563,7 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
 
     @app.post("/reset_prefix_cache")
     def reset_prefix_cache():
-        return {"reset": bool(server.call(server.llm.reset_prefix_cache))}
+        return {"reset": bool(server.call(server.llm.reset_prefix_cache, "reset_prefix_cache"))}
 
     @app.post("/weights/init")
     def weights_init(req: SyncInitRequest):
