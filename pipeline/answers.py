@@ -6,7 +6,7 @@ Shared by the rewards, the evaluation and the reasoning checker.
 from __future__ import annotations
 
 import re
-from fractions import Fraction
+from decimal import Decimal
 
 _DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
@@ -47,14 +47,17 @@ def _normalise_answer(answer: str) -> str:
     return answer[:-1] if answer.endswith(".") else answer
 
 
-def answer_key(answer: str) -> Fraction | str:
-    """The normalised form answers are compared by: an exact rational for plain decimals, else text."""
+def answer_key(answer: str) -> Decimal | str:
+    """The normalised form answers are compared by: an exact decimal for plain decimals, else text.
+
+    Decimal, not Fraction: both are exact for decimal strings, but Fraction parses through int(),
+    which refuses more than 4,300 digits (a completion can hold any number of them)."""
     answer = _normalise_answer(answer)
-    return Fraction(answer) if _DECIMAL_RE.fullmatch(answer) else answer
+    return Decimal(answer) if _DECIMAL_RE.fullmatch(answer) else answer
 
 
 def answers_match(predicted: str | None, reference: str | None) -> bool:
-    """Normalised equality; plain decimal numbers compare as exact rationals (`18.00` == `18`)."""
+    """Normalised equality; plain decimal numbers compare as exact decimals (`18.00` == `18`)."""
     if predicted is None or reference is None:
         return False
     predicted, reference = answer_key(predicted), answer_key(reference)

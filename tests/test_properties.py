@@ -11,13 +11,21 @@ from pipeline.rewards import REWARD_FUNCS
 
 TAG_SOUP = st.lists(st.sampled_from(["<reasoning>", "</reasoning>", "<answer>", "</answer>", "\n", " ", "\r\n",
                                      "42", "-7", "1,000", "$", ".", "١٢", "x", "= 5", "3 * 4 = 12"]), max_size=60)
-TEXT = st.one_of(st.text(max_size=500), TAG_SOUP.map("".join))
+DIGITS = st.integers(1, 6000).map(lambda n: "9" * n)  # past Python's 4,300-digit int-string limit
+NUMBERS = st.one_of(DIGITS, st.tuples(DIGITS, DIGITS).map(lambda p: f"{p[0]}.{p[1]}"),
+                    st.tuples(DIGITS, DIGITS).map(lambda p: f"{p[0]} 1/{p[1]}"), st.just("1/0"), st.just("-0"))
+ANSWERED = st.tuples(st.text(max_size=50), NUMBERS).map(
+    lambda p: f"<reasoning>\n{p[0]} = {p[1]}\n</reasoning>\n<answer>\n{p[1]}\n</answer>")
+TEXT = st.one_of(st.text(max_size=500), TAG_SOUP.map("".join), ANSWERED,
+                 st.integers(90_000, 100_000).map(lambda n: ("<answer>\n" + "x" * n)[:n]))  # README's 100k
+COMPLETION = st.one_of(TEXT, TEXT.map(lambda t: [{"role": "user", "content": "q"}, {"role": "assistant", "content": t}]),
+                       st.just([]), st.just([{"role": "assistant", "content": None}]))
 BOUNDS = {"strict_format": (0.0, 0.5), "soft_format": (0.0, 0.3), "int_answer": (0.0, 0.5),
           "xml_count": (float("-inf"), 0.5), "correctness": (0.0, 2.0), "reasoning_steps": (0.0, 0.5)}
 
 
 @settings(max_examples=300, deadline=None)
-@given(texts=st.lists(TEXT, min_size=1, max_size=4), reference=st.text(max_size=20))
+@given(texts=st.lists(COMPLETION, min_size=1, max_size=4), reference=st.one_of(st.text(max_size=20), NUMBERS))
 def test_rewards_never_raise_and_stay_in_bounds(texts, reference):
     for name, fn in REWARD_FUNCS.items():
         values = fn(completions=texts, answer=[reference] * len(texts))

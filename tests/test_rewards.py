@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.rewards import (
     REWARD_FUNCS,
+    answers_match,
     correctness_reward,
     extract_gsm8k_answer,
     extract_xml_answer,
@@ -201,3 +202,12 @@ def test_huge_adversarial_inputs_are_fast(name):
 def test_rewards_and_data_import_no_torch():
     code = "import sys, pipeline.rewards, pipeline.data; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_answers_past_the_int_string_limit_compare_exactly():
+    """Python refuses int() of more than 4,300 digits; a completion (or reference) can hold more."""
+    big = "9" * 5000
+    text = f"<reasoning>\nr\n</reasoning>\n<answer>\n{big}\n</answer>"
+    assert correctness_reward(completions=[text], answer=[big + ".00"]) == [2.0]
+    assert correctness_reward(completions=[text], answer=[big + "8"]) == [0.0]
+    assert answers_match("18.00", "18") and not answers_match(big, big[:-1])
