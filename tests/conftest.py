@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -103,3 +104,30 @@ def killed_mid_push(sync, kill, after: int = 6):
         yield fired
     finally:
         source_cls.__iter__ = real_iter
+
+
+def one_line_error(proc) -> str:
+    """The process failed with exactly one line on stderr, `error: ...` (no traceback, no warnings
+    above it); returns that line."""
+    assert proc.returncode != 0, "expected a failure"
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+# --- CI: a skip is a failure unless the test needs a GPU -------------------------------------------
+# Tests that need network namespaces or a tmpfs mount skip where the runner lacks the privileges; on
+# CI (CI=true, root) they must run, so a silent skip there would hide a promise gone untested.
+_UNEXPECTED_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "gpu" not in report.keywords:
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("CI") == "true" and _UNEXPECTED_SKIPS and exitstatus == 0:
+        print("\nerror: tests that CI must run were skipped:\n  " + "\n  ".join(_UNEXPECTED_SKIPS), file=sys.stderr)
+        session.exitstatus = 1

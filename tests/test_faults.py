@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SERVER_TOKEN
+from conftest import SERVER_TOKEN, one_line_error
 from test_train import _processes_mentioning, launch, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_missing_zero_config_refused_before_start(tiny_model_dir, tmp_path):
     proc = launch("--name", "nz", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "train.deepspeed_config=configs/missing.json", root=tmp_path, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert one_line_error(proc) == (
         "error: train.deepspeed_config: configs/missing.json not found (expected a DeepSpeed JSON such as "
         "configs/ds_zero2.json)")
     assert not (tmp_path / "nz").exists()
@@ -187,7 +187,7 @@ def test_unwritable_run_root_refused_before_start(tiny_model_dir, tmp_path):
     proc = launch("--name", "u", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   root=tmp_path / "file" / "runs", timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run directory {tmp_path}/file/runs/u is not writable")
+    assert one_line_error(proc).startswith(f"error: run directory {tmp_path}/file/runs/u is not writable")
 
 
 @pytest.fixture
@@ -206,6 +206,6 @@ def test_full_disk_refused_before_start(tiny_model_dir, small_disk):
     proc = launch("--name", "full", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "train.save_every=2", root=small_disk, timeout=120)
     assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
+    last = one_line_error(proc)
     assert last.startswith(f"error: run.root: {small_disk} has 2 MiB free; this run needs about "), last
     assert list(small_disk.iterdir()) == []  # nothing written, no process started

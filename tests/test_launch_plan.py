@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from launch.plan import PlanError, make_plan, read_hostfile, redacted
 
@@ -90,13 +91,13 @@ def test_cpu_layout_is_the_real_launch(tmp_path):
 def test_impossible_layouts_are_one_line_errors(tmp_path, args, message):
     proc, plan = dry_run(*args, tmp_path=tmp_path)
     assert proc.returncode == 2 and plan is None
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert one_line_error(proc).startswith(message)
 
 
 def test_real_launch_refuses_gpus_it_does_not_have(tmp_path):
     proc = subprocess.run([sys.executable, "launch/train.py", "--gpus", "8", "--set", f"run.root={tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --gpus 8: this host has 0 GPU(s)")
+    assert proc.returncode == 2 and one_line_error(proc).startswith("error: --gpus 8: this host has 0 GPU(s)")
 
 
 def test_two_node_hostfile_plan(tmp_path):
@@ -104,7 +105,7 @@ def test_two_node_hostfile_plan(tmp_path):
     hostfile.write_text("# two trainer nodes\nnode1 slots=8\nnode2 slots=8\n")
     proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "slurm",
                          "--set", "train.micro_batch_size=8", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
-    assert proc.returncode == 2 and "train.num_ranks=4 but" in proc.stderr  # the recipe pins 4 ranks
+    assert proc.returncode == 2 and "train.num_ranks=4 but" in one_line_error(proc)  # the recipe pins 4 ranks
     proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "slurm",
                          "--set", "train.num_ranks=0", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
     assert proc.returncode == 0, proc.stderr

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import yaml
+from conftest import one_line_error
 
 from pipeline.config import load_config, to_dict
 from pipeline.report import window_means, write_report
@@ -58,4 +59,4 @@ def test_report_cli(tmp_path):
     assert ok.returncode == 0 and (run / "README.md").exists()
     bad = subprocess.run([sys.executable, "-m", "pipeline.report", str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
-    assert bad.returncode == 1 and "no metrics.jsonl" in bad.stderr
+    assert bad.returncode == 1 and "no metrics.jsonl" in one_line_error(bad)

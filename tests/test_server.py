@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import requests
-from conftest import SERVER_TOKEN
+from conftest import SERVER_TOKEN, one_line_error
 
 from pipeline.data import read_jsonl
 
@@ -112,7 +112,7 @@ def test_off_loopback_without_token_refuses_to_start(tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "pipeline.serve", "--model", str(tiny_model_dir),
                            "--host", "0.0.0.0", "--port", "8799"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
-    assert "refusing to start without a token" in proc.stderr
+    assert "refusing to start without a token" in one_line_error(proc)
 
 
 def test_bad_config_is_one_line_error(tmp_path):
@@ -121,4 +121,4 @@ def test_bad_config_is_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.serve", "--config", str(bad)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: server.prot: unknown key")
+    assert one_line_error(proc).startswith("error: server.prot: unknown key")

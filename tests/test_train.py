@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SERVER_TOKEN
+from conftest import SERVER_TOKEN, one_line_error
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
@@ -132,7 +132,7 @@ def test_resume_continues_steps(server, warm_model_dir, tmp_path):
     first = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     again = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "already holds a run" in one_line_error(again)
     resumed = launch(*common, "--resume", "--set", "train.max_steps=4", server=server, root=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in (tmp_path / "r" / "train.log").read_text()
@@ -149,7 +149,7 @@ def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
     port = int(server.client.base_url.rsplit(":", 1)[1])
     proc = launch("--name", "clash", "--set", f"server.port={port}", root=tmp_path, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert one_line_error(proc) == (
         f"error: server.port: 127.0.0.1:{port} is already in use (another run's server?); "
         "pick another with --set server.port=N")
     assert not (tmp_path / "clash").exists()
