@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SERVER_TOKEN, one_line_error
-from test_train import _processes_mentioning, launch, read_metrics
+from test_train import RUN_TAG, _processes_mentioning, launch, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,7 @@ def start_launch(*args, server, root, token=SERVER_TOKEN):
         cmd += ["--set", f"server.port={free_port('127.0.0.1')}"]
     env = {**os.environ, "GRPO_SERVER_TOKEN": token} if token else {
         k: v for k, v in os.environ.items() if k != "GRPO_SERVER_TOKEN"}
+    env[RUN_TAG] = str(root)
     with open(Path(root) / "launch.log", "ab") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -87,6 +88,30 @@ def test_kill_9_whole_run_then_resume(server, warm_model_dir, tmp_path):
                                     config.data.max_prompt_tokens)
     expected = StepData(examples, 2, config.run.seed)
     assert [r["data/first_index"] for r in rows] == [expected.indices(s)[0] for s in range(8)]
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir, tmp_path):
+    """The launcher started the server: SIGKILL it mid-run, and server, engine core, workers and
+    ranks all go (found by the run's inherited environment: vLLM renames its processes), the port
+    is free again."""
+    import socket
+
+    from pipeline.client import free_port
+
+    port = free_port()
+    proc = start_launch(*warm_run("own", "--set", "train.max_steps=40", "--set", f"server.port={port}",
+                                  warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+    wait_for_step(tmp_path / "own" / "metrics.jsonl", 2, proc)
+    running = " ".join(_processes_mentioning(str(tmp_path)))
+    for role in ("VLLM::EngineCore", "VLLM::Worker", "pipeline.serve", "pipeline.train"):
+        assert role in running, f"{role} not found among the run's processes"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    wait_gone(str(tmp_path))
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # nothing listens on the server's port any more
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import SERVER_TOKEN, one_line_error
@@ -16,6 +17,7 @@ from pipeline.synthetic import generate
 from pipeline.train import StepData, lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_TAG = "GRPO_TEST_RUN"  # every process a test's run starts inherits this: orphans are found by it
 REQUIRED_KEYS = {
     "step", "epoch", "lr", "loss", "reward/total", "reward/strict_format", "reward/soft_format",
     "reward/int_answer", "reward/xml_count", "reward/correctness", "format/strict_rate", "accuracy",
@@ -29,7 +31,7 @@ def launch(*args, timeout=600, server=None, root):
            "--set", f"run.root={root}", *args]
     if server is not None:
         cmd += ["--server-url", server.client.base_url]
-    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN}
+    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN, RUN_TAG: str(root)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
@@ -141,8 +143,18 @@ def test_resume_continues_steps(server, warm_model_dir, tmp_path):
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, timeout=30).stdout
-    return [line for line in out.splitlines() if text in line and "ps -ww -eo" not in line]
+    """`pid cmdline` of every live process that names `text` on its command line or carries it as
+    the test run's tag in its environment: vLLM renames its engine processes (`VLLM::EngineCore`,
+    `VLLM::Worker`), so only the inherited environment finds those."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+        info = proc.info
+        if info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+            continue
+        cmdline = " ".join(info["cmdline"] or [])
+        if text in cmdline or (info["environ"] or {}).get(RUN_TAG) == text:
+            found.append(f"{proc.pid} {cmdline}")
+    return found
 
 
 def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
