@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SERVER_TOKEN, one_line_error
-from test_train import RUN_TAG, _processes_mentioning, launch, read_metrics
+from test_train import RUN_TAG, _alive, _processes_mentioning, launch, read_metrics, run_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,12 +103,17 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
     proc = start_launch(*warm_run("own", "--set", "train.max_steps=40", "--set", f"server.port={port}",
                                   warm_model_dir=warm_model_dir), server=None, root=tmp_path)
     wait_for_step(tmp_path / "own" / "metrics.jsonl", 2, proc)
-    running = " ".join(_processes_mentioning(str(tmp_path)))
+    before = run_processes(str(tmp_path))
+    running = " ".join(" ".join(p.cmdline()) for p in before)
     for role in ("VLLM::EngineCore", "VLLM::Worker", "pipeline.serve", "pipeline.train"):
         assert role in running, f"{role} not found among the run's processes"
+    sessions = {os.getsid(p.pid) for p in before} - {os.getsid(0)}
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    wait_gone(str(tmp_path))
+    end = time.monotonic() + 60
+    while (left := [p for p in before if _alive(p)] + run_processes(str(tmp_path), sessions)) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not left, [" ".join(p.cmdline()) for p in left]
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # nothing listens on the server's port any more

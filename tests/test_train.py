@@ -1,5 +1,6 @@
 """The trainer end to end: launcher -> deepspeed ranks -> shared server, on CPU."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -143,18 +144,41 @@ def test_resume_continues_steps(server, warm_model_dir, tmp_path):
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    """`pid cmdline` of every live process that names `text` on its command line or carries it as
-    the test run's tag in its environment: vLLM renames its engine processes (`VLLM::EngineCore`,
-    `VLLM::Worker`), so only the inherited environment finds those."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+    """`pid cmdline` of every live process of a test's run: those naming `text` on their command line
+    or carrying it as the run's tag in their environment, plus everything below them and everything in
+    a session one of them leads (the server runs in its own session). vLLM renames its engine
+    processes (`VLLM::EngineCore`, `VLLM::Worker`) and overwrites their environment block with the new
+    title, so only the process tree and the session find those."""
+    return [f"{p.pid} {' '.join(p.cmdline())}" for p in run_processes(text)]
+
+
+def run_processes(text: str, sessions: set[int] | None = None) -> list[psutil.Process]:
+    found: dict[int, psutil.Process] = {}
+    everyone = [p for p in psutil.process_iter(["pid", "cmdline", "environ", "status"])
+                if p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid()]
+    for proc in everyone:
         info = proc.info
-        if info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
-            continue
-        cmdline = " ".join(info["cmdline"] or [])
-        if text in cmdline or (info["environ"] or {}).get(RUN_TAG) == text:
-            found.append(f"{proc.pid} {cmdline}")
-    return found
+        if text in " ".join(info["cmdline"] or []) or (info["environ"] or {}).get(RUN_TAG) == text:
+            found[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):
+                found.update((c.pid, c) for c in proc.children(recursive=True))
+    leaders = {pid for pid in found if _sid(pid) == pid} | (sessions or set())
+    found.update((p.pid, p) for p in everyone if _sid(p.pid) in leaders)
+    return [p for p in found.values() if _alive(p)]
+
+
+def _sid(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return -1
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
