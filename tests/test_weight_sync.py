@@ -84,8 +84,8 @@ def untied_server(tiny_untied_model_dir, tmp_path_factory):
     proc.stop()
 
 
-def test_push_untied_model(untied_server, tiny_untied_model_dir, prompt):
-    check_pushes_land(untied_server, tiny_untied_model_dir, prompt, 0, bucket_bytes=2**20)
+def test_push_untied_model_in_many_small_buckets(untied_server, tiny_untied_model_dir, prompt):
+    check_pushes_land(untied_server, tiny_untied_model_dir, prompt, 0, bucket_bytes=8192)
 
 
 def test_stalled_server_fails_the_push_within_the_deadline_then_recovers(untied_server, tiny_untied_model_dir,
@@ -114,6 +114,53 @@ def test_stalled_server_fails_the_push_within_the_deadline_then_recovers(untied_
     scored = untied_server.client.score([(prompt, completion["token_ids"])])
     assert scored["version"] == version + 2
     assert (torch.tensor(scored["logprobs"][0]) - hf_logprobs(model, prompt, completion["token_ids"])).abs().max() <= 1e-3
+    sync.close()
+
+
+TRAINER_DIES_MID_PUSH = """
+import os, sys, torch
+from transformers import AutoModelForCausalLM
+from pipeline.client import ServerClient
+from pipeline.weight_sync import ModelSource, WeightSync
+url, token, model_dir, version = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+sync = WeightSync(model, 0, 0, torch.device("cpu"), ServerClient(url, token), host="127.0.0.1", timeout_s=10,
+                  bucket_bytes=4096)
+sync.connect()
+real_iter = ModelSource.__iter__
+def dies_midway(self):
+    for i, item in enumerate(real_iter(self)):
+        if i == 8:  # several buckets have landed on the server
+            os._exit(17)
+        yield item
+ModelSource.__iter__ = dies_midway
+sync.push(int(version))
+"""
+
+
+def test_trainer_dying_mid_push_leaves_the_server_refusing_until_a_complete_push(untied_server,
+                                                                                 tiny_untied_model_dir, prompt):
+    import subprocess
+    import sys
+
+    version = untied_server.client.health()["version"]
+    died = subprocess.run([sys.executable, "-c", TRAINER_DIES_MID_PUSH, untied_server.client.base_url, "",
+                           str(tiny_untied_model_dir), str(version + 1)], capture_output=True, text=True, timeout=300)
+    assert died.returncode == 17, died.stderr[-2000:]
+    end = time.monotonic() + 30  # the workers' receive fails (peer gone, or the group's timeout)
+    while untied_server.client.session.get(untied_server.client.base_url + "/health", timeout=10).status_code != 503:
+        assert time.monotonic() < end, "the server still claims healthy weights after a torn push"
+        time.sleep(0.5)
+    refused = untied_server.client.session.post(untied_server.client.base_url + "/generate", timeout=30,
+                                                json={"prompt_token_ids": [prompt], "max_tokens": 2})
+    assert refused.status_code == 503 and "weights unusable" in refused.text
+    model = AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir, dtype=torch.float32)
+    sync = connect(untied_server, model, timeout_s=30)
+    sync.push(version + 2)  # a complete push makes the weights usable again
+    assert untied_server.client.health() == {"status": "ok", "version": version + 2, "updating": False}
+    completion = untied_server.client.generate([prompt], n=1, max_tokens=8, seed=0)["results"][0]["completions"][0]
+    scored = torch.tensor(untied_server.client.score([(prompt, completion["token_ids"])])["logprobs"][0])
+    assert (scored - hf_logprobs(model, prompt, completion["token_ids"])).abs().max() <= 1e-3
     sync.close()
 
 
