@@ -72,3 +72,61 @@ def test_eval_cli_on_real_gsm8k(server, gsm8k_dir, tmp_path):
     assert summary["completion_len/mean"] == pytest.approx(sum(r["length"] for r in rows) / 12)
     assert summary["maj@3/accuracy"] == pytest.approx(sum(r["majority_correct"] for r in rows) / 12)
     assert "pass@1/strict_accuracy" in proc.stdout  # the printed table
+
+
+def test_eval_cli_scores_known_completions_exactly(tiny_model_dir, tmp_path):
+    """The CLI against a scripted server whose completions are written by hand: every number of the
+    summary is known in advance (not derived from the CLI's own rows)."""
+    import http.server
+    import threading
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Question {i}?", "answer": f"Work.\n#### {a}"}) + "\n"
+                            for i, a in enumerate(["18", "1,200", "7", "42"])))
+    strict = "<reasoning>\nr\n</reasoning>\n<answer>\n{}\n</answer>"
+    greedy_texts = [strict.format(18),           # strict format, correct
+                    "the total is $1,200.",      # no format; lenient answer correct
+                    strict.format(8),            # strict format, wrong
+                    "<answer>42</answer>"]       # no reasoning block: not strict; lenient correct
+    sampled_texts = [["18", "17", "18"], ["5", "5", "1200"], ["7", "7", "8"], ["41", "40", "42"]]
+
+    class Scripted(http.server.BaseHTTPRequestHandler):
+        def _reply(self, body):
+            raw = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):  # /model
+            self._reply({"model": str(tiny_model_dir)})
+
+        def do_POST(self):  # /generate: greedy (n=1) or maj@3 sampling, four prompts in order
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert len(req["prompt_token_ids"]) == 4
+            texts = [[t] for t in greedy_texts] if req["n"] == 1 else sampled_texts
+            self._reply({"version": 0, "results": [{"completions": [
+                {"text": t, "token_ids": [1] * (10 + i), "logprobs": [-1.0] * (10 + i), "finish_reason": "stop"}
+                for t in group]} for i, group in enumerate(texts)]})
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "eval"
+        proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--server-url",
+                               f"http://127.0.0.1:{httpd.server_address[1]}", "--data-file", str(data),
+                               "--maj-k", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    finally:
+        httpd.shutdown()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["examples"] == 4
+    assert summary["pass@1/strict_accuracy"] == 0.25      # only the first: strict format and right
+    assert summary["pass@1/lenient_accuracy"] == 0.75     # 18, 1200 and 42 found anywhere in the text
+    assert summary["format/strict_rate"] == 0.5
+    assert summary["maj@3/accuracy"] == 0.5               # 18 and 7 win their votes; 5 and a 3-way tie do not
+    assert summary["completion_len/mean"] == 11.5         # 10, 11, 12, 13 tokens

@@ -239,3 +239,28 @@ def test_full_disk_refused_before_start(tiny_model_dir, small_disk):
     last = one_line_error(proc)
     assert last.startswith(f"error: run.root: {small_disk} has 2 MiB free; this run needs about "), last
     assert list(small_disk.iterdir()) == []  # nothing written, no process started
+
+
+def test_disk_space_estimate_figure(tmp_path, monkeypatch):
+    """8x the weight files per checkpoint kept (+1 being written), plus the final model, plus 50 MiB."""
+    import importlib.util
+    import shutil
+
+    from pipeline.config import ConfigError, load_config
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * 2**20)  # 1 MiB of weights
+    (model / "tokenizer.json").write_bytes(b"\0" * 2**20)  # not weights: not counted
+    config = load_config(None, [f"model.path={model}", "train.save_every=10", "train.keep_checkpoints=2"])
+    need_mib = 1 * (8 * 3 + 1) + 50  # 3 checkpoints (2 kept + 1 being written), the final model, logs
+    Usage = shutil.disk_usage(tmp_path).__class__
+    monkeypatch.setattr(launcher.shutil, "disk_usage", lambda p: Usage(10**12, 0, (need_mib - 1) * 2**20))
+    with pytest.raises(ConfigError, match=f"has {need_mib - 1} MiB free; this run needs about {need_mib} MiB "
+                                          "for 3 checkpoint"):
+        launcher.check_disk_space(config, tmp_path / "runs" / "x")
+    monkeypatch.setattr(launcher.shutil, "disk_usage", lambda p: Usage(10**12, 0, need_mib * 2**20))
+    launcher.check_disk_space(config, tmp_path / "runs" / "x")  # exactly enough

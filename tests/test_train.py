@@ -100,6 +100,15 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
         assert (run_dir / f).exists(), f
     assert SERVER_TOKEN not in (run_dir / "config.yaml").read_text()
     assert list((run_dir / "tensorboard").iterdir())
+    # the report of a real run: the card's numbers are this run's, the curves are real PNGs
+    card = (run_dir / "README.md").read_text()
+    before = json.loads((run_dir / "eval_before.json").read_text())
+    after = json.loads((run_dir / "eval_after.json").read_text())
+    strict = "format/strict_rate"
+    assert f"| {strict} | {before[strict]:.3f} | {after[strict]:.3f} |" in card
+    assert "over gloo" in card and "2 DeepSpeed trainer ranks" in card
+    for png in ("reward_curves.png", "format_curves.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in card
 
     # The server serves exactly the final model, which differs from where training started.
     assert server.client.health()["version"] == 3
