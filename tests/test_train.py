@@ -142,6 +142,24 @@ def test_overlapped_mode(server, warm_model_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_model_dir, tmp_path):
+    """beta > 0 (a reference model under DeepSpeed), the step-global token mean across 2 ranks x 2
+    micro-batches, and no gradient for truncated completions, through the real launcher."""
+    proc = launch("--name", "kl", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
+                  "--set", "eval.enabled=false", "--set", "train.max_steps=3", "--set", "train.beta=0.05",
+                  "--set", "train.loss_aggregation=token", "--set", "train.mask_truncated_completions=true",
+                  "--set", "train.max_completion_tokens=24", server=server, root=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "kl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the reference is the starting model: KL is 0 before the first update, then grows from 0
+    assert abs(rows[0]["kl"]) < 1e-5 and rows[-1]["kl"] > 0
+    assert all(r["completions/truncated_rate"] > 0 for r in rows)  # 24 tokens: some are cut, and masked
+    assert all(abs(r["is_ratio/mean"] - 1) < 1e-3 for r in rows)
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
+
+
+@pytest.mark.slow
 def test_resume_continues_steps(server, warm_model_dir, tmp_path):
     common = ["--name", "r", "--set", f"model.path={warm_model_dir}", "--set", "model.build="]
     first = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
