@@ -77,6 +77,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def step_token_normaliser(step_tokens: float, accumulation_steps: int, ranks: int) -> float:
+    """token aggregation: what each micro-batch's summed token loss is divided by so that, after
+    DeepSpeed divides every micro-batch loss by the accumulation steps and averages gradients over
+    ranks, the step's gradient is that of the mean over all its trained tokens (`step_tokens`,
+    summed over ranks): sum / (N / (A x R)) / A / R = sum / N."""
+    return max(step_tokens, 1.0) / (accumulation_steps * ranks)
+
+
 def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, aggregation: str = "sequence",
               is_cap: float = 3.0, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
               token_normaliser: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -42,7 +42,7 @@ from pipeline.data import (
     prompt_token_ids,
 )
 from pipeline.device import probe_tolerance, resolve_attn, resolve_dtype
-from pipeline.grpo import group_advantages, grpo_loss, make_batch, token_logprobs
+from pipeline.grpo import group_advantages, grpo_loss, make_batch, step_token_normaliser, token_logprobs
 from pipeline.reasoning import check_reasoning
 from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
 from pipeline.rollout import Rollouts, StaleRolloutError, score_slice
@@ -340,8 +340,7 @@ def main(argv=None) -> int:
             count = torch.tensor([float(sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k))],
                                  device=device)
             dist.all_reduce(count)
-            # DeepSpeed divides by accumulation steps and averages ranks; undo both for a step-global mean
-            token_total = max(count.item(), 1.0) / (t.gradient_accumulation_steps * world)
+            token_total = step_token_normaliser(count.item(), t.gradient_accumulation_steps, world)
         sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "capped_tokens": 0.0, "ratio_sum": 0.0,
                 "kl_sum": 0.0}
         ratio_max = 0.0

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.grpo import group_advantages, grpo_loss, make_batch
+from pipeline.grpo import group_advantages, grpo_loss, make_batch, step_token_normaliser
 
 
 def test_equal_rewards_give_zero_advantage():
@@ -119,3 +119,33 @@ def test_truncated_importance_weight_for_negative_advantages():
     near[0, 1] = math.log(2.0)  # below the cap: the ordinary PPO term
     loss, stats = grpo_loss(near, b, epsilon=0.2, is_cap=3.0)
     assert loss.item() == pytest.approx(2.0) and stats["capped_tokens"] == 0
+
+
+def test_token_aggregation_is_a_step_global_mean_across_ranks_and_accumulation():
+    """2 ranks x 2 micro-batches of different lengths, one completion truncated (masked): what
+    DeepSpeed makes of the per-micro-batch losses (each / accumulation steps, then the mean over
+    ranks) equals the plain mean over every trained token of the step, computed by hand."""
+    torch.manual_seed(1)
+    ranks, accumulation = 2, 2
+    micro = [  # (old logprobs per completion, advantages, trained?) for rank r, micro-batch m
+        [([[-1.0, -0.5], [-0.2, -0.9, -0.4]], [0.5, -0.3], [True, True]), ([[-0.7]], [1.2], [True])],
+        [([[-0.1, -0.1, -0.1, -0.1]], [-0.8], [True]), ([[-2.0, -1.0], [-0.6]], [0.4, 0.9], [True, False])],
+    ]
+    batches = [[make_batch([[5, 6]] * len(o), [[7] * len(x) for x in o], o, a, k, 0, "cpu") for o, a, k in r]
+               for r in micro]
+    logps = [[b.old_logprobs + 0.2 * torch.randn_like(b.old_logprobs) for b in r] for r in batches]
+    step_tokens = sum(float(b.completion_mask.sum()) for r in batches for b in r)
+    assert step_tokens == 2 + 3 + 1 + 4 + 2  # the truncated completion's token is not counted
+    normaliser = step_token_normaliser(step_tokens, accumulation, ranks)
+    deepspeed_view = sum(grpo_loss(lp, b, aggregation="token", token_normaliser=normaliser)[0].item() / accumulation
+                         for r_b, r_lp in zip(batches, logps, strict=True) for b, lp in zip(r_b, r_lp, strict=True)) / ranks
+    by_hand = []
+    for r_b, r_lp in zip(batches, logps, strict=True):
+        for b, lp in zip(r_b, r_lp, strict=True):
+            for i in range(b.advantages.numel()):
+                for pos in b.completion_mask[i].nonzero().flatten().tolist():
+                    ratio = math.exp(lp[i, pos].item() - b.old_logprobs[i, pos].item())
+                    adv = b.advantages[i].item()
+                    by_hand.append(-min(ratio * adv, max(min(ratio, 1.2), 0.8) * adv))
+    assert len(by_hand) == step_tokens
+    assert deepspeed_view == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
