@@ -2,11 +2,14 @@
 
     python -m pipeline.serve --config configs/tiny-cpu.yaml [--set server.port=8710] [--run-dir runs/x]
 
-Why our own server instead of `vllm serve` or TRL's `trl vllm-serve`: we need weight updates that
-work on CPU as well as GPU (TRL's are NCCL-only), bucketed instead of per-parameter, versioned so the
-trainer can refuse stale rollouts, and a score endpoint to prove each sync landed. The engine is
-vLLM's offline `LLM`; engine calls are serialised by one lock (a call batches all its prompts), and
-generation waits while a weight update is between begin and end.
+Weight updates are vLLM's own weight-transfer API (`init_weight_transfer_engine`,
+`start_weight_update`, `update_weights`, `finish_weight_update` on every worker; backend nccl / ipc
+on GPU, our gloo engine on CPU). Why our server around vLLM's engine rather than vLLM's OpenAI server
+with its RL routes: those routes need VLLM_SERVER_DEV_MODE and are outside `--api-key`, its responses
+carry no weight version, and it has no teacher-forced score route; here every route needs the token,
+every response says which weights produced it, and one lock serialises engine calls (a call batches
+all its prompts) while a weight update holds generation back. Every request field is bounded at the
+boundary, and an engine that fails or hangs makes the server exit rather than stay up unable to serve.
 """
 
 from __future__ import annotations
