@@ -177,9 +177,16 @@ class TrainConfig:
     and regenerated."""
     beta: float = 0.0
     """KL penalty weight to the frozen initial model; 0 loads no reference model (TRL's default)."""
-    loss_aggregation: str = "sequence"
-    """sequence: mean per completion, then over completions (GRPO); token: mean over all trained
-    tokens of the step (DAPO, Dr.GRPO)."""
+    loss_type: str = "grpo"
+    """What the token losses are divided by, named as in TRL's GRPOConfig: grpo (each completion's
+    mean, then the mean over completions; DeepSeekMath, TRL's original default), bnpo (the
+    micro-batch's trained tokens), dapo (all trained tokens of the optimizer step, across ranks and
+    accumulation; DAPO), dr_grpo (a constant: max_completion_tokens x completions; Dr. GRPO)."""
+    epsilon_high: float = 0.0
+    """Upper clip range: ratios clip at 1 + epsilon_high for positive advantages (DAPO's clip-higher,
+    0.28 there); 0 = the same as epsilon (TRL's default)."""
+    loss_aggregation: str = ""
+    """Replaced by loss_type (sequence -> grpo, token -> dapo); setting it is an error saying so."""
     advantage_scaling: str = "group"
     """Divide centred rewards by the group's std (group), the batch's std (batch), or not (none)."""
     mask_truncated_completions: bool = False
@@ -326,6 +333,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return config
 
 
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # pipeline/grpo.py implements each
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that no single type can express."""
     from pipeline.rewards import REWARD_FUNCS
@@ -356,8 +366,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
     if t.num_generations < 2:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
-    if t.loss_aggregation not in ("sequence", "token"):
-        raise ConfigError(f"train.loss_aggregation: expected sequence or token, got {t.loss_aggregation!r}")
+    if t.loss_aggregation:
+        raise ConfigError("train.loss_aggregation: replaced by train.loss_type (sequence -> grpo, token -> dapo)")
+    if t.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"train.loss_type: expected one of {', '.join(LOSS_TYPES)}, got {t.loss_type!r}")
+    if t.epsilon_high and t.epsilon_high < t.epsilon:
+        raise ConfigError(f"train.epsilon_high: must be 0 (= epsilon) or >= train.epsilon={t.epsilon}, "
+                          f"got {t.epsilon_high}")
     if t.advantage_scaling not in ("group", "batch", "none"):
         raise ConfigError(f"train.advantage_scaling: expected group, batch or none, got {t.advantage_scaling!r}")
     if not 0 < t.top_p <= 1 or t.temperature <= 0:

@@ -3,9 +3,13 @@
 Pure functions on tensors, so each is unit-tested on hand-computed cases. References:
 - advantages: (r - mean_group) / std, with std from the group (GRPO, DeepSeekMath), the whole batch
   (`batch`, as in Dr.GRPO's suggestion to avoid question-level difficulty bias) or none (`none`).
-- loss: PPO's clipped surrogate per token, `-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`,
-  aggregated per sequence then averaged (`sequence`, the original GRPO) or over all tokens of the
-  step (`token`, DAPO / Dr.GRPO), plus `beta * KL(pi || ref)` with the k3 estimator when beta > 0.
+- loss: PPO's clipped surrogate per token, `-min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)`
+  (eps_high > eps is DAPO's clip-higher), plus `beta * KL(pi || ref)` with the k3 estimator when
+  beta > 0, aggregated as TRL's `loss_type` names it (what the token losses are divided by):
+  `grpo` each sequence's mean, then the mean over sequences (DeepSeekMath); `bnpo` the micro-batch's
+  trained tokens; `dapo` all trained tokens of the optimizer step, across ranks and accumulation
+  (Yu et al. 2025); `dr_grpo` a constant, max completion length x sequences (Liu et al. 2025,
+  "Understanding R1-Zero-like training"), so neither length nor batch composition rescales a token.
 - `old_logprobs` are the server's (the behaviour policy mu that sampled the tokens), so the ratio
   pi_theta / mu also corrects for numerical mismatch between vLLM and the trainer and, in overlapped
   mode, for rollouts one step stale. Truncated importance sampling: for A < 0 the surrogate is
@@ -78,27 +82,33 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def step_token_normaliser(step_tokens: float, accumulation_steps: int, ranks: int) -> float:
-    """token aggregation: what each micro-batch's summed token loss is divided by so that, after
+    """loss_type dapo: what each micro-batch's summed token loss is divided by so that, after
     DeepSpeed divides every micro-batch loss by the accumulation steps and averages gradients over
     ranks, the step's gradient is that of the mean over all its trained tokens (`step_tokens`,
     summed over ranks): sum / (N / (A x R)) / A / R = sum / N."""
     return max(step_tokens, 1.0) / (accumulation_steps * ranks)
 
 
-def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, aggregation: str = "sequence",
-              is_cap: float = 3.0, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
-              token_normaliser: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, epsilon_high: float | None = None,
+              loss_type: str = "grpo", is_cap: float = 3.0, beta: float = 0.0,
+              ref_logprobs: torch.Tensor | None = None, token_normaliser: float | None = None,
+              max_completion_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO loss of one micro-batch and its diagnostics.
 
-    `token_normaliser` (aggregation="token"): the number of trained tokens this micro-batch's loss
-    is divided by; the caller passes a step-global count so the mean is over the whole step.
+    `token_normaliser` (dapo): what this micro-batch's summed token loss is divided by, from
+    `step_token_normaliser` so the mean is over the whole step. `max_completion_tokens` (dr_grpo):
+    the constant length each sequence counts as.
     """
+    high = epsilon if epsilon_high is None else epsilon_high
     mask = batch.completion_mask
     log_ratio = (logprobs - batch.old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     adv = batch.advantages.unsqueeze(1)
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + high) * adv
     per_token = -torch.min(unclipped, clipped)
     per_token = torch.where(adv < 0, torch.minimum(per_token, -is_cap * adv), per_token)  # dual clip
     kl = None
@@ -109,16 +119,24 @@ def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, agg
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
         per_token = per_token + beta * kl
     tokens = mask.sum()
-    if aggregation == "sequence":
+    if loss_type == "grpo":
         per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
         trained = (mask.sum(1) > 0).float()
         loss = (per_sequence * trained).sum() / trained.sum().clamp(min=1)
-    elif aggregation == "token":
-        loss = (per_token * mask).sum() / (token_normaliser or tokens.clamp(min=1))
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / tokens.clamp(min=1)
+    elif loss_type == "dapo":
+        if token_normaliser is None:
+            raise ValueError("loss_type dapo needs token_normaliser (step_token_normaliser)")
+        loss = (per_token * mask).sum() / token_normaliser
+    elif loss_type == "dr_grpo":
+        if max_completion_tokens is None:
+            raise ValueError("loss_type dr_grpo needs max_completion_tokens")
+        loss = (per_token * mask).sum() / (mask.size(0) * max_completion_tokens)
     else:
-        raise ValueError(f"loss aggregation must be sequence or token, got {aggregation!r}")
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     with torch.no_grad():  # sums, so the caller can reduce them over micro-batches and ranks
-        is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+        is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
         stats = {
             "tokens": float(tokens),
             "clipped_tokens": float((is_clipped.float() * mask).sum()),

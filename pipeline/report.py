@@ -209,7 +209,7 @@ off unless its weight is set: a policy can game it with trivially true claims.
 - Steps: {len(rows)} optimizer steps ({t['epochs']} epoch{'s' if t['epochs'] != 1 else ''} cap, `max_steps` {t['max_steps'] or 'unset'})
 - Generations per prompt: {t['num_generations']}; temperature {t['temperature']:g}, top-p {t['top_p']:g}
 - Maximum prompt length: {config['data']['max_prompt_tokens']} tokens; maximum completion length: {t['max_completion_tokens']} tokens
-- Loss: clipped surrogate (epsilon {t['epsilon']:g}), `{t['loss_aggregation']}` aggregation, advantages scaled by `{t['advantage_scaling']}`, KL beta {t['beta']:g}
+- Loss: clipped surrogate (epsilon {t['epsilon']:g}{f", epsilon_high {t['epsilon_high']:g}" if t.get('epsilon_high') else ""}), loss type `{t.get('loss_type', 'grpo')}`, advantages scaled by `{t['advantage_scaling']}`, KL beta {t['beta']:g}
 - Gradient clipping (max norm): {t['max_grad_norm']:g}; DeepSpeed config `{t['deepspeed_config']}`
 - Seed: {config['run']['seed']}
 

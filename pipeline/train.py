@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
         token_total = None
-        if t.loss_aggregation == "token":
+        if t.loss_type == "dapo":
             count = torch.tensor([float(sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k))],
                                  device=device)
             dist.all_reduce(count)
@@ -355,8 +355,9 @@ def main(argv=None) -> int:
             if reference is not None:
                 with torch.no_grad():
                     ref_logprobs = token_logprobs(reference, batch.input_ids, batch.attention_mask, t.temperature)
-            loss, stats = grpo_loss(logprobs, batch, epsilon=t.epsilon, aggregation=t.loss_aggregation,
-                                    is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs, token_normaliser=token_total)
+            loss, stats = grpo_loss(logprobs, batch, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
+                                    loss_type=t.loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs,
+                                    token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
             engine.backward(loss)
             engine.step()
             sums["loss"] += loss.item() / t.gradient_accumulation_steps

@@ -99,10 +99,15 @@ def test_loss_matches_a_straightforward_computation():
             terms.append(-surrogate + beta * kl)
         seq_losses.append(sum(terms) / len(terms))
         all_tokens += terms
-    loss, stats = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, aggregation="sequence")
+    loss, stats = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="grpo")
     assert loss.item() == pytest.approx(sum(seq_losses) / len(seq_losses), rel=1e-5)
-    loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, aggregation="token")
-    assert loss.item() == pytest.approx(sum(all_tokens) / len(all_tokens), rel=1e-5)
+    loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="bnpo")
+    assert loss.item() == pytest.approx(sum(all_tokens) / len(all_tokens), rel=1e-5)  # 6 tokens
+    loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="dapo", token_normaliser=4.0)
+    assert loss.item() == pytest.approx(sum(all_tokens) / 4.0, rel=1e-5)  # the step's count, given
+    loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="dr_grpo",
+                        max_completion_tokens=10)
+    assert loss.item() == pytest.approx(sum(all_tokens) / (3 * 10), rel=1e-5)  # 3 sequences x 10 tokens
     assert stats["tokens"] == 6 and stats["kl_sum"] > 0
 
 
@@ -137,7 +142,7 @@ def test_token_aggregation_is_a_step_global_mean_across_ranks_and_accumulation()
     step_tokens = sum(float(b.completion_mask.sum()) for r in batches for b in r)
     assert step_tokens == 2 + 3 + 1 + 4 + 2  # the truncated completion's token is not counted
     normaliser = step_token_normaliser(step_tokens, accumulation, ranks)
-    deepspeed_view = sum(grpo_loss(lp, b, aggregation="token", token_normaliser=normaliser)[0].item() / accumulation
+    deepspeed_view = sum(grpo_loss(lp, b, loss_type="dapo", token_normaliser=normaliser)[0].item() / accumulation
                          for r_b, r_lp in zip(batches, logps, strict=True) for b, lp in zip(r_b, r_lp, strict=True)) / ranks
     by_hand = []
     for r_b, r_lp in zip(batches, logps, strict=True):
@@ -149,3 +154,28 @@ def test_token_aggregation_is_a_step_global_mean_across_ranks_and_accumulation()
                     by_hand.append(-min(ratio * adv, max(min(ratio, 1.2), 0.8) * adv))
     assert len(by_hand) == step_tokens
     assert deepspeed_view == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
+
+
+def test_clip_higher_raises_only_the_upper_bound():
+    """DAPO's clip-higher: with A > 0 a ratio of 1.25 is clipped at 1.2 by epsilon=0.2 but not with
+    epsilon_high=0.28; the lower bound for A < 0 stays at 1 - epsilon."""
+    b = batch_of([[0.0]], [1.0])
+    up = b.old_logprobs.clone()
+    up[0, 1] = math.log(1.25)
+    assert grpo_loss(up, b, epsilon=0.2)[0].item() == pytest.approx(-1.2)
+    loss, stats = grpo_loss(up, b, epsilon=0.2, epsilon_high=0.28)
+    assert loss.item() == pytest.approx(-1.25) and stats["clipped_tokens"] == 0
+    down = b.old_logprobs.clone()
+    down[0, 1] = math.log(0.7)
+    b_neg = batch_of([[0.0]], [-1.0])
+    assert grpo_loss(down, b_neg, epsilon=0.2, epsilon_high=0.28)[1]["clipped_tokens"] == 1
+
+
+def test_loss_types_need_their_inputs():
+    b = batch_of([[-1.0]], [1.0])
+    with pytest.raises(ValueError, match="dapo needs token_normaliser"):
+        grpo_loss(b.old_logprobs, b, loss_type="dapo")
+    with pytest.raises(ValueError, match="dr_grpo needs max_completion_tokens"):
+        grpo_loss(b.old_logprobs, b, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        grpo_loss(b.old_logprobs, b, loss_type="token")

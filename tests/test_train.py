@@ -147,7 +147,7 @@ def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_mod
     micro-batches, and no gradient for truncated completions, through the real launcher."""
     proc = launch("--name", "kl", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
                   "--set", "eval.enabled=false", "--set", "train.max_steps=3", "--set", "train.beta=0.05",
-                  "--set", "train.loss_aggregation=token", "--set", "train.mask_truncated_completions=true",
+                  "--set", "train.loss_type=dapo", "--set", "train.mask_truncated_completions=true",
                   "--set", "train.max_completion_tokens=24", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "kl")
