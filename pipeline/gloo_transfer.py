@@ -309,7 +309,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             world_size=init_info.world_size, rank_offset=1, timeout_s=init_info.timeout_s,
             bucket_bytes=init_info.bucket_bytes)
         # The workers block in init until the group forms: the HTTP call runs beside our join.
-        with _Beside(client.init_weight_transfer_engine, asdict(worker_info)) as call:
+        with Beside(client.init_weight_transfer_engine, asdict(worker_info)) as call:
             engine.group = join_group(init_info.master_address, init_info.master_port, 0,
                                       init_info.world_size, init_info.timeout_s)
             call.result(init_info.timeout_s)
@@ -325,7 +325,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             names=[m.name for m in meta], dtype_names=[str(m.dtype).removeprefix("torch.") for m in meta],
             shapes=[list(m.shape) for m in meta], digest_names=list(self.digest_names))
         self.client.start_weight_update()
-        with _Beside(self.client.update_weights, asdict(update)) as call:
+        with Beside(self.client.update_weights, asdict(update)) as call:
             self._broadcast(iter(self.source), update)
             call.result(self.timeout_s)
         self.client.finish_weight_update()
@@ -349,9 +349,14 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             self.group = None
 
 
-class _Beside:
-    """Run an HTTP call in a daemon thread while this thread takes part in a collective. Daemon: a
-    call stuck past its deadline must never keep the process alive (no executor join at exit)."""
+class DeadlineExceeded(TimeoutError):
+    """A call run `Beside` did not finish within its deadline (it may still be running)."""
+
+
+class Beside:
+    """Run a call in a daemon thread: an HTTP call while this thread takes part in a collective, or a
+    whole push under a deadline. Daemon: a call stuck past its deadline must never keep the process
+    alive (no executor join at exit)."""
 
     def __init__(self, fn, *args):
         import threading
@@ -378,7 +383,7 @@ class _Beside:
 
     def result(self, timeout_s: float):
         if not self._done.wait(timeout_s):
-            raise TimeoutError(f"the server did not confirm within {timeout_s:.0f}s")
+            raise DeadlineExceeded(f"no answer within {timeout_s:.0f}s")
         if self._error is not None:
             raise self._error
         return self._result

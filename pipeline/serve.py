@@ -185,9 +185,7 @@ class GenerationServer:
         deadline = time.monotonic() + self.config.server.request_timeout_s
         if self.fatal:
             raise HTTPException(503, f"server exiting: {self.fatal}")
-        if not self.engine.acquire(timeout=self.config.server.request_timeout_s):
-            raise HTTPException(503, f"{what}: the engine stayed busy past server.request_timeout_s; try again")
-        try:
+        with self._locked(what):
             if not during_update:
                 if not self.engine.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
                     raise HTTPException(503, "a weight update is in progress; try again")
@@ -196,8 +194,6 @@ class GenerationServer:
             if self.fatal:
                 raise HTTPException(503, f"server exiting: {self.fatal}")
             return self._guarded(fn, what)
-        finally:
-            self.engine.release()
 
     def _guarded(self, fn, what: str):
         """The watchdog and the recovery around one engine call. Past server.request_timeout_s the

