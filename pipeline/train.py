@@ -26,6 +26,7 @@ import shutil
 import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     if torch.cuda.is_available():  # before any collective: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=collective_timeout(config))
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(run_dir, rank)
     t = config.train
@@ -440,6 +441,14 @@ def main(argv=None) -> int:
     log.info("done: %d steps; final model in %s", total_steps, run_dir / "final")
     dist.barrier()
     return 0
+
+
+def collective_timeout(config: Config) -> timedelta:
+    """How long a rank waits in a collective for the others. Rank 0 alone talks to the server, so the
+    other ranks wait out its deadlines (a generation, a server restart, a push) plus a margin: rank 0's
+    error names the cause, instead of a bare gloo/NCCL timeout on a rank that was only waiting."""
+    s = config.server
+    return timedelta(seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + 120)
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> None:

@@ -6,9 +6,11 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_TAG = "GRPO_TEST_RUN"  # every process a test's run starts inherits this: orphans are found by it
 GSM8K_DIR = Path(os.environ.get("GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
 
 
@@ -131,3 +133,51 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("CI") == "true" and _UNEXPECTED_SKIPS and exitstatus == 0:
         print("\nerror: tests that CI must run were skipped:\n  " + "\n  ".join(_UNEXPECTED_SKIPS), file=sys.stderr)
         session.exitstatus = 1
+
+
+# --- processes of a test's run ---------------------------------------------------------------------
+def run_processes(text: str, sessions: set[int] | None = None) -> list[psutil.Process]:
+    found: dict[int, psutil.Process] = {}
+    everyone = [p for p in psutil.process_iter(["pid", "cmdline", "environ", "status"])
+                if p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid()]
+    for proc in everyone:
+        info = proc.info
+        if text in " ".join(info["cmdline"] or []) or (info["environ"] or {}).get(RUN_TAG) == text:
+            found[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):
+                found.update((c.pid, c) for c in proc.children(recursive=True))
+    leaders = {pid for pid in found if _sid(pid) == pid} | (sessions or set())
+    found.update((p.pid, p) for p in everyone if _sid(p.pid) in leaders)
+    return [p for p in found.values() if _alive(p)]
+
+
+def _sid(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return -1
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def reap_leftovers(request):
+    """After each test, SIGKILL whatever its run left behind (a test that failed half-way through a
+    fault scenario, say), so one failure cannot starve the tests after it of the machine's 2 cores.
+    Tests that promise no orphans check that themselves, before this runs."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is None:
+        return
+    leftovers = run_processes(str(tmp))
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(leftovers, timeout=30)
+    if leftovers:
+        print(f"\nreaped {len(leftovers)} process(es) left by {request.node.nodeid}", file=sys.stderr)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SERVER_TOKEN, one_line_error
-from test_train import RUN_TAG, _alive, _processes_mentioning, launch, read_metrics, run_processes
+from conftest import RUN_TAG, SERVER_TOKEN, _alive, one_line_error, run_processes
+from test_train import _processes_mentioning, launch, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,13 +41,20 @@ def warm_run(name: str, *extra: str, warm_model_dir) -> list[str]:
 
 
 def wait_for_step(path: Path, step: int, proc, timeout: float = 300) -> None:
+    """Until metrics.jsonl (`path`) has `step` rows; fails with the run's own log if it ends first."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if path.exists() and sum(1 for _ in path.open()) >= step:
             return
-        assert proc.poll() is None, "the run ended before the step to kill it at"
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}:\n{run_log(path.parent)}"
         time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+    raise AssertionError(f"step {step} not reached in {timeout}s:\n{run_log(path.parent)}")
+
+
+def run_log(run_dir: Path, chars: int = 4000) -> str:
+    """The tail of what a run printed: the launcher's console (root/launch.log) and the ranks' train.log."""
+    logs = [run_dir.parent / "launch.log", run_dir / "train.log", run_dir / "server.log"]
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-chars:]}" for p in logs if p.exists())
 
 
 def wait_gone(text: str, timeout: float = 60) -> None:
@@ -267,18 +274,22 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(gsm8k_dir,
 
     wide = build_tiny_model(tmp_path / "wide", tiny_corpus(gsm8k_dir, rows=200), hidden_size=512,
                             intermediate_size=2048, num_layers=6, num_heads=8, num_kv_heads=2)
-    server = None
-    common = ["--name", "ck", "--set", f"model.path={wide}", "--set", "model.build=", "--set", "eval.enabled=false",
-              "--set", "train.save_every=1", "--set", "train.keep_checkpoints=50",
-              "--set", "train.max_completion_tokens=16"]
-    ckpt = tmp_path / "ck" / "checkpoints"
-    for _attempt in range(3):  # a write takes a fraction of a second: watch closely and retry if missed
-        proc = start_launch(*common, "--set", "train.max_steps=40", *(["--resume"] if (ckpt / "latest").exists() else []),
-                            server=server, root=tmp_path)
-        metrics = tmp_path / "ck" / "metrics.jsonl"
-        wait_for_step(metrics, (len(read_metrics(tmp_path / "ck")) if metrics.exists() else 0) + 1, proc)
+
+    def common(name):
+        return ["--name", name, "--set", f"model.path={wide}", "--set", "model.build=", "--set", "eval.enabled=false",
+                "--set", "train.save_every=1", "--set", "train.keep_checkpoints=50",
+                "--set", "train.max_completion_tokens=16"]
+
+    hit = None
+    # A write takes a fraction of a second: watch closely and, if the write finished before the kill
+    # landed, try again in a fresh run (resuming a run killed at a random moment is another test's).
+    for attempt in range(3):
+        name = f"ck{attempt}"
+        ckpt = tmp_path / name / "checkpoints"
+        proc = start_launch(*common(name), "--set", "train.max_steps=40", server=None, root=tmp_path)
+        wait_for_step(tmp_path / name / "metrics.jsonl", 1, proc)
         everyone = [p.pid for p in run_processes(str(tmp_path))]  # launcher, ranks, server: killed at once
-        hit, end = None, time.monotonic() + 300
+        end = time.monotonic() + 300
         while hit is None and proc.poll() is None and time.monotonic() < end:
             latest = (ckpt / "latest").read_text() if (ckpt / "latest").exists() else ""
             newest = max((p.name for p in ckpt.glob("step-*")), key=lambda n: int(n.split("-")[1]), default="")
@@ -294,18 +305,18 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(gsm8k_dir,
         wait_gone(str(tmp_path))
         if hit and (ckpt / "latest").read_text() == hit[0] and (ckpt / hit[1]).exists():
             break  # killed mid-write: a newer, unfinished checkpoint directory and `latest` unchanged
-        hit = None  # the write finished before the kill landed: not the case under test, try again
+        hit = None
     assert hit, "never caught a checkpoint mid-write"
     latest = hit[0]
     step = int(latest.split("-")[1])
     from pipeline.client import free_port
 
-    resumed = launch(*common, "--resume", "--set", f"train.max_steps={step + 1}",
+    resumed = launch(*common(name), "--resume", "--set", f"train.max_steps={step + 1}",
                      "--set", f"server.port={free_port()}", root=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    resumes = [line for line in (tmp_path / "ck" / "train.log").read_text().splitlines() if "resumed from" in line]
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + run_log(tmp_path / name)
+    resumes = [line for line in (tmp_path / name / "train.log").read_text().splitlines() if "resumed from" in line]
     assert f"resumed from {ckpt / latest}" in resumes[-1] and resumes[-1].endswith(f"at step {step}"), resumes[-1]
-    rows = read_metrics(tmp_path / "ck")
+    rows = read_metrics(tmp_path / name)
     assert [r["step"] for r in rows] == list(range(1, step + 2))
 
 

@@ -1,16 +1,14 @@
 """The trainer end to end: launcher -> deepspeed ranks -> shared server, on CPU."""
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from conftest import SERVER_TOKEN, one_line_error
+from conftest import RUN_TAG, SERVER_TOKEN, one_line_error, run_processes
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
@@ -18,7 +16,6 @@ from pipeline.synthetic import generate
 from pipeline.train import StepData, lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_TAG = "GRPO_TEST_RUN"  # every process a test's run starts inherits this: orphans are found by it
 REQUIRED_KEYS = {
     "step", "epoch", "lr", "loss", "reward/total", "reward/strict_format", "reward/soft_format",
     "reward/int_answer", "reward/xml_count", "reward/correctness", "format/strict_rate", "accuracy",
@@ -182,35 +179,6 @@ def _processes_mentioning(text: str) -> list[str]:
     return [f"{p.pid} {' '.join(p.cmdline())}" for p in run_processes(text)]
 
 
-def run_processes(text: str, sessions: set[int] | None = None) -> list[psutil.Process]:
-    found: dict[int, psutil.Process] = {}
-    everyone = [p for p in psutil.process_iter(["pid", "cmdline", "environ", "status"])
-                if p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid()]
-    for proc in everyone:
-        info = proc.info
-        if text in " ".join(info["cmdline"] or []) or (info["environ"] or {}).get(RUN_TAG) == text:
-            found[proc.pid] = proc
-            with contextlib.suppress(psutil.Error):
-                found.update((c.pid, c) for c in proc.children(recursive=True))
-    leaders = {pid for pid in found if _sid(pid) == pid} | (sessions or set())
-    found.update((p.pid, p) for p in everyone if _sid(p.pid) in leaders)
-    return [p for p in found.values() if _alive(p)]
-
-
-def _sid(pid: int) -> int:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return -1
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
     port = int(server.client.base_url.rsplit(":", 1)[1])
     proc = launch("--name", "clash", "--set", f"server.port={port}", root=tmp_path, timeout=120)
@@ -260,3 +228,15 @@ def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     assert not _processes_mentioning(str(tmp_path)), "orphan processes left behind"
     with pytest.raises(Exception):  # noqa: B017 - nothing listens on the server port any more
         __import__("requests").get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_ranks_wait_out_rank_zeros_deadlines():
+    """Ranks other than 0 wait in a collective while rank 0 alone talks to the server: their timeout
+    must outlast rank 0's own deadlines, or a slow generation kills them with a bare gloo timeout."""
+    from pipeline.config import Config
+    from pipeline.train import collective_timeout
+
+    config = Config()
+    config.server.request_timeout_s = 1200
+    waited = collective_timeout(config).total_seconds()
+    assert waited > config.server.request_timeout_s + config.server.startup_timeout_s + config.sync.timeout_s
