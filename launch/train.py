@@ -37,7 +37,9 @@ sys.path.insert(0, str(REPO))
 from launch.plan import PlanError, describe, make_plan, redacted  # noqa: E402
 from pipeline.client import ServerClient, free_port  # noqa: E402
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
+from pipeline.data import DataError  # noqa: E402
 from pipeline.evaluate import format_table, run_eval  # noqa: E402
+from pipeline.rewards import RewardError  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
@@ -174,6 +176,43 @@ def tee(stream, console, log_path: Path) -> threading.Thread:
     return thread
 
 
+def absolute_data_paths(config) -> None:
+    """Data files and an @file system prompt, relative to where the user launched: the ranks run in
+    the repository, so the resolved config (run_dir/config.yaml) names them absolutely."""
+    d = config.data
+    for key in ("train_file", "test_file"):
+        if getattr(d, key):
+            setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
+    if d.system_prompt.startswith("@"):
+        d.system_prompt = "@" + str(Path(d.system_prompt[1:]).expanduser().absolute())
+
+
+def check_data_and_rewards(config) -> None:
+    """Before anything starts: the system prompt file, local data files (each bad row is `file:line`),
+    and every reward plugin, imported and called once on a training example (a plugin that cannot be
+    imported, or returns the wrong number of values, fails here rather than at step 1)."""
+    from pipeline.data import examples_for, resolve_system_prompt
+    from pipeline.rewards import load_rewards, score_completions
+
+    system_prompt = resolve_system_prompt(config.data.system_prompt)
+    rewards = load_rewards(config.reward_functions)
+    if config.data.source == "hub":
+        return  # downloading here and again in the ranks is not worth it: the ranks report bad rows
+    if config.data.source == "synthetic":
+        from pipeline import synthetic
+
+        train = synthetic.generate(1, config.run.seed, "train")
+    else:
+        train = examples_for(config.data, "train", config.run.seed)
+        if config.eval.enabled and config.data.test_file:
+            examples_for(config.data, "test", config.run.seed)
+    if config.reward_functions:
+        e = train[0]
+        columns = {k: [v, v] for k, v in e.columns.items()}
+        score_completions(["", e.solution], [e.answer, e.answer], config.rewards, rewards,
+                          [e.prompt(system_prompt)] * 2, columns)
+
+
 def main(argv=None) -> int:
     from pipeline.server_process import ServerProcess, die_with_parent
 
@@ -215,9 +254,11 @@ def main(argv=None) -> int:
             return 0
         if not args.server_url:
             check_port_free(config.server.host, config.server.port)
+        absolute_data_paths(config)
+        check_data_and_rewards(config)
         prepare_model(config)
         check_disk_space(config, run_dir)
-    except (ConfigError, PlanError) as e:
+    except (ConfigError, PlanError, DataError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -268,7 +309,9 @@ def main(argv=None) -> int:
             summary = run_eval(client, config, run_dir / "eval_before")
             print(format_table({"before": summary}), flush=True)
         cmd = plan["trainer"]["command"]
-        trainer_env = {**os.environ, **plan["trainer"]["env"], "PYTHONPATH": str(REPO)}
+        # the repo, then where the user launched from (reward plugins there), then their own PYTHONPATH
+        trainer_env = {**os.environ, **plan["trainer"]["env"], "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
         if plan["trainer"]["token_file"]:
             trainer_env.pop("GRPO_SERVER_TOKEN", None)
         trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,

@@ -1,11 +1,16 @@
-"""Answers: extracting them from completions and GSM8K solutions, and comparing them. Pure Python.
+"""Answers: extracting them from completions and reference solutions, and comparing them. Pure Python.
 
-Shared by the rewards, the evaluation and the reasoning checker.
+Shared by the rewards, the evaluation and the reasoning checker. A dataset's reference answers come in
+one of `ANSWER_FORMATS` (data.answer_format): GSM8K's `#### 42`, a plain final answer, or MATH's last
+`\\boxed{...}`. Plain numbers compare exactly; anything else (fractions, LaTeX, expressions) goes to
+math-verify's symbolic equivalence.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from decimal import Decimal
 
 _DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
@@ -42,6 +47,36 @@ def extract_gsm8k_answer(solution: str) -> str:
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
+def extract_boxed(text: str) -> str | None:
+    """The contents of the last `\\boxed{...}` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i].strip()
+    return None
+
+
+def extract_reference(text: str, answer_format: str) -> str:
+    """A reference solution's final answer in `answer_format`; ValueError says what is missing."""
+    if answer_format == "gsm8k":
+        return extract_gsm8k_answer(text)
+    if answer_format == "plain":
+        return text.strip()
+    if answer_format == "boxed":
+        boxed = extract_boxed(text)
+        if boxed is None:
+            raise ValueError("no \\boxed{...} final answer")
+        return boxed
+    raise ValueError(f"unknown answer format {answer_format!r} (expected one of {', '.join(ANSWER_FORMATS)})")
+
+
+ANSWER_FORMATS = ("gsm8k", "plain", "boxed")
+
+
 def _normalise_answer(answer: str) -> str:
     answer = answer.strip().replace("$", "").replace(",", "")
     return answer[:-1] if answer.endswith(".") else answer
@@ -62,3 +97,28 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
         return False
     predicted, reference = answer_key(predicted), answer_key(reference)
     return type(predicted) is type(reference) and predicted == reference
+
+
+def answers_equivalent(predicted: str | None, reference: str | None) -> bool:
+    """`answers_match`, and where the reference is not a plain number (`\\frac{1}{2}`, `x^2+2x`, a
+    MATH-style answer), math-verify's symbolic equivalence. A plain-number reference (GSM8K) still
+    needs a plain number: "18 apples" is not "18". Never raises: what it cannot parse is wrong."""
+    if answers_match(predicted, reference):
+        return True
+    if predicted is None or reference is None or not predicted.strip() or len(predicted) > 1000:
+        return False  # long texts are not final answers, and sympy on them is slow
+    if isinstance(answer_key(reference), Decimal):
+        return False
+    # math-verify bounds its work with SIGALRM, which only the main thread may set: elsewhere no
+    # timeout (the 1000-character cap above keeps sympy's work small)
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        from math_verify import parse, verify
+
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning
+
+        gold, pred = (parse(f"${x}$", parsing_timeout=timeout) or parse(x, parsing_timeout=timeout)
+                      for x in (reference, predicted))
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # math-verify raises on some malformed LaTeX; a reward must return a number
+        return False

@@ -11,8 +11,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Transport = Literal["auto", "nccl", "ipc", "gloo"]
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]  # pipeline/grpo.py implements each
+LOSS_TYPES = typing.get_args(LossType)
 
 
 class ConfigError(ValueError):
@@ -34,7 +40,7 @@ class ModelConfig:
     """model.build=tiny: SFT warm-start steps (batch 16) on formatted solutions. 120 gives partial
     format compliance (about 0.6-0.7 strict when sampled): GRPO needs rewards that differ within a
     group, and much more SFT (200: 0.9) leaves it little to learn."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
     attn_implementation: str = "auto"
     """Trainer attention kernel: auto (flash_attention_2 on GPU with a 16-bit dtype when the optional
@@ -87,7 +93,7 @@ class ServerConfig:
 
 @dataclass
 class SyncConfig:
-    transport: str = "auto"
+    transport: Transport = "auto"
     """The backend of vLLM's weight-transfer API: auto | nccl | ipc | gloo. auto: vLLM's `nccl`
     on GPU (the launcher picks vLLM's `ipc` when trainer and server share one GPU), our `gloo`
     engine on CPU."""
@@ -107,17 +113,32 @@ class SyncConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
-    """jsonl (local files with GSM8K's question/answer fields) | hub (openai/gsm8k via datasets) |
-    synthetic (GSM8K-style problems generated locally; no download)."""
+    source: Literal["synthetic", "jsonl", "csv", "parquet", "hub"] = "synthetic"
+    """synthetic (GSM8K-style problems generated locally; no download) | jsonl, csv, parquet (local
+    files: data.train_file / data.test_file) | hub (data.hub_name via `datasets`)."""
     train_file: str = ""
-    """Training JSONL, relative to the working directory."""
+    """Training file (jsonl/csv/parquet), relative to the working directory."""
     test_file: str = ""
-    """Evaluation JSONL."""
+    """Evaluation file, same format."""
     hub_name: str = "openai/gsm8k"
     """Dataset name on the hub (data.source=hub)."""
     hub_config: str = "main"
-    """Dataset config on the hub."""
+    """Dataset config on the hub ('' for none)."""
+    question_key: str = "question"
+    """Column holding the question (GSM8K: question)."""
+    answer_key: str = "answer"
+    """Column holding the reference answer (GSM8K: answer). Every other column is passed to the
+    reward functions as a keyword argument, one value per completion (as TRL does)."""
+    answer_format: Literal["gsm8k", "plain", "boxed"] = "gsm8k"
+    """How the final answer is read from the answer column: gsm8k (the text after `####`), plain (the
+    column is the final answer), boxed (the last `\\boxed{...}`, MATH-style). Correctness compares
+    numbers exactly and anything else with math-verify (fractions, LaTeX, expressions)."""
+    system_prompt: str = ""
+    """The system prompt, or `@path/to/file` to read it from a file; empty = the XML-format prompt
+    the recipe teaches (pipeline/data.py SYSTEM_PROMPT)."""
+    chat_template: Literal["auto", "true", "false"] = "auto"
+    """Build prompts with the tokenizer's chat template: auto (if it has one), true, or false (plain
+    text: the system prompt, a blank line, the question; for base models)."""
     synthetic_train: int = 4000
     """Number of generated training problems (data.source=synthetic)."""
     synthetic_test: int = 200
@@ -177,7 +198,7 @@ class TrainConfig:
     and regenerated."""
     beta: float = 0.0
     """KL penalty weight to the frozen initial model; 0 loads no reference model (TRL's default)."""
-    loss_type: str = "grpo"
+    loss_type: LossType = "grpo"
     """What the token losses are divided by, named as in TRL's GRPOConfig: grpo (each completion's
     mean, then the mean over completions; DeepSeekMath, TRL's original default), bnpo (the
     micro-batch's trained tokens), dapo (all trained tokens of the optimizer step, across ranks and
@@ -187,7 +208,7 @@ class TrainConfig:
     0.28 there); 0 = the same as epsilon (TRL's default)."""
     loss_aggregation: str = ""
     """Replaced by loss_type (sequence -> grpo, token -> dapo); setting it is an error saying so."""
-    advantage_scaling: str = "group"
+    advantage_scaling: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group's std (group), the batch's std (batch), or not (none)."""
     mask_truncated_completions: bool = False
     """Give completions cut at max_completion_tokens no gradient (DAPO's overlong filtering)."""
@@ -238,9 +259,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: dict[str, float] = field(default_factory=dict)
     """Per-reward weights by name (strict_format, soft_format, int_answer, xml_count, correctness,
-    reasoning_steps); the five card rewards default to 1.0, so totals are the seed card's points, and
-    reasoning_steps (0.5 x fraction of correct arithmetic steps) to 0.0: it can be gamed with
-    trivially true claims, so give it a small weight if any."""
+    reasoning_steps, and any reward_functions plugin); the five card rewards and plugins default to
+    1.0, so totals are the seed card's points, and reasoning_steps (0.5 x fraction of correct
+    arithmetic steps) to 0.0: it can be gamed with trivially true claims, so give it a small weight
+    if any. 0 turns a reward off (it is still computed and logged)."""
+    reward_functions: dict[str, str] = field(default_factory=dict)
+    """Your own rewards: `name: "module:function"`, the module importable from the working directory
+    or PYTHONPATH. TRL's signature: fn(prompts, completions, answer, **columns) -> list[float | None]
+    (None = not applicable, 0 points); logged as reward/<name>; an optional `max_points` attribute on
+    the function goes into the model card."""
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -249,6 +276,13 @@ class Config:
 def _check_type(value, hint, key: str):
     """Return `value` converted to `hint` where lossless (int -> float), else raise ConfigError."""
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML reads `true` as a bool
+            return str(value).lower()
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
@@ -333,24 +367,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return config
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # pipeline/grpo.py implements each
-
-
 def validate(config: Config) -> None:
     """Cross-field checks that no single type can express."""
-    from pipeline.rewards import REWARD_FUNCS
+    from pipeline.rewards import BUILTIN_REWARDS
 
-    if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype: expected auto, float32, bfloat16 or float16, got {config.model.dtype!r}")
-    if config.sync.transport not in ("auto", "nccl", "ipc", "gloo"):
-        raise ConfigError(f"sync.transport: expected auto, nccl, ipc or gloo, got {config.sync.transport!r}")
-    if config.data.source not in ("jsonl", "hub", "synthetic"):
-        raise ConfigError(f"data.source: expected jsonl, hub or synthetic, got {config.data.source!r}")
-    if config.data.source == "jsonl" and not config.data.train_file:
-        raise ConfigError("data.train_file: required when data.source is jsonl")
+    if config.data.source in ("jsonl", "csv", "parquet") and not config.data.train_file:
+        raise ConfigError(f"data.train_file: required when data.source is {config.data.source}")
+    if config.data.question_key == config.data.answer_key:
+        raise ConfigError(f"data.answer_key: the same column as data.question_key ({config.data.question_key!r})")
+    known = [*BUILTIN_REWARDS, *config.reward_functions]
     for name in config.rewards:
-        if name not in REWARD_FUNCS:
-            raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(REWARD_FUNCS)})")
+        if name not in known:
+            raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(known)}; "
+                              "your own go in reward_functions)")
     if not 0 <= config.run.seed < 2**32:
         raise ConfigError(f"run.seed: expected an integer in [0, 2**32), got {config.run.seed}")
     if config.server.max_restarts < 0:
@@ -368,13 +397,9 @@ def validate(config: Config) -> None:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
     if t.loss_aggregation:
         raise ConfigError("train.loss_aggregation: replaced by train.loss_type (sequence -> grpo, token -> dapo)")
-    if t.loss_type not in LOSS_TYPES:
-        raise ConfigError(f"train.loss_type: expected one of {', '.join(LOSS_TYPES)}, got {t.loss_type!r}")
     if t.epsilon_high and t.epsilon_high < t.epsilon:
         raise ConfigError(f"train.epsilon_high: must be 0 (= epsilon) or >= train.epsilon={t.epsilon}, "
                           f"got {t.epsilon_high}")
-    if t.advantage_scaling not in ("group", "batch", "none"):
-        raise ConfigError(f"train.advantage_scaling: expected group, batch or none, got {t.advantage_scaling!r}")
     if not 0 < t.top_p <= 1 or t.temperature <= 0:
         raise ConfigError("train.temperature must be > 0 and train.top_p in (0, 1]")
     if t.is_cap <= 1 or t.max_staleness < 0:

@@ -17,9 +17,25 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from pipeline.data import Example, drop_long_prompts, load_examples, prompt_token_ids
+from pipeline.data import (
+    DEFAULT_STYLE,
+    READERS,
+    DataError,
+    Example,
+    Fields,
+    PromptStyle,
+    drop_long_prompts,
+    examples_for,
+    read_file,
+)
 from pipeline.reasoning import ReasoningCheck, check_reasoning, summarise_checks
-from pipeline.rewards import answer_key, answers_match, extract_xml_answer, is_soft_format, is_strict_format
+from pipeline.rewards import (
+    answer_key,
+    answers_equivalent,
+    extract_xml_answer,
+    is_soft_format,
+    is_strict_format,
+)
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 REQUEST_PROMPTS = 128  # prompts per generate call: well under server.max_prompts
@@ -54,10 +70,10 @@ def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
         "source": example.source, "question": example.question, "reference": example.answer,
         "completion": text, "answer": extract_xml_answer(text), "lenient_answer": lenient_answer(text),
         "strict_format": strict, "soft_format": is_soft_format(text),
-        "strict_correct": strict and answers_match(extract_xml_answer(text), example.answer),
-        "lenient_correct": answers_match(lenient_answer(text), example.answer),
+        "strict_correct": strict and answers_equivalent(extract_xml_answer(text), example.answer),
+        "lenient_correct": answers_equivalent(lenient_answer(text), example.answer),
         "length": len(greedy["token_ids"]), "truncated": greedy["finish_reason"] == "length",
-        "majority_answer": majority, "majority_correct": answers_match(majority, example.answer),
+        "majority_answer": majority, "majority_correct": answers_equivalent(majority, example.answer),
         "reasoning_steps": reasoning.steps, "reasoning_correct_steps": reasoning.correct_steps,
         "reasoning_final_consistent": reasoning.final_consistent,
     }
@@ -84,12 +100,12 @@ def summarise(rows: list[dict], maj_k: int) -> dict:
 
 
 def evaluate(client, tokenizer, examples: list[Example], *, max_tokens: int, maj_k: int = 8,
-             temperature: float = 1.0, seed: int = 0) -> tuple[dict, list[dict]]:
+             temperature: float = 1.0, seed: int = 0, style: PromptStyle = DEFAULT_STYLE) -> tuple[dict, list[dict]]:
     """Greedy and (if maj_k) sampled generation for every example through `client`."""
     rows = []
     for start in range(0, len(examples), REQUEST_PROMPTS):
         chunk = examples[start: start + REQUEST_PROMPTS]
-        ids = [prompt_token_ids(tokenizer, e) for e in chunk]
+        ids = [style.ids(tokenizer, e) for e in chunk]
         greedy = client.generate(ids, n=1, max_tokens=max_tokens, temperature=0.0)["results"]
         sampled = (client.generate(ids, n=maj_k, max_tokens=max_tokens, temperature=temperature, seed=seed)["results"]
                    if maj_k else [{"completions": []}] * len(chunk))
@@ -111,15 +127,15 @@ def format_table(columns: dict[str, dict]) -> str:
 
 
 def load_eval_examples(config, tokenizer, data_file: str | None, limit: int | None) -> tuple[list[Example], int]:
-    if data_file:
-        from pipeline.data import read_jsonl
-
-        examples = read_jsonl(data_file)
+    if data_file:  # the file's kind from its suffix (.jsonl, .csv, .parquet), the columns from the config
+        kind = Path(data_file).suffix.lstrip(".").lower()
+        d = config.data
+        examples = read_file(data_file, Fields(d.question_key, d.answer_key, d.answer_format),
+                             kind if kind in READERS else "jsonl")
     else:
-        files = {"train": config.data.train_file, "test": config.data.test_file}
-        examples = load_examples(config.data.source, "test", files, config.data.hub_name, config.data.hub_config,
-                                 {"test": config.data.synthetic_test}, config.run.seed)
-    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens)
+        examples = examples_for(config.data, "test", config.run.seed)
+    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens,
+                                          PromptStyle.from_config(config.data))
     return examples[:limit] if limit else examples, dropped
 
 
@@ -130,7 +146,7 @@ def run_eval(client, config, out: str | Path, data_file: str | None = None, limi
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     examples, dropped = load_eval_examples(config, tokenizer, data_file, limit or config.eval.limit or None)
-    summary, rows = evaluate(client, tokenizer, examples, seed=config.run.seed,
+    summary, rows = evaluate(client, tokenizer, examples, seed=config.run.seed, style=PromptStyle.from_config(config.data),
                              maj_k=config.eval.maj_k if maj_k is None else maj_k,
                              temperature=temperature or config.eval.temperature,
                              max_tokens=max_tokens or config.train.max_completion_tokens)
@@ -163,7 +179,7 @@ def main(argv=None) -> int:
         parser.error("give --model or --server-url")
     try:
         config = load_config(args.config, args.set + ([f"model.path={args.model}"] if args.model else []))
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     server = None

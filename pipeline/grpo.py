@@ -71,14 +71,21 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], old_logpr
                  torch.tensor(advantages, dtype=torch.float32, device=device))
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) for every position, shape (B, T-1), in fp32."""
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """log p(token t+1 | tokens <= t) for every position, shape (B, T-1), in fp32; with
+    `with_entropy`, also the entropy of each position's distribution (B, T-1), without gradient."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
     logits = logits.float() / temperature
     targets = input_ids[:, 1:].unsqueeze(-1)
     # log_softmax via logsumexp keeps memory at one (B, T, V) fp32 tensor
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():  # H = logsumexp(z) - sum softmax(z) z; a diagnostic of collapse, not trained
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logprobs, entropy
 
 
 def step_token_normaliser(step_tokens: float, accumulation_steps: int, ranks: int) -> float:

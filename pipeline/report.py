@@ -14,20 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.reasoning import REASONING_POINTS
-from pipeline.rewards import (
-    CORRECT_POINTS,
-    DEFAULT_WEIGHTS,
-    INT_POINTS,
-    REWARD_FUNCS,
-    SOFT_POINTS,
-    STRICT_POINTS,
-    XML_TAG_POINTS,
-)
+from pipeline.rewards import BUILTIN_REWARDS
 
-REWARD_POINTS = {"strict_format": STRICT_POINTS, "soft_format": SOFT_POINTS, "int_answer": INT_POINTS,
-                 "xml_count": 4 * XML_TAG_POINTS, "correctness": CORRECT_POINTS,
-                 "reasoning_steps": REASONING_POINTS}
 EVAL_KEYS = ["pass@1/strict_accuracy", "pass@1/lenient_accuracy", "format/strict_rate", "format/soft_rate",
              "reasoning/step_accuracy", "reasoning/no_step_rate", "reasoning/final_consistent_rate",
              "completion_len/mean", "completions/truncated_rate"]
@@ -76,7 +64,9 @@ def plot_curves(rows: list[dict], run_dir: Path) -> list[str]:
     window = max(1, len(rows) // 20)
     written = []
     panels = {
-        "reward_curves.png": ["reward/total"] + [f"reward/{n}" for n in REWARD_FUNCS],
+        "reward_curves.png": ["reward/total"] + sorted({k for r in rows for k in r if k.startswith("reward/")} - {
+            "reward/total"}, key=lambda k: (k[7:] not in BUILTIN_REWARDS, list(BUILTIN_REWARDS).index(k[7:])
+                                            if k[7:] in BUILTIN_REWARDS else 0, k)),
         "format_curves.png": ["format/strict_rate", "accuracy", "reasoning/step_accuracy", "completion_len/mean",
                               "completions/truncated_rate"],
     }
@@ -130,7 +120,9 @@ def model_card(run_dir: Path, config: dict, rows: list[dict], before: dict | Non
     base = m["path"]
     built = read_json(Path(base) / "build.json") if base and Path(base).exists() else None
     dataset_id, dataset_text = describe_data(config)
-    weights = {name: config.get("rewards", {}).get(name, DEFAULT_WEIGHTS[name]) for name in REWARD_FUNCS}
+    plugins = config.get("reward_functions") or {}
+    weights = {name: config.get("rewards", {}).get(name, BUILTIN_REWARDS[name].weight if name in BUILTIN_REWARDS
+                                                  else 1.0) for name in [*BUILTIN_REWARDS, *plugins]}
     first_r, last_r = window_means(rows, "reward/total")
     first_s, last_s = window_means(rows, "format/strict_rate")
     first_a, last_a = window_means(rows, "accuracy")
@@ -147,8 +139,9 @@ def model_card(run_dir: Path, config: dict, rows: list[dict], before: dict | Non
     if built or Path(base).exists():
         del meta["base_model"]
     reward_lines = "\n".join(
-        f"| `{name}` | {REWARD_POINTS[name]:g}{' (up to)' if name == 'xml_count' else ''} | {weights[name]:g} |"
-        for name in REWARD_FUNCS)
+        [f"| `{name}` | {r.points:g}{' (up to)' if name == 'xml_count' else ''} | {weights[name]:g} | {r.about} |"
+         for name, r in BUILTIN_REWARDS.items()]
+        + [f"| `{name}` | - | {weights[name]:g} | your own: `{spec}` |" for name, spec in plugins.items()])
     if built:
         base_text = (f"A Qwen2-architecture causal LM built by this project with no download: byte-level BPE "
                      f"tokenizer trained on the training problems, hidden size {built['hidden']}, {built['layers']} "
@@ -191,8 +184,8 @@ The model is taught to answer as:
 </answer>
 ```
 
-| reward | points | weight in this run |
-|---|---|---|
+| reward | points | weight in this run | what it checks |
+|---|---|---|---|
 {reward_lines}
 
 Format rewards: strict XML format (exact layout, multi-line reasoning allowed), soft format (tags

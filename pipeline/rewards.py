@@ -15,11 +15,17 @@ linear-time string scans (no regex backtracking), so a 100k-character completion
 
 from __future__ import annotations
 
+import importlib
+import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from pipeline.answers import (  # noqa: F401  (re-exported: the reward API names them)
     answer_key,
+    answers_equivalent,
     answers_match,
     completion_text,
     extract_gsm8k_answer,
@@ -112,37 +118,98 @@ def correctness_reward(prompts=None, completions=(), answer: Sequence[str] = (),
     if len(answer) != len(completions):
         raise ValueError(f"correctness_reward got {len(completions)} completions but {len(answer)} answers")
     return [
-        CORRECT_POINTS if answers_match(extract_xml_answer(completion_text(c)), ref) else 0.0
+        CORRECT_POINTS if answers_equivalent(extract_xml_answer(completion_text(c)), ref) else 0.0
         for c, ref in zip(completions, answer, strict=True)
     ]
 
 
-# Name used in configs and metrics (`reward/<name>`) -> function. Order is the seed card's, then
-# the optional reasoning-step reward (weight 0 unless configured: see its reward-hacking note).
-REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
-    "strict_format": strict_format_reward,
-    "soft_format": soft_format_reward,
-    "int_answer": int_answer_reward,
-    "xml_count": xml_count_reward,
-    "correctness": correctness_reward,
-    "reasoning_steps": reasoning_steps_reward,
-}
-DEFAULT_WEIGHTS = {name: 0.0 if name == "reasoning_steps" else 1.0 for name in REWARD_FUNCS}
+# --- the registry: every reward the trainer, the config checks, the report and the tests know ------
+
+
+@dataclass(frozen=True)
+class Reward:
+    name: str  # in configs (`rewards.<name>`) and metrics (`reward/<name>`)
+    fn: Callable[..., list]  # TRL's signature: fn(prompts, completions, **columns) -> list[float | None]
+    points: float | None  # the most one completion can score (None: unknown, a plugin)
+    weight: float = 1.0  # default weight in the total
+    about: str = ""  # one line for the model card
+    source: str = "built-in"  # or the plugin's "module:function"
+
+
+BUILTIN_REWARDS: dict[str, Reward] = {r.name: r for r in (
+    Reward("strict_format", strict_format_reward, STRICT_POINTS, about="exact XML layout"),
+    Reward("soft_format", soft_format_reward, SOFT_POINTS, about="reasoning and answer tags in order"),
+    Reward("int_answer", int_answer_reward, INT_POINTS, about="the answer is an integer"),
+    Reward("xml_count", xml_count_reward, 4 * XML_TAG_POINTS, about="each tag line once, nothing after"),
+    Reward("correctness", correctness_reward, CORRECT_POINTS, about="the answer equals the reference"),
+    # off unless weighted: see its reward-hacking note in pipeline/reasoning.py
+    Reward("reasoning_steps", reasoning_steps_reward, 0.5, weight=0.0,
+           about="fraction of arithmetic claims a op b = c that hold"),
+)}
+# Kept for callers that only need name -> function (the TRL baseline, the property tests).
+REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {n: r.fn for n, r in BUILTIN_REWARDS.items()}
+DEFAULT_WEIGHTS = {n: r.weight for n, r in BUILTIN_REWARDS.items()}
+
+
+class RewardError(ValueError):
+    """A reward plugin that cannot be used; the message names the reward."""
+
+
+def load_rewards(plugins: dict[str, str] | None = None) -> dict[str, Reward]:
+    """The built-ins plus `reward_functions` plugins (`name: "module:function"`, the module importable
+    from the working directory or PYTHONPATH), each weighted 1.0 unless `rewards.<name>` says otherwise."""
+    rewards = dict(BUILTIN_REWARDS)
+    for name, spec in (plugins or {}).items():
+        if name in BUILTIN_REWARDS:
+            raise RewardError(f"reward_functions.{name}: '{name}' is a built-in reward; give the plugin another name")
+        module_name, _, attr = str(spec).partition(":")
+        if not module_name or not attr:
+            raise RewardError(f"reward_functions.{name}: expected 'module:function', got {spec!r}")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` does: plugins next to the config are found
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except Exception as e:  # ImportError, AttributeError, or the module's own error at import
+            raise RewardError(f"reward_functions.{name}: cannot load {spec!r}: {e.__class__.__name__}: {e}") from None
+        if not callable(fn):
+            raise RewardError(f"reward_functions.{name}: {spec!r} is not callable")
+        rewards[name] = Reward(name, fn, getattr(fn, "max_points", None), source=spec,
+                               about=(fn.__doc__ or "").strip().split("\n")[0])
+    return rewards
 
 
 def score_completions(
-    completions: Sequence, answers: Sequence[str], weights: dict[str, float] | None = None
+    completions: Sequence, answers: Sequence[str], weights: dict[str, float] | None = None,
+    rewards: dict[str, Reward] | None = None, prompts: Sequence | None = None,
+    columns: dict[str, Sequence] | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
-    """Weighted total per completion (weights default to DEFAULT_WEIGHTS), and each reward's raw
-    values (for `reward/<name>` metrics)."""
+    """Weighted total per completion, and each reward's values (for `reward/<name>` metrics).
+
+    Every reward gets TRL's arguments: `prompts`, `completions`, `answer` and each extra dataset column
+    as a keyword (one value per completion). None from a reward means "not applicable": 0 points."""
+    rewards = rewards or BUILTIN_REWARDS
     weights = weights or {}
-    unknown = set(weights) - set(REWARD_FUNCS)
+    unknown = set(weights) - set(rewards)
     if unknown:
-        raise ValueError(f"unknown reward name(s) {sorted(unknown)}; expected some of {list(REWARD_FUNCS)}")
-    per_reward = {name: fn(completions=completions, answer=answers) for name, fn in REWARD_FUNCS.items()}
-    weights = {**DEFAULT_WEIGHTS, **weights}
-    totals = [
-        sum(weights[name] * values[i] for name, values in per_reward.items())
-        for i in range(len(completions))
-    ]
+        raise ValueError(f"unknown reward name(s) {sorted(unknown)}; expected some of {list(rewards)}")
+    kwargs = {**(columns or {}), "prompts": prompts, "completions": completions, "answer": answers}
+    per_reward = {}
+    for name, reward in rewards.items():
+        try:
+            values = reward.fn(**kwargs)
+        except Exception as e:  # a plugin's bug: name the reward, not just a line deep in its module
+            if reward.source == "built-in":
+                raise
+            raise RewardError(f"reward {name} ({reward.source}) raised {e.__class__.__name__}: {e}") from e
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise RewardError(f"reward {name} ({reward.source}) returned {got} for {len(completions)} completions")
+        try:
+            per_reward[name] = [0.0 if v is None else float(v) for v in values]
+        except (TypeError, ValueError):
+            per_reward[name] = [math.nan]
+        if not all(map(math.isfinite, per_reward[name])):
+            raise RewardError(f"reward {name} ({reward.source}) returned a value that is not a finite number or None")
+    weights = {**{n: r.weight for n, r in rewards.items()}, **weights}
+    totals = [sum(weights[name] * values[i] for name, values in per_reward.items()) for i in range(len(completions))]
     return totals, per_reward

@@ -1,13 +1,14 @@
 """The GRPO trainer: one rank of `deepspeed --module pipeline.train`, started by launch/train.py.
 
 Each optimizer step runs the stages in order, each in one obvious place:
-  data      prompts for this step (seeded order, resumable)            this file, `StepData`
-  generate  G completions per prompt from the vLLM server              rollout.generate_step
-  reward    this rank's completions, gathered for group statistics     rollout.score_slice
-  advantage group-normalised rewards                                    grpo.group_advantages
-  loss      clipped policy gradient on the server's token ids          grpo.grpo_loss
-  optimizer DeepSpeed backward/step (accumulation, clipping, schedule)  this file
-  sync      push the new weights (vLLM weight-transfer API), verify them  weight_sync.WeightSync
+  data      prompts for this step (seeded order, resumable)              this file, `StepData`
+  generate  G completions per prompt from the vLLM server                rollout.Rollouts
+  reward    this rank's completions, gathered for group statistics       rollout.score_step -> StepBatch
+  advantage group-normalised rewards                                      grpo.group_advantages
+  loss      clipped policy gradient on the server's token ids            grpo.grpo_loss
+  optimizer DeepSpeed backward/step (accumulation, clipping, schedule)    this file, `train_on_batch`
+  sync      push the new weights (vLLM weight-transfer API), verify them  server_link.ServerLink
+  metrics   one row per step from sums over ranks                          metrics.metrics_row
 
 What it simplifies on purpose: one policy update per batch of rollouts (TRL's num_iterations=1),
 so the server's logprobs are the "old" policy; no HF Trainer in between, so DeepSpeed sees exactly
@@ -17,6 +18,7 @@ the batch sizes we compute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -34,20 +36,15 @@ import torch.distributed as dist
 
 from pipeline.client import ServerClient, ServerError
 from pipeline.config import Config, ConfigError, TrainConfig, check_batch, load_config
-from pipeline.data import (
-    SYSTEM_PROMPT,
-    DataError,
-    Example,
-    drop_long_prompts,
-    load_examples,
-    prompt_token_ids,
-)
-from pipeline.device import probe_tolerance, resolve_attn, resolve_dtype
-from pipeline.grpo import group_advantages, grpo_loss, make_batch, step_token_normaliser, token_logprobs
+from pipeline.data import DataError, Example, PromptStyle, drop_long_prompts, examples_for
+from pipeline.device import resolve_attn, resolve_dtype
+from pipeline.grpo import grpo_loss, make_batch, step_token_normaliser, token_logprobs
+from pipeline.metrics import Metrics, group_stats, metrics_row
 from pipeline.reasoning import check_reasoning
-from pipeline.rewards import REWARD_FUNCS, STRICT_POINTS
-from pipeline.rollout import Rollouts, StaleRolloutError, score_slice
-from pipeline.weight_sync import ModelSource, WeightSync, WeightSyncError
+from pipeline.rewards import STRICT_POINTS, RewardError, load_rewards
+from pipeline.rollout import Rollouts, StaleRolloutError, StepBatch, score_step
+from pipeline.server_link import ServerLink
+from pipeline.weight_sync import ModelSource, WeightSyncError
 
 log = logging.getLogger("pipeline.train")
 
@@ -105,42 +102,6 @@ def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
     return ds
 
 
-class Metrics:
-    """Sums over this rank's share of a step, reduced over ranks, written by rank 0."""
-
-    def __init__(self, run_dir: Path, is_writer: bool):
-        self.is_writer = is_writer
-        self.file = open(run_dir / "metrics.jsonl", "a") if is_writer else None  # noqa: SIM115
-        self.tb = None
-        if is_writer:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    @staticmethod
-    def reduce(sums: dict[str, float], maxima: dict[str, float], device) -> tuple[dict, dict]:
-        keys, mkeys = sorted(sums), sorted(maxima)
-        s = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-        m = torch.tensor([maxima[k] for k in mkeys] or [0.0], dtype=torch.float64, device=device)
-        dist.all_reduce(s, op=dist.ReduceOp.SUM)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-        return dict(zip(keys, s.tolist(), strict=True)), dict(zip(mkeys, m.tolist(), strict=False))
-
-    def write(self, row: dict) -> None:
-        if not self.is_writer:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, int | float):
-                self.tb.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.tb.close()
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="pipeline.train", description="One GRPO trainer rank (use launch/train.py)")
     parser.add_argument("--config", required=True)
@@ -195,6 +156,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(timeout=collective_timeout(config))
     rank, world = dist.get_rank(), dist.get_world_size()
+    release_shm_name(rank)
     setup_logging(run_dir, rank)
     t = config.train
     prompts_per_step = check_batch(config, world)
@@ -204,10 +166,10 @@ def main(argv=None) -> int:
 
     # --- data ------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(config)
-    files = {"train": config.data.train_file, "test": config.data.test_file}
-    examples = load_examples(config.data.source, "train", files, config.data.hub_name, config.data.hub_config,
-                             {"train": config.data.synthetic_train}, seed)
-    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens)
+    style = PromptStyle.from_config(config.data)
+    examples = examples_for(config.data, "train", seed)
+    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens, style)
+    rewards = load_rewards(config.reward_functions)
     log.info("%d training prompts (%d dropped as longer than %d tokens)", len(examples), dropped,
              config.data.max_prompt_tokens)
     step_data = StepData(examples, prompts_per_step, seed)
@@ -253,182 +215,78 @@ def main(argv=None) -> int:
             trim_metrics(run_dir / "metrics.jsonl", start_step)
         log.info("resumed from %s at step %d", path, start_step)
 
-    # --- weight sync: the server must serve exactly the trainer's weights before the first rollout ---
+    # --- the server link: the server must serve exactly the trainer's weights before the first rollout ---
     client = None
     if rank == 0:
         client = ServerClient(args.server_url, server_token(args.token_file, config), config.server.request_timeout_s)
     server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
     # Trainer rank 0 hosts the transfer group's rendezvous; the server's workers connect to it.
-    weight_sync = WeightSync(engine.module, zero_stage, rank, device, client,
-                             host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()),
-                             port=config.sync.port, timeout_s=config.sync.timeout_s,
-                             bucket_bytes=config.sync.bucket_mb * 2**20, verify_bytes=config.sync.verify_mb * 2**20)
-    restarts = 0
-
-    def recover(error: Exception, version: int) -> None:
-        """After a lost server: with server.restart, wait for the launcher's new server, form a new
-        transfer group with it and give it the trainer's weights (`version`); else fail with the error."""
-        nonlocal restarts
-        if not config.server.restart or restarts >= config.server.max_restarts:
-            raise error
-        fresh = [False]
-        if rank == 0:
-            log.warning("server lost (%s); waiting up to %.0fs for a restarted server", error,
-                        config.server.startup_timeout_s)
-            fresh = [client.wait_healthy(config.server.startup_timeout_s)["version"] != version]
-        dist.broadcast_object_list(fresh, src=0)
-        if fresh[0]:  # a new process: the old group's peers are gone
-            restarts += 1
-            if rank == 0:
-                log.warning("server restart %d of at most %d: pushing weights version %d", restarts,
-                            config.server.max_restarts, version)
-        weight_sync.connect()
-        weight_sync.push(version)
-
-    def sync_weights(version: int) -> None:
-        try:
-            weight_sync.push(version)
-        except WeightSyncError as e:
-            recover(e, version)
-
-    weight_sync.connect()
-    sync_weights(start_step)
+    link = ServerLink(engine, zero_stage, rank, config, client, dtype=dtype,
+                      sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()))
+    link.connect()
+    link.push(start_step)
     metrics = Metrics(run_dir, rank == 0)
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
                         top_p=t.top_p, seed=seed, max_staleness=t.max_staleness if t.overlap else 0)
 
     def request_rollouts(step: int) -> None:
         batch = step_data(step)
-        rollouts.request(step, [prompt_token_ids(tokenizer, e, SYSTEM_PROMPT) for e in batch], [e.answer for e in batch])
+        rollouts.request(step, [style.ids(tokenizer, e) for e in batch], batch)
 
+    # --- the loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint ----------------
     if t.overlap and start_step < total_steps:
         request_rollouts(start_step)
-    per_rank = t.micro_batch_size * t.gradient_accumulation_steps
     bar = tqdm(total=total_steps, initial=start_step, desc="GRPO", disable=rank != 0, dynamic_ncols=True)
-
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
-        engine.train()
-        # --- generate (overlapped: already under way; then start the next step's) ---
         if not t.overlap:
             request_rollouts(step)
         try:
             completions, generated_by = rollouts.collect(step, version=step)
         except ServerError as e:  # the server died mid-generation: fail, or (server.restart) retry once
-            recover(e, step)
+            link.recover(e, step)
             request_rollouts(step)
             completions, generated_by = rollouts.collect(step, version=step)
         if t.overlap and step + 1 < total_steps:
             request_rollouts(step + 1)  # generated while this step trains; its push waits for it
-        mine = completions[rank * per_rank: (rank + 1) * per_rank]
         time_generate = time.perf_counter() - step_start  # the trainer's wait for rollouts
 
-        # --- reward (own slice) and advantage (over all groups) ---
         start = time.perf_counter()
-        totals, per_reward = score_slice(mine, config.rewards)
-        # collectives take tensors on the rank's device (NCCL needs CUDA tensors; gloo CPU ones)
-        gathered = [torch.zeros(per_rank, dtype=torch.float64, device=device) for _ in range(world)]
-        dist.all_gather(gathered, torch.tensor(totals, dtype=torch.float64, device=device))
-        advantages = group_advantages(torch.cat(gathered).cpu(), t.num_generations, t.advantage_scaling)
-        advantages = advantages[rank * per_rank: (rank + 1) * per_rank].float()
+        batch = score_step(completions, generated_by, rank=rank, world=world, group_size=t.num_generations,
+                           scaling=t.advantage_scaling, weights=config.rewards, rewards=rewards,
+                           system_prompt=style.system_prompt, device=device)
         time_reward = time.perf_counter() - start
 
-        # --- loss and optimizer step (micro-batches; DeepSpeed steps at the accumulation boundary) ---
         start = time.perf_counter()
-        trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
-        token_total = None
-        if t.loss_type == "dapo":
-            count = torch.tensor([float(sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k))],
-                                 device=device)
-            dist.all_reduce(count)
-            token_total = step_token_normaliser(count.item(), t.gradient_accumulation_steps, world)
-        sums = {"loss": 0.0, "tokens": 0.0, "clipped_tokens": 0.0, "capped_tokens": 0.0, "ratio_sum": 0.0,
-                "kl_sum": 0.0}
-        ratio_max = 0.0
-        for m in range(t.gradient_accumulation_steps):
-            part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
-            chunk = mine[part]
-            batch = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk],
-                               [c.logprobs for c in chunk], advantages[part].tolist(), trained[part],
-                               tokenizer.pad_token_id, device)
-            logprobs = token_logprobs(engine, batch.input_ids, batch.attention_mask, t.temperature)
-            ref_logprobs = None
-            if reference is not None:
-                with torch.no_grad():
-                    ref_logprobs = token_logprobs(reference, batch.input_ids, batch.attention_mask, t.temperature)
-            loss, stats = grpo_loss(logprobs, batch, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
-                                    loss_type=t.loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs,
-                                    token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
-            engine.backward(loss)
-            engine.step()
-            sums["loss"] += loss.item() / t.gradient_accumulation_steps
-            for key in ("tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "kl_sum"):
-                sums[key] += stats[key]
-            ratio_max = max(ratio_max, stats["ratio_max"])
+        sums, maxima = train_on_batch(engine, reference, batch, t, tokenizer.pad_token_id, world)
         time_train = time.perf_counter() - start
 
-        # --- sync: the server now serves version step+1; check it on one probe sequence ---
         start = time.perf_counter()
         rollouts.wait()  # overlapped: the next step's generation finishes before its weights change
         time_wait = time.perf_counter() - start
-        sync_weights(step + 1)
+        link.push(step + 1)
         time_sync = time.perf_counter() - start - time_wait
-        probe = completions[0]
-        engine.eval()
-        with torch.no_grad():
-            ids = torch.tensor([probe.prompt_ids + probe.token_ids], device=device)
-            probe_lp = token_logprobs(engine, ids, torch.ones_like(ids))[0, len(probe.prompt_ids) - 1:]
-        sync_diff = 0.0
-        if rank == 0:
-            served = torch.tensor(client.score([(probe.prompt_ids, probe.token_ids)])["logprobs"][0])
-            sync_diff = float((served - probe_lp.float().cpu()).abs().max())
-            if sync_diff > probe_tolerance(dtype):  # the checksums are the proof; this is a second signal
-                log.warning("step %d: served logprobs differ from the trainer's by %.2e (tolerance %.0e for %s)",
-                            step + 1, sync_diff, probe_tolerance(dtype), dtype)
+        sync_diff = link.probe(completions[0].prompt_ids, completions[0].token_ids, step + 1)
 
-        # --- metrics (sums over ranks) ---
-        checks = [check_reasoning(c.text) for c in mine]
-        sums.update({
-            "count": float(len(mine)),
-            "reward_total": float(sum(totals)),
-            "strict": float(sum(v == STRICT_POINTS for v in per_reward["strict_format"])),
-            "correct": float(sum(v > 0 for v in per_reward["correctness"])),
-            "length": float(sum(len(c.token_ids) for c in mine)),
-            "truncated": float(sum(c.truncated for c in mine)),
-            "reasoning_steps": float(sum(r.steps for r in checks)),
-            "reasoning_correct": float(sum(r.correct_steps for r in checks)),
-            "loss": sums["loss"] / world,
-            **{f"r_{name}": float(sum(values)) for name, values in per_reward.items()},
-        })
-        s, mx = Metrics.reduce(sums, {"ratio_max": ratio_max}, device)
-        n, tokens = s["count"], max(s["tokens"], 1.0)
-        row = {
-            "step": step + 1, "epoch": (step + 1) / step_data.steps_per_epoch, "lr": engine.get_lr()[0],
-            "loss": s["loss"], "reward/total": s["reward_total"] / n,
-            **{f"reward/{name}": s[f"r_{name}"] / n for name in REWARD_FUNCS},
-            "format/strict_rate": s["strict"] / n, "accuracy": s["correct"] / n,
-            "completion_len/mean": s["length"] / n, "completions/truncated_rate": s["truncated"] / n,
-            "reasoning/step_accuracy": s["reasoning_correct"] / max(s["reasoning_steps"], 1.0),
-            "clip_ratio": s["clipped_tokens"] / tokens, "is_ratio/mean": s["ratio_sum"] / tokens,
-            "is_ratio/max": mx["ratio_max"], "is_ratio/capped_frac": s["capped_tokens"] / tokens,
+        counts, longest = completion_stats(batch)
+        s, mx = Metrics.reduce({**sums, **counts}, {**maxima, **longest}, device)
+        row = metrics_row(step + 1, s, mx, list(rewards), {
+            "epoch": (step + 1) / step_data.steps_per_epoch, "lr": engine.get_lr()[0],
+            **group_stats(batch.group_totals.tolist()),
             "data/first_index": step_data.indices(step)[0],  # shows the data order survives a resume
             "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
-            "server/restarts": restarts,
-            "sync/logprob_max_abs_diff": sync_diff,
-            "sync/verified_tensors": weight_sync.last_stats.get("verified_tensors", 0),
-            "sync/gb_per_s": weight_sync.last_stats.get("gb_per_s", 0.0),
+            "server/restarts": link.restarts, "sync/logprob_max_abs_diff": sync_diff,
+            "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
+            "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0),
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
             "time/sync": time_sync, "time/wait_rollouts": time_wait, "time/step": time.perf_counter() - step_start,
-        }
-        if t.beta > 0:
-            row["kl"] = s["kl_sum"] / tokens
+        })
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
             metrics.write(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/total']:.3f}", strict=f"{row['format/strict_rate']:.2f}",
                         step_s=f"{row['time/step']:.1f}")
 
-        # --- checkpoint ---
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(engine, ckpt_dir, step + 1, t.keep_checkpoints, rank)
 
@@ -437,10 +295,85 @@ def main(argv=None) -> int:
     rollouts.close()
     save_checkpoint(engine, ckpt_dir, total_steps, t.keep_checkpoints, rank)
     save_final_model(engine, zero_stage, tokenizer, run_dir / "final", rank)
-    weight_sync.close()
+    link.close()
     log.info("done: %d steps; final model in %s", total_steps, run_dir / "final")
     dist.barrier()
     return 0
+
+
+def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: int,
+                   world: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One optimizer step on this rank's completions: `gradient_accumulation_steps` micro-batches of
+    forward (with the frozen reference when beta > 0), GRPO loss, backward; DeepSpeed steps, clips
+    and schedules at the accumulation boundary. Returns this rank's sums and maxima for the metrics."""
+    engine.train()
+    device = engine.device
+    mine, advantages = batch.completions, batch.advantages
+    trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
+    token_total = None
+    if t.loss_type == "dapo":  # the step's trained tokens over every rank and micro-batch
+        count = torch.tensor([float(sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k))],
+                             device=device)
+        dist.all_reduce(count)
+        token_total = step_token_normaliser(count.item(), t.gradient_accumulation_steps, world)
+    sums = dict.fromkeys(("loss", "tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "entropy_sum"), 0.0)
+    if t.beta > 0:
+        sums["kl_sum"] = 0.0
+    maxima = {"ratio_max": 0.0}
+    for m in range(t.gradient_accumulation_steps):
+        part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
+        chunk = mine[part]
+        micro = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
+                           advantages[part].tolist(), trained[part], pad_id, device)
+        logprobs, entropy = token_logprobs(engine, micro.input_ids, micro.attention_mask, t.temperature,
+                                           with_entropy=True)
+        ref_logprobs = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logprobs = token_logprobs(reference, micro.input_ids, micro.attention_mask, t.temperature)
+        loss, stats = grpo_loss(logprobs, micro, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
+                                loss_type=t.loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs,
+                                token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
+        engine.backward(loss)
+        engine.step()
+        sums["loss"] += loss.item() / t.gradient_accumulation_steps / world
+        sums["entropy_sum"] += float((entropy * micro.completion_mask).sum())
+        for key in ("tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "kl_sum"):
+            if key in sums:
+                sums[key] += stats[key]
+        maxima["ratio_max"] = max(maxima["ratio_max"], stats["ratio_max"])
+    # the gradient's norm before clipping, computed by DeepSpeed at the boundary (the same on every rank)
+    norm = engine.get_global_grad_norm()
+    maxima["grad_norm"] = float(norm) if norm is not None else math.nan
+    return sums, maxima
+
+
+def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, float]]:
+    """This rank's sums and maxima over its completions, for the metrics (reduced over ranks by the caller)."""
+    mine, per_reward = batch.completions, batch.per_reward
+    checks = [check_reasoning(c.text) for c in mine]
+    return {
+        "count": float(len(mine)), "reward_total": float(sum(batch.totals)),
+        "strict": float(sum(v == STRICT_POINTS for v in per_reward["strict_format"])),
+        "correct": float(sum(v > 0 for v in per_reward["correctness"])),
+        "length": float(sum(len(c.token_ids) for c in mine)),
+        "truncated": float(sum(c.truncated for c in mine)),
+        "reasoning_steps": float(sum(r.steps for r in checks)),
+        "reasoning_correct": float(sum(r.correct_steps for r in checks)),
+        **{f"r_{name}": float(sum(values)) for name, values in per_reward.items()},
+    }, {"length_max": float(max(len(c.token_ids) for c in mine))}
+
+
+def release_shm_name(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm buffer per rank and never unlinks it, so every
+    run on CPU leaked RAM (a test suite: gigabytes, until the machine crawled). Once every rank has
+    mapped every peer's buffer (during init_distributed, hence the barrier), the names can go: the
+    memory stays mapped while the ranks live and is freed when they exit, however they exit."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
 
 
 def collective_timeout(config: Config) -> timedelta:
@@ -500,7 +433,7 @@ def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: in
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (ServerError, WeightSyncError, StaleRolloutError) as e:  # the server failed: say so in one line

@@ -38,7 +38,7 @@ def test_load_examples_by_config(gsm8k_dir):
     with pytest.raises(DataError, match="no file is configured for split 'validation'"):
         load_examples("jsonl", "validation", files)
     with pytest.raises(DataError, match="data.source must be"):
-        load_examples("csv", "train", files)
+        load_examples("xml", "train", files)
 
 
 GOOD_ROW = json.dumps({"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})

@@ -24,12 +24,12 @@ REQUIRED_KEYS = {
 }
 
 
-def launch(*args, timeout=600, server=None, root):
+def launch(*args, timeout=600, server=None, root, env=None):
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
            "--set", f"run.root={root}", *args]
     if server is not None:
         cmd += ["--server-url", server.client.base_url]
-    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN, RUN_TAG: str(root)}
+    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN, RUN_TAG: str(root), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
@@ -76,10 +76,13 @@ def test_step_data_is_deterministic_and_resumable():
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
     name = f"zero{zero}"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = launch("--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
                   "--set", "train.max_steps=3", "--set", f"train.deepspeed_config=configs/ds_zero{zero}.json",
                   "--set", "train.save_every=2", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank) are not left in /dev/shm, i.e. in RAM
+    assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
     run_dir = tmp_path / name
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]

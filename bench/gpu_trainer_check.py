@@ -1,0 +1,650 @@
+"""The trainer's GPU path without vLLM: DeepSpeed ZeRO-2 and ZeRO-3 in bf16 on one CUDA GPU with the
+project's real GRPO functions, on a tiny Qwen2 built here (no download, no data files).
+
+    python bench/gpu_trainer_check.py            # CUDA, NCCL, bf16, configs/ds_zero{2,3}_gpu.json
+    python bench/gpu_trainer_check.py --cpu      # the same logic on CPU (gloo, fp32, ds_zero{2,3}.json)
+
+For a GPU box that has torch and transformers but neither vLLM nor DeepSpeed (DeepSpeed can travel as a
+pure-python wheel). One process, world size 1. What it runs, per ZeRO stage:
+
+- `deepspeed.init_distributed` as pipeline/train.py calls it (nccl on CUDA), `deepspeed.initialize` with
+  `pipeline.train.deepspeed_config` and `pipeline.train.lr_schedule` (the real ones), a torch AdamW;
+- GRPO optimizer steps on synthetic rollouts: prompts from `pipeline.synthetic` through the real chat
+  template (`pipeline.data.prompt_token_ids`), completions half formatted solutions, half random tokens,
+  scored by `pipeline.rollout.score_slice`, advantages by `pipeline.grpo.group_advantages`, packed by
+  `make_batch`, `token_logprobs` through the engine, `grpo_loss` (one step per loss type: grpo, bnpo,
+  dapo with `step_token_normaliser`, dr_grpo) with beta > 0 against a reference engine built as
+  pipeline/train.py builds it, and `Metrics.reduce` (float64 collectives on the device);
+- checks: loss and grad norm finite, parameters changed, ZeRO-3's gathered parameters equal the HF
+  checkpoint before training and track ZeRO-2's after the same steps, DeepSpeed's own consolidated 16-bit
+  state dict equals the gather, and a final HF model gathered to CPU from the ZeRO-3 engine, saved and
+  reloaded with `AutoModelForCausalLM`, gives the engine's logits;
+- `pipeline.device` on this device: accelerator, resolve_dtype, resolve_attn (auto and
+  flash_attention_2 with and without flash-attn), sync_backend, probe_tolerance (against the measured bf16
+  sdpa-vs-eager logprob gap), resolve_enforce_eager, engine_options;
+- a step's time (median after the first) and the peak GPU memory per stage.
+
+Not covered here, because the code lives in modules that import vLLM (pipeline/weight_sync.py,
+pipeline/gloo_transfer.py): `ModelSource` (the chunked ZeRO-3 gather that weight sync and
+`pipeline.train.save_final_model` use) and the weight push itself. Where vLLM is importable (the CPU
+venv), `save_final_model` is run too and its output compared with this script's gather. Where it is not,
+`pipeline.weight_sync` is replaced by a stub before `pipeline.train` is imported, so the functions above
+are the real ones; the stub raises if anything touches it.
+
+On a lent GPU box without DeepSpeed (wheels for it and its missing needs carried in .whl/):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 bench/gpu_trainer_check.py
+
+Prints PASS/FAIL per check, writes $OUT/gpu_trainer_check.json (or --out) and exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS: list[dict] = []
+METRICS: dict = {}
+
+
+def check(name: str, ok: bool, detail: str = "") -> bool:
+    ok = bool(ok)
+    RESULTS.append({"check": name, "ok": ok, "detail": detail})
+    print(f"{'PASS' if ok else 'FAIL'}: {name}{' -- ' + detail if detail else ''}", flush=True)
+    return ok
+
+
+@contextlib.contextmanager
+def guarded(name: str):
+    """A crash inside becomes one FAIL line (with the traceback) and the script goes on."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        check(name, False, f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu", action="store_true", help="gloo, fp32, no CUDA (to test this script's logic)")
+    p.add_argument("--steps", type=int, default=6, help="GRPO optimizer steps per ZeRO stage")
+    p.add_argument("--hidden", type=int, default=0, help="model width (default 512 on GPU, 64 on CPU)")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (default 4 on GPU, 2 on CPU)")
+    p.add_argument("--zero2-config", default="", help="default configs/ds_zero2_gpu.json (CPU: ds_zero2.json)")
+    p.add_argument("--zero3-config", default="", help="default configs/ds_zero3_gpu.json (CPU: ds_zero3.json)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="auto: bfloat16 on GPU (the recipe), float32 with --cpu")
+    p.add_argument("--no-vllm", action="store_true", help="stub pipeline.weight_sync even where vLLM imports")
+    p.add_argument("--out", default="", help="JSON summary (default $OUT/gpu_trainer_check.json if OUT is set)")
+    return p.parse_args()
+
+
+def import_train(force_stub: bool):
+    """pipeline.train, with pipeline.weight_sync stubbed when vLLM is absent (it imports vLLM at the top)."""
+    have_vllm = importlib.util.find_spec("vllm") is not None and not force_stub
+    if not have_vllm:
+        stub = types.ModuleType("pipeline.weight_sync")
+        stub.__doc__ = "stub: vLLM is not installed here; bench/gpu_trainer_check.py does not use weight sync"
+
+        class WeightSyncError(RuntimeError):
+            pass
+
+        class _Absent:
+            def __init__(self, *a, **k):
+                raise RuntimeError("pipeline.weight_sync is stubbed (no vLLM here)")
+
+        stub.WeightSyncError, stub.WeightSync, stub.ModelSource = WeightSyncError, _Absent, _Absent
+        sys.modules["pipeline.weight_sync"] = stub
+    import pipeline.train as train
+
+    return train, have_vllm
+
+
+# ------------------------------------------------------------------------------------------------------
+def build_model(out_dir: Path, hidden: int, layers: int) -> tuple[Path, list]:
+    from pipeline.data import SYSTEM_PROMPT
+    from pipeline.synthetic import generate
+    from pipeline.tiny_model import build_tiny_model
+
+    examples = generate(400, seed=7)
+    corpus = [SYSTEM_PROMPT] + [e.question + "\n" + e.solution for e in examples]  # as tests/conftest.tiny_corpus
+    heads = max(2, hidden // 64)
+    build_tiny_model(out_dir, corpus, hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
+                     num_heads=heads, num_kv_heads=max(1, heads // 4), tie_word_embeddings=True, seed=0)
+    return out_dir, examples
+
+
+def score(completions, config):
+    """pipeline.rollout.score_slice as pipeline/train.py calls it (with the loaded rewards and the
+    prompt style's system prompt where this checkout's score_slice takes them)."""
+    import inspect
+
+    from pipeline.rollout import score_slice
+
+    if len(inspect.signature(score_slice).parameters) > 2:
+        from pipeline.data import PromptStyle
+        from pipeline.rewards import load_rewards
+
+        style = PromptStyle.from_config(config.data)
+        return score_slice(completions, config.rewards, load_rewards(config.reward_functions), style.system_prompt)
+    return score_slice(completions, config.rewards)
+
+
+def formatted(example) -> str:
+    reasoning = example.solution.split("####")[0].strip()
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
+
+
+def make_rollouts(tokenizer, examples, steps: int, per_step: int, group: int, max_tokens: int, seed: int):
+    """Each step's completions (pipeline.rollout.Completion), half formatted solutions, half random
+    tokens; logprobs are filled in later from the initial model."""
+    from pipeline.data import prompt_token_ids
+    from pipeline.rollout import Completion
+
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    fields = {f.name for f in dataclasses.fields(Completion)}
+    out = []
+    for s in range(steps):
+        batch = []
+        for e in examples[s * (per_step // group): (s + 1) * (per_step // group)]:
+            prompt = prompt_token_ids(tokenizer, e)
+            for g in range(group):
+                if g % 2 == 0:
+                    text = formatted(e) if g % 4 == 0 else formatted(e).replace(e.answer, e.answer + "1")
+                    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+                    ids = ids + [tokenizer.eos_token_id] if len(ids) < max_tokens else ids
+                else:
+                    ids = [rng.randrange(vocab) for _ in range(rng.randint(4, max_tokens))]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                # the 6th field is the prompt's Example (or, before that, its answer string)
+                last = e if "example" in fields else e.answer
+                batch.append(Completion(prompt, ids, [], text, len(ids) >= max_tokens, last))
+        out.append(batch)
+    return out
+
+
+def fill_old_logprobs(model, rollouts, device, noise: float, seed: int) -> None:
+    """The behaviour policy's logprobs: the initial model's, plus noise (vLLM/trainer numerical gap)."""
+    import torch
+
+    from pipeline.grpo import token_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for batch in rollouts:
+            for c in batch:
+                ids = torch.tensor([c.prompt_ids + c.token_ids], device=device)
+                lp = token_logprobs(model, ids, torch.ones_like(ids))[0, len(c.prompt_ids) - 1:].float().cpu()
+                c.logprobs = (lp + noise * torch.randn(lp.shape, generator=g)).tolist()
+
+
+def probe_batch(rollouts, tokenizer, device):
+    from pipeline.grpo import make_batch
+
+    chunk = rollouts[0][:4]
+    return make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
+                      [0.0] * len(chunk), [True] * len(chunk), tokenizer.pad_token_id, device)
+
+
+def full_params(engine_or_module, zero_stage: int) -> dict:
+    """Full parameters on CPU in fp32: under ZeRO-3 gathered with deepspeed.zero.GatheredParameters."""
+    import deepspeed
+
+    module = getattr(engine_or_module, "module", engine_or_module)
+    named = list(module.named_parameters())
+    ctx = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None) if zero_stage == 3
+           else contextlib.nullcontext())
+    with ctx:
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+
+
+def logits_of(model, batch):
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return out.float()
+
+
+def masked_max_diff(a, b, mask) -> float:
+    return float(((a - b).abs() * mask).max())
+
+
+# ------------------------------------------------------------------------------------------------------
+def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
+    import deepspeed
+    import torch
+    import transformers
+
+    from pipeline.config import load_config
+    from pipeline.grpo import (
+        LOSS_TYPES,
+        group_advantages,
+        grpo_loss,
+        make_batch,
+        step_token_normaliser,
+        token_logprobs,
+    )
+    train, device, dtype, attn = ctx["train"], ctx["device"], ctx["dtype"], ctx["attn"]
+    tag = f"zero{stage}"
+    steps, mb, accum, group = ctx["steps"], ctx["micro"], ctx["accum"], ctx["group"]
+    config = load_config(None, [f"model.path={ctx['model_dir']}", f"train.deepspeed_config={ds_path}",
+                                f"train.micro_batch_size={mb}", f"train.gradient_accumulation_steps={accum}",
+                                f"train.num_generations={group}", f"train.max_steps={steps}",
+                                "train.learning_rate=5e-3", "train.warmup_ratio=0.0", "train.min_lr_ratio=0.1",
+                                "train.max_grad_norm=1.0", "train.beta=0.04",
+                                f"train.max_completion_tokens={ctx['max_tokens']}"])
+    t = config.train
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay)
+    scheduler = train.lr_schedule(optimizer, t, steps)
+    ds_config = train.deepspeed_config(config, dtype)
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    check(f"{tag}: deepspeed.initialize", zero_stage == stage and engine.zero_optimization_stage() == stage
+          and engine.device.type == device.type and engine.bfloat16_enabled() == (dtype == torch.bfloat16),
+          f"stage {engine.zero_optimization_stage()}, device {engine.device}, bf16 {engine.bfloat16_enabled()}, "
+          f"param dtype {next(engine.module.parameters()).dtype}")
+    # the reference model for beta > 0, exactly as pipeline/train.py builds it
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
+    ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
+    if zero_stage != 3:
+        ref_config["zero_optimization"] = {"stage": 0}
+    reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
+    reference.eval()
+
+    hf = ctx["hf"]
+    probe = ctx["probe"]
+    result: dict = {"stage": stage}
+    # --- before training: gathered parameters == the checkpoint's; engine logits == a plain HF model's ---
+    with guarded(f"{tag}: initial parameters"):
+        before = full_params(engine, stage)
+        ref = ctx["hf_params"]
+        diff = max(float((before[n] - ref[n]).abs().max()) for n in ref)
+        check(f"{tag}: initial full parameters equal the HF checkpoint", before.keys() == ref.keys() and diff == 0.0,
+              f"{len(before)} tensors, max |diff| {diff:.3g}")
+    with guarded(f"{tag}: initial logits"):
+        engine.eval()
+        mask = probe.attention_mask[..., None].float()
+        d = masked_max_diff(logits_of(engine, probe), logits_of(hf, probe), mask)
+        d_ref = masked_max_diff(logits_of(reference, probe), logits_of(hf, probe), mask)
+        tol = ctx["logit_tol"]
+        check(f"{tag}: engine and reference logits equal a plain HF model's", d <= tol and d_ref <= tol,
+              f"max |diff| engine {d:.3g}, reference {d_ref:.3g} (tolerance {tol:g})")
+
+    # --- GRPO steps ---
+    losses, norms, times, lrs, kls, tokens_per_step = [], [], [], [], [], []
+    with guarded(f"{tag}: GRPO steps"):
+        for step in range(steps):
+            loss_type = LOSS_TYPES[step % len(LOSS_TYPES)]
+            mine = ctx["rollouts"][step]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.train()
+            totals, _ = score(mine, config)
+            gathered = [torch.zeros(len(mine), dtype=torch.float64, device=device)]
+            torch.distributed.all_gather(gathered, torch.tensor(totals, dtype=torch.float64, device=device))
+            advantages = group_advantages(torch.cat(gathered).cpu(), t.num_generations, t.advantage_scaling).float()
+            trained = [True] * len(mine)
+            token_total = None
+            if loss_type == "dapo":
+                count = torch.tensor([float(sum(len(c.token_ids) for c in mine))], device=device)
+                torch.distributed.all_reduce(count)
+                token_total = step_token_normaliser(count.item(), accum, 1)
+            step_loss, sums = 0.0, {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0}
+            for m in range(accum):
+                part = slice(m * mb, (m + 1) * mb)
+                chunk = mine[part]
+                batch = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk],
+                                   [c.logprobs for c in chunk], advantages[part].tolist(), trained[part],
+                                   ctx["pad_id"], device)
+                logprobs = token_logprobs(engine, batch.input_ids, batch.attention_mask, t.temperature)
+                with torch.no_grad():
+                    ref_lp = token_logprobs(reference, batch.input_ids, batch.attention_mask, t.temperature)
+                loss, stats = grpo_loss(logprobs, batch, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
+                                        loss_type=loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_lp,
+                                        token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.item() / accum
+                for k in sums:
+                    sums[k] += stats[k]
+            s, mx = train.Metrics.reduce({"loss": step_loss, **sums}, {"ratio_max": 1.0}, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            norm = engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+            losses.append(s["loss"])
+            norms.append(norm)
+            lrs.append(engine.get_lr()[0])
+            kls.append(s["kl_sum"] / max(s["tokens"], 1.0))
+            tokens_per_step.append(sum(len(c.prompt_ids) + len(c.token_ids) for c in mine))
+            print(f"  {tag} step {step + 1} {loss_type:8s} loss {s['loss']:+.4f} grad_norm {norm:.3g} "
+                  f"kl {kls[-1]:.3g} clipped {s['clipped_tokens']:.0f}/{s['tokens']:.0f} lr {lrs[-1]:.2e} "
+                  f"{times[-1] * 1000:.0f} ms", flush=True)
+        check(f"{tag}: loss and grad norm finite over {steps} steps ({', '.join(LOSS_TYPES)})",
+              all(math.isfinite(x) for x in losses + norms + kls) and len(losses) == steps,
+              f"losses {[round(x, 4) for x in losses]}, grad norms {[round(x, 3) for x in norms]}")
+        check(f"{tag}: KL to the reference starts at 0 and grows", abs(kls[0]) < 1e-3 and kls[-1] > kls[0] and
+              all(k >= -1e-6 for k in kls), f"kl {[f'{k:.2e}' for k in kls]}")
+        check(f"{tag}: learning rate follows the schedule (cosine to 10%)", lrs[0] > lrs[-1] > 0,
+              f"lr {[f'{x:.2e}' for x in lrs]}")
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if times:
+        timed = times[1:] or times
+        result["step_s_median"] = statistics.median(timed)
+        result["step_s_first"] = times[0]
+        result["tokens_per_s"] = statistics.median(tokens_per_step) / result["step_s_median"]
+        result.update(losses=losses, grad_norms=norms, kl=kls, lr=lrs)
+
+    # --- after training: parameters changed ---
+    with guarded(f"{tag}: parameters changed"):
+        engine.eval()
+        after = full_params(engine, stage)
+        changed = [n for n in after if not torch.equal(after[n], before[n])]
+        matrices = [n for n in after if after[n].dim() >= 2]
+        unchanged_matrices = [n for n in matrices if n not in changed]
+        check(f"{tag}: parameters changed", not unchanged_matrices and len(changed) >= 0.5 * len(after),
+              f"{len(changed)}/{len(after)} tensors changed; unchanged: {sorted(set(after) - set(changed))[:6]}")
+        result["after"] = after
+        result["before"] = before
+    result["engine"], result["reference"] = engine, reference
+    return result
+
+
+def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
+    import torch
+    import transformers
+
+    engine, probe = r3["engine"], ctx["probe"]
+    out = ctx["tmp"] / "final-zero3"
+    with guarded("zero3: consolidated 16-bit state dict"):
+        consolidated = engine._zero3_consolidated_16bit_state_dict()  # what engine.save_16bit_model writes
+        gathered = full_params(engine, 3)
+        common = [n for n in gathered if n in consolidated]
+        diff = max(float((consolidated[n].float().cpu() - gathered[n]).abs().max()) for n in common)
+        check("zero3: DeepSpeed's consolidated 16-bit state dict equals the gathered parameters",
+              len(common) == len(gathered) and diff == 0.0, f"{len(common)}/{len(gathered)} tensors, max |diff| {diff:.3g}")
+    with guarded("zero3: save and reload"):
+        # gathered to CPU in the engine's dtype, saved as pipeline.train.save_final_model saves it
+        import deepspeed
+
+        named = list(engine.module.named_parameters())
+        dtype = next(engine.module.parameters()).dtype
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            state = {n: p.detach().to("cpu", dtype).contiguous().clone() for n, p in named}
+        engine.module.save_pretrained(out, state_dict=state)
+        ctx["tokenizer"].save_pretrained(out)
+        reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+            out, dtype=ctx["dtype"], attn_implementation=ctx["attn"], output_loading_info=True)
+        reloaded = reloaded.to(ctx["device"]).eval()
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        check("zero3: saved model reloads with AutoModelForCausalLM, no missing/unexpected keys", not bad, str(bad or ""))
+        mask = probe.attention_mask[..., None].float()
+        d = masked_max_diff(logits_of(engine, probe), logits_of(reloaded, probe), mask)
+        check("zero3: reloaded model's logits equal the ZeRO-3 engine's", d <= ctx["logit_tol"],
+              f"max |diff| {d:.3g} (tolerance {ctx['logit_tol']:g})")
+        ctx["zero3_state"] = state
+        del reloaded
+    if ctx["have_vllm"]:
+        with guarded("zero3: pipeline.train.save_final_model"):
+            real = ctx["tmp"] / "final-real"
+            ctx["train"].save_final_model(engine, 3, ctx["tokenizer"], real, 0)
+            from safetensors.torch import load_file
+
+            a, b = load_file(str(out / "model.safetensors")), load_file(str(real / "model.safetensors"))
+            same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            check("zero3: pipeline.train.save_final_model writes the same tensors as the gather here", same,
+                  f"{len(a)} tensors")
+    else:
+        print("NOTE: pipeline.train.save_final_model / weight_sync.ModelSource not run: they need vLLM", flush=True)
+
+
+def device_checks(ctx: dict) -> None:
+    import torch
+    import transformers
+
+    from pipeline import device as dev
+    from pipeline.config import ConfigError
+
+    cuda = ctx["device"].type == "cuda"
+    name = "cuda" if cuda else "cpu"
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    METRICS["flash_attn_installed"] = has_fa
+    check(f"device: accelerator() is {name}", dev.accelerator() == name, dev.accelerator())
+    want = torch.bfloat16 if cuda else torch.float32
+    check("device: resolve_dtype(auto)", dev.resolve_dtype("auto") == want, str(dev.resolve_dtype("auto")))
+    check("device: resolve_dtype(bfloat16/float32/float16)",
+          (dev.resolve_dtype("bfloat16"), dev.resolve_dtype("float32"), dev.resolve_dtype("float16"))
+          == (torch.bfloat16, torch.float32, torch.float16))
+    auto_bf16 = dev.resolve_attn("auto", torch.bfloat16)
+    want_attn = "flash_attention_2" if cuda and has_fa else "sdpa"
+    check("device: resolve_attn(auto, bfloat16)", auto_bf16 == want_attn,
+          f"{auto_bf16} (flash_attn installed: {has_fa})")
+    check("device: resolve_attn(auto, float32) is sdpa (FA2 takes no fp32)", dev.resolve_attn("auto", torch.float32) == "sdpa")
+    check("device: resolve_attn(sdpa/eager) kept", dev.resolve_attn("sdpa", torch.bfloat16) == "sdpa"
+          and dev.resolve_attn("eager", torch.float32) == "eager")
+    try:
+        dev.resolve_attn("flash_attention_2", torch.float32)
+        check("device: resolve_attn(flash_attention_2, float32) is a ConfigError", False, "no error")
+    except ConfigError as e:
+        check("device: resolve_attn(flash_attention_2, float32) is a ConfigError", "bfloat16" in str(e), str(e))
+    try:
+        got = dev.resolve_attn("flash_attention_2", torch.bfloat16)
+        check("device: resolve_attn(flash_attention_2, bfloat16)", has_fa and got == "flash_attention_2", got)
+    except ConfigError as e:
+        check("device: resolve_attn(flash_attention_2, bfloat16) without flash-attn is a ConfigError",
+              not has_fa and "flash-attn" in str(e), str(e))
+    check(f"device: sync_backend(auto, {name})", dev.sync_backend("auto", name) == ("nccl" if cuda else "gloo"),
+          dev.sync_backend("auto", name))
+    check("device: sync_backend(ipc/gloo) kept", dev.sync_backend("ipc", "cuda") == "ipc"
+          and dev.sync_backend("gloo", "cuda") == "gloo" and dev.sync_backend("auto", "cpu") == "gloo")
+    check("device: probe_tolerance", dev.probe_tolerance(torch.float32) == 1e-3
+          and dev.probe_tolerance(torch.bfloat16) == 0.5, f"fp32 {dev.probe_tolerance(torch.float32)}, "
+          f"bf16 {dev.probe_tolerance(torch.bfloat16)}")
+    check(f"device: resolve_enforce_eager(None, {name})", dev.resolve_enforce_eager(None, name) == (not cuda))
+    opts = dev.engine_options(320)
+    check("device: engine_options", opts == ({} if cuda else {"enable_chunked_prefill": False,
+                                                               "max_num_batched_tokens": 8192}), str(opts))
+    # the bf16 gap between two HF attention kernels on the same weights: what probe_tolerance must cover
+    with guarded("device: probe_tolerance covers the kernel gap"):
+        from pipeline.grpo import token_logprobs
+
+        probe, dtype = ctx["probe"], ctx["dtype"]
+        lps = {}
+        kernels = ["sdpa", "eager"] + (["flash_attention_2"] if cuda and has_fa else [])
+        for kernel in kernels:
+            m = transformers.AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=dtype,
+                                                                  attn_implementation=kernel).to(ctx["device"]).eval()
+            with torch.no_grad():
+                lps[kernel] = token_logprobs(m, probe.input_ids, probe.attention_mask).float()
+            del m
+        gaps = {k: masked_max_diff(lps[k], lps["sdpa"], probe.completion_mask) for k in kernels[1:]}
+        METRICS["logprob_gap_vs_sdpa"] = gaps
+        tol = dev.probe_tolerance(dtype)
+        check(f"device: completion logprob gap between attention kernels <= probe_tolerance({dtype})",
+              all(v <= tol for v in gaps.values()), ", ".join(f"{k} vs sdpa {v:.3g}" for k, v in gaps.items()))
+
+
+# ------------------------------------------------------------------------------------------------------
+def main() -> int:
+    args = parse_args()
+    if args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use .*", category=FutureWarning)
+    t0 = time.perf_counter()
+    import torch
+
+    cuda = not args.cpu
+    if cuda and not torch.cuda.is_available():
+        check("CUDA available", False, "torch.cuda.is_available() is False (use --cpu to test on CPU)")
+        return finish(args, t0)
+    if args.cpu:
+        torch.set_num_threads(1)
+    import deepspeed
+    import transformers
+
+    train, have_vllm = import_train(args.no_vllm)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[args.dtype]
+    METRICS.update(python=platform.python_version(), torch=torch.__version__, deepspeed=deepspeed.__version__,
+                   transformers=transformers.__version__, vllm_importable=have_vllm, dtype=str(dtype),
+                   gpu=torch.cuda.get_device_name(0) if cuda else None)
+    print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+          f"device {METRICS['gpu'] or 'cpu'}, dtype {dtype}, vLLM importable: {have_vllm} "
+          f"({'real' if have_vllm else 'stubbed'} pipeline.weight_sync)", flush=True)
+    if cuda:
+        torch.cuda.set_device(0)  # before any collective: NCCL binds to the current device (as pipeline/train.py)
+    deepspeed.init_distributed(timeout=train.collective_timeout(train.load_config()))
+    backend = torch.distributed.get_backend()
+    check(f"distributed backend is {'nccl' if cuda else 'gloo'}", backend == ("nccl" if cuda else "gloo"), backend)
+
+    from pipeline.device import resolve_attn
+    from pipeline.grpo import token_logprobs
+
+    hidden = args.hidden or (512 if cuda else 64)
+    layers = args.layers or (4 if cuda else 2)
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-trainer-check-"))
+    model_dir, examples = build_model(tmp / "model", hidden, layers)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    attn = resolve_attn("auto", dtype)  # what pipeline/train.py loads the policy with
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    hf = hf.to(device).eval()
+    n_params = sum(p.numel() for p in hf.parameters())
+    METRICS.update(model={"hidden": hidden, "layers": layers, "params": n_params, "vocab": len(tokenizer), "attn": attn})
+    print(f"model: Qwen2 {n_params / 1e6:.2f}M parameters, hidden {hidden}, {layers} layers, vocab {len(tokenizer)}, "
+          f"attention {attn}", flush=True)
+
+    steps, micro, accum, group, max_tokens = args.steps, 8, 2, 8, 96
+    rollouts = make_rollouts(tokenizer, examples, steps, micro * accum, group, max_tokens, seed=1)
+    fill_old_logprobs(hf, rollouts, device, noise=0.05, seed=2)
+    ctx = {"train": train, "device": device, "dtype": dtype, "attn": attn, "model_dir": model_dir, "hf": hf,
+           "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "rollouts": rollouts, "steps": steps,
+           "micro": micro, "accum": accum, "group": group, "max_tokens": max_tokens, "tmp": tmp,
+           "have_vllm": have_vllm, "logit_tol": 1e-4 if dtype == torch.float32 else 2e-2,
+           "hf_params": {n: p.detach().float().cpu() for n, p in hf.named_parameters()}}
+    ctx["probe"] = probe_batch(rollouts, tokenizer, device)
+    with torch.no_grad():
+        token_logprobs(hf, ctx["probe"].input_ids, ctx["probe"].attention_mask)
+
+    METRICS["phase_s"] = {"setup": time.perf_counter() - t0}
+    mark = time.perf_counter()
+    device_checks(ctx)
+    METRICS["phase_s"]["device_checks"] = time.perf_counter() - mark
+
+    configs = {2: args.zero2_config or f"configs/ds_zero2{'_gpu' if cuda else ''}.json",
+               3: args.zero3_config or f"configs/ds_zero3{'_gpu' if cuda else ''}.json"}
+    results = {}
+    for stage in (2, 3):
+        path = (REPO / configs[stage]).resolve()
+        print(f"--- ZeRO-{stage}: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
+        mark = time.perf_counter()
+        with guarded(f"zero{stage}: stage"):
+            results[stage] = run_stage(stage, path, ctx)
+        METRICS["phase_s"][f"zero{stage}"] = time.perf_counter() - mark
+        r = results.get(stage) or {}
+        METRICS[f"zero{stage}"] = {k: v for k, v in r.items() if k not in ("engine", "reference", "before", "after")}
+        METRICS[f"zero{stage}"]["config"] = str(configs[stage])
+        if stage == 3 and r.get("engine") is not None:
+            mark = time.perf_counter()
+            zero3_save_and_reload(r, ctx)
+            METRICS["phase_s"]["zero3_save"] = time.perf_counter() - mark
+        if stage == 2:  # free the ZeRO-2 engine's memory before ZeRO-3, keep its parameters
+            r.pop("engine", None), r.pop("reference", None)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    if results.get(2) and results.get(3) and "after" in results[2] and "after" in results[3]:
+        with guarded("zero2 vs zero3"):
+            a2, a3, b = results[2]["after"], results[3]["after"], results[2]["before"]
+            num = sum(float(((a3[n] - b[n]) - (a2[n] - b[n])).norm() ** 2) for n in b) ** 0.5
+            den = sum(float((a2[n] - b[n]).norm() ** 2) for n in b) ** 0.5
+            rel = num / max(den, 1e-30)
+            pmax = max(float((a3[n] - a2[n]).abs().max()) for n in b)
+            tol = 1e-3 if dtype == torch.float32 else 0.25
+            METRICS["zero2_vs_zero3"] = {"relative_update_diff": rel, "param_max_abs_diff": pmax}
+            check("zero2 vs zero3: same steps give the same update", rel <= tol,
+                  f"|upd3 - upd2| / |upd2| = {rel:.3g} (tolerance {tol:g}), max |param diff| {pmax:.3g}")
+            l2, l3 = results[2].get("losses", []), results[3].get("losses", [])
+            if l2 and l3:
+                dl = max(abs(x - y) for x, y in zip(l2, l3, strict=True))
+                METRICS["zero2_vs_zero3"]["loss_max_abs_diff"] = dl
+                check("zero2 vs zero3: same losses", dl <= (1e-4 if dtype == torch.float32 else 5e-2),
+                      f"max |loss diff| {dl:.3g}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return finish(args, t0)
+
+
+def finish(args, t0: float) -> int:
+    failed = [r for r in RESULTS if not r["ok"]]
+    METRICS["wall_s"] = time.perf_counter() - t0
+    for stage in (2, 3):
+        m = METRICS.get(f"zero{stage}", {})
+        if "step_s_median" in m:
+            mem = f", peak GPU memory {m['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in m else ""
+            print(f"ZeRO-{stage}: step {m['step_s_median'] * 1000:.0f} ms median (first {m['step_s_first'] * 1000:.0f} ms), "
+                  f"{m['tokens_per_s']:.0f} tokens/s{mem}", flush=True)
+    summary = {"ok": not failed, "passed": len(RESULTS) - len(failed), "failed": len(failed), "checks": RESULTS,
+               "metrics": METRICS}
+    out = args.out or (os.path.join(os.environ["OUT"], "gpu_trainer_check.json") if os.environ.get("OUT") else "")
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(f"-> {out}")
+    if "phase_s" in METRICS:
+        print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in METRICS["phase_s"].items()))
+    print(f"{'ALL PASS' if not failed else 'FAILED'}: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "
+          f"({METRICS['wall_s']:.0f} s)", flush=True)
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
