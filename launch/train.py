@@ -192,8 +192,13 @@ def check_data_and_rewards(config) -> None:
     and every reward plugin, imported and called once on a training example (a plugin that cannot be
     imported, or returns the wrong number of values, fails here rather than at step 1)."""
     from pipeline.data import examples_for, resolve_system_prompt
+    from pipeline.metrics import missing_trackers
     from pipeline.rewards import load_rewards, score_completions
 
+    missing = missing_trackers(config.train.report_to)
+    if missing:
+        raise ConfigError(f"train.report_to: {', '.join(missing)} is not installed (pip install "
+                          f"{' '.join(missing)}, or make install, which includes the `track` extra)")
     system_prompt = resolve_system_prompt(config.data.system_prompt)
     rewards = load_rewards(config.reward_functions)
     if config.data.source == "hub":

@@ -47,6 +47,16 @@ class ModelConfig:
     flash-attn package is installed, else sdpa) or any HF name."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless asked for: it executes the model repo's Python."""
+    lora_rank: int = 0
+    """> 0: train a LoRA adapter of this rank (PEFT) instead of every weight. The server still serves
+    full weights: each sync pushes W + B A x alpha/rank; final/ is the merged model, final/adapter the
+    adapter alone."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scaling = alpha / rank; PEFT's default 8, 16 is the common choice)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch during training (PEFT's default 0)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: names such as q_proj, or all-linear (every linear layer but the head)."""
 
 
 @dataclass
@@ -223,7 +233,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     log_every: int = 1
-    """Write metrics every N steps (metrics.jsonl, TensorBoard)."""
+    """Write metrics every N steps (metrics.jsonl and the trackers)."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers besides metrics.jsonl. wandb and trackio are optional packages (the `track` extra);
+    offline: WANDB_MODE=offline keeps wandb's run in <run>/wandb, trackio's store is <run>/trackio."""
+    log_completions_every: int = 10
+    """Every N steps, a table of sampled completions (prompt, completion, each reward, advantage) goes
+    to completions.jsonl and the trackers; 0 = never."""
+    log_completions: int = 8
+    """Completions in that table (rank 0's first ones: whole groups when G is at most this)."""
 
 
 @dataclass
@@ -236,6 +254,10 @@ class EvalConfig:
     """Samples per problem for maj@k accuracy (0 = greedy pass@1 only)."""
     temperature: float = 1.0
     """Sampling temperature for maj@k."""
+    every: int = 0
+    """Also evaluate during training, every N steps and after the last one, through the same server
+    with the current weights (eval.limit problems): `eval/<key>` columns in metrics.jsonl at that
+    step, plotted in eval_curves.png. 0 = only before and after."""
 
 
 @dataclass
@@ -246,6 +268,8 @@ class RunConfig:
     """Where run directories go."""
     seed: int = 42
     """Seeds data order, sampling and initialisation."""
+    project: str = "grpo-pipeline"
+    """Project name in wandb / trackio."""
 
 
 @dataclass
@@ -415,6 +439,13 @@ def validate(config: Config) -> None:
     if longest > config.server.max_model_len:
         raise ConfigError(f"data.max_prompt_tokens + train.max_completion_tokens = {longest} exceeds "
                           f"server.max_model_len={config.server.max_model_len}")
+    if config.model.lora_rank < 0 or (config.model.lora_rank and config.model.lora_alpha <= 0):
+        raise ConfigError(f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {config.model.lora_rank} "
+                          f"and {config.model.lora_alpha}")
+    if not 0 <= config.model.lora_dropout < 1:
+        raise ConfigError(f"model.lora_dropout: expected a value in [0, 1), got {config.model.lora_dropout}")
+    if config.eval.every < 0 or t.log_completions_every < 0 or t.log_completions < 0:
+        raise ConfigError("eval.every, train.log_completions_every and train.log_completions must be >= 0")
     if config.sync.bucket_mb < 1:
         raise ConfigError(f"sync.bucket_mb: must be at least 1, got {config.sync.bucket_mb}")
     if config.sync.verify_mb < 0 or config.sync.timeout_s <= 0:

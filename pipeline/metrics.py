@@ -41,17 +41,93 @@ def metrics_row(step: int, s: dict[str, float], mx: dict[str, float], reward_nam
     return row
 
 
-class Metrics:
-    """Sums over this rank's share of a step, reduced over ranks, written by rank 0."""
+TRACKERS = ("tensorboard", "wandb", "trackio")
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
-    def __init__(self, run_dir: Path, is_writer: bool):
+
+def missing_trackers(report_to: list[str]) -> list[str]:
+    """The trackers in `report_to` whose package is not installed (checked before a run starts)."""
+    import importlib.util
+
+    return [name for name in report_to if importlib.util.find_spec(_PACKAGES[name]) is None]
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, **_):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, row: dict, step: int) -> None:
+        for key, value in row.items():
+            self.writer.add_scalar(key, value, step)
+
+    def table(self, name: str, columns: list[str], data: list[list], step: int) -> None:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(v).replace("\n", "<br>").replace("|", "\\|") for v in r) + " |" for r in data]
+        self.writer.add_text(name, "\n".join(lines), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """Offline with WANDB_MODE=offline (the run lands in <run_dir>/wandb, `wandb sync` uploads it)."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config, reinit="finish_previous")
+
+    def log(self, row: dict, step: int) -> None:
+        self.run.log(row, step=step)
+
+    def table(self, name: str, columns: list[str], data: list[list], step: int) -> None:
+        self.run.log({name: self.wandb.Table(columns=columns, data=data)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    """trackio's local store: <run_dir>/trackio unless TRACKIO_DIR says otherwise (`trackio show` reads it)."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict):
+        import os
+
+        os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))  # read when trackio is imported
+        import trackio
+
+        self.trackio = trackio
+        self.run = trackio.init(project=project, name=name, config=config, embed=False, auto_log_gpu=False,
+                                auto_log_cpu=False)
+
+    def log(self, row: dict, step: int) -> None:
+        self.trackio.log(row, step=step)
+
+    def table(self, name: str, columns: list[str], data: list[list], step: int) -> None:
+        self.trackio.log({name: self.trackio.Table(columns=columns, data=data)}, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+_OPEN = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio}
+
+
+class Metrics:
+    """Sums over this rank's share of a step, reduced over ranks, written by rank 0: metrics.jsonl
+    (the record every report reads) and each tracker in train.report_to. Sampled completions go to
+    completions.jsonl and to the trackers as a table."""
+
+    def __init__(self, run_dir: Path, is_writer: bool, report_to: list[str] = ("tensorboard",),
+                 project: str = "grpo-pipeline", run_name: str = "", config: dict | None = None):
         self.is_writer = is_writer
         self.file = open(run_dir / "metrics.jsonl", "a") if is_writer else None  # noqa: SIM115
-        self.tb = None
-        if is_writer:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.samples = open(run_dir / "completions.jsonl", "a") if is_writer else None  # noqa: SIM115
+        self.trackers = [_OPEN[name](run_dir, project=project, name=run_name or run_dir.name, config=config or {})
+                         for name in report_to] if is_writer else []
 
     @staticmethod
     def reduce(sums: dict[str, float], maxima: dict[str, float], device) -> tuple[dict, dict]:
@@ -67,11 +143,25 @@ class Metrics:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, int | float):
-                self.tb.add_scalar(key, value, row["step"])
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+        for tracker in self.trackers:
+            tracker.log(scalars, row["step"])
+
+    def write_completions(self, step: int, samples: list[dict]) -> None:
+        """One row per sampled completion: prompt, completion, reference, each reward, total, advantage."""
+        if not self.is_writer or not samples:
+            return
+        for sample in samples:
+            self.samples.write(json.dumps({"step": step, **sample}) + "\n")
+        self.samples.flush()
+        columns = list(samples[0])
+        data = [[s[c] for c in columns] for s in samples]
+        for tracker in self.trackers:
+            tracker.table("completions", columns, data, step)
 
     def close(self) -> None:
-        if self.file:
+        if self.is_writer:
             self.file.close()
-            self.tb.close()
+            self.samples.close()
+            for tracker in self.trackers:
+                tracker.close()

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 TRAINING_FILES = ("metrics.jsonl", "eval_before.json", "eval_after.json", "eval_after.jsonl", "config.yaml",
-                  "run_info.json", "reward_curves.png", "format_curves.png")
+                  "run_info.json", "completions.jsonl", *(f"{n}_curves.png" for n in ("reward", "format", "health", "eval")))
 
 
 class PublishError(RuntimeError):
@@ -42,7 +42,7 @@ def stage(run_dir: Path, out_dir: Path) -> list[str]:
             files.append(path.name)
     card = (run_dir / "README.md").read_text()
     # the card's images live under training/ in the repo
-    for png in ("reward_curves.png", "format_curves.png"):
+    for png in (n for n in TRAINING_FILES if n.endswith(".png")):
         card = card.replace(f"]({png})", f"](training/{png})")
     (out_dir / "README.md").write_text(card)
     files.append("README.md")

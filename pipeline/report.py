@@ -65,17 +65,27 @@ def plot_curves(rows: list[dict], run_dir: Path) -> list[str]:
     written = []
     panels = {
         "reward_curves.png": ["reward/total"] + sorted({k for r in rows for k in r if k.startswith("reward/")} - {
-            "reward/total"}, key=lambda k: (k[7:] not in BUILTIN_REWARDS, list(BUILTIN_REWARDS).index(k[7:])
+            "reward/total", "reward/std_within_group"}, key=lambda k: (k[7:] not in BUILTIN_REWARDS, list(BUILTIN_REWARDS).index(k[7:])
                                             if k[7:] in BUILTIN_REWARDS else 0, k)),
         "format_curves.png": ["format/strict_rate", "accuracy", "reasoning/step_accuracy", "completion_len/mean",
                               "completions/truncated_rate"],
+        "health_curves.png": ["grad_norm", "entropy", "reward/std_within_group", "frac_zero_std_groups",
+                              "completion_len/max", "clip_ratio"],
     }
+    present = {k for r in rows for k in r if k.startswith("eval/")}
+    evals = [k for k in ("eval/pass@1/strict_accuracy", "eval/pass@1/lenient_accuracy", "eval/format/strict_rate")
+             if k in present] + sorted(k for k in present if k.startswith("eval/maj@") and k.endswith("/accuracy"))
+    if evals:  # eval.every: sparse rows, plotted as points joined by lines
+        panels["eval_curves.png"] = evals
     for filename, keys in panels.items():
         fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(4 * ((len(keys) + 1) // 2), 6.5), squeeze=False)
         for ax, key in zip(axes.flat, keys, strict=False):
-            values = [r.get(key, float("nan")) for r in rows]
-            ax.plot(steps, values, alpha=0.3, color="tab:blue")
-            ax.plot(steps, _smooth(values, window), color="tab:blue")
+            if key.startswith("eval/"):  # evaluated every eval.every steps: the points themselves
+                ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], "o-", color="tab:green")
+            else:
+                values = [r.get(key, float("nan")) for r in rows]
+                ax.plot(steps, values, alpha=0.3, color="tab:blue")
+                ax.plot(steps, _smooth(values, window), color="tab:blue")
             ax.set_title(key)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.client import ServerClient, ServerError
-from pipeline.config import Config, ConfigError, TrainConfig, check_batch, load_config
+from pipeline.config import Config, ConfigError, TrainConfig, check_batch, load_config, to_dict
 from pipeline.data import DataError, Example, PromptStyle, drop_long_prompts, examples_for
 from pipeline.device import resolve_attn, resolve_dtype
 from pipeline.grpo import grpo_loss, make_batch, step_token_normaliser, token_logprobs
@@ -186,8 +186,10 @@ def main(argv=None) -> int:
         config.model.path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.model.trust_remote_code)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay)
+    if config.model.lora_rank:
+        model = with_lora(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
+                                  betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     scheduler = lr_schedule(optimizer, t, total_steps)
     ds_config = deepspeed_config(config, dtype)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -225,7 +227,8 @@ def main(argv=None) -> int:
                       sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()))
     link.connect()
     link.push(start_step)
-    metrics = Metrics(run_dir, rank == 0)
+    metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
+    evaluation = InTrainingEval(config, tokenizer, client) if config.eval.every and rank == 0 else None
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
                         top_p=t.top_p, seed=seed, max_staleness=t.max_staleness if t.overlap else 0)
 
@@ -281,8 +284,12 @@ def main(argv=None) -> int:
             "time/generate": time_generate, "time/reward": time_reward, "time/train": time_train,
             "time/sync": time_sync, "time/wait_rollouts": time_wait, "time/step": time.perf_counter() - step_start,
         })
+        if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total_steps):
+            row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
             metrics.write(row)
+        if t.log_completions_every and t.log_completions and (step + 1) % t.log_completions_every == 0:
+            metrics.write_completions(step + 1, completion_samples(batch, t.log_completions))
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/total']:.3f}", strict=f"{row['format/strict_rate']:.2f}",
                         step_s=f"{row['time/step']:.1f}")
@@ -364,6 +371,53 @@ def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, floa
     }, {"length_max": float(max(len(c.token_ids) for c in mine))}
 
 
+def with_lora(model, config: Config):
+    """model.lora_rank > 0: a PEFT LoRA adapter; only its weights train (the optimizer gets only them)."""
+    from peft import LoraConfig, get_peft_model
+
+    m = config.model
+    targets = "all-linear" if m.lora_target_modules == ["all-linear"] else m.lora_target_modules
+    model = get_peft_model(model, LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    if config.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input with grad
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA rank %d: %d of %d parameters train (%.2f%%)", m.lora_rank, trainable, total, 100 * trainable / total)
+    return model
+
+
+class InTrainingEval:
+    """eval.every: rank 0 evaluates what the server serves now (eval.limit test problems) and returns
+    the summary as `eval/<key>` columns of that step's metrics row."""
+
+    def __init__(self, config: Config, tokenizer, client: ServerClient):
+        from pipeline.evaluate import load_eval_examples
+
+        self.config, self.tokenizer, self.client = config, tokenizer, client
+        self.examples, _ = load_eval_examples(config, tokenizer, None, config.eval.limit or None)
+        self.style = PromptStyle.from_config(config.data)
+
+    def run(self, step: int) -> dict[str, float]:
+        from pipeline.evaluate import evaluate
+
+        e = self.config.eval
+        summary, _ = evaluate(self.client, self.tokenizer, self.examples, max_tokens=self.config.train.max_completion_tokens,
+                              maj_k=e.maj_k, temperature=e.temperature, seed=self.config.run.seed + step, style=self.style)
+        log.info("step %d: eval pass@1 strict accuracy %.3f on %d problems", step,
+                 summary.get("pass@1/strict_accuracy", float("nan")), len(self.examples))
+        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)}
+
+
+def completion_samples(batch: StepBatch, count: int) -> list[dict]:
+    """The first `count` of this rank's completions as table rows."""
+    rows = []
+    for i, c in enumerate(batch.completions[:count]):
+        rows.append({"prompt": c.example.question, "completion": c.text, "reference": c.answer,
+                     **{f"reward/{name}": values[i] for name, values in batch.per_reward.items()},
+                     "reward/total": batch.totals[i], "advantage": float(batch.advantages[i])})
+    return rows
+
+
 def release_shm_name(rank: int) -> None:
     """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm buffer per rank and never unlinks it, so every
     run on CPU leaked RAM (a test suite: gigabytes, until the machine crawled). Once every rank has
@@ -380,8 +434,14 @@ def collective_timeout(config: Config) -> timedelta:
     """How long a rank waits in a collective for the others. Rank 0 alone talks to the server, so the
     other ranks wait out its deadlines (a generation, a server restart, a push) plus a margin: rank 0's
     error names the cause, instead of a bare gloo/NCCL timeout on a rank that was only waiting."""
-    s = config.server
-    return timedelta(seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + 120)
+    s, e = config.server, config.eval
+    evaluation = 0.0
+    if e.every:  # one greedy (and one sampled, for maj@k) request per 128 problems, each within its deadline
+        from pipeline.evaluate import REQUEST_PROMPTS
+
+        requests = -(-(e.limit or 10_000) // REQUEST_PROMPTS) * (2 if e.maj_k else 1)
+        evaluation = requests * s.request_timeout_s
+    return timedelta(seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120)
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> None:
@@ -421,12 +481,17 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 
 def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: int) -> None:
-    """HF format (loadable by AutoModelForCausalLM and by the server), gathered under ZeRO-3."""
-    source = ModelSource(engine.module, zero_stage, rank == 0, next(engine.module.parameters()).dtype, torch.device("cpu"))
+    """HF format (loadable by AutoModelForCausalLM and by the server), gathered under ZeRO-3. With
+    LoRA: the merged model (what the server served), and the adapter alone in out_dir/adapter."""
+    module = engine.module
+    source = ModelSource(module, zero_stage, rank == 0, next(module.parameters()).dtype, torch.device("cpu"))
     state = dict(iter(source))
     if rank == 0:
-        engine.module.save_pretrained(out_dir, state_dict=state)
+        lora = hasattr(module, "peft_config")
+        (module.get_base_model() if lora else module).save_pretrained(out_dir, state_dict=state)
         tokenizer.save_pretrained(out_dir)
+        if lora:
+            module.save_pretrained(out_dir / "adapter")
     dist.barrier()
 
 

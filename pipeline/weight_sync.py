@@ -66,8 +66,31 @@ class ServerSyncClient:
         return self._post("/weights/checksums", {"names": names, "received": received})["workers"]
 
 
+def exported_weights(module: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter], float | None]]:
+    """(HF name, parameters, LoRA scaling): the model's weights as the server knows them. A plain
+    model exports each parameter as is. A PEFT LoRA model exports its base model's names, each
+    adapted weight merged on the fly as W + B @ A x scaling (the parameters are [W, A, B]) and no
+    adapter tensors: nothing is merged into the trained weights in place, so nothing drifts."""
+    if not hasattr(module, "peft_config"):
+        return [(name, [p], None) for name, p in module.named_parameters()]
+    from peft.tuners.lora import LoraLayer
+
+    base = module.get_base_model()
+    adapted = {f"{name}.base_layer.weight": layer for name, layer in base.named_modules()
+               if isinstance(layer, LoraLayer) and "default" in layer.lora_A}
+    out = []
+    for name, p in base.named_parameters():
+        if ".lora_" in name:
+            continue
+        layer = adapted.get(name)
+        params = [p] if layer is None else [p, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        out.append((name.replace(".base_layer.", "."), params, None if layer is None else layer.scaling["default"]))
+    return out
+
+
 class ModelSource(WeightSource):
-    """The trainer's parameters as vLLM's engines consume them: full tensors in the server's dtype.
+    """The trainer's parameters as vLLM's engines consume them: full tensors in the server's dtype
+    (LoRA merged, see `exported_weights`).
 
     Under ZeRO-3 every rank holds a shard, so iterating gathers a chunk of parameters at a time (a
     collective: every rank iterates in the same order; only the sender gets tensors, others get
@@ -78,6 +101,7 @@ class ModelSource(WeightSource):
                  device: torch.device, chunk_bytes: int = 256 * 2**20):
         self.module, self.zero_stage, self.is_sender = module, zero_stage, is_sender
         self.wire_dtype, self.device, self.chunk_bytes = wire_dtype, device, chunk_bytes
+        self.weights = exported_weights(module)
         self.keep: set[str] = set()
         self.kept: dict[str, torch.Tensor] = {}
         self._active: Iterator | None = None
@@ -86,8 +110,8 @@ class ModelSource(WeightSource):
         return self.wire_dtype if tensor.is_floating_point() else tensor.dtype
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(name, self._wire(p), tuple(getattr(p, "ds_shape", p.shape)))
-                for name, p in self.module.named_parameters()]
+        return [ParamMeta(name, self._wire(ps[0]), tuple(getattr(ps[0], "ds_shape", ps[0].shape)))
+                for name, ps, _ in self.weights]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor | None]]:
         self.kept = {}
@@ -101,29 +125,32 @@ class ModelSource(WeightSource):
                 pass
             self._active = None
 
-    def _out(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
+    def _out(self, name: str, params: list[torch.Tensor], scaling: float | None) -> torch.Tensor | None:
         if not self.is_sender:
             return None
-        tensor = param.detach().to(self.device, self._wire(param)).contiguous()
+        weight = params[0].detach()
+        if scaling is not None:  # LoRA: W + B A s, computed in fp32 and then cast like any weight
+            a, b = (t.detach().float() for t in params[1:])
+            weight = weight.float() + (b @ a) * scaling
+        tensor = weight.to(self.device, self._wire(params[0])).contiguous()
         if name in self.keep:
             self.kept[name] = tensor.cpu().clone()
         return tensor
 
     def _pass(self):
-        params = list(self.module.named_parameters())
         if self.zero_stage < 3:
-            for name, p in params:
-                yield name, self._out(name, p)
+            for name, params, scaling in self.weights:
+                yield name, self._out(name, params, scaling)
             return
         import deepspeed
 
         chunk, size = [], 0
-        for i, (name, param) in enumerate(params):
-            chunk.append((name, param))
-            size += param.ds_numel * param.element_size()
-            if size >= self.chunk_bytes or i == len(params) - 1:
-                with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
-                    copies = [(n, self._out(n, p)) for n, p in chunk]
+        for i, entry in enumerate(self.weights):
+            chunk.append(entry)
+            size += sum(p.ds_numel * p.element_size() for p in entry[1])
+            if size >= self.chunk_bytes or i == len(self.weights) - 1:
+                with deepspeed.zero.GatheredParameters([p for _, ps, _ in chunk for p in ps], modifier_rank=None):
+                    copies = [(n, self._out(n, ps, s)) for n, ps, s in chunk]
                 yield from copies  # copies: at most one chunk is gathered at any time
                 chunk, size = [], 0
 

@@ -74,7 +74,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tiny_model_dir, tmp_path):
 def test_config_accepts_the_vllm_backends():
     assert load_config(None, ["sync.transport=ipc"]).sync.transport == "ipc"
     assert load_config(None, ["server.enforce_eager=null"]).server.enforce_eager is None
-    with pytest.raises(ConfigError, match="sync.transport: expected auto, nccl, ipc or gloo"):
+    with pytest.raises(ConfigError, match="sync.transport: expected one of auto, nccl, ipc, gloo"):
         load_config(None, ["sync.transport=pynccl"])
 
 
