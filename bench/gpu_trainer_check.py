@@ -19,17 +19,27 @@ pure-python wheel). One process, world size 1. What it runs, per ZeRO stage:
   checkpoint before training and track ZeRO-2's after the same steps, DeepSpeed's own consolidated 16-bit
   state dict equals the gather, and a final HF model gathered to CPU from the ZeRO-3 engine, saved and
   reloaded with `AutoModelForCausalLM`, gives the engine's logits;
+- LoRA (model.lora_rank=8, lora_alpha=16; `--lora-steps`, default 4, 0 skips it) under the same ZeRO-2 and
+  ZeRO-3 configs: `pipeline.lora.with_lora`, an optimizer over the trainable parameters only, as
+  pipeline/train.py builds them, and the same GRPO steps; checks: only the adapter trains and only lora_
+  tensors change (base weights bit-identical, gathered under ZeRO-3); the merged export computed as
+  `ModelSource` computes it (`exported_weights`, each entry gathered under ZeRO-3, `merged_weight` cast
+  to the model dtype) has the plain model's names, equals PEFT's own `merge_and_unload` of the gathered
+  state in a fresh CPU PEFT model (to one ulp of the model dtype), and a plain HF model with it gives
+  the LoRA engine's logits; ZeRO-2 and ZeRO-3 LoRA give the same update;
 - `pipeline.device` on this device: accelerator, resolve_dtype, resolve_attn (auto and
   flash_attention_2 with and without flash-attn), sync_backend, probe_tolerance (against the measured bf16
   sdpa-vs-eager logprob gap), resolve_enforce_eager, engine_options;
-- a step's time (median after the first) and the peak GPU memory per stage.
+- a step's time (median after the first) and the peak GPU memory per stage, LoRA next to full fine-tuning.
 
 Not covered here, because the code lives in modules that import vLLM (pipeline/weight_sync.py,
 pipeline/gloo_transfer.py): `ModelSource` (the chunked ZeRO-3 gather that weight sync and
 `pipeline.train.save_final_model` use) and the weight push itself. Where vLLM is importable (the CPU
 venv), `save_final_model` is run too and its output compared with this script's gather. Where it is not,
 `pipeline.weight_sync` is replaced by a stub before `pipeline.train` is imported, so the functions above
-are the real ones; the stub raises if anything touches it.
+are the real ones; the stub raises if anything touches it. (The LoRA export is computed here as
+`ModelSource` computes it, from the real `pipeline.lora` functions; with vLLM, `save_final_model` on the
+LoRA engines is compared with it, and its final/adapter reloaded with PEFT.)
 
 On a lent GPU box without DeepSpeed (wheels for it and its missing needs carried in .whl/):
 
@@ -95,6 +105,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="gloo, fp32, no CUDA (to test this script's logic)")
     p.add_argument("--steps", type=int, default=6, help="GRPO optimizer steps per ZeRO stage")
+    p.add_argument("--lora-steps", type=int, default=4,
+                   help=f"GRPO steps per ZeRO stage with LoRA (rank {LORA_RANK}, alpha {LORA_ALPHA}); 0 skips them")
     p.add_argument("--hidden", type=int, default=0, help="model width (default 512 on GPU, 64 on CPU)")
     p.add_argument("--layers", type=int, default=0, help="decoder layers (default 4 on GPU, 2 on CPU)")
     p.add_argument("--zero2-config", default="", help="default configs/ds_zero2_gpu.json (CPU: ds_zero2.json)")
@@ -239,12 +251,68 @@ def masked_max_diff(a, b, mask) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------
-def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
+LORA_RANK, LORA_ALPHA = 8, 16
+
+
+def stage_config(ds_path: Path, ctx: dict, steps: int, lora: bool):
+    """A pipeline.config.Config as the trainer gets it (load_config with --set overrides)."""
+    from pipeline.config import load_config
+
+    overrides = [f"model.path={ctx['model_dir']}", f"train.deepspeed_config={ds_path}",
+                 f"train.micro_batch_size={ctx['micro']}", f"train.gradient_accumulation_steps={ctx['accum']}",
+                 f"train.num_generations={ctx['group']}", f"train.max_steps={steps}",
+                 "train.learning_rate=5e-3", "train.warmup_ratio=0.0", "train.min_lr_ratio=0.1",
+                 "train.max_grad_norm=1.0", "train.beta=0.04", f"train.max_completion_tokens={ctx['max_tokens']}"]
+    if lora:
+        overrides += [f"model.lora_rank={LORA_RANK}", f"model.lora_alpha={LORA_ALPHA}"]
+    return load_config(None, overrides)
+
+
+def build_engines(config, ctx: dict, stage: int, tag: str):
+    """The policy engine (PEFT LoRA when model.lora_rank > 0) and the beta > 0 reference engine, built as
+    pipeline/train.py builds them. Returns (engine, reference, GPU memory allocated before them in GiB)."""
     import deepspeed
     import torch
     import transformers
 
-    from pipeline.config import load_config
+    from pipeline.lora import with_lora
+
+    train, device, dtype, attn, t = ctx["train"], ctx["device"], ctx["dtype"], ctx["attn"], config.train
+    torch.manual_seed(0)  # LoRA's A init: the same adapter under ZeRO-2 and ZeRO-3
+    model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
+    if config.model.lora_rank:
+        model = with_lora(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
+                                  betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    scheduler = train.lr_schedule(optimizer, t, t.max_steps)
+    ds_config = train.deepspeed_config(config, dtype)
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    start_gib = 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_gib = torch.cuda.memory_allocated() / 2**30
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in engine.module.parameters()})
+    check(f"{tag}: deepspeed.initialize", zero_stage == stage and engine.zero_optimization_stage() == stage
+          and engine.device.type == device.type and engine.bfloat16_enabled() == (dtype == torch.bfloat16),
+          f"stage {engine.zero_optimization_stage()}, device {engine.device}, bf16 {engine.bfloat16_enabled()}, "
+          f"param dtypes {dtypes}")
+    # the reference model for beta > 0, exactly as pipeline/train.py builds it (the base model, with LoRA too)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
+    ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
+    if zero_stage != 3:
+        ref_config["zero_optimization"] = {"stage": 0}
+    reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
+    reference.eval()
+    return engine, reference, start_gib
+
+
+def grpo_steps(engine, reference, config, ctx: dict, tag: str) -> dict:
+    """train.max_steps GRPO optimizer steps (loss types in turn) on ctx's rollouts with the real functions;
+    checks loss, grad norm, KL and the schedule; returns the per-step series, step time and peak memory."""
+    import torch
+
     from pipeline.grpo import (
         LOSS_TYPES,
         group_advantages,
@@ -253,60 +321,10 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         step_token_normaliser,
         token_logprobs,
     )
-    train, device, dtype, attn = ctx["train"], ctx["device"], ctx["dtype"], ctx["attn"]
-    tag = f"zero{stage}"
-    steps, mb, accum, group = ctx["steps"], ctx["micro"], ctx["accum"], ctx["group"]
-    config = load_config(None, [f"model.path={ctx['model_dir']}", f"train.deepspeed_config={ds_path}",
-                                f"train.micro_batch_size={mb}", f"train.gradient_accumulation_steps={accum}",
-                                f"train.num_generations={group}", f"train.max_steps={steps}",
-                                "train.learning_rate=5e-3", "train.warmup_ratio=0.0", "train.min_lr_ratio=0.1",
-                                "train.max_grad_norm=1.0", "train.beta=0.04",
-                                f"train.max_completion_tokens={ctx['max_tokens']}"])
-    t = config.train
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.weight_decay)
-    scheduler = train.lr_schedule(optimizer, t, steps)
-    ds_config = train.deepspeed_config(config, dtype)
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    check(f"{tag}: deepspeed.initialize", zero_stage == stage and engine.zero_optimization_stage() == stage
-          and engine.device.type == device.type and engine.bfloat16_enabled() == (dtype == torch.bfloat16),
-          f"stage {engine.zero_optimization_stage()}, device {engine.device}, bf16 {engine.bfloat16_enabled()}, "
-          f"param dtype {next(engine.module.parameters()).dtype}")
-    # the reference model for beta > 0, exactly as pipeline/train.py builds it
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
-    ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
-    if zero_stage != 3:
-        ref_config["zero_optimization"] = {"stage": 0}
-    reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
-    reference.eval()
-
-    hf = ctx["hf"]
-    probe = ctx["probe"]
-    result: dict = {"stage": stage}
-    # --- before training: gathered parameters == the checkpoint's; engine logits == a plain HF model's ---
-    with guarded(f"{tag}: initial parameters"):
-        before = full_params(engine, stage)
-        ref = ctx["hf_params"]
-        diff = max(float((before[n] - ref[n]).abs().max()) for n in ref)
-        check(f"{tag}: initial full parameters equal the HF checkpoint", before.keys() == ref.keys() and diff == 0.0,
-              f"{len(before)} tensors, max |diff| {diff:.3g}")
-    with guarded(f"{tag}: initial logits"):
-        engine.eval()
-        mask = probe.attention_mask[..., None].float()
-        d = masked_max_diff(logits_of(engine, probe), logits_of(hf, probe), mask)
-        d_ref = masked_max_diff(logits_of(reference, probe), logits_of(hf, probe), mask)
-        tol = ctx["logit_tol"]
-        check(f"{tag}: engine and reference logits equal a plain HF model's", d <= tol and d_ref <= tol,
-              f"max |diff| engine {d:.3g}, reference {d_ref:.3g} (tolerance {tol:g})")
-
-    # --- GRPO steps ---
+    train, device, t = ctx["train"], ctx["device"], config.train
+    steps, mb, accum = t.max_steps, t.micro_batch_size, t.gradient_accumulation_steps
     losses, norms, times, lrs, kls, tokens_per_step = [], [], [], [], [], []
+    result: dict = {}
     with guarded(f"{tag}: GRPO steps"):
         for step in range(steps):
             loss_type = LOSS_TYPES[step % len(LOSS_TYPES)]
@@ -357,7 +375,8 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
             print(f"  {tag} step {step + 1} {loss_type:8s} loss {s['loss']:+.4f} grad_norm {norm:.3g} "
                   f"kl {kls[-1]:.3g} clipped {s['clipped_tokens']:.0f}/{s['tokens']:.0f} lr {lrs[-1]:.2e} "
                   f"{times[-1] * 1000:.0f} ms", flush=True)
-        check(f"{tag}: loss and grad norm finite over {steps} steps ({', '.join(LOSS_TYPES)})",
+        used = LOSS_TYPES[:steps] if steps < len(LOSS_TYPES) else LOSS_TYPES
+        check(f"{tag}: loss and grad norm finite over {steps} steps ({', '.join(used)})",
               all(math.isfinite(x) for x in losses + norms + kls) and len(losses) == steps,
               f"losses {[round(x, 4) for x in losses]}, grad norms {[round(x, 3) for x in norms]}")
         check(f"{tag}: KL to the reference starts at 0 and grows", abs(kls[0]) < 1e-3 and kls[-1] > kls[0] and
@@ -372,6 +391,38 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         result["step_s_first"] = times[0]
         result["tokens_per_s"] = statistics.median(tokens_per_step) / result["step_s_median"]
         result.update(losses=losses, grad_norms=norms, kl=kls, lr=lrs)
+    return result
+
+
+def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
+    """Full fine-tuning: every weight trains."""
+    import torch
+
+    tag = f"zero{stage}"
+    config = stage_config(ds_path, ctx, ctx["steps"], lora=False)
+    engine, reference, start_gib = build_engines(config, ctx, stage, tag)
+    hf = ctx["hf"]
+    probe = ctx["probe"]
+    result: dict = {"stage": stage}
+    if ctx["device"].type == "cuda":
+        result["start_memory_gib"] = start_gib
+    # --- before training: gathered parameters == the checkpoint's; engine logits == a plain HF model's ---
+    with guarded(f"{tag}: initial parameters"):
+        before = full_params(engine, stage)
+        ref = ctx["hf_params"]
+        diff = max(float((before[n] - ref[n]).abs().max()) for n in ref)
+        check(f"{tag}: initial full parameters equal the HF checkpoint", before.keys() == ref.keys() and diff == 0.0,
+              f"{len(before)} tensors, max |diff| {diff:.3g}")
+    with guarded(f"{tag}: initial logits"):
+        engine.eval()
+        mask = probe.attention_mask[..., None].float()
+        d = masked_max_diff(logits_of(engine, probe), logits_of(hf, probe), mask)
+        d_ref = masked_max_diff(logits_of(reference, probe), logits_of(hf, probe), mask)
+        tol = ctx["logit_tol"]
+        check(f"{tag}: engine and reference logits equal a plain HF model's", d <= tol and d_ref <= tol,
+              f"max |diff| engine {d:.3g}, reference {d_ref:.3g} (tolerance {tol:g})")
+
+    result.update(grpo_steps(engine, reference, config, ctx, tag))
 
     # --- after training: parameters changed ---
     with guarded(f"{tag}: parameters changed"):
@@ -386,6 +437,202 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         result["before"] = before
     result["engine"], result["reference"] = engine, reference
     return result
+
+
+# ------------------------------------------------------------------------------------------------------
+def hf_name(peft_name: str) -> str:
+    """A PEFT model's parameter name as the plain HF model names it (base layers; not for lora_ tensors)."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def exported_state(module, zero_stage: int) -> dict:
+    """What pipeline.weight_sync.ModelSource sends and pipeline.train.save_final_model saves, computed as it
+    computes it (weight_sync imports vLLM): per entry of pipeline.lora.exported_weights, its parameters
+    gathered under ZeRO-3, merged_weight(params, scaling) cast to the model's dtype, on CPU."""
+    import deepspeed
+
+    from pipeline.lora import exported_weights, merged_weight
+
+    dtype = next(module.parameters()).dtype
+    out = {}
+    for name, params, scaling in exported_weights(module):
+        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3
+                  else contextlib.nullcontext())
+        with gather:
+            out[name] = merged_weight(params, scaling).to("cpu", dtype).contiguous()
+    return out
+
+
+def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
+    """model.lora_rank > 0: pipeline.lora.with_lora under DeepSpeed, only the adapter trains; the merged
+    export against PEFT's own merge_and_unload and against the engine's forward."""
+    import torch
+
+    tag = f"zero{stage}-lora"
+    config = stage_config(ds_path, ctx, ctx["lora_steps"], lora=True)
+    engine, reference, start_gib = build_engines(config, ctx, stage, tag)
+    module, hf, probe, tol = engine.module, ctx["hf"], ctx["probe"], ctx["logit_tol"]
+    mask = probe.attention_mask[..., None].float()
+    named = list(module.named_parameters())
+    trainable = [n for n, p in named if p.requires_grad]
+    n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in named if p.requires_grad)
+    n_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in named)
+    result: dict = {"stage": stage, "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "trainable_params": n_train,
+                    "total_params": n_total}
+    if ctx["device"].type == "cuda":
+        result["start_memory_gib"] = start_gib
+    linears = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    check(f"{tag}: with_lora: only the adapter trains, every linear layer but the head adapted",
+          hasattr(module, "peft_config") and all(".lora_" in n for n in trainable)
+          and len(trainable) == 2 * len(linears),
+          f"{len(trainable)} trainable tensors for {len(linears)} linear layers, {n_train} of {n_total} parameters "
+          f"({100 * n_train / n_total:.2f}%)")
+    with guarded(f"{tag}: initial parameters"):
+        before = full_params(engine, stage)
+        base = {hf_name(n): v for n, v in before.items() if ".lora_" not in n}
+        ref = ctx["hf_params"]
+        diff = max(float((base[n] - ref[n]).abs().max()) for n in ref) if base.keys() == ref.keys() else math.inf
+        b_max = max(float(v.abs().max()) for n, v in before.items() if ".lora_B." in n)
+        check(f"{tag}: initial base parameters equal the HF checkpoint and lora_B is zero",
+              diff == 0.0 and b_max == 0.0, f"{len(base)} base tensors, max |diff| {diff:.3g}; max |lora_B| {b_max:.3g}")
+    with guarded(f"{tag}: initial logits"):
+        engine.eval()
+        d = masked_max_diff(logits_of(engine, probe), logits_of(hf, probe), mask)
+        check(f"{tag}: engine logits equal a plain HF model's before training (B = 0)", d <= tol,
+              f"max |diff| {d:.3g} (tolerance {tol:g})")
+
+    result.update(grpo_steps(engine, reference, config, ctx, tag))
+
+    with guarded(f"{tag}: only LoRA parameters changed"):
+        engine.eval()
+        after = full_params(engine, stage)
+        lora = [n for n in after if ".lora_" in n]
+        moved = [n for n in after if ".lora_" not in n and not torch.equal(after[n], before[n])]
+        still = [n for n in lora if torch.equal(after[n], before[n])]
+        check(f"{tag}: only LoRA parameters changed (base weights bit-identical)", not moved and not still and lora,
+              f"{len(lora) - len(still)}/{len(lora)} LoRA tensors changed, {len(moved)}/{len(after) - len(lora)} base "
+              f"tensors changed{': ' + str(moved[:4]) if moved else ''}{'; unchanged LoRA: ' + str(still[:4]) if still else ''}")
+        result["after"], result["before"] = after, before
+    exported = None
+    with guarded(f"{tag}: merged export"):
+        exported = lora_export_checks(engine, stage, config, after, ctx, tag, result)
+    if ctx["have_vllm"] and exported is not None:
+        with guarded(f"{tag}: pipeline.train.save_final_model"):
+            lora_save_final_model(engine, stage, after, exported, ctx, tag)
+    elif not ctx["have_vllm"]:
+        print(f"NOTE: {tag}: pipeline.train.save_final_model (merged final/, final/adapter) not run: it needs vLLM",
+              flush=True)
+    result["engine"], result["reference"] = engine, reference
+    return result
+
+
+def lora_export_checks(engine, stage: int, config, after: dict, ctx: dict, tag: str, result: dict) -> dict:
+    """The merged export: the plain model's names, PEFT's own merge, the engine's logits. Returns it."""
+    import torch
+    import transformers
+
+    from pipeline.lora import with_lora
+
+    dtype, probe, tol = ctx["dtype"], ctx["probe"], ctx["logit_tol"]
+    exported = exported_state(engine.module, stage)
+    plain_names = [n for n, _ in ctx["hf"].named_parameters()]
+    check(f"{tag}: exported weights have the plain HF model's names (no adapter tensors)",
+          list(exported) == plain_names and all(exported[n].dtype == dtype for n in exported),
+          f"{len(exported)} tensors in {sorted({str(t.dtype) for t in exported.values()})} "
+          f"(plain model: {len(plain_names)})")
+
+    # the reference: the gathered state (base + LoRA) in a fresh CPU PEFT model of the same config, merged by PEFT
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype,
+                                                              attn_implementation=ctx["attn"])
+    fresh = with_lora(fresh, config)
+    fresh_named = dict(fresh.named_parameters())
+    if fresh_named.keys() != after.keys():
+        raise AssertionError(f"fresh PEFT model's names differ: {sorted(fresh_named.keys() ^ after.keys())[:4]}")
+    with torch.no_grad():
+        for n, p in fresh_named.items():
+            p.copy_(after[n])
+    peft_merged = {n: p.detach() for n, p in fresh.merge_and_unload().named_parameters()}
+    # Both sides round W + (B @ A) x s, summed in fp32, once to the model dtype (PEFT adds its fp32 delta into
+    # the bf16 weight in place: fp32 arithmetic, one rounding). Only the fp32 matmul's summation order may
+    # differ (device vs CPU), which can move a value across a rounding boundary: one unit in the last place
+    # of the model dtype, eps x |value|, plus eps x (|B| @ |A|) x s for values near zero. Unadapted: equal.
+    eps, scaling = torch.finfo(dtype).eps, LORA_ALPHA / LORA_RANK
+    worst, differ, total, max_diff, delta_max = 0.0, 0, 0, 0.0, 0.0
+    for name, ours in exported.items():
+        theirs = peft_merged[name]
+        ours, theirs = ours.float(), theirs.float()
+        diff = (ours - theirs).abs()
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        a, b = after.get(prefix + ".lora_A.default.weight"), after.get(prefix + ".lora_B.default.weight")
+        if a is None or not name.endswith(".weight"):
+            bound = torch.zeros_like(diff)
+        else:
+            bound = eps * (torch.maximum(ours.abs(), theirs.abs()) + (b.abs() @ a.abs()) * scaling)
+            delta_max = max(delta_max, float((theirs - ctx["hf_params"][name]).abs().max()))
+        worst = max(worst, float((diff - bound).max()))
+        differ += int((diff > 0).sum())
+        total += diff.numel()
+        max_diff = max(max_diff, float(diff.max()))
+    result["merge_vs_peft"] = {"max_abs_diff": max_diff, "elements_differing": differ, "elements": total,
+                               "adapter_delta_max": delta_max}
+    check(f"{tag}: exported merged weights equal PEFT's merge_and_unload",
+          worst <= 0.0 and delta_max > 0.0,
+          f"max |diff| {max_diff:.3g}, {differ}/{total} elements differ (tolerance: 1 ulp of {dtype}, "
+          f"eps {eps:.3g} x (|W'| + |B||A| s)); the adapter moved weights by up to {delta_max:.3g}")
+
+    # a plain HF model with the exported weights == the DeepSpeed LoRA engine's forward
+    plain = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype,
+                                                              attn_implementation=ctx["attn"])
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            p.copy_(exported[n])
+    plain = plain.to(ctx["device"]).eval()
+    mask = probe.attention_mask[..., None].float()
+    engine_logits, plain_logits = logits_of(engine, probe), logits_of(plain, probe)
+    d = masked_max_diff(engine_logits, plain_logits, mask)
+    # Unlike the script's other logit checks (the same computation on the same weights: 0 apart), these are
+    # two computations: x W + (x A^T) B^T s, rounded after each product, against x W' with W' rounded once.
+    # So the script's tolerance plus 2 ulps of the model dtype relative to each logit (bf16: 2^-6 |logit|).
+    rtol = 2 * torch.finfo(dtype).eps
+    worst = float((((engine_logits - plain_logits).abs() - rtol * engine_logits.abs()) * mask).max())
+    top = float((engine_logits.abs() * mask).max())
+    moved = masked_max_diff(engine_logits, logits_of(ctx["hf"], probe), mask)
+    result["merged_logits"] = {"max_abs_diff": d, "max_abs_logit": top, "adapter_moved_max": moved}
+    check(f"{tag}: a plain HF model with the exported weights gives the LoRA engine's logits",
+          worst <= tol and moved > tol + rtol * top,
+          f"max |diff| {d:.3g} (tolerance {tol:g} + {rtol:.3g} x |logit|, |logit| <= {top:.3g}); "
+          f"the adapter moved logits by up to {moved:.3g}")
+    del plain, fresh
+    return exported
+
+
+def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: dict, tag: str) -> None:
+    """pipeline.train.save_final_model with LoRA (it needs vLLM): final/ holds the merged weights exported
+    here, bit for bit, and final/adapter loads with PeftModel.from_pretrained holding the trained adapter."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    out = ctx["tmp"] / f"final-{tag}"
+    ctx["train"].save_final_model(engine, stage, ctx["tokenizer"], out, 0)
+    saved = load_file(str(out / "model.safetensors"))
+    same = saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+    check(f"{tag}: pipeline.train.save_final_model writes the merged weights exported here", same,
+          f"{len(saved)} tensors")
+    base = transformers.AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=ctx["dtype"])
+    with contextlib.suppress(Exception):  # a broken adapter: say what is in the file, not only that it failed
+        shapes = {k: tuple(v.shape) for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items()}
+        empty = [k for k, v in shapes.items() if 0 in v]
+        if empty:
+            print(f"  {tag}: final/adapter holds {len(empty)}/{len(shapes)} empty tensors, e.g. {empty[0]} "
+                  f"{shapes[empty[0]]}", flush=True)
+    loaded = PeftModel.from_pretrained(base, out / "adapter")
+    got = {n: p.detach().float() for n, p in loaded.named_parameters() if ".lora_" in n}
+    want = {n: v for n, v in after.items() if ".lora_" in n}
+    same = got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    check(f"{tag}: pipeline.train.save_final_model's final/adapter reloads with the trained LoRA tensors", same,
+          f"{len(got)}/{len(want)} tensors")
 
 
 def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
@@ -565,6 +812,7 @@ def main() -> int:
            "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "rollouts": rollouts, "steps": steps,
            "micro": micro, "accum": accum, "group": group, "max_tokens": max_tokens, "tmp": tmp,
            "have_vllm": have_vllm, "logit_tol": 1e-4 if dtype == torch.float32 else 2e-2,
+           "lora_steps": min(args.lora_steps, steps),
            "hf_params": {n: p.detach().float().cpu() for n, p in hf.named_parameters()}}
     ctx["probe"] = probe_batch(rollouts, tokenizer, device)
     with torch.no_grad():
@@ -577,57 +825,88 @@ def main() -> int:
 
     configs = {2: args.zero2_config or f"configs/ds_zero2{'_gpu' if cuda else ''}.json",
                3: args.zero3_config or f"configs/ds_zero3{'_gpu' if cuda else ''}.json"}
+    runs = [(stage, False) for stage in (2, 3)] + [(stage, True) for stage in (2, 3) if args.lora_steps > 0]
     results = {}
-    for stage in (2, 3):
+    for stage, lora in runs:
+        key = f"zero{stage}{'_lora' if lora else ''}"
         path = (REPO / configs[stage]).resolve()
-        print(f"--- ZeRO-{stage}: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
+        print(f"--- ZeRO-{stage}{' LoRA' if lora else ''}: "
+              f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
         mark = time.perf_counter()
-        with guarded(f"zero{stage}: stage"):
-            results[stage] = run_stage(stage, path, ctx)
-        METRICS["phase_s"][f"zero{stage}"] = time.perf_counter() - mark
-        r = results.get(stage) or {}
-        METRICS[f"zero{stage}"] = {k: v for k, v in r.items() if k not in ("engine", "reference", "before", "after")}
-        METRICS[f"zero{stage}"]["config"] = str(configs[stage])
-        if stage == 3 and r.get("engine") is not None:
+        with guarded(f"{key.replace('_', '-')}: stage"):
+            results[key] = (run_lora_stage if lora else run_stage)(stage, path, ctx)
+        METRICS["phase_s"][key] = time.perf_counter() - mark
+        r = results.get(key) or {}
+        METRICS[key] = {k: v for k, v in r.items() if k not in ("engine", "reference", "before", "after")}
+        METRICS[key]["config"] = str(configs[stage])
+        if key == "zero3" and r.get("engine") is not None:
             mark = time.perf_counter()
             zero3_save_and_reload(r, ctx)
             METRICS["phase_s"]["zero3_save"] = time.perf_counter() - mark
-        if stage == 2:  # free the ZeRO-2 engine's memory before ZeRO-3, keep its parameters
-            r.pop("engine", None), r.pop("reference", None)
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
+        # free the engines' memory before the next stage (its peak memory is its own), keep the parameters
+        r.pop("engine", None), r.pop("reference", None)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
-    if results.get(2) and results.get(3) and "after" in results[2] and "after" in results[3]:
-        with guarded("zero2 vs zero3"):
-            a2, a3, b = results[2]["after"], results[3]["after"], results[2]["before"]
-            num = sum(float(((a3[n] - b[n]) - (a2[n] - b[n])).norm() ** 2) for n in b) ** 0.5
-            den = sum(float((a2[n] - b[n]).norm() ** 2) for n in b) ** 0.5
-            rel = num / max(den, 1e-30)
-            pmax = max(float((a3[n] - a2[n]).abs().max()) for n in b)
-            tol = 1e-3 if dtype == torch.float32 else 0.25
-            METRICS["zero2_vs_zero3"] = {"relative_update_diff": rel, "param_max_abs_diff": pmax}
-            check("zero2 vs zero3: same steps give the same update", rel <= tol,
-                  f"|upd3 - upd2| / |upd2| = {rel:.3g} (tolerance {tol:g}), max |param diff| {pmax:.3g}")
-            l2, l3 = results[2].get("losses", []), results[3].get("losses", [])
-            if l2 and l3:
-                dl = max(abs(x - y) for x, y in zip(l2, l3, strict=True))
-                METRICS["zero2_vs_zero3"]["loss_max_abs_diff"] = dl
-                check("zero2 vs zero3: same losses", dl <= (1e-4 if dtype == torch.float32 else 5e-2),
-                      f"max |loss diff| {dl:.3g}")
+    compare_stages(results.get("zero2"), results.get("zero3"), "zero2 vs zero3", dtype)
+    compare_stages(results.get("zero2_lora"), results.get("zero3_lora"), "zero2-lora vs zero3-lora", dtype)
     shutil.rmtree(tmp, ignore_errors=True)
     return finish(args, t0)
+
+
+def compare_stages(r2: dict | None, r3: dict | None, label: str, dtype) -> None:
+    """The same steps from the same start under ZeRO-2 and ZeRO-3 give the same update and losses."""
+    import torch
+
+    if not (r2 and r3 and "after" in r2 and "after" in r3):
+        return
+    with guarded(label):
+        a2, a3, b = r2["after"], r3["after"], r2["before"]
+        num = sum(float(((a3[n] - b[n]) - (a2[n] - b[n])).norm() ** 2) for n in b) ** 0.5
+        den = sum(float((a2[n] - b[n]).norm() ** 2) for n in b) ** 0.5
+        rel = num / max(den, 1e-30)
+        pmax = max(float((a3[n] - a2[n]).abs().max()) for n in b)
+        tol = 1e-3 if dtype == torch.float32 else 0.25
+        key = label.replace("-", "_").replace(" ", "_")
+        METRICS[key] = {"relative_update_diff": rel, "param_max_abs_diff": pmax}
+        check(f"{label}: same steps give the same update", rel <= tol,
+              f"|upd3 - upd2| / |upd2| = {rel:.3g} (tolerance {tol:g}), max |param diff| {pmax:.3g}")
+        l2, l3 = r2.get("losses", []), r3.get("losses", [])
+        if l2 and l3:
+            dl = max(abs(x - y) for x, y in zip(l2, l3, strict=True))
+            METRICS[key]["loss_max_abs_diff"] = dl
+            check(f"{label}: same losses", dl <= (1e-4 if dtype == torch.float32 else 5e-2),
+                  f"max |loss diff| {dl:.3g}")
 
 
 def finish(args, t0: float) -> int:
     failed = [r for r in RESULTS if not r["ok"]]
     METRICS["wall_s"] = time.perf_counter() - t0
-    for stage in (2, 3):
-        m = METRICS.get(f"zero{stage}", {})
+    for key in ("zero2", "zero3", "zero2_lora", "zero3_lora"):
+        m = METRICS.get(key, {})
         if "step_s_median" in m:
-            mem = f", peak GPU memory {m['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in m else ""
-            print(f"ZeRO-{stage}: step {m['step_s_median'] * 1000:.0f} ms median (first {m['step_s_first'] * 1000:.0f} ms), "
-                  f"{m['tokens_per_s']:.0f} tokens/s{mem}", flush=True)
+            mem = ""
+            if "peak_memory_gib" in m:
+                mem = (f", peak GPU memory {m['peak_memory_gib']:.3f} GiB ({m['start_memory_gib']:.3f} GiB resident "
+                       f"before the engines)")
+            train = f", {m['trainable_params'] / 1e6:.3f}M trainable" if "trainable_params" in m else ""
+            label = f"ZeRO-{key[4]}{' LoRA' if key.endswith('lora') else ''}"
+            print(f"{label}: step {m['step_s_median'] * 1000:.0f} ms median (first {m['step_s_first'] * 1000:.0f} ms), "
+                  f"{m['tokens_per_s']:.0f} tokens/s{mem}{train}", flush=True)
+    for stage in (2, 3):
+        full, lora = METRICS.get(f"zero{stage}", {}), METRICS.get(f"zero{stage}_lora", {})
+        if "step_s_median" in full and "step_s_median" in lora:
+            ratio = {"step_time": lora["step_s_median"] / full["step_s_median"]}
+            line = f"ZeRO-{stage} LoRA / full: step time x{ratio['step_time']:.2f}"
+            if "peak_memory_gib" in full and "peak_memory_gib" in lora:
+                own = [m["peak_memory_gib"] - m["start_memory_gib"] for m in (lora, full)]
+                ratio["peak_memory"] = lora["peak_memory_gib"] / full["peak_memory_gib"]
+                ratio["peak_memory_above_start"] = own[0] / max(own[1], 1e-12)
+                line += (f", peak memory x{ratio['peak_memory']:.2f} (above what was resident before: "
+                         f"{own[0]:.3f} vs {own[1]:.3f} GiB, x{ratio['peak_memory_above_start']:.2f})")
+            METRICS[f"zero{stage}_lora_vs_full"] = ratio
+            print(line, flush=True)
     summary = {"ok": not failed, "passed": len(RESULTS) - len(failed), "failed": len(failed), "checks": RESULTS,
                "metrics": METRICS}
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_trainer_check.json") if os.environ.get("OUT") else "")

@@ -209,7 +209,7 @@ def check_data_and_rewards(config) -> None:
         train = synthetic.generate(1, config.run.seed, "train")
     else:
         train = examples_for(config.data, "train", config.run.seed)
-        if config.eval.enabled and config.data.test_file:
+        if config.eval.enabled or config.eval.every:  # no test file configured: a one-line error naming it
             examples_for(config.data, "test", config.run.seed)
     if config.reward_functions:
         e = train[0]

@@ -36,6 +36,9 @@ class ModelConfig:
     """model.build=tiny: hidden size (head size is fixed at 32, as vLLM-CPU needs >= 32)."""
     build_layers: int = 4
     """model.build=tiny: decoder layers."""
+    build_split_digits: bool = True
+    """model.build=tiny: every digit its own token (as Qwen2 and Llama 3 do), so the small model can
+    copy numbers from the question and do arithmetic digit by digit."""
     build_sft_steps: int = 120
     """model.build=tiny: SFT warm-start steps (batch 16) on formatted solutions. 120 gives partial
     format compliance (about 0.6-0.7 strict when sampled): GRPO needs rewards that differ within a

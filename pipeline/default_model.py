@@ -25,7 +25,7 @@ def build_default_model(config: Config) -> Path:
 
     m, seed = config.model, config.run.seed
     settings = {"hidden": m.build_hidden_size, "layers": m.build_layers, "sft_steps": m.build_sft_steps,
-                "seed": seed, "version": 1}
+                "split_digits": m.build_split_digits, "seed": seed, "version": 2}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     final = Path(config.run.root) / ".cache" / f"default-model-{key}"
     if (final / "config.json").exists():
@@ -38,7 +38,7 @@ def build_default_model(config: Config) -> Path:
     base = build_tiny_model(work / "base", corpus, vocab_size=1024, hidden_size=m.build_hidden_size,
                             intermediate_size=m.build_hidden_size * 3, num_layers=m.build_layers,
                             num_heads=m.build_hidden_size // 32, num_kv_heads=max(1, m.build_hidden_size // 64),
-                            seed=seed)
+                            split_digits=m.build_split_digits, seed=seed)
     if m.build_sft_steps:
         sft_warm_start(base, examples, work / "sft", max_steps=m.build_sft_steps, seed=seed)
         shutil.rmtree(work / "sft" / "sft-work", ignore_errors=True)

@@ -74,6 +74,9 @@ def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
         "lenient_correct": answers_equivalent(lenient_answer(text), example.answer),
         "length": len(greedy["token_ids"]), "truncated": greedy["finish_reason"] == "length",
         "majority_answer": majority, "majority_correct": answers_equivalent(majority, example.answer),
+        # pass@k: some sample is right in the strict format, i.e. what RL can turn into pass@1
+        "any_sample_correct": any(is_strict_format(t) and answers_equivalent(extract_xml_answer(t), example.answer)
+                                  for t in samples),
         "reasoning_steps": reasoning.steps, "reasoning_correct_steps": reasoning.correct_steps,
         "reasoning_final_consistent": reasoning.final_consistent,
     }
@@ -93,6 +96,7 @@ def summarise(rows: list[dict], maj_k: int) -> dict:
     }
     if maj_k:
         summary[f"maj@{maj_k}/accuracy"] = mean("majority_correct")
+        summary[f"pass@{maj_k}/strict_accuracy"] = mean("any_sample_correct")
     summary.update(summarise_checks([
         ReasoningCheck(r["reasoning_steps"], r["reasoning_correct_steps"], r["reasoning_final_consistent"])
         for r in rows]))

@@ -22,13 +22,17 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
-    """A byte-level BPE `PreTrainedTokenizerFast` trained on `corpus`."""
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, split_digits: bool = False):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `corpus`. `split_digits`: every digit is
+    its own token (as Qwen2 and Llama 3 do), so arithmetic and copying numbers work digit by digit
+    instead of over arbitrary multi-digit merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -61,6 +65,7 @@ def build_tiny_model(
     num_kv_heads: int = 1,
     max_positions: int = 1024,
     tie_word_embeddings: bool = True,
+    split_digits: bool = False,
     seed: int = 0,
 ) -> Path:
     """Save a random Qwen2 + trained tokenizer to `out_dir` and return it.
@@ -71,7 +76,7 @@ def build_tiny_model(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(corpus, vocab_size)
+    tokenizer = build_tokenizer(corpus, vocab_size, split_digits)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

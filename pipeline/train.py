@@ -39,6 +39,7 @@ from pipeline.config import Config, ConfigError, TrainConfig, check_batch, load_
 from pipeline.data import DataError, Example, PromptStyle, drop_long_prompts, examples_for
 from pipeline.device import resolve_attn, resolve_dtype
 from pipeline.grpo import grpo_loss, make_batch, step_token_normaliser, token_logprobs
+from pipeline.lora import adapter_state, with_lora
 from pipeline.metrics import Metrics, group_stats, metrics_row
 from pipeline.reasoning import check_reasoning
 from pipeline.rewards import STRICT_POINTS, RewardError, load_rewards
@@ -195,8 +196,8 @@ def main(argv=None) -> int:
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
-    reference = None
-    if t.beta > 0:
+    reference = None  # with LoRA the reference is the policy with its adapter switched off: no second copy
+    if t.beta > 0 and not config.model.lora_rank:
         ref_model = transformers.AutoModelForCausalLM.from_pretrained(  # the same kernel: KL compares like with like
             config.model.path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.model.trust_remote_code)
         ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
@@ -335,9 +336,11 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
         logprobs, entropy = token_logprobs(engine, micro.input_ids, micro.attention_mask, t.temperature,
                                            with_entropy=True)
         ref_logprobs = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_logprobs = token_logprobs(reference, micro.input_ids, micro.attention_mask, t.temperature)
+        if t.beta > 0:
+            ref_model, off = ((reference, contextlib.nullcontext()) if reference is not None
+                              else (engine, engine.module.disable_adapter()))  # LoRA: the adapter switched off
+            with torch.no_grad(), off:
+                ref_logprobs = token_logprobs(ref_model, micro.input_ids, micro.attention_mask, t.temperature)
         loss, stats = grpo_loss(logprobs, micro, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
                                 loss_type=t.loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs,
                                 token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
@@ -369,21 +372,6 @@ def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, floa
         "reasoning_correct": float(sum(r.correct_steps for r in checks)),
         **{f"r_{name}": float(sum(values)) for name, values in per_reward.items()},
     }, {"length_max": float(max(len(c.token_ids) for c in mine))}
-
-
-def with_lora(model, config: Config):
-    """model.lora_rank > 0: a PEFT LoRA adapter; only its weights train (the optimizer gets only them)."""
-    from peft import LoraConfig, get_peft_model
-
-    m = config.model
-    targets = "all-linear" if m.lora_target_modules == ["all-linear"] else m.lora_target_modules
-    model = get_peft_model(model, LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
-    if config.train.gradient_checkpointing:
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input with grad
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA rank %d: %d of %d parameters train (%.2f%%)", m.lora_rank, trainable, total, 100 * trainable / total)
-    return model
 
 
 class InTrainingEval:
@@ -486,12 +474,13 @@ def save_final_model(engine, zero_stage: int, tokenizer, out_dir: Path, rank: in
     module = engine.module
     source = ModelSource(module, zero_stage, rank == 0, next(module.parameters()).dtype, torch.device("cpu"))
     state = dict(iter(source))
+    lora = hasattr(module, "peft_config")
+    adapter = adapter_state(module, zero_stage) if lora else None
     if rank == 0:
-        lora = hasattr(module, "peft_config")
         (module.get_base_model() if lora else module).save_pretrained(out_dir, state_dict=state)
         tokenizer.save_pretrained(out_dir)
         if lora:
-            module.save_pretrained(out_dir / "adapter")
+            module.save_pretrained(out_dir / "adapter", state_dict=adapter)
     dist.barrier()
 
 

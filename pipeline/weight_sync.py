@@ -25,6 +25,7 @@ from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layer
 
 from pipeline.client import ServerClient, ServerError, free_port
 from pipeline.gloo_transfer import Beside, DeadlineExceeded, digest, without_agent_store
+from pipeline.lora import exported_weights, merged_weight
 
 log = logging.getLogger("pipeline.weight_sync")
 
@@ -64,28 +65,6 @@ class ServerSyncClient:
 
     def checksums(self, names: list[str], received: list[str]) -> list[dict]:
         return self._post("/weights/checksums", {"names": names, "received": received})["workers"]
-
-
-def exported_weights(module: torch.nn.Module) -> list[tuple[str, list[torch.nn.Parameter], float | None]]:
-    """(HF name, parameters, LoRA scaling): the model's weights as the server knows them. A plain
-    model exports each parameter as is. A PEFT LoRA model exports its base model's names, each
-    adapted weight merged on the fly as W + B @ A x scaling (the parameters are [W, A, B]) and no
-    adapter tensors: nothing is merged into the trained weights in place, so nothing drifts."""
-    if not hasattr(module, "peft_config"):
-        return [(name, [p], None) for name, p in module.named_parameters()]
-    from peft.tuners.lora import LoraLayer
-
-    base = module.get_base_model()
-    adapted = {f"{name}.base_layer.weight": layer for name, layer in base.named_modules()
-               if isinstance(layer, LoraLayer) and "default" in layer.lora_A}
-    out = []
-    for name, p in base.named_parameters():
-        if ".lora_" in name:
-            continue
-        layer = adapted.get(name)
-        params = [p] if layer is None else [p, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-        out.append((name.replace(".base_layer.", "."), params, None if layer is None else layer.scaling["default"]))
-    return out
 
 
 class ModelSource(WeightSource):
@@ -128,11 +107,7 @@ class ModelSource(WeightSource):
     def _out(self, name: str, params: list[torch.Tensor], scaling: float | None) -> torch.Tensor | None:
         if not self.is_sender:
             return None
-        weight = params[0].detach()
-        if scaling is not None:  # LoRA: W + B A s, computed in fp32 and then cast like any weight
-            a, b = (t.detach().float() for t in params[1:])
-            weight = weight.float() + (b @ a) * scaling
-        tensor = weight.to(self.device, self._wire(params[0])).contiguous()
+        tensor = merged_weight(params, scaling).to(self.device, self._wire(params[0])).contiguous()
         if name in self.keep:
             self.kept[name] = tensor.cpu().clone()
         return tensor

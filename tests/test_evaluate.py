@@ -88,7 +88,8 @@ def test_eval_cli_scores_known_completions_exactly(tiny_model_dir, tmp_path):
                     "the total is $1,200.",      # no format; lenient answer correct
                     strict.format(8),            # strict format, wrong
                     "<answer>42</answer>"]       # no reasoning block: not strict; lenient correct
-    sampled_texts = [["18", "17", "18"], ["5", "5", "1200"], ["7", "7", "8"], ["41", "40", "42"]]
+    sampled_texts = [["18", "17", strict.format(18)], ["5", "5", "1200"], ["7", "7", strict.format(8)],
+                     ["41", strict.format(42), "40"]]
 
     class Scripted(http.server.BaseHTTPRequestHandler):
         def _reply(self, body):
@@ -129,4 +130,5 @@ def test_eval_cli_scores_known_completions_exactly(tiny_model_dir, tmp_path):
     assert summary["pass@1/lenient_accuracy"] == 0.75     # 18, 1200 and 42 found anywhere in the text
     assert summary["format/strict_rate"] == 0.5
     assert summary["maj@3/accuracy"] == 0.5               # 18 and 7 win their votes; 5 and a 3-way tie do not
+    assert summary["pass@3/strict_accuracy"] == 0.5       # a strict, right sample for 18 and 42 (not for 7: 8)
     assert summary["completion_len/mean"] == 11.5         # 10, 11, 12, 13 tokens

@@ -30,3 +30,17 @@ def test_levels_seeds_and_splits():
     assert [e.question for e in generate(50, 1)] != [e.question for e in examples[:50]]
     test = {e.question for e in generate(200, 0, "test")}
     assert len(test & {e.question for e in generate(2000, 0, "train")}) < 20  # near-disjoint by seed
+
+
+def test_digit_split_tokenizer_round_trips_and_spells_numbers_digit_by_digit():
+    from pipeline.tiny_model import build_tokenizer
+
+    corpus = [e.question + "\n" + e.solution for e in generate(300, seed=0)]
+    split, merged = build_tokenizer(corpus, 400, split_digits=True), build_tokenizer(corpus, 400)
+    text = "Tom has 1234 apples. 1234 + 56 = 1290\n<answer>\n1290\n</answer>"
+    assert split.decode(split(text)["input_ids"]) == text
+    pieces = [split.decode([i]) for i in split("Tom has 1234 apples.")["input_ids"]]
+    assert pieces[pieces.index("1"):pieces.index("1") + 4] == ["1", "2", "3", "4"]  # one token per digit
+    assert all(not (p.strip().isdigit() and len(p.strip()) > 1) for p in pieces)
+    assert any(len(merged.decode([i]).strip()) > 1 and merged.decode([i]).strip().isdigit()
+               for i in merged(corpus[0])["input_ids"])  # the plain BPE does merge digits

@@ -263,3 +263,20 @@ def test_a_bad_plugin_fails_before_anything_starts(tiny_model_dir, tmp_path, spe
                   env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 2 and one_line_error(proc) == message
     assert not (tmp_path / "p").exists()
+
+
+def test_a_bad_data_row_or_missing_test_file_fails_before_anything_starts(tiny_model_dir, tmp_path):
+    from conftest import one_line_error
+    from test_train import launch
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "no answer"}\n')
+    common = ["--set", f"model.path={tiny_model_dir}", "--set", "model.build=", "--set", "data.source=jsonl",
+              "--set", f"data.train_file={bad}"]
+    proc = launch("--name", "b", *common, "--set", "eval.enabled=false", root=tmp_path, timeout=120)
+    assert proc.returncode == 2 and one_line_error(proc) == f"error: {bad}:2: missing field 'answer' (columns: question)"
+    bad.write_text('{"question": "q?", "answer": "#### 1"}\n')
+    proc = launch("--name", "b", *common, root=tmp_path, timeout=120)  # eval on: it needs a test split
+    assert proc.returncode == 2 and one_line_error(proc) == (
+        "error: data.source is 'jsonl' but no file is configured for split 'test' (data.test_file)")
+    assert not (tmp_path / "b").exists()

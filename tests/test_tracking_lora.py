@@ -10,7 +10,8 @@ from conftest import one_line_error
 from test_train import hf_logprobs, launch, read_metrics
 from transformers import AutoModelForCausalLM
 
-from pipeline.weight_sync import ModelSource, exported_weights
+from pipeline.lora import exported_weights
+from pipeline.weight_sync import ModelSource
 
 NEW_METRICS = {"grad_norm", "entropy", "reward/std_within_group", "frac_zero_std_groups", "completion_len/max"}
 
@@ -92,7 +93,7 @@ def test_trackers_completion_tables_eval_during_training_and_diagnostics(server,
 def test_lora_run_pushes_merged_weights_saves_merged_final_and_resumes(server, warm_model_dir, tmp_path):
     common = ["--name", "lora", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
               "--set", "model.lora_rank=8", "--set", "train.learning_rate=1e-3", "--set", "eval.enabled=false",
-              "--set", "train.save_every=2"]
+              "--set", "train.save_every=2", "--set", "train.beta=0.04"]  # KL: the reference is the adapter off
     proc = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = launch(*common, "--resume", "--set", "train.max_steps=3", server=server, root=tmp_path)
@@ -102,8 +103,16 @@ def test_lora_run_pushes_merged_weights_saves_merged_final_and_resumes(server, w
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 and r["sync/verified_tensors"] > 0 for r in rows)
     assert "LoRA rank 8" in (run / "train.log").read_text()
-    assert (run / "final" / "adapter" / "adapter_config.json").exists()
+    assert all("kl" in r for r in rows) and rows[-1]["kl"] > 0
     final = run / "final"
+    # the adapter alone reloads with PEFT and, merged into the warm start, gives final/'s weights
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(warm_model_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, final / "adapter").merge_and_unload()
+    saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    for (name, a), (_, b) in zip(merged.named_parameters(), saved.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
     assert "lora" not in (final / "config.json").read_text().lower()  # a plain model, not a PEFT one
     # the server serves exactly the merged final model, which differs from the warm start
     assert server.client.health()["version"] == 3

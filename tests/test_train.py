@@ -217,17 +217,19 @@ def test_port_left_in_time_wait_is_not_refused():
 
 @pytest.mark.slow
 def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
-    """The trainer fails after the server is up (a bad data row): both stop, the error is one line."""
+    """The trainer fails after the server is up (only the ranks tokenize the prompts: every one is
+    over max_prompt_tokens): both stop, the error is one line."""
     from pipeline.client import free_port
 
-    bad = tmp_path / "train.jsonl"
-    bad.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "no answer"}\n')
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "r?", "answer": "#### 2"}\n')
     port = free_port("127.0.0.1")
     proc = launch("--name", "crash", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", f"server.port={port}", "--set", "data.source=jsonl", "--set", f"data.train_file={bad}",
-                  "--set", "eval.enabled=false", root=tmp_path, timeout=600)
+                  "--set", f"server.port={port}", "--set", "data.source=jsonl", "--set", f"data.train_file={data}",
+                  "--set", "data.max_prompt_tokens=5", "--set", "eval.enabled=false", root=tmp_path, timeout=600)
     assert proc.returncode != 0
-    assert f"error: {bad}:2: missing field 'answer'" in proc.stdout + proc.stderr
+    assert "error: all 2 prompts are longer than max_prompt_tokens=5" in proc.stdout + proc.stderr
+    assert "starting generation server" in proc.stdout  # the server was up when the trainer failed
     assert not _processes_mentioning(str(tmp_path)), "orphan processes left behind"
     with pytest.raises(Exception):  # noqa: B017 - nothing listens on the server port any more
         __import__("requests").get(f"http://127.0.0.1:{port}/health", timeout=2)
