@@ -2,7 +2,8 @@
 
 Pure functions on tensors, so each is unit-tested on hand-computed cases. References:
 - advantages: (r - mean_group) / std, with std from the group (GRPO, DeepSeekMath), the whole batch
-  (`batch`, as in Dr.GRPO's suggestion to avoid question-level difficulty bias) or none (`none`).
+  (`batch`: a group's spread no longer rescales it, as TRL's scale_rewards="batch") or none (`none`,
+  Dr. GRPO: dividing by the group's std up-weights questions that are nearly always right or wrong).
 - loss: PPO's clipped surrogate per token, `-min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)`
   (eps_high > eps is DAPO's clip-higher), plus `beta * KL(pi || ref)` with the k3 estimator when
   beta > 0, aggregated as TRL's `loss_type` names it (what the token losses are divided by):
