@@ -54,8 +54,7 @@ class Fields:
 
 
 GSM8K = Fields()
-_FORMAT_HINTS = {"gsm8k": "no '####' final-answer marker", "boxed": "no \\boxed{...} final answer",
-                 "plain": "an empty answer"}
+_FORMAT_HINTS = {"gsm8k": "no '####' final-answer marker", "boxed": "no \\boxed{...} final answer"}
 
 
 def parse_row(row, where: str, fields: Fields = GSM8K) -> Example:

@@ -60,6 +60,11 @@ def majority_answer(texts: list[str]) -> str | None:
     return next(a for a in answers if counts[answer_key(a)] == best)
 
 
+def strict_correct(text: str, reference: str) -> bool:
+    """The strict format, and the answer in it is the reference."""
+    return is_strict_format(text) and answers_equivalent(extract_xml_answer(text), reference)
+
+
 def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
     """One example's record from its greedy completion and its sampled completions."""
     text = greedy["text"]
@@ -70,13 +75,12 @@ def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
         "source": example.source, "question": example.question, "reference": example.answer,
         "completion": text, "answer": extract_xml_answer(text), "lenient_answer": lenient_answer(text),
         "strict_format": strict, "soft_format": is_soft_format(text),
-        "strict_correct": strict and answers_equivalent(extract_xml_answer(text), example.answer),
+        "strict_correct": strict_correct(text, example.answer),
         "lenient_correct": answers_equivalent(lenient_answer(text), example.answer),
         "length": len(greedy["token_ids"]), "truncated": greedy["finish_reason"] == "length",
         "majority_answer": majority, "majority_correct": answers_equivalent(majority, example.answer),
         # pass@k: some sample is right in the strict format, i.e. what RL can turn into pass@1
-        "any_sample_correct": any(is_strict_format(t) and answers_equivalent(extract_xml_answer(t), example.answer)
-                                  for t in samples),
+        "any_sample_correct": any(strict_correct(t, example.answer) for t in samples),
         "reasoning_steps": reasoning.steps, "reasoning_correct_steps": reasoning.correct_steps,
         "reasoning_final_consistent": reasoning.final_consistent,
     }

@@ -42,14 +42,13 @@ def metrics_row(step: int, s: dict[str, float], mx: dict[str, float], reward_nam
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 def missing_trackers(report_to: list[str]) -> list[str]:
-    """The trackers in `report_to` whose package is not installed (checked before a run starts)."""
+    """The trackers in `report_to` whose package (of the same name) is not installed, checked before start."""
     import importlib.util
 
-    return [name for name in report_to if importlib.util.find_spec(_PACKAGES[name]) is None]
+    return [name for name in report_to if importlib.util.find_spec(name) is None]
 
 
 class _TensorBoard:

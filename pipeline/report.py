@@ -63,10 +63,11 @@ def plot_curves(rows: list[dict], run_dir: Path) -> list[str]:
     steps = [r["step"] for r in rows]
     window = max(1, len(rows) // 20)
     written = []
+    # the built-ins in the card's order, then plugins (any other reward/<name> column) by name
+    logged = {k[len("reward/"):] for r in rows for k in r if k.startswith("reward/")} - {"total", "std_within_group"}
+    reward_names = [n for n in BUILTIN_REWARDS if n in logged] + sorted(logged - set(BUILTIN_REWARDS))
     panels = {
-        "reward_curves.png": ["reward/total"] + sorted({k for r in rows for k in r if k.startswith("reward/")} - {
-            "reward/total", "reward/std_within_group"}, key=lambda k: (k[7:] not in BUILTIN_REWARDS, list(BUILTIN_REWARDS).index(k[7:])
-                                            if k[7:] in BUILTIN_REWARDS else 0, k)),
+        "reward_curves.png": ["reward/total"] + [f"reward/{n}" for n in reward_names],
         "format_curves.png": ["format/strict_rate", "accuracy", "reasoning/step_accuracy", "completion_len/mean",
                               "completions/truncated_rate"],
         "health_curves.png": ["grad_norm", "entropy", "reward/std_within_group", "frac_zero_std_groups",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.data import Example
+from pipeline.data import SYSTEM_PROMPT, Example
 from pipeline.grpo import group_advantages
 from pipeline.rewards import Reward, score_completions
 
@@ -111,7 +111,7 @@ def score_slice(completions: list[Completion], weights: dict[str, float], reward
     of the dataset rows as a list (None where a row lacks it)."""
     names = {key for c in completions for key in c.example.columns}
     columns = {key: [c.example.columns.get(key) for c in completions] for key in sorted(names)}
-    prompts = [c.example.prompt(system_prompt) if system_prompt else c.example.prompt() for c in completions]
+    prompts = [c.example.prompt(system_prompt or SYSTEM_PROMPT) for c in completions]
     return score_completions([c.text for c in completions], [c.answer for c in completions], weights, rewards,
                              prompts, columns)
 
