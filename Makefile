@@ -81,7 +81,7 @@ train: install
 MODEL ?=
 RUN ?=
 EVAL_ARGS ?=
-.PHONY: eval report
+.PHONY: eval report sft-control
 # make eval MODEL=runs/<name>/final [EVAL_ARGS="--limit 100 --data-file ../shared/data/gsm8k/test.jsonl"]
 eval: install
 	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=<model dir or hub name> [CONFIG=...] [EVAL_ARGS=...]"; exit 2; }
@@ -90,6 +90,13 @@ eval: install
 # make report RUN=runs/<name>
 report: install
 	@test -n "$(RUN)" || { echo "usage: make report RUN=runs/<name>"; exit 2; }
+	$(PY) -m pipeline.report $(RUN)
+
+# make sft-control RUN=runs/<name>: the embedded default's warm start, longer by the run's GRPO time
+# instead of GRPO, evaluated on the same problems (<run>/sft_control.json; the report then shows it)
+sft-control: install
+	@test -n "$(RUN)" || { echo "usage: make sft-control RUN=runs/<name>"; exit 2; }
+	$(PY) launch/sft_control.py $(RUN)
 	$(PY) -m pipeline.report $(RUN)
 
 REPO ?=

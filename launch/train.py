@@ -206,7 +206,7 @@ def check_data_and_rewards(config) -> None:
     if config.data.source == "synthetic":
         from pipeline import synthetic
 
-        train = synthetic.generate(1, config.run.seed, "train")
+        train = synthetic.generate(1, config.run.seed, "train", config.data.synthetic_levels)
     else:
         train = examples_for(config.data, "train", config.run.seed)
         if config.eval.enabled or config.eval.every:  # no test file configured: a one-line error naming it

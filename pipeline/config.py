@@ -39,10 +39,14 @@ class ModelConfig:
     build_split_digits: bool = True
     """model.build=tiny: every digit its own token (as Qwen2 and Llama 3 do), so the small model can
     copy numbers from the question and do arithmetic digit by digit."""
-    build_sft_steps: int = 120
-    """model.build=tiny: SFT warm-start steps (batch 16) on formatted solutions. 120 gives partial
-    format compliance (about 0.6-0.7 strict when sampled): GRPO needs rewards that differ within a
-    group, and much more SFT (200: 0.9) leaves it little to learn."""
+    build_sft_steps: int = 600
+    """model.build=tiny: SFT warm-start steps (batch 32, about one epoch of fresh problems) on
+    formatted solutions."""
+    build_early_answers: float = 0.5
+    """model.build=tiny: the share of warm-start solutions from a sloppy teacher, whose working is right
+    but whose <answer> is one step early (the number the last step starts from), the classic slip of
+    small models on GSM8K. SFT imitates it; GRPO's correctness reward is what removes it. 0 = a clean
+    warm start."""
     dtype: Dtype = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
     attn_implementation: str = "auto"
@@ -156,6 +160,8 @@ class DataConfig:
     """Number of generated training problems (data.source=synthetic)."""
     synthetic_test: int = 200
     """Number of generated test problems (data.source=synthetic)."""
+    synthetic_levels: int = 3
+    """Generated problems take 1..N arithmetic steps, in equal shares (data.source=synthetic)."""
     max_prompt_tokens: int = 256
     """Prompts longer than this (chat template included) are dropped before training (seed: 256)."""
 
@@ -222,7 +228,10 @@ class TrainConfig:
     loss_aggregation: str = ""
     """Replaced by loss_type (sequence -> grpo, token -> dapo); setting it is an error saying so."""
     advantage_scaling: Literal["group", "batch", "none"] = "group"
-    """Divide centred rewards by the group's std (group), the batch's std (batch), or not (none)."""
+    """Divide centred rewards by the group's std (group, DeepSeekMath), the batch's std (batch, TRL's
+    scale_rewards="batch"), or not (none, Dr. GRPO). With `group`, a group whose completions differ by
+    a 0.001 format penalty gets advantages of +-1 like one that differs in correctness; `batch`
+    keeps such differences small (the CPU default uses it)."""
     mask_truncated_completions: bool = False
     """Give completions cut at max_completion_tokens no gradient (DAPO's overlong filtering)."""
     deepspeed_config: str = "auto"
@@ -407,6 +416,10 @@ def validate(config: Config) -> None:
         if name not in known:
             raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(known)}; "
                               "your own go in reward_functions)")
+    if not 0 <= config.model.build_early_answers <= 1:
+        raise ConfigError(f"model.build_early_answers: expected a share in [0, 1], got {config.model.build_early_answers}")
+    if not 1 <= config.data.synthetic_levels <= 6:
+        raise ConfigError(f"data.synthetic_levels: expected 1 to 6 arithmetic steps, got {config.data.synthetic_levels}")
     if not 0 <= config.run.seed < 2**32:
         raise ConfigError(f"run.seed: expected an integer in [0, 2**32), got {config.run.seed}")
     if config.server.max_restarts < 0:

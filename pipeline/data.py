@@ -169,12 +169,12 @@ SOURCES = ("synthetic", "jsonl", "csv", "parquet", "hub")
 def load_examples(source: str, split: str, files: dict[str, str] | None = None,
                   hub_name: str = "openai/gsm8k", hub_config: str = "main",
                   synthetic_sizes: dict[str, int] | None = None, seed: int = 0,
-                  fields: Fields = GSM8K) -> list[Example]:
+                  fields: Fields = GSM8K, synthetic_levels: int = 3) -> list[Example]:
     """`source` is a local file kind (`files[split]` is the path), "hub" or "synthetic" (generated)."""
     if source == "synthetic":
         from pipeline import synthetic
 
-        return synthetic.generate((synthetic_sizes or {}).get(split, 1000), seed, split)
+        return synthetic.generate((synthetic_sizes or {}).get(split, 1000), seed, split, synthetic_levels)
     if source in READERS:
         if not files or not files.get(split):
             raise DataError(f"data.source is '{source}' but no file is configured for split '{split}' "
@@ -189,7 +189,7 @@ def examples_for(data, split: str, seed: int) -> list[Example]:
     """The `split` examples a DataConfig describes."""
     return load_examples(data.source, split, {"train": data.train_file, "test": data.test_file}, data.hub_name,
                          data.hub_config, {"train": data.synthetic_train, "test": data.synthetic_test}, seed,
-                         Fields(data.question_key, data.answer_key, data.answer_format))
+                         Fields(data.question_key, data.answer_key, data.answer_format), data.synthetic_levels)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,15 @@
 download. Pure Python. Rows have GSM8K's fields: `question`, and `answer` = worked solution ending
 in `#### N`, so they go through the same loader and rewards as the real data.
 
-Difficulty = number of arithmetic steps (1-3) and the size of the numbers.
+Difficulty = number of arithmetic steps (1..levels); operands are 2-10. Train and test are
+disjoint by construction: a problem belongs to the test split iff a hash of its question text says
+so, so no test question is ever a training question, whatever the sizes and seeds.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 
 from pipeline.data import Example, parse_row
 
@@ -17,7 +20,7 @@ ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "cards"
 
 def _problem(rng: random.Random, level: int) -> dict[str, str]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    top = 10 * level
+    top = 10  # operands 2-10 at every level: difficulty is the number of steps
     a = rng.randint(2, top)
     question = f"{name} has {a} {item}."
     steps = []
@@ -39,11 +42,28 @@ def _problem(rng: random.Random, level: int) -> dict[str, str]:
             steps.append(f"{total} * {n} = {total * n}")
             total *= n
     question += f" How many {item} does {name} have now?"
-    solution = "\n".join(f"{name} has {s} {item}." for s in steps) + f"\n#### {total}"
+    solution = "\n".join(steps) + f"\n#### {total}"
     return {"question": question, "answer": solution}
 
 
+TEST_SHARE = 8  # one question text in 8 belongs to the test split
+
+
+def in_test_split(question: str) -> bool:
+    return zlib.crc32(question.encode()) % TEST_SHARE == 0
+
+
 def generate(count: int, seed: int, split: str = "train", max_level: int = 3) -> list[Example]:
-    """`count` problems, levels 1..max_level in equal shares; train and test use disjoint seeds."""
+    """`count` problems, levels 1..max_level in equal shares (in turn); a drawn problem whose
+    question belongs to the other split, or (test split) repeats one already drawn, is drawn again."""
     rng = random.Random(f"{split}-{seed}")
-    return [parse_row(_problem(rng, 1 + i % max_level), f"synthetic[{split}]:{i}") for i in range(count)]
+    rows, seen = [], set()
+    for i in range(count):
+        while True:
+            row = _problem(rng, 1 + i % max_level)
+            if in_test_split(row["question"]) == (split == "test") and row["question"] not in seen:
+                break
+        if split == "test":
+            seen.add(row["question"])
+        rows.append(parse_row(row, f"synthetic[{split}]:{i}"))
+    return rows

@@ -39,7 +39,7 @@ def test_batch_must_split_into_groups():
     c = load_config("configs/tiny-cpu.yaml", ["train.micro_batch_size=3"])
     with pytest.raises(ConfigError, match="not a multiple of train.num_generations=16"):
         check_batch(c, 2)
-    assert check_batch(load_config("configs/tiny-cpu.yaml"), 2) == 2
+    assert check_batch(load_config("configs/tiny-cpu.yaml"), 2) == 8
 
 
 def test_yaml_errors_name_the_file(tmp_path):

@@ -47,7 +47,7 @@ def test_report_card_and_curves(tmp_path):
     assert "| format/strict_rate | 0.300 | 0.900 |" in card
     assert "| maj@8/accuracy | 0.250 | 0.250 |" in card
     assert "Wall time: 10.0 min" in card
-    assert "Learning rate: 0.0001 (cosine schedule down to 0.1 x the peak, warmup ratio 0.1)" in card
+    assert "Learning rate: 0.0002 (cosine schedule down to 0.1 x the peak, warmup ratio 0.1)" in card
     for png in ("reward_curves.png", "format_curves.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in card
@@ -60,3 +60,17 @@ def test_report_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.report", str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and "no metrics.jsonl" in one_line_error(bad)
+
+
+def test_the_same_problems_before_and_after_side_by_side(tmp_path):
+    from pipeline.report import before_after_samples
+
+    assert before_after_samples(tmp_path) is None  # no evaluation: nothing to write, no error
+    rows = [{"source": f"synthetic[test]:{i}", "question": f"Q{i}?", "reference": str(i),
+             "completion": f"<answer>{i + 1}</answer>", "strict_correct": False} for i in range(20)]
+    after = [dict(r, completion=f"<answer>{i}</answer>", strict_correct=True) for i, r in enumerate(rows)]
+    (tmp_path / "eval_before.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))
+    text = before_after_samples(tmp_path, count=3).read_text()
+    assert text.count("## synthetic[test]:") == 3 and "Q2?" in text and "Q3?" not in text
+    assert "before (wrong):\n```\n<answer>3</answer>\n```\nafter (correct):\n```\n<answer>2</answer>" in text

@@ -28,8 +28,32 @@ def test_levels_seeds_and_splits():
     assert set(levels) == {1, 2, 3} and levels.count(1) == levels.count(3) == 100
     assert [e.question for e in generate(50, 0)] == [e.question for e in examples[:50]]
     assert [e.question for e in generate(50, 1)] != [e.question for e in examples[:50]]
-    test = {e.question for e in generate(200, 0, "test")}
-    assert len(test & {e.question for e in generate(2000, 0, "train")}) < 20  # near-disjoint by seed
+    test = [e.question for e in generate(200, 0, "test")]
+    train = {e.question for e in generate(5000, 0, "train")} | {e.question for e in generate(5000, 1, "train")}
+    assert not set(test) & train  # disjoint by construction, whatever the seeds and sizes
+    assert len(set(test)) == 200  # and no test problem counted twice
+    two = generate(100, 0, max_level=2)
+    assert [len(STEP.findall(e.solution)) for e in two] == [1, 2] * 50
+    operands = [int(b) for e in examples for _, _, b, _ in STEP.findall(e.solution)]
+    assert min(operands) >= 2 and max(operands) <= 10  # difficulty is the number of steps, not the numbers
+
+
+def test_the_sloppy_teacher_answers_one_step_early_for_its_share():
+    from pipeline.warmstart import early_answer, formatted_completion, sloppy_completions
+
+    one, two = generate(2, seed=0, max_level=2)
+    start = STEP.findall(one.solution)[0][0]
+    assert early_answer(one) == start  # a one-step problem: the starting amount
+    assert early_answer(two) == STEP.findall(two.solution)[1][0] == STEP.findall(two.solution)[0][3]  # the middle result
+    examples = generate(1000, seed=0, max_level=2)
+    targets = sloppy_completions(examples, 0.5, seed=7)
+    early = [t != formatted_completion(e) for e, t in zip(examples, targets, strict=True)]
+    assert 0.4 < sum(early) / len(early) < 0.6
+    for e, t, is_early in zip(examples, targets, early, strict=True):
+        assert t == formatted_completion(e, early_answer(e) if is_early else None)
+        assert f"<reasoning>\n{e.solution.split('####')[0].strip()}\n</reasoning>" in t  # the working is right
+    assert sloppy_completions(examples[:100], 0.5, 7) == targets[:100]  # a longer warm start extends a shorter
+    assert sloppy_completions(examples, 0.0, 7) == [formatted_completion(e) for e in examples]
 
 
 def test_digit_split_tokenizer_round_trips_and_spells_numbers_digit_by_digit():
@@ -43,4 +67,13 @@ def test_digit_split_tokenizer_round_trips_and_spells_numbers_digit_by_digit():
     assert pieces[pieces.index("1"):pieces.index("1") + 4] == ["1", "2", "3", "4"]  # one token per digit
     assert all(not (p.strip().isdigit() and len(p.strip()) > 1) for p in pieces)
     assert any(len(merged.decode([i]).strip()) > 1 and merged.decode([i]).strip().isdigit()
-               for i in merged(corpus[0])["input_ids"])  # the plain BPE does merge digits
+               for text in corpus[:50] for i in merged(text)["input_ids"])  # the plain BPE does merge digits
+
+
+def test_the_configured_levels_reach_the_loader():
+    from pipeline.config import load_config
+    from pipeline.data import examples_for
+
+    config = load_config(None, ["data.synthetic_levels=1", "data.synthetic_train=50", "data.synthetic_test=20"])
+    for split in ("train", "test"):
+        assert {len(STEP.findall(e.solution)) for e in examples_for(config.data, split, 0)} == {1}
