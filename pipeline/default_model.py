@@ -42,7 +42,8 @@ def build_default_model(config: Config) -> Path:
     examples = generate(SFT_BATCH * max(m.build_sft_steps, 1), seed, "train", config.data.synthetic_levels)
     # The tokenizer's corpus does not depend on the SFT length, so a longer warm start (the SFT control)
     # starts from the very same tokenizer and initial weights.
-    corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e) for e in examples[:TOKENIZER_CORPUS]]
+    corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e)
+                                for e in generate(TOKENIZER_CORPUS, seed, "train", config.data.synthetic_levels)]
     completions = sloppy_completions(examples, m.build_early_answers, seed)  # see model.build_early_answers
     base = build_tiny_model(work / "base", corpus, vocab_size=1024, hidden_size=m.build_hidden_size,
                             intermediate_size=m.build_hidden_size * 3, num_layers=m.build_layers,

@@ -12,6 +12,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RUN_TAG = "GRPO_TEST_RUN"  # every process a test's run starts inherits this: orphans are found by it
 GSM8K_DIR = Path(os.environ.get("GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
+# End-to-end tests run configs/tiny-cpu.yaml at a smaller scale than `make train`: 2 prompts x 16
+# completions per step, eval maj@8 (a test's own --set options come after these and win).
+TEST_SCALE = ["--set", "train.micro_batch_size=8", "--set", "train.gradient_accumulation_steps=2",
+              "--set", "train.max_completion_tokens=96", "--set", "eval.maj_k=8"]
 
 
 @pytest.fixture(scope="session")

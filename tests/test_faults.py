@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RUN_TAG, SERVER_TOKEN, _alive, one_line_error, run_processes
+from conftest import RUN_TAG, SERVER_TOKEN, TEST_SCALE, _alive, one_line_error, run_processes
 from test_train import _processes_mentioning, launch, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def start_launch(*args, server, root, token=SERVER_TOKEN):
     """The launcher in the background; with `server` it uses the session's server, else starts its own.
     Its output goes to root/launch.log."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--set", f"run.root={root}", *args]
+           "--set", f"run.root={root}", *TEST_SCALE, *args]
     if server is not None:
         cmd += ["--server-url", server.client.base_url]
     else:

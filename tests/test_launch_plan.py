@@ -85,8 +85,8 @@ def test_cpu_layout_is_the_real_launch(tmp_path):
     (["--gpus", "2", "--set", "sync.transport=ipc"],
      "error: sync.transport=ipc: trainer and server must share one GPU (use nccl with several)"),
     (["--set", "sync.transport=nccl"], "error: sync.transport=nccl needs GPUs; use gloo (or auto) on CPU"),
-    (["--gpus", "4", "--set", "train.micro_batch_size=2"],  # 3 ranks: 12 completions, not whole groups of 16
-     "error: train.micro_batch_size x train.gradient_accumulation_steps x ranks = 2 x 2 x 3 = 12"),
+    (["--gpus", "4", "--set", "train.micro_batch_size=2"],  # 3 ranks: 24 completions, not whole groups of 16
+     "error: train.micro_batch_size x train.gradient_accumulation_steps x ranks = 2 x 4 x 3 = 24"),
 ])
 def test_impossible_layouts_are_one_line_errors(tmp_path, args, message):
     proc, plan = dry_run(*args, tmp_path=tmp_path)

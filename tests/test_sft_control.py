@@ -27,7 +27,7 @@ def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_repo
         "data.synthetic_test=8", "eval.maj_k=0", "server.kv_cache_gib=1"])
     warm = build_default_model(config)
     built = json.loads((warm / "build.json").read_text())
-    assert built["sft_steps"] == 6 and built["early_answers"] == 0.5 and built["sft_seconds"] > 0
+    assert built["sft_steps"] == 6 and built["early_answers"] == 0.7 and built["sft_seconds"] > 0
     run = tmp_path / "run"
     run.mkdir()
     config.model.path, config.model.build = str(warm), ""

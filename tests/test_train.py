@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_TAG, SERVER_TOKEN, one_line_error, run_processes
+from conftest import RUN_TAG, SERVER_TOKEN, TEST_SCALE, one_line_error, run_processes
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
@@ -26,7 +26,7 @@ REQUIRED_KEYS = {
 
 def launch(*args, timeout=600, server=None, root, env=None):
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--set", f"run.root={root}", *args]
+           "--set", f"run.root={root}", *TEST_SCALE, *args]
     if server is not None:
         cmd += ["--server-url", server.client.base_url]
     env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN, RUN_TAG: str(root), **(env or {})}

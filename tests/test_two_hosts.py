@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_SCALE
 from test_train import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +73,8 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
             in_namespace(trn, sys.executable, "launch/train.py", "--config", "configs/tiny-cpu.yaml",
                          "--name", "two", "--set", f"run.root={tmp_path}", "--server-url", url,
                          "--set", f"sync.host={trn_addr}", "--set", f"model.path={warm_model_dir}",
-                         "--set", "model.build=", "--set", "eval.enabled=false", "--set", "train.max_steps=3"),
+                         "--set", "model.build=", "--set", "eval.enabled=false", "--set", "train.max_steps=3",
+                         *TEST_SCALE),
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, (run.stdout[-3000:] + run.stderr[-3000:]
                                      + (tmp_path / "server.out").read_text()[-3000:])
