@@ -207,6 +207,8 @@ def check_data_and_rewards(config) -> None:
         from pipeline import synthetic
 
         train = synthetic.generate(1, config.run.seed, "train", config.data.synthetic_levels)
+        if config.eval.enabled or config.eval.every:  # too many test problems asked for: one line, now
+            synthetic.generate(config.data.synthetic_test, config.run.seed, "test", config.data.synthetic_levels)
     else:
         train = examples_for(config.data, "train", config.run.seed)
         if config.eval.enabled or config.eval.every:  # no test file configured: a one-line error naming it

@@ -274,7 +274,7 @@ Evaluation before vs after GRPO:
 
 ## Limitations
 
-- Limited to the complexity of its training problems; {"a model this small learns the format far more readily than arithmetic" if built else "may struggle with problems beyond GSM8K"}
+- Limited to the complexity of its training problems; {"a model this small hardly improves its arithmetic under GRPO: what GRPO fixes here is which number it answers with, and nothing rewards the working, which can drift" if built else "may struggle with problems beyond GSM8K"}
 - The rewards check format and the final answer only, not whether the reasoning is sound
 - Performance depends on the prompt using the same system prompt and chat template
 

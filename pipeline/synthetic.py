@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from pipeline.data import Example, parse_row
+from pipeline.data import DataError, Example, parse_row
 
 NAMES = ["Tom", "Ana", "Liam", "Mia", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Sara"]
 ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "cards", "shells"]
@@ -47,6 +47,7 @@ def _problem(rng: random.Random, level: int) -> dict[str, str]:
 
 
 TEST_SHARE = 8  # one question text in 8 belongs to the test split
+MAX_DRAWS = 100_000  # draws for one problem before the split counts as exhausted
 
 
 def in_test_split(question: str) -> bool:
@@ -59,10 +60,13 @@ def generate(count: int, seed: int, split: str = "train", max_level: int = 3) ->
     rng = random.Random(f"{split}-{seed}")
     rows, seen = [], set()
     for i in range(count):
-        while True:
+        for _ in range(MAX_DRAWS):
             row = _problem(rng, 1 + i % max_level)
             if in_test_split(row["question"]) == (split == "test") and row["question"] not in seen:
                 break
+        else:  # the test split has run out of new questions at these levels: say so, never spin
+            raise DataError(f"data.synthetic_{split}: only {len(seen)} distinct {split} problems with "
+                            f"1-{max_level} steps could be drawn, {count} asked for (ask for fewer or more levels)")
         if split == "test":
             seen.add(row["question"])
         rows.append(parse_row(row, f"synthetic[{split}]:{i}"))

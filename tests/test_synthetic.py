@@ -77,3 +77,12 @@ def test_the_configured_levels_reach_the_loader():
     config = load_config(None, ["data.synthetic_levels=1", "data.synthetic_train=50", "data.synthetic_test=20"])
     for split in ("train", "test"):
         assert {len(STEP.findall(e.solution)) for e in examples_for(config.data, split, 0)} == {1}
+
+
+def test_asking_for_more_test_problems_than_exist_is_an_error_not_a_hang():
+    import pytest
+
+    from pipeline.data import DataError
+
+    with pytest.raises(DataError, match=r"data.synthetic_test: only \d+ distinct test problems with 1-1 steps"):
+        generate(5000, 0, "test", max_level=1)

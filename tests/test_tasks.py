@@ -282,3 +282,14 @@ def test_a_bad_data_row_or_missing_test_file_fails_before_anything_starts(tiny_m
     assert proc.returncode == 2 and one_line_error(proc) == (
         "error: data.source is 'jsonl' but no file is configured for split 'test' (data.test_file)")
     assert not (tmp_path / "b").exists()
+
+
+def test_more_synthetic_test_problems_than_exist_fail_before_anything_starts(tiny_model_dir, tmp_path):
+    from conftest import one_line_error
+    from test_train import launch
+
+    proc = launch("--name", "many", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
+                  "--set", "data.synthetic_levels=1", "--set", "data.synthetic_test=5000", root=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert one_line_error(proc).startswith("error: data.synthetic_test: only ")
+    assert not (tmp_path / "many").exists()
