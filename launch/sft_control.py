@@ -24,7 +24,9 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 
 def grpo_seconds(run_dir: Path) -> float:
     """The run's GRPO wall time: the sum of its step times (rollouts, rewards, update, sync)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from pipeline.report import read_jsonl  # skips a line torn by a kill, as the report does
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     if not rows:
         raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no steps recorded")
     return sum(r["time/step"] for r in rows)
