@@ -60,7 +60,7 @@ CONFIG ?=
 SERVE_ARGS ?=
 .PHONY: serve bench bench-quick bench-sync
 serve: install
-	$(PY) -m pipeline.serve $(if $(CONFIG),--config $(CONFIG)) $(SERVE_ARGS)
+	$(PY) -m pipeline.generation.serve $(if $(CONFIG),--config $(CONFIG)) $(SERVE_ARGS)
 
 # ours (sync, overlapped) vs TRL GRPOTrainer on a ~100M model: writes bench/results.json (~15 min)
 bench: install
@@ -85,7 +85,7 @@ EVAL_ARGS ?=
 # make eval MODEL=runs/<name>/final [EVAL_ARGS="--limit 100 --data-file ../shared/data/gsm8k/test.jsonl"]
 eval: install
 	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=<model dir or hub name> [CONFIG=...] [EVAL_ARGS=...]"; exit 2; }
-	$(PY) -m pipeline.evaluate --model $(MODEL) --config $(or $(CONFIG),configs/tiny-cpu.yaml) --out $(MODEL)/eval $(EVAL_ARGS)
+	$(PY) -m pipeline.report.evaluate --model $(MODEL) --config $(or $(CONFIG),configs/tiny-cpu.yaml) --out $(MODEL)/eval $(EVAL_ARGS)
 
 # make report RUN=runs/<name>
 report: install
@@ -106,4 +106,4 @@ PUBLISH_ARGS ?=
 # make publish RUN=runs/<name> PUBLISH_ARGS="--dry-run out/"               (writes what would go up)
 publish: install
 	@test -n "$(RUN)" || { echo "usage: make publish RUN=runs/<name> REPO=user/name"; exit 2; }
-	$(PY) -m pipeline.publish $(RUN) $(if $(REPO),--repo $(REPO)) $(PUBLISH_ARGS)
+	$(PY) -m pipeline.report.publish $(RUN) $(if $(REPO),--repo $(REPO)) $(PUBLISH_ARGS)

@@ -7,21 +7,20 @@ project's real GRPO functions, on a tiny Qwen2 built here (no download, no data 
 For a GPU box that has torch and transformers but neither vLLM nor DeepSpeed (DeepSpeed can travel as a
 pure-python wheel). One process, world size 1. What it runs, per ZeRO stage:
 
-- `deepspeed.init_distributed` as pipeline/train.py calls it (nccl on CUDA), `deepspeed.initialize` with
-  `pipeline.train.deepspeed_config` and `pipeline.train.lr_schedule` (the real ones), a torch AdamW;
-- GRPO optimizer steps on synthetic rollouts: prompts from `pipeline.synthetic` through the real chat
-  template (`pipeline.data.prompt_token_ids`), completions half formatted solutions, half random tokens,
-  scored by `pipeline.rollout.score_slice`, advantages by `pipeline.grpo.group_advantages`, packed by
-  `make_batch`, `token_logprobs` through the engine, `grpo_loss` (one step per loss type: grpo, bnpo,
-  dapo with `step_token_normaliser`, dr_grpo) with beta > 0 against a reference engine built as
-  pipeline/train.py builds it, and `Metrics.reduce` (float64 collectives on the device);
+- `deepspeed.init_distributed` as pipeline/trainer/train.py calls it (nccl on CUDA), then the trainer's own
+  set-up, `pipeline.trainer.build.build` (data, rewards, the model in the training dtype, a torch AdamW,
+  the schedule, `deepspeed.initialize`, the frozen reference for beta > 0);
+- GRPO optimizer steps through the trainer's own step on synthetic rollouts: prompts from
+  `pipeline.task.synthetic` through the real chat template, completions half formatted solutions, half
+  random tokens, scored by `pipeline.trainer.rollout.score_step`, then `pipeline.trainer.train.train_on_batch`
+  (one step per loss type in turn, beta > 0) and `Metrics.reduce` (float64 collectives on the device);
 - checks: loss and grad norm finite, parameters changed, ZeRO-3's gathered parameters equal the HF
   checkpoint before training and track ZeRO-2's after the same steps, DeepSpeed's own consolidated 16-bit
   state dict equals the gather, and a final HF model gathered to CPU from the ZeRO-3 engine, saved and
   reloaded with `AutoModelForCausalLM`, gives the engine's logits;
 - LoRA (model.lora_rank=8, lora_alpha=16; `--lora-steps`, default 4, 0 skips it) under the same ZeRO-2 and
-  ZeRO-3 configs: `pipeline.lora.with_lora`, an optimizer over the trainable parameters only, as
-  pipeline/train.py builds them, and the same GRPO steps; checks: only the adapter trains and only lora_
+  ZeRO-3 configs, built by the same `build` (`with_lora`, an optimizer over the adapter only, the reference
+  = the policy with its adapter off), and the same GRPO steps; checks: only the adapter trains and only lora_
   tensors change (base weights bit-identical, gathered under ZeRO-3); the merged export computed as
   `ModelSource` computes it (`exported_weights`, each entry gathered under ZeRO-3, `merged_weight` cast
   to the model dtype) has the plain model's names, equals PEFT's own `merge_and_unload` of the gathered
@@ -32,13 +31,13 @@ pure-python wheel). One process, world size 1. What it runs, per ZeRO stage:
   sdpa-vs-eager logprob gap), resolve_enforce_eager, engine_options;
 - a step's time (median after the first) and the peak GPU memory per stage, LoRA next to full fine-tuning.
 
-Not covered here, because the code lives in modules that import vLLM (pipeline/weight_sync.py,
-pipeline/gloo_transfer.py): `ModelSource` (the chunked ZeRO-3 gather that weight sync and
-`pipeline.train.save_final_model` use) and the weight push itself. Where vLLM is importable (the CPU
+Not covered here, because the code lives in modules that import vLLM (pipeline/sync/weight_sync.py,
+pipeline/sync/gloo_transfer.py): `ModelSource` (the chunked ZeRO-3 gather that weight sync and
+`pipeline.trainer.checkpoint.save_final_model` use) and the weight push itself. Where vLLM is importable (the CPU
 venv), `save_final_model` is run too and its output compared with this script's gather. Where it is not,
-`pipeline.weight_sync` is replaced by a stub before `pipeline.train` is imported, so the functions above
+`pipeline.sync.weight_sync` is replaced by a stub before `pipeline.trainer.train` is imported, so the functions above
 are the real ones; the stub raises if anything touches it. (The LoRA export is computed here as
-`ModelSource` computes it, from the real `pipeline.lora` functions; with vLLM, `save_final_model` on the
+`ModelSource` computes it, from the real `pipeline.sync.lora_export` functions; with vLLM, `save_final_model` on the
 LoRA engines is compared with it, and its final/adapter reloaded with PEFT.)
 
 On a lent GPU box without DeepSpeed (wheels for it and its missing needs carried in .whl/):
@@ -113,16 +112,16 @@ def parse_args():
     p.add_argument("--zero3-config", default="", help="default configs/ds_zero3_gpu.json (CPU: ds_zero3.json)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: bfloat16 on GPU (the recipe), float32 with --cpu")
-    p.add_argument("--no-vllm", action="store_true", help="stub pipeline.weight_sync even where vLLM imports")
+    p.add_argument("--no-vllm", action="store_true", help="stub pipeline.sync.weight_sync even where vLLM imports")
     p.add_argument("--out", default="", help="JSON summary (default $OUT/gpu_trainer_check.json if OUT is set)")
     return p.parse_args()
 
 
 def import_train(force_stub: bool):
-    """pipeline.train, with pipeline.weight_sync stubbed when vLLM is absent (it imports vLLM at the top)."""
+    """pipeline.trainer.train, with pipeline.sync.weight_sync stubbed when vLLM is absent (it imports vLLM at the top)."""
     have_vllm = importlib.util.find_spec("vllm") is not None and not force_stub
     if not have_vllm:
-        stub = types.ModuleType("pipeline.weight_sync")
+        stub = types.ModuleType("pipeline.sync.weight_sync")
         stub.__doc__ = "stub: vLLM is not installed here; bench/gpu_trainer_check.py does not use weight sync"
 
         class WeightSyncError(RuntimeError):
@@ -130,20 +129,20 @@ def import_train(force_stub: bool):
 
         class _Absent:
             def __init__(self, *a, **k):
-                raise RuntimeError("pipeline.weight_sync is stubbed (no vLLM here)")
+                raise RuntimeError("pipeline.sync.weight_sync is stubbed (no vLLM here)")
 
         stub.WeightSyncError, stub.WeightSync, stub.ModelSource = WeightSyncError, _Absent, _Absent
-        sys.modules["pipeline.weight_sync"] = stub
-    import pipeline.train as train
+        sys.modules["pipeline.sync.weight_sync"] = stub
+    import pipeline.trainer.train as train
 
     return train, have_vllm
 
 
 # ------------------------------------------------------------------------------------------------------
 def build_model(out_dir: Path, hidden: int, layers: int) -> tuple[Path, list]:
-    from pipeline.data import SYSTEM_PROMPT
-    from pipeline.synthetic import generate
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.embedded.tiny_model import build_tiny_model
+    from pipeline.task.synthetic import generate
+    from pipeline.task.xml_format import SYSTEM_PROMPT
 
     examples = generate(400, seed=7)
     corpus = [SYSTEM_PROMPT] + [e.question + "\n" + e.solution for e in examples]  # as tests/conftest.tiny_corpus
@@ -153,32 +152,16 @@ def build_model(out_dir: Path, hidden: int, layers: int) -> tuple[Path, list]:
     return out_dir, examples
 
 
-def score(completions, config):
-    """pipeline.rollout.score_slice as pipeline/train.py calls it (with the loaded rewards and the
-    prompt style's system prompt where this checkout's score_slice takes them)."""
-    import inspect
-
-    from pipeline.rollout import score_slice
-
-    if len(inspect.signature(score_slice).parameters) > 2:
-        from pipeline.data import PromptStyle
-        from pipeline.rewards import load_rewards
-
-        style = PromptStyle.from_config(config.data)
-        return score_slice(completions, config.rewards, load_rewards(config.reward_functions), style.system_prompt)
-    return score_slice(completions, config.rewards)
-
-
 def formatted(example) -> str:
     reasoning = example.solution.split("####")[0].strip()
     return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
 
 
 def make_rollouts(tokenizer, examples, steps: int, per_step: int, group: int, max_tokens: int, seed: int):
-    """Each step's completions (pipeline.rollout.Completion), half formatted solutions, half random
+    """Each step's completions (pipeline.trainer.rollout.Completion), half formatted solutions, half random
     tokens; logprobs are filled in later from the initial model."""
-    from pipeline.data import prompt_token_ids
-    from pipeline.rollout import Completion
+    from pipeline.task.data import prompt_token_ids
+    from pipeline.trainer.rollout import Completion
 
     rng = random.Random(seed)
     vocab = len(tokenizer)
@@ -207,7 +190,7 @@ def fill_old_logprobs(model, rollouts, device, noise: float, seed: int) -> None:
     """The behaviour policy's logprobs: the initial model's, plus noise (vLLM/trainer numerical gap)."""
     import torch
 
-    from pipeline.grpo import token_logprobs
+    from pipeline.trainer.grpo import token_logprobs
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -219,7 +202,7 @@ def fill_old_logprobs(model, rollouts, device, noise: float, seed: int) -> None:
 
 
 def probe_batch(rollouts, tokenizer, device):
-    from pipeline.grpo import make_batch
+    from pipeline.trainer.grpo import make_batch
 
     chunk = rollouts[0][:4]
     return make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
@@ -262,120 +245,75 @@ def stage_config(ds_path: Path, ctx: dict, steps: int, lora: bool):
                  f"train.micro_batch_size={ctx['micro']}", f"train.gradient_accumulation_steps={ctx['accum']}",
                  f"train.num_generations={ctx['group']}", f"train.max_steps={steps}",
                  "train.learning_rate=5e-3", "train.warmup_ratio=0.0", "train.min_lr_ratio=0.1",
-                 "train.max_grad_norm=1.0", "train.beta=0.04", f"train.max_completion_tokens={ctx['max_tokens']}"]
+                 "train.max_grad_norm=1.0", "train.beta=0.04", f"train.max_completion_tokens={ctx['max_tokens']}",
+                 f"train.deepspeed_config={ds_path}", "data.synthetic_train=64"]
     if lora:
         overrides += [f"model.lora_rank={LORA_RANK}", f"model.lora_alpha={LORA_ALPHA}"]
     return load_config(None, overrides)
 
 
 def build_engines(config, ctx: dict, stage: int, tag: str):
-    """The policy engine (PEFT LoRA when model.lora_rank > 0) and the beta > 0 reference engine, built as
-    pipeline/train.py builds them. Returns (engine, reference, GPU memory allocated before them in GiB)."""
-    import deepspeed
+    """The policy engine (PEFT LoRA when model.lora_rank > 0) and the beta > 0 reference engine (None with
+    LoRA: the policy with its adapter off), from pipeline.trainer.build.build, the trainer's own set-up.
+    Returns (the built Trainer, GPU memory allocated before it in GiB)."""
     import torch
-    import transformers
 
-    from pipeline.lora import with_lora
-
-    train, device, dtype, attn, t = ctx["train"], ctx["device"], ctx["dtype"], ctx["attn"], config.train
-    torch.manual_seed(0)  # LoRA's A init: the same adapter under ZeRO-2 and ZeRO-3
-    model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
-    if config.model.lora_rank:
-        model = with_lora(model, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
-                                  betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
-    scheduler = train.lr_schedule(optimizer, t, t.max_steps)
-    ds_config = train.deepspeed_config(config, dtype)
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    device, dtype = ctx["device"], ctx["dtype"]
     start_gib = 0.0
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start_gib = torch.cuda.memory_allocated() / 2**30
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    built = ctx["train"].build(config, world=1)
+    engine = built.engine
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in engine.module.parameters()})
-    check(f"{tag}: deepspeed.initialize", zero_stage == stage and engine.zero_optimization_stage() == stage
-          and engine.device.type == device.type and engine.bfloat16_enabled() == (dtype == torch.bfloat16),
+    check(f"{tag}: deepspeed.initialize", built.zero_stage == stage and engine.zero_optimization_stage() == stage
+          and engine.device.type == device.type and engine.bfloat16_enabled() == (dtype == torch.bfloat16)
+          and built.dtype == dtype and (built.reference is None) == bool(config.model.lora_rank),
           f"stage {engine.zero_optimization_stage()}, device {engine.device}, bf16 {engine.bfloat16_enabled()}, "
-          f"param dtypes {dtypes}")
-    # the reference model for beta > 0, exactly as pipeline/train.py builds it (the base model, with LoRA too)
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=attn)
-    ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
-    if zero_stage != 3:
-        ref_config["zero_optimization"] = {"stage": 0}
-    reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
-    reference.eval()
-    return engine, reference, start_gib
+          f"param dtypes {dtypes}, reference {'none (LoRA: adapter off)' if built.reference is None else 'engine'}")
+    return built, start_gib
 
 
-def grpo_steps(engine, reference, config, ctx: dict, tag: str) -> dict:
-    """train.max_steps GRPO optimizer steps (loss types in turn) on ctx's rollouts with the real functions;
-    checks loss, grad norm, KL and the schedule; returns the per-step series, step time and peak memory."""
+def grpo_steps(built, config, ctx: dict, tag: str) -> dict:
+    """train.max_steps GRPO optimizer steps (loss types in turn) on ctx's rollouts through the trainer's own
+    step: pipeline.trainer.rollout.score_step, then pipeline.trainer.train.train_on_batch; checks loss, grad
+    norm, KL and the schedule; returns the per-step series, step time and peak memory."""
     import torch
 
-    from pipeline.grpo import (
-        LOSS_TYPES,
-        group_advantages,
-        grpo_loss,
-        make_batch,
-        step_token_normaliser,
-        token_logprobs,
-    )
-    train, device, t = ctx["train"], ctx["device"], config.train
-    steps, mb, accum = t.max_steps, t.micro_batch_size, t.gradient_accumulation_steps
+    from pipeline.trainer.grpo import LOSS_TYPES
+    from pipeline.trainer.rollout import score_step
+
+    train, device, t, engine = ctx["train"], ctx["device"], config.train, built.engine
+    steps = t.max_steps
+    loss_types = list(LOSS_TYPES)
     losses, norms, times, lrs, kls, tokens_per_step = [], [], [], [], [], []
     result: dict = {}
     with guarded(f"{tag}: GRPO steps"):
         for step in range(steps):
-            loss_type = LOSS_TYPES[step % len(LOSS_TYPES)]
+            loss_type = loss_types[step % len(loss_types)]
             mine = ctx["rollouts"][step]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            engine.train()
-            totals, _ = score(mine, config)
-            gathered = [torch.zeros(len(mine), dtype=torch.float64, device=device)]
-            torch.distributed.all_gather(gathered, torch.tensor(totals, dtype=torch.float64, device=device))
-            advantages = group_advantages(torch.cat(gathered).cpu(), t.num_generations, t.advantage_scaling).float()
-            trained = [True] * len(mine)
-            token_total = None
-            if loss_type == "dapo":
-                count = torch.tensor([float(sum(len(c.token_ids) for c in mine))], device=device)
-                torch.distributed.all_reduce(count)
-                token_total = step_token_normaliser(count.item(), accum, 1)
-            step_loss, sums = 0.0, {"tokens": 0.0, "clipped_tokens": 0.0, "kl_sum": 0.0}
-            for m in range(accum):
-                part = slice(m * mb, (m + 1) * mb)
-                chunk = mine[part]
-                batch = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk],
-                                   [c.logprobs for c in chunk], advantages[part].tolist(), trained[part],
-                                   ctx["pad_id"], device)
-                logprobs = token_logprobs(engine, batch.input_ids, batch.attention_mask, t.temperature)
-                with torch.no_grad():
-                    ref_lp = token_logprobs(reference, batch.input_ids, batch.attention_mask, t.temperature)
-                loss, stats = grpo_loss(logprobs, batch, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
-                                        loss_type=loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_lp,
-                                        token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
-                engine.backward(loss)
-                engine.step()
-                step_loss += loss.item() / accum
-                for k in sums:
-                    sums[k] += stats[k]
-            s, mx = train.Metrics.reduce({"loss": step_loss, **sums}, {"ratio_max": 1.0}, device)
+            batch = score_step(mine, step, rank=0, world=1, group_size=t.num_generations, scaling=t.advantage_scaling,
+                               weights=config.rewards, rewards=built.rewards, system_prompt=built.style.system_prompt,
+                               device=device)
+            sums, maxima = train.train_on_batch(engine, built.reference, batch,
+                                                dataclasses.replace(t, loss_type=loss_type), ctx["pad_id"], 1)
+            s, mx = train.Metrics.reduce(sums, maxima, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-            norm = engine.get_global_grad_norm()
-            norm = float(norm) if norm is not None else float("nan")
             losses.append(s["loss"])
-            norms.append(norm)
+            norms.append(mx["grad_norm"])
             lrs.append(engine.get_lr()[0])
             kls.append(s["kl_sum"] / max(s["tokens"], 1.0))
             tokens_per_step.append(sum(len(c.prompt_ids) + len(c.token_ids) for c in mine))
-            print(f"  {tag} step {step + 1} {loss_type:8s} loss {s['loss']:+.4f} grad_norm {norm:.3g} "
+            print(f"  {tag} step {step + 1} {loss_type:8s} loss {s['loss']:+.4f} grad_norm {norms[-1]:.3g} "
                   f"kl {kls[-1]:.3g} clipped {s['clipped_tokens']:.0f}/{s['tokens']:.0f} lr {lrs[-1]:.2e} "
                   f"{times[-1] * 1000:.0f} ms", flush=True)
-        used = LOSS_TYPES[:steps] if steps < len(LOSS_TYPES) else LOSS_TYPES
+        used = loss_types[:steps] if steps < len(loss_types) else loss_types
         check(f"{tag}: loss and grad norm finite over {steps} steps ({', '.join(used)})",
               all(math.isfinite(x) for x in losses + norms + kls) and len(losses) == steps,
               f"losses {[round(x, 4) for x in losses]}, grad norms {[round(x, 3) for x in norms]}")
@@ -400,7 +338,8 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
 
     tag = f"zero{stage}"
     config = stage_config(ds_path, ctx, ctx["steps"], lora=False)
-    engine, reference, start_gib = build_engines(config, ctx, stage, tag)
+    built, start_gib = build_engines(config, ctx, stage, tag)
+    engine, reference = built.engine, built.reference
     hf = ctx["hf"]
     probe = ctx["probe"]
     result: dict = {"stage": stage}
@@ -422,7 +361,7 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         check(f"{tag}: engine and reference logits equal a plain HF model's", d <= tol and d_ref <= tol,
               f"max |diff| engine {d:.3g}, reference {d_ref:.3g} (tolerance {tol:g})")
 
-    result.update(grpo_steps(engine, reference, config, ctx, tag))
+    result.update(grpo_steps(built, config, ctx, tag))
 
     # --- after training: parameters changed ---
     with guarded(f"{tag}: parameters changed"):
@@ -446,12 +385,12 @@ def hf_name(peft_name: str) -> str:
 
 
 def exported_state(module, zero_stage: int) -> dict:
-    """What pipeline.weight_sync.ModelSource sends and pipeline.train.save_final_model saves, computed as it
-    computes it (weight_sync imports vLLM): per entry of pipeline.lora.exported_weights, its parameters
+    """What pipeline.sync.weight_sync.ModelSource sends and pipeline.trainer.train.save_final_model saves, computed as it
+    computes it (weight_sync imports vLLM): per entry of pipeline.sync.lora_export.exported_weights, its parameters
     gathered under ZeRO-3, merged_weight(params, scaling) cast to the model's dtype, on CPU."""
     import deepspeed
 
-    from pipeline.lora import exported_weights, merged_weight
+    from pipeline.sync.lora_export import exported_weights, merged_weight
 
     dtype = next(module.parameters()).dtype
     out = {}
@@ -464,13 +403,14 @@ def exported_state(module, zero_stage: int) -> dict:
 
 
 def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
-    """model.lora_rank > 0: pipeline.lora.with_lora under DeepSpeed, only the adapter trains; the merged
+    """model.lora_rank > 0: pipeline.trainer.lora.with_lora under DeepSpeed, only the adapter trains; the merged
     export against PEFT's own merge_and_unload and against the engine's forward."""
     import torch
 
     tag = f"zero{stage}-lora"
     config = stage_config(ds_path, ctx, ctx["lora_steps"], lora=True)
-    engine, reference, start_gib = build_engines(config, ctx, stage, tag)
+    built, start_gib = build_engines(config, ctx, stage, tag)
+    engine, reference = built.engine, built.reference
     module, hf, probe, tol = engine.module, ctx["hf"], ctx["probe"], ctx["logit_tol"]
     mask = probe.attention_mask[..., None].float()
     named = list(module.named_parameters())
@@ -501,7 +441,7 @@ def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         check(f"{tag}: engine logits equal a plain HF model's before training (B = 0)", d <= tol,
               f"max |diff| {d:.3g} (tolerance {tol:g})")
 
-    result.update(grpo_steps(engine, reference, config, ctx, tag))
+    result.update(grpo_steps(built, config, ctx, tag))
 
     with guarded(f"{tag}: only LoRA parameters changed"):
         engine.eval()
@@ -517,10 +457,10 @@ def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
     with guarded(f"{tag}: merged export"):
         exported = lora_export_checks(engine, stage, config, after, ctx, tag, result)
     if ctx["have_vllm"] and exported is not None:
-        with guarded(f"{tag}: pipeline.train.save_final_model"):
+        with guarded(f"{tag}: pipeline.trainer.train.save_final_model"):
             lora_save_final_model(engine, stage, after, exported, ctx, tag)
     elif not ctx["have_vllm"]:
-        print(f"NOTE: {tag}: pipeline.train.save_final_model (merged final/, final/adapter) not run: it needs vLLM",
+        print(f"NOTE: {tag}: pipeline.trainer.train.save_final_model (merged final/, final/adapter) not run: it needs vLLM",
               flush=True)
     result["engine"], result["reference"] = engine, reference
     return result
@@ -531,7 +471,7 @@ def lora_export_checks(engine, stage: int, config, after: dict, ctx: dict, tag: 
     import torch
     import transformers
 
-    from pipeline.lora import with_lora
+    from pipeline.trainer.lora import with_lora
 
     dtype, probe, tol = ctx["dtype"], ctx["probe"], ctx["logit_tol"]
     exported = exported_state(engine.module, stage)
@@ -607,7 +547,7 @@ def lora_export_checks(engine, stage: int, config, after: dict, ctx: dict, tag: 
 
 
 def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: dict, tag: str) -> None:
-    """pipeline.train.save_final_model with LoRA (it needs vLLM): final/ holds the merged weights exported
+    """pipeline.trainer.train.save_final_model with LoRA (it needs vLLM): final/ holds the merged weights exported
     here, bit for bit, and final/adapter loads with PeftModel.from_pretrained holding the trained adapter."""
     import torch
     import transformers
@@ -618,7 +558,7 @@ def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: 
     ctx["train"].save_final_model(engine, stage, ctx["tokenizer"], out, 0)
     saved = load_file(str(out / "model.safetensors"))
     same = saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
-    check(f"{tag}: pipeline.train.save_final_model writes the merged weights exported here", same,
+    check(f"{tag}: pipeline.trainer.train.save_final_model writes the merged weights exported here", same,
           f"{len(saved)} tensors")
     base = transformers.AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=ctx["dtype"])
     with contextlib.suppress(Exception):  # a broken adapter: say what is in the file, not only that it failed
@@ -631,7 +571,7 @@ def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: 
     got = {n: p.detach().float() for n, p in loaded.named_parameters() if ".lora_" in n}
     want = {n: v for n, v in after.items() if ".lora_" in n}
     same = got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
-    check(f"{tag}: pipeline.train.save_final_model's final/adapter reloads with the trained LoRA tensors", same,
+    check(f"{tag}: pipeline.trainer.train.save_final_model's final/adapter reloads with the trained LoRA tensors", same,
           f"{len(got)}/{len(want)} tensors")
 
 
@@ -649,7 +589,7 @@ def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
         check("zero3: DeepSpeed's consolidated 16-bit state dict equals the gathered parameters",
               len(common) == len(gathered) and diff == 0.0, f"{len(common)}/{len(gathered)} tensors, max |diff| {diff:.3g}")
     with guarded("zero3: save and reload"):
-        # gathered to CPU in the engine's dtype, saved as pipeline.train.save_final_model saves it
+        # gathered to CPU in the engine's dtype, saved as pipeline.trainer.train.save_final_model saves it
         import deepspeed
 
         named = list(engine.module.named_parameters())
@@ -670,17 +610,17 @@ def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
         ctx["zero3_state"] = state
         del reloaded
     if ctx["have_vllm"]:
-        with guarded("zero3: pipeline.train.save_final_model"):
+        with guarded("zero3: pipeline.trainer.train.save_final_model"):
             real = ctx["tmp"] / "final-real"
             ctx["train"].save_final_model(engine, 3, ctx["tokenizer"], real, 0)
             from safetensors.torch import load_file
 
             a, b = load_file(str(out / "model.safetensors")), load_file(str(real / "model.safetensors"))
             same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-            check("zero3: pipeline.train.save_final_model writes the same tensors as the gather here", same,
+            check("zero3: pipeline.trainer.train.save_final_model writes the same tensors as the gather here", same,
                   f"{len(a)} tensors")
     else:
-        print("NOTE: pipeline.train.save_final_model / weight_sync.ModelSource not run: they need vLLM", flush=True)
+        print("NOTE: pipeline.trainer.train.save_final_model / weight_sync.ModelSource not run: they need vLLM", flush=True)
 
 
 def device_checks(ctx: dict) -> None:
@@ -731,7 +671,7 @@ def device_checks(ctx: dict) -> None:
                                                                "max_num_batched_tokens": 8192}), str(opts))
     # the bf16 gap between two HF attention kernels on the same weights: what probe_tolerance must cover
     with guarded("device: probe_tolerance covers the kernel gap"):
-        from pipeline.grpo import token_logprobs
+        from pipeline.trainer.grpo import token_logprobs
 
         probe, dtype = ctx["probe"], ctx["dtype"]
         lps = {}
@@ -782,22 +722,22 @@ def main() -> int:
                    gpu=torch.cuda.get_device_name(0) if cuda else None)
     print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
           f"device {METRICS['gpu'] or 'cpu'}, dtype {dtype}, vLLM importable: {have_vllm} "
-          f"({'real' if have_vllm else 'stubbed'} pipeline.weight_sync)", flush=True)
+          f"({'real' if have_vllm else 'stubbed'} pipeline.sync.weight_sync)", flush=True)
     if cuda:
-        torch.cuda.set_device(0)  # before any collective: NCCL binds to the current device (as pipeline/train.py)
+        torch.cuda.set_device(0)  # before any collective: NCCL binds to the current device (as pipeline/trainer/train.py)
     deepspeed.init_distributed(timeout=train.collective_timeout(train.load_config()))
     backend = torch.distributed.get_backend()
     check(f"distributed backend is {'nccl' if cuda else 'gloo'}", backend == ("nccl" if cuda else "gloo"), backend)
 
     from pipeline.device import resolve_attn
-    from pipeline.grpo import token_logprobs
+    from pipeline.trainer.grpo import token_logprobs
 
     hidden = args.hidden or (512 if cuda else 64)
     layers = args.layers or (4 if cuda else 2)
     tmp = Path(tempfile.mkdtemp(prefix="gpu-trainer-check-"))
     model_dir, examples = build_model(tmp / "model", hidden, layers)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    attn = resolve_attn("auto", dtype)  # what pipeline/train.py loads the policy with
+    attn = resolve_attn("auto", dtype)  # what pipeline/trainer/train.py loads the policy with
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     hf = hf.to(device).eval()
     n_params = sum(p.numel() for p in hf.parameters())

@@ -23,7 +23,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.client import free_port  # noqa: E402
+from pipeline.generation.client import free_port  # noqa: E402
 
 PY = sys.executable
 
@@ -32,7 +32,7 @@ class PeakRSS(threading.Thread):
     """Samples the resident memory of every process below the benchmark, by role."""
 
     ROLES = (("EngineCore", "server engine core"), ("VLLM::Worker", "server worker"), ("Worker", "server worker"),
-             ("pipeline.serve", "server API"), ("pipeline.train", "trainer rank"),
+             ("pipeline.generation.serve", "server API"), ("pipeline.trainer.train", "trainer rank"),
              ("trl_baseline", "TRL process"))
 
     def __init__(self):
@@ -63,10 +63,10 @@ class PeakRSS(threading.Thread):
 def build_model(out: Path, hidden: int, layers: int) -> Path:
     if (out / "config.json").exists():
         return out
-    from pipeline.data import SYSTEM_PROMPT
-    from pipeline.synthetic import generate
-    from pipeline.tiny_model import build_tiny_model
-    from pipeline.warmstart import formatted_completion
+    from pipeline.embedded.tiny_model import build_tiny_model
+    from pipeline.embedded.warmstart import formatted_completion
+    from pipeline.task.synthetic import generate
+    from pipeline.task.xml_format import SYSTEM_PROMPT
 
     corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e) for e in generate(2000, 0)]
     return build_tiny_model(out, corpus, vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 11 // 4,

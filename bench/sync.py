@@ -23,10 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.client import free_port  # noqa: E402
-from pipeline.server_process import ServerProcess  # noqa: E402
-from pipeline.tiny_model import build_tiny_model  # noqa: E402
-from pipeline.weight_sync import WeightSync  # noqa: E402
+from pipeline.embedded.tiny_model import build_tiny_model  # noqa: E402
+from pipeline.generation.client import free_port  # noqa: E402
+from pipeline.generation.server_process import ServerProcess  # noqa: E402
+from pipeline.sync.weight_sync import WeightSync  # noqa: E402
 
 
 def inprocess_copy_s(tensors: list[torch.Tensor]) -> float:

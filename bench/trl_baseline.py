@@ -33,8 +33,8 @@ def main() -> int:
         from transformers import AutoTokenizer, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
 
-        from pipeline.rewards import REWARD_FUNCS
-        from pipeline.synthetic import generate
+        from pipeline.rewards import BUILTIN_REWARDS
+        from pipeline.task.synthetic import generate
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         rows = [{"prompt": e.prompt(), "answer": e.answer} for e in generate(200, 0)]
@@ -57,7 +57,7 @@ def main() -> int:
             beta=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
             seed=0, use_vllm=args.use_vllm, **({"vllm_mode": "colocate"} if args.use_vllm else {}),
         )
-        trainer = GRPOTrainer(model=args.model, reward_funcs=list(REWARD_FUNCS.values())[:5], args=config,
+        trainer = GRPOTrainer(model=args.model, reward_funcs=[r.fn for r in BUILTIN_REWARDS.values() if r.weight], args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                               callbacks=[Timer()])
         trainer.train()

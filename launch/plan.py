@@ -19,7 +19,10 @@ import shlex
 import sys
 from pathlib import Path
 
-SECRET_ENV = ("GRPO_SERVER_TOKEN",)
+from pipeline.generation.client import TOKEN_ENV
+from pipeline.sync.transport import resolve_transport
+
+SECRET_ENV = (TOKEN_ENV,)
 REDACTED = "<redacted>"
 
 
@@ -58,7 +61,7 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
     if tp < 1:
         raise PlanError(f"server.tensor_parallel_size: must be at least 1, got {tp}")
     cuda = gpus > 0
-    common_env = {"GRPO_SERVER_TOKEN": token} if token else {}
+    common_env = {TOKEN_ENV: token} if token else {}
     server = None
     token_file = None
     if hostfile:
@@ -70,7 +73,7 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
         ranks = sum(slots for slots in hosts.values())
         if num_ranks and num_ranks != ranks:
             raise PlanError(f"train.num_ranks={num_ranks} but {hostfile} has {ranks} slots; set 0 to use all")
-        backend = transport if transport != "auto" else "nccl"
+        backend = resolve_transport(transport, cuda=True)
         token_file = str(Path(run_dir) / "server.token")
         trainer_env = {}  # other nodes read the token from the file; the environment does not reach them
         placement = ["--hostfile", hostfile, "--master_addr", next(iter(hosts)), "--master_port", str(master_port)]
@@ -82,7 +85,7 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
         if not cuda:
             ranks = num_ranks or 2
             trainer_gpus = {"localhost": []}
-            backend = transport if transport != "auto" else "gloo"
+            backend = resolve_transport(transport, cuda=False)
             placement = ["--num_gpus", str(ranks), "--master_port", str(master_port)]
             trainer_env = {**common_env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
             server_gpus: list[int] = []
@@ -92,7 +95,7 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             if num_ranks > 1:
                 raise PlanError(f"train.num_ranks={num_ranks}: one GPU holds the server and one trainer rank")
             ranks, server_gpus, trainer_gpus = 1, [0], {"localhost": [0]}
-            backend = transport if transport != "auto" else "ipc"
+            backend = resolve_transport(transport, cuda=True, shared_gpu=True)
             placement = ["--include", "localhost:0", "--master_port", str(master_port)]
             trainer_env = dict(common_env)
         else:
@@ -106,7 +109,7 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
                                 f"after the server's tensor_parallel_size={tp}")
             server_gpus = list(range(tp))
             trainer_gpus = {"localhost": list(range(tp, tp + ranks))}
-            backend = transport if transport != "auto" else "nccl"
+            backend = resolve_transport(transport, cuda=True)
             placement = ["--include", "localhost:" + ",".join(map(str, trainer_gpus["localhost"])),
                          "--master_port", str(master_port)]
             trainer_env = dict(common_env)
@@ -120,10 +123,10 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             if cuda:
                 server_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, server_gpus))
             server = {"host": server_host, "port": server_port, "gpus": server_gpus, "tensor_parallel_size": tp,
-                      "command": [python, "-m", "pipeline.serve", "--config", config_path, "--run-dir", run_dir],
+                      "command": [python, "-m", "pipeline.generation.serve", "--config", config_path, "--run-dir", run_dir],
                       "env": server_env}
     url = server_url or f"http://{server_host}:{server_port}"
-    command = [deepspeed, *placement, "--module", "pipeline.train", "--config", config_path, "--run-dir", run_dir,
+    command = [deepspeed, *placement, "--module", "pipeline.trainer.train", "--config", config_path, "--run-dir", run_dir,
                "--server-url", url]
     command += ["--token-file", token_file] if token_file else []
     command += ["--resume"] if resume else []

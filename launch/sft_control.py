@@ -24,7 +24,7 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 
 def grpo_seconds(run_dir: Path) -> float:
     """The run's GRPO wall time: the sum of its step times (rollouts, rewards, update, sync)."""
-    from pipeline.report import read_jsonl  # skips a line torn by a kill, as the report does
+    from pipeline.report.card import read_jsonl  # skips a line torn by a kill, as the report does
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if not rows:
@@ -58,11 +58,11 @@ def main(argv=None) -> int:
     print(f"GRPO took {seconds:.0f} s; the warm start runs {build['sft_steps'] / build['sft_seconds']:.2f} steps/s: "
           f"building the same warm start with {build['sft_steps']} + {extra} steps...", flush=True)
 
-    from pipeline.default_model import build_default_model
+    from pipeline.embedded.default_model import build_default_model
 
     model = build_default_model(config)
     spent = json.loads((model / "build.json").read_text())["sft_seconds"]
-    from pipeline import evaluate
+    from pipeline.report.card import evaluate
 
     out = run_dir / "sft_control"
     code = evaluate.main(["--model", str(model), "--config", str(run_dir / "config.yaml"), "--maj-k", "0",

@@ -2,8 +2,8 @@
 
     python launch/train.py [--config configs/tiny-cpu.yaml] [--set train.max_steps=5] [--resume --name R]
 
-Single host (default): starts `python -m pipeline.serve` in its own process group, waits for its
-health check (with a deadline and its log tail on failure), runs `deepspeed --module pipeline.train`
+Single host (default): starts `python -m pipeline.generation.serve` in its own process group, waits for its
+health check (with a deadline and its log tail on failure), runs `deepspeed --module pipeline.trainer.train`
 and stops the server when training ends, fails or is interrupted. Exit code = the trainer's.
 
 Where each process runs (GPUs, hosts, sync backend) is decided by launch/plan.py; `--dry-run`
@@ -35,11 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch.plan import PlanError, describe, make_plan, redacted  # noqa: E402
-from pipeline.client import ServerClient, free_port  # noqa: E402
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
-from pipeline.data import DataError  # noqa: E402
-from pipeline.evaluate import format_table, run_eval  # noqa: E402
-from pipeline.rewards import RewardError  # noqa: E402
+from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token  # noqa: E402
+from pipeline.report.evaluate import format_table, run_eval  # noqa: E402
+from pipeline.task.data import DataError  # noqa: E402
+from pipeline.task.rewards import RewardError  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
@@ -130,7 +130,7 @@ def prepare_model(config: Config) -> None:
     if config.model.build:
         if config.model.build != "tiny":
             raise ConfigError(f"model.build: expected '' or 'tiny', got {config.model.build!r}")
-        from pipeline.default_model import build_default_model
+        from pipeline.embedded.default_model import build_default_model
 
         print("building the embedded default model (cached after the first run)...", flush=True)
         config.model.path = str(build_default_model(config))
@@ -141,7 +141,7 @@ def finish_run(client, config: Config, run_dir: Path, started: float, plan: dict
     """After a successful run: evaluate the final weights (still served), write the report."""
     import platform
 
-    from pipeline.report import read_json, write_report
+    from pipeline.report.card import read_json, write_report
 
     before = read_json(run_dir / "eval_before.json")
     if config.eval.enabled:
@@ -191,9 +191,9 @@ def check_data_and_rewards(config) -> None:
     """Before anything starts: the system prompt file, local data files (each bad row is `file:line`),
     and every reward plugin, imported and called once on a training example (a plugin that cannot be
     imported, or returns the wrong number of values, fails here rather than at step 1)."""
-    from pipeline.data import examples_for, resolve_system_prompt
-    from pipeline.metrics import missing_trackers
-    from pipeline.rewards import load_rewards, score_completions
+    from pipeline.task.data import examples_for, resolve_system_prompt
+    from pipeline.task.rewards import load_rewards, score_completions
+    from pipeline.trainer.metrics import missing_trackers
 
     missing = missing_trackers(config.train.report_to)
     if missing:
@@ -204,7 +204,7 @@ def check_data_and_rewards(config) -> None:
     if config.data.source == "hub":
         return  # downloading here and again in the ranks is not worth it: the ranks report bad rows
     if config.data.source == "synthetic":
-        from pipeline import synthetic
+        from pipeline.task import synthetic
 
         train = synthetic.generate(1, config.run.seed, "train", config.data.synthetic_levels)
         if config.eval.enabled or config.eval.every:  # too many test problems asked for: one line, now
@@ -221,7 +221,7 @@ def check_data_and_rewards(config) -> None:
 
 
 def main(argv=None) -> int:
-    from pipeline.server_process import ServerProcess, die_with_parent
+    from pipeline.generation.server_process import ServerProcess, die_with_parent
 
     args = parse_args(argv)
     overrides = list(args.set) + ([f"run.name={args.name}"] if args.name else [])
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
         resolve_deepspeed_config(config, cuda=gpus > 0)
         # A run that starts its own server gives it a fresh token: loopback is no boundary on a shared node.
-        token = os.environ.get("GRPO_SERVER_TOKEN") or config.server.token
+        token = server_token(config.server.token)
         token = token or ("" if args.server_url else secrets.token_hex(16))
         deepspeed_bin = Path(sys.executable).with_name("deepspeed")
         plan = make_plan(
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
         trainer_env = {**os.environ, **plan["trainer"]["env"], "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
         if plan["trainer"]["token_file"]:
-            trainer_env.pop("GRPO_SERVER_TOKEN", None)
+            trainer_env.pop(TOKEN_ENV, None)
         trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
                                    cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
         copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")

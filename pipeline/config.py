@@ -7,6 +7,7 @@ and wrong types are errors naming the key (`ConfigError: train.max_stepz: unknow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,10 +16,34 @@ from typing import Literal
 
 import yaml
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Transport = Literal["auto", "nccl", "ipc", "gloo"]
-LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]  # pipeline/grpo.py implements each
-LOSS_TYPES = typing.get_args(LossType)
+
+@functools.cache
+def option_types() -> dict[str, object]:
+    """The choices of every option that names an implementation, read from the module that implements
+    them, so adding one (a loss type, a data source, an answer format, a transport) touches that module
+    alone. The field annotations below name these types; they are resolved when a config is loaded.
+    Imported here, not at the top: the loss and the trackers import torch, which pipeline.generation.serve
+    must not load before it has set up vLLM's process environment."""
+    from pipeline.device import DTYPES
+    from pipeline.sync.transport import CHOICES
+    from pipeline.task.answers import ANSWER_FORMATS
+    from pipeline.task.data import CHAT_TEMPLATES, SOURCES
+    from pipeline.trainer.grpo import ADVANTAGE_SCALINGS, LOSS_TYPES
+    from pipeline.trainer.metrics import TRACKERS
+
+    return {"Dtype": Literal[("auto", *DTYPES)], "Transport": Literal[CHOICES], "DataSource": Literal[SOURCES],
+            "AnswerFormat": Literal[ANSWER_FORMATS], "ChatTemplate": Literal[tuple(CHAT_TEMPLATES)],
+            "LossType": Literal[tuple(LOSS_TYPES)], "AdvantageScaling": Literal[ADVANTAGE_SCALINGS],
+            "Tracker": Literal[TRACKERS]}
+
+
+if typing.TYPE_CHECKING:  # what the annotations below name; their choices are `option_types()`
+    Dtype = Transport = DataSource = AnswerFormat = ChatTemplate = LossType = AdvantageScaling = Tracker = str
+
+
+def field_types(cls) -> dict[str, object]:
+    """A config section's field types, option choices included (see `option_types`)."""
+    return typing.get_type_hints(cls, localns=option_types())
 
 
 class ConfigError(ValueError):
@@ -130,7 +155,7 @@ class SyncConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "jsonl", "csv", "parquet", "hub"] = "synthetic"
+    source: DataSource = "synthetic"
     """synthetic (GSM8K-style problems generated locally; no download) | jsonl, csv, parquet (local
     files: data.train_file / data.test_file) | hub (data.hub_name via `datasets`)."""
     train_file: str = ""
@@ -146,14 +171,14 @@ class DataConfig:
     answer_key: str = "answer"
     """Column holding the reference answer (GSM8K: answer). Every other column is passed to the
     reward functions as a keyword argument, one value per completion (as TRL does)."""
-    answer_format: Literal["gsm8k", "plain", "boxed"] = "gsm8k"
+    answer_format: AnswerFormat = "gsm8k"
     """How the final answer is read from the answer column: gsm8k (the text after `####`), plain (the
     column is the final answer), boxed (the last `\\boxed{...}`, MATH-style). Correctness compares
     numbers exactly and anything else with math-verify (fractions, LaTeX, expressions)."""
     system_prompt: str = ""
     """The system prompt, or `@path/to/file` to read it from a file; empty = the XML-format prompt
-    the recipe teaches (pipeline/data.py SYSTEM_PROMPT)."""
-    chat_template: Literal["auto", "true", "false"] = "auto"
+    the recipe teaches (pipeline/task/xml_format.py SYSTEM_PROMPT)."""
+    chat_template: ChatTemplate = "auto"
     """Build prompts with the tokenizer's chat template: auto (if it has one), true, or false (plain
     text: the system prompt, a blank line, the question; for base models)."""
     synthetic_train: int = 4000
@@ -227,7 +252,7 @@ class TrainConfig:
     0.28 there); 0 = the same as epsilon (TRL's default)."""
     loss_aggregation: str = ""
     """Replaced by loss_type (sequence -> grpo, token -> dapo); setting it is an error saying so."""
-    advantage_scaling: Literal["group", "batch", "none"] = "group"
+    advantage_scaling: AdvantageScaling = "group"
     """Divide centred rewards by the group's std (group, DeepSeekMath), the batch's std (batch, TRL's
     scale_rewards="batch"), or not (none, Dr. GRPO). With `group`, a group whose completions differ by
     a 0.001 format penalty gets advantages of +-1 like one that differs in correctness; `batch`
@@ -246,7 +271,7 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     log_every: int = 1
     """Write metrics every N steps (metrics.jsonl and the trackers)."""
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
     """Trackers besides metrics.jsonl. wandb and trackio are optional packages (the `track` extra);
     offline: WANDB_MODE=offline keeps wandb's run in <run>/wandb, trackio's store is <run>/trackio."""
     log_completions_every: int = 10
@@ -354,7 +379,7 @@ def _check_type(value, hint, key: str):
 
 
 def _merge(obj, values: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
+    hints = field_types(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
@@ -405,7 +430,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 def validate(config: Config) -> None:
     """Cross-field checks that no single type can express."""
-    from pipeline.rewards import BUILTIN_REWARDS
+    from pipeline.task.rewards import BUILTIN_REWARDS
 
     if config.data.source in ("jsonl", "csv", "parquet") and not config.data.train_file:
         raise ConfigError(f"data.train_file: required when data.source is {config.data.source}")

@@ -15,12 +15,16 @@ def accelerator() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# model.dtype: `auto` or one of these (the config's choices).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """model.dtype: `auto` is bf16 on GPU (the recipe) and fp32 on CPU (bf16 matmuls are slow there
     and fp32 lets tests compare server and trainer logprobs to 1e-3)."""
     if name == "auto":
         return torch.bfloat16 if accelerator() == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def probe_tolerance(dtype: torch.dtype) -> float:
@@ -50,12 +54,12 @@ def resolve_attn(name: str, dtype: torch.dtype) -> str:
 
 
 def sync_backend(requested: str, device: str) -> str:
-    """sync.transport, the name of a backend in vLLM's weight-transfer factories: `auto` is vLLM's
-    `nccl` on GPU and our `gloo` (pipeline/gloo_transfer.py) on CPU. The launcher asks for `ipc`
-    when trainer and server share one GPU (NCCL cannot hold one device twice)."""
-    if requested != "auto":
-        return requested
-    return "nccl" if device == "cuda" else "gloo"
+    """sync.transport for a server on `device`, by the one rule (pipeline/sync/transport.py). A server
+    started alone does not know whether a trainer shares its GPU: the launcher decides that (`ipc`)
+    and writes its choice into the config the server reads."""
+    from pipeline.sync.transport import resolve_transport
+
+    return resolve_transport(requested, cuda=device == "cuda")
 
 
 def resolve_enforce_eager(requested: bool | None, device: str) -> bool:

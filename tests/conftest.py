@@ -25,19 +25,21 @@ def gsm8k_dir() -> Path:
     return GSM8K_DIR
 
 
-def tiny_corpus(gsm8k_dir: Path, rows: int = 2000) -> list[str]:
-    from pipeline.data import SYSTEM_PROMPT, read_jsonl
+def tiny_corpus(rows: int = 2000) -> list[str]:
+    """The test tokenizer's corpus: generated problems (as the embedded default's), so building the test
+    models needs nothing from ../shared."""
+    from pipeline.task.synthetic import generate
+    from pipeline.task.xml_format import SYSTEM_PROMPT
 
-    examples = read_jsonl(gsm8k_dir / "train.jsonl")[:rows]
-    return [SYSTEM_PROMPT] + [e.question + "\n" + e.solution for e in examples]
+    return [SYSTEM_PROMPT] + [e.question + "\n" + e.solution for e in generate(rows, seed=7)]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, gsm8k_dir) -> Path:
+def tiny_model_dir(tmp_path_factory) -> Path:
     """A ~0.2M-parameter Qwen2 with tied embeddings (the common case for small models)."""
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.embedded.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-tied"), tiny_corpus(gsm8k_dir), tie_word_embeddings=True)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-tied"), tiny_corpus(), tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
@@ -48,17 +50,17 @@ def tiny_tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_untied_model_dir(tmp_path_factory, gsm8k_dir) -> Path:
-    from pipeline.tiny_model import build_tiny_model
+def tiny_untied_model_dir(tmp_path_factory) -> Path:
+    from pipeline.embedded.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), tiny_corpus(gsm8k_dir),
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), tiny_corpus(),
                             tie_word_embeddings=False, seed=1)
 
 
 def start_server(model_dir: Path, log_dir: Path, *extra: str, token: str = ""):
-    """A real `python -m pipeline.serve` process on a free loopback port, healthy or failed."""
-    from pipeline.client import free_port
-    from pipeline.server_process import ServerProcess
+    """A real `python -m pipeline.generation.serve` process on a free loopback port, healthy or failed."""
+    from pipeline.generation.client import free_port
+    from pipeline.generation.server_process import ServerProcess
 
     port = free_port("127.0.0.1")
     server = ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1",
@@ -83,8 +85,8 @@ def server(tiny_model_dir, tmp_path_factory):
 def warm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The session server's architecture, SFT-warmed on formatted synthetic solutions so that rewards
     vary within groups (a random model earns all-zero rewards, hence zero advantages and no update)."""
-    from pipeline.synthetic import generate
-    from pipeline.warmstart import sft_warm_start
+    from pipeline.embedded.warmstart import sft_warm_start
+    from pipeline.task.synthetic import generate
 
     return sft_warm_start(tiny_model_dir, generate(1000, 0), tmp_path_factory.mktemp("warm"), max_steps=150)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.data import (
+from pipeline.task.data import (
     SYSTEM_PROMPT,
     DataError,
     drop_long_prompts,

@@ -48,8 +48,8 @@ def test_cpu_choices():
 def test_server_sets_spawn_before_torch_is_imported():
     """vLLM forks its engine on GPU unless told otherwise; the server must say spawn before anything
     imports torch (a CUDA probe before a fork breaks the child)."""
-    code = ("import sys, os; os.environ.pop('VLLM_WORKER_MULTIPROC_METHOD', None); import pipeline.serve as s; "
-            "assert 'torch' not in sys.modules, 'pipeline.serve imports torch at module level'; "
+    code = ("import sys, os; os.environ.pop('VLLM_WORKER_MULTIPROC_METHOD', None); import pipeline.generation.serve as s; "
+            "assert 'torch' not in sys.modules, 'pipeline.generation.serve imports torch at module level'; "
             "s.set_engine_process_env(); print(os.environ['VLLM_WORKER_MULTIPROC_METHOD'], "
             "os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -61,7 +61,7 @@ def test_server_sets_spawn_before_torch_is_imported():
 def test_tokenizer_without_pad_token_pads_with_eos(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from pipeline.train import load_tokenizer
+    from pipeline.trainer.build import load_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = None

@@ -7,8 +7,8 @@ import sys
 import pytest
 from conftest import SERVER_TOKEN
 
-from pipeline.data import Example
-from pipeline.evaluate import lenient_answer, majority_answer, score_example, summarise
+from pipeline.report.evaluate import lenient_answer, majority_answer, score_example, summarise
+from pipeline.task.data import Example
 
 EX = Example(question="q", answer="18", solution="#### 18", source="t:1")
 STRICT_OK = "<reasoning>\n9 * 2 = 18\n</reasoning>\n<answer>\n18\n</answer>"
@@ -59,7 +59,7 @@ def test_summarise_arithmetic():
 def test_eval_cli_on_real_gsm8k(server, gsm8k_dir, tmp_path):
     out = tmp_path / "eval"
     env = {**__import__("os").environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--server-url", server.client.base_url,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.report.evaluate", "--server-url", server.client.base_url,
                            "--data-file", str(gsm8k_dir / "test.jsonl"), "--limit", "12", "--maj-k", "3",
                            "--max-tokens", "16", "--out", str(out)], capture_output=True, text=True, timeout=300,
                           env=env)
@@ -118,7 +118,7 @@ def test_eval_cli_scores_known_completions_exactly(tiny_model_dir, tmp_path):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         out = tmp_path / "eval"
-        proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--server-url",
+        proc = subprocess.run([sys.executable, "-m", "pipeline.report.evaluate", "--server-url",
                                f"http://127.0.0.1:{httpd.server_address[1]}", "--data-file", str(data),
                                "--maj-k", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
     finally:

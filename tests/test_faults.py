@@ -25,7 +25,7 @@ def start_launch(*args, server, root, token=SERVER_TOKEN):
     if server is not None:
         cmd += ["--server-url", server.client.base_url]
     else:
-        from pipeline.client import free_port
+        from pipeline.generation.client import free_port
 
         cmd += ["--set", f"server.port={free_port('127.0.0.1')}"]
     env = {**os.environ, "GRPO_SERVER_TOKEN": token} if token else {
@@ -86,8 +86,8 @@ def test_kill_9_whole_run_then_resume(server, warm_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from pipeline.config import load_config
-    from pipeline.data import drop_long_prompts, load_examples
-    from pipeline.train import StepData
+    from pipeline.task.data import drop_long_prompts, load_examples
+    from pipeline.trainer.build import StepData
 
     config = load_config(tmp_path / "k" / "config.yaml")
     examples = load_examples("synthetic", "train", synthetic_sizes={"train": config.data.synthetic_train},
@@ -105,7 +105,7 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
     is free again."""
     import socket
 
-    from pipeline.client import free_port
+    from pipeline.generation.client import free_port
 
     port = free_port()
     proc = start_launch(*warm_run("own", "--set", "train.max_steps=40", "--set", f"server.port={port}",
@@ -113,7 +113,7 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
     wait_for_step(tmp_path / "own" / "metrics.jsonl", 2, proc)
     before = run_processes(str(tmp_path))
     running = " ".join(" ".join(p.cmdline()) for p in before)
-    for role in ("VLLM::EngineCore", "VLLM::Worker", "pipeline.serve", "pipeline.train"):
+    for role in ("VLLM::EngineCore", "VLLM::Worker", "pipeline.generation.serve", "pipeline.trainer.train"):
         assert role in running, f"{role} not found among the run's processes"
     sessions = {os.getsid(p.pid) for p in before} - {os.getsid(0)}
     os.kill(proc.pid, signal.SIGKILL)
@@ -132,7 +132,7 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
     proc = start_launch(*warm_run("rk", "--set", "train.save_every=2", "--set", "train.max_steps=40",
                                   warm_model_dir=warm_model_dir), server=server, root=tmp_path)
     wait_for_step(tmp_path / "rk" / "metrics.jsonl", 3, proc)
-    ranks = [line.split()[0] for line in _processes_mentioning(str(tmp_path)) if "pipeline.train" in line
+    ranks = [line.split()[0] for line in _processes_mentioning(str(tmp_path)) if "pipeline.trainer.train" in line
              and "--local_rank=1" in line]
     assert ranks, "rank 1 not found"
     os.kill(int(ranks[0]), signal.SIGKILL)
@@ -149,7 +149,7 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
 
 def kill_server_of(root: Path) -> None:
     """SIGKILL the launcher-owned server's whole process group (API process, engine core, workers)."""
-    pids = [int(line.split()[0]) for line in _processes_mentioning(str(root)) if "pipeline.serve" in line]
+    pids = [int(line.split()[0]) for line in _processes_mentioning(str(root)) if "pipeline.generation.serve" in line]
     assert pids, "server process not found"
     os.killpg(pids[0], signal.SIGKILL)
 
@@ -195,7 +195,7 @@ def test_own_server_gets_a_fresh_token_and_refuses_strangers(warm_model_dir, tmp
     wait_for_step(tmp_path / "tok" / "metrics.jsonl", 1, proc)
     port = next(int(line.split("server.port=")[1].split()[0]) for line in [" ".join(proc.args)]
                 if "server.port=" in line)
-    server_pid = next(int(line.split()[0]) for line in _processes_mentioning(str(tmp_path)) if "pipeline.serve" in line)
+    server_pid = next(int(line.split()[0]) for line in _processes_mentioning(str(tmp_path)) if "pipeline.generation.serve" in line)
     environ = dict(item.split("=", 1) for item in Path(f"/proc/{server_pid}/environ").read_text().split("\0") if "=" in item)
     token = environ["GRPO_SERVER_TOKEN"]
     assert re.fullmatch(r"[0-9a-f]{32}", token)
@@ -264,15 +264,15 @@ def test_launcher_interrupted_stops_everything(server, warm_model_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(gsm8k_dir, tmp_path):
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     """SIGKILL the run while a checkpoint directory is being written (it exists, `latest` does not name
     it yet): the resume starts from the checkpoint `latest` names, nothing torn is loaded. A wider
     model (~25M parameters: ~0.4 GB of checkpoint) makes the write long enough to catch."""
     from conftest import tiny_corpus
 
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.embedded.tiny_model import build_tiny_model
 
-    wide = build_tiny_model(tmp_path / "wide", tiny_corpus(gsm8k_dir, rows=200), hidden_size=512,
+    wide = build_tiny_model(tmp_path / "wide", tiny_corpus(rows=200), hidden_size=512,
                             intermediate_size=2048, num_layers=6, num_heads=8, num_kv_heads=2)
 
     def common(name):
@@ -309,7 +309,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(gsm8k_dir,
     assert hit, "never caught a checkpoint mid-write"
     latest = hit[0]
     step = int(latest.split("-")[1])
-    from pipeline.client import free_port
+    from pipeline.generation.client import free_port
 
     resumed = launch(*common(name), "--resume", "--set", f"train.max_steps={step + 1}",
                      "--set", f"server.port={free_port()}", root=tmp_path)

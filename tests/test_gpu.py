@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import killed_mid_push
 
-from pipeline.client import free_port
 from pipeline.device import probe_tolerance
-from pipeline.server_process import ServerProcess
-from pipeline.weight_sync import WeightSync, WeightSyncError
+from pipeline.generation.client import free_port
+from pipeline.generation.server_process import ServerProcess
+from pipeline.sync.weight_sync import WeightSync, WeightSyncError
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]

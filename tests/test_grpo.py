@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.grpo import group_advantages, grpo_loss, make_batch, step_token_normaliser
+from pipeline.trainer.grpo import group_advantages, grpo_loss, make_batch, step_token_normaliser
 
 
 def test_equal_rewards_give_zero_advantage():

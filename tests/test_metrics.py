@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline.metrics import group_stats, metrics_row
+from pipeline.trainer.metrics import group_stats, metrics_row
 
 
 def test_group_stats_by_hand():

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 def publish(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.publish", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.report.publish", *args], capture_output=True, text=True,
                           timeout=120, env=env)
 
 

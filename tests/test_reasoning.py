@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipeline.reasoning import check_reasoning, find_steps, reasoning_steps_reward, summarise_checks
+from pipeline.task.reasoning import check_reasoning, find_steps, reasoning_steps_reward, summarise_checks
 
 
 def claims(text):
@@ -79,7 +79,7 @@ def test_adversarial_input_is_fast():
 def test_gsm8k_reference_solutions(gsm8k_dir):
     """GSM8K's own solutions (calculator annotations stripped): steps found in most rows and almost
     all judged correct. What is left are its unit/percent conventions and genuine slips."""
-    from pipeline.data import read_jsonl
+    from pipeline.task.data import read_jsonl
 
     annotation = re.compile(r"<<[^>]*>>")
     rows = read_jsonl(gsm8k_dir / "train.jsonl") + read_jsonl(gsm8k_dir / "test.jsonl")

@@ -8,7 +8,7 @@ import yaml
 from conftest import one_line_error
 
 from pipeline.config import load_config, to_dict
-from pipeline.report import window_means, write_report
+from pipeline.report.card import window_means, write_report
 
 
 def fake_run(tmp_path, steps=20, overrides=()):
@@ -63,7 +63,7 @@ def test_report_cli(tmp_path):
 
 
 def test_the_same_problems_before_and_after_side_by_side(tmp_path):
-    from pipeline.report import before_after_samples
+    from pipeline.report.card import before_after_samples
 
     assert before_after_samples(tmp_path) is None  # no evaluation: nothing to write, no error
     rows = [{"source": f"synthetic[test]:{i}", "question": f"Q{i}?", "reference": str(i),

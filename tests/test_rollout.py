@@ -4,9 +4,9 @@
 import pytest
 import torch.distributed as dist
 
-from pipeline.client import free_port
-from pipeline.data import Example
-from pipeline.rollout import Rollouts, StaleRolloutError, score_slice
+from pipeline.generation.client import free_port
+from pipeline.task.data import Example
+from pipeline.trainer.rollout import Rollouts, StaleRolloutError, score_slice
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,7 +75,7 @@ def test_step_seeds_stay_in_the_servers_range():
 
 def test_reward_functions_get_prompts_answers_and_every_other_column():
     """TRL's convention: prompts, completions, answer, and each extra column as a list per completion."""
-    from pipeline.rewards import BUILTIN_REWARDS, Reward
+    from pipeline.task.rewards import BUILTIN_REWARDS, Reward
 
     seen = {}
 

@@ -7,12 +7,12 @@ import pytest
 import requests
 from conftest import SERVER_TOKEN, one_line_error
 
-from pipeline.data import read_jsonl
+from pipeline.task.data import read_jsonl
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(gsm8k_dir, tiny_tokenizer):
-    from pipeline.data import prompt_token_ids
+    from pipeline.task.data import prompt_token_ids
 
     return [prompt_token_ids(tiny_tokenizer, e) for e in read_jsonl(gsm8k_dir / "test.jsonl")[:2]]
 
@@ -109,7 +109,7 @@ def test_token_required(server):
 
 def test_off_loopback_without_token_refuses_to_start(tiny_model_dir):
     env = {k: v for k, v in __import__("os").environ.items() if k != "GRPO_SERVER_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.serve", "--model", str(tiny_model_dir),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.generation.serve", "--model", str(tiny_model_dir),
                            "--host", "0.0.0.0", "--port", "8799"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert "refusing to start without a token" in one_line_error(proc)
@@ -118,7 +118,7 @@ def test_off_loopback_without_token_refuses_to_start(tiny_model_dir):
 def test_bad_config_is_one_line_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("server:\n  prot: 1\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.serve", "--config", str(bad)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.generation.serve", "--config", str(bad)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert one_line_error(proc).startswith("error: server.prot: unknown key")

@@ -1,7 +1,7 @@
 """The generation server survives every request: hostile or odd input is a 4xx naming the field, never
 a 5xx, and never leaves the engine wedged; an engine that dies or hangs makes the server say so and
 exit (so the launcher's server.restart can replace it); concurrent requests queue behind a weight
-update. Real `python -m pipeline.serve` processes on the tiny model."""
+update. Real `python -m pipeline.generation.serve` processes on the tiny model."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from conftest import SERVER_TOKEN, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.weight_sync import WeightSync
+from pipeline.sync.weight_sync import WeightSync
 
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 PROMPTS = [[5, 17, 42, 8, 99], [3, 64, 12]]

@@ -19,8 +19,8 @@ def test_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
 
 def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_reported(tmp_path):
     from pipeline.config import load_config, to_dict
-    from pipeline.default_model import build_default_model
-    from pipeline.report import write_report
+    from pipeline.embedded.default_model import build_default_model
+    from pipeline.report.card import write_report
 
     config = load_config(REPO / "configs" / "tiny-cpu.yaml", [
         f"run.root={tmp_path}", "model.build_hidden_size=64", "model.build_layers=2", "model.build_sft_steps=6",

@@ -2,7 +2,7 @@
 
 import re
 
-from pipeline.synthetic import generate
+from pipeline.task.synthetic import generate
 
 STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 
@@ -39,7 +39,7 @@ def test_levels_seeds_and_splits():
 
 
 def test_the_sloppy_teacher_answers_one_step_early_for_its_share():
-    from pipeline.warmstart import early_answer, formatted_completion, sloppy_completions
+    from pipeline.embedded.warmstart import early_answer, formatted_completion, sloppy_completions
 
     one, two = generate(2, seed=0, max_level=2)
     start = STEP.findall(one.solution)[0][0]
@@ -57,7 +57,7 @@ def test_the_sloppy_teacher_answers_one_step_early_for_its_share():
 
 
 def test_digit_split_tokenizer_round_trips_and_spells_numbers_digit_by_digit():
-    from pipeline.tiny_model import build_tokenizer
+    from pipeline.embedded.tiny_model import build_tokenizer
 
     corpus = [e.question + "\n" + e.solution for e in generate(300, seed=0)]
     split, merged = build_tokenizer(corpus, 400, split_digits=True), build_tokenizer(corpus, 400)
@@ -72,7 +72,7 @@ def test_digit_split_tokenizer_round_trips_and_spells_numbers_digit_by_digit():
 
 def test_the_configured_levels_reach_the_loader():
     from pipeline.config import load_config
-    from pipeline.data import examples_for
+    from pipeline.task.data import examples_for
 
     config = load_config(None, ["data.synthetic_levels=1", "data.synthetic_train=50", "data.synthetic_test=20"])
     for split in ("train", "test"):
@@ -82,7 +82,7 @@ def test_the_configured_levels_reach_the_loader():
 def test_asking_for_more_test_problems_than_exist_is_an_error_not_a_hang():
     import pytest
 
-    from pipeline.data import DataError
+    from pipeline.task.data import DataError
 
     with pytest.raises(DataError, match=r"data.synthetic_test: only \d+ distinct test problems with 1-1 steps"):
         generate(5000, 0, "test", max_level=1)

@@ -12,8 +12,8 @@ from conftest import RUN_TAG, SERVER_TOKEN, TEST_SCALE, one_line_error, run_proc
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
-from pipeline.synthetic import generate
-from pipeline.train import StepData, lr_schedule
+from pipeline.task.synthetic import generate
+from pipeline.trainer.build import StepData, lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
@@ -219,7 +219,7 @@ def test_port_left_in_time_wait_is_not_refused():
 def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     """The trainer fails after the server is up (only the ranks tokenize the prompts: every one is
     over max_prompt_tokens): both stop, the error is one line."""
-    from pipeline.client import free_port
+    from pipeline.generation.client import free_port
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "r?", "answer": "#### 2"}\n')
@@ -239,7 +239,7 @@ def test_ranks_wait_out_rank_zeros_deadlines():
     """Ranks other than 0 wait in a collective while rank 0 alone talks to the server: their timeout
     must outlast rank 0's own deadlines, or a slow generation kills them with a bare gloo timeout."""
     from pipeline.config import Config
-    from pipeline.train import collective_timeout
+    from pipeline.trainer.train import collective_timeout
 
     config = Config()
     config.server.request_timeout_s = 1200

@@ -63,7 +63,7 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
     env = {**os.environ, "GRPO_SERVER_TOKEN": TOKEN}
     port = 8710
     with open(tmp_path / "server.out", "wb") as out:
-        server = subprocess.Popen(in_namespace(srv, sys.executable, "-m", "pipeline.serve", "--model",
+        server = subprocess.Popen(in_namespace(srv, sys.executable, "-m", "pipeline.generation.serve", "--model",
                                                str(warm_model_dir), "--host", srv_addr, "--port", str(port),
                                                "--set", "server.kv_cache_gib=1"),
                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -8,8 +8,8 @@ import torch
 from conftest import killed_mid_push, start_server
 from transformers import AutoModelForCausalLM
 
-from pipeline.data import prompt_token_ids, read_jsonl
-from pipeline.weight_sync import WeightSync, WeightSyncError
+from pipeline.sync.weight_sync import WeightSync, WeightSyncError
+from pipeline.task.data import prompt_token_ids, read_jsonl
 
 
 def hf_logprobs(model, prompt, completion):
@@ -120,8 +120,8 @@ def test_stalled_server_fails_the_push_within_the_deadline_then_recovers(untied_
 TRAINER_DIES_MID_PUSH = """
 import os, sys, torch
 from transformers import AutoModelForCausalLM
-from pipeline.client import ServerClient
-from pipeline.weight_sync import ModelSource, WeightSync
+from pipeline.generation.client import ServerClient
+from pipeline.sync.weight_sync import ModelSource, WeightSync
 url, token, model_dir, version = sys.argv[1:]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 sync = WeightSync(model, 0, 0, torch.device("cpu"), ServerClient(url, token), host="127.0.0.1", timeout_s=10,
@@ -166,7 +166,7 @@ def test_trainer_dying_mid_push_leaves_the_server_refusing_until_a_complete_push
 
 def test_checksums_catch_a_push_that_did_not_land(server, tiny_model_dir, monkeypatch):
     """Sabotage the data plane (the trainer sends other bytes than it hashes): the push must fail."""
-    from pipeline import gloo_transfer
+    from pipeline.sync import gloo_transfer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     sync = connect(server, model, timeout_s=60)

@@ -1,0 +1,65 @@
+"""The embedded default model: built offline by the project itself, cached, warm-started.
+
+A byte-level BPE tokenizer (digits split) and a small Qwen2 trained from scratch on the generated
+problems by a supervised warm start (TRL's SFT trainer) on formatted solutions, a share of them
+from a sloppy teacher who answers one step early (`model.build_early_answers`): the policy starts
+right sometimes, and what it gets wrong is what GRPO's correctness reward can fix. Cached by its
+settings, so only the first `make train` pays for it (about 2.5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.config import Config
+
+SFT_BATCH = 32
+TOKENIZER_CORPUS = 4000  # problems the BPE tokenizer is trained on
+
+
+def build_default_model(config: Config) -> Path:
+    """Return the directory of the default model for `config`, building it if not cached."""
+    from pipeline.embedded.tiny_model import build_tiny_model
+    from pipeline.embedded.warmstart import formatted_completion, sft_warm_start, sloppy_completions
+    from pipeline.task.synthetic import generate
+    from pipeline.task.xml_format import SYSTEM_PROMPT
+
+    m, seed = config.model, config.run.seed
+    settings = {"hidden": m.build_hidden_size, "layers": m.build_layers, "sft_steps": m.build_sft_steps,
+                "split_digits": m.build_split_digits, "early_answers": m.build_early_answers,
+                "levels": config.data.synthetic_levels, "seed": seed, "version": 5}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    final = Path(config.run.root) / ".cache" / f"default-model-{key}"
+    if (final / "config.json").exists():
+        return final
+    work = final.with_name(final.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)
+    # Train-split problems only (the test split is disjoint): tokenizer corpus + SFT, about one epoch.
+    examples = generate(SFT_BATCH * max(m.build_sft_steps, 1), seed, "train", config.data.synthetic_levels)
+    # The tokenizer's corpus does not depend on the SFT length, so a longer warm start (the SFT control)
+    # starts from the very same tokenizer and initial weights.
+    corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e)
+                                for e in generate(TOKENIZER_CORPUS, seed, "train", config.data.synthetic_levels)]
+    completions = sloppy_completions(examples, m.build_early_answers, seed)  # see model.build_early_answers
+    base = build_tiny_model(work / "base", corpus, vocab_size=1024, hidden_size=m.build_hidden_size,
+                            intermediate_size=m.build_hidden_size * 3, num_layers=m.build_layers,
+                            num_heads=m.build_hidden_size // 32, num_kv_heads=max(1, m.build_hidden_size // 64),
+                            split_digits=m.build_split_digits, seed=seed)
+    started = time.time()
+    if m.build_sft_steps:
+        sft_warm_start(base, examples, work / "sft", max_steps=m.build_sft_steps, batch_size=SFT_BATCH, seed=seed,
+                       completions=completions)
+        shutil.rmtree(work / "sft" / "sft-work", ignore_errors=True)
+        built = work / "sft"
+    else:
+        built = base
+    built.rename(final)  # atomic: a half-built model is never taken from the cache
+    shutil.rmtree(work, ignore_errors=True)
+    # the warm start's time, so an SFT-for-the-same-time control (launch/sft_control.py) can size itself
+    (final / "build.json").write_text(json.dumps({**settings, "sft_seconds": round(time.time() - started, 1)},
+                                                 indent=2) + "\n")
+    return final

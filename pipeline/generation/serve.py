@@ -1,0 +1,667 @@
+"""The generation server: one long-lived process embedding a vLLM engine, JSON over HTTP.
+
+    python -m pipeline.generation.serve --config configs/tiny-cpu.yaml [--set server.port=8710] [--run-dir runs/x]
+
+Weight updates are vLLM's own weight-transfer API (`init_weight_transfer_engine`,
+`start_weight_update`, `update_weights`, `finish_weight_update` on every worker; backend nccl / ipc
+on GPU, our gloo engine on CPU). Why our server around vLLM's engine rather than vLLM's OpenAI server
+with its RL routes: those routes need VLLM_SERVER_DEV_MODE and are outside `--api-key`, its responses
+carry no weight version, and it has no teacher-forced score route; here every route needs the token,
+every response says which weights produced it, and one lock serialises engine calls (a call batches
+all its prompts) while a weight update holds generation back. Every request field is bounded at the
+boundary, and an engine that fails or hangs makes the server exit rather than stay up unable to serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import ipaddress
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.generation.client import TOKEN_ENV, server_token
+
+log = logging.getLogger("pipeline.generation.serve")
+WORKER_EXTENSION = "pipeline.generation.worker_ext.WorkerExtension"
+
+
+# --- requests: every field bounded at the boundary, so nothing a client sends reaches the engine
+# in a shape it cannot take (vLLM serialises ints as 64-bit: a seed of 2**64 once wedged the engine).
+
+SEED_MAX = 2**63 - 1
+MAX_ITEMS = 100_000  # any list in a request (prompts, tokens of one prompt, names)
+MAX_TEXT = 1_000_000  # characters of one text prompt
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"), which no tokenizer takes
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (lone surrogate)") from None
+    return text
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_ITEMS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_valid_unicode)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Name = Annotated[str, Field(max_length=1000), AfterValidator(_valid_unicode)]
+
+
+class GenerateRequest(Strict):
+    prompt_token_ids: Annotated[list[TokenIds], Field(max_length=MAX_ITEMS)] | None = None
+    prompts: Annotated[list[Text], Field(max_length=MAX_ITEMS)] | None = None
+    n: int = Field(1, ge=1, le=2**31)
+    temperature: Finite = Field(1.0, ge=0.0, le=1e4)
+    top_p: Finite = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(16, ge=1, le=2**31)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop_token_ids: TokenIds | None = None
+    ignore_eos: bool = False
+
+
+class ScoreSequence(Strict):
+    prompt_token_ids: TokenIds = Field(min_length=1)
+    completion_token_ids: TokenIds = Field(min_length=1)
+
+
+class ScoreRequest(Strict):
+    sequences: list[ScoreSequence] = Field(min_length=1, max_length=MAX_ITEMS)
+
+
+class SyncInitRequest(Strict):
+    init_info: dict
+    """The backend's worker-side init info (vLLM's `init_weight_transfer_engine` payload)."""
+
+
+class VersionRequest(Strict):
+    version: int = Field(ge=0, le=SEED_MAX)
+
+
+class UpdateRequest(Strict):
+    update_info: dict | list[dict]
+    """The backend's update info (vLLM's `update_weights` payload; a list = one per worker)."""
+
+
+class ChecksumRequest(Strict):
+    names: list[Name] = Field(max_length=MAX_ITEMS)
+    received: list[Name] = Field(default_factory=list, max_length=MAX_ITEMS)
+
+
+LOGPROB_FLOOR = -1e9
+
+
+def finite(logprob: float) -> float:
+    """JSON has no -inf: a token the model gives probability 0 is reported at -1e9."""
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GenerationServer:
+    """The engine plus the state the HTTP layer needs: weight version, update flag, limits."""
+
+    def __init__(self, config: Config):
+        from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        from pipeline.device import (
+            accelerator,
+            engine_options,
+            resolve_dtype,
+            resolve_enforce_eager,
+            sync_backend,
+        )
+
+        self.config = config
+        cfg = config.server
+        self.device = accelerator()
+        self.dtype = str(resolve_dtype(config.model.dtype)).removeprefix("torch.")
+        self.backend = sync_backend(config.sync.transport, self.device)
+        if self.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+        if self.backend == "ipc":
+            # vLLM's IPC engine ships CUDA IPC handles pickled over HTTP and refuses to unpickle them
+            # without this; main() refuses to start ipc without a token, so only the run can send them.
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        self.enforce_eager = resolve_enforce_eager(cfg.enforce_eager, self.device)
+        self.llm = LLM(
+            model=config.model.path,
+            dtype=self.dtype,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager,
+            trust_remote_code=config.model.trust_remote_code,
+            seed=cfg.seed,
+            worker_extension_cls=WORKER_EXTENSION,
+            # vLLM's weight-transfer API: its nccl/ipc engines on GPU, ours (pipeline.sync.gloo_transfer,
+            # registered through the vllm.general_plugins entry point) on CPU.
+            weight_transfer_config=WeightTransferConfig(backend=self.backend),
+            # Logprobs after temperature: what the trainer computes as log_softmax(logits / T).
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            **engine_options(cfg.max_model_len),
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.version = 0  # training step of the weights served; 0 = as loaded from disk
+        self.updating = False
+        self.error = ""  # set when a weight update failed half-way: the weights are unusable
+        self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
+        self.sync_ready = False
+        self.worker_session = False  # the workers are between start_weight_update and finish_weight_update
+        self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
+
+    # --- engine access ---------------------------------------------------------------------------
+
+    def call(self, fn, what: str, *, during_update: bool = False):
+        """Run `fn` on the engine: one call at a time (each batches all its prompts), never during a
+        weight update unless it is part of it, within the request deadline, under the watchdog."""
+        deadline = time.monotonic() + self.config.server.request_timeout_s
+        if self.fatal:
+            raise HTTPException(503, f"server exiting: {self.fatal}")
+        with self._locked(what):
+            if not during_update:
+                if not self.engine.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
+                    raise HTTPException(503, "a weight update is in progress; try again")
+                if self.error:
+                    raise HTTPException(503, f"weights unusable after a failed update: {self.error}")
+            if self.fatal:
+                raise HTTPException(503, f"server exiting: {self.fatal}")
+            return self._guarded(fn, what)
+
+    def _guarded(self, fn, what: str):
+        """The watchdog and the recovery around one engine call. Past server.request_timeout_s the
+        engine is stuck: the server exits (the launcher's server.restart replaces it). An exception
+        may leave half-added requests behind, and every later call would wait for them forever: they
+        are aborted, and a one-token probe decides whether the engine still serves (then the request
+        gets a 400) or not (the server exits)."""
+        timeout = self.config.server.request_timeout_s
+        watchdog = threading.Timer(timeout, self._die, (f"{what} ran past server.request_timeout_s={timeout:.0f}s",))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return fn()
+        except HTTPException:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below, never a bare 500
+            log.exception("%s failed in the engine", what)
+            if self._engine_serves():
+                raise HTTPException(400, f"{what}: the engine rejected the request: {type(e).__name__}: "
+                                         f"{str(e)[:300]}") from None
+            self._die(f"the engine cannot serve after a failed {what}: {type(e).__name__}: {str(e)[:300]}")
+            raise HTTPException(503, f"server exiting: {self.fatal}") from None
+        finally:
+            watchdog.cancel()
+
+    def _engine_serves(self) -> bool:
+        from vllm import SamplingParams
+
+        if self.engine_dead():
+            return False
+        engine = self.llm.llm_engine
+        try:
+            leftovers = list(engine.output_processor.request_states)
+            if leftovers:
+                engine.abort_request(leftovers, internal=True)
+            self.llm.generate([{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+            return True
+        except Exception:  # noqa: BLE001 - the engine is gone or broken
+            log.exception("engine probe failed")
+            return False
+
+    def engine_dead(self) -> bool:
+        """vLLM's monitor flags the engine-core process's death here."""
+        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+        return bool(getattr(resources, "engine_dead", False))
+
+    def info(self) -> dict:
+        cfg = self.config.server
+        return {
+            "model": self.config.model.path, "dtype": self.dtype, "device": self.device,
+            "max_model_len": cfg.max_model_len, "vocab_size": self.vocab_size,
+            "eos_token_id": self.tokenizer.eos_token_id, "version": self.version,
+            "tensor_parallel_size": cfg.tensor_parallel_size, "sync_backend": self.backend,
+            "enforce_eager": self.enforce_eager,
+            "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", ""),
+            "limits": {"max_n": cfg.max_n, "max_tokens": cfg.max_tokens, "max_prompts": cfg.max_prompts},
+        }
+
+    # --- generate / score --------------------------------------------------------------------------
+
+    def _check_ids(self, ids: list[int], what: str) -> None:
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise HTTPException(400, f"{what}: token id {bad} is outside the vocabulary (size {self.vocab_size})")
+
+    def generate(self, req: GenerateRequest) -> dict:
+        from vllm import SamplingParams
+
+        cfg = self.config.server
+        if (req.prompts is None) == (req.prompt_token_ids is None):
+            raise HTTPException(400, "give exactly one of 'prompts' (text) or 'prompt_token_ids'")
+        if req.prompts is not None:
+            try:
+                prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in req.prompts]
+            except Exception as e:  # noqa: BLE001 - whatever the tokenizer refuses is the client's text
+                raise HTTPException(400, f"prompts: the tokenizer cannot encode them: {type(e).__name__}") from None
+        else:
+            prompt_ids = req.prompt_token_ids
+        if not prompt_ids or len(prompt_ids) > cfg.max_prompts:
+            raise HTTPException(400, f"number of prompts must be 1..{cfg.max_prompts}, got {len(prompt_ids)}")
+        if req.n > cfg.max_n:
+            raise HTTPException(400, f"n must be at most {cfg.max_n}, got {req.n}")
+        if req.max_tokens > cfg.max_tokens:
+            raise HTTPException(400, f"max_tokens must be at most {cfg.max_tokens}, got {req.max_tokens}")
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise HTTPException(400, f"prompt {i} is empty")
+            if len(ids) + req.max_tokens > cfg.max_model_len:
+                raise HTTPException(400, f"prompt {i} has {len(ids)} tokens; with max_tokens={req.max_tokens} "
+                                         f"that exceeds max_model_len={cfg.max_model_len}")
+            self._check_ids(ids, f"prompt {i}")
+        self._check_ids(req.stop_token_ids or [], "stop_token_ids")
+        if req.seed is not None and req.seed + len(prompt_ids) - 1 > SEED_MAX:
+            raise HTTPException(400, f"seed: prompt i is sampled with seed + i, which must stay <= 2**63-1; "
+                                     f"got seed={req.seed} with {len(prompt_ids)} prompts")
+        try:
+            params = [
+                SamplingParams(
+                    n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens,
+                    seed=None if req.seed is None else req.seed + i, logprobs=0,
+                    stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                )
+                for i in range(len(prompt_ids))
+            ]
+        except ValueError as e:  # vLLM's own checks of sampling parameters
+            raise HTTPException(400, f"sampling parameters: {e}") from None
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+
+        def run():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            return self.version, outputs
+
+        version, outputs = self.call(run, "generate")
+        results = []
+        for out in outputs:
+            completions = []
+            for c in out.outputs:
+                logprobs = [finite(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids, strict=True)]
+                completions.append({"text": c.text, "token_ids": list(c.token_ids), "logprobs": logprobs,
+                                    "finish_reason": c.finish_reason})
+            results.append({"prompt_token_ids": list(out.prompt_token_ids), "completions": completions})
+        return {"version": version, "results": results}
+
+    def score(self, req: ScoreRequest) -> dict:
+        """Per-token logprobs of each completion given its prompt (teacher forcing, temperature 1)."""
+        from vllm import SamplingParams
+
+        cfg = self.config.server
+        if len(req.sequences) > cfg.max_prompts:
+            raise HTTPException(400, f"at most {cfg.max_prompts} sequences per request, got {len(req.sequences)}")
+        prompts = []
+        for i, seq in enumerate(req.sequences):
+            ids = seq.prompt_token_ids + seq.completion_token_ids
+            if len(ids) + 1 > cfg.max_model_len:
+                raise HTTPException(400, f"sequence {i} has {len(ids)} tokens; max_model_len is {cfg.max_model_len}")
+            self._check_ids(ids, f"sequence {i}")
+            prompts.append({"prompt_token_ids": ids})
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+
+        def run():
+            return self.version, self.llm.generate(prompts, params, use_tqdm=False)
+
+        version, outputs = self.call(run, "score")
+        logprobs = []
+        for seq, out in zip(req.sequences, outputs, strict=True):
+            start = len(seq.prompt_token_ids)
+            steps = out.prompt_logprobs[start:]
+            logprobs.append([finite(step[tok].logprob) for step, tok in zip(steps, seq.completion_token_ids, strict=True)])
+        return {"version": version, "logprobs": logprobs}
+
+    # --- weight updates: vLLM's weight-transfer worker methods, with deadlines and versions -------
+
+    def _rpc(self, method: str, timeout: float, *, touches_weights: bool = True, **kwargs):
+        """One of vLLM's worker methods on every worker (as `LLM.start_weight_update` & co. call them,
+        but with a deadline). A worker that does not answer in time is stuck in a transfer that will
+        never finish (NCCL has no timeout): the server marks itself unhealthy and exits, and the
+        launcher's server.restart brings up a new one."""
+        try:
+            return self.llm.collective_rpc(method, timeout=timeout, kwargs=kwargs)
+        except TimeoutError:
+            self._die(f"{method} did not finish within sync.timeout_s={timeout:.0f}s; a worker is stuck")
+            raise self._update_failed(self.fatal) from None
+        except Exception as e:  # the trainer died mid-transfer, a tensor did not fit, a bad payload
+            if not touches_weights:  # e.g. a rendezvous that cannot form: the weights are as they were
+                raise HTTPException(400, f"{method} failed: {type(e).__name__}: {str(e)[:500]}") from None
+            raise self._update_failed(f"{method} failed: {type(e).__name__}: {str(e)[:500]}") from None
+
+    def _update_failed(self, error: str) -> HTTPException:
+        """The weights are unusable until the next complete update: refuse generation meanwhile."""
+        self.error = error
+        log.error("weight sync: %s", error)
+        return HTTPException(503, error)
+
+    def _die(self, reason: str) -> None:
+        import signal
+
+        self.fatal = reason
+        log.error("server unusable, exiting: %s", reason)
+        # SIGTERM after the error response has gone out; a hard exit if shutdown itself hangs.
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        threading.Timer(30.0, os._exit, (1,)).start()
+
+    def _check_payload(self, kind: str, payload: dict | list[dict]) -> None:
+        """Parse the payload as the backend's own dataclass does, so a malformed one is a 400 here
+        instead of an exception inside the workers."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+        cls = WeightTransferEngineFactory._registry[self.backend]()
+        info_cls = cls.init_info_cls if kind == "init" else cls.update_info_cls
+        for item in payload if isinstance(payload, list) else [payload]:
+            try:
+                info_cls(**item)
+            except (TypeError, ValueError) as e:
+                raise HTTPException(400, f"{kind}_info is not a valid {self.backend} {kind} info: {e}") from None
+
+    def init_sync(self, req: SyncInitRequest) -> dict:
+        self._check_payload("init", req.init_info)
+        timeout = self.config.sync.timeout_s
+
+        def run():
+            self._abandon_update()
+            self._rpc("init_weight_transfer_engine", timeout, touches_weights=False, init_info=req.init_info)
+            self.sync_ready = True
+
+        self.call(run, "weights/init", during_update=True)
+        return {"backend": self.backend, "world_size": 1 + self.config.server.tensor_parallel_size}
+
+    def start_update(self, req: VersionRequest) -> dict:
+        timeout = self.config.sync.timeout_s
+        if not self.sync_ready:
+            raise HTTPException(409, "no transfer group: call /weights/init first")
+        with self._locked("weights/start"):  # wait for in-flight generation, then hold new generation until /finish
+            self._abandon_update()
+            self.updating = True
+
+        def run():
+            self._rpc("start_weight_update", timeout)
+            self.worker_session = True
+
+        try:
+            self.call(run, "weights/start", during_update=True)
+        except HTTPException:
+            self._finish_update()
+            raise
+        log.info("weight update to version %d started", req.version)
+        return {"version": self.version}
+
+    def update(self, req: UpdateRequest) -> dict:
+        if not self.updating:
+            raise HTTPException(409, "no weight update in progress: call /weights/start first")
+        self._check_payload("update", req.update_info)
+        timeout = self.config.sync.timeout_s
+        try:
+            self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update",
+                      during_update=True)
+        except HTTPException:
+            self.worker_session = False  # a failed update_weights ends the worker's session (gpu_worker.py)
+            self._finish_update()
+            raise
+        return {"ok": True}
+
+    def finish_update(self, req: VersionRequest) -> dict:
+        if not self.updating:
+            raise HTTPException(409, "no weight update in progress: call /weights/start first")
+        timeout = self.config.sync.timeout_s
+
+        def run():
+            self.worker_session = False
+            self._rpc("finish_weight_update", timeout)
+            # Cached KV was computed by the old weights. Engine calls are serialised, so nothing holds
+            # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
+            # rather than serve prompts whose prefix still runs on the old policy.
+            if not self.llm.reset_prefix_cache():
+                raise self._update_failed("reset_prefix_cache refused: cached KV is from the old weights")
+            self.version, self.error = req.version, ""
+
+        try:
+            self.call(run, "weights/finish", during_update=True)
+        finally:
+            self._finish_update()
+        log.info("weights updated to version %d", req.version)
+        return {"version": self.version}
+
+    def checksums(self, req: ChecksumRequest) -> dict:
+        timeout = self.config.sync.timeout_s
+        workers = self.call(lambda: self._rpc("grpo_weight_digests", timeout, touches_weights=False, names=req.names,
+                                              received=req.received), "weights/checksums", during_update=True)
+        return {"version": self.version, "workers": workers}
+
+    @contextlib.contextmanager
+    def _locked(self, what: str):
+        if not self.engine.acquire(timeout=self.config.server.request_timeout_s):
+            raise HTTPException(503, f"{what}: the engine stayed busy past server.request_timeout_s; try again")
+        try:
+            yield
+        finally:
+            self.engine.release()
+
+    def _abandon_update(self) -> None:
+        """A new /weights/init or /weights/start while an update is open: its trainer died or gave up
+        (one run's trainer is the only holder of the token). Close the workers' session and refuse
+        generation until the next complete update: some layers may already hold new weights."""
+        with self._locked("weights"):
+            if self.worker_session:
+                with contextlib.suppress(Exception):
+                    self.llm.collective_rpc("finish_weight_update", timeout=self.config.sync.timeout_s)
+                self.worker_session = False
+            if self.updating:
+                self.updating = False
+                self.error = "a weight update was abandoned half-way; waiting for a complete one"
+                log.warning("weight sync: %s", self.error)
+
+    def _finish_update(self) -> None:
+        with self._locked("weights"):
+            self.updating = False
+            self.engine.notify_all()
+
+    def shutdown(self) -> None:
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+
+
+def build_app(server: GenerationServer, token: str) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # Here, not after uvicorn returns: uvicorn re-raises SIGTERM once it has drained requests,
+        # which would end this process before it could stop the engine-core and worker processes.
+        server.shutdown()
+        log.info("server stopped")
+
+    app = FastAPI(title="grpo-pipeline generation server", version="1", lifespan=lifespan)
+    max_body = server.config.server.max_request_mb * 2**20
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # One line naming the fields. Never echo the input: it may be NaN or huge, and the default
+        # handler's attempt to render NaN back as JSON was itself a 500.
+        parts = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(x) for x in error.get("loc", ())[1:]) or "body"
+            parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > max_body:
+            return JSONResponse({"detail": f"request body over server.max_request_mb="
+                                           f"{server.config.server.max_request_mb}"}, status_code=413)
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
+        elif request.url.path.startswith("/weights") and not is_loopback(request.client.host if request.client else ""):
+            # Without a token only loopback callers may replace the model.
+            return JSONResponse({"detail": "weight updates need a token off loopback"}, status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    def health():
+        if not server.fatal and server.engine_dead():
+            server._die("the engine-core process died")
+        if server.fatal:
+            return JSONResponse({"status": "exiting", "detail": server.fatal, "version": server.version}, 503)
+        if server.error:
+            return JSONResponse({"status": "error", "detail": server.error, "version": server.version}, 503)
+        return {"status": "ok", "version": server.version, "updating": server.updating}
+
+    @app.get("/model")
+    def model_info():
+        return server.info()
+
+    @app.post("/generate")
+    def generate(req: GenerateRequest):
+        return server.generate(req)
+
+    @app.post("/score")
+    def score(req: ScoreRequest):
+        return server.score(req)
+
+    @app.post("/reset_prefix_cache")
+    def reset_prefix_cache():
+        return {"reset": bool(server.call(server.llm.reset_prefix_cache, "reset_prefix_cache"))}
+
+    @app.post("/weights/init")
+    def weights_init(req: SyncInitRequest):
+        return server.init_sync(req)
+
+    @app.post("/weights/start")
+    def weights_start(req: VersionRequest):
+        return server.start_update(req)
+
+    @app.post("/weights/update")
+    def weights_update(req: UpdateRequest):
+        return server.update(req)
+
+    @app.post("/weights/finish")
+    def weights_finish(req: VersionRequest):
+        return server.finish_update(req)
+
+    @app.post("/weights/checksums")
+    def weights_checksums(req: ChecksumRequest):
+        return server.checksums(req)
+
+    return app
+
+
+def setup_logging(run_dir: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(run_dir) / "server.log"))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(fmt)
+    for name in ("pipeline", "vllm", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in handlers[1:] if name == "vllm" else handlers:  # vllm already logs to stderr
+            logger.addHandler(handler)
+        logger.propagate = False if name != "vllm" else logger.propagate
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.generation.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (the same file as training)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set server.port=8711")
+    parser.add_argument("--model", help="shortcut for --set model.path=...")
+    parser.add_argument("--host", help="shortcut for --set server.host=...")
+    parser.add_argument("--port", type=int, help="shortcut for --set server.port=...")
+    parser.add_argument("--run-dir", help="also write server.log here")
+    return parser.parse_args(argv)
+
+
+def set_engine_process_env(environ=os.environ) -> None:
+    """Before anything touches CUDA. vLLM forks its engine and worker processes by default on GPU
+    (vllm/envs.py) and forces spawn only once CUDA is *initialised* (`_maybe_force_spawn`), but
+    `torch.cuda.is_available()` already makes a forked child fail with "Cannot re-initialize CUDA
+    in forked subprocess". Spawn, as TRL's vllm_serve sets it; the CPU platform uses spawn anyway.
+    The NVML-based availability check keeps even that probe from poisoning a fork."""
+    environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
+def main(argv=None) -> int:
+    set_engine_process_env()
+    import uvicorn
+
+    args = parse_args(argv)
+    overrides = list(args.set)
+    for key, value in (("model.path", args.model), ("server.host", args.host), ("server.port", args.port)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    token = server_token(config.server.token)
+    if not config.model.path:
+        print("error: model.path: no model given (set it in the config or pass --model)", file=sys.stderr)
+        return 2
+    if not is_loopback(config.server.host) and not token:
+        print(f"error: server.host={config.server.host} is not loopback; refusing to start without a token "
+              f"(set {TOKEN_ENV} or server.token)", file=sys.stderr)
+        return 2
+    if config.sync.transport == "ipc" and not token:
+        print(f"error: sync.transport=ipc ships pickled CUDA IPC handles; refusing to start without a token "
+              f"(set {TOKEN_ENV})", file=sys.stderr)
+        return 2
+    setup_logging(args.run_dir)
+    start = time.perf_counter()
+    server = GenerationServer(config)
+    log.info("engine ready in %.1fs: %s (%s, %s)", time.perf_counter() - start, config.model.path,
+             server.dtype, server.device)
+    app = build_app(server, token)
+    uv = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                       log_level="warning", timeout_graceful_shutdown=5))
+    uv.run()  # on SIGINT/SIGTERM: drains requests, runs the lifespan exit (engine shutdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Evaluate a model on a test split through vLLM: greedy pass@1 and sampled maj@k.
+
+    python -m pipeline.report.evaluate --model runs/<name>/final [--config C] [--limit 100] [--maj-k 8]
+    python -m pipeline.report.evaluate --server-url http://127.0.0.1:8710 ...   (a server already running)
+
+Reports strict accuracy (correct answer in the exact XML format), lenient accuracy (correct answer
+found anywhere sensible: the <answer> block, else the last number), strict/soft format rates, mean
+completion length and truncation rate; writes a JSON summary and one JSONL row per example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+from pipeline.task.answers import answer_key, answers_equivalent
+from pipeline.task.data import (
+    DEFAULT_STYLE,
+    READERS,
+    DataError,
+    Example,
+    Fields,
+    PromptStyle,
+    drop_long_prompts,
+    examples_for,
+    read_file,
+)
+from pipeline.task.reasoning import ReasoningCheck, check_reasoning, summarise_checks
+from pipeline.task.xml_format import extract_xml_answer, is_soft_format, is_strict_format
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+REQUEST_PROMPTS = 128  # prompts per generate call: well under server.max_prompts
+
+
+def lenient_answer(text: str) -> str | None:
+    """The <answer> block if there is a non-empty one, else the last number in the text."""
+    answer = extract_xml_answer(text)
+    if answer:
+        return answer
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def majority_answer(texts: list[str]) -> str | None:
+    """Most common lenient answer (by normalised value); ties go to the one seen first."""
+    answers = [a for a in map(lenient_answer, texts) if a]
+    if not answers:
+        return None
+    counts = Counter(answer_key(a) for a in answers)
+    best = max(counts.values())
+    return next(a for a in answers if counts[answer_key(a)] == best)
+
+
+def strict_correct(text: str, reference: str) -> bool:
+    """The strict format, and the answer in it is the reference."""
+    return is_strict_format(text) and answers_equivalent(extract_xml_answer(text), reference)
+
+
+def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
+    """One example's record from its greedy completion and its sampled completions."""
+    text = greedy["text"]
+    strict = is_strict_format(text)
+    reasoning = check_reasoning(text)
+    majority = majority_answer(samples) if samples else None
+    return {
+        "source": example.source, "question": example.question, "reference": example.answer,
+        "completion": text, "answer": extract_xml_answer(text), "lenient_answer": lenient_answer(text),
+        "strict_format": strict, "soft_format": is_soft_format(text),
+        "strict_correct": strict_correct(text, example.answer),
+        "lenient_correct": answers_equivalent(lenient_answer(text), example.answer),
+        "length": len(greedy["token_ids"]), "truncated": greedy["finish_reason"] == "length",
+        "majority_answer": majority, "majority_correct": answers_equivalent(majority, example.answer),
+        # pass@k: some sample is right in the strict format, i.e. what RL can turn into pass@1
+        "any_sample_correct": any(strict_correct(t, example.answer) for t in samples),
+        "reasoning_steps": reasoning.steps, "reasoning_correct_steps": reasoning.correct_steps,
+        "reasoning_final_consistent": reasoning.final_consistent,
+    }
+
+
+def summarise(rows: list[dict], maj_k: int) -> dict:
+    n = len(rows)
+    mean = (lambda key: sum(float(r[key]) for r in rows) / n) if n else (lambda key: 0.0)
+    summary = {
+        "examples": n,
+        "pass@1/strict_accuracy": mean("strict_correct"),
+        "pass@1/lenient_accuracy": mean("lenient_correct"),
+        "format/strict_rate": mean("strict_format"),
+        "format/soft_rate": mean("soft_format"),
+        "completion_len/mean": mean("length"),
+        "completions/truncated_rate": mean("truncated"),
+    }
+    if maj_k:
+        summary[f"maj@{maj_k}/accuracy"] = mean("majority_correct")
+        summary[f"pass@{maj_k}/strict_accuracy"] = mean("any_sample_correct")
+    summary.update(summarise_checks([
+        ReasoningCheck(r["reasoning_steps"], r["reasoning_correct_steps"], r["reasoning_final_consistent"])
+        for r in rows]))
+    return summary
+
+
+def evaluate(client, tokenizer, examples: list[Example], *, max_tokens: int, maj_k: int = 8,
+             temperature: float = 1.0, seed: int = 0, style: PromptStyle = DEFAULT_STYLE) -> tuple[dict, list[dict]]:
+    """Greedy and (if maj_k) sampled generation for every example through `client`."""
+    rows = []
+    for start in range(0, len(examples), REQUEST_PROMPTS):
+        chunk = examples[start: start + REQUEST_PROMPTS]
+        ids = [style.ids(tokenizer, e) for e in chunk]
+        greedy = client.generate(ids, n=1, max_tokens=max_tokens, temperature=0.0)["results"]
+        sampled = (client.generate(ids, n=maj_k, max_tokens=max_tokens, temperature=temperature, seed=seed)["results"]
+                   if maj_k else [{"completions": []}] * len(chunk))
+        for example, g, s in zip(chunk, greedy, sampled, strict=True):
+            rows.append(score_example(example, g["completions"][0], [c["text"] for c in s["completions"]]))
+    return summarise(rows, maj_k), rows
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """Metrics as rows, one column per evaluated model (e.g. before / after)."""
+    keys = list(next(iter(columns.values())))
+    width = max(len(k) for k in keys) + 2
+    lines = [f"{'metric':<{width}}" + "".join(f"{name:>12}" for name in columns)]
+    for key in keys:
+        cells = "".join(f"{c.get(key, float('nan')):>12.3f}" if key != "examples" else f"{c[key]:>12d}"
+                        for c in columns.values())
+        lines.append(f"{key:<{width}}" + cells)
+    return "\n".join(lines)
+
+
+def load_eval_examples(config, tokenizer, data_file: str | None, limit: int | None) -> tuple[list[Example], int]:
+    if data_file:  # the file's kind from its suffix (.jsonl, .csv, .parquet), the columns from the config
+        kind = Path(data_file).suffix.lstrip(".").lower()
+        d = config.data
+        examples = read_file(data_file, Fields(d.question_key, d.answer_key, d.answer_format),
+                             kind if kind in READERS else "jsonl")
+    else:
+        examples = examples_for(config.data, "test", config.run.seed)
+    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens,
+                                          PromptStyle.from_config(config.data))
+    return examples[:limit] if limit else examples, dropped
+
+
+def run_eval(client, config, out: str | Path, data_file: str | None = None, limit: int | None = None,
+             maj_k: int | None = None, max_tokens: int | None = None, temperature: float | None = None) -> dict:
+    """Evaluate what `client`'s server serves on the config's test split; write OUT.json/.jsonl."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    examples, dropped = load_eval_examples(config, tokenizer, data_file, limit or config.eval.limit or None)
+    summary, rows = evaluate(client, tokenizer, examples, seed=config.run.seed, style=PromptStyle.from_config(config.data),
+                             maj_k=config.eval.maj_k if maj_k is None else maj_k,
+                             temperature=temperature or config.eval.temperature,
+                             max_tokens=max_tokens or config.train.max_completion_tokens)
+    summary["prompts_dropped_as_too_long"] = dropped
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    return summary
+
+
+def main(argv=None) -> int:
+    from pipeline.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model directory or hub name (started in a server of its own)")
+    parser.add_argument("--server-url", help="evaluate whatever this running server serves instead")
+    parser.add_argument("--config", help="YAML config: data split, server settings (default: built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data-file", help="a GSM8K-format JSONL to evaluate on instead of the config's test split")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--maj-k", type=int, help="samples per question for maj@k (0 = greedy only; default eval.maj_k)")
+    parser.add_argument("--max-tokens", type=int, help="completion length (default: train.max_completion_tokens)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature for maj@k (default eval.temperature)")
+    parser.add_argument("--out", default="eval", help="writes OUT.json (summary) and OUT.jsonl (per example)")
+    args = parser.parse_args(argv)
+    if not (args.model or args.server_url):
+        parser.error("give --model or --server-url")
+    try:
+        config = load_config(args.config, args.set + ([f"model.path={args.model}"] if args.model else []))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = None
+    try:
+        if args.server_url:
+            from pipeline.generation.client import ServerClient, server_token
+
+            client = ServerClient(args.server_url, server_token(config.server.token), config.server.request_timeout_s)
+            model_path = client.model_info()["model"]
+        else:
+            from pipeline.generation.client import free_port, server_token
+            from pipeline.generation.server_process import ServerProcess
+
+            port = free_port("127.0.0.1")
+            out_dir = Path(args.out).parent
+            server = ServerProcess([*(["--config", args.config] if args.config else []), *sum((["--set", s] for s in args.set), []),
+                                    "--model", args.model, "--port", str(port)], out_dir / "eval-server.log",
+                                   "127.0.0.1", port, token=server_token(config.server.token))
+            client = server.wait_healthy(config.server.startup_timeout_s)
+            model_path = args.model
+        config.model.path = model_path
+        summary = run_eval(client, config, args.out, args.data_file, args.limit, args.maj_k, args.max_tokens,
+                           args.temperature)
+    except Exception as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+    print(format_table({"value": {k: v for k, v in summary.items() if k != "prompts_dropped_as_too_long"}}))
+    print(f"-> {args.out}.json, {args.out}.jsonl")
+    return 0
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

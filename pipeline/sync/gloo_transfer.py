@@ -1,0 +1,385 @@
+"""A gloo weight-transfer backend for vLLM's weight-transfer API: how weights travel between CPUs.
+
+vLLM 0.32 ships the API (`vllm/distributed/weight_transfer/`) and GPU engines for it (`nccl`, `ipc`);
+this module adds the same thing over gloo, registered in vLLM's factories under the name "gloo",
+so CPU and GPU runs differ only in the backend name. vLLM's worker processes find it through the
+`vllm.general_plugins` entry point in pyproject.toml (`register`), the trainer by calling
+`register()` itself.
+
+The group: trainer rank 0 is member 0 and broadcasts; vLLM worker i is member 1 + i. Tensors
+travel packed into flat byte buckets (`bucket_bytes`), one broadcast per bucket; both sides cut the
+buckets from the same metadata, so only the metadata crosses HTTP. Every collective has the
+group's timeout, so a dead peer is an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import ClassVar
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+from pipeline.generation.worker_ext import digest
+
+log = logging.getLogger("pipeline.sync.gloo_transfer")
+BACKEND = "gloo"
+ALIGN = 16  # bytes; every tensor starts at a multiple of this so `.view(dtype)` is legal
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+def register() -> None:
+    """vLLM plugin entry point (and the trainer's own call): add "gloo" to both factories."""
+    from vllm.distributed.weight_transfer.factory import (
+        WeightTransferEngineFactory,
+        WeightTransferTrainerFactory,
+    )
+
+    for factory, cls_name in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
+                              (WeightTransferTrainerFactory, "GlooTrainerWeightTransferEngine")):
+        if BACKEND not in factory._registry:  # plugins load once per process, but tests import twice
+            factory.register_engine(BACKEND, __name__, cls_name)
+
+
+# --- the group -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def without_agent_store():
+    # Under torchrun/accelerate launchers TORCHELASTIC_USE_AGENT_STORE=True makes the tcp://
+    # rendezvous create a TCPStore *client* on both sides, and trainer and server deadlock.
+    saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
+
+
+@contextmanager
+def gloo_bound_towards(host: str):
+    """Make gloo bind the interface this process uses to reach `host` (the rendezvous host).
+
+    Left alone, gloo binds the address its hostname resolves to, or loopback when that address is not
+    on this machine (common: /etc/hosts, containers, namespaces); the other side then dials its own
+    loopback and the group never forms. GLOO_SOCKET_IFNAME set by the user is respected."""
+    interface = None
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        import psutil
+
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # UDP: no packet is sent
+                probe.connect((host, 9))
+                local = probe.getsockname()[0]
+        except OSError:  # not an IPv4 route: leave gloo's default
+            local = None
+        if local:
+            interface = next((name for name, addresses in psutil.net_if_addrs().items()
+                              if any(a.address == local for a in addresses)), None)
+    if interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+    try:
+        yield
+    finally:
+        if interface:
+            del os.environ["GLOO_SOCKET_IFNAME"]
+
+
+def join_group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    with without_agent_store(), gloo_bound_towards(host):
+        return stateless_init_torch_distributed_process_group(
+            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def leave_group(group) -> None:
+    from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+    stateless_destroy_torch_distributed_process_group(group)
+
+
+# --- buckets: both sides cut them from the same metadata -----------------------------------------
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _nbytes(dtype_name: str, shape: Iterable[int]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return numel * getattr(torch, dtype_name).itemsize
+
+
+def plan_buckets(metas: list[tuple[str, str, list[int]]], bucket_bytes: int) -> list[list[dict]]:
+    """Split (name, dtype name, shape) into buckets of at most `bucket_bytes` (a larger tensor gets
+    a bucket alone); each entry knows its byte offset in its bucket."""
+    buckets, bucket, size = [], [], 0
+    for name, dtype_name, shape in metas:
+        nbytes = _nbytes(dtype_name, shape)
+        if bucket and size + _aligned(nbytes) > bucket_bytes:
+            buckets.append(bucket)
+            bucket, size = [], 0
+        bucket.append({"name": name, "dtype": dtype_name, "shape": list(shape), "offset": size, "nbytes": nbytes})
+        size += _aligned(nbytes)
+    if bucket:
+        buckets.append(bucket)
+    return buckets
+
+
+def bucket_size(bucket: list[dict]) -> int:
+    return max(m["offset"] + _aligned(m["nbytes"]) for m in bucket)
+
+
+def unpack(buffer: torch.Tensor, bucket: list[dict]) -> list[tuple[str, torch.Tensor]]:
+    """Views into `buffer`, one per tensor (no copy)."""
+    return [(m["name"], buffer[m["offset"]: m["offset"] + m["nbytes"]].view(getattr(torch, m["dtype"]))
+             .view(m["shape"])) for m in bucket]
+
+
+# --- worker side (inside each vLLM worker process) -----------------------------------------------
+
+
+@dataclass
+class GlooWeightTransferInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    world_size: int
+    rank_offset: int = 1
+    timeout_s: float = 60.0
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+
+    def __post_init__(self):
+        checks = {"master_address": isinstance(self.master_address, str) and 0 < len(self.master_address) < 256,
+                  "master_port": _is_int(self.master_port) and 0 < self.master_port < 65536,
+                  "world_size": _is_int(self.world_size) and 2 <= self.world_size <= 4096,
+                  "rank_offset": _is_int(self.rank_offset) and 1 <= self.rank_offset < self.world_size,
+                  "timeout_s": isinstance(self.timeout_s, int | float) and 0 < self.timeout_s <= 86400,
+                  "bucket_bytes": _is_int(self.bucket_bytes) and 1 <= self.bucket_bytes <= 2**40}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range or wrong type: {', '.join(bad)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    digest_names: list[str] = field(default_factory=list)
+    """Tensors whose received bytes the worker hashes (vLLM-CPU keeps linear weights packed where
+    its own checksums cannot see them; these digests cover them)."""
+
+    def __post_init__(self):
+        lists = (self.names, self.dtype_names, self.shapes, self.digest_names)
+        if not all(isinstance(x, list) for x in lists):
+            raise ValueError("names, dtype_names, shapes and digest_names must be lists")
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(f"names, dtype_names and shapes differ in length: {len(self.names)}, "
+                             f"{len(self.dtype_names)}, {len(self.shapes)}")
+        for name, dtype_name, shape in zip(self.names, self.dtype_names, self.shapes, strict=True):
+            if not isinstance(name, str) or dtype_name not in WIRE_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype must be one of {', '.join(WIRE_DTYPES)}")
+            if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**40 for d in shape):
+                raise ValueError(f"tensor {name!r}: shape must be a list of non-negative ints")
+
+
+class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]):
+    """Receives buckets over gloo and loads them in vLLM's layer-wise reload session (what makes
+    loading work on vLLM-CPU, which repacks linear weights after the first load)."""
+
+    init_info_cls = GlooWeightTransferInitInfo
+    update_info_cls = GlooWeightTransferUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group = None
+        self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        self.received_digests: dict[str, str] = {}
+
+    def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
+        self.shutdown()  # a re-init (new trainer, restarted trainer) replaces the old group
+        p = self.parallel_config
+        rank = init_info.rank_offset + p.data_parallel_index * p.world_size + p.rank
+        self.group = join_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                                init_info.timeout_s)
+        self.bucket_bytes = init_info.bucket_bytes
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+        self.received_digests = {}
+
+    def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer not initialised: call init_weight_transfer_engine first")
+        wanted = set(update_info.digest_names)
+        metas = list(zip(update_info.names, update_info.dtype_names, update_info.shapes, strict=True))
+        for bucket in plan_buckets(metas, self.bucket_bytes):
+            buffer = torch.empty(bucket_size(bucket), dtype=torch.uint8, device=self.device)
+            self.group.broadcast(buffer, 0).wait()  # the group's own ranks, with its timeout
+            tensors = unpack(buffer, bucket)
+            self.received_digests.update((name, digest(t)) for name, t in tensors if name in wanted)
+            self.model.load_weights(tensors)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        repack_tied_lm_head(self.model)
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            leave_group(self.group)
+            self.group = None
+
+
+def repack_tied_lm_head(model) -> None:
+    """vLLM-CPU: a tied ParallelLMHead gets no weights in the reload session, and its CPU-prepacked
+    GEMM keeps the old embedding (generations change, logprobs are wrong). Re-processing it after
+    finalising re-packs it from the freshly loaded shared weight (the reload module's limitation 2)."""
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    method = getattr(lm_head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(lm_head)
+
+
+# --- trainer side ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = BACKEND
+
+    master_address: str
+    master_port: int
+    world_size: int
+    timeout_s: float = 60.0
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+
+
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    """Trainer side: rank 0 opens the group and broadcasts; other ranks only iterate the source
+    (under ZeRO-3 that iteration is the gather collective, so every rank must run it)."""
+
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client, source, is_sender: bool, bucket_bytes: int, timeout_s: float) -> None:
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
+        self.group = None
+        self.digest_names: list[str] = []  # set by the caller per round (the checksum sample)
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
+        if source is None:
+            raise ValueError("gloo weight transfer needs a WeightSource")
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender,
+                     bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s)
+        if not engine.is_sender:
+            return engine
+        worker_info = GlooWeightTransferInitInfo(
+            master_address=init_info.master_address, master_port=init_info.master_port,
+            world_size=init_info.world_size, rank_offset=1, timeout_s=init_info.timeout_s,
+            bucket_bytes=init_info.bucket_bytes)
+        # The workers block in init until the group forms: the HTTP call runs beside our join.
+        with Beside(client.init_weight_transfer_engine, asdict(worker_info)) as call:
+            engine.group = join_group(init_info.master_address, init_info.master_port, 0,
+                                      init_info.world_size, init_info.timeout_s)
+            call.result(init_info.timeout_s)
+        return engine
+
+    def send_weights(self) -> None:
+        meta = self.source.metadata()
+        if not self.is_sender:
+            for _ in self.source:
+                pass
+            return
+        update = GlooWeightTransferUpdateInfo(
+            names=[m.name for m in meta], dtype_names=[str(m.dtype).removeprefix("torch.") for m in meta],
+            shapes=[list(m.shape) for m in meta], digest_names=list(self.digest_names))
+        self.client.start_weight_update()
+        with Beside(self.client.update_weights, asdict(update)) as call:
+            self._broadcast(iter(self.source), update)
+            call.result(self.timeout_s)
+        self.client.finish_weight_update()
+
+    def _broadcast(self, pairs: Iterator[tuple[str, torch.Tensor]], update: GlooWeightTransferUpdateInfo) -> None:
+        metas = list(zip(update.names, update.dtype_names, update.shapes, strict=True))
+        for bucket in plan_buckets(metas, self.bucket_bytes):
+            buffer = torch.empty(bucket_size(bucket), dtype=torch.uint8)
+            for m in bucket:
+                name, tensor = next(pairs)
+                if name != m["name"] or list(tensor.shape) != m["shape"]:
+                    raise ValueError(f"weight source yielded {name} {list(tensor.shape)} where its metadata "
+                                     f"declared {m['name']} {m['shape']}")
+                flat = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+                buffer[m["offset"]: m["offset"] + m["nbytes"]].copy_(flat)
+            self.group.broadcast(buffer, 0).wait()
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            leave_group(self.group)
+            self.group = None
+
+
+class DeadlineExceeded(TimeoutError):
+    """A call run `Beside` did not finish within its deadline (it may still be running)."""
+
+
+class Beside:
+    """Run a call in a daemon thread: an HTTP call while this thread takes part in a collective, or a
+    whole push under a deadline. Daemon: a call stuck past its deadline must never keep the process
+    alive (no executor join at exit)."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._done = threading.Event()
+        self._result = self._error = None
+
+        def run():
+            try:
+                self._result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - reported by result()
+                self._error = e
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def result(self, timeout_s: float):
+        if not self._done.wait(timeout_s):
+            raise DeadlineExceeded(f"no answer within {timeout_s:.0f}s")
+        if self._error is not None:
+            raise self._error
+        return self._result

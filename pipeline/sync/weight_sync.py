@@ -1,0 +1,348 @@
+"""Trainer side of weight sync, on vLLM's weight-transfer API.
+
+`WeightSync.push(version)` sends the whole model into the running server through the backend the
+server was started with (`/model` says which): vLLM's `nccl` engine between GPUs, vLLM's `ipc`
+engine when trainer and server share one GPU, our `gloo` engine (pipeline/sync/gloo_transfer.py)
+between CPUs. The same code runs for all three; vLLM's trainer engines drive the handshake through
+`ServerSyncClient`, our authenticated HTTP routes with deadlines.
+
+After every push the server's weights are checked exactly: sha256 of a fixed sample of tensors as
+sent, against vLLM's digests of the loaded parameters (fused names such as `qkv_proj` rebuilt from
+the HF tensors), and, where vLLM-CPU keeps linear weights packed out of its checksums' sight, the
+digests our gloo engine took of what it received. A mismatch is a `WeightSyncError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layerwise_groups
+
+from pipeline.generation.client import ServerClient, ServerError, free_port
+from pipeline.generation.worker_ext import digest
+from pipeline.sync.gloo_transfer import Beside, DeadlineExceeded, without_agent_store
+from pipeline.sync.lora_export import exported_weights, merged_weight
+
+log = logging.getLogger("pipeline.sync.weight_sync")
+
+# vLLM fuses these HF projections into one parameter (its models' `stacked_params_mapping`).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class WeightSyncError(RuntimeError):
+    """A weight push failed, timed out or did not verify; the server's weights are not the trainer's."""
+
+
+class ServerSyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over our server's authenticated /weights routes; every
+    call has the sync deadline. `version` is what /weights/finish makes the server report."""
+
+    def __init__(self, client: ServerClient, timeout_s: float):
+        self.client, self.timeout_s, self.version = client, timeout_s, 0
+
+    def _post(self, path: str, body: dict) -> dict:
+        return self.client.request("POST", path, body, self.timeout_s)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("/weights/init", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._post("/weights/start", {"version": self.version})
+
+    def update_weights(self, update_info) -> None:
+        from vllm.distributed.weight_transfer.clients import _json_safe_update_payload
+
+        self._post("/weights/update", {"update_info": _json_safe_update_payload(update_info)})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        done = self._post("/weights/finish", {"version": self.version})
+        if done["version"] != self.version:
+            raise WeightSyncError(f"server reports version {done['version']} after pushing {self.version}")
+
+    def checksums(self, names: list[str], received: list[str]) -> list[dict]:
+        return self._post("/weights/checksums", {"names": names, "received": received})["workers"]
+
+
+class ModelSource(WeightSource):
+    """The trainer's parameters as vLLM's engines consume them: full tensors in the server's dtype
+    (LoRA merged, see `exported_weights`).
+
+    Under ZeRO-3 every rank holds a shard, so iterating gathers a chunk of parameters at a time (a
+    collective: every rank iterates in the same order; only the sender gets tensors, others get
+    None). On the sender, the tensors named in `keep` are copied to CPU for the checksum check.
+    """
+
+    def __init__(self, module: torch.nn.Module, zero_stage: int, is_sender: bool, wire_dtype: torch.dtype,
+                 device: torch.device, chunk_bytes: int = 256 * 2**20):
+        self.module, self.zero_stage, self.is_sender = module, zero_stage, is_sender
+        self.wire_dtype, self.device, self.chunk_bytes = wire_dtype, device, chunk_bytes
+        self.weights = exported_weights(module)
+        self.keep: set[str] = set()
+        self.kept: dict[str, torch.Tensor] = {}
+        self._active: Iterator | None = None
+
+    def _wire(self, tensor: torch.Tensor) -> torch.dtype:
+        return self.wire_dtype if tensor.is_floating_point() else tensor.dtype
+
+    def metadata(self) -> list[ParamMeta]:
+        return [ParamMeta(name, self._wire(ps[0]), tuple(getattr(ps[0], "ds_shape", ps[0].shape)))
+                for name, ps, _ in self.weights]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        self.kept = {}
+        self._active = self._pass()
+        return self._active
+
+    def drain(self) -> None:
+        """Finish the current pass (its gathers are collectives the other ranks are waiting in)."""
+        if self._active is not None:
+            for _ in self._active:
+                pass
+            self._active = None
+
+    def _out(self, name: str, params: list[torch.Tensor], scaling: float | None) -> torch.Tensor | None:
+        if not self.is_sender:
+            return None
+        tensor = merged_weight(params, scaling).to(self.device, self._wire(params[0])).contiguous()
+        if name in self.keep:
+            self.kept[name] = tensor.cpu().clone()
+        return tensor
+
+    def _pass(self):
+        if self.zero_stage < 3:
+            for name, params, scaling in self.weights:
+                yield name, self._out(name, params, scaling)
+            return
+        import deepspeed
+
+        chunk, size = [], 0
+        for i, entry in enumerate(self.weights):
+            chunk.append(entry)
+            size += sum(p.ds_numel * p.element_size() for p in entry[1])
+            if size >= self.chunk_bytes or i == len(self.weights) - 1:
+                with deepspeed.zero.GatheredParameters([p for _, ps, _ in chunk for p in ps], modifier_rank=None):
+                    copies = [(n, self._out(n, ps, s)) for n, ps, s in chunk]
+                yield from copies  # copies: at most one chunk is gathered at any time
+                chunk, size = [], 0
+
+
+def checksum_sample(metas: list[ParamMeta], budget_bytes: int) -> list[str]:
+    """A fixed sample of whole layers (every k-th of vLLM's layer-wise groups, so fused projections
+    are complete) of at most about `budget_bytes`; all tensors when the model fits."""
+    sizes = {m.name: m.dtype.itemsize * max(1, int(torch.Size(m.shape).numel())) for m in metas}
+    groups = layerwise_groups([m.name for m in metas])
+    total = sum(sizes.values())
+    if total <= budget_bytes:
+        return [m.name for m in metas]
+    stride = -(-total // max(budget_bytes, 1))
+    picked = [name for g in groups[1::stride] or groups[:1] for name in g]  # group 0 is the embedding
+    return picked
+
+
+def expected_digests(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[list[int], str]]:
+    """{vLLM parameter name: (shape, sha256)} for the given HF tensors, fused projections included."""
+    out = {name: (list(t.shape), digest(t)) for name, t in tensors.items()}
+    for fused, parts in FUSED.items():
+        for name in tensors:
+            if f".{parts[0]}." not in name:
+                continue
+            members = [name.replace(f".{parts[0]}.", f".{p}.") for p in parts]
+            if all(m in tensors for m in members):
+                cat = torch.cat([tensors[m] for m in members], dim=0)
+                out[name.replace(f".{parts[0]}.", f".{fused}.")] = (list(cat.shape), digest(cat))
+    return out
+
+
+def compare_digests(expected: dict[str, tuple[list[int], str]], hf_digests: dict[str, str],
+                    workers: list[dict]) -> list[str]:
+    """Raise on any mismatch; return the names verified (per worker). A worker's parameter is checked
+    when its shape is the full one (tensor-parallel shards are not) and vLLM can see its bytes;
+    otherwise the digest the gloo engine took on receipt stands in for it."""
+    verified = []
+    for worker in workers:
+        for name, (shape, want) in expected.items():
+            seen = worker["loaded"].get(name)
+            if seen and seen["sha256"] is not None and seen["shape"] == shape:  # None: vLLM-CPU hides it
+                if seen["sha256"] != want:
+                    raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
+                                          f"vLLM is not the tensor the trainer sent")
+                verified.append(name)
+            elif name in worker["received"]:
+                if worker["received"][name] != hf_digests[name]:
+                    raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as received "
+                                          f"is not the tensor the trainer sent")
+                verified.append(name)
+    return verified
+
+
+class WeightSync:
+    """Every trainer rank builds one (ZeRO-3 gathers are collectives); rank 0 talks to the server.
+
+    `push(version)` is collective and returns the same stats (or raises the same error) on every rank.
+    """
+
+    def __init__(self, module: torch.nn.Module, zero_stage: int, rank: int, device: torch.device,
+                 client: ServerClient | None, *, host: str, port: int = 0, timeout_s: float = 60.0,
+                 bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20):
+        self.rank, self.device, self.timeout_s = rank, torch.device(device), timeout_s
+        self.module, self.zero_stage = module, zero_stage
+        self.host, self.port, self.bucket_bytes, self.verify_bytes = host, port, bucket_bytes, verify_bytes
+        self.http = client  # rank 0's HTTP client of the server (None on the other ranks)
+        self.sync_client = ServerSyncClient(client, timeout_s) if client is not None else None
+        self.transfer = None  # the backend's trainer-side engine, from vLLM's factory
+        self.backend = ""
+        self.last_stats: dict[str, float] = {}
+        self.verified_names: list[str] = []
+        self._warned_unverified = False
+
+    # --- connect -------------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """(Re)form the transfer group with the server's workers (after a server restart too)."""
+        from pipeline.sync.gloo_transfer import register
+
+        register()
+        self.close()
+        info = [None]
+        if self.rank == 0:
+            try:
+                model = self.http.model_info()
+                info = [{k: model[k] for k in ("dtype", "sync_backend", "tensor_parallel_size")}]
+            except ServerError as e:
+                info = [{"error": str(e)}]
+        info = _on_all_ranks(info)[0]
+        if "error" in info:
+            raise WeightSyncError(f"cannot reach the server to set up weight sync: {info['error']}")
+        self.backend = info["sync_backend"]
+        wire = getattr(torch, info["dtype"])
+        self.source = ModelSource(self.module, self.zero_stage, self.rank == 0, wire, self.device)
+        error = [None]
+        try:
+            with without_agent_store():
+                self.transfer = self._trainer_init(info)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = [f"cannot set up {self.backend} weight sync with the server: {type(e).__name__}: {e}"]
+        if (error := _on_all_ranks(error)[0]) is not None:
+            raise WeightSyncError(error)
+
+    def _trainer_init(self, info: dict):
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        if self.backend not in TRAINER_INIT_INFO:
+            raise WeightSyncError(f"the server uses sync backend {self.backend!r}; expected one of "
+                                  f"{', '.join(TRAINER_INIT_INFO)}")
+        init = TRAINER_INIT_INFO[self.backend](self, world_size=1 + info["tensor_parallel_size"])
+        return _with_deadline(lambda: WeightTransferTrainerFactory.trainer_init(
+            init, client=self.sync_client, source=self.source), self.timeout_s, "joining the transfer group",
+            enforce=self.rank == 0, device=self.device)
+
+    # --- push ------------------------------------------------------------------------------------------
+
+    def push(self, version: int) -> dict[str, float]:
+        """Send the whole model; the server then serves it as `version`. Verified by checksums."""
+        start = time.perf_counter()
+        metas = self.source.metadata()
+        sample = checksum_sample(metas, self.verify_bytes)
+        self.source.keep = set(sample)
+        if hasattr(self.transfer, "digest_names"):  # our gloo engine hashes what it receives
+            self.transfer.digest_names = sample
+        error = [None]
+        if self.rank == 0:
+            self.sync_client.version = version
+        try:
+            _with_deadline(self.transfer.send_weights, self.timeout_s, f"pushing weights version {version}",
+                           enforce=self.rank == 0, device=self.device)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = [f"weight push for version {version} failed: {type(e).__name__}: {e}"]
+        with contextlib.suppress(Exception):
+            self.source.drain()  # after a failure: the other ranks still wait in the ZeRO-3 gathers
+        stats = {}
+        if self.rank == 0 and error[0] is None:
+            try:
+                stats = self._verify(sample)
+            except (WeightSyncError, ServerError) as e:
+                error = [f"weights version {version} did not verify: {e}"]
+        if (error := _on_all_ranks(error)[0]) is not None:
+            raise WeightSyncError(error)
+        seconds = time.perf_counter() - start
+        nbytes = sum(m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas)
+        self.last_stats = {"seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9 if seconds else 0.0,
+                           **stats}
+        return self.last_stats
+
+    def _verify(self, sample: list[str]) -> dict[str, float]:
+        start = time.perf_counter()
+        kept = self.source.kept
+        expected = expected_digests(kept)
+        hf_digests = {name: expected[name][1] for name in kept}
+        workers = self.sync_client.checksums(sorted(expected), sorted(kept) if self.backend == "gloo" else [])
+        self.verified_names = compare_digests(expected, hf_digests, workers)
+        if not self.verified_names and not self._warned_unverified:
+            self._warned_unverified = True
+            log.warning("weight checksums: none of the %d sampled tensors could be matched to the server's "
+                        "parameters (architecture not mapped?); relying on the logprob probe", len(sample))
+        return {"verified_tensors": len(self.verified_names), "verify_s": time.perf_counter() - start}
+
+    def close(self) -> None:
+        if self.transfer is not None:
+            with contextlib.suppress(Exception):
+                self.transfer.shutdown()
+            self.transfer = None
+
+
+def _gloo_init_info(sync: WeightSync, world_size: int):
+    from pipeline.sync.gloo_transfer import GlooTrainerInitInfo
+
+    return GlooTrainerInitInfo(master_address=sync.host, master_port=sync.port or free_port(sync.host),
+                               world_size=world_size, timeout_s=sync.timeout_s, bucket_bytes=sync.bucket_bytes,
+                               rank=sync.rank)
+
+
+def _nccl_init_info(sync: WeightSync, world_size: int):
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    return NCCLTrainerInitInfo(master_address=sync.host, master_port=sync.port or free_port(sync.host),
+                               world_size=world_size, packed=True, packed_buffer_size_bytes=sync.bucket_bytes,
+                               rank=sync.rank)
+
+
+def _ipc_init_info(sync: WeightSync, world_size: int):
+    from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+    return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=sync.bucket_bytes, rank=sync.rank)
+
+
+# The trainer side of each backend in pipeline/sync/transport.py: how it joins the server's workers.
+TRAINER_INIT_INFO = {"gloo": _gloo_init_info, "nccl": _nccl_init_info, "ipc": _ipc_init_info}
+
+
+def _on_all_ranks(value: list) -> list:
+    """Rank 0's value on every rank (a no-op without a process group: single-process use, tests)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(value, src=0)
+    return value
+
+
+def _with_deadline(fn, timeout_s: float, what: str, enforce: bool, device: torch.device):
+    """Run `fn`, failing after `timeout_s` even where the transport itself has no deadline (vLLM's
+    NCCL engines block forever on a dead peer). The abandoned call keeps a daemon thread that must
+    not stop the process from exiting; the group is unusable and the caller reconnects or exits."""
+    if not enforce:
+        return fn()
+
+    def run():
+        if device.type == "cuda":  # the current CUDA device is per thread
+            torch.cuda.set_device(device)
+        return fn()
+
+    with Beside(run) as call:
+        try:
+            return call.result(timeout_s)
+        except DeadlineExceeded:
+            raise WeightSyncError(f"{what}: no progress within sync.timeout_s={timeout_s:.0f}s (server or "
+                                  f"transfer group stalled)") from None

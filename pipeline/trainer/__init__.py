@@ -1,0 +1,1 @@
+"""The GRPO trainer under DeepSpeed: set-up, rollouts, loss, metrics, checkpoints, the link to the server."""

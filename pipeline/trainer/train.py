@@ -1,0 +1,340 @@
+"""The GRPO trainer: one rank of `deepspeed --module pipeline.trainer.train`, started by launch/train.py.
+
+Each optimizer step runs the stages in order, each in one obvious place:
+  data      prompts for this step (seeded order, resumable)              build.StepData
+  generate  G completions per prompt from the vLLM server                rollout.Rollouts
+  reward    this rank's completions, gathered for group statistics       rollout.score_step -> StepBatch
+  advantage group-normalised rewards                                      grpo.group_advantages
+  loss      clipped policy gradient on the server's token ids            grpo.grpo_loss
+  optimizer DeepSpeed backward/step (accumulation, clipping, schedule)    this file, `train_on_batch`
+  sync      push the new weights (vLLM weight-transfer API), verify them  server_link.ServerLink
+  metrics   one row per step from sums over ranks                          metrics.metrics_row
+
+`main` sets a rank up (`build.build`: data, rewards, the model under DeepSpeed), connects it to the
+server and hands over to `fit`, the loop. What it simplifies on purpose: one policy update per batch
+of rollouts (TRL's num_iterations=1), so the server's logprobs are the "old" policy; no HF Trainer in
+between, so DeepSpeed sees exactly the batch sizes we compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config, ConfigError, TrainConfig, load_config, to_dict
+from pipeline.generation.client import ServerClient, ServerError, server_token
+from pipeline.sync.weight_sync import WeightSyncError
+from pipeline.task.data import DataError, PromptStyle
+from pipeline.task.reasoning import check_reasoning
+from pipeline.task.rewards import STRICT_POINTS, RewardError
+from pipeline.trainer.build import Trainer, build
+from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
+from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
+from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
+from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step
+from pipeline.trainer.server_link import ServerLink
+
+log = logging.getLogger("pipeline.trainer.train")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="pipeline.trainer.train", description="One GRPO trainer rank (use launch/train.py)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--server-url", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--token-file", help="read the server token from this file (0600; multi-node ranks "
+                                             "whose launcher does not forward the environment)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
+    return parser.parse_args(argv)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr)]
+                        + ([logging.FileHandler(run_dir / "train.log")] if rank == 0 else []))
+
+
+def main(argv=None) -> int:
+    import deepspeed
+
+    args = parse_args(argv)
+    config = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir)
+    if torch.cuda.is_available():  # before any collective: NCCL binds to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(timeout=collective_timeout(config))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    release_shm_name(rank)
+    setup_logging(run_dir, rank)
+    trainer = build(config, world)
+
+    # --- resume -------------------------------------------------------------------------------------
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    if args.resume:
+        path, state = trainer.engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
+        start_step = state["step"]
+        if rank == 0:
+            trim_metrics(run_dir / "metrics.jsonl", start_step)
+        log.info("resumed from %s at step %d", path, start_step)
+
+    # --- the server link: the server must serve exactly the trainer's weights before the first rollout ---
+    client = None
+    if rank == 0:
+        client = ServerClient(args.server_url, server_token(config.server.token, args.token_file),
+                              config.server.request_timeout_s)
+    server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
+    # Trainer rank 0 hosts the transfer group's rendezvous; the server's workers connect to it.
+    link = ServerLink(trainer.engine, trainer.zero_stage, rank, config, client, dtype=trainer.dtype,
+                      sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()))
+    link.connect()
+    link.push(start_step)
+    t = config.train
+    metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
+    evaluation = InTrainingEval(config, trainer.tokenizer, client) if config.eval.every and rank == 0 else None
+    rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
+                        top_p=t.top_p, seed=config.run.seed, max_staleness=t.max_staleness if t.overlap else 0)
+
+    fit(trainer, link, rollouts, metrics, evaluation, start_step, ckpt_dir)
+
+    metrics.close()
+    rollouts.close()
+    save_checkpoint(trainer.engine, ckpt_dir, trainer.total_steps, t.keep_checkpoints, rank)
+    save_final_model(trainer.engine, trainer.zero_stage, trainer.tokenizer, run_dir / "final", rank)
+    link.close()
+    log.info("done: %d steps; final model in %s", trainer.total_steps, run_dir / "final")
+    dist.barrier()
+    return 0
+
+
+def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics,
+        evaluation: InTrainingEval | None, start_step: int, ckpt_dir: Path) -> None:
+    """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step."""
+    from tqdm import tqdm
+
+    config, t, engine, data = trainer.config, trainer.config.train, trainer.engine, trainer.step_data
+    rank, total = dist.get_rank(), trainer.total_steps
+
+    def request_rollouts(step: int) -> None:
+        batch = data(step)
+        rollouts.request(step, [trainer.style.ids(trainer.tokenizer, e) for e in batch], batch)
+
+    if t.overlap and start_step < total:
+        request_rollouts(start_step)
+    bar = tqdm(total=total, initial=start_step, desc="GRPO", disable=rank != 0, dynamic_ncols=True)
+    for step in range(start_step, total):
+        clock = StepClock()
+        if not t.overlap:
+            request_rollouts(step)
+        try:
+            completions, generated_by = rollouts.collect(step, version=step)
+        except ServerError as e:  # the server died mid-generation: fail, or (server.restart) retry once
+            link.recover(e, step)
+            request_rollouts(step)
+            completions, generated_by = rollouts.collect(step, version=step)
+        if t.overlap and step + 1 < total:
+            request_rollouts(step + 1)  # generated while this step trains; its push waits for it
+        clock.lap("generate")  # the trainer's wait for rollouts
+
+        batch = score_step(completions, generated_by, rank=rank, world=trainer.world, group_size=t.num_generations,
+                           scaling=t.advantage_scaling, weights=config.rewards, rewards=trainer.rewards,
+                           system_prompt=trainer.style.system_prompt, device=engine.device)
+        clock.lap("reward")
+        sums, maxima = train_on_batch(engine, trainer.reference, batch, t, trainer.tokenizer.pad_token_id,
+                                      trainer.world)
+        clock.lap("train")
+        rollouts.wait()  # overlapped: the next step's generation finishes before its weights change
+        clock.lap("wait_rollouts")
+        link.push(step + 1)
+        clock.lap("sync")
+        sync_diff = link.probe(completions[0].prompt_ids, completions[0].token_ids, step + 1)
+
+        row = step_row(step, batch, sums, maxima, trainer, {
+            "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
+            "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
+            "server/restarts": link.restarts, "sync/logprob_max_abs_diff": sync_diff,
+            "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
+            "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), **clock.times()})
+        if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
+            row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
+        if (step + 1) % t.log_every == 0 or step + 1 == total:
+            metrics.write(row)
+        if t.log_completions_every and t.log_completions and (step + 1) % t.log_completions_every == 0:
+            metrics.write_completions(step + 1, completion_samples(batch, t.log_completions))
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward/total']:.3f}", strict=f"{row['format/strict_rate']:.2f}",
+                        step_s=f"{row['time/step']:.1f}")
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
+            save_checkpoint(engine, ckpt_dir, step + 1, t.keep_checkpoints, rank)
+    bar.close()
+
+
+class StepClock:
+    """A step's phases as `time/<phase>` seconds (each since the previous lap), and `time/step`."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"time/{phase}"] = now - self.last
+        self.last = now
+
+    def times(self) -> dict[str, float]:
+        return {**self.laps, "time/step": time.perf_counter() - self.start}
+
+
+def step_row(step: int, batch: StepBatch, sums: dict, maxima: dict, trainer: Trainer, extra: dict) -> dict:
+    """The step's metrics row: this rank's sums reduced over every rank, and what rank 0 knows as is."""
+    counts, longest = completion_stats(batch)
+    s, mx = Metrics.reduce({**sums, **counts}, {**maxima, **longest}, trainer.engine.device)
+    return metrics_row(step + 1, s, mx, list(trainer.rewards), {
+        "epoch": (step + 1) / trainer.step_data.steps_per_epoch, "lr": trainer.engine.get_lr()[0],
+        **group_stats(batch.group_totals.tolist()), **extra})
+
+
+def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: int,
+                   world: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One optimizer step on this rank's completions: `gradient_accumulation_steps` micro-batches of
+    forward (with the frozen reference when beta > 0), GRPO loss, backward; DeepSpeed steps, clips
+    and schedules at the accumulation boundary. Returns this rank's sums and maxima for the metrics."""
+    engine.train()
+    device = engine.device
+    mine, advantages = batch.completions, batch.advantages
+    trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
+    token_total = step_normaliser(t.loss_type, sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k),
+                                  t.gradient_accumulation_steps, world, device)
+    sums = dict.fromkeys(("loss", "tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "entropy_sum"), 0.0)
+    if t.beta > 0:
+        sums["kl_sum"] = 0.0
+    maxima = {"ratio_max": 0.0}
+    for m in range(t.gradient_accumulation_steps):
+        part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
+        chunk = mine[part]
+        micro = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
+                           advantages[part].tolist(), trained[part], pad_id, device)
+        logprobs, entropy = token_logprobs(engine, micro.input_ids, micro.attention_mask, t.temperature,
+                                           with_entropy=True)
+        ref_logprobs = None
+        if t.beta > 0:
+            ref_model, off = ((reference, contextlib.nullcontext()) if reference is not None
+                              else (engine, engine.module.disable_adapter()))  # LoRA: the adapter switched off
+            with torch.no_grad(), off:
+                ref_logprobs = token_logprobs(ref_model, micro.input_ids, micro.attention_mask, t.temperature)
+        loss, stats = grpo_loss(logprobs, micro, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
+                                loss_type=t.loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs,
+                                token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
+        engine.backward(loss)
+        engine.step()
+        sums["loss"] += loss.item() / t.gradient_accumulation_steps / world
+        sums["entropy_sum"] += float((entropy * micro.completion_mask).sum())
+        for key in ("tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "kl_sum"):
+            if key in sums:
+                sums[key] += stats[key]
+        maxima["ratio_max"] = max(maxima["ratio_max"], stats["ratio_max"])
+    # the gradient's norm before clipping, computed by DeepSpeed at the boundary (the same on every rank)
+    norm = engine.get_global_grad_norm()
+    maxima["grad_norm"] = float(norm) if norm is not None else math.nan
+    return sums, maxima
+
+
+def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, float]]:
+    """This rank's sums and maxima over its completions, for the metrics (reduced over ranks by the caller)."""
+    mine, per_reward = batch.completions, batch.per_reward
+    checks = [check_reasoning(c.text) for c in mine]
+    return {
+        "count": float(len(mine)), "reward_total": float(sum(batch.totals)),
+        "strict": float(sum(v == STRICT_POINTS for v in per_reward["strict_format"])),
+        "correct": float(sum(v > 0 for v in per_reward["correctness"])),
+        "length": float(sum(len(c.token_ids) for c in mine)),
+        "truncated": float(sum(c.truncated for c in mine)),
+        "reasoning_steps": float(sum(r.steps for r in checks)),
+        "reasoning_correct": float(sum(r.correct_steps for r in checks)),
+        **{f"r_{name}": float(sum(values)) for name, values in per_reward.items()},
+    }, {"length_max": float(max(len(c.token_ids) for c in mine))}
+
+
+class InTrainingEval:
+    """eval.every: rank 0 evaluates what the server serves now (eval.limit test problems) and returns
+    the summary as `eval/<key>` columns of that step's metrics row."""
+
+    def __init__(self, config: Config, tokenizer, client: ServerClient):
+        from pipeline.report.evaluate import load_eval_examples
+
+        self.config, self.tokenizer, self.client = config, tokenizer, client
+        self.examples, _ = load_eval_examples(config, tokenizer, None, config.eval.limit or None)
+        self.style = PromptStyle.from_config(config.data)
+
+    def run(self, step: int) -> dict[str, float]:
+        from pipeline.report.evaluate import evaluate
+
+        e = self.config.eval
+        summary, _ = evaluate(self.client, self.tokenizer, self.examples, max_tokens=self.config.train.max_completion_tokens,
+                              maj_k=e.maj_k, temperature=e.temperature, seed=self.config.run.seed + step, style=self.style)
+        log.info("step %d: eval pass@1 strict accuracy %.3f on %d problems", step,
+                 summary.get("pass@1/strict_accuracy", float("nan")), len(self.examples))
+        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)}
+
+
+def completion_samples(batch: StepBatch, count: int) -> list[dict]:
+    """The first `count` of this rank's completions as table rows."""
+    rows = []
+    for i, c in enumerate(batch.completions[:count]):
+        rows.append({"prompt": c.example.question, "completion": c.text, "reference": c.answer,
+                     **{f"reward/{name}": values[i] for name, values in batch.per_reward.items()},
+                     "reward/total": batch.totals[i], "advantage": float(batch.advantages[i])})
+    return rows
+
+
+def release_shm_name(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm buffer per rank and never unlinks it, so every
+    run on CPU leaked RAM (a test suite: gigabytes, until the machine crawled). Once every rank has
+    mapped every peer's buffer (during init_distributed, hence the barrier), the names can go: the
+    memory stays mapped while the ranks live and is freed when they exit, however they exit."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
+
+
+def collective_timeout(config: Config) -> timedelta:
+    """How long a rank waits in a collective for the others. Rank 0 alone talks to the server, so the
+    other ranks wait out its deadlines (a generation, a server restart, a push) plus a margin: rank 0's
+    error names the cause, instead of a bare gloo/NCCL timeout on a rank that was only waiting."""
+    s, e = config.server, config.eval
+    evaluation = 0.0
+    if e.every:  # one greedy (and one sampled, for maj@k) request per 128 problems, each within its deadline
+        from pipeline.report.evaluate import REQUEST_PROMPTS
+
+        requests = -(-(e.limit or 10_000) // REQUEST_PROMPTS) * (2 if e.maj_k else 1)
+        evaluation = requests * s.request_timeout_s
+    return timedelta(seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ServerError, WeightSyncError, StaleRolloutError) as e:  # the server failed: say so in one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
