@@ -201,3 +201,96 @@ def test_server_killed_mid_push_raises_within_timeout(untied_server, tiny_untied
     assert killed.is_set()
     assert elapsed < timeout_s + 5, f"took {elapsed:.1f}s"
     assert "version 5" in str(err.value)
+
+
+# --- what each tensor-parallel rank holds, against vLLM's own weight loaders on CPU ---------------------
+
+
+def vllm_shards(monkeypatch, tp: int, rank: int, hf: dict, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Load the HF tensors into vLLM's own parallel layers built as rank `rank` of `tp` would build them
+    (vLLM's tensor-parallel rank and size patched where its layers read them), as a model loads them."""
+    import vllm.distributed as vllm_distributed
+    import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.layers.vocab_parallel_embedding as vocab
+    import vllm.model_executor.parameter as parameter
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    for module in (linear, parameter, vocab, vllm_distributed):
+        for fn, value in (("get_tensor_model_parallel_world_size", tp), ("get_tensor_model_parallel_rank", rank)):
+            if hasattr(module, fn):
+                monkeypatch.setattr(module, fn, lambda value=value: value)
+    hidden, inter = hf["q_proj"].shape[1], hf["gate_proj"].shape[0]
+    kw = {"params_dtype": torch.float32}
+    with set_current_vllm_config(VllmConfig()):
+        qkv = linear.QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias=True, **kw)
+        gate_up = linear.MergedColumnParallelLinear(hidden, [inter, inter], bias=False, **kw)
+        o = linear.RowParallelLinear(heads * head_dim, hidden, bias=True, **kw)
+        down = linear.RowParallelLinear(inter, hidden, bias=False, **kw)
+        embed = vocab.VocabParallelEmbedding(hf["embed_tokens"].shape[0], hidden, **kw)
+    for shard_id, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+        qkv.weight_loader_v2(qkv.weight, hf[name], shard_id)
+        qkv.weight_loader(qkv.bias, hf[name + ".bias"], shard_id)
+    for shard_id, name in ((0, "gate_proj"), (1, "up_proj")):
+        gate_up.weight_loader_v2(gate_up.weight, hf[name], shard_id)
+    o.weight_loader_v2(o.weight, hf["o_proj"])
+    o.weight_loader(o.bias, hf["o_proj.bias"])
+    down.weight_loader_v2(down.weight, hf["down_proj"])
+    embed.weight_loader(embed.weight, hf["embed_tokens"])
+    return {"layers.0.self_attn.qkv_proj.weight": qkv.weight, "layers.0.self_attn.qkv_proj.bias": qkv.bias,
+            "layers.0.mlp.gate_up_proj.weight": gate_up.weight, "layers.0.self_attn.o_proj.weight": o.weight,
+            "layers.0.self_attn.o_proj.bias": o.bias, "layers.0.mlp.down_proj.weight": down.weight,
+            "embed_tokens.weight": embed.weight}
+
+
+@pytest.mark.parametrize("tp,heads,kv_heads", [(1, 4, 2), (2, 4, 2), (4, 4, 2), (4, 8, 1), (2, 8, 8)])
+def test_each_ranks_shard_is_what_vllm_loads(monkeypatch, tp, heads, kv_heads):
+    """pipeline/sync/shards.py's shard of every kind of parameter (qkv with KV heads split or replicated,
+    merged gate|up, row-parallel weight and its whole bias, the padded vocabulary) equals, byte for byte,
+    what vLLM's own loaders put on that rank."""
+    from pipeline.generation.worker_ext import digest
+    from pipeline.sync.shards import Heads, worker_shards
+
+    head_dim, hidden, inter, vocab = 16, 64, 96, 1000  # 1000 rows: padded to 1024
+    g = torch.Generator().manual_seed(0)
+    hf = {"q_proj": torch.randn(heads * head_dim, hidden, generator=g),
+          "k_proj": torch.randn(kv_heads * head_dim, hidden, generator=g),
+          "v_proj": torch.randn(kv_heads * head_dim, hidden, generator=g),
+          "gate_proj": torch.randn(inter, hidden, generator=g), "up_proj": torch.randn(inter, hidden, generator=g),
+          "o_proj": torch.randn(hidden, heads * head_dim, generator=g), "o_proj.bias": torch.randn(hidden, generator=g),
+          "down_proj": torch.randn(hidden, inter, generator=g), "embed_tokens": torch.randn(vocab, hidden, generator=g)}
+    for name in ("q_proj", "k_proj", "v_proj"):
+        hf[name + ".bias"] = torch.randn(hf[name].shape[0], generator=g)
+    named = {"embed_tokens.weight": hf["embed_tokens"], "layers.0.mlp.down_proj.weight": hf["down_proj"],
+             "layers.0.self_attn.o_proj.weight": hf["o_proj"], "layers.0.self_attn.o_proj.bias": hf["o_proj.bias"],
+             **{f"layers.0.self_attn.{n}.{kind}": hf[n + (".bias" if kind == "bias" else "")]
+                for n in ("q_proj", "k_proj", "v_proj") for kind in ("weight", "bias")},
+             **{f"layers.0.mlp.{n}.weight": hf[n] for n in ("gate_proj", "up_proj")}}
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    for rank in range(tp):
+        loaded = vllm_shards(monkeypatch, tp, rank, hf, heads, kv_heads, head_dim)
+        ours = worker_shards(named, packed, Heads(heads, kv_heads), rank, tp)
+        assert set(ours) == set(loaded)
+        for name, param in loaded.items():
+            assert list(ours[name][0].shape) == list(param.shape), (name, rank)
+            assert digest(ours[name][0]) == digest(param.data), (name, rank, tp)
+
+
+def test_the_checksum_sample_moves_on_and_keeps_both_ends():
+    """A model larger than sync.verify_mb: every push verifies the first and the last layer group, and
+    a window of the layers between that moves on, so every tensor is verified within a bounded number of
+    pushes; a model that fits is verified whole."""
+    from vllm.distributed.weight_transfer.base import ParamMeta
+
+    from pipeline.sync.weight_sync import checksum_sample
+
+    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}.weight" for i in range(10)
+                                             for p in ("self_attn.qkv_proj", "mlp.down_proj")] + ["model.norm.weight"]
+    metas = [ParamMeta(n, torch.float32, (256, 256)) for n in names]
+    one = 256 * 256 * 4
+    assert checksum_sample(metas, len(names) * one, version=0) == names
+    seen = set()
+    for version in range(5):
+        sample = checksum_sample(metas, 6 * one, version)  # the two ends + 2 layers of 2 tensors each
+        assert sample[0] == names[0] and sample[-1] == names[-1] and len(sample) == 6
+        seen.update(sample)
+    assert seen == set(names)  # 10 layers, 2 per push: all within 5 pushes
