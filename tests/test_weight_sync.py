@@ -294,3 +294,34 @@ def test_the_checksum_sample_moves_on_and_keeps_both_ends():
         assert sample[0] == names[0] and sample[-1] == names[-1] and len(sample) == 6
         seen.update(sample)
     assert seen == set(names)  # 10 layers, 2 per push: all within 5 pushes
+
+
+def test_the_ipc_buffer_holds_the_largest_tensor():
+    """vLLM's packed IPC producer raises on a tensor larger than its buffer: a Llama-3-size embedding
+    (128256 x 2048 in bf16, 525 MB) must fit the buffer whatever sync.bucket_mb says."""
+    from types import SimpleNamespace
+
+    from vllm.distributed.weight_transfer.base import ParamMeta
+
+    from pipeline.sync.weight_sync import TRAINER_INIT_INFO
+
+    metas = [ParamMeta("model.embed_tokens.weight", torch.bfloat16, (128256, 2048)),
+             ParamMeta("model.norm.weight", torch.bfloat16, (2048,))]
+    sync = SimpleNamespace(source=SimpleNamespace(metadata=lambda: metas), bucket_bytes=256 * 2**20, rank=0)
+    assert TRAINER_INIT_INFO["ipc"](sync, world_size=2).packed_buffer_size_bytes == 128256 * 2048 * 2
+    sync.bucket_bytes = 2**30
+    assert TRAINER_INIT_INFO["ipc"](sync, world_size=2).packed_buffer_size_bytes == 2**30
+
+
+def test_ipc_handles_travel_as_json():
+    import base64
+    import json
+    import pickle
+
+    from pipeline.sync.weight_sync import json_safe_update_info
+
+    plain = {"names": ["a"], "dtype_names": ["float32"], "shapes": [[2]]}
+    assert json_safe_update_info(plain) is plain
+    handles = [{"gpu-uuid": ("rebuild", (1, 2, b"\x00\x01"))}]
+    sent = json.loads(json.dumps(json_safe_update_info({**plain, "ipc_handles": handles})))
+    assert "ipc_handles" not in sent and pickle.loads(base64.b64decode(sent["ipc_handles_pickled"])) == handles

@@ -379,9 +379,9 @@ class GenerationServer:
     def _check_payload(self, kind: str, payload: dict | list[dict]) -> None:
         """Parse the payload as the backend's own dataclass does, so a malformed one is a 400 here
         instead of an exception inside the workers."""
-        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+        from pipeline.generation.transport import TRANSPORTS
 
-        cls = WeightTransferEngineFactory._registry[self.backend]()
+        cls = TRANSPORTS[self.backend].engine_class()
         info_cls = cls.init_info_cls if kind == "init" else cls.update_info_cls
         for item in payload if isinstance(payload, list) else [payload]:
             try:
@@ -395,6 +395,10 @@ class GenerationServer:
 
         def run():
             self._abandon_update()
+            if self.sync_ready:  # a new trainer, or one that recovers: release the old group first, or
+                # vLLM's NCCL engine keeps its communicator (its init only overwrites the reference)
+                self.sync_ready = False
+                self._rpc("shutdown_weight_transfer_engine", timeout, touches_weights=False)
             self._rpc("init_weight_transfer_engine", timeout, touches_weights=False, init_info=req.init_info)
             self.sync_ready = True
 

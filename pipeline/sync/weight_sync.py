@@ -52,9 +52,7 @@ class ServerSyncClient:
         self._post("/weights/start", {"version": self.version})
 
     def update_weights(self, update_info) -> None:
-        from vllm.distributed.weight_transfer.clients import _json_safe_update_payload
-
-        self._post("/weights/update", {"update_info": _json_safe_update_payload(update_info)})
+        self._post("/weights/update", {"update_info": json_safe_update_info(update_info)})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         done = self._post("/weights/finish", {"version": self.version})
@@ -63,6 +61,21 @@ class ServerSyncClient:
 
     def checksums(self, names: list[str], received: list[str]) -> list[dict]:
         return self._post("/weights/checksums", {"names": names, "received": received})["workers"]
+
+
+def json_safe_update_info(update_info: dict) -> dict:
+    """vLLM's IPC update info carries CUDA IPC handles, which JSON cannot: they travel pickled and
+    base64-encoded as `ipc_handles_pickled`, which vLLM's IPC engine decodes on the worker (with
+    VLLM_ALLOW_INSECURE_SERIALIZATION; the server requires a token for ipc). Other backends' info is
+    JSON already. The same as vLLM's HTTP weight-sync client does (a private helper there)."""
+    if update_info.get("ipc_handles") is None:
+        return update_info
+    import base64
+    import pickle
+
+    out = {k: v for k, v in update_info.items() if k != "ipc_handles"}
+    out["ipc_handles_pickled"] = base64.b64encode(pickle.dumps(update_info["ipc_handles"])).decode("utf-8")
+    return out
 
 
 class ModelSource(WeightSource):
@@ -320,10 +333,17 @@ def _nccl_init_info(sync: WeightSync, world_size: int):
 def _ipc_init_info(sync: WeightSync, world_size: int):
     from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
-    return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=sync.bucket_bytes, rank=sync.rank)
+    # vLLM's packed IPC producer raises on a tensor larger than its buffer (the NCCL one only warns):
+    # the buffer holds at least the largest tensor (a Llama-3 embedding is 1 GB in bf16).
+    return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=max(sync.bucket_bytes, largest_tensor_bytes(
+        sync.source.metadata())), rank=sync.rank)
 
 
-# The trainer side of each backend in pipeline/sync/transport.py: how it joins the server's workers.
+def largest_tensor_bytes(metas: list[ParamMeta]) -> int:
+    return max((m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas), default=0)
+
+
+# The trainer side of each backend in pipeline/generation/transport.py: how it joins the server's workers.
 TRAINER_INIT_INFO = {"gloo": _gloo_init_info, "nccl": _nccl_init_info, "ipc": _ipc_init_info}
 
 
