@@ -24,8 +24,9 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layerwise_groups
 
 from pipeline.generation.client import ServerClient, ServerError, free_port
+from pipeline.generation.deadline import Beside, DeadlineExceeded
 from pipeline.generation.worker_ext import digest
-from pipeline.sync.gloo_transfer import Beside, DeadlineExceeded, without_agent_store
+from pipeline.sync.gloo_transfer import without_agent_store
 from pipeline.sync.lora_export import exported_weights, merged_weight
 from pipeline.sync.shards import Heads, worker_shards
 
