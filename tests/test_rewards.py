@@ -211,3 +211,21 @@ def test_answers_past_the_int_string_limit_compare_exactly():
     assert correctness_reward(completions=[text], answer=[big + ".00"]) == [2.0]
     assert correctness_reward(completions=[text], answer=[big + "8"]) == [0.0]
     assert answers_match("18.00", "18") and not answers_match(big, big[:-1])
+
+
+def test_symbolic_answers_are_bounded_before_math_verify():
+    """Against a reference that is not a plain number, a prediction goes to math-verify/sympy only when
+    its cost is bounded (checked in one pass); hostile ones score 0 without sympy, legitimate ones still
+    compare symbolically."""
+    from pipeline.task import answers
+
+    hostile = ["2^{99999999}", "10^{10^{10}}", "9^{10000}^{10000}", "(2^{10000})^{10000}", "99999999999!",
+               "(x+y+z)^{100}", "(a+b+c+d+e+f)^{10}", "((x+1)^{3})^{3}", "x^{3}+y^{3}+z^{3}+x^{3}y^{3}z^{3}",
+               "1" * 65, "\\sum_{n=1}^{1000} n^3", "(1+x)^{5000}", "e^{e^{e}}", "2**3**4"]
+    for text in hostile:
+        assert not answers._sympy_cost_bounded(text, "\\frac{1}{2}"), text
+    legit = [("\\frac{2}{4}", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}"), ("x(x+2)", "x^2+2x"),
+             ("2^{2008}/2", "2^{2007}"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("(x+1)^{10}", "(1+x)^{10}")]
+    for predicted, reference in legit:
+        assert answers._sympy_cost_bounded(predicted, reference), (predicted, reference)
+        assert answers_match(predicted, reference) or answers.answers_equivalent(predicted, reference), predicted

@@ -123,3 +123,30 @@ def test_bad_config_is_one_line_error(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert one_line_error(proc).startswith("error: server.prot: unknown key")
+
+
+def test_a_second_transfer_group_releases_the_first(monkeypatch):
+    """/weights/init when a group exists (a new trainer, or one recovering from a lost server) shuts the
+    workers' old engine down first: vLLM's NCCL engine would otherwise keep the old communicator (its
+    init only overwrites the reference). The engine is a recorder here; the sequence is the server's."""
+    import threading
+
+    from pipeline.config import load_config
+    from pipeline.generation.serve import GenerationServer, SyncInitRequest
+
+    calls = []
+
+    class Engine:
+        def collective_rpc(self, method, timeout=None, kwargs=None):
+            calls.append(method)
+            return [None]
+
+    server = object.__new__(GenerationServer)
+    server.config, server.backend, server.llm = load_config(None, []), "gloo", Engine()
+    server.fatal = server.error = ""
+    server.updating = server.worker_session = server.sync_ready = False
+    server.engine = threading.Condition()
+    info = {"master_address": "127.0.0.1", "master_port": 29999, "world_size": 2}
+    server.init_sync(SyncInitRequest(init_info=info))
+    server.init_sync(SyncInitRequest(init_info=info))
+    assert calls == ["init_weight_transfer_engine", "shutdown_weight_transfer_engine", "init_weight_transfer_engine"]

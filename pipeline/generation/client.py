@@ -65,15 +65,20 @@ class ServerClient:
     def health(self, timeout_s: float = 5.0) -> dict:
         return self.request("GET", "/health", timeout_s=timeout_s)
 
-    def wait_healthy(self, deadline_s: float, alive=lambda: True) -> dict:
-        """Poll /health until it answers ok; `alive()` lets the caller stop early if the process died."""
+    def wait_healthy(self, deadline_s: float, alive=lambda: True, idle: bool = False) -> dict:
+        """Poll /health until it answers ok (with `idle`, also with no weight update open: a server whose
+        update is torn or stuck exits, and its successor is what a recovering trainer wants); `alive()`
+        lets the caller stop early if the process died."""
         end = time.monotonic() + deadline_s
         last = "no answer"
         while time.monotonic() < end:
             if not alive():
                 raise ServerError(f"the server process exited before it became healthy (last: {last})")
             try:
-                return self.health()
+                health = self.health()
+                if not (idle and health.get("updating")):
+                    return health
+                last = "a weight update is still open"
             except ServerError as e:
                 last = str(e)
             time.sleep(0.5)

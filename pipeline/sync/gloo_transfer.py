@@ -32,6 +32,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from pipeline.generation.deadline import Beside
 from pipeline.generation.worker_ext import digest
 
 log = logging.getLogger("pipeline.sync.gloo_transfer")
@@ -50,8 +51,10 @@ def register() -> None:
 
     for factory, cls_name in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
                               (WeightTransferTrainerFactory, "GlooTrainerWeightTransferEngine")):
-        if BACKEND not in factory._registry:  # plugins load once per process, but tests import twice
+        try:
             factory.register_engine(BACKEND, __name__, cls_name)
+        except ValueError:  # already registered: plugins load once per process, but tests import twice
+            pass
 
 
 # --- the group -----------------------------------------------------------------------------------
@@ -343,43 +346,3 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         if self.group is not None:
             leave_group(self.group)
             self.group = None
-
-
-class DeadlineExceeded(TimeoutError):
-    """A call run `Beside` did not finish within its deadline (it may still be running)."""
-
-
-class Beside:
-    """Run a call in a daemon thread: an HTTP call while this thread takes part in a collective, or a
-    whole push under a deadline. Daemon: a call stuck past its deadline must never keep the process
-    alive (no executor join at exit)."""
-
-    def __init__(self, fn, *args):
-        import threading
-
-        self._done = threading.Event()
-        self._result = self._error = None
-
-        def run():
-            try:
-                self._result = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - reported by result()
-                self._error = e
-            finally:
-                self._done.set()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def result(self, timeout_s: float):
-        if not self._done.wait(timeout_s):
-            raise DeadlineExceeded(f"no answer within {timeout_s:.0f}s")
-        if self._error is not None:
-            raise self._error
-        return self._result

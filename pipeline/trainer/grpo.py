@@ -105,10 +105,10 @@ def step_token_normaliser(step_tokens: float, accumulation_steps: int, ranks: in
 
 
 def _grpo(token_losses: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
-    """Each sequence's mean, then the mean over the sequences that train (DeepSeekMath)."""
+    """Each sequence's mean, then the mean over the micro-batch's sequences (DeepSeekMath). A sequence
+    with no trained token (a truncated completion masked) counts as 0, as in TRL's `_compute_loss`."""
     per_sequence = token_losses.sum(1) / mask.sum(1).clamp(min=1)
-    trained = (mask.sum(1) > 0).float()
-    return (per_sequence * trained).sum() / trained.sum().clamp(min=1)
+    return per_sequence.sum() / mask.size(0)
 
 
 def _bnpo(token_losses: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
@@ -132,6 +132,7 @@ def _dr_grpo(token_losses: torch.Tensor, mask: torch.Tensor, *, max_completion_t
 
 
 # train.loss_type: the config's choices are these names.
+LOG_RATIO_BOUND = 20.0  # |log pi_theta - log mu| beyond this is clamped (see grpo_loss)
 LOSS_TYPES = {"grpo": _grpo, "bnpo": _bnpo, "dapo": _dapo, "dr_grpo": _dr_grpo}
 
 
@@ -159,7 +160,10 @@ def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, eps
     """
     high = epsilon if epsilon_high is None else epsilon_high
     mask = batch.completion_mask
-    log_ratio = (logprobs - batch.old_logprobs) * mask
+    # Clamped before exp: a behaviour logprob at the server's floor (-1e9, a token it gave probability 0)
+    # would make the ratio inf and its gradient 0 x inf = NaN. e^20 is far past every clip, so no
+    # gradient that the clips let through changes.
+    log_ratio = ((logprobs - batch.old_logprobs) * mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     adv = batch.advantages.unsqueeze(1)
     unclipped = ratio * adv
@@ -170,7 +174,7 @@ def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, eps
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs ref_logprobs")
-        delta = ref_logprobs - logprobs
+        delta = (ref_logprobs - logprobs) * mask  # masked first: padding's gap must not overflow exp
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
         per_token = per_token + beta * kl
     tokens = mask.sum()

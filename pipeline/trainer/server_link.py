@@ -45,7 +45,10 @@ class ServerLink(WeightSync):
         fresh = [False]
         if self.rank == 0:
             log.warning("server lost (%s); waiting up to %.0fs for a restarted server", error, server.startup_timeout_s)
-            fresh = [self.http.wait_healthy(server.startup_timeout_s)["version"] != version]
+            # A server whose update was torn or is stuck exits (the launcher restarts it): wait for one
+            # with no update open rather than re-initialise a wedged one.
+            fresh = [self.http.wait_healthy(server.startup_timeout_s + self.config.sync.timeout_s, idle=True)["version"]
+                     != version]
         dist.broadcast_object_list(fresh, src=0)
         if fresh[0]:  # a new process: the old group's peers are gone
             self.restarts += 1

@@ -1,0 +1,40 @@
+"""The weight-transfer backends (`sync.transport`): what each is, the worker-side engine class the
+server loads, and the rule `auto` follows. Pure Python, so the launch plan reads it without torch.
+
+Every backend is a name in vLLM's weight-transfer factories: vLLM registers `nccl` and `ipc`, and
+pipeline/sync/gloo_transfer.py registers `gloo`. A new backend is its engine module, one line here,
+and its trainer-side init info in pipeline/sync/weight_sync.py (`TRAINER_INIT_INFO`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+class Backend:
+    def __init__(self, about: str, engine: str):
+        self.about, self.engine = about, engine  # engine: "module:Class" of the worker-side engine
+
+    def engine_class(self):
+        module, _, name = self.engine.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TRANSPORTS = {
+    "nccl": Backend("vLLM's NCCL engine: GPU to GPU, trainer and server on different GPUs or hosts",
+                    "vllm.distributed.weight_transfer.nccl_engine:NCCLWeightTransferEngine"),
+    "ipc": Backend("vLLM's CUDA IPC engine: trainer and server share one GPU (NCCL cannot hold one device twice)",
+                   "vllm.distributed.weight_transfer.ipc_engine:IPCWeightTransferEngine"),
+    "gloo": Backend("our gloo engine (pipeline/sync/gloo_transfer.py): CPU to CPU",
+                    "pipeline.sync.gloo_transfer:GlooWeightTransferEngine"),
+}
+CHOICES = ("auto", *TRANSPORTS)
+
+
+def resolve_transport(requested: str, cuda: bool, shared_gpu: bool = False) -> str:
+    """sync.transport: `auto` is gloo on CPU, ipc when trainer and server share one GPU, else nccl."""
+    if requested != "auto":
+        return requested
+    if not cuda:
+        return "gloo"
+    return "ipc" if shared_gpu else "nccl"
