@@ -2,12 +2,18 @@
 environment. Pure Python (no torch, no model): `launch/train.py --dry-run` prints it, `--plan-json`
 writes it, and the real launch starts exactly these processes (one code path).
 
-Placement, on the host that launches (GPUs 0..N-1):
+Placement, on the host that launches, over the GPUs visible to it (CUDA_VISIBLE_DEVICES, else all),
+positions 0..N-1 named by their physical ids in every command and variable (DeepSpeed's `--include`
+takes physical ids and drops CUDA_VISIBLE_DEVICES, so the trainer's is unset):
 - no GPU: the server on CPU, `train.num_ranks` (default 2) CPU ranks, our gloo transfer engine;
-- one GPU: server and one rank share it (memory split by server.gpu_memory_utilization) and sync
-  through vLLM's CUDA `ipc` engine: NCCL refuses a communicator that holds one device twice;
+- one GPU: server and one rank share it (memory split by server.gpu_memory_utilization, auto: see
+  launch/memory.py) and sync through vLLM's CUDA `ipc` engine: NCCL refuses a communicator that holds
+  one device twice;
 - two or more: the server on GPUs [0, tp), the ranks on the rest via `--include` (DeepSpeed's
-  `--num_gpus` would start at GPU 0, under the server), vLLM's `nccl` engine;
+  `--num_gpus` would start at GPU 0, under the server), vLLM's `nccl` engine; GPUs left idle are named
+  in the plan's notes, with the reason;
+- train.completions_per_step set: the ranks (num_ranks 0) are the most that split it evenly, and
+  each rank's micro-batches and accumulation are derived from it (`split_batch`);
 - a hostfile (several nodes): the ranks on the hostfile's slots, the server already running
   elsewhere (`--server-url`), the token in a 0600 file (DeepSpeed's PDSH runner forwards only
   some environment variables to other nodes).
@@ -15,6 +21,7 @@ Placement, on the host that launches (GPUs 0..N-1):
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -23,6 +30,8 @@ from pipeline.generation.client import TOKEN_ENV
 from pipeline.generation.transport import resolve_transport
 
 SECRET_ENV = (TOKEN_ENV,)
+# GPU ids in the plan are nvidia-smi's; CUDA numbers GPUs fastest first unless told to use nvidia-smi's order.
+PHYSICAL_ORDER = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 REDACTED = "<redacted>"
 
 
@@ -53,11 +62,93 @@ def read_hostfile(path: str) -> dict[str, int]:
     return hosts
 
 
+def parse_inventory(text: str) -> list[dict]:
+    """`nvidia-smi --query-gpu=index,memory.total,compute_mode --format=csv,noheader,nounits` (lines, or
+    `;`-separated as an environment variable holds them) -> [{index, memory_gib, compute_mode}]."""
+    gpus = []
+    for line in filter(str.strip, text.replace(";", "\n").splitlines()):
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3 or not parts[0].isdigit():
+            raise PlanError(f"GPU inventory: expected 'index, memory MiB, compute mode', got {line.strip()!r}")
+        try:
+            memory_gib = float(parts[1]) / 1024
+        except ValueError:
+            raise PlanError(f"GPU inventory: memory.total of GPU {parts[0]} is {parts[1]!r}, not MiB") from None
+        gpus.append({"index": int(parts[0]), "memory_gib": round(memory_gib, 1), "compute_mode": parts[2]})
+    return gpus
+
+
+def visible_gpus(inventory: list[dict], cuda_visible_devices: str | None) -> list[dict]:
+    """The GPUs a run may use, in CUDA's order: those CUDA_VISIBLE_DEVICES names (physical indices), or
+    every GPU when it is unset."""
+    if cuda_visible_devices is None or not inventory:
+        return inventory
+    names = [n.strip() for n in cuda_visible_devices.split(",") if n.strip()]
+    if not all(n.isdigit() for n in names):
+        raise PlanError(f"CUDA_VISIBLE_DEVICES={cuda_visible_devices}: the launcher takes GPU indices (DeepSpeed's "
+                        f"--include names GPUs by index), not UUIDs")
+    by_index = {g["index"]: g for g in inventory}
+    missing = [n for n in names if int(n) not in by_index]
+    if missing:
+        raise PlanError(f"CUDA_VISIBLE_DEVICES={cuda_visible_devices}: no GPU {missing[0]} on this host "
+                        f"(nvidia-smi lists {','.join(map(str, by_index))})")
+    return [by_index[int(n)] for n in names]
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pick_ranks(available: int, num_ranks: int, completions: int) -> int:
+    """train.num_ranks, else all `available` slots, or with train.completions_per_step set the most of
+    them that split it evenly (a rank's completions per step are whole)."""
+    if num_ranks or not completions:
+        return num_ranks or available
+    return max(d for d in divisors(completions) if d <= available)
+
+
+def idle_note(idle: list[int], free: int, num_ranks: int, completions: int) -> str:
+    """Why GPUs the server left are not training: a GPU box must not sit half idle unexplained."""
+    gpus = ",".join(map(str, idle))
+    if num_ranks:
+        return f"GPUs {gpus} idle: train.num_ranks={num_ranks} (0 = use every GPU the server leaves)"
+    ranks = free - len(idle)
+    return (f"GPUs {gpus} idle: train.completions_per_step={completions} splits evenly over at most {ranks} of the "
+            f"{free} GPUs left; a multiple of {math.lcm(completions, free)} would use all {free}")
+
+
+def split_batch(completions: int, micro: int, accumulation: int, ranks: int) -> dict:
+    """Completions per optimizer step = micro_batch_size x gradient_accumulation_steps x ranks. With
+    train.completions_per_step set, the recipe's step is kept whatever the rank count: micro_batch_size
+    stays (lowered only when a rank's share is smaller) and the accumulation is derived."""
+    batch = {"completions_per_step": micro * accumulation * ranks, "micro_batch_size": micro,
+             "gradient_accumulation_steps": accumulation, "ranks": ranks, "derived": ""}
+    if not completions:
+        return batch
+    if completions % ranks:
+        raise PlanError(f"train.completions_per_step={completions} does not split evenly over {ranks} ranks; use "
+                        f"{', '.join(map(str, divisors(completions)))} ranks (train.num_ranks), or a multiple of "
+                        f"{math.lcm(completions, ranks)} completions")
+    share = completions // ranks
+    m = max(d for d in divisors(share) if d <= micro)
+    batch.update(completions_per_step=completions, micro_batch_size=m, gradient_accumulation_steps=share // m,
+                 derived=f"accumulation derived from train.completions_per_step={completions} for {ranks} rank(s)"
+                         + (f"; micro_batch_size {micro} -> {m}: a rank's share is {share}" if m < micro else ""))
+    return batch
+
+
 def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_port: int, server_url: str | None,
               hostfile: str | None, transport: str, config_path: str, run_dir: str, resume: bool,
               master_port: int, token: str, python: str = sys.executable, deepspeed: str = "deepspeed",
-              launcher: str = "") -> dict:
-    """The processes of one run as a JSON-able dict (token values included: see `redacted`)."""
+              launcher: str = "", gpu_ids: list[int] | None = None, micro_batch_size: int = 1,
+              gradient_accumulation_steps: int = 1, completions_per_step: int = 0) -> dict:
+    """The processes of one run as a JSON-able dict (token values included: see `redacted`). `gpu_ids`:
+    the physical ids of the visible GPUs in CUDA's order (default 0..gpus-1)."""
+    ids = list(range(gpus)) if gpu_ids is None else list(gpu_ids)
+    if len(ids) != gpus:
+        raise PlanError(f"--gpus {gpus}: {len(ids)} GPU ids given ({','.join(map(str, ids))})")
+    notes: list[str] = []
+    unset_env: list[str] = []
     if tp < 1:
         raise PlanError(f"server.tensor_parallel_size: must be at least 1, got {tp}")
     cuda = gpus > 0
@@ -83,7 +174,7 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             placement += ["--include", "@".join(hosts)]
     else:
         if not cuda:
-            ranks = num_ranks or 2
+            ranks = pick_ranks(2, num_ranks, completions_per_step)
             trainer_gpus = {"localhost": []}
             backend = resolve_transport(transport, cuda=False)
             placement = ["--num_gpus", str(ranks), "--master_port", str(master_port)]
@@ -94,25 +185,29 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
                 raise PlanError(f"server.tensor_parallel_size={tp} needs {tp} GPUs; this host has 1")
             if num_ranks > 1:
                 raise PlanError(f"train.num_ranks={num_ranks}: one GPU holds the server and one trainer rank")
-            ranks, server_gpus, trainer_gpus = 1, [0], {"localhost": [0]}
+            ranks, server_gpus, trainer_gpus = 1, ids, {"localhost": ids}
             backend = resolve_transport(transport, cuda=True, shared_gpu=True)
-            placement = ["--include", "localhost:0", "--master_port", str(master_port)]
-            trainer_env = dict(common_env)
+            placement = ["--include", f"localhost:{ids[0]}", "--master_port", str(master_port)]
+            trainer_env = {**common_env, **PHYSICAL_ORDER}
+            unset_env = ["CUDA_VISIBLE_DEVICES"]
         else:
             free = gpus - tp
             if free < 1:
                 raise PlanError(f"server.tensor_parallel_size={tp} leaves no GPU for training on this host "
                                 f"({gpus} GPUs); use tp <= {gpus - 1}")
-            ranks = num_ranks or free
+            ranks = pick_ranks(free, num_ranks, completions_per_step)
             if ranks > free:
                 raise PlanError(f"train.num_ranks={ranks} needs {ranks} GPUs, but only {free} of {gpus} are left "
                                 f"after the server's tensor_parallel_size={tp}")
-            server_gpus = list(range(tp))
-            trainer_gpus = {"localhost": list(range(tp, tp + ranks))}
+            server_gpus = ids[:tp]
+            trainer_gpus = {"localhost": ids[tp:tp + ranks]}
+            if ranks < free:
+                notes.append(idle_note(ids[tp + ranks:], free, num_ranks, completions_per_step))
             backend = resolve_transport(transport, cuda=True)
             placement = ["--include", "localhost:" + ",".join(map(str, trainer_gpus["localhost"])),
                          "--master_port", str(master_port)]
-            trainer_env = dict(common_env)
+            trainer_env = {**common_env, **PHYSICAL_ORDER}
+            unset_env = ["CUDA_VISIBLE_DEVICES"]
         if backend == "ipc" and gpus != 1:
             raise PlanError("sync.transport=ipc: trainer and server must share one GPU (use nccl with several)")
         if backend == "nccl" and not cuda:
@@ -121,7 +216,7 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             server_env = {**common_env, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
                           "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
             if cuda:
-                server_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, server_gpus))
+                server_env.update(PHYSICAL_ORDER, CUDA_VISIBLE_DEVICES=",".join(map(str, server_gpus)))
             server = {"host": server_host, "port": server_port, "gpus": server_gpus, "tensor_parallel_size": tp,
                       "command": [python, "-m", "pipeline.generation.serve", "--config", config_path, "--run-dir", run_dir],
                       "env": server_env}
@@ -130,10 +225,26 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
                "--server-url", url]
     command += ["--token-file", token_file] if token_file else []
     command += ["--resume"] if resume else []
+    batch = split_batch(completions_per_step, micro_batch_size, gradient_accumulation_steps, ranks)
     return {"server": server,
             "trainer": {"ranks": ranks, "gpus": trainer_gpus, "device": "cuda" if cuda or hostfile else "cpu",
-                        "command": command, "env": trainer_env, "token_file": token_file},
-            "sync": {"transport": backend}, "server_url": url}
+                        "command": command, "env": trainer_env, "unset_env": unset_env, "token_file": token_file},
+            "sync": {"transport": backend}, "server_url": url, "batch": batch, "memory": None, "notes": notes}
+
+
+def check_compute_modes(plan: dict, gpus: list[dict]) -> None:
+    """A GPU in EXCLUSIVE_PROCESS compute mode admits one process: refused where the plan puts the server
+    and a trainer rank on it (one GPU); a PROHIBITED one admits none."""
+    server = set(plan["server"]["gpus"]) if plan["server"] else set()
+    trainer = set(plan["trainer"]["gpus"].get("localhost", []))
+    for gpu in gpus:
+        mode = str(gpu.get("compute_mode", "Default")).upper()
+        if mode == "PROHIBITED" and gpu["index"] in server | trainer:
+            raise PlanError(f"GPU {gpu['index']} is in PROHIBITED compute mode (no process may use it); "
+                            f"leave it out with CUDA_VISIBLE_DEVICES")
+        if mode.startswith("EXCLUSIVE") and gpu["index"] in server & trainer:
+            raise PlanError(f"GPU {gpu['index']} is in {mode} compute mode (one process at a time), but the server and "
+                            f"a trainer rank share it; ask for `nvidia-smi -i {gpu['index']} -c DEFAULT` or use two GPUs")
 
 
 def redacted(plan: dict) -> dict:
@@ -162,9 +273,18 @@ def describe(plan: dict) -> str:
         lines.append(f"server  already running at {plan['server_url']} (not started by this launcher)")
     trainer = plan["trainer"]
     where = "; ".join(f"{host}: GPUs {','.join(map(str, g)) or 'none (CPU)'}" for host, g in trainer["gpus"].items())
+    unset = trainer.get("unset_env")
+    batch = plan["batch"]
     lines += [f"trainer {trainer['ranks']} DeepSpeed rank(s) on {trainer['device']}  ({where})",
               f"        env: {' '.join(sorted(trainer['env'])) or '(inherited only)'}"
+              + (f"; unset: {' '.join(unset)} (--include names physical GPUs)" if unset else "")
               + (f"; token from {trainer['token_file']} (0600)" if trainer["token_file"] else ""),
               f"        $ {shlex.join(trainer['command'])}",
+              f"batch   {batch['completions_per_step']} completions per step = micro_batch_size "
+              f"{batch['micro_batch_size']} x gradient_accumulation_steps {batch['gradient_accumulation_steps']} x "
+              f"{batch['ranks']} rank(s)" + (f"  ({batch['derived']})" if batch["derived"] else ""),
               f"sync    {plan['sync']['transport']} (vLLM weight-transfer API)"]
+    if plan.get("memory"):
+        lines += [("memory  " if i == 0 else "        ") + line for i, line in enumerate(plan["memory"]["lines"])]
+    lines += [f"note    {note}" for note in plan.get("notes", [])]
     return "\n".join(lines)

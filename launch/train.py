@@ -6,8 +6,13 @@ Single host (default): starts `python -m pipeline.generation.serve` in its own p
 health check (with a deadline and its log tail on failure), runs `deepspeed --module pipeline.trainer.train`
 and stops the server when training ends, fails or is interrupted. Exit code = the trainer's.
 
-Where each process runs (GPUs, hosts, sync backend) is decided by launch/plan.py; `--dry-run`
-prints that plan and starts nothing (`--gpus N` plans for N GPUs anywhere, `--plan-json F` writes it).
+Where each process runs (GPUs, hosts, sync backend), the batch split and the server's share of a GPU
+are decided by launch/plan.py and launch/memory.py; `--dry-run` prints that plan and starts nothing
+(`--gpus N` plans for N GPUs anywhere, `--gpu-memory-gib` sizes them, `--plan-json F` writes it).
+The GPUs are those CUDA_VISIBLE_DEVICES names (else all), read from nvidia-smi, or from
+$GRPO_GPU_INVENTORY in nvidia-smi's CSV (`index, memory MiB, compute mode` per line or `;`).
+Paths (--config, run.root, a local model.path, data files) are taken relative to where you launch:
+the server and ranks run in the repository and get them absolute.
 Every run's server gets a fresh random token (environment only), so no other local user can call it.
 
 Multi-node: start the server yourself on one host (`make serve CONFIG=...`, with GRPO_SERVER_TOKEN
@@ -34,7 +39,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.plan import PlanError, describe, make_plan, redacted  # noqa: E402
+from launch.memory import plan_memory  # noqa: E402
+from launch.plan import (  # noqa: E402
+    PlanError,
+    check_compute_modes,
+    describe,
+    make_plan,
+    parse_inventory,
+    redacted,
+    visible_gpus,
+)
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
 from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token  # noqa: E402
 from pipeline.report.evaluate import format_table, run_eval  # noqa: E402
@@ -42,6 +56,8 @@ from pipeline.task.data import DataError  # noqa: E402
 from pipeline.task.rewards import RewardError  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+INVENTORY_ENV = "GRPO_GPU_INVENTORY"
+DRY_RUN_GPU_GIB = 80.0  # a dry run for GPUs this host does not have: the size of an A100/H100 80GB
 
 
 def parse_args(argv=None):
@@ -57,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--master-port", type=int, default=0,
                    help="DeepSpeed rendezvous port (default: a free one here; 29500 with --hostfile)")
     p.add_argument("--gpus", type=int, help="plan for this many GPUs on this host (default: as many as it has)")
+    p.add_argument("--gpu-memory-gib", type=float,
+                   help=f"plan as if each GPU had this much memory (default: what nvidia-smi says; "
+                        f"{DRY_RUN_GPU_GIB:.0f} for a dry run's GPUs this host lacks)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the processes this run would start, start nothing, load no model")
     p.add_argument("--plan-json", help="write the launch plan as JSON (secrets redacted) to this file")
@@ -85,7 +104,7 @@ def resolve_deepspeed_config(config: Config, cuda: bool) -> None:
     working directory, then the repo (the trainer gets the absolute path)."""
     if config.train.deepspeed_config == "auto":
         config.train.deepspeed_config = "configs/ds_zero2_gpu.json" if cuda else "configs/ds_zero2.json"
-    given = Path(config.train.deepspeed_config)
+    given = Path(config.train.deepspeed_config).expanduser()
     path = next((p for p in (given, REPO / given) if p.is_file()), None)
     if path is None:
         raise ConfigError(f"train.deepspeed_config: {given} not found (expected a DeepSpeed JSON such as "
@@ -97,6 +116,13 @@ def resolve_deepspeed_config(config: Config, cuda: bool) -> None:
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization.stage must be 0-3, got {stage!r}")
     config.train.deepspeed_config = str(path.resolve())
+
+
+def zero_settings(path: str) -> tuple[int, int]:
+    """The ZeRO stage and the gradient bucket elements (reduce + all-gather; DeepSpeed's defaults 5e8
+    each) of a resolved train.deepspeed_config, for the plan's memory arithmetic."""
+    zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    return zero.get("stage", 0), int(zero.get("reduce_bucket_size", 5e8) + zero.get("allgather_bucket_size", 5e8))
 
 
 def check_disk_space(config: Config, run_dir: Path) -> None:
@@ -117,12 +143,41 @@ def check_disk_space(config: Config, run_dir: Path) -> None:
                           f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model")
 
 
-def _gpus() -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+def gpu_inventory() -> list[dict]:
+    """Every GPU of this host with its memory and compute mode, from nvidia-smi, or from $GRPO_GPU_INVENTORY
+    in the same CSV (tests; planning for a host with other GPUs)."""
+    text = os.environ.get(INVENTORY_ENV)
+    if text is None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,compute_mode",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        text = out.stdout if out.returncode == 0 else ""
+    return parse_inventory(text)
+
+
+def run_gpus(args) -> tuple[list[dict], list[str]]:
+    """The GPUs this run plans over, in CUDA's order with physical indices, and what was assumed: the
+    visible ones (or the first --gpus of them); a dry run may plan for more than the host has."""
+    visible_env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible_gpus(gpu_inventory(), visible_env)
+    count = len(visible) if args.gpus is None else args.gpus
+    if count < 0 or (not args.dry_run and count > len(visible)):
+        through = f" visible (CUDA_VISIBLE_DEVICES={visible_env})" if visible_env is not None else ""
+        raise ConfigError(f"--gpus {count}: this host has {len(visible)} GPU(s){through} (plan for more with --dry-run)")
+    notes = []
+    if count > len(visible):  # a dry run for GPUs this host lacks: those CUDA_VISIBLE_DEVICES names, else 0..N-1
+        ids = [int(n) for n in (visible_env or "").split(",") if n.strip().isdigit()] or list(range(count))
+        if len(ids) < count:
+            raise ConfigError(f"--gpus {count}: CUDA_VISIBLE_DEVICES={visible_env} names {len(ids)} GPU(s)")
+        visible = [{"index": i, "memory_gib": DRY_RUN_GPU_GIB, "compute_mode": "Default"} for i in ids]
+        notes.append(f"dry run: {count} GPU(s) this host does not have, "
+                     f"{args.gpu_memory_gib or DRY_RUN_GPU_GIB} GiB each (--gpu-memory-gib)")
+    gpus = visible[:count]
+    if args.gpu_memory_gib:
+        gpus = [{**g, "memory_gib": args.gpu_memory_gib} for g in gpus]
+    return gpus, notes
 
 
 def prepare_model(config: Config) -> None:
@@ -176,9 +231,20 @@ def tee(stream, console, log_path: Path) -> threading.Thread:
     return thread
 
 
-def absolute_data_paths(config) -> None:
-    """Data files and an @file system prompt, relative to where the user launched: the ranks run in
-    the repository, so the resolved config (run_dir/config.yaml) names them absolutely."""
+def config_file(given: str) -> Path:
+    """--config: relative to where the user launched, else to the repository (`--config
+    configs/prem-1b-gsm8k.yaml` from anywhere), made absolute."""
+    path = Path(given).expanduser()
+    return (path if path.exists() or path.is_absolute() or not (REPO / path).exists() else REPO / path).absolute()
+
+
+def absolute_paths(config) -> None:
+    """run.root, a local model.path, data files and an @file system prompt, relative to where the user
+    launched: the server and ranks run in the repository, so the resolved config (run_dir/config.yaml)
+    and the plan name them absolutely. A model.path that is no local directory is a hub name, kept."""
+    config.run.root = str(Path(config.run.root).expanduser().absolute())
+    if config.model.path and Path(config.model.path).expanduser().exists():
+        config.model.path = str(Path(config.model.path).expanduser().absolute())
     d = config.data
     for key in ("train_file", "test_file"):
         if getattr(d, key):
@@ -226,13 +292,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.set) + ([f"run.name={args.name}"] if args.name else [])
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(config_file(args.config), overrides)
+        absolute_paths(config)
         if args.resume and not config.run.name:
             raise ConfigError("--resume needs --name (the run to continue)")
-        detected = _gpus()
-        gpus = detected if args.gpus is None else args.gpus
-        if gpus < 0 or (not args.dry_run and gpus > detected):
-            raise ConfigError(f"--gpus {gpus}: this host has {detected} GPU(s) (plan for more with --dry-run)")
+        gpu_list, gpu_notes = run_gpus(args)
+        gpus = len(gpu_list)
+        hostfile = str(Path(args.hostfile).expanduser().absolute()) if args.hostfile else None
         config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.run.root) / config.run.name
         if args.resume and not (run_dir / "checkpoints" / "latest").exists():
@@ -247,11 +313,21 @@ def main(argv=None) -> int:
         plan = make_plan(
             gpus=gpus, tp=config.server.tensor_parallel_size, num_ranks=config.train.num_ranks,
             server_host=config.server.host, server_port=config.server.port, server_url=args.server_url,
-            hostfile=args.hostfile, transport=config.sync.transport, config_path=str(run_dir / "config.yaml"),
+            hostfile=hostfile, transport=config.sync.transport, config_path=str(run_dir / "config.yaml"),
             run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher,
             master_port=args.master_port or (29500 if args.hostfile else free_port("127.0.0.1")),
-            deepspeed=str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed")
+            deepspeed=str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed",
+            gpu_ids=[g["index"] for g in gpu_list], micro_batch_size=config.train.micro_batch_size,
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+            completions_per_step=config.train.completions_per_step)
+        plan["notes"] = gpu_notes + plan["notes"]
+        check_compute_modes(plan, gpu_list)
         config.sync.transport = plan["sync"]["transport"]  # the server and the ranks read the same choice
+        config.train.micro_batch_size = plan["batch"]["micro_batch_size"]  # derived for these ranks
+        config.train.gradient_accumulation_steps = plan["batch"]["gradient_accumulation_steps"]
+        plan_memory(plan, gpu_list, config, *zero_settings(config.train.deepspeed_config))
+        if plan["memory"]:
+            config.server.gpu_memory_utilization = plan["memory"]["gpu_memory_utilization"]
         if not args.hostfile:
             check_batch(config, plan["trainer"]["ranks"])
         if args.plan_json:
@@ -261,7 +337,6 @@ def main(argv=None) -> int:
             return 0
         if not args.server_url:
             check_port_free(config.server.host, config.server.port)
-        absolute_data_paths(config)
         check_data_and_rewards(config)
         prepare_model(config)
         check_disk_space(config, run_dir)
@@ -321,6 +396,8 @@ def main(argv=None) -> int:
             p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
         if plan["trainer"]["token_file"]:
             trainer_env.pop(TOKEN_ENV, None)
+        for name in plan["trainer"]["unset_env"]:
+            trainer_env.pop(name, None)
         trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
                                    cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
         copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")

@@ -91,6 +91,10 @@ class ModelConfig:
     """Modules that get adapters: names such as q_proj, or all-linear (every linear layer but the head)."""
 
 
+SERVER_ALONE_GPU_SHARE = 0.9
+"""server.gpu_memory_utilization for a server with its GPUs to itself: vLLM's own default."""
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -104,8 +108,11 @@ class ServerConfig:
     """vLLM tensor parallelism (GPUs given to the server)."""
     max_model_len: int = 512
     """Longest prompt + completion the server accepts (recipe: 256 + 200 fits in 512)."""
-    gpu_memory_utilization: float = 0.3
-    """GPU: fraction of GPU memory vLLM may take (weights + KV cache)."""
+    gpu_memory_utilization: float = 0.0
+    """GPU: fraction of each of its GPUs vLLM may take (weights + KV cache + its runtime). 0 = auto: the
+    launcher computes it from the model's size (launch/memory.py, arithmetic in the dry run): on a GPU
+    shared with a trainer rank, what full training leaves; on the server's own GPUs, up to 0.9 (vLLM's
+    default, also what a server started alone uses)."""
     kv_cache_gib: float = 1.0
     """CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     max_n: int = 64
@@ -201,7 +208,13 @@ class TrainConfig:
     """Micro-batches per optimizer step (seed: 2). Completions per step = micro_batch_size x
     gradient_accumulation_steps x ranks, and must be a multiple of num_generations (as in TRL)."""
     num_ranks: int = 0
-    """Trainer ranks on this host; 0 = GPUs minus the server's tensor_parallel_size, or 2 on CPU."""
+    """Trainer ranks on this host; 0 = GPUs minus the server's tensor_parallel_size, or 2 on CPU (with
+    completions_per_step set: the most of those that split it evenly; the plan says why GPUs stay idle)."""
+    completions_per_step: int = 0
+    """Completions per optimizer step the recipe means, kept on any number of ranks: the launcher keeps
+    micro_batch_size (lowered only when a rank's share is smaller), derives gradient_accumulation_steps
+    = completions_per_step / (micro_batch_size x ranks) and says so in the plan. A multiple of
+    num_generations. 0 = micro_batch_size x gradient_accumulation_steps x ranks, as given."""
     learning_rate: float = 5e-6
     """Peak learning rate of AdamW (seed: 5e-6)."""
     lr_scheduler: str = "cosine"
@@ -447,6 +460,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.synthetic_levels: expected 1 to 6 arithmetic steps, got {config.data.synthetic_levels}")
     if not 0 <= config.run.seed < 2**32:
         raise ConfigError(f"run.seed: expected an integer in [0, 2**32), got {config.run.seed}")
+    if not 0 <= config.server.gpu_memory_utilization <= 1:
+        raise ConfigError(f"server.gpu_memory_utilization: expected 0 (auto) or a share in (0, 1], got "
+                          f"{config.server.gpu_memory_utilization}")
     if config.server.max_restarts < 0:
         raise ConfigError(f"server.max_restarts: must be >= 0, got {config.server.max_restarts}")
     for key in ("port", "tensor_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts",
@@ -458,6 +474,9 @@ def validate(config: Config) -> None:
                 "max_completion_tokens", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    if t.completions_per_step < 0 or t.completions_per_step % t.num_generations:
+        raise ConfigError(f"train.completions_per_step={t.completions_per_step}: must be 0 or a multiple of "
+                          f"train.num_generations={t.num_generations} (whole groups)")
     if t.num_generations < 2:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
     if t.loss_aggregation:
@@ -497,6 +516,11 @@ def check_batch(config: Config, ranks: int) -> int:
     """Prompts per optimizer step for `ranks` trainer ranks, or ConfigError."""
     t = config.train
     completions = t.micro_batch_size * t.gradient_accumulation_steps * ranks
+    if t.completions_per_step and completions != t.completions_per_step:  # a trainer started without the launcher
+        raise ConfigError(
+            f"train.completions_per_step={t.completions_per_step}, but train.micro_batch_size x "
+            f"train.gradient_accumulation_steps x ranks = {t.micro_batch_size} x {t.gradient_accumulation_steps} "
+            f"x {ranks} = {completions}; launch/train.py derives the accumulation for the ranks it starts")
     if completions % t.num_generations:
         raise ConfigError(
             f"train.micro_batch_size x train.gradient_accumulation_steps x ranks = {t.micro_batch_size} x "

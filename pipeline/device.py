@@ -68,6 +68,15 @@ def resolve_enforce_eager(requested: bool | None, device: str) -> bool:
     return (device != "cuda") if requested is None else requested
 
 
+def resolve_gpu_memory_utilization(requested: float) -> float:
+    """server.gpu_memory_utilization: 0 (auto) reaches the server only when it was started alone
+    (`make serve`), with its GPUs to itself: vLLM's default then. launch/train.py writes the share its
+    plan computed (launch/memory.py) into the run's config."""
+    from pipeline.config import SERVER_ALONE_GPU_SHARE
+
+    return requested or SERVER_ALONE_GPU_SHARE
+
+
 def engine_options(max_model_len: int) -> dict:
     """Extra vLLM engine arguments for this device.
 

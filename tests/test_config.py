@@ -28,6 +28,8 @@ def test_overrides_and_types(tmp_path):
     ("train.min_lr_ratio=1.5", "train.min_lr_ratio: expected a value in [0, 1)"),
     ("train.lr_scheduler=linear", "train.min_lr_ratio: expected a value in [0, 1) with lr_scheduler cosine"),
     ("noequals", "expected section.key=value"),
+    ("train.completions_per_step=20", "train.completions_per_step=20: must be 0 or a multiple of train.num_generations=16"),
+    ("server.gpu_memory_utilization=1.5", "server.gpu_memory_utilization: expected 0 (auto) or a share in (0, 1]"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -40,6 +42,11 @@ def test_batch_must_split_into_groups():
     with pytest.raises(ConfigError, match="not a multiple of train.num_generations=16"):
         check_batch(c, 2)
     assert check_batch(load_config("configs/tiny-cpu.yaml"), 2) == 8
+    # the recipe's step as the launcher derived it for 1 rank; a trainer started with other numbers is told
+    recipe = load_config("configs/prem-1b-gsm8k.yaml", ["train.gradient_accumulation_steps=8"])
+    assert recipe.train.completions_per_step == 16 and check_batch(recipe, 1) == 1
+    with pytest.raises(ConfigError, match=r"train.completions_per_step=16, but .* = 2 x 8 x 2 = 32; launch/train.py"):
+        check_batch(recipe, 2)
 
 
 def test_yaml_errors_name_the_file(tmp_path):

@@ -43,6 +43,8 @@ def test_cpu_choices():
     assert device.resolve_enforce_eager(None, "cpu") is True
     assert device.resolve_enforce_eager(True, "cuda") is True
     assert device.probe_tolerance(torch.float32) == 1e-3 and device.probe_tolerance(torch.bfloat16) > 1e-2
+    # server.gpu_memory_utilization 0 = auto: a server started alone takes vLLM's default; a set share is kept
+    assert device.resolve_gpu_memory_utilization(0.0) == 0.9 and device.resolve_gpu_memory_utilization(0.4) == 0.4
 
 
 def test_server_sets_spawn_before_torch_is_imported():

@@ -13,18 +13,22 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error
 
-from launch.plan import PlanError, make_plan, read_hostfile, redacted
+from launch.plan import PlanError, make_plan, parse_inventory, read_hostfile, redacted, visible_gpus
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "plan-test-secret"
 
 
-def dry_run(*args: str, tmp_path: Path, config: str = "configs/tiny-cpu.yaml", env: dict | None = None):
+def dry_run(*args: str, tmp_path: Path, config: str = "configs/tiny-cpu.yaml", env: dict | None = None,
+            cwd: Path = REPO, root: str | None = None):
+    """A dry run on no GPU inventory but the one `env` gives (GRPO_GPU_INVENTORY; none = `--gpus N` of
+    80 GiB) and no inherited CUDA_VISIBLE_DEVICES, whatever host runs the tests."""
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "launch/train.py", "--config", config, "--dry-run", "--plan-json",
-                           str(out), "--set", f"run.root={tmp_path / 'runs'}", *args], cwd=REPO,
+    inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", config, "--dry-run",
+                           "--plan-json", str(out), "--set", f"run.root={root or tmp_path / 'runs'}", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "GRPO_SERVER_TOKEN": SECRET, **(env or {})})
+                          env={**inherited, "GRPO_SERVER_TOKEN": SECRET, "GRPO_GPU_INVENTORY": "", **(env or {})})
     plan = json.loads(out.read_text()) if out.exists() else None
     return proc, plan
 
@@ -104,8 +108,8 @@ def test_two_node_hostfile_plan(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two trainer nodes\nnode1 slots=8\nnode2 slots=8\n")
     proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "slurm",
-                         "--set", "train.micro_batch_size=8", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
-    assert proc.returncode == 2 and "train.num_ranks=4 but" in one_line_error(proc)  # the recipe pins 4 ranks
+                         "--set", "train.num_ranks=4", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
+    assert proc.returncode == 2 and "train.num_ranks=4 but" in one_line_error(proc)
     proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "slurm",
                          "--set", "train.num_ranks=0", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
     assert proc.returncode == 0, proc.stderr
@@ -142,3 +146,156 @@ def test_redacted_keeps_the_real_plan_intact():
     assert shown["server"]["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
     assert plan["server"]["env"]["GRPO_SERVER_TOKEN"] == "s3cret"  # what the real launch passes on
     assert plan["trainer"]["command"][-1] == "--resume"
+
+
+# --- the recipe on any number of GPUs: batch split, memory, visible GPUs, paths ---------------------
+
+RECIPE = "configs/prem-1b-gsm8k.yaml"
+
+
+def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, micro: int = 2, ids=None) -> dict:
+    return make_plan(gpus=gpus, tp=tp, num_ranks=num_ranks, server_host="127.0.0.1", server_port=8710, server_url=None,
+                     hostfile=None, transport="auto", config_path="/r/config.yaml", run_dir="/r", resume=False,
+                     master_port=29501, token="t", gpu_ids=ids, micro_batch_size=micro, gradient_accumulation_steps=2,
+                     completions_per_step=completions)
+
+
+def test_one_gpu_starts_the_recipe(tmp_path):
+    # the recipe's step (2 per device x 2 accumulation x 4 devices = 16 completions) on one GPU: accumulation 8,
+    # vLLM gets what full AdamW training of the 1.1B model leaves of the card
+    proc, plan = dry_run("--gpus", "1", tmp_path=tmp_path, config=RECIPE)
+    assert proc.returncode == 0, proc.stderr
+    assert plan["server"]["gpus"] == [0] and plan["trainer"]["gpus"] == {"localhost": [0]}
+    assert plan["batch"] == {"completions_per_step": 16, "micro_batch_size": 2, "gradient_accumulation_steps": 8,
+                             "ranks": 1, "derived": "accumulation derived from train.completions_per_step=16 for 1 rank(s)"}
+    memory = plan["memory"]
+    assert memory["params"] == 1_100_064_768  # prem-1B-chat's config.json: TinyLlama's shape, vocab 32004
+    assert 19 < memory["trainer_rank_gib"] < 21  # 16 B/param = 16.4 GiB of model states, + activations, context
+    share = int((80 - memory["trainer_rank_gib"] - memory["margin_gib"]) / 80 * 100) / 100
+    assert abs(memory["gpu_memory_utilization"] - share) <= 0.01 and 0.6 < share < 0.8
+    out = proc.stdout
+    assert "batch   16 completions per step = micro_batch_size 2 x gradient_accumulation_steps 8 x 1 rank(s)" in out
+    assert "1.10B params x 16.0 B: weights 2 + grads 2 + fp32 master 4 + Adam m, v 8, ZeRO-2" in out
+    assert "server.gpu_memory_utilization = min(0.9, (80.0 - " in out and f"= {memory['gpu_memory_utilization']} (auto)" in out
+
+
+@pytest.mark.parametrize("inventory,message", [
+    ("0, 23034, Default", "error: GPU 0 has 22.5 GiB, too small for the server and a trainer rank: ~19.8 GiB for full "
+                          "AdamW training + >= 4.2 for vLLM + 1.2 margin = 25.2 GiB"),
+    ("0, 81559, Exclusive_Process", "error: GPU 0 is in EXCLUSIVE_PROCESS compute mode (one process at a time), but "
+                                    "the server and a trainer rank share it"),
+])
+def test_one_gpu_refusals_are_one_line(tmp_path, inventory, message):
+    proc, plan = dry_run(tmp_path=tmp_path, config=RECIPE, env={"GRPO_GPU_INVENTORY": inventory})
+    assert proc.returncode == 2 and plan is None
+    assert one_line_error(proc).startswith(message)
+
+
+@pytest.mark.parametrize("gpus,tp,num_ranks,ranks,accumulation,idle", [
+    (2, 1, 0, 1, 8, ""),
+    (3, 1, 0, 2, 4, ""),
+    (4, 1, 0, 2, 4, "GPUs 3 idle: train.completions_per_step=16 splits evenly over at most 2 of the 3 GPUs left; "
+                    "a multiple of 48 would use all 3"),
+    (8, 1, 0, 4, 2, "GPUs 5,6,7 idle: train.completions_per_step=16 splits evenly over at most 4 of the 7 GPUs left"),
+    (8, 2, 0, 4, 2, "GPUs 6,7 idle"),
+    (8, 1, 2, 2, 4, "GPUs 3,4,5,6,7 idle: train.num_ranks=2 (0 = use every GPU the server leaves)"),
+])
+def test_any_gpu_count_keeps_the_recipe_step(gpus, tp, num_ranks, ranks, accumulation, idle):
+    plan = plan_for(gpus, tp, num_ranks)
+    batch = plan["batch"]
+    assert (batch["ranks"], batch["micro_batch_size"], batch["gradient_accumulation_steps"]) == (ranks, 2, accumulation)
+    assert batch["completions_per_step"] == 16 and plan["trainer"]["gpus"]["localhost"] == list(range(tp, tp + ranks))
+    assert [n for n in plan["notes"] if n.startswith(idle)] if idle else plan["notes"] == []
+
+
+def test_batch_split_limits():
+    batch = plan_for(17, num_ranks=16)["batch"]  # a rank's share (1) is below micro_batch_size: lowered
+    assert (batch["micro_batch_size"], batch["gradient_accumulation_steps"]) == (1, 1)
+    assert "micro_batch_size 2 -> 1: a rank's share is 1" in batch["derived"]
+    with pytest.raises(PlanError, match=r"train.completions_per_step=16 does not split evenly over 3 ranks; use "
+                                        r"1, 2, 4, 8, 16 ranks \(train.num_ranks\), or a multiple of 48 completions"):
+        plan_for(4, num_ranks=3)
+    assert plan_for(4, completions=0)["batch"] == {"completions_per_step": 12, "micro_batch_size": 2,
+                                                   "gradient_accumulation_steps": 2, "ranks": 3, "derived": ""}
+
+
+def recipe(*overrides: str):
+    from pipeline.config import load_config
+
+    return load_config(REPO / RECIPE, list(overrides))
+
+
+def test_memory_share_is_auto_only_when_left_at_auto():
+    from launch.memory import plan_memory
+
+    gpu = [{"index": 0, "memory_gib": 80.0, "compute_mode": "Default"}]
+    plan = plan_for(1)
+    plan_memory(plan, gpu, recipe("server.gpu_memory_utilization=0.85"))
+    assert plan["memory"]["gpu_memory_utilization"] == 0.85  # set: kept, with a warning that training will not fit
+    assert any(line.startswith("warning: server.gpu_memory_utilization=0.85 leaves 12.0 GiB of GPU 0 for a trainer")
+               for line in plan["memory"]["lines"])
+    plan = plan_for(2)
+    plan_memory(plan, gpu + [{"index": 1, "memory_gib": 80.0}], recipe())
+    assert plan["memory"]["gpu_memory_utilization"] == 0.9  # the server's own GPU: vLLM's default
+    # a model whose size nobody knows: auto cannot split a shared GPU, a set share is used unchecked
+    unknown = ["model.path=nobody/unknown-7b"]
+    with pytest.raises(PlanError, match="server.gpu_memory_utilization: auto splits GPU 0 by the model's size, but "
+                                        "model.path=nobody/unknown-7b is not a local directory"):
+        plan_memory(plan_for(1), gpu, recipe(*unknown))
+    plan = plan_for(1)
+    plan_memory(plan, gpu, recipe(*unknown, "server.gpu_memory_utilization=0.4"))
+    assert plan["memory"]["gpu_memory_utilization"] == 0.4 and plan["memory"]["lines"][0].startswith("not checked")
+
+
+def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
+    inventory = ";".join(f"{i}, 81559, Default" for i in range(8))
+    for env in ({"GRPO_GPU_INVENTORY": inventory}, {}):  # the host's GPUs, or a dry run without nvidia-smi
+        proc, plan = dry_run("--gpus", "3", "--set", "train.micro_batch_size=8", tmp_path=tmp_path,
+                             env={"CUDA_VISIBLE_DEVICES": "3,5,6", **env})
+        assert proc.returncode == 0, proc.stderr
+        assert plan["server"]["gpus"] == [3] and plan["server"]["env"]["CUDA_VISIBLE_DEVICES"] == "3"
+        assert include(plan) == "localhost:5,6" and plan["trainer"]["gpus"] == {"localhost": [5, 6]}
+        # DeepSpeed's --include takes physical ids over all GPUs: the ranks must not inherit the variable;
+        # ids are nvidia-smi's, in CUDA's numbering too
+        assert plan["trainer"]["unset_env"] == ["CUDA_VISIBLE_DEVICES"]
+        assert plan["server"]["env"]["CUDA_DEVICE_ORDER"] == plan["trainer"]["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    with pytest.raises(PlanError, match=r"CUDA_VISIBLE_DEVICES=2,9: no GPU 9 on this host \(nvidia-smi lists 0,1,2,3\)"):
+        visible_gpus(parse_inventory("0, 1, Default\n1, 1, Default\n2, 1, Default\n3, 1, Default"), "2,9")
+    assert [g["index"] for g in visible_gpus(parse_inventory(inventory), "6,1")] == [6, 1]
+
+
+def test_launch_from_outside_the_repository(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "my.yaml").write_text((REPO / "configs" / "tiny-cpu.yaml").read_text())
+    (elsewhere / "hosts").write_text("node1 slots=2\n")
+    for config in ("my.yaml", "configs/tiny-cpu.yaml"):  # relative to where launched, else to the repository
+        proc, plan = dry_run("--name", "r1", tmp_path=tmp_path, config=config, cwd=elsewhere, root="myruns")
+        assert proc.returncode == 0, proc.stderr
+        run_dir = str(elsewhere / "myruns" / "r1")
+        for cmd in (plan["server"]["command"], plan["trainer"]["command"]):  # they start in the repository
+            assert cmd[cmd.index("--run-dir") + 1] == run_dir
+            assert cmd[cmd.index("--config") + 1] == run_dir + "/config.yaml"
+    proc, plan = dry_run("--hostfile", "hosts", "--server-url", "http://node0:8710", "--set", "train.num_ranks=0",
+                         "--set", "train.micro_batch_size=8", tmp_path=tmp_path, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    cmd = plan["trainer"]["command"]
+    assert cmd[cmd.index("--hostfile") + 1] == str(elsewhere / "hosts")
+
+
+def test_resolved_config_names_paths_absolutely(tmp_path, monkeypatch):
+    from launch.train import absolute_paths, config_file
+    from pipeline.config import load_config
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(config_file("configs/tiny-cpu.yaml"), [
+        "model.build=", "model.path=model", "data.source=jsonl", "data.train_file=train.jsonl", "run.root=runs",
+        "data.system_prompt=@prompt.txt"])
+    absolute_paths(config)
+    assert config.model.path == str(tmp_path / "model") and config.run.root == str(tmp_path / "runs")
+    assert config.data.train_file == str(tmp_path / "train.jsonl") and config.data.system_prompt == f"@{tmp_path}/prompt.txt"
+    config = load_config(config_file("configs/prem-1b-gsm8k.yaml"))
+    absolute_paths(config)
+    assert config.model.path == "premai-io/prem-1B-chat"  # no such directory here: a hub name, kept

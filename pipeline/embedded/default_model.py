@@ -21,6 +21,15 @@ SFT_BATCH = 32
 TOKENIZER_CORPUS = 4000  # problems the BPE tokenizer is trained on
 
 
+def tiny_shape(config: Config) -> dict:
+    """The default model's shape in config.json's keys, from the model.build_* settings: what it is
+    built with, and what the launch plan's memory arithmetic reads before it exists."""
+    hidden = config.model.build_hidden_size
+    return {"hidden_size": hidden, "intermediate_size": hidden * 3, "num_hidden_layers": config.model.build_layers,
+            "num_attention_heads": hidden // 32, "num_key_value_heads": max(1, hidden // 64),
+            "vocab_size": 1024, "tie_word_embeddings": True}
+
+
 def build_default_model(config: Config) -> Path:
     """Return the directory of the default model for `config`, building it if not cached."""
     from pipeline.embedded.tiny_model import build_tiny_model
@@ -45,9 +54,10 @@ def build_default_model(config: Config) -> Path:
     corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e)
                                 for e in generate(TOKENIZER_CORPUS, seed, "train", config.data.synthetic_levels)]
     completions = sloppy_completions(examples, m.build_early_answers, seed)  # see model.build_early_answers
-    base = build_tiny_model(work / "base", corpus, vocab_size=1024, hidden_size=m.build_hidden_size,
-                            intermediate_size=m.build_hidden_size * 3, num_layers=m.build_layers,
-                            num_heads=m.build_hidden_size // 32, num_kv_heads=max(1, m.build_hidden_size // 64),
+    shape = tiny_shape(config)
+    base = build_tiny_model(work / "base", corpus, vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                            intermediate_size=shape["intermediate_size"], num_layers=shape["num_hidden_layers"],
+                            num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
                             split_digits=m.build_split_digits, seed=seed)
     started = time.time()
     if m.build_sft_steps:

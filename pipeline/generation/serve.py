@@ -136,6 +136,7 @@ class GenerationServer:
             engine_options,
             resolve_dtype,
             resolve_enforce_eager,
+            resolve_gpu_memory_utilization,
             sync_backend,
         )
 
@@ -156,7 +157,7 @@ class GenerationServer:
             dtype=self.dtype,
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            gpu_memory_utilization=resolve_gpu_memory_utilization(cfg.gpu_memory_utilization),
             enforce_eager=self.enforce_eager,
             trust_remote_code=config.model.trust_remote_code,
             seed=cfg.seed,
