@@ -12,7 +12,8 @@ Every run's server gets a fresh random token (environment only), so no other loc
 
 Multi-node: start the server yourself on one host (`make serve CONFIG=...`, with GRPO_SERVER_TOKEN
 set) and pass `--server-url http://HOST:PORT --hostfile hosts` here; the trainer ranks run on the
-hostfile's hosts (see launch/slurm.sbatch).
+hostfile's hosts (see launch/slurm.sbatch). With `--launcher slurm` they are tasks of one `srun` step
+(launch/srun_rank.py), from inside a SLURM allocation.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--launcher", default="", help="DeepSpeed multi-node launcher with --hostfile (pdsh, slurm, ...)")
     p.add_argument("--master-port", type=int, default=0,
                    help="DeepSpeed rendezvous port (default: a free one here; 29500 with --hostfile)")
-    p.add_argument("--gpus", type=int, help="plan for this many GPUs on this host (default: as many as it has)")
+    p.add_argument("--master-addr", default="",
+                   help="with --hostfile: rendezvous address (default: the hostfile's first host)")
+    p.add_argument("--gpus", type=int, help="plan for this many GPUs on this host (default: as many as it has); "
+                                            "with --hostfile, 0 means CPU-only trainer nodes (--launcher slurm)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the processes this run would start, start nothing, load no model")
     p.add_argument("--plan-json", help="write the launch plan as JSON (secrets redacted) to this file")
@@ -231,8 +235,10 @@ def main(argv=None) -> int:
             raise ConfigError("--resume needs --name (the run to continue)")
         detected = _gpus()
         gpus = detected if args.gpus is None else args.gpus
-        if gpus < 0 or (not args.dry_run and gpus > detected):
+        if gpus < 0 or (not args.dry_run and not args.hostfile and gpus > detected):
             raise ConfigError(f"--gpus {gpus}: this host has {detected} GPU(s) (plan for more with --dry-run)")
+        if args.hostfile and args.gpus is None:
+            gpus = max(gpus, 1)  # a hostfile's slots are GPUs (ranks on other nodes) unless --gpus 0
         config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.run.root) / config.run.name
         if args.resume and not (run_dir / "checkpoints" / "latest").exists():
@@ -248,7 +254,7 @@ def main(argv=None) -> int:
             gpus=gpus, tp=config.server.tensor_parallel_size, num_ranks=config.train.num_ranks,
             server_host=config.server.host, server_port=config.server.port, server_url=args.server_url,
             hostfile=args.hostfile, transport=config.sync.transport, config_path=str(run_dir / "config.yaml"),
-            run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher,
+            run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher, master_addr=args.master_addr,
             master_port=args.master_port or (29500 if args.hostfile else free_port("127.0.0.1")),
             deepspeed=str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed")
         config.sync.transport = plan["sync"]["transport"]  # the server and the ranks read the same choice
