@@ -14,9 +14,12 @@ takes physical ids and drops CUDA_VISIBLE_DEVICES, so the trainer's is unset):
   in the plan's notes, with the reason;
 - train.completions_per_step set: the ranks (num_ranks 0) are the most that split it evenly, and
   each rank's micro-batches and accumulation are derived from it (`split_batch`);
-- a hostfile (several nodes): the ranks on the hostfile's slots, the server already running
-  elsewhere (`--server-url`), the token in a 0600 file (DeepSpeed's PDSH runner forwards only
-  some environment variables to other nodes).
+- a hostfile (several nodes): the ranks on the hostfile's slots (GPUs; CPU ranks with `gpus=0`,
+  SLURM only), the server already running elsewhere (`--server-url`), the token in a 0600 file
+  (DeepSpeed's PDSH runner forwards only some environment variables to other nodes). With
+  `--launcher slurm` the ranks are srun's tasks, started by launch/srun_rank.py (DeepSpeed's own
+  SLURM runner starts them without `-m` and without RANK/LOCAL_RANK/MASTER_ADDR); other launchers
+  go through `deepspeed --hostfile`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pipeline.generation.transport import resolve_transport
 SECRET_ENV = (TOKEN_ENV,)
 # GPU ids in the plan are nvidia-smi's; CUDA numbers GPUs fastest first unless told to use nvidia-smi's order.
 PHYSICAL_ORDER = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+SRUN_RANK = str(Path(__file__).resolve().with_name("srun_rank.py"))
 REDACTED = "<redacted>"
 
 
@@ -140,7 +144,8 @@ def split_batch(completions: int, micro: int, accumulation: int, ranks: int) -> 
 def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_port: int, server_url: str | None,
               hostfile: str | None, transport: str, config_path: str, run_dir: str, resume: bool,
               master_port: int, token: str, python: str = sys.executable, deepspeed: str = "deepspeed",
-              launcher: str = "", gpu_ids: list[int] | None = None, micro_batch_size: int = 1,
+              launcher: str = "", master_addr: str = "", srun: str = "srun", gpu_ids: list[int] | None = None,
+              micro_batch_size: int = 1,
               gradient_accumulation_steps: int = 1, completions_per_step: int = 0) -> dict:
     """The processes of one run as a JSON-able dict (token values included: see `redacted`). `gpu_ids`:
     the physical ids of the visible GPUs in CUDA's order (default 0..gpus-1)."""
@@ -160,18 +165,27 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             raise PlanError("--hostfile: start the server on its own node and pass --server-url "
                             "(see launch/slurm.sbatch)")
         hosts = read_hostfile(hostfile)
-        trainer_gpus = {host: list(range(slots)) for host, slots in hosts.items()}
+        trainer_gpus = {host: list(range(slots)) if cuda else [] for host, slots in hosts.items()}
         ranks = sum(slots for slots in hosts.values())
         if num_ranks and num_ranks != ranks:
             raise PlanError(f"train.num_ranks={num_ranks} but {hostfile} has {ranks} slots; set 0 to use all")
-        backend = resolve_transport(transport, cuda=True)
+        if not cuda and launcher != "slurm":
+            raise PlanError("--gpus 0 with --hostfile: CPU ranks on several hosts need --launcher slurm "
+                            "(DeepSpeed's other runners do not pass DS_ACCELERATOR=cpu on)")
+        backend = resolve_transport(transport, cuda=cuda)
+        if backend == "nccl" and not cuda:
+            raise PlanError("sync.transport=nccl needs GPUs; use gloo (or auto) on CPU")
         token_file = str(Path(run_dir) / "server.token")
         trainer_env = {}  # other nodes read the token from the file; the environment does not reach them
-        placement = ["--hostfile", hostfile, "--master_addr", next(iter(hosts)), "--master_port", str(master_port)]
-        if launcher:
-            placement += ["--launcher", launcher]
-        if launcher == "slurm":  # srun places tasks by count: name the hosts, or it may use the server's node
-            placement += ["--include", "@".join(hosts)]
+        if not cuda:
+            trainer_env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+        master = master_addr or next(iter(hosts))
+        if launcher == "slurm":
+            trainer_env.update({"MASTER_ADDR": master, "MASTER_PORT": str(master_port)})
+            command = srun_command(hosts, srun, python)
+        else:
+            command = [deepspeed, "--hostfile", hostfile, "--master_addr", master, "--master_port", str(master_port),
+                       *(["--launcher", launcher] if launcher else []), "--module", "pipeline.trainer.train"]
     else:
         if not cuda:
             ranks = pick_ranks(2, num_ranks, completions_per_step)
@@ -220,14 +234,14 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             server = {"host": server_host, "port": server_port, "gpus": server_gpus, "tensor_parallel_size": tp,
                       "command": [python, "-m", "pipeline.generation.serve", "--config", config_path, "--run-dir", run_dir],
                       "env": server_env}
+        command = [deepspeed, *placement, "--module", "pipeline.trainer.train"]
     url = server_url or f"http://{server_host}:{server_port}"
-    command = [deepspeed, *placement, "--module", "pipeline.trainer.train", "--config", config_path, "--run-dir", run_dir,
-               "--server-url", url]
+    command += ["--config", config_path, "--run-dir", run_dir, "--server-url", url]
     command += ["--token-file", token_file] if token_file else []
     command += ["--resume"] if resume else []
     batch = split_batch(completions_per_step, micro_batch_size, gradient_accumulation_steps, ranks)
     return {"server": server,
-            "trainer": {"ranks": ranks, "gpus": trainer_gpus, "device": "cuda" if cuda or hostfile else "cpu",
+            "trainer": {"ranks": ranks, "gpus": trainer_gpus, "device": "cuda" if cuda else "cpu",
                         "command": command, "env": trainer_env, "unset_env": unset_env, "token_file": token_file},
             "sync": {"transport": backend}, "server_url": url, "batch": batch, "memory": None, "notes": notes}
 
@@ -245,6 +259,17 @@ def check_compute_modes(plan: dict, gpus: list[dict]) -> None:
         if mode.startswith("EXCLUSIVE") and gpu["index"] in server & trainer:
             raise PlanError(f"GPU {gpu['index']} is in {mode} compute mode (one process at a time), but the server and "
                             f"a trainer rank share it; ask for `nvidia-smi -i {gpu['index']} -c DEFAULT` or use two GPUs")
+
+
+def srun_command(hosts: dict[str, int], srun: str, python: str) -> list[str]:
+    """The trainer step: one srun task per slot, on exactly the hostfile's hosts (srun places tasks by
+    count, so without --nodelist it may use the server's node), each a rank via launch/srun_rank.py."""
+    if len(set(hosts.values())) > 1:
+        raise PlanError(f"--launcher slurm: every host needs the same slots (srun --ntasks-per-node), got "
+                        f"{', '.join(f'{h} slots={n}' for h, n in hosts.items())}")
+    per_node = next(iter(hosts.values()))
+    return [srun, f"--nodes={len(hosts)}", f"--ntasks={per_node * len(hosts)}", f"--ntasks-per-node={per_node}",
+            f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=1", "--export=ALL", python, "-u", SRUN_RANK]
 
 
 def redacted(plan: dict) -> dict:

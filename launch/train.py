@@ -17,7 +17,8 @@ Every run's server gets a fresh random token (environment only), so no other loc
 
 Multi-node: start the server yourself on one host (`make serve CONFIG=...`, with GRPO_SERVER_TOKEN
 set) and pass `--server-url http://HOST:PORT --hostfile hosts` here; the trainer ranks run on the
-hostfile's hosts (see launch/slurm.sbatch).
+hostfile's hosts (see launch/slurm.sbatch). With `--launcher slurm` they are tasks of one `srun` step
+(launch/srun_rank.py), from inside a SLURM allocation.
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--launcher", default="", help="DeepSpeed multi-node launcher with --hostfile (pdsh, slurm, ...)")
     p.add_argument("--master-port", type=int, default=0,
                    help="DeepSpeed rendezvous port (default: a free one here; 29500 with --hostfile)")
-    p.add_argument("--gpus", type=int, help="plan for this many GPUs on this host (default: as many as it has)")
+    p.add_argument("--master-addr", default="",
+                   help="with --hostfile: rendezvous address (default: the hostfile's first host)")
+    p.add_argument("--gpus", type=int, help="plan for this many GPUs on this host (default: as many as it has); "
+                                            "with --hostfile, 0 means CPU-only trainer nodes (--launcher slurm)")
     p.add_argument("--gpu-memory-gib", type=float,
                    help=f"plan as if each GPU had this much memory (default: what nvidia-smi says; "
                         f"{DRY_RUN_GPU_GIB:.0f} for a dry run's GPUs this host lacks)")
@@ -296,9 +300,15 @@ def main(argv=None) -> int:
         absolute_paths(config)
         if args.resume and not config.run.name:
             raise ConfigError("--resume needs --name (the run to continue)")
-        gpu_list, gpu_notes = run_gpus(args)
-        gpus = len(gpu_list)
         hostfile = str(Path(args.hostfile).expanduser().absolute()) if args.hostfile else None
+        if hostfile:  # the ranks run on the hostfile's nodes: their slots are GPUs, unless --gpus 0 (CPU, SLURM)
+            gpu_list, gpu_notes = [], []
+            gpus = 1 if args.gpus is None else args.gpus
+            if gpus < 0:
+                raise ConfigError(f"--gpus {gpus}: expected 0 (CPU trainer nodes) or more")
+        else:
+            gpu_list, gpu_notes = run_gpus(args)
+            gpus = len(gpu_list)
         config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.run.root) / config.run.name
         if args.resume and not (run_dir / "checkpoints" / "latest").exists():
@@ -314,10 +324,10 @@ def main(argv=None) -> int:
             gpus=gpus, tp=config.server.tensor_parallel_size, num_ranks=config.train.num_ranks,
             server_host=config.server.host, server_port=config.server.port, server_url=args.server_url,
             hostfile=hostfile, transport=config.sync.transport, config_path=str(run_dir / "config.yaml"),
-            run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher,
+            run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher, master_addr=args.master_addr,
             master_port=args.master_port or (29500 if args.hostfile else free_port("127.0.0.1")),
             deepspeed=str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed",
-            gpu_ids=[g["index"] for g in gpu_list], micro_batch_size=config.train.micro_batch_size,
+            gpu_ids=[g["index"] for g in gpu_list] if not hostfile else None, micro_batch_size=config.train.micro_batch_size,
             gradient_accumulation_steps=config.train.gradient_accumulation_steps,
             completions_per_step=config.train.completions_per_step)
         plan["notes"] = gpu_notes + plan["notes"]

@@ -116,14 +116,68 @@ def test_two_node_hostfile_plan(tmp_path):
     assert plan["server"] is None and plan["server_url"] == "http://node0:8710"
     trainer = plan["trainer"]
     assert trainer["ranks"] == 16 and trainer["gpus"] == {"node1": list(range(8)), "node2": list(range(8))}
+    # one srun step, a task per GPU, on exactly the trainer nodes (srun places by count: without the
+    # list it could use the server's node); each task a rank through launch/srun_rank.py, which runs
+    # the trainer as a module (DeepSpeed's SLURM runner would start `python -u pipeline.trainer.train`)
     cmd = trainer["command"]
-    assert cmd[cmd.index("--master_addr") + 1] == "node1" and cmd[cmd.index("--master_port") + 1] == "29500"
-    assert cmd[cmd.index("--launcher") + 1] == "slurm"
-    assert cmd[cmd.index("--include") + 1] == "node1@node2"  # srun must not place ranks on the server's node
+    assert cmd[:7] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--nodelist=node1,node2",
+                       "--kill-on-bad-exit=1", "--export=ALL"]
+    assert cmd[7:10] == [sys.executable, "-u", str(REPO / "launch" / "srun_rank.py")]
+    assert cmd[10] == "--config" and cmd[cmd.index("--run-dir") + 1] == str(Path(trainer["token_file"]).parent)
+    assert "deepspeed" not in " ".join(cmd) and "--module" not in cmd
+    # the rendezvous on the first trainer node; srun --export=ALL takes it to every task
+    assert trainer["env"]["MASTER_ADDR"] == "node1" and trainer["env"]["MASTER_PORT"] == "29500"
     # other nodes get the token from a 0600 file in the (shared) run directory, never the environment
     assert "GRPO_SERVER_TOKEN" not in trainer["env"]
     assert cmd[cmd.index("--token-file") + 1] == trainer["token_file"]
     assert trainer["token_file"].endswith("server.token") and plan["sync"]["transport"] == "nccl"
+    assert "srun --nodes=2" in proc.stdout and "MASTER_ADDR MASTER_PORT" in proc.stdout
+
+
+def test_other_multinode_launchers_stay_on_deepspeed(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "pdsh",
+                         "--set", "train.num_ranks=0", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
+    assert proc.returncode == 0, proc.stderr
+    cmd = plan["trainer"]["command"]
+    assert Path(cmd[0]).name == "deepspeed" and cmd[1:3] == ["--hostfile", str(hostfile)]
+    assert cmd[cmd.index("--master_addr") + 1] == "node1" and cmd[cmd.index("--launcher") + 1] == "pdsh"
+    assert cmd[cmd.index("--module") + 1] == "pipeline.trainer.train" and plan["trainer"]["env"] == {}
+
+
+def test_one_node_cpu_slurm_plan(tmp_path):
+    """launch/slurm.sbatch on one CPU node: the ranks beside the server, CPU, gloo, all on loopback."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("vm slots=2\n")
+    proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://127.0.0.1:8710", "--launcher", "slurm",
+                         "--gpus", "0", "--master-addr", "127.0.0.1", "--master-port", "20007",
+                         "--set", "train.num_ranks=0", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    trainer = plan["trainer"]
+    assert trainer["ranks"] == 2 and trainer["device"] == "cpu" and trainer["gpus"] == {"vm": []}
+    assert trainer["command"][:5] == ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--nodelist=vm"]
+    assert trainer["env"] == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                              "MASTER_PORT": "20007"}
+    assert plan["sync"]["transport"] == "gloo" and plan["server"] is None
+
+
+@pytest.mark.parametrize("hosts,args,message", [
+    ("node1 slots=8\nnode2 slots=4\n", ["--launcher", "slurm"],
+     "error: --launcher slurm: every host needs the same slots (srun --ntasks-per-node), got node1 slots=8, "
+     "node2 slots=4"),
+    ("node1 slots=2\n", ["--launcher", "pdsh", "--gpus", "0"],
+     "error: --gpus 0 with --hostfile: CPU ranks on several hosts need --launcher slurm"),
+    ("node1 slots=2\n", ["--launcher", "slurm", "--gpus", "0", "--set", "sync.transport=nccl"],
+     "error: sync.transport=nccl needs GPUs; use gloo (or auto) on CPU"),
+])
+def test_impossible_multinode_layouts_are_one_line_errors(tmp_path, hosts, args, message):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(hosts)
+    proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", *args,
+                         "--set", "train.num_ranks=0", tmp_path=tmp_path)
+    assert proc.returncode == 2 and plan is None
+    assert one_line_error(proc).startswith(message)
 
 
 def test_hostfile_errors(tmp_path):
