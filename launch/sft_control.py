@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     model = build_default_model(config)
     spent = json.loads((model / "build.json").read_text())["sft_seconds"]
-    from pipeline.report.card import evaluate
+    from pipeline.report import evaluate
 
     out = run_dir / "sft_control"
     code = evaluate.main(["--model", str(model), "--config", str(run_dir / "config.yaml"), "--maj-k", "0",

@@ -137,7 +137,7 @@ def test_a_second_transfer_group_releases_the_first(monkeypatch):
     calls = []
 
     class Engine:
-        def collective_rpc(self, method, timeout=None, kwargs=None):
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
             calls.append(method)
             return [None]
 

@@ -44,7 +44,8 @@ def check_pushes_land(server, model_dir, prompt, version0, bucket_bytes):
         stats = sync.push(version0 + 1)
         # every parameter verified: vLLM's own digests or, for the linear weights vLLM-CPU hides, the
         # digests our engine took on receipt
-        assert stats["verified_tensors"] >= len(list(model.parameters()))
+        assert set(sync.verified_names) == {n for n, _ in model.named_parameters()}
+        assert stats["verified_bytes_frac"] == 1.0 and stats["verified_tensors"] > 0
         assert any(name.endswith("o_proj.weight") for name in sync.verified_names)  # hidden from vLLM-CPU's own
         assert any(name.endswith("norm.weight") for name in sync.verified_names)  # vLLM's own digests
         completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0]["completions"][0]
