@@ -31,7 +31,10 @@ CHECKPOINTED_BYTES = 2
 LOGIT_COPIES = 3  # fp32 logits, their log-softmax and its gradient, per token and vocabulary entry
 # Hub models the recipes name, for a plan made before the download: their config.json.
 KNOWN_MODELS = {
-    "premai-io/prem-1B-chat": {  # huggingface.co/premai-io/prem-1B-chat, config.json at c1da149
+    # TinyLlama's Llama-2 shape, which Prem-1B is built on (Prem AI's "Introducing Prem-1B"); the vocabulary is
+    # TinyLlama's 32,000 plus the chat model's added tokens, taken as 4 here: not read from the hub, which this
+    # machine cannot reach. A cached or local config.json always wins over this table.
+    "premai-io/prem-1B-chat": {
         "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
         "num_key_value_heads": 4, "vocab_size": 32004, "tie_word_embeddings": False},
 }
