@@ -190,7 +190,6 @@ class GenerationServer:
         self.update_started = 0.0  # time.monotonic() of the open update's start
         self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
-        self.worker_session = False  # the workers are between start_weight_update and finish_weight_update
         self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
 
     # --- engine access ---------------------------------------------------------------------------
@@ -429,12 +428,8 @@ class GenerationServer:
             self._abandon_update()
             self.updating, self.update_started = True, time.monotonic()
 
-        def run():
-            self._rpc("start_weight_update", timeout)
-            self.worker_session = True
-
         try:
-            self.call(run, "weights/start", during_update=True)
+            self.call(lambda: self._rpc("start_weight_update", timeout), "weights/start", during_update=True)
         except HTTPException:
             self._finish_update()
             raise
@@ -456,7 +451,6 @@ class GenerationServer:
         timeout = self.config.sync.timeout_s
 
         def run():
-            self.worker_session = False
             self._rpc("finish_weight_update", timeout)
             # Cached KV was computed by the old weights. Engine calls are serialised, so nothing holds
             # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
@@ -493,7 +487,7 @@ class GenerationServer:
         (one run's trainer is the only holder of the token) and some layers hold new weights, some old,
         some none. The server exits (see `_rpc`); a fresh one takes the next complete push."""
         with self._locked("weights"):
-            if self.updating or self.worker_session:
+            if self.updating:
                 self._die("a weight update was abandoned half-way; the model is half-loaded")
                 raise HTTPException(503, f"server exiting: {self.fatal}")
 
