@@ -43,7 +43,9 @@ def parse_row(row, where: str, fields: Fields = GSM8K) -> Example:
         raise DataError(f"{where}: expected a JSON object with '{q}' and '{a}', got {type(row).__name__}")
     for name in (q, a):
         if name not in row:
-            raise DataError(f"{where}: missing field '{name}' (columns: {', '.join(map(str, row))})")
+            # a column name may hold a newline; repr keeps the error on one line
+            columns = ", ".join(str(c) if str(c).isprintable() else repr(str(c)) for c in row)
+            raise DataError(f"{where}: missing field '{name}' (columns: {columns})")
     if not isinstance(row[q], str):
         raise DataError(f"{where}: field '{q}' must be a string, got {type(row[q]).__name__}")
     solution = row[a]
