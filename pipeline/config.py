@@ -105,7 +105,13 @@ class ServerConfig:
     """Shared secret; when set every request needs `Authorization: Bearer <token>`. Prefer the
     GRPO_SERVER_TOKEN environment variable, which overrides this and is never written to disk."""
     tensor_parallel_size: int = 1
-    """vLLM tensor parallelism (GPUs given to the server)."""
+    """vLLM tensor parallelism (GPUs given to each generation engine)."""
+    data_parallel_size: int = 1
+    """Generation engines (TRL's and vLLM's name). Each is its own server process with
+    `tensor_parallel_size` GPUs: engines on GPUs [0, N*tp), trainer ranks on the rest; on CPU, N
+    engine processes. Engine i listens on `port + i`. A step's prompt groups are spread over the
+    engines by measured speed; one broadcast pushes the weights into all of them; an engine that dies
+    is left out (its prompts re-sent) until it is back with the current weights."""
     max_model_len: int = 512
     """Longest prompt + completion the server accepts (recipe: 256 + 200 fits in 512)."""
     gpu_memory_utilization: float = 0.0
@@ -465,7 +471,7 @@ def validate(config: Config) -> None:
                           f"{config.server.gpu_memory_utilization}")
     if config.server.max_restarts < 0:
         raise ConfigError(f"server.max_restarts: must be >= 0, got {config.server.max_restarts}")
-    for key in ("port", "tensor_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts",
+    for key in ("port", "tensor_parallel_size", "data_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts",
                 "max_request_mb"):
         if getattr(config.server, key) < (0 if key == "port" else 1):
             raise ConfigError(f"server.{key}: must be positive, got {getattr(config.server, key)}")

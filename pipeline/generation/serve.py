@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -139,7 +140,7 @@ def is_loopback(host: str) -> bool:
 class GenerationServer:
     """The engine plus the state the HTTP layer needs: weight version, update flag, limits."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, engine_index: int = 0):
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
@@ -154,6 +155,9 @@ class GenerationServer:
 
         self.config = config
         cfg = config.server
+        self.engine_index = engine_index  # which of the run's server.data_parallel_size engines
+        # Told apart from its predecessor after a restart (same port, same version 0 until a push).
+        self.instance = secrets.token_hex(8)
         self.device = accelerator()
         self.dtype = str(resolve_dtype(config.model.dtype)).removeprefix("torch.")
         self.backend = sync_backend(config.sync.transport, self.device)
@@ -259,6 +263,7 @@ class GenerationServer:
             "model": self.config.model.path, "dtype": self.dtype, "device": self.device,
             "max_model_len": cfg.max_model_len, "vocab_size": self.vocab_size,
             "eos_token_id": self.tokenizer.eos_token_id, "version": self.version,
+            "engine": self.engine_index, "instance": self.instance,
             "tensor_parallel_size": cfg.tensor_parallel_size, "sync_backend": self.backend,
             "enforce_eager": self.enforce_eager,
             "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", ""),
@@ -329,7 +334,8 @@ class GenerationServer:
                 completions.append({"text": c.text, "token_ids": list(c.token_ids), "logprobs": logprobs,
                                     "finish_reason": c.finish_reason})
             results.append({"prompt_token_ids": list(out.prompt_token_ids), "completions": completions})
-        return {"version": version, "results": results, "timing": {"engine_s": engine_s, **engine_phases(outputs)}}
+        return {"version": version, "engine": self.engine_index, "instance": self.instance, "results": results,
+                "timing": {"engine_s": engine_s, **engine_phases(outputs)}}
 
     def score(self, req: ScoreRequest) -> dict:
         """Per-token logprobs of each completion given its prompt (teacher forcing, temperature 1)."""
@@ -557,7 +563,8 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
         if server.stuck_update():
             return JSONResponse({"status": "stuck", "detail": f"a weight update has been open past "
                                  f"sync.timeout_s={server.config.sync.timeout_s:.0f}s", "version": server.version}, 503)
-        return {"status": "ok", "version": server.version, "updating": server.updating}
+        return {"status": "ok", "version": server.version, "updating": server.updating, "engine": server.engine_index,
+                "instance": server.instance}
 
     @app.get("/model")
     def model_info():
@@ -598,11 +605,16 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
     return app
 
 
-def setup_logging(run_dir: str | None) -> None:
+def log_name(engine_index: int) -> str:
+    """Engine 0 logs to server.log (the one-engine name), engine i > 0 to server-i.log."""
+    return "server.log" if engine_index == 0 else f"server-{engine_index}.log"
+
+
+def setup_logging(run_dir: str | None, engine_index: int = 0) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(run_dir) / "server.log"))
+        handlers.append(logging.FileHandler(Path(run_dir) / log_name(engine_index)))
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in handlers:
         handler.setFormatter(fmt)
@@ -623,6 +635,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", help="shortcut for --set server.host=...")
     parser.add_argument("--port", type=int, help="shortcut for --set server.port=...")
     parser.add_argument("--run-dir", help="also write server.log here")
+    parser.add_argument("--engine-index", type=int, default=0,
+                        help="which of the run's server.data_parallel_size engines this is (0-based; the launcher "
+                             "sets it with --port = server.port + index)")
     return parser.parse_args(argv)
 
 
@@ -662,9 +677,13 @@ def main(argv=None) -> int:
         print(f"error: sync.transport=ipc ships pickled CUDA IPC handles; refusing to start without a token "
               f"(set {TOKEN_ENV})", file=sys.stderr)
         return 2
-    setup_logging(args.run_dir)
+    if not 0 <= args.engine_index < config.server.data_parallel_size:
+        print(f"error: --engine-index {args.engine_index}: expected 0..{config.server.data_parallel_size - 1} "
+              f"(server.data_parallel_size={config.server.data_parallel_size})", file=sys.stderr)
+        return 2
+    setup_logging(args.run_dir, args.engine_index)
     start = time.perf_counter()
-    server = GenerationServer(config)
+    server = GenerationServer(config, args.engine_index)
     log.info("engine ready in %.1fs: %s (%s, %s)", time.perf_counter() - start, config.model.path,
              server.dtype, server.device)
     app = build_app(server, token)
