@@ -35,7 +35,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerError(RuntimeError):
-    """The generation server refused a request, failed, or did not answer in time."""
+    """The generation server refused a request, failed, or did not answer in time. `status`: the HTTP
+    status of a refusal (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ServerClient:
@@ -59,7 +64,7 @@ class ServerClient:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text[:500]
-            raise ServerError(f"{method} {path}: HTTP {response.status_code}: {detail}")
+            raise ServerError(f"{method} {path}: HTTP {response.status_code}: {detail}", response.status_code)
         return response.json()
 
     def health(self, timeout_s: float = 5.0) -> dict:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layer
 
 from pipeline.generation.client import ServerClient, ServerError, free_port
 from pipeline.generation.deadline import Beside, DeadlineExceeded
+from pipeline.generation.engines import Engine, Engines
 from pipeline.generation.worker_ext import digest
 from pipeline.sync.gloo_transfer import without_agent_store
 from pipeline.sync.lora_export import exported_weights, merged_weight
@@ -37,31 +39,52 @@ class WeightSyncError(RuntimeError):
 
 
 class ServerSyncClient:
-    """vLLM's `VLLMWeightSyncClient` protocol over our server's authenticated /weights routes; every
-    call has the sync deadline. `version` is what /weights/finish makes the server report."""
+    """vLLM's `VLLMWeightSyncClient` protocol over our servers' authenticated /weights routes, for one
+    transfer group that holds every engine's workers: each call goes to all engines at once (in
+    threads: the workers of all of them must be in the collective together), and the init info each
+    engine gets places its workers after the previous engines' (`rank_offset`), so vLLM's trainer
+    engine broadcasts once to all of them as if to one server. Every call has the sync deadline.
+    `version` is what /weights/finish makes the servers report."""
 
-    def __init__(self, client: ServerClient, timeout_s: float):
-        self.client, self.timeout_s, self.version = client, timeout_s, 0
+    def __init__(self, clients: list[ServerClient] | ServerClient, timeout_s: float, worker_counts: list[int] | None = None):
+        self.clients = clients if isinstance(clients, list) else [clients]
+        self.timeout_s, self.version = timeout_s, 0
+        counts = worker_counts or [1] * len(self.clients)
+        self.offsets = [sum(counts[:i]) for i in range(len(self.clients))]  # workers of the engines before
 
-    def _post(self, path: str, body: dict) -> dict:
-        return self.client.request("POST", path, body, self.timeout_s)
+    def _post_all(self, path: str, bodies: list[dict]) -> list[dict]:
+        """POST to every engine at once; the first failure (by engine order) is raised, naming its engine."""
+        if len(self.clients) == 1:
+            return [self.clients[0].request("POST", path, bodies[0], self.timeout_s)]
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            futures = [pool.submit(c.request, "POST", path, b, self.timeout_s) for c, b in zip(self.clients, bodies, strict=True)]
+            errors = [f.exception() for f in futures]
+        for client, error in zip(self.clients, errors, strict=True):
+            if error is not None:
+                raise ServerError(f"engine {client.base_url}: {error}") from error
+        return [f.result() for f in futures]
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._post("/weights/init", {"init_info": init_info})
+        if "rank_offset" not in init_info and len(self.clients) > 1:
+            raise WeightSyncError("this transfer backend cannot place several engines' workers in one group")
+        self._post_all("/weights/init", [{"init_info": {**init_info, "rank_offset": init_info["rank_offset"] + offset}
+                                          if "rank_offset" in init_info else init_info} for offset in self.offsets])
 
     def start_weight_update(self) -> None:
-        self._post("/weights/start", {"version": self.version})
+        self._post_all("/weights/start", [{"version": self.version}] * len(self.clients))
 
     def update_weights(self, update_info) -> None:
-        self._post("/weights/update", {"update_info": json_safe_update_info(update_info)})
+        self._post_all("/weights/update", [{"update_info": json_safe_update_info(update_info)}] * len(self.clients))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        done = self._post("/weights/finish", {"version": self.version})
-        if done["version"] != self.version:
-            raise WeightSyncError(f"server reports version {done['version']} after pushing {self.version}")
+        for client, done in zip(self.clients, self._post_all("/weights/finish", [{"version": self.version}] * len(self.clients)), strict=True):
+            if done["version"] != self.version:
+                raise WeightSyncError(f"engine {client.base_url} reports version {done['version']} after pushing {self.version}")
 
-    def checksums(self, names: list[str], received: list[str]) -> list[dict]:
-        return self._post("/weights/checksums", {"names": names, "received": received})["workers"]
+    def checksums(self, names: list[str], received: list[str]) -> list[list[dict]]:
+        """Each engine's workers' digests (one list per engine)."""
+        return [out["workers"] for out in self._post_all("/weights/checksums", [{"names": names, "received": received}]
+                                                         * len(self.clients))]
 
 
 def json_safe_update_info(update_info: dict) -> dict:
@@ -203,13 +226,16 @@ class WeightSync:
     """
 
     def __init__(self, module: torch.nn.Module, zero_stage: int, rank: int, device: torch.device,
-                 client: ServerClient | None, *, host: str, port: int = 0, timeout_s: float = 60.0,
+                 engines: Engines | ServerClient | None, *, host: str, port: int = 0, timeout_s: float = 60.0,
                  bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20):
         self.rank, self.device, self.timeout_s = rank, torch.device(device), timeout_s
         self.module, self.zero_stage = module, zero_stage
         self.host, self.port, self.bucket_bytes, self.verify_bytes = host, port, bucket_bytes, verify_bytes
-        self.http = client  # rank 0's HTTP client of the server (None on the other ranks)
-        self.sync_client = ServerSyncClient(client, timeout_s) if client is not None else None
+        # rank 0's clients of the generation engines (None on the other ranks)
+        self.engines = Engines.of([engines]) if isinstance(engines, ServerClient) else engines
+        self.group: list[Engine] = []  # the engines whose workers are in the transfer group
+        self.group_instances: list[str] = []
+        self.sync_client: ServerSyncClient | None = None
         self.transfer = None  # the backend's trainer-side engine, from vLLM's factory
         self.backend = ""
         self.last_stats: dict[str, float] = {}
@@ -220,7 +246,8 @@ class WeightSync:
     # --- connect -------------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        """(Re)form the transfer group with the server's workers (after a server restart too)."""
+        """(Re)form the transfer group with the workers of every healthy, idle engine (after an engine
+        restart or loss too): one group, each engine's workers after the previous engine's."""
         from pipeline.sync.gloo_transfer import register
 
         register()
@@ -228,8 +255,7 @@ class WeightSync:
         info = [None]
         if self.rank == 0:
             try:
-                model = self.http.model_info()
-                info = [{k: model[k] for k in ("dtype", "sync_backend", "tensor_parallel_size")}]
+                info = [self._group_info()]
             except ServerError as e:
                 info = [{"error": str(e)}]
         info = _on_all_ranks(info)[0]
@@ -246,6 +272,25 @@ class WeightSync:
             error = [f"cannot set up {self.backend} weight sync with the server: {type(e).__name__}: {e}"]
         if (error := _on_all_ranks(error)[0]) is not None:
             raise WeightSyncError(error)
+
+    def _group_info(self) -> dict:
+        """Rank 0: pick the group (every engine answering healthy and idle) and check that its engines
+        agree on dtype and backend; their workers add up to the group's size."""
+        ready = self.engines.healthy(idle=True)
+        if not ready:
+            raise ServerError(f"no generation engine is healthy and idle ({self.engines.base_url})")
+        models = [engine.client.model_info() for engine, _ in ready]
+        for key in ("dtype", "sync_backend"):
+            if len({m[key] for m in models}) > 1:
+                raise ServerError(f"the engines disagree on {key}: {', '.join(str(m[key]) for m in models)}")
+        self.group = [engine for engine, _ in ready]
+        self.group_instances = [m.get("instance", "") for m in models]
+        for engine, model in zip(self.group, models, strict=True):
+            engine.tensor_parallel_size = model["tensor_parallel_size"]
+        self.sync_client = ServerSyncClient([e.client for e in self.group], self.timeout_s,
+                                            [m["tensor_parallel_size"] for m in models])
+        return {"dtype": models[0]["dtype"], "sync_backend": models[0]["sync_backend"],
+                "tensor_parallel_size": sum(m["tensor_parallel_size"] for m in models)}
 
     def _trainer_init(self, info: dict):
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
@@ -282,6 +327,9 @@ class WeightSync:
         if self.rank == 0 and error[0] is None:
             try:
                 stats = self._verify(sample, metas)
+                for engine, instance in zip(self.group, self.group_instances, strict=True):
+                    engine.instance = instance
+                self.engines.set_members(self.group, version)
             except (WeightSyncError, ServerError) as e:
                 error = [f"weights version {version} did not verify: {e}"]
         if (error := _on_all_ranks(error)[0]) is not None:
@@ -295,8 +343,17 @@ class WeightSync:
     def _verify(self, sample: list[str], metas: list[ParamMeta]) -> dict[str, float]:
         start = time.perf_counter()
         kept = self.source.kept
-        workers = self.sync_client.checksums(sorted(kept), sorted(kept) if self.backend == "gloo" else [])
-        checks, verified = verify_workers(kept, workers, self.heads)
+        verified: set[str] | None = None
+        checks = 0
+        per_engine = self.sync_client.checksums(sorted(kept), sorted(kept) if self.backend == "gloo" else [])
+        for engine, workers in zip(self.group, per_engine, strict=True):
+            try:
+                engine_checks, engine_verified = verify_workers(kept, workers, self.heads)
+            except WeightSyncError as e:
+                raise WeightSyncError(f"engine {engine.index}: {e}") from None
+            checks += engine_checks
+            verified = engine_verified if verified is None else verified & engine_verified
+        verified = verified or set()
         self.verified_names = sorted(verified)
         sizes = {m.name: m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas}
         if len(verified) < len(sample) and not self._warned_unverified:
@@ -305,7 +362,7 @@ class WeightSync:
                         "parameters (a layout pipeline/sync/shards.py does not know?), e.g. %s; the logprob "
                         "probe still runs", len(sample) - len(verified), len(sample),
                         sorted(set(sample) - verified)[:3])
-        return {"verified_tensors": checks, "verify_s": time.perf_counter() - start,
+        return {"verified_tensors": checks, "verify_s": time.perf_counter() - start, "engines_verified": len(per_engine),
                 "verified_bytes_frac": sum(sizes[n] for n in verified) / max(sum(sizes.values()), 1)}
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Stage 1-2 of a step: generate the step's completions and score this rank's share of them.
 
-Rank 0 makes one generate request for all of a step's prompts (one batch for vLLM, one weight
-version to check) and broadcasts the result; every rank then owns a contiguous slice of the
+Rank 0 makes one generate request for all of a step's prompts (spread over the generation engines
+by pipeline/generation/engines.py; one weight version to check) and broadcasts the result; every rank then owns a contiguous slice of the
 step's `prompts x G` completions (its micro-batches) and scores only that slice.
 
 Synchronous mode requests step k's rollouts when step k starts, from the weights of step k.
@@ -33,6 +33,8 @@ class Completion:
     text: str
     truncated: bool  # cut at max_completion_tokens rather than ended by EOS/stop
     example: Example  # its prompt's example: question, reference answer, the row's other columns
+    engine: int = 0  # the generation engine that made it
+    version: int = 0  # the weights version that made it
 
     @property
     def answer(self) -> str:
@@ -53,6 +55,7 @@ class Rollouts:
         self.pending: dict[int, tuple[Future, list[list[int]], list[str]]] = {}
         self.discarded = 0
         self.timing: dict[str, float] = {}  # the last collected step's: time/<phase> seconds (rank 0's)
+        self.split: dict[str, float] = {}  # the last collected step's engines and their imbalance (rank 0's)
 
     def step_seed(self, step: int) -> int:
         """The sampling seed of step `step`: distinct per run seed and step, and (mod 2**62) always
@@ -74,6 +77,7 @@ class Rollouts:
         out["timing"] = {"time/engine": server.get("engine_s", 0.0),
                          "time/http": time.perf_counter() - start - server.get("engine_s", 0.0),
                          **{f"time/engine_{k.removesuffix('_s')}": v for k, v in server.items() if k != "engine_s"}}
+        out.setdefault("split", {})
         return out
 
     def collect(self, step: int, version: int) -> tuple[list[Completion], int]:
@@ -90,9 +94,10 @@ class Rollouts:
                     if out["version"] != version:
                         raise StaleRolloutError(f"server generated with weights version {out['version']}, "
                                                 f"the trainer is at version {version}")
-                self.timing = out["timing"]
+                self.timing, self.split = out["timing"], out["split"]
                 payload = [(out["version"], [
-                    Completion(ids, c["token_ids"], c["logprobs"], c["text"], c["finish_reason"] == "length", example)
+                    Completion(ids, c["token_ids"], c["logprobs"], c["text"], c["finish_reason"] == "length", example,
+                               c.get("engine", 0), c.get("version", out["version"]))
                     for ids, example, result in zip(prompt_ids, examples, out["results"], strict=True)
                     for c in result["completions"]
                 ])]

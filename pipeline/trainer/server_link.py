@@ -1,18 +1,20 @@
-"""The trainer's link to the generation server, as every rank sees it: weight sync (pipeline/sync,
-vLLM's weight-transfer API) plus what the training loop adds to it: recovery from a lost server, and
-a probe that the server serves exactly the trainer's weights. Rank 0 alone holds the HTTP client; the
-other ranks take part in the collectives (ZeRO-3 gathers, the restart decision)."""
+"""The trainer's link to the generation engines, as every rank sees it: weight sync (pipeline/sync,
+vLLM's weight-transfer API) plus what the training loop adds to it: engines that come back join the
+transfer group again, recovery from a lost engine, and a probe that the engines serve exactly the
+trainer's weights. Rank 0 alone holds the HTTP clients; the other ranks take part in the collectives
+(ZeRO-3 gathers, the regroup and restart decisions)."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.device import probe_tolerance
-from pipeline.generation.client import ServerClient
+from pipeline.generation.engines import Engines
 from pipeline.sync.weight_sync import WeightSync, WeightSyncError
 from pipeline.trainer.grpo import token_logprobs
 
@@ -20,43 +22,74 @@ log = logging.getLogger(__name__)
 
 
 class ServerLink(WeightSync):
-    def __init__(self, model_engine, zero_stage: int, rank: int, config: Config, client: ServerClient | None,
+    def __init__(self, model_engine, zero_stage: int, rank: int, config: Config, client: Engines | None,
                  sync_host: str, dtype: torch.dtype):
         s = config.sync
         super().__init__(model_engine.module, zero_stage, rank, model_engine.device, client, host=sync_host,
                          port=s.port, timeout_s=s.timeout_s, bucket_bytes=s.bucket_mb * 2**20,
                          verify_bytes=s.verify_mb * 2**20)
         self.model_engine, self.config, self.dtype = model_engine, config, dtype
-        self.restarts = 0
+
+    @property
+    def restarts(self) -> dict[int, int]:
+        """Restarts seen per engine (new processes at its address), rank 0's count."""
+        return {e.index: e.restarts for e in self.engines.engines} if self.engines else {}
 
     def push(self, version: int) -> None:
-        """The server serves weights `version` (verified by checksums), or the run fails / recovers."""
+        """The engines serve weights `version` (verified by checksums), or the run fails / recovers.
+        An engine back from a restart (or a lost one) changes the group: it is formed again first, so a
+        returning engine gets this full push before it gets prompts."""
+        if self._group_changed():
+            self.connect()
         try:
             super().push(version)
         except WeightSyncError as e:
             self.recover(e, version)
 
-    def recover(self, error: Exception, version: int) -> None:
-        """After a lost server: with server.restart, wait for the launcher's new server, form a new
-        transfer group with it and give it the trainer's weights (`version`); else fail with `error`."""
-        server = self.config.server
-        if not server.restart or self.restarts >= server.max_restarts:
-            raise error
-        fresh = [False]
+    def _group_changed(self) -> bool:
+        changed = [False]
         if self.rank == 0:
-            log.warning("server lost (%s); waiting up to %.0fs for a restarted server", error, server.startup_timeout_s)
-            # A server whose update was torn or is stuck exits (the launcher restarts it): wait for one
+            ready = self.engines.healthy(idle=True)
+            now = {(e.index, h.get("instance", "")) for e, h in ready}
+            was = {(e.index, i) for e, i in zip(self.group, self.group_instances, strict=True)}
+            changed = [now != was]
+            if changed[0]:
+                log.warning("engines changed: group was %s, now %s", sorted(i for i, _ in was), sorted(i for i, _ in now))
+        return bool(_broadcast(changed))
+
+    def recover(self, error: Exception, version: int) -> None:
+        """After a lost engine: form a new transfer group with the engines that are healthy and idle
+        and give them the trainer's weights (`version`). With server.restart, wait (up to the startup
+        deadline) for at least one, since the launcher is bringing engines back; without it, go on
+        with those left. Fail with `error` when none is left (the launcher gives up on an engine after
+        server.max_restarts restarts of it)."""
+        ok = [True]
+        if self.rank == 0:
+            log.warning("engine(s) lost (%s); forming the transfer group again", error)
+            # An engine whose update was torn or is stuck exits (the launcher restarts it): use engines
             # with no update open rather than re-initialise a wedged one.
-            fresh = [self.http.wait_healthy(server.startup_timeout_s + self.config.sync.timeout_s, idle=True)["version"]
-                     != version]
-        dist.broadcast_object_list(fresh, src=0)
-        if fresh[0]:  # a new process: the old group's peers are gone
-            self.restarts += 1
-            if self.rank == 0:
-                log.warning("server restart %d of at most %d: pushing weights version %d", self.restarts,
-                            server.max_restarts, version)
+            ok = [self._wait_for_an_engine()]
+        if (ok := _broadcast(ok)) is not True:
+            raise WeightSyncError(f"{error}; {ok}") from None
         self.connect()
         super().push(version)
+
+    def _wait_for_an_engine(self) -> bool | str:
+        """Rank 0: True once an engine is healthy and idle; else why not. Waits (with server.restart)
+        only while some engine may still come back: one that has used its server.max_restarts will not."""
+        server = self.config.server
+        wait_s = server.startup_timeout_s + self.config.sync.timeout_s if server.restart else 0.0
+        end = time.monotonic() + wait_s
+        while True:
+            if self.engines.healthy(idle=True):
+                return True
+            if not server.restart:
+                return "no generation engine left (server.restart is off)"
+            if all(e.restarts >= server.max_restarts for e in self.engines.engines):
+                return f"no generation engine left: each has used its server.max_restarts={server.max_restarts} restarts"
+            if time.monotonic() >= end:
+                return f"no generation engine healthy within {wait_s:.0f}s"
+            time.sleep(0.5)
 
     def probe(self, prompt_ids: list[int], token_ids: list[int], step: int) -> float:
         """Max |served - trainer| logprob over one sequence (rank 0's number; 0 elsewhere). The
@@ -67,9 +100,16 @@ class ServerLink(WeightSync):
             mine = token_logprobs(self.model_engine, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1:]
         if self.rank != 0:
             return 0.0
-        served = torch.tensor(self.http.score([(prompt_ids, token_ids)])["logprobs"][0])
+        served = torch.tensor(self.engines.score([(prompt_ids, token_ids)])["logprobs"][0])
         diff = float((served - mine.float().cpu()).abs().max())
         if diff > probe_tolerance(self.dtype):
             log.warning("step %d: served logprobs differ from the trainer's by %.2e (tolerance %.0e for %s)",
                         step, diff, probe_tolerance(self.dtype), self.dtype)
         return diff
+
+
+def _broadcast(value: list):
+    """Rank 0's value[0] on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config, ConfigError, TrainConfig, load_config, to_dict
-from pipeline.generation.client import ServerClient, ServerError, server_token
+from pipeline.generation.client import ServerError, server_token
+from pipeline.generation.engines import Engines
 from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
@@ -94,12 +95,13 @@ def main(argv=None) -> int:
             trim_metrics(run_dir / "metrics.jsonl", start_step)
         log.info("resumed from %s at step %d", path, start_step)
 
-    # --- the server link: the server must serve exactly the trainer's weights before the first rollout ---
+    # --- the engines' link: they must serve exactly the trainer's weights before the first rollout ---
     client = None
     if rank == 0:
-        client = ServerClient(args.server_url, server_token(config.server.token, args.token_file),
-                              config.server.request_timeout_s)
-    server_is_local = args.server_url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
+        client = Engines(args.server_url, server_token(config.server.token, args.token_file),
+                         config.server.request_timeout_s)
+    server_is_local = all(url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
+                          for url in args.server_url.split(","))
     # Trainer rank 0 hosts the transfer group's rendezvous; the server's workers connect to it.
     link = ServerLink(trainer.engine, trainer.zero_stage, rank, config, client, dtype=trainer.dtype,
                       sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()))
@@ -169,7 +171,7 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
         row = step_row(step, batch, sums, maxima, trainer, {
             "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
             "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
-            "server/restarts": link.restarts, "sync/logprob_max_abs_diff": sync_diff,
+            **engine_columns(link, rollouts), "sync/logprob_max_abs_diff": sync_diff,
             "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
             "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
             "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
@@ -186,6 +188,18 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
             save_checkpoint(engine, ckpt_dir, step + 1, t.keep_checkpoints, rank)
     bar.close()
+
+
+def engine_columns(link: ServerLink, rollouts: Rollouts) -> dict[str, float]:
+    """Restarts (in all, and per engine with several), engines generating, the slowest engine's time
+    over the mean (`rollout/engine_imbalance`, 1 = balanced) and the engines each push verified."""
+    restarts = link.restarts
+    row = {"server/restarts": sum(restarts.values()), "sync/engines_verified": link.last_stats.get("engines_verified", 0)}
+    if len(restarts) > 1:
+        row.update({f"server/restarts/engine_{i}": n for i, n in restarts.items()})
+        row.update({"server/engines": rollouts.split.get("engines", 0),
+                    "rollout/engine_imbalance": rollouts.split.get("imbalance", 1.0)})
+    return row
 
 
 class StepClock:
@@ -286,7 +300,7 @@ class InTrainingEval:
     """eval.every: rank 0 evaluates what the server serves now (eval.limit test problems) and returns
     the summary as `eval/<key>` columns of that step's metrics row."""
 
-    def __init__(self, config: Config, tokenizer, client: ServerClient):
+    def __init__(self, config: Config, tokenizer, client: Engines):
         from pipeline.report.evaluate import load_eval_examples
 
         self.config, self.tokenizer, self.client = config, tokenizer, client

@@ -1,0 +1,165 @@
+"""Several generation engines (server.data_parallel_size): the split of a step's prompts, one push into
+every engine's workers, and an engine that fails alone. Real server processes (gloo on CPU)."""
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import SERVER_TOKEN
+from test_weight_sync import hf_logprobs, perturb
+from transformers import AutoModelForCausalLM
+
+from pipeline.generation.client import ServerError
+from pipeline.generation.engines import SPLIT_SEED_STRIDE, Engine, Engines, Piece, shares
+from pipeline.sync.weight_sync import WeightSync
+
+# --- the split (pure) -------------------------------------------------------------------------------
+
+
+def test_shares_follow_speed_and_add_up():
+    assert shares(8, [1.0, 1.0]) == [4, 4]
+    assert shares(8, [3.0, 1.0]) == [6, 2]
+    assert shares(7, [1.0, 1.0, 1.0]) == [3, 2, 2]
+    assert sum(shares(16, [0.7, 0.2, 0.1])) == 16
+
+
+def _engines(speeds):
+    engines = Engines([f"http://127.0.0.1:{9000 + i}" for i in range(len(speeds))])
+    for engine, speed in zip(engines.engines, speeds, strict=True):
+        engine.speed = speed
+    return engines
+
+
+def test_whole_groups_stay_on_one_engine_in_runs_sized_by_speed():
+    engines = _engines([2.0, 1.0])
+    parts = engines.split(Piece(0, 6, 16, 100), engines.engines)
+    assert [(e.index, p.start, p.stop, p.n, p.seed) for e, p in parts] == [(0, 0, 4, 16, 100), (1, 4, 6, 16, 104)]
+
+
+def test_an_unmeasured_engine_counts_as_the_fastest():
+    engines = _engines([2.0, 0.0])
+    assert [p.stop - p.start for _, p in engines.split(Piece(0, 4, 4, None), engines.engines)] == [2, 2]
+
+
+def test_fewer_prompts_than_engines_split_each_group_with_distinct_seeds():
+    engines = _engines([1.0, 1.0])
+    parts = engines.split(Piece(0, 1, 16, 7), engines.engines)
+    assert [(e.index, p.start, p.stop, p.n, p.seed) for e, p in parts] == [
+        (0, 0, 1, 8, 7), (1, 0, 1, 8, 7 + SPLIT_SEED_STRIDE)]
+
+
+# --- two real engines -----------------------------------------------------------------------------------
+
+
+def engine_process(model_dir, log_dir, index: int, port: int | None = None):
+    """Engine `index` of a two-engine run, started (not yet healthy). From the calling thread: the
+    kernel's parent-death signal follows the thread that started a process, not the process."""
+    from pipeline.generation.client import free_port
+    from pipeline.generation.server_process import ServerProcess
+
+    port = port or free_port("127.0.0.1")
+    return ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1",
+                          "--set", "server.request_timeout_s=120", "--set", "server.data_parallel_size=2",
+                          "--engine-index", str(index)], log_dir / f"engine-{index}.log", "127.0.0.1", port,
+                         token=SERVER_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def two_engines(tiny_model_dir, tmp_path_factory):
+    """Two engine processes of one run (engine-index 0 and 1), loading side by side."""
+    log_dir = tmp_path_factory.mktemp("engines")
+    started = [engine_process(tiny_model_dir, log_dir, i) for i in range(2)]
+    try:
+        for server in started:
+            server.wait_healthy(240)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def restart(server, tiny_model_dir, log_dir):
+    """A new process at the same address (what the launcher does), healthy."""
+    fresh = engine_process(tiny_model_dir, log_dir, 1, port=int(server.client.base_url.rsplit(":", 1)[1]))
+    fresh.wait_healthy(240)
+    return fresh
+
+
+def test_one_push_lands_on_both_engines_and_both_generate(two_engines, tiny_model_dir, tmp_path):
+    engines = Engines.of([s.client for s in two_engines])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    perturb(model, seed=1)
+    sync = WeightSync(model, 0, 0, torch.device("cpu"), engines, host="127.0.0.1", timeout_s=60)
+    sync.connect()
+    try:
+        stats = sync.push(1)
+        # one group: the trainer + engine 0's worker (rank 1) + engine 1's worker (rank 2)
+        assert [e.index for e in sync.group] == [0, 1] and sync.sync_client.offsets == [0, 1]
+        assert stats["engines_verified"] == 2 and stats["verified_bytes_frac"] == 1.0
+        prompts = [[5, 6, 7, 8 + i] for i in range(4)]
+        out = engines.generate(prompts, n=4, max_tokens=12, seed=3)
+        made = [(c["engine"], c["version"]) for r in out["results"] for c in r["completions"]]
+        assert len(made) == 16 and {m for m in made} == {(0, 1), (1, 1)} and out["version"] == 1
+        assert out["split"]["engines"] == 2 and out["split"]["imbalance"] >= 1.0
+        # the probe on each engine: its logprobs are the pushed weights'
+        completion = out["results"][0]["completions"][0]["token_ids"]
+        want = hf_logprobs(model, prompts[0], completion)
+        for server in two_engines:
+            served = torch.tensor(server.client.score([(prompts[0], completion)])["logprobs"][0])
+            assert (served - want).abs().max() <= 1e-5
+        # one prompt, two engines: its group is split between them
+        one = engines.generate(prompts[:1], n=8, max_tokens=8, seed=3)
+        assert sorted({c["engine"] for c in one["results"][0]["completions"]}) == [0, 1]
+        assert len(one["results"][0]["completions"]) == 8
+    finally:
+        sync.close()
+
+
+def test_a_dead_engine_is_left_out_and_rejoins_only_with_the_current_weights(two_engines, tiny_model_dir, tmp_path):
+    engines = Engines.of([s.client for s in two_engines])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sync = WeightSync(model, 0, 0, torch.device("cpu"), engines, host="127.0.0.1", timeout_s=60)
+    sync.connect()
+    sync.push(10)
+    prompts = [[5, 6, 7, 8 + i] for i in range(8)]
+    # killed mid-generation: its share is re-sent to engine 0, every completion arrives
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=engines.generate(prompts, n=16, max_tokens=200, seed=1)))
+    worker.start()
+    time.sleep(0.3)
+    two_engines[1].kill()
+    worker.join(120)
+    out = result["out"]
+    assert sum(len(r["completions"]) for r in out["results"]) == 8 * 16
+    assert [e.index for e in engines.members] == [0]
+    assert engines.generate(prompts, n=2, max_tokens=4, seed=1)["split"]["engines"] == 1
+    # back as a new process (version 0, the weights on disk): it gets no prompts before a push...
+    two_engines[1].stop()
+    two_engines[1] = restart(two_engines[1], tiny_model_dir, tmp_path)
+    assert engines.engines[1].client.health()["version"] == 0
+    only_zero = engines.generate(prompts, n=2, max_tokens=4, seed=1)
+    assert {c["engine"] for r in only_zero["results"] for c in r["completions"]} == {0}
+    # ...and the next push, into the group formed again, gives it the current weights
+    perturb(model, seed=11)
+    sync.connect()
+    assert sync.push(11)["engines_verified"] == 2
+    both = engines.generate(prompts, n=2, max_tokens=4, seed=1)
+    assert {(c["engine"], c["version"]) for r in both["results"] for c in r["completions"]} == {(0, 11), (1, 11)}
+    assert engines.engines[1].restarts == 1
+    sync.close()
+
+
+def test_no_engine_left_is_an_error_naming_the_cause(tiny_model_dir):
+    engines = Engines(["http://127.0.0.1:9", "http://127.0.0.1:10"], timeout_s=5)
+    engines.set_members(list(engines.engines), 1)
+    with pytest.raises(ServerError, match=r"cannot reach the server .*no generation engine left"):
+        engines.generate([[1, 2, 3]], n=2, max_tokens=4)
+    assert engines.members == []
+
+
+def test_a_refused_request_is_not_retried_elsewhere(two_engines):
+    engines = Engines.of([s.client for s in two_engines])
+    with pytest.raises(ServerError, match="HTTP 400"):
+        engines.generate([[1, 2, 3]], n=10_000, max_tokens=4)
+    assert all(isinstance(e, Engine) for e in engines.serving()) and len(engines.serving()) == 2
