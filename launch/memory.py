@@ -151,8 +151,10 @@ def plan_memory(plan: dict, gpus: list[dict], config: Config, stage: int = 2, bu
     if plan["trainer"]["device"] != "cuda" or not local:
         return  # CPU, or ranks on a hostfile's nodes: nothing known here about their GPUs
     memory = {g["index"]: g.get("memory_gib") for g in gpus}
-    server = plan["server"]
-    shared = bool(server) and set(server["gpus"]) & set(local)
+    # every engine's GPUs: one server.gpu_memory_utilization for all of them, sized by the smallest
+    server_gpus = sorted({gpu for server in plan["servers"] for gpu in server["gpus"]})
+    engines = len(plan["servers"])
+    shared = bool(set(server_gpus) & set(local))
     requested = config.server.gpu_memory_utilization
     shape, source = model_shape(config)
     margin = MARGIN_GIB * GIB + config.sync.bucket_mb * 2**20
@@ -172,11 +174,14 @@ def plan_memory(plan: dict, gpus: list[dict], config: Config, stage: int = 2, bu
     lines.append(f"model {params / 1e9:.2f}B parameters ({source}), {'fp32' if w == 4 else '16-bit'} weights")
     lines.append(f"trainer rank ~{gib(total(trainer))} GiB = {spell(trainer)}")
     result.update(params=params, trainer_rank_gib=round(total(trainer) / GIB, 2), margin_gib=round(margin / GIB, 2))
-    if server:
+    if server_gpus:
+        # each engine sized for a whole step: the trainer spreads a step over the engines by measured speed,
+        # so one engine may be sent most of it
         need = server_need(config, shape, params, w, plan["batch"]["completions_per_step"])
-        lines.append(f"server needs >= {gib(total(need))} GiB per GPU = {spell(need)}")
+        lines.append(f"{'server' if engines == 1 else f'each of {engines} engines'} needs >= {gib(total(need))} GiB "
+                     f"per GPU = {spell(need)}")
         result["server_min_gib"] = round(total(need) / GIB, 2)
-        result["gpu_memory_utilization"] = server_share(server["gpus"], memory, total(need),
+        result["gpu_memory_utilization"] = server_share(server_gpus, memory, total(need),
                                                         total(trainer) if shared else 0.0, margin, requested, lines)
     for index in ([] if shared else local):
         if total(trainer) + margin > memory[index] * GIB:

@@ -5,17 +5,21 @@ writes it, and the real launch starts exactly these processes (one code path).
 Placement, on the host that launches, over the GPUs visible to it (CUDA_VISIBLE_DEVICES, else all),
 positions 0..N-1 named by their physical ids in every command and variable (DeepSpeed's `--include`
 takes physical ids and drops CUDA_VISIBLE_DEVICES, so the trainer's is unset):
-- no GPU: the server on CPU, `train.num_ranks` (default 2) CPU ranks, our gloo transfer engine;
-- one GPU: server and one rank share it (memory split by server.gpu_memory_utilization, auto: see
+- server.data_parallel_size N (default 1): N generation engines, each its own server process
+  (`serve --engine-index i`) on port server.port + i with tensor_parallel_size GPUs; the trainer gets
+  every engine's URL, comma-separated, in `--server-url` (engine i's at position i);
+- no GPU: the engines on CPU (with N > 1 each engine's vLLM worker pinned to its own core),
+  `train.num_ranks` (default 2) CPU ranks, our gloo transfer engine;
+- one GPU: one engine and one rank share it (memory split by server.gpu_memory_utilization, auto: see
   launch/memory.py) and sync through vLLM's CUDA `ipc` engine: NCCL refuses a communicator that holds
   one device twice;
-- two or more: the server on GPUs [0, tp), the ranks on the rest via `--include` (DeepSpeed's
-  `--num_gpus` would start at GPU 0, under the server), vLLM's `nccl` engine; GPUs left idle are named
+- two or more: engine i on GPUs [i*tp, (i+1)*tp), the ranks on the rest via `--include` (DeepSpeed's
+  `--num_gpus` would start at GPU 0, under the engines), vLLM's `nccl` engine; GPUs left idle are named
   in the plan's notes, with the reason;
 - train.completions_per_step set: the ranks (num_ranks 0) are the most that split it evenly, and
   each rank's micro-batches and accumulation are derived from it (`split_batch`);
 - a hostfile (several nodes): the ranks on the hostfile's slots (GPUs; CPU ranks with `gpus=0`,
-  SLURM only), the server already running elsewhere (`--server-url`), the token in a 0600 file
+  SLURM only), the engines already running elsewhere (`--server-url`, comma-separated URLs), the token in a 0600 file
   (DeepSpeed's PDSH runner forwards only some environment variables to other nodes). With
   `--launcher slurm` the ranks are srun's tasks, started by launch/srun_rank.py (DeepSpeed's own
   SLURM runner starts them without `-m` and without RANK/LOCAL_RANK/MASTER_ADDR); other launchers
@@ -25,6 +29,7 @@ takes physical ids and drops CUDA_VISIBLE_DEVICES, so the trainer's is unset):
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -111,11 +116,12 @@ def pick_ranks(available: int, num_ranks: int, completions: int) -> int:
     return max(d for d in divisors(completions) if d <= available)
 
 
-def idle_note(idle: list[int], free: int, num_ranks: int, completions: int) -> str:
-    """Why GPUs the server left are not training: a GPU box must not sit half idle unexplained."""
+def idle_note(idle: list[int], free: int, num_ranks: int, completions: int, engines: int = 1) -> str:
+    """Why GPUs the engines left are not training: a GPU box must not sit half idle unexplained."""
     gpus = ",".join(map(str, idle))
     if num_ranks:
-        return f"GPUs {gpus} idle: train.num_ranks={num_ranks} (0 = use every GPU the server leaves)"
+        who = "the server leaves" if engines == 1 else "the engines leave"
+        return f"GPUs {gpus} idle: train.num_ranks={num_ranks} (0 = use every GPU {who})"
     ranks = free - len(idle)
     return (f"GPUs {gpus} idle: train.completions_per_step={completions} splits evenly over at most {ranks} of the "
             f"{free} GPUs left; a multiple of {math.lcm(completions, free)} would use all {free}")
@@ -141,14 +147,34 @@ def split_batch(completions: int, micro: int, accumulation: int, ranks: int) -> 
     return batch
 
 
+def engine_urls(server_url: str | None) -> list[str]:
+    """--server-url: one URL, or engine URLs comma-separated (engine i's at position i)."""
+    if not server_url:
+        return []
+    urls = [u.strip() for u in server_url.split(",")]
+    if not all(urls):
+        raise PlanError(f"--server-url {server_url}: expected URLs separated by commas (one per engine), "
+                        f"got an empty one")
+    return urls
+
+
+def cpu_bind(engine: int, tp: int, cpus: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for engine `engine`: a core of its own per tensor-parallel worker
+    (vLLM-CPU's format: one core list per worker, `|`-separated). vLLM-CPU's `auto` binds every
+    engine's worker to the same core, so two engines would take turns on it."""
+    return "|".join(str((engine * tp + worker) % cpus) for worker in range(tp))
+
+
 def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_port: int, server_url: str | None,
               hostfile: str | None, transport: str, config_path: str, run_dir: str, resume: bool,
-              master_port: int, token: str, python: str = sys.executable, deepspeed: str = "deepspeed",
+              master_port: int, token: str, dp: int = 1, python: str = sys.executable, deepspeed: str = "deepspeed",
               launcher: str = "", master_addr: str = "", srun: str = "srun", gpu_ids: list[int] | None = None,
-              micro_batch_size: int = 1,
-              gradient_accumulation_steps: int = 1, completions_per_step: int = 0) -> dict:
+              micro_batch_size: int = 1, gradient_accumulation_steps: int = 1, completions_per_step: int = 0,
+              cpu_count: int | None = None) -> dict:
     """The processes of one run as a JSON-able dict (token values included: see `redacted`). `gpu_ids`:
-    the physical ids of the visible GPUs in CUDA's order (default 0..gpus-1)."""
+    the physical ids of the visible GPUs in CUDA's order (default 0..gpus-1). `dp`: the generation
+    engines (server.data_parallel_size); `server_url`: engines already running, comma-separated.
+    `cpu_count`: the cores engines are pinned to on CPU (default os.cpu_count())."""
     ids = list(range(gpus)) if gpu_ids is None else list(gpu_ids)
     if len(ids) != gpus:
         raise PlanError(f"--gpus {gpus}: {len(ids)} GPU ids given ({','.join(map(str, ids))})")
@@ -156,14 +182,30 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
     unset_env: list[str] = []
     if tp < 1:
         raise PlanError(f"server.tensor_parallel_size: must be at least 1, got {tp}")
+    if dp < 1:
+        raise PlanError(f"server.data_parallel_size: must be at least 1, got {dp}")
+    urls = engine_urls(server_url)
+    if urls and dp > 1 and len(urls) != dp:
+        raise PlanError(f"--server-url names {len(urls)} engine(s) but server.data_parallel_size={dp}; give one "
+                        f"URL per engine, comma-separated, or set server.data_parallel_size={len(urls)}")
+    if launcher == "slurm" and dp > 1 and not urls:
+        raise PlanError(f"--launcher slurm: server.data_parallel_size={dp} engines are not yet supported under "
+                        f"SLURM (launch/slurm.sbatch starts one server); start them yourself and pass "
+                        f"--server-url URL,URL,...")
+    if not urls and server_port + dp - 1 > 65535:
+        raise PlanError(f"server.port={server_port}: engine {dp - 1} of server.data_parallel_size={dp} would "
+                        f"listen on {server_port + dp - 1}, above 65535")
     cuda = gpus > 0
     common_env = {TOKEN_ENV: token} if token else {}
-    server = None
+    servers: list[dict] = []
     token_file = None
+    # the engines' GPUs, in the server's own wording when there is one
+    engines_use = (f"the server's tensor_parallel_size={tp}" if dp == 1 else
+                   f"the engines' {dp} x {tp} GPUs (server.data_parallel_size x tensor_parallel_size)")
     if hostfile:
-        if not server_url:
-            raise PlanError("--hostfile: start the server on its own node and pass --server-url "
-                            "(see launch/slurm.sbatch)")
+        if not urls:
+            raise PlanError("--hostfile: start the server on its own node and pass --server-url (comma-separated "
+                            "URLs for several engines; see launch/slurm.sbatch)")
         hosts = read_hostfile(hostfile)
         trainer_gpus = {host: list(range(slots)) if cuda else [] for host, slots in hosts.items()}
         ranks = sum(slots for slots in hosts.values())
@@ -187,36 +229,45 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             command = [deepspeed, "--hostfile", hostfile, "--master_addr", master, "--master_port", str(master_port),
                        *(["--launcher", launcher] if launcher else []), "--module", "pipeline.trainer.train"]
     else:
+        engine_gpus: list[list[int]] = [[] for _ in range(dp)]
         if not cuda:
             ranks = pick_ranks(2, num_ranks, completions_per_step)
             trainer_gpus = {"localhost": []}
             backend = resolve_transport(transport, cuda=False)
             placement = ["--num_gpus", str(ranks), "--master_port", str(master_port)]
             trainer_env = {**common_env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-            server_gpus: list[int] = []
         elif gpus == 1:
             if tp != 1:
                 raise PlanError(f"server.tensor_parallel_size={tp} needs {tp} GPUs; this host has 1")
+            if dp != 1:
+                raise PlanError(f"server.data_parallel_size={dp}: one GPU holds one engine and one trainer rank "
+                                f"(they share it through sync.transport=ipc); set server.data_parallel_size=1 or "
+                                f"use {dp + 1} or more GPUs")
             if num_ranks > 1:
                 raise PlanError(f"train.num_ranks={num_ranks}: one GPU holds the server and one trainer rank")
-            ranks, server_gpus, trainer_gpus = 1, ids, {"localhost": ids}
+            ranks, engine_gpus, trainer_gpus = 1, [ids], {"localhost": ids}
             backend = resolve_transport(transport, cuda=True, shared_gpu=True)
             placement = ["--include", f"localhost:{ids[0]}", "--master_port", str(master_port)]
             trainer_env = {**common_env, **PHYSICAL_ORDER}
             unset_env = ["CUDA_VISIBLE_DEVICES"]
         else:
-            free = gpus - tp
+            used = dp * tp
+            free = gpus - used
             if free < 1:
-                raise PlanError(f"server.tensor_parallel_size={tp} leaves no GPU for training on this host "
-                                f"({gpus} GPUs); use tp <= {gpus - 1}")
+                if dp == 1:
+                    raise PlanError(f"server.tensor_parallel_size={tp} leaves no GPU for training on this host "
+                                    f"({gpus} GPUs); use tp <= {gpus - 1}")
+                raise PlanError(f"server.data_parallel_size={dp} x tensor_parallel_size={tp} needs {used} GPUs for "
+                                f"generation and leaves none for training on this host ({gpus} GPUs); use "
+                                f"data_parallel_size x tensor_parallel_size <= {gpus - 1}")
             ranks = pick_ranks(free, num_ranks, completions_per_step)
             if ranks > free:
                 raise PlanError(f"train.num_ranks={ranks} needs {ranks} GPUs, but only {free} of {gpus} are left "
-                                f"after the server's tensor_parallel_size={tp}")
-            server_gpus = ids[:tp]
-            trainer_gpus = {"localhost": ids[tp:tp + ranks]}
+                                f"after {engines_use}")
+            engine_gpus = [ids[i * tp:(i + 1) * tp] for i in range(dp)]
+            trainer_gpus = {"localhost": ids[used:used + ranks]}
             if ranks < free:
-                notes.append(idle_note(ids[tp + ranks:], free, num_ranks, completions_per_step))
+                notes.append(idle_note(ids[used + ranks:], free, num_ranks, completions_per_step, dp))
             backend = resolve_transport(transport, cuda=True)
             placement = ["--include", "localhost:" + ",".join(map(str, trainer_gpus["localhost"])),
                          "--master_port", str(master_port)]
@@ -226,30 +277,46 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
             raise PlanError("sync.transport=ipc: trainer and server must share one GPU (use nccl with several)")
         if backend == "nccl" and not cuda:
             raise PlanError("sync.transport=nccl needs GPUs; use gloo (or auto) on CPU")
-        if not server_url:
-            server_env = {**common_env, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-                          "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
-            if cuda:
-                server_env.update(PHYSICAL_ORDER, CUDA_VISIBLE_DEVICES=",".join(map(str, server_gpus)))
-            server = {"host": server_host, "port": server_port, "gpus": server_gpus, "tensor_parallel_size": tp,
-                      "command": [python, "-m", "pipeline.generation.serve", "--config", config_path, "--run-dir", run_dir],
-                      "env": server_env}
+        if not urls:
+            from pipeline.generation.serve import log_name  # fastapi & co.: only when engines start here
+
+            cpus = cpu_count or os.cpu_count() or 1
+            if not cuda and dp > 1 and dp * tp > cpus:
+                notes.append(f"{dp} engines x tensor_parallel_size {tp} on {cpus} core(s): engines share cores "
+                             f"(VLLM_CPU_OMP_THREADS_BIND)")
+            for i, egpus in enumerate(engine_gpus):
+                env = {**common_env, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+                if cuda:
+                    env.update(PHYSICAL_ORDER, CUDA_VISIBLE_DEVICES=",".join(map(str, egpus)))
+                elif dp > 1:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(i, tp, cpus)
+                port = server_port + i
+                servers.append({"engine": i, "host": server_host, "port": port, "gpus": egpus,
+                                "tensor_parallel_size": tp, "log": log_name(i),
+                                "command": [python, "-m", "pipeline.generation.serve", "--config", config_path,
+                                            "--run-dir", run_dir, "--engine-index", str(i), "--port", str(port)],
+                                "env": env})
         command = [deepspeed, *placement, "--module", "pipeline.trainer.train"]
-    url = server_url or f"http://{server_host}:{server_port}"
-    command += ["--config", config_path, "--run-dir", run_dir, "--server-url", url]
+    urls = urls or [f"http://{s['host']}:{s['port']}" for s in servers]
+    command += ["--config", config_path, "--run-dir", run_dir, "--server-url", ",".join(urls)]
     command += ["--token-file", token_file] if token_file else []
     command += ["--resume"] if resume else []
     batch = split_batch(completions_per_step, micro_batch_size, gradient_accumulation_steps, ranks)
-    return {"server": server,
+    return {"servers": servers,
             "trainer": {"ranks": ranks, "gpus": trainer_gpus, "device": "cuda" if cuda else "cpu",
                         "command": command, "env": trainer_env, "unset_env": unset_env, "token_file": token_file},
-            "sync": {"transport": backend}, "server_url": url, "batch": batch, "memory": None, "notes": notes}
+            "sync": {"transport": backend}, "server_urls": urls, "batch": batch, "memory": None, "notes": notes}
+
+
+def engine_gpus(plan: dict) -> set[int]:
+    """The GPUs of every engine this plan starts."""
+    return {gpu for server in plan["servers"] for gpu in server["gpus"]}
 
 
 def check_compute_modes(plan: dict, gpus: list[dict]) -> None:
-    """A GPU in EXCLUSIVE_PROCESS compute mode admits one process: refused where the plan puts the server
+    """A GPU in EXCLUSIVE_PROCESS compute mode admits one process: refused where the plan puts an engine
     and a trainer rank on it (one GPU); a PROHIBITED one admits none."""
-    server = set(plan["server"]["gpus"]) if plan["server"] else set()
+    server = engine_gpus(plan)
     trainer = set(plan["trainer"]["gpus"].get("localhost", []))
     for gpu in gpus:
         mode = str(gpu.get("compute_mode", "Default")).upper()
@@ -277,9 +344,9 @@ def redacted(plan: dict) -> dict:
     import copy
 
     out = copy.deepcopy(plan)
-    for part in (out["server"], out["trainer"]):
+    for part in (*out["servers"], out["trainer"]):
         for name in SECRET_ENV:
-            if part and name in part["env"]:
+            if name in part["env"]:
                 part["env"][name] = REDACTED
     return out
 
@@ -287,15 +354,14 @@ def redacted(plan: dict) -> dict:
 def describe(plan: dict) -> str:
     """Human-readable dry run: processes, hosts, GPUs, commands, names (never values) of env vars."""
     lines = []
-    server = plan["server"]
-    if server:
+    for server in plan["servers"]:
         gpus = ",".join(map(str, server["gpus"])) or "none (CPU)"
-        lines += [f"server  {server['host']}:{server['port']}  GPUs: {gpus}  tensor_parallel_size: "
-                  f"{server['tensor_parallel_size']}",
+        lines += [f"engine {server['engine']}  {server['host']}:{server['port']}  GPUs: {gpus}  tensor_parallel_size: "
+                  f"{server['tensor_parallel_size']}  log: {server['log']}",
                   f"        env: {' '.join(sorted(server['env']))}",
                   f"        $ {shlex.join(server['command'])}"]
-    else:
-        lines.append(f"server  already running at {plan['server_url']} (not started by this launcher)")
+    if not plan["servers"]:
+        lines.append(f"server  already running at {', '.join(plan['server_urls'])} (not started by this launcher)")
     trainer = plan["trainer"]
     where = "; ".join(f"{host}: GPUs {','.join(map(str, g)) or 'none (CPU)'}" for host, g in trainer["gpus"].items())
     unset = trainer.get("unset_env")

@@ -2,9 +2,12 @@
 
     python launch/train.py [--config configs/tiny-cpu.yaml] [--set train.max_steps=5] [--resume --name R]
 
-Single host (default): starts `python -m pipeline.generation.serve` in its own process group, waits for its
-health check (with a deadline and its log tail on failure), runs `deepspeed --module pipeline.trainer.train`
-and stops the server when training ends, fails or is interrupted. Exit code = the trainer's.
+Single host (default): starts `python -m pipeline.generation.serve` in its own process group (one per
+engine with server.data_parallel_size N > 1, all started before any is waited for, so they load in
+parallel), waits for their health checks (with a deadline and the log tail on failure), runs
+`deepspeed --module pipeline.trainer.train` and stops the engines when training ends, fails or is
+interrupted. Exit code = the trainer's. With server.restart on, an engine that exits is restarted
+(server.max_restarts per engine); one past its limit stays down and the run goes on with the others.
 
 Where each process runs (GPUs, hosts, sync backend), the batch split and the server's share of a GPU
 are decided by launch/plan.py and launch/memory.py; `--dry-run` prints that plan and starts nothing
@@ -16,7 +19,8 @@ the server and ranks run in the repository and get them absolute.
 Every run's server gets a fresh random token (environment only), so no other local user can call it.
 
 Multi-node: start the server yourself on one host (`make serve CONFIG=...`, with GRPO_SERVER_TOKEN
-set) and pass `--server-url http://HOST:PORT --hostfile hosts` here; the trainer ranks run on the
+set) and pass `--server-url http://HOST:PORT --hostfile hosts` here (several engines: their URLs,
+comma-separated, engine i's at position i); the trainer ranks run on the
 hostfile's hosts (see launch/slurm.sbatch). With `--launcher slurm` they are tasks of one `srun` step
 (launch/srun_rank.py), from inside a SLURM allocation.
 """
@@ -68,7 +72,8 @@ def parse_args(argv=None):
                    help="override a config field, e.g. --set train.max_steps=5 (repeatable)")
     p.add_argument("--name", help="run name (shortcut for --set run.name=...)")
     p.add_argument("--resume", action="store_true", help="continue run --name from its latest checkpoint")
-    p.add_argument("--server-url", help="use a server that is already running (multi-node); do not start one")
+    p.add_argument("--server-url", help="use a server that is already running (multi-node); do not start one. "
+                                        "Several engines: their URLs, comma-separated")
     p.add_argument("--hostfile", help="DeepSpeed hostfile: trainer ranks on several hosts (needs --server-url)")
     p.add_argument("--launcher", default="", help="DeepSpeed multi-node launcher with --hostfile (pdsh, slurm, ...)")
     p.add_argument("--master-port", type=int, default=0,
@@ -86,9 +91,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, engine: int = 0, engines: int = 1) -> None:
     """Our server must not start on a port another server answers on: the trainer would talk to
-    (and push weights into) the wrong one."""
+    (and push weights into) the wrong one. Engine i listens on server.port + i."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -98,7 +103,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError:
-            raise ConfigError(f"server.port: {host}:{port} is already in use (another run's server?); "
+            which = f" (engine {engine} of {engines}: server.port + {engine})" if engines > 1 else ""
+            raise ConfigError(f"server.port: {host}:{port}{which} is already in use (another run's server?); "
                               f"pick another with --set server.port=N") from None
 
 
@@ -290,6 +296,62 @@ def check_data_and_rewards(config) -> None:
                           [e.prompt(system_prompt)] * 2, columns)
 
 
+class EngineMonitor:
+    """The launcher's watch over the engines it started, one `poll()` per pass of its loop. An engine whose
+    process exited is restarted when server.restart is on, each engine counting its own restarts against
+    server.max_restarts; one past its limit (or any, with restart off) stays down, and the run goes on with
+    the others: the trainer decides when no engine is left. A restarted engine's health is awaited in a
+    thread of its own, so that a slow start never delays noticing another engine's exit. `engines`: the
+    started ServerProcess objects, engine i at position i (replaced in place on a restart);
+    `start_engine(i)`: starts engine i again (from the calling thread: see `start_engine` in `main`)."""
+
+    def __init__(self, engines: list, start_engine, restart: bool, max_restarts: int, startup_timeout_s: float,
+                 stopping: threading.Event | None = None, say=None):
+        self.engines, self.start_engine = engines, start_engine
+        self.restart, self.max_restarts, self.startup_timeout_s = restart, max_restarts, startup_timeout_s
+        self.stopping = stopping or threading.Event()  # set on the way out: a failed restart is then no news
+        self.say = say or (lambda line: print(line, flush=True))
+        self.restarts = [0] * len(engines)
+        self.waiting: dict[int, threading.Thread] = {}  # engine -> the thread awaiting its restart's health
+        self.down: set[int] = set()
+
+    def name(self, i: int) -> str:
+        return f"engine {i}" if len(self.engines) > 1 else "generation server"
+
+    def poll(self) -> None:
+        for i, engine in enumerate(self.engines):
+            if i in self.down or (i in self.waiting and self.waiting[i].is_alive()) or engine.proc.poll() is None:
+                continue
+            code = engine.proc.returncode
+            engine.stop()  # engine-core and worker processes left of the dead one
+            if self.restart and self.restarts[i] < self.max_restarts:
+                # The trainer notices on its next call, waits for the new engine and re-pushes its weights.
+                self.restarts[i] += 1
+                self.say(f"{self.name(i)} exited (code {code}); restarting it "
+                         f"({self.restarts[i]} of at most {self.max_restarts})")
+                self.engines[i] = self.start_engine(i)
+                self.waiting[i] = threading.Thread(target=self.await_healthy, args=(i, self.engines[i]), daemon=True,
+                                                   name=f"engine-{i}-restart")
+                self.waiting[i].start()
+            else:
+                self.down.add(i)
+                n = self.restarts[i]
+                why = f"has used its {n} restart{'s' * (n != 1)}" if self.restart else "is not restarted (server.restart is off)"
+                self.say(f"{self.name(i)} exited (code {code}) and {why}"
+                         + ("; the run goes on with the other engines" if len(self.engines) > 1 else ""))
+
+    def await_healthy(self, i: int, process) -> None:
+        """A restart's thread. An engine that does not come back is stopped (by wait_healthy): the next
+        poll sees it exited and restarts it again if it may."""
+        from pipeline.generation.client import ServerError
+
+        try:
+            process.wait_healthy(self.startup_timeout_s)
+        except ServerError as e:
+            if not self.stopping.is_set():
+                self.say(f"{self.name(i)} did not come back: {str(e).splitlines()[0]} (log: {process.log_path})")
+
+
 def main(argv=None) -> int:
     from pipeline.generation.server_process import ServerProcess, die_with_parent
 
@@ -323,6 +385,7 @@ def main(argv=None) -> int:
         plan = make_plan(
             gpus=gpus, tp=config.server.tensor_parallel_size, num_ranks=config.train.num_ranks,
             server_host=config.server.host, server_port=config.server.port, server_url=args.server_url,
+            dp=config.server.data_parallel_size,
             hostfile=hostfile, transport=config.sync.transport, config_path=str(run_dir / "config.yaml"),
             run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher, master_addr=args.master_addr,
             master_port=args.master_port or (29500 if args.hostfile else free_port("127.0.0.1")),
@@ -345,8 +408,8 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(describe(plan))
             return 0
-        if not args.server_url:
-            check_port_free(config.server.host, config.server.port)
+        for spec in plan["servers"]:
+            check_port_free(spec["host"], spec["port"], spec["engine"], len(plan["servers"]))
         check_data_and_rewards(config)
         prepare_model(config)
         check_disk_space(config, run_dir)
@@ -366,16 +429,26 @@ def main(argv=None) -> int:
         return 2
     print(f"run directory: {run_dir}", flush=True)
 
-    server = None
+    # engine i at position i (none when they run elsewhere); only the main thread changes the list
+    engines: list[ServerProcess] = []
+    stopping = threading.Event()  # set on the way out: a restart thread's failure is then no news
     trainer = None
     started = time.time()
+    several = len(plan["servers"]) > 1
 
-    def start_server() -> ServerProcess:
-        spec = plan["server"]
-        process = ServerProcess(spec["command"][3:], run_dir / "server.log", config.server.host, config.server.port,
-                                token=token, env=spec["env"], cwd=REPO, command=spec["command"])
-        print(f"starting generation server ({config.model.path}); log: {run_dir / 'server.log'}", flush=True)
-        process.wait_healthy(config.server.startup_timeout_s)
+    def start_engine(i: int) -> ServerProcess:
+        """Start engine i; its health is waited for separately. Called from the main thread only: the
+        kernel's parent-death signal (die_with_parent) follows the *thread* that started a child, so an
+        engine started from a short-lived thread would be sent SIGTERM when that thread ends."""
+        spec = plan["servers"][i]
+        log = run_dir / spec["log"]
+        process = ServerProcess(spec["command"][3:], log, spec["host"], spec["port"], token=token, env=spec["env"],
+                                cwd=REPO, command=spec["command"])
+        if several:
+            print(f"starting generation engine {i} on {spec['host']}:{spec['port']} ({config.model.path}); "
+                  f"log: {log}", flush=True)
+        else:
+            print(f"starting generation server ({config.model.path}); log: {log}", flush=True)
         return process
 
     def stop_all(signum=None, frame=None):
@@ -389,13 +462,21 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop_all)
     try:
-        if args.server_url:
-            server_url = args.server_url
-            ServerClient(server_url, token).wait_healthy(config.server.startup_timeout_s)
+        urls = plan["server_urls"]
+        if plan["servers"]:
+            # all started first, then each waited for: they load their models in parallel
+            for i in range(len(plan["servers"])):
+                engines.append(start_engine(i))
+            deadline = time.monotonic() + config.server.startup_timeout_s
+            for engine in engines:
+                engine.wait_healthy(max(1.0, deadline - time.monotonic()))
         else:
-            server = start_server()
-            server_url = server.client.base_url
-        client = ServerClient(server_url, token, config.server.request_timeout_s)
+            deadline = time.monotonic() + config.server.startup_timeout_s
+            for url in urls:
+                ServerClient(url, token).wait_healthy(max(1.0, deadline - time.monotonic()))
+        # Engine 0 serves the launcher's own evaluations (before and after training) for now; the trainer
+        # side will spread evaluation over the engines.
+        client = ServerClient(urls[0], token, config.server.request_timeout_s)
         if config.eval.enabled and not (run_dir / "eval_before.json").exists():
             print("evaluating the initial model...", flush=True)
             summary = run_eval(client, config, run_dir / "eval_before")
@@ -411,21 +492,15 @@ def main(argv=None) -> int:
         trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
                                    cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
         copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")
-        restarts = 0
+        monitor = EngineMonitor(engines, start_engine, config.server.restart, config.server.max_restarts,
+                                config.server.startup_timeout_s, stopping)
         while (code := trainer.poll()) is None:
-            if server is not None and server.proc.poll() is not None and config.server.restart \
-                    and restarts < config.server.max_restarts:
-                # The trainer notices on its next call, waits for the new server and re-pushes its weights.
-                restarts += 1
-                print(f"generation server exited (code {server.proc.returncode}); restarting it "
-                      f"({restarts} of at most {config.server.max_restarts})", flush=True)
-                server.stop()  # engine-core and worker processes left of the dead one
-                server = start_server()
+            monitor.poll()
             time.sleep(0.5)
         copier.join(10)
         print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
         if code == 0:
-            finish_run(client, config, run_dir, started, plan)
+            finish_run(client, config, run_dir, started, plan)  # engine 0's client, as the first evaluation
         return code
     except KeyboardInterrupt:
         print("interrupted: stopping trainer and server", file=sys.stderr, flush=True)
@@ -445,8 +520,9 @@ def main(argv=None) -> int:
                 os.killpg(trainer.pid, signal.SIGKILL)  # whatever is left of the rank processes
             except ProcessLookupError:
                 pass
-        if server is not None:
-            server.stop()
+        stopping.set()
+        for engine in engines:  # a restart thread still waiting sees its engine gone and ends
+            engine.stop()
 
 
 if __name__ == "__main__":

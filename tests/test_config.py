@@ -30,6 +30,7 @@ def test_overrides_and_types(tmp_path):
     ("noequals", "expected section.key=value"),
     ("train.completions_per_step=20", "train.completions_per_step=20: must be 0 or a multiple of train.num_generations=16"),
     ("server.gpu_memory_utilization=1.5", "server.gpu_memory_utilization: expected 0 (auto) or a share in (0, 1]"),
+    ("server.data_parallel_size=0", "server.data_parallel_size: must be positive, got 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

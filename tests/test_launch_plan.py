@@ -8,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import one_line_error
 
-from launch.plan import PlanError, make_plan, parse_inventory, read_hostfile, redacted, visible_gpus
+from launch.plan import PlanError, describe, make_plan, parse_inventory, read_hostfile, redacted, visible_gpus
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "plan-test-secret"
@@ -51,8 +52,8 @@ def test_gpu_layouts_never_share_a_gpu(tmp_path, gpus, tp, ranks, server_gpus, t
     proc, plan = dry_run("--gpus", str(gpus), "--set", f"server.tensor_parallel_size={tp}",
                          "--set", "train.micro_batch_size=8", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    server, trainer = plan["server"], plan["trainer"]
-    assert server["gpus"] == server_gpus and server["tensor_parallel_size"] == tp
+    [server], trainer = plan["servers"], plan["trainer"]
+    assert server["gpus"] == server_gpus and server["tensor_parallel_size"] == tp and server["engine"] == 0
     assert server["env"]["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, server_gpus))
     assert trainer["ranks"] == ranks and trainer["gpus"] == {"localhost": trainer_gpus}
     assert include(plan) == "localhost:" + ",".join(map(str, trainer_gpus))
@@ -71,12 +72,19 @@ def test_gpu_layouts_never_share_a_gpu(tmp_path, gpus, tp, ranks, server_gpus, t
 def test_cpu_layout_is_the_real_launch(tmp_path):
     proc, plan = dry_run(tmp_path=tmp_path, env={"GRPO_SERVER_TOKEN": ""})
     assert proc.returncode == 0, proc.stderr
-    assert plan["server"]["gpus"] == [] and "CUDA_VISIBLE_DEVICES" not in plan["server"]["env"]
+    [server] = plan["servers"]
+    assert server["gpus"] == [] and "CUDA_VISIBLE_DEVICES" not in server["env"]
+    # one engine: vLLM-CPU binds its worker as it likes; the single-engine command and log as before
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server["env"] and server["log"] == "server.log"
+    assert server["command"][-4:] == ["--engine-index", "0", "--port", "8710"]
     assert plan["trainer"]["ranks"] == 2 and plan["trainer"]["device"] == "cpu"
     assert plan["trainer"]["command"][1:3] == ["--num_gpus", "2"]
+    assert plan["server_urls"] == ["http://127.0.0.1:8710"]
+    assert plan["trainer"]["command"][-2:] == ["--server-url", "http://127.0.0.1:8710"]
     assert plan["sync"]["transport"] == "gloo"
     # no token given: the launcher made one for this run anyway (redacted here)
-    assert plan["server"]["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
+    assert server["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
+    assert "engine 0  127.0.0.1:8710  GPUs: none (CPU)" in proc.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -89,6 +97,14 @@ def test_cpu_layout_is_the_real_launch(tmp_path):
     (["--gpus", "2", "--set", "sync.transport=ipc"],
      "error: sync.transport=ipc: trainer and server must share one GPU (use nccl with several)"),
     (["--set", "sync.transport=nccl"], "error: sync.transport=nccl needs GPUs; use gloo (or auto) on CPU"),
+    (["--gpus", "8", "--set", "server.data_parallel_size=4", "--set", "server.tensor_parallel_size=2"],
+     "error: server.data_parallel_size=4 x tensor_parallel_size=2 needs 8 GPUs for generation and leaves none for "
+     "training on this host (8 GPUs); use data_parallel_size x tensor_parallel_size <= 7"),
+    (["--gpus", "4", "--set", "server.data_parallel_size=2", "--set", "train.num_ranks=3"],
+     "error: train.num_ranks=3 needs 3 GPUs, but only 2 of 4 are left after the engines' 2 x 1 GPUs "
+     "(server.data_parallel_size x tensor_parallel_size)"),
+    (["--launcher", "slurm", "--set", "server.data_parallel_size=2"],
+     "error: --launcher slurm: server.data_parallel_size=2 engines are not yet supported under SLURM"),
     (["--gpus", "4", "--set", "train.micro_batch_size=2"],  # 3 ranks: 24 completions, not whole groups of 16
      "error: train.micro_batch_size x train.gradient_accumulation_steps x ranks = 2 x 4 x 3 = 24"),
 ])
@@ -113,7 +129,7 @@ def test_two_node_hostfile_plan(tmp_path):
     proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "slurm",
                          "--set", "train.num_ranks=0", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert plan["server"] is None and plan["server_url"] == "http://node0:8710"
+    assert plan["servers"] == [] and plan["server_urls"] == ["http://node0:8710"]
     trainer = plan["trainer"]
     assert trainer["ranks"] == 16 and trainer["gpus"] == {"node1": list(range(8)), "node2": list(range(8))}
     # one srun step, a task per GPU, on exactly the trainer nodes (srun places by count: without the
@@ -159,7 +175,7 @@ def test_one_node_cpu_slurm_plan(tmp_path):
     assert trainer["command"][:5] == ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--nodelist=vm"]
     assert trainer["env"] == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                               "MASTER_PORT": "20007"}
-    assert plan["sync"]["transport"] == "gloo" and plan["server"] is None
+    assert plan["sync"]["transport"] == "gloo" and plan["servers"] == []
 
 
 @pytest.mark.parametrize("hosts,args,message", [
@@ -170,6 +186,8 @@ def test_one_node_cpu_slurm_plan(tmp_path):
      "error: --gpus 0 with --hostfile: CPU ranks on several hosts need --launcher slurm"),
     ("node1 slots=2\n", ["--launcher", "slurm", "--gpus", "0", "--set", "sync.transport=nccl"],
      "error: sync.transport=nccl needs GPUs; use gloo (or auto) on CPU"),
+    ("node1 slots=8\n", ["--launcher", "slurm", "--set", "server.data_parallel_size=2"],
+     "error: --server-url names 1 engine(s) but server.data_parallel_size=2; give one URL per engine"),
 ])
 def test_impossible_multinode_layouts_are_one_line_errors(tmp_path, hosts, args, message):
     hostfile = tmp_path / "hosts"
@@ -197,8 +215,8 @@ def test_redacted_keeps_the_real_plan_intact():
                      hostfile=None, transport="auto", config_path="c.yaml", run_dir="r", resume=True,
                      master_port=29501, token="s3cret")
     shown = redacted(plan)
-    assert shown["server"]["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
-    assert plan["server"]["env"]["GRPO_SERVER_TOKEN"] == "s3cret"  # what the real launch passes on
+    assert shown["servers"][0]["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
+    assert plan["servers"][0]["env"]["GRPO_SERVER_TOKEN"] == "s3cret"  # what the real launch passes on
     assert plan["trainer"]["command"][-1] == "--resume"
 
 
@@ -207,11 +225,114 @@ def test_redacted_keeps_the_real_plan_intact():
 RECIPE = "configs/prem-1b-gsm8k.yaml"
 
 
-def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, micro: int = 2, ids=None) -> dict:
-    return make_plan(gpus=gpus, tp=tp, num_ranks=num_ranks, server_host="127.0.0.1", server_port=8710, server_url=None,
-                     hostfile=None, transport="auto", config_path="/r/config.yaml", run_dir="/r", resume=False,
-                     master_port=29501, token="t", gpu_ids=ids, micro_batch_size=micro, gradient_accumulation_steps=2,
-                     completions_per_step=completions)
+def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, micro: int = 2, ids=None,
+             dp: int = 1, **kwargs) -> dict:
+    return make_plan(**{"server_url": None, "hostfile": None, **kwargs}, gpus=gpus, tp=tp, dp=dp, num_ranks=num_ranks,
+                     server_host="127.0.0.1", server_port=8710, transport="auto", config_path="/r/config.yaml",
+                     run_dir="/r", resume=False, master_port=29501, token="t", gpu_ids=ids, micro_batch_size=micro,
+                     gradient_accumulation_steps=2, completions_per_step=completions)
+
+
+# --- several generation engines (server.data_parallel_size) ------------------------------------------
+
+
+@pytest.mark.parametrize("dp,tp,engine_gpus,trainer_gpus", [
+    (2, 2, [[0, 1], [2, 3]], [4, 5, 6, 7]),
+    (4, 1, [[0], [1], [2], [3]], [4, 5, 6, 7]),
+])
+def test_several_engines_on_8_gpus(dp, tp, engine_gpus, trainer_gpus):
+    plan = plan_for(8, tp, dp=dp)
+    servers = plan["servers"]
+    assert [s["gpus"] for s in servers] == engine_gpus and [s["engine"] for s in servers] == list(range(dp))
+    assert [s["port"] for s in servers] == [8710 + i for i in range(dp)]
+    assert [s["log"] for s in servers] == ["server.log"] + [f"server-{i}.log" for i in range(1, dp)]
+    for i, server in enumerate(servers):
+        assert server["tensor_parallel_size"] == tp and server["host"] == "127.0.0.1"
+        assert server["env"]["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, engine_gpus[i]))
+        assert server["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and "VLLM_CPU_OMP_THREADS_BIND" not in server["env"]
+        assert server["command"][1:] == ["-m", "pipeline.generation.serve", "--config", "/r/config.yaml", "--run-dir",
+                                         "/r", "--engine-index", str(i), "--port", str(8710 + i)]
+    trainer = plan["trainer"]
+    assert trainer["ranks"] == 4 and trainer["gpus"] == {"localhost": trainer_gpus}
+    assert include(plan) == "localhost:4,5,6,7" and plan["sync"]["transport"] == "nccl" and plan["notes"] == []
+    urls = [f"http://127.0.0.1:{8710 + i}" for i in range(dp)]
+    assert plan["server_urls"] == urls
+    cmd = trainer["command"]
+    assert cmd[cmd.index("--server-url") + 1] == ",".join(urls)
+
+
+def test_several_engines_memory_and_compute_modes():
+    from launch.memory import plan_memory
+    from launch.plan import check_compute_modes
+
+    gpus = [{"index": i, "memory_gib": 80.0, "compute_mode": "Default"} for i in range(8)]
+    plan = plan_for(8, 2, dp=2)
+    plan_memory(plan, gpus, recipe("server.tensor_parallel_size=2", "server.data_parallel_size=2"))
+    memory = plan["memory"]
+    assert memory["gpu_memory_utilization"] == 0.9  # the engines' own GPUs: vLLM's default, the same for each
+    assert any(line.startswith("each of 2 engines needs >= ") for line in memory["lines"])
+    assert any(line.startswith("GPUs 4,5,6,7: a trainer rank each") for line in memory["lines"])
+    # the share is sized by the smallest of every engine's GPUs
+    small = [{**g, "memory_gib": 3.0} if g["index"] == 3 else g for g in gpus]
+    with pytest.raises(PlanError, match=r"^GPU 3 has 3.0 GiB, too small for the server: "):
+        plan_memory(plan_for(8, 2, dp=2), small, recipe("server.tensor_parallel_size=2", "server.data_parallel_size=2"))
+    # every engine's GPUs count, not only the first engine's
+    check_compute_modes(plan, gpus)
+    prohibited = [{**g, "compute_mode": "Prohibited"} if g["index"] == 3 else g for g in gpus]
+    with pytest.raises(PlanError, match="GPU 3 is in PROHIBITED compute mode"):
+        check_compute_modes(plan, prohibited)
+
+
+def test_several_engines_on_cpu_each_on_its_own_core():
+    plan = plan_for(0, dp=2, completions=0, cpu_count=2)
+    servers = plan["servers"]
+    assert len(servers) == 2 and [s["gpus"] for s in servers] == [[], []]
+    assert [s["port"] for s in servers] == [8710, 8711]
+    # vLLM-CPU's auto binding puts every engine's worker on the same core: each gets its own
+    assert [s["env"]["VLLM_CPU_OMP_THREADS_BIND"] for s in servers] == ["0", "1"]
+    assert all("CUDA_VISIBLE_DEVICES" not in s["env"] and s["env"]["GRPO_SERVER_TOKEN"] == "t" for s in servers)
+    assert [s["command"][-4:] for s in servers] == [["--engine-index", "0", "--port", "8710"],
+                                                     ["--engine-index", "1", "--port", "8711"]]
+    cmd = plan["trainer"]["command"]
+    assert cmd[1:3] == ["--num_gpus", "2"] and plan["sync"]["transport"] == "gloo"
+    assert cmd[cmd.index("--server-url") + 1] == "http://127.0.0.1:8710,http://127.0.0.1:8711"
+    assert plan["server_urls"] == ["http://127.0.0.1:8710", "http://127.0.0.1:8711"]
+    # more engines than cores: round robin, said in a note; tensor-parallel workers a core each
+    plan = plan_for(0, dp=3, completions=0, cpu_count=2)
+    assert [s["env"]["VLLM_CPU_OMP_THREADS_BIND"] for s in plan["servers"]] == ["0", "1", "0"]
+    assert any("engines share cores" in note for note in plan["notes"])
+    plan = plan_for(0, tp=2, dp=2, completions=0, cpu_count=8)
+    assert [s["env"]["VLLM_CPU_OMP_THREADS_BIND"] for s in plan["servers"]] == ["0|1", "2|3"]
+
+
+def test_engines_on_other_hosts(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    urls = "http://node0:8710,http://node0:8711"
+    plan = plan_for(8, dp=2, completions=0, hostfile=str(hostfile), server_url=urls, launcher="slurm")
+    assert plan["servers"] == [] and plan["server_urls"] == ["http://node0:8710", "http://node0:8711"]
+    cmd = plan["trainer"]["command"]
+    assert cmd[cmd.index("--server-url") + 1] == urls and plan["trainer"]["ranks"] == 16
+    assert "server  already running at http://node0:8710, http://node0:8711" in describe(plan)
+    # server.data_parallel_size 1 (not set): the URLs given say how many engines there are
+    assert plan_for(8, completions=0, hostfile=str(hostfile), server_url=urls)["server_urls"] == urls.split(",")
+    with pytest.raises(PlanError, match=r"^--server-url names 2 engine\(s\) but server.data_parallel_size=3; give "
+                                        r"one URL per engine, comma-separated, or set server.data_parallel_size=2$"):
+        plan_for(8, dp=3, completions=0, hostfile=str(hostfile), server_url=urls)
+    with pytest.raises(PlanError, match="expected URLs separated by commas"):
+        plan_for(8, completions=0, hostfile=str(hostfile), server_url="http://node0:8710,")
+
+
+def test_several_engines_refused_where_they_cannot_run():
+    with pytest.raises(PlanError, match=r"^server.data_parallel_size=2: one GPU holds one engine and one trainer rank"):
+        plan_for(1, dp=2)
+    with pytest.raises(PlanError, match=r"^server.data_parallel_size=3 x tensor_parallel_size=1 needs 3 GPUs for "
+                                        r"generation and leaves none for training on this host \(2 GPUs\)"):
+        plan_for(2, dp=3)
+    with pytest.raises(PlanError, match="server.data_parallel_size: must be at least 1, got 0"):
+        plan_for(2, dp=0)
+    plan = plan_for(8, dp=2, num_ranks=2)  # the idle note names the engines
+    assert plan["notes"] == ["GPUs 4,5,6,7 idle: train.num_ranks=2 (0 = use every GPU the engines leave)"]
 
 
 def test_one_gpu_starts_the_recipe(tmp_path):
@@ -219,7 +340,7 @@ def test_one_gpu_starts_the_recipe(tmp_path):
     # vLLM gets what full AdamW training of the 1.1B model leaves of the card
     proc, plan = dry_run("--gpus", "1", tmp_path=tmp_path, config=RECIPE)
     assert proc.returncode == 0, proc.stderr
-    assert plan["server"]["gpus"] == [0] and plan["trainer"]["gpus"] == {"localhost": [0]}
+    assert plan["servers"][0]["gpus"] == [0] and plan["trainer"]["gpus"] == {"localhost": [0]}
     assert plan["batch"] == {"completions_per_step": 16, "micro_batch_size": 2, "gradient_accumulation_steps": 8,
                              "ranks": 1, "derived": "accumulation derived from train.completions_per_step=16 for 1 rank(s)"}
     memory = plan["memory"]
@@ -307,12 +428,24 @@ def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
         proc, plan = dry_run("--gpus", "3", "--set", "train.micro_batch_size=8", tmp_path=tmp_path,
                              env={"CUDA_VISIBLE_DEVICES": "3,5,6", **env})
         assert proc.returncode == 0, proc.stderr
-        assert plan["server"]["gpus"] == [3] and plan["server"]["env"]["CUDA_VISIBLE_DEVICES"] == "3"
+        [server] = plan["servers"]
+        assert server["gpus"] == [3] and server["env"]["CUDA_VISIBLE_DEVICES"] == "3"
         assert include(plan) == "localhost:5,6" and plan["trainer"]["gpus"] == {"localhost": [5, 6]}
         # DeepSpeed's --include takes physical ids over all GPUs: the ranks must not inherit the variable;
         # ids are nvidia-smi's, in CUDA's numbering too
         assert plan["trainer"]["unset_env"] == ["CUDA_VISIBLE_DEVICES"]
-        assert plan["server"]["env"]["CUDA_DEVICE_ORDER"] == plan["trainer"]["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert server["env"]["CUDA_DEVICE_ORDER"] == plan["trainer"]["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    proc, plan = dry_run("--gpus", "4", "--set", "server.data_parallel_size=2", "--set", "train.micro_batch_size=8",
+                         tmp_path=tmp_path, env={"CUDA_VISIBLE_DEVICES": "3,5,6,7", "GRPO_GPU_INVENTORY": inventory})
+    assert proc.returncode == 0, proc.stderr
+    servers = plan["servers"]
+    assert [s["gpus"] for s in servers] == [[3], [5]] and [s["port"] for s in servers] == [8710, 8711]
+    assert [s["env"]["CUDA_VISIBLE_DEVICES"] for s in servers] == ["3", "5"] and include(plan) == "localhost:6,7"
+    assert all(s["env"]["GRPO_SERVER_TOKEN"] == "<redacted>" for s in servers)
+    assert SECRET not in proc.stdout + proc.stderr + json.dumps(plan)
+    assert "engine 0  127.0.0.1:8710  GPUs: 3" in proc.stdout and "engine 1  127.0.0.1:8711  GPUs: 5" in proc.stdout
+    cmd = plan["trainer"]["command"]
+    assert cmd[cmd.index("--server-url") + 1] == "http://127.0.0.1:8710,http://127.0.0.1:8711"
     with pytest.raises(PlanError, match=r"CUDA_VISIBLE_DEVICES=2,9: no GPU 9 on this host \(nvidia-smi lists 0,1,2,3\)"):
         visible_gpus(parse_inventory("0, 1, Default\n1, 1, Default\n2, 1, Default\n3, 1, Default"), "2,9")
     assert [g["index"] for g in visible_gpus(parse_inventory(inventory), "6,1")] == [6, 1]
@@ -327,7 +460,7 @@ def test_launch_from_outside_the_repository(tmp_path):
         proc, plan = dry_run("--name", "r1", tmp_path=tmp_path, config=config, cwd=elsewhere, root="myruns")
         assert proc.returncode == 0, proc.stderr
         run_dir = str(elsewhere / "myruns" / "r1")
-        for cmd in (plan["server"]["command"], plan["trainer"]["command"]):  # they start in the repository
+        for cmd in (plan["servers"][0]["command"], plan["trainer"]["command"]):  # they start in the repository
             assert cmd[cmd.index("--run-dir") + 1] == run_dir
             assert cmd[cmd.index("--config") + 1] == run_dir + "/config.yaml"
     proc, plan = dry_run("--hostfile", "hosts", "--server-url", "http://node0:8710", "--set", "train.num_ranks=0",
@@ -353,3 +486,97 @@ def test_resolved_config_names_paths_absolutely(tmp_path, monkeypatch):
     config = load_config(config_file("configs/prem-1b-gsm8k.yaml"))
     absolute_paths(config)
     assert config.model.path == "premai-io/prem-1B-chat"  # no such directory here: a hub name, kept
+
+
+# --- the launcher's watch over its engines (fake processes: nothing is started) ----------------------
+
+
+class FakeEngine:
+    """Stands in for a ServerProcess: `exit()` ends it; a restart's `wait_healthy` blocks until `healthy`."""
+
+    def __init__(self, log_path="server.log"):
+        self.code = None
+        self.stopped = 0
+        self.healthy = threading.Event()
+        self.log_path = log_path
+        self.proc = self
+
+    def poll(self):
+        return self.code
+
+    @property
+    def returncode(self):
+        return self.code
+
+    def exit(self, code=-9):
+        self.code = code
+
+    def stop(self):
+        self.stopped += 1
+
+    def wait_healthy(self, deadline_s):
+        from pipeline.generation.client import ServerError
+
+        if not self.healthy.wait(deadline_s):
+            self.code = 1
+            raise ServerError("no health in time\n--- log tail ---")
+
+
+def test_engines_restart_independently():
+    from launch.train import EngineMonitor
+
+    engines = [FakeEngine(), FakeEngine("server-1.log")]
+    started: list[tuple[int, FakeEngine]] = []
+
+    def start(i):
+        started.append((i, FakeEngine()))
+        return started[-1][1]
+
+    said: list[str] = []
+    monitor = EngineMonitor(engines, start, restart=True, max_restarts=1, startup_timeout_s=30, say=said.append)
+    monitor.poll()
+    assert said == [] and started == []
+    first = engines[1]
+    first.exit()
+    monitor.poll()
+    assert said == ["engine 1 exited (code -9); restarting it (1 of at most 1)"] and first.stopped == 1
+    assert [i for i, _ in started] == [1] and engines[1] is started[0][1]
+    # engine 1's restart is still loading (its health not yet answered): engine 0's exit is noticed anyway,
+    # and engine 0 has restarts of its own
+    engines[0].exit(code=-15)
+    monitor.poll()
+    assert said[-1] == "engine 0 exited (code -15); restarting it (1 of at most 1)"
+    for _, engine in started:
+        engine.healthy.set()
+    monitor.waiting[1].join(5)
+    # engine 1 dies again: past its limit it stays down, the run goes on
+    engines[1].exit()
+    monitor.poll()
+    monitor.poll()
+    assert said[-1] == "engine 1 exited (code -9) and has used its 1 restart; the run goes on with the other engines"
+    assert len(started) == 2 and monitor.down == {1} and engines[1].stopped == 1
+
+
+def test_engine_that_does_not_come_back_is_restarted_again():
+    from launch.train import EngineMonitor
+
+    engines = [FakeEngine()]
+    said: list[str] = []
+    monitor = EngineMonitor(engines, lambda i: FakeEngine(), restart=True, max_restarts=2, startup_timeout_s=0.01,
+                            say=said.append)
+    engines[0].exit()
+    monitor.poll()
+    monitor.waiting[0].join(5)  # no health in time: it is stopped, and says so in one line
+    assert said == ["generation server exited (code -9); restarting it (1 of at most 2)",
+                    "generation server did not come back: no health in time (log: server.log)"]
+    monitor.poll()
+    assert said[-1] == "generation server exited (code 1); restarting it (2 of at most 2)"
+    # restart off: one line, the engine left down
+    engines = [FakeEngine()]
+    monitor = EngineMonitor(engines, lambda i: FakeEngine(), restart=False, max_restarts=3, startup_timeout_s=1,
+                            say=said.append)
+    engines[0].exit(code=0)
+    monitor.poll()
+    monitor.poll()
+    assert said[-1] == "generation server exited (code 0) and is not restarted (server.restart is off)"
+    assert monitor.down == {0} and engines[0].stopped == 1
