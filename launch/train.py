@@ -56,6 +56,7 @@ from launch.plan import (  # noqa: E402
 )
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
 from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token  # noqa: E402
+from pipeline.generation.engines import Engines  # noqa: E402
 from pipeline.report.evaluate import format_table, run_eval  # noqa: E402
 from pipeline.task.data import DataError  # noqa: E402
 from pipeline.task.rewards import RewardError  # noqa: E402
@@ -474,9 +475,8 @@ def main(argv=None) -> int:
             deadline = time.monotonic() + config.server.startup_timeout_s
             for url in urls:
                 ServerClient(url, token).wait_healthy(max(1.0, deadline - time.monotonic()))
-        # Engine 0 serves the launcher's own evaluations (before and after training) for now; the trainer
-        # side will spread evaluation over the engines.
-        client = ServerClient(urls[0], token, config.server.request_timeout_s)
+        # The launcher's own evaluations (before and after training) use every engine, as the trainer does.
+        client = Engines(urls, token, config.server.request_timeout_s)
         if config.eval.enabled and not (run_dir / "eval_before.json").exists():
             print("evaluating the initial model...", flush=True)
             summary = run_eval(client, config, run_dir / "eval_before")
@@ -500,7 +500,8 @@ def main(argv=None) -> int:
         copier.join(10)
         print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
         if code == 0:
-            finish_run(client, config, run_dir, started, plan)  # engine 0's client, as the first evaluation
+            client.keep_newest()  # the engines holding the trained weights (a restarted one may not)
+            finish_run(client, config, run_dir, started, plan)
         return code
     except KeyboardInterrupt:
         print("interrupted: stopping trainer and server", file=sys.stderr, flush=True)

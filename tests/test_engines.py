@@ -1,6 +1,8 @@
 """Several generation engines (server.data_parallel_size): the split of a step's prompts, one push into
 every engine's workers, and an engine that fails alone. Real server processes (gloo on CPU)."""
 
+import os
+import signal
 import threading
 import time
 
@@ -163,3 +165,87 @@ def test_a_refused_request_is_not_retried_elsewhere(two_engines):
     with pytest.raises(ServerError, match="HTTP 400"):
         engines.generate([[1, 2, 3]], n=10_000, max_tokens=4)
     assert all(isinstance(e, Engine) for e in engines.serving()) and len(engines.serving()) == 2
+
+
+# --- a run with two engines (the launcher, the deepspeed ranks, real engine processes) -----------------
+
+
+def engine_group(root, index: int) -> int:
+    """The process group of engine `index` of the run under `root` (its API process leads it)."""
+    from test_train import _processes_mentioning
+
+    pids = [int(line.split()[0]) for line in _processes_mentioning(str(root))
+            if "pipeline.generation.serve" in line and f"--engine-index {index}" in line]
+    assert pids, f"engine {index} not found"
+    return os.getpgid(pids[0])
+
+
+def wait_for(predicate, what: str, proc, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) while waiting for {what}"
+        assert time.monotonic() < end, f"{what}: not within {timeout}s"
+        time.sleep(0.2)
+
+
+def rows_of(run_dir):
+    from test_train import read_metrics
+
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+
+
+@pytest.mark.slow
+def test_two_engines_train_and_one_fails_alone_mid_generation_then_mid_push(warm_model_dir, tmp_path):
+    from test_faults import run_log, start_launch, wait_gone, warm_run
+
+    run_dir = tmp_path / "two"
+    proc = start_launch(*warm_run("two", "--set", "train.max_steps=8", "--set", "server.data_parallel_size=2",
+                                  "--set", "server.restart=true", "--set", "sync.timeout_s=20",
+                                  warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+    try:
+        wait_for(lambda: len(rows_of(run_dir)) >= 2, "step 2", proc)
+        assert all(r["server/engines"] == 2 for r in rows_of(run_dir)), "both engines generate every step"
+        os.killpg(engine_group(tmp_path, 1), signal.SIGKILL)  # generation is most of a step: mid-generation
+        # the step goes on with engine 0; engine 1 comes back and rejoins with the current weights
+        wait_for(lambda: any(r["server/restarts/engine_1"] == 1 and r["server/engines"] == 2 for r in rows_of(run_dir)),
+                 "engine 1 back in the rollouts", proc)
+        # mid-push: engine 0 stops (SIGSTOP) right after an update opens, then dies
+        log0 = run_dir / "server.log"
+        opened = log0.read_text().count("weight update to version")
+        wait_for(lambda: log0.read_text().count("weight update to version") > opened, "a push", proc)
+        group0 = engine_group(tmp_path, 0)
+        os.killpg(group0, signal.SIGSTOP)
+        wait_for(lambda: "forming the transfer group again" in (run_dir / "trainer.log").read_text(), "the failed push",
+                 proc, timeout=120)
+        os.killpg(group0, signal.SIGKILL)
+        assert proc.wait(600) == 0, run_log(run_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = rows_of(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["server/restarts/engine_0"] >= 1 and rows[-1]["server/restarts/engine_1"] >= 1
+    # nothing stale: every step trained on rollouts of its own weights, and every probe matched them
+    assert all(r["rollout/staleness"] == 0 for r in rows)
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 and r["sync/engines_verified"] >= 1 for r in rows)
+    assert "restarting it" in (tmp_path / "launch.log").read_text()
+    wait_gone(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_both_engines_killed_is_a_one_line_error_within_the_deadline(warm_model_dir, tmp_path):
+    from test_faults import start_launch, wait_gone, warm_run
+
+    run_dir = tmp_path / "both"
+    proc = start_launch(*warm_run("both", "--set", "train.max_steps=40", "--set", "server.data_parallel_size=2",
+                                  warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+    wait_for(lambda: len(rows_of(run_dir)) >= 2, "step 2", proc)
+    groups = [engine_group(tmp_path, i) for i in (0, 1)]
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    killed = time.monotonic()
+    code = proc.wait(120)
+    assert code != 0 and time.monotonic() - killed < 60
+    errors = {line for line in (tmp_path / "launch.log").read_text().splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1 and "no generation engine left" in errors.pop(), errors  # the same line from each rank
+    wait_gone(str(tmp_path))

@@ -127,6 +127,14 @@ class Engines:
         """After a verified push of `version` into `group`: they, and only they, generate."""
         self.members, self.version = list(group), version
 
+    def keep_newest(self) -> int:
+        """Outside the trainer (the launcher's evaluation after training): the members are the healthy
+        engines at the newest weights version (one restarted and never pushed to has version 0)."""
+        ready = self.healthy(idle=False)
+        newest = max((h["version"] for _, h in ready), default=0)
+        self.set_members([e for e, h in ready if h["version"] == newest], newest)
+        return newest
+
     def drop(self, engine: Engine, why: str) -> None:
         if self.members is not None and engine in self.members:
             self.members.remove(engine)

@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -473,6 +474,16 @@ class GenerationServer:
         log.info("weights updated to version %d", req.version)
         return {"version": self.version}
 
+    def abort_update(self) -> dict:
+        """The trainer gave up on the open update (another engine in its transfer group failed, so the
+        broadcast stopped half-way): the model is half-loaded and the server exits, as for any torn
+        update; the launcher's server.restart brings up a fresh one. Without the engine lock: the
+        update's own RPC may hold it, blocked in the collective. No open update: nothing to do."""
+        if not self.updating:
+            return {"aborted": False, "version": self.version}
+        self._die("the trainer abandoned the weight update half-way (a peer of the transfer group failed)")
+        return {"aborted": True, "version": self.version}
+
     def checksums(self, req: ChecksumRequest) -> dict:
         timeout = self.config.sync.timeout_s
         workers = self.call(lambda: self._rpc("grpo_weight_digests", timeout, touches_weights=False, names=req.names,
@@ -594,6 +605,10 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
     def weights_update(req: UpdateRequest):
         return server.update(req)
 
+    @app.post("/weights/abort")
+    def weights_abort():
+        return server.abort_update()
+
     @app.post("/weights/finish")
     def weights_finish(req: VersionRequest):
         return server.finish_update(req)
@@ -651,6 +666,22 @@ def set_engine_process_env(environ=os.environ) -> None:
     environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound before the engine loads (tens of seconds): the port is ours from the
+    start, not taken meanwhile by another process's ephemeral port (vLLM's own, or another engine's),
+    and a port in use is an error at once. Health checks wait in the backlog until the engine is ready."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv=None) -> int:
     set_engine_process_env()
     import uvicorn
@@ -681,6 +712,11 @@ def main(argv=None) -> int:
         print(f"error: --engine-index {args.engine_index}: expected 0..{config.server.data_parallel_size - 1} "
               f"(server.data_parallel_size={config.server.data_parallel_size})", file=sys.stderr)
         return 2
+    try:
+        listening = bind(config.server.host, config.server.port)
+    except OSError as e:
+        print(f"error: server.port={config.server.port} on {config.server.host}: {e.strerror or e}", file=sys.stderr)
+        return 2
     setup_logging(args.run_dir, args.engine_index)
     start = time.perf_counter()
     server = GenerationServer(config, args.engine_index)
@@ -689,7 +725,7 @@ def main(argv=None) -> int:
     app = build_app(server, token)
     uv = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                        log_level="warning", timeout_graceful_shutdown=5))
-    uv.run()  # on SIGINT/SIGTERM: drains requests, runs the lifespan exit (engine shutdown)
+    uv.run(sockets=[listening])  # on SIGINT/SIGTERM: drains requests, runs the lifespan exit (engine shutdown)
     return 0
 
 

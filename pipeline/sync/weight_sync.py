@@ -34,6 +34,9 @@ from pipeline.sync.shards import Heads, worker_shards
 
 log = logging.getLogger("pipeline.sync.weight_sync")
 
+ABORT_TIMEOUT_S = 5.0
+
+
 class WeightSyncError(RuntimeError):
     """A weight push failed, timed out or did not verify; the server's weights are not the trainer's."""
 
@@ -80,6 +83,16 @@ class ServerSyncClient:
         for client, done in zip(self.clients, self._post_all("/weights/finish", [{"version": self.version}] * len(self.clients)), strict=True):
             if done["version"] != self.version:
                 raise WeightSyncError(f"engine {client.base_url} reports version {done['version']} after pushing {self.version}")
+
+    def abort(self) -> None:
+        """After a failed push, best effort: every engine with the update still open exits (its model is
+        half-loaded) instead of holding it open; a stopped engine does not answer and is skipped."""
+        def one(client):
+            with contextlib.suppress(ServerError):
+                client.request("POST", "/weights/abort", {}, ABORT_TIMEOUT_S)
+
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            list(pool.map(one, self.clients))
 
     def checksums(self, names: list[str], received: list[str]) -> list[list[dict]]:
         """Each engine's workers' digests (one list per engine)."""
@@ -323,6 +336,8 @@ class WeightSync:
             error = [f"weight push for version {version} failed: {type(e).__name__}: {e}"]
         with contextlib.suppress(Exception):
             self.source.drain()  # after a failure: the other ranks still wait in the ZeRO-3 gathers
+        if error[0] is not None and self.rank == 0 and self.sync_client is not None:
+            self.sync_client.abort()
         stats = {}
         if self.rank == 0 and error[0] is None:
             try:
