@@ -59,13 +59,18 @@ class ServerClient:
             raise ServerError(f"{method} {path}: no answer from {self.base_url} within {timeout:.0f}s") from None
         except requests.ConnectionError as e:
             raise ServerError(f"{method} {path}: cannot reach the server at {self.base_url} ({e.__class__.__name__})") from None
+        except requests.RequestException as e:  # e.g. the server died mid-answer (ChunkedEncodingError)
+            raise ServerError(f"{method} {path}: the answer from {self.base_url} broke off ({e.__class__.__name__})") from None
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text[:500]
             raise ServerError(f"{method} {path}: HTTP {response.status_code}: {detail}", response.status_code)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:  # requests' JSONDecodeError: a body cut short
+            raise ServerError(f"{method} {path}: the answer from {self.base_url} is not JSON (cut short?)") from None
 
     def health(self, timeout_s: float = 5.0) -> dict:
         return self.request("GET", "/health", timeout_s=timeout_s)
