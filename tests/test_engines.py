@@ -253,3 +253,17 @@ def test_both_engines_killed_is_a_one_line_error_within_the_deadline(warm_model_
     errors = {line for line in (tmp_path / "launch.log").read_text().splitlines() if line.startswith("error: ")}
     assert len(errors) == 1 and "no generation engine left" in errors.pop(), errors  # the same line from each rank
     wait_gone(str(tmp_path))
+
+
+def test_an_idle_cpu_engine_does_not_spin_after_generating(server):
+    """vLLM's workers spin on their shared-memory queue for 1 s after each message; on CPU, where the
+    trainer ranks share the cores, our plugin makes that 50 ms (pipeline/device.py)."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "Worker" in p.name()]
+    assert workers, "no vLLM worker process under the server"
+    server.client.generate([[5, 6, 7, 8]], n=4, max_tokens=16, seed=1)
+    before = sum(sum(w.cpu_times()[:2]) for w in workers)
+    time.sleep(1.0)
+    busy = sum(sum(w.cpu_times()[:2]) for w in workers) - before
+    assert busy < 0.3, f"the worker burnt {busy:.2f} s of CPU in the second after a generation"

@@ -1,6 +1,6 @@
 """The GPU path: what only CUDA can show (`make test-gpu`; every test skips without enough GPUs).
 
-vLLM's `nccl` and `ipc` weight-transfer engines, tensor-parallel servers, ZeRO-3 gathers on GPUs,
+vLLM's `nccl` and `ipc` weight-transfer engines, two engines in one NCCL group, tensor-parallel servers, ZeRO-3 gathers on GPUs,
 FlashAttention-2 against sdpa, CUDA graphs across pushes, a server killed mid-NCCL-push, the one-GPU
 layout and a short bf16 run of the real launcher. Models are the suite's tiny Qwen2s, in bf16.
 """
@@ -128,6 +128,37 @@ def test_tensor_parallel_server(tiny_untied_model_dir, tmp_path):
         sync.close()
     finally:
         server.stop()
+
+
+@need(3)
+def test_two_engines_one_nccl_broadcast(tiny_model_dir, tmp_path):
+    """server.data_parallel_size=2: engines on GPUs 0 and 1, the trainer on GPU 2; one NCCL group holds
+    both engines' workers (rank offsets 1 and 2), one push verifies on both, both generate with it."""
+    from pipeline.generation.engines import Engines
+
+    (tmp_path / "e0").mkdir()
+    (tmp_path / "e1").mkdir()
+    servers = [gpu_server(tiny_model_dir, tmp_path / f"e{i}", [i], "--set", "server.data_parallel_size=2",
+                          "--engine-index", str(i)) for i in range(2)]
+    try:
+        engines = Engines.of([s.client for s in servers])
+        model = hf_model(tiny_model_dir, "cuda:2")
+        perturb(model, 5)
+        sync = WeightSync(model, 0, 0, torch.device("cuda:2"), engines, host="127.0.0.1", timeout_s=120)
+        sync.connect()
+        stats = sync.push(1)
+        assert sync.backend == "nccl" and sync.sync_client.offsets == [0, 1] and stats["engines_verified"] == 2
+        assert set(sync.verified_names) == {n for n, _ in model.named_parameters()}
+        out = engines.generate([PROMPT, PROMPT[:5]], n=2, max_tokens=12, seed=0)
+        assert {(c["engine"], c["version"]) for r in out["results"] for c in r["completions"]} == {(0, 1), (1, 1)}
+        for server in servers:
+            completion = server.client.generate([PROMPT], n=1, max_tokens=12, seed=1)["results"][0]["completions"][0]
+            assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+                    ).abs().max() <= BF16_TOL
+        sync.close()
+    finally:
+        for server in servers:
+            server.stop()
 
 
 @need(2)
