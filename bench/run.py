@@ -255,6 +255,13 @@ def main() -> int:
         print(f"[{label}] ours, overlapped ...", flush=True)
         runs[f"{label} ours overlap"] = summarise_ours(
             run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss), warmup, nbytes, overlap=True)
+        if label == "tiny" and not args.quick:
+            # Side by side with the row above: vLLM's own 1 s idle spin (our plugin that shortens it to
+            # 50 ms left out; VLLM_PLUGINS is vLLM's allow-list of plugins).
+            print(f"[{label}] ours, synchronous, vLLM's 1 s idle spin ...", flush=True)
+            runs[f"{label} ours sync, vLLM's idle spin"] = summarise_ours(
+                run_ours(f"{label}-sync-spin", model, steps, max_tokens, False, root, rss,
+                         env={"VLLM_PLUGINS": "grpo_gloo_transfer"}), warmup, nbytes)
         # Generation on both cores while the ranks wait: two engines (each pinned to its own core by the
         # launcher) or one engine whose worker may use both (vLLM-CPU's own thread binding).
         print(f"[{label}] ours, synchronous, 2 engines ...", flush=True)

@@ -39,9 +39,9 @@ class ServerLink(WeightSync):
         """The engines serve weights `version` (verified by checksums), or the run fails / recovers.
         An engine back from a restart (or a lost one) changes the group: it is formed again first, so a
         returning engine gets this full push before it gets prompts."""
-        if self._group_changed():
-            self.connect()
         try:
+            if self._group_changed():
+                self.connect()
             super().push(version)
         except WeightSyncError as e:
             self.recover(e, version)
@@ -52,7 +52,8 @@ class ServerLink(WeightSync):
             ready = self.engines.healthy(idle=True)
             now = {(e.index, h.get("instance", "")) for e, h in ready}
             was = {(e.index, i) for e, i in zip(self.group, self.group_instances, strict=True)}
-            changed = [now != was]
+            # none healthy: no group to form; the push fails and `recover` decides (wait, or the error)
+            changed = [bool(now) and now != was]
             if changed[0]:
                 log.warning("engines changed: group was %s, now %s", sorted(i for i, _ in was), sorted(i for i, _ in now))
         return bool(_broadcast(changed))
