@@ -135,10 +135,12 @@ class ServerConfig:
     startup_timeout_s: float = 300.0
     """How long the launcher waits for the server's health check (and the trainer, after a restart)."""
     restart: bool = False
-    """If the server process dies, the launcher starts a new one; the trainer waits for it, pushes its
-    current weights and retries the lost request (recorded as `server/restarts`). Off: the run fails."""
+    """If an engine's server process dies, the launcher starts a new one; the trainer waits for it (with
+    one engine) or goes on with the others, pushes its current weights into it and retries the lost
+    request (recorded as `server/restarts`). Off: with one engine the run fails; with several, a dead
+    engine is left out and the run fails when none is left."""
     max_restarts: int = 3
-    """server.restart: give up (fail the run) after this many restarts."""
+    """server.restart: restarts per engine; an engine past them stays down (the run fails when none is left)."""
     enforce_eager: bool | None = None
     """Skip CUDA-graph capture. Unset: eager on CPU, CUDA graphs on GPU (they survive weight pushes:
     vLLM's layer-wise reload copies into the captured storage). true: faster start, slower decode."""
