@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from pipeline.generation.client import TOKEN_ENV
+from pipeline.generation.server_process import log_name
 from pipeline.generation.transport import resolve_transport
 
 SECRET_ENV = (TOKEN_ENV,)
@@ -278,8 +279,6 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
         if backend == "nccl" and not cuda:
             raise PlanError("sync.transport=nccl needs GPUs; use gloo (or auto) on CPU")
         if not urls:
-            from pipeline.generation.serve import log_name  # fastapi & co.: only when engines start here
-
             cpus = cpu_count or os.cpu_count() or 1
             if not cuda and dp > 1 and dp * tp > cpus:
                 notes.append(f"{dp} engines x tensor_parallel_size {tp} on {cpus} core(s): engines share cores "

@@ -41,6 +41,7 @@ class Engine:
     instance: str = ""  # the process that holds the trainer's weights (set by a push); "" = none yet
     tensor_parallel_size: int = 1
     speed: float = 0.0  # completions per second, measured; 0 = not yet
+    last_seen: str = ""  # the instance that last answered at this address
     instances_seen: int = 0  # processes seen at this address; restarts = instances_seen - 1
 
     @property
@@ -58,23 +59,24 @@ class Piece:
 
 
 class Engines:
-    def __init__(self, urls: list[str] | str, token: str = "", timeout_s: float = 600.0):
-        """`urls`: engine i's base URL at position i (a list, or comma-separated as on the command line)."""
-        urls = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
-        if not urls:
+    def __init__(self, urls: list[str] | str, token: str = "", timeout_s: float = 600.0,
+                 clients: list[ServerClient] | None = None):
+        """`urls`: engine i's base URL at position i (a list, or comma-separated as on the command line);
+        or `clients`, existing ones (see `of`)."""
+        if clients is None:
+            urls = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
+            clients = [ServerClient(url, token, timeout_s) for url in urls]
+        if not clients:
             raise ValueError("no generation engine URL given")
-        self.engines = [Engine(i, ServerClient(url, token, timeout_s)) for i, url in enumerate(urls)]
+        self.engines = [Engine(i, client) for i, client in enumerate(clients)]
         self.members: list[Engine] | None = None  # None: no push yet, every healthy engine serves
         self.version = 0  # the weights version the members hold
-        self._seen: dict[int, str] = {}  # engine index -> the last instance seen at its address
-        self.pool = ThreadPoolExecutor(max_workers=max(2, len(urls)), thread_name_prefix="engines")
+        self.pool = ThreadPoolExecutor(max_workers=max(2, len(clients)), thread_name_prefix="engines")
 
     @classmethod
     def of(cls, clients: list[ServerClient]) -> Engines:
         """Engines around existing clients (their tokens and deadlines)."""
-        engines = cls([c.base_url for c in clients])
-        engines.engines = [Engine(i, c) for i, c in enumerate(clients)]
-        return engines
+        return cls([], clients=clients)
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -86,10 +88,10 @@ class Engines:
     # --- health and membership ---------------------------------------------------------------------
 
     def _note_instance(self, engine: Engine, instance: str) -> None:
-        if instance and self._seen.get(engine.index) != instance:
-            if engine.index in self._seen:
+        if instance and engine.last_seen != instance:
+            if engine.last_seen:
                 log.warning("engine %d is a new process (restart %d)", engine.index, engine.instances_seen)
-            self._seen[engine.index] = instance
+            engine.last_seen = instance
             engine.instances_seen += 1
 
     def healthy(self, idle: bool = True) -> list[tuple[Engine, dict]]:
@@ -170,7 +172,7 @@ class Engines:
         params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, **extra}
         per_prompt: list[list[dict]] = [[] for _ in prompt_token_ids]
         todo = [Piece(0, len(prompt_token_ids), n, seed)]
-        versions, instances, seconds, engine_s, phases = [], {}, {}, {}, {}
+        versions, seconds, engine_s, phases = [], {}, {}, {}
         last_error, failed = "", set()
         while todo:
             engines = [e for e in self.serving() if e.index not in failed]
@@ -207,7 +209,6 @@ class Engines:
                 for k, v in out.get("timing", {}).items():
                     if k != "engine_s":
                         phases[k] = max(phases.get(k, 0.0), v)
-                instances[engine.index] = out.get("instance", "")
         mean = sum(seconds.values()) / len(seconds)
         split = {"engines": len(seconds), "imbalance": max(seconds.values()) / mean if mean else 1.0}
         return {"version": min(versions), "split": split, "results": [

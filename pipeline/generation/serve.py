@@ -36,6 +36,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.generation.client import TOKEN_ENV, server_token
 from pipeline.generation.deadline import Beside, DeadlineExceeded
+from pipeline.generation.server_process import log_name
 
 log = logging.getLogger("pipeline.generation.serve")
 WORKER_EXTENSION = "pipeline.generation.worker_ext.WorkerExtension"
@@ -618,11 +619,6 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
         return server.checksums(req)
 
     return app
-
-
-def log_name(engine_index: int) -> str:
-    """Engine 0 logs to server.log (the one-engine name), engine i > 0 to server-i.log."""
-    return "server.log" if engine_index == 0 else f"server-{engine_index}.log"
 
 
 def setup_logging(run_dir: str | None, engine_index: int = 0) -> None:

@@ -15,6 +15,11 @@ from pathlib import Path
 from pipeline.generation.client import TOKEN_ENV, ServerClient, ServerError
 
 
+def log_name(engine_index: int) -> str:
+    """Engine 0 logs to server.log (the one-engine name), engine i > 0 to server-i.log."""
+    return "server.log" if engine_index == 0 else f"server-{engine_index}.log"
+
+
 def die_with_parent() -> None:
     """preexec_fn: the kernel sends SIGTERM to this child when its parent dies, even by SIGKILL,
     so a killed launcher never leaves a server or trainer ranks running (Linux prctl)."""
