@@ -1,17 +1,20 @@
 """Weight-sync benchmark: push a ~100M-parameter model into a running server.
 
-    make bench-sync      (python bench/sync.py [--layers 8 --hidden 1024] [--repeats 3])
+    make bench-sync      (python bench/sync.py [--layers 8 --hidden 1024] [--repeats 3] [--engines 2])
 
 Pushes through vLLM's weight-transfer API with our gloo engine (the CPU path). Compares, in one
 run on one machine: bucketed push (sync.bucket_mb), one bucket per tensor (what per-parameter sync
 costs), and a plain in-process torch copy of the same bytes (the practical limit); reports the
-checksum verification's share of each push. Writes bench/results-sync.json.
+checksum verification's share of each push. With `--engines N` it also pushes into N engines at once
+(one transfer group: the `server.data_parallel_size` layout) and reports the time against one engine.
+Writes bench/results-sync.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.embedded.tiny_model import build_tiny_model  # noqa: E402
 from pipeline.generation.client import free_port  # noqa: E402
+from pipeline.generation.engines import Engines  # noqa: E402
 from pipeline.generation.server_process import ServerProcess  # noqa: E402
 from pipeline.sync.weight_sync import WeightSync  # noqa: E402
 
@@ -43,6 +47,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=int, default=256)
+    parser.add_argument("--engines", type=int, default=1, help="also push into this many engines at once")
     parser.add_argument("--out", default=str(REPO / "bench" / "results-sync.json"))
     args = parser.parse_args()
 
@@ -57,11 +62,16 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     params = list(model.named_parameters())
     nbytes = sum(p.numel() * p.element_size() for _, p in params)
-    port = free_port("127.0.0.1")
-    server = ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1"],
-                           work / "server.log", "127.0.0.1", port)
+    servers = []
+    for i in range(args.engines):
+        port = free_port("127.0.0.1")
+        # one core each, as the launcher pins several engines
+        env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % (os.cpu_count() or 1))} if args.engines > 1 else {}
+        servers.append(ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1"],
+                                     work / f"server-{i}.log", "127.0.0.1", port, env=env))
     try:
-        client = server.wait_healthy(300)
+        clients = [server.wait_healthy(300) for server in servers]
+        client = clients[0]
         results = {"params": sum(p.numel() for _, p in params), "bytes": nbytes, "dtype": "float32"}
         for label, bucket_bytes in (("bucketed", args.bucket_mb * 2**20), ("per_tensor", 1)):
             # bucket_bytes=1: every tensor in a bucket of its own
@@ -82,15 +92,35 @@ def main() -> int:
         copy = statistics.median(inprocess_copy_s([p.detach() for _, p in params]) for _ in range(args.repeats))
         results["inprocess_copy"] = {"seconds_median": copy, "gb_per_s": nbytes / copy / 1e9}
         results["bucketed_vs_copy"] = results["bucketed"]["gb_per_s"] / results["inprocess_copy"]["gb_per_s"]
+        if args.engines > 1:
+            sync = WeightSync(model, 0, 0, torch.device("cpu"), Engines.of(clients), host="127.0.0.1", timeout_s=120,
+                              bucket_bytes=args.bucket_mb * 2**20)
+            sync.connect()
+            times, verify = [], []
+            for version in range(1, args.repeats + 2):
+                stats = sync.push(version)
+                times.append(stats["seconds"])
+                verify.append(stats["verify_s"])
+            sync.close()
+            label = f"{args.engines}_engines"
+            results[label] = {"seconds_median": statistics.median(times[1:]), "seconds": times[1:],
+                              "verify_s_median": statistics.median(verify[1:]),
+                              "gb_per_s": nbytes / statistics.median(times[1:]) / 1e9}
+            results[f"{label}_vs_1"] = results[label]["seconds_median"] / results["bucketed"]["seconds_median"]
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nweight sync, {results['params'] / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB fp32, gloo on CPU")
     print(f"{'method':<16}{'s/push':>10}{'GB/s':>10}{'verify s':>10}")
-    for label in ("bucketed", "per_tensor", "inprocess_copy"):
+    for label in ("bucketed", "per_tensor", "inprocess_copy", f"{args.engines}_engines"):
+        if label not in results:
+            continue
         r = results[label]
         print(f"{label:<16}{r['seconds_median']:>10.3f}{r['gb_per_s']:>10.2f}{r.get('verify_s_median', 0):>10.3f}")
     print(f"bucketed / in-process copy bandwidth: {results['bucketed_vs_copy']:.1%}   -> {args.out}")
+    if args.engines > 1:
+        print(f"{args.engines} engines / 1 engine push time: {results[f'{args.engines}_engines_vs_1']:.2f}x")
     return 0
 
 

@@ -156,6 +156,10 @@ class SyncConfig:
     engine on CPU."""
     bucket_mb: int = 256
     """Tensors are packed into buckets of this many MB (gloo buckets, vLLM's packed NCCL/IPC buffers)."""
+    shared_memory: bool = True
+    """gloo (CPU): when every engine runs on the trainer's host, the buckets travel through one
+    shared-memory file (/dev/shm) that each engine reads, instead of gloo sending every engine the bytes;
+    falls back to gloo by itself where the file cannot be made or seen. false: always gloo."""
     timeout_s: float = 60.0
     """A whole push, and every call in it (HTTP or collective), fails after this many seconds instead
     of hanging; a server worker stuck that long makes the server exit (server.restart restarts it)."""

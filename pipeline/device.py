@@ -91,7 +91,7 @@ def engine_options(max_model_len: int) -> dict:
 
 # How long a vLLM process that waits on its shared-memory queue spins (sched_yield) after the last
 # message before it sleeps on a socket (vLLM: 1 s, `SpinCondition(busy_loop_s=1)`, not settable).
-CPU_IDLE_SPIN_S = 0.05
+CPU_IDLE_SPIN_S = 0.005
 
 
 def vllm_cpu_idle_spin() -> None:

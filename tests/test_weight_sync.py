@@ -1,6 +1,8 @@
 """Weight sync into a running server through vLLM's weight-transfer API (our gloo engine on CPU):
 after a push the server's logprobs are the trainer's, and its checksums match what was sent."""
 
+import errno
+import os
 import time
 
 import pytest
@@ -34,14 +36,16 @@ def connect(server, model, **kw) -> WeightSync:
     return sync
 
 
-def check_pushes_land(server, model_dir, prompt, version0, bucket_bytes):
+def check_pushes_land(server, model_dir, prompt, version0, bucket_bytes, shared_memory):
     """Three pushes in a row; each time the server's logprobs == HF logprobs of the pushed weights and
-    every tensor verifies by checksum. The first push makes the (shared) server serve `model_dir`."""
+    every tensor verifies by checksum. The first push makes the (shared) server serve `model_dir`.
+    The bytes go through the shared-memory file (`shared_memory`) or through gloo itself."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    sync = connect(server, model, timeout_s=60, bucket_bytes=bucket_bytes)
+    sync = connect(server, model, timeout_s=60, bucket_bytes=bucket_bytes, shared_memory=shared_memory)
     try:
         assert sync.backend == "gloo"
         stats = sync.push(version0 + 1)
+        assert stats["shared_memory"] == float(shared_memory)
         # every parameter verified: vLLM's own digests or, for the linear weights vLLM-CPU hides, the
         # digests our engine took on receipt
         assert set(sync.verified_names) == {n for n, _ in model.named_parameters()}
@@ -74,8 +78,10 @@ def prompt(gsm8k_dir, tiny_tokenizer):
 
 
 def test_push_tied_model_in_many_small_buckets(server, tiny_model_dir, prompt):
-    # 4 KiB buckets: every layer spans several, the production path of a large model
-    check_pushes_land(server, tiny_model_dir, prompt, server.client.health()["version"], bucket_bytes=4096)
+    # 4 KiB buckets: every layer spans several, the production path of a large model; trainer and
+    # server share this host, so the bytes go through the shared-memory file
+    check_pushes_land(server, tiny_model_dir, prompt, server.client.health()["version"], bucket_bytes=4096,
+                      shared_memory=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +92,8 @@ def untied_server(tiny_untied_model_dir, tmp_path_factory):
 
 
 def test_push_untied_model_in_many_small_buckets(untied_server, tiny_untied_model_dir, prompt):
-    check_pushes_land(untied_server, tiny_untied_model_dir, prompt, 0, bucket_bytes=8192)
+    # the bytes through gloo itself (engines on other hosts; sync.shared_memory=false)
+    check_pushes_land(untied_server, tiny_untied_model_dir, prompt, 0, bucket_bytes=8192, shared_memory=False)
 
 
 def exits_within(server, seconds: float) -> float:
@@ -187,11 +194,11 @@ def test_checksums_catch_a_push_that_did_not_land(server, tiny_model_dir, monkey
     sync = connect(server, model, timeout_s=60)
     real = gloo_transfer.GlooTrainerWeightTransferEngine._broadcast
 
-    def corrupting(self, pairs, update):
+    def corrupting(self, pairs, *rest):
         def bent():
             for name, tensor in pairs:
                 yield name, (tensor + 1.0 if name.endswith("o_proj.weight") else tensor)
-        return real(self, bent(), update)
+        return real(self, bent(), *rest)
 
     monkeypatch.setattr(gloo_transfer.GlooTrainerWeightTransferEngine, "_broadcast", corrupting)
     try:
@@ -216,6 +223,52 @@ def test_server_killed_mid_push_raises_within_timeout(untied_server, tiny_untied
     assert killed.is_set()
     assert elapsed < timeout_s + 5, f"took {elapsed:.1f}s"
     assert "version 5" in str(err.value)
+
+
+# --- the shared-memory file: only the trainer's own, never a SIGBUS ---------------------------------
+
+
+def test_a_worker_uses_the_shared_file_only_when_it_is_the_trainers(tmp_path):
+    from pipeline.sync.gloo_transfer import SharedBuckets
+
+    shared = SharedBuckets.create()
+    try:
+        assert shared.reserve(4096)
+        shared.view(0, 4096).copy_(torch.arange(4096) % 251)
+        seen = SharedBuckets.open(shared.path, shared.nonce)
+        assert seen is not None and torch.equal(seen.view(100, 10), torch.arange(100, 110) % 251)
+        seen.close()
+        assert SharedBuckets.open(shared.path, "another trainer's nonce") is None  # a same-named file elsewhere
+        assert SharedBuckets.open(str(tmp_path / "absent"), shared.nonce) is None  # another host
+        shared.unlink()  # after the group formed: a killed trainer leaves nothing in /dev/shm
+        assert not os.path.exists(shared.path) and torch.equal(shared.view(0, 3), torch.tensor([0, 1, 2], dtype=torch.uint8))
+    finally:
+        shared.close()
+
+
+def test_a_full_dev_shm_sends_through_gloo_instead(monkeypatch):
+    from pipeline.sync.gloo_transfer import SharedBuckets
+
+    shared = SharedBuckets.create()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    try:
+        assert shared.reserve(2**20) is False
+    finally:
+        shared.close()
+
+
+def test_init_info_names_only_our_shared_files():
+    from pipeline.sync.gloo_transfer import GlooWeightTransferInitInfo
+
+    base = {"master_address": "127.0.0.1", "master_port": 29500, "world_size": 2}
+    GlooWeightTransferInitInfo(**base, shm_path="/dev/shm/grpo-weights-abc", shm_nonce="x")
+    for path in ("/etc/passwd", "relative/grpo-weights-x", "/dev/shm/other"):
+        with pytest.raises(ValueError, match="shm_path"):
+            GlooWeightTransferInitInfo(**base, shm_path=path)
 
 
 # --- what each tensor-parallel rank holds, against vLLM's own weight loaders on CPU ---------------------

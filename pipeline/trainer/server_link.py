@@ -27,7 +27,7 @@ class ServerLink(WeightSync):
         s = config.sync
         super().__init__(model_engine.module, zero_stage, rank, model_engine.device, client, host=sync_host,
                          port=s.port, timeout_s=s.timeout_s, bucket_bytes=s.bucket_mb * 2**20,
-                         verify_bytes=s.verify_mb * 2**20)
+                         verify_bytes=s.verify_mb * 2**20, shared_memory=s.shared_memory)
         self.model_engine, self.config, self.dtype = model_engine, config, dtype
 
     @property

@@ -175,6 +175,7 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
             "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
             "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
             "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
+            **({"sync/shared_memory": link.last_stats["shared_memory"]} if "shared_memory" in link.last_stats else {}),
             **rollouts.timing, **clock.times()})
         if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
             row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
