@@ -95,7 +95,7 @@ CPU_IDLE_SPIN_S = 0.005
 
 
 def vllm_cpu_idle_spin() -> None:
-    """vLLM plugin entry point (every engine-core and worker process): on CPU, stop spinning 50 ms,
+    """vLLM plugin entry point (every engine-core and worker process): on CPU, stop spinning 5 ms,
     not 1 s, after the last message. Between decode steps (milliseconds apart) the queue still spins;
     but after a generation the engine core and each worker kept a core busy for a second, while the
     trainer ranks, sharing those cores, ran their forward and backward. GPU hosts keep vLLM's default."""

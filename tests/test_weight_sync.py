@@ -10,6 +10,7 @@ import torch
 from conftest import killed_mid_push, start_server
 from transformers import AutoModelForCausalLM
 
+from pipeline.generation.client import ServerError
 from pipeline.sync.weight_sync import WeightSync, WeightSyncError
 from pipeline.task.data import prompt_token_ids, read_jsonl
 
@@ -164,11 +165,12 @@ sync.push(int(version))
 """
 
 
-def test_trainer_dying_mid_push_ends_the_server(tiny_untied_model_dir, tmp_path):
-    """The trainer dies after several buckets have landed: the workers' receive fails (peer gone, or the
-    group's timeout), vLLM ends the worker's session without finalising its layer-wise reload (some
-    layers new, some old, some on the meta device), and the server exits rather than serve that model;
-    until it is gone it refuses generation."""
+def test_trainer_dying_mid_push_tears_the_weights_until_a_full_push(tiny_untied_model_dir, prompt, tmp_path):
+    """The trainer dies after several buckets have landed: the workers' receive fails, vLLM ends its
+    session with some layers new, some old, some mid-reload. The server stays up but serves nothing
+    (version -1, 503) until a full push, which must load every layer from its own bytes alone: the
+    repairing push carries other weights than the broken one, so a layer still holding the broken
+    push's tensors would fail its checksum and the logprob probe."""
     import subprocess
     import sys
 
@@ -179,9 +181,31 @@ def test_trainer_dying_mid_push_ends_the_server(tiny_untied_model_dir, tmp_path)
                                str(tiny_untied_model_dir), str(version + 1)], capture_output=True, text=True,
                               timeout=300)
         assert died.returncode == 17, died.stderr[-2000:]
-        exits_within(server, 60)
+        end = time.monotonic() + 60
+        while not server.client.health().get("torn"):
+            assert time.monotonic() < end, "the server never noticed the broken-off push"
+            time.sleep(0.5)
+        assert server.proc.poll() is None and server.client.health()["version"] == -1
+        with pytest.raises(ServerError, match="no weights to serve until a full push") as refused:
+            server.client.generate([prompt], n=1, max_tokens=4, seed=0)
+        assert refused.value.status == 503
         log = (tmp_path / "server.log").read_text()
-        assert "server unusable, exiting: update_weights failed" in log, log[-3000:]
+        assert "weights torn" in log and "server unusable" not in log, log[-3000:]
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir, dtype=torch.float32)
+        perturb(model, seed=11)
+        sync = connect(server, model, timeout_s=60, bucket_bytes=4096)
+        try:
+            stats = sync.push(version + 2)
+        finally:
+            sync.close()
+        assert set(sync.verified_names) == {n for n, _ in model.named_parameters()}
+        assert stats["verified_bytes_frac"] == 1.0
+        health = server.client.health()
+        assert health["version"] == version + 2 and not health["torn"]
+        completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0]["completions"][0]
+        served = torch.tensor(server.client.score([(prompt, completion["token_ids"])])["logprobs"][0])
+        assert (served - hf_logprobs(model, prompt, completion["token_ids"])).abs().max() <= 1e-3
     finally:
         server.stop()
 

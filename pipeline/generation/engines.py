@@ -93,6 +93,7 @@ class Engines:
                 log.warning("engine %d is a new process (restart %d)", engine.index, engine.instances_seen)
             engine.last_seen = instance
             engine.instances_seen += 1
+            engine.speed = 0.0  # a new process: measured afresh
 
     def healthy(self, idle: bool = True) -> list[tuple[Engine, dict]]:
         """The engines answering /health ok now (with `idle`, also with no weight update open), asked in
@@ -223,12 +224,17 @@ class Engines:
 
     def split(self, piece: Piece, engines: list[Engine]) -> list[tuple[Engine, Piece]]:
         """`piece` over `engines` by speed: runs of whole groups, or (fewer prompts than engines) each
-        group's `n` split. Engines never measured count as the fastest measured one."""
+        group's `n` split. Engines never measured count as the fastest measured one. With at least one
+        prompt per engine, each engine gets one and the rest follow speed: an engine once measured slow
+        (busy cores, a restart) would otherwise get nothing, never be measured again, and idle for good."""
         known = [e.speed for e in engines if e.speed > 0]
         speeds = [e.speed if e.speed > 0 else (max(known) if known else 1.0) for e in engines]
         prompts = piece.stop - piece.start
-        if prompts >= len(engines) or piece.n == 1:
+        if prompts >= len(engines):
+            counts = [1 + c for c in shares(prompts - len(engines), speeds)]
+        elif piece.n == 1:
             counts = shares(prompts, speeds)
+        if prompts >= len(engines) or piece.n == 1:
             out, start = [], piece.start
             for engine, count in zip(engines, counts, strict=True):
                 if count:

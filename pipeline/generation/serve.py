@@ -47,6 +47,7 @@ WORKER_EXTENSION = "pipeline.generation.worker_ext.WorkerExtension"
 
 SEED_MAX = 2**63 - 1
 RPC_GRACE_S = 5.0  # beyond sync.timeout_s, so vLLM's own timeout (where it has one) reports first
+ABORT_WAIT_S = 10.0  # /weights/abort waits this long for the update's own RPC to fail (its group is closed)
 MAX_ITEMS = 100_000  # any list in a request (prompts, tokens of one prompt, names)
 MAX_TEXT = 1_000_000  # characters of one text prompt
 
@@ -194,6 +195,8 @@ class GenerationServer:
         self.version = 0  # training step of the weights served; 0 = as loaded from disk
         self.updating = False
         self.update_started = 0.0  # time.monotonic() of the open update's start
+        self.session_open = False  # vLLM's update session is open on the workers (start ok, not ended)
+        self.torn = ""  # why the weights are torn (a push broke off): nothing is served until a full push
         self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
         self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
@@ -210,6 +213,8 @@ class GenerationServer:
             if not during_update:
                 if not self.engine.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
                     raise HTTPException(503, "a weight update is in progress; try again")
+                if self.torn:
+                    raise HTTPException(503, f"no weights to serve until a full push: {self.torn}")
             if self.fatal:
                 raise HTTPException(503, f"server exiting: {self.fatal}")
             return self._guarded(fn, what)
@@ -373,11 +378,14 @@ class GenerationServer:
         under our own deadline: vLLM ignores `timeout` with one worker (UniProcExecutor), its engine-core
         utility call waits without limit, and with several workers its TimeoutError reaches us as a
         plain Exception. A weight RPC that fails or runs past the deadline leaves the model
-        half-loaded (a failed `update_weights` ends the worker's session without finalising vLLM's
-        layer-wise reload: unloaded layers stay on the meta device), and a stuck worker never comes
-        back: the server exits, the launcher's server.restart brings up a fresh one, and the trainer
-        pushes its weights into that. A call that touches no weights and simply fails (a rendezvous that
-        cannot form) is a 400: the weights are as they were."""
+        half-loaded. A start or an update that fails (a peer of the transfer group died, the trainer
+        gave up) ends vLLM's session, with some layers new, some old, some mid-reload: the weights are
+        *torn* (`_tear`), nothing is served, and the next full push repairs them; the other engines
+        of a group whose one member died go on without a restart. A stuck worker never comes back,
+        and a finish that fails leaves vLLM's session in an unknown state: then the server exits, the
+        launcher's server.restart brings up a fresh one, and the trainer pushes its weights into that.
+        A call that touches no weights and simply fails (a rendezvous that cannot form) is a 400: the
+        weights are as they were."""
         with Beside(self.llm.collective_rpc, method, timeout, (), kwargs) as call:
             try:
                 return call.result(timeout + RPC_GRACE_S)
@@ -385,10 +393,23 @@ class GenerationServer:
                 reason = f"{method} did not finish within sync.timeout_s={timeout:.0f}s; a worker is stuck"
             except Exception as e:  # noqa: BLE001 - the trainer died mid-transfer, a tensor did not fit, ...
                 reason = f"{method} failed: {type(e).__name__}: {str(e)[:500]}"
-                if not touches_weights and "timed out" not in str(e):
+                stuck = "timed out" in str(e).lower()  # vLLM's RPC timeout (a worker not answering)
+                if not touches_weights and not stuck:
                     raise HTTPException(400, reason) from None
+                if method in ("start_weight_update", "update_weights") and not stuck:  # vLLM ended the session
+                    self.session_open = False
+                    self._tear(reason)
+                    raise HTTPException(503, f"weight update failed, the weights are torn until a full push: "
+                                             f"{reason}") from None
         self._die(reason)
         raise HTTPException(503, f"server exiting: {reason}")
+
+    def _tear(self, reason: str) -> None:
+        """A push broke off: the weights are neither the old version nor the new one. Version -1 and a
+        503 for generation until a full push has been finished (and verified by the trainer)."""
+        if not self.torn:
+            log.warning("weights torn (%s): serving nothing until a full push", reason)
+        self.torn, self.version = reason, -1
 
     def _die(self, reason: str) -> None:
         import signal
@@ -436,8 +457,14 @@ class GenerationServer:
             self._abandon_update()
             self.updating, self.update_started = True, time.monotonic()
 
+        def run():
+            if self.torn:
+                self._rpc("grpo_forget_torn_update", timeout)
+            self._rpc("start_weight_update", timeout)
+            self.session_open = True
+
         try:
-            self.call(lambda: self._rpc("start_weight_update", timeout), "weights/start", during_update=True)
+            self.call(run, "weights/start", during_update=True)
         except HTTPException:
             self._finish_update()
             raise
@@ -449,8 +476,13 @@ class GenerationServer:
             raise HTTPException(409, "no weight update in progress: call /weights/start first")
         self._check_payload("update", req.update_info)
         timeout = self.config.sync.timeout_s
-        self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update",
-                  during_update=True)
+        try:
+            self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update",
+                      during_update=True)
+        except HTTPException:
+            if self.torn and not self.session_open:  # the session has ended: nothing left to finish
+                self._finish_update()
+            raise
         return {"ok": True}
 
     def finish_update(self, req: VersionRequest) -> dict:
@@ -460,13 +492,14 @@ class GenerationServer:
 
         def run():
             self._rpc("finish_weight_update", timeout)
+            self.session_open = False
             # Cached KV was computed by the old weights. Engine calls are serialised, so nothing holds
             # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
             # rather than serve prompts whose prefix still runs on the old policy.
             if not self.llm.reset_prefix_cache():
                 self._die("reset_prefix_cache refused after a weight update: cached KV is from the old weights")
                 raise HTTPException(503, f"server exiting: {self.fatal}")
-            self.version = req.version
+            self.version, self.torn = req.version, ""
 
         try:
             self.call(run, "weights/finish", during_update=True)
@@ -477,13 +510,30 @@ class GenerationServer:
 
     def abort_update(self) -> dict:
         """The trainer gave up on the open update (another engine in its transfer group failed, so the
-        broadcast stopped half-way): the model is half-loaded and the server exits, as for any torn
-        update; the launcher's server.restart brings up a fresh one. Without the engine lock: the
-        update's own RPC may hold it, blocked in the collective. No open update: nothing to do."""
+        broadcast stopped half-way; the trainer has closed its side of the group first, so a receive
+        still waiting fails now). The weights are torn (`_tear`): the session is closed without being
+        trusted and the next full push repairs them, with no restart. Only a weight RPC that does not
+        end within ABORT_WAIT_S (a stuck worker) makes the server exit. No open update: nothing to do."""
         if not self.updating:
             return {"aborted": False, "version": self.version}
-        self._die("the trainer abandoned the weight update half-way (a peer of the transfer group failed)")
+        if not self.engine.acquire(timeout=ABORT_WAIT_S):  # the update's own RPC holds the engine
+            self._die("the trainer abandoned the weight update and its RPC does not end (a worker is stuck)")
+            return {"aborted": True, "version": self.version}
+        try:
+            self._close_torn_session("the trainer abandoned the weight update half-way (a peer of the "
+                                     "transfer group failed)")
+        finally:
+            self.engine.release()
+        self._finish_update()
         return {"aborted": True, "version": self.version}
+
+    def _close_torn_session(self, reason: str) -> None:
+        """Under the engine lock, with an update open and no RPC running: end vLLM's session (its
+        finalise loads whatever arrived; the weights are torn either way) and mark the weights torn."""
+        self._tear(reason)
+        if self.session_open:
+            self._rpc("finish_weight_update", self.config.sync.timeout_s)
+            self.session_open = False
 
     def checksums(self, req: ChecksumRequest) -> dict:
         timeout = self.config.sync.timeout_s
@@ -503,11 +553,12 @@ class GenerationServer:
     def _abandon_update(self) -> None:
         """A new /weights/init or /weights/start while an update is open: its trainer died or gave up
         (one run's trainer is the only holder of the token) and some layers hold new weights, some old,
-        some none. The server exits (see `_rpc`); a fresh one takes the next complete push."""
+        some none. The weights are torn; this very push repairs them."""
         with self._locked("weights"):
             if self.updating:
-                self._die("a weight update was abandoned half-way; the model is half-loaded")
-                raise HTTPException(503, f"server exiting: {self.fatal}")
+                self._close_torn_session("a weight update was abandoned half-way")
+                self.updating = False
+                self.engine.notify_all()
 
     def stuck_update(self) -> bool:
         """An update has been open past sync.timeout_s: its worker is stuck (the watchdog in `_rpc` is
@@ -576,7 +627,7 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
             return JSONResponse({"status": "stuck", "detail": f"a weight update has been open past "
                                  f"sync.timeout_s={server.config.sync.timeout_s:.0f}s", "version": server.version}, 503)
         return {"status": "ok", "version": server.version, "updating": server.updating, "engine": server.engine_index,
-                "instance": server.instance}
+                "instance": server.instance, "torn": bool(server.torn)}
 
     @app.get("/model")
     def model_info():

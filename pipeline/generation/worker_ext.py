@@ -1,8 +1,9 @@
 """What the server asks of each vLLM worker beyond vLLM's own methods (`worker_extension_cls`).
 
 Weight transfer itself is vLLM's (`init_weight_transfer_engine`, `start_weight_update`, ...); this
-adds only the checksum read-out for a named sample, so a push can be verified every step without
-hashing (and copying off the GPU) the whole model the way `compute_weight_checksums` does.
+adds the checksum read-out for a named sample, so a push can be verified every step without
+hashing (and copying off the GPU) the whole model the way `compute_weight_checksums` does, and the
+clean-up that lets a full push repair a model whose previous push broke off half-way.
 """
 
 from __future__ import annotations
@@ -27,8 +28,31 @@ def fused_name(name: str, packed: dict[str, list[str]]) -> str:
     return name
 
 
+def forget_torn_update(model: torch.nn.Module) -> int:
+    """A receive that broke off half-way (a peer of the transfer group died) ends vLLM's update session
+    without finalising its layer-wise reload: layers it had started stay mid-reload (on the meta
+    device, their loaders wrapped), holding that push's tensors and counting them as loaded. The next
+    session's `initialize_layerwise_reload` skips such layers, so the next push's tensors would top up
+    the old ones (and the rest be dropped as "excessive loading"). Forget what they hold: the next full
+    push then loads every layer from its own bytes alone. Returns how many layers were mid-reload."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    torn = 0
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load():
+            info.loaded_weights = []
+            info.load_numel = 0
+            torn += 1
+    return torn
+
+
 class WorkerExtension:
     """Mixed into every vLLM worker (`self` is the worker)."""
+
+    def grpo_forget_torn_update(self) -> int:
+        """Before the first update after one that broke off (see `forget_torn_update`)."""
+        return forget_torn_update(self.model_runner.get_model())
 
     def grpo_weight_digests(self, names: list[str], received: list[str]) -> dict:
         """This worker's shard of the parameters that hold the named HF weights: vLLM name, shape, dtype

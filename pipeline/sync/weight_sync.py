@@ -348,6 +348,9 @@ class WeightSync:
         with contextlib.suppress(Exception):
             self.source.drain()  # after a failure: the other ranks still wait in the ZeRO-3 gathers
         if error[0] is not None and self.rank == 0 and self.sync_client is not None:
+            # Our side of the group first: an engine still waiting in a receive fails now, and its update
+            # ends torn (repaired by the next full push) instead of waiting out the group's timeout.
+            self.close()
             self.sync_client.abort()
         stats = {}
         if self.rank == 0 and error[0] is None:

@@ -67,8 +67,8 @@ class ServerLink(WeightSync):
         ok = [True]
         if self.rank == 0:
             log.warning("engine(s) lost (%s); forming the transfer group again", error)
-            # An engine whose update was torn or is stuck exits (the launcher restarts it): use engines
-            # with no update open rather than re-initialise a wedged one.
+            # The engines whose update broke off are torn but alive: the push below repairs them. A stuck
+            # one exits (the launcher restarts it); only engines with no update open are used.
             ok = [self._wait_for_an_engine()]
         if (ok := _broadcast(ok)) is not True:
             raise WeightSyncError(f"{error}; {ok}") from None
