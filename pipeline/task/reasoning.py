@@ -114,6 +114,17 @@ def _evaluate(tokens: list[tuple[str, str]]) -> Fraction | None:
         return None
 
 
+def evaluate_expression(text: str) -> Fraction | None:
+    """The exact value of a whole arithmetic expression (the claims' parser: numbers, + - * / x and
+    parentheses, size-limited), or None when `text` is anything else."""
+    if len(text) > 16 * MAX_TOKENS:
+        return None
+    tokens = _tokens(text)
+    if len(tokens) > MAX_TOKENS or any(kind == "other" for kind, _ in tokens):
+        return None
+    return _evaluate(tokens)
+
+
 def _expression_before(segment: str) -> Fraction | None:
     """Value of the expression that ends `segment`, if it is a computation (has an operator).
 
