@@ -79,6 +79,33 @@ def test_masked_tokens_do_not_contribute():
     assert loss.item() == pytest.approx(-1.0)
 
 
+def test_a_two_call_conversation_trains_only_the_models_tokens():
+    """prompt [1 2 3]; the model writes [10 11], a tool answers [20 21 22], the model [12], a tool [23],
+    the model [13 14]: the mask, by hand, covers exactly the model's five tokens."""
+    prompt = [1, 2, 3]
+    completion = [10, 11, 20, 21, 22, 12, 23, 13, 14]
+    own = [1, 1, 0, 0, 0, 1, 0, 1, 1]
+    old = [-1.0, -1.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, -1.0]  # a tool's tokens have no behaviour logprob
+    b = make_batch([prompt], [completion], [old], [1.0], [True], pad_id=0, device="cpu", loss_masks=[own])
+    # position t predicts token t+1: completion token j is predicted at len(prompt) - 1 + j = 2 + j
+    assert b.completion_mask.tolist() == [[0, 0, 1, 1, 0, 0, 0, 1, 0, 1, 1]]
+    logp = b.old_logprobs.clone()
+    reference = logp.clone()
+    for t in (4, 5, 6, 8):  # the tool's positions: whatever the model thinks of them does not matter
+        logp[0, t] = -30.0
+        reference[0, t] = 5.0
+    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        loss, stats = grpo_loss(logp, b, loss_type=loss_type, beta=0.1, ref_logprobs=reference,
+                                max_completion_tokens=9)
+        plain, _ = grpo_loss(b.old_logprobs.clone(), b, loss_type=loss_type, beta=0.1,
+                             ref_logprobs=b.old_logprobs.clone(), max_completion_tokens=9)
+        assert loss.item() == pytest.approx(plain.item()), loss_type
+        assert stats["tokens"] == 5 and stats["kl_sum"] == pytest.approx(0.0)
+    assert b.completion_mask.sum() == 5
+    untrained = make_batch([prompt], [completion], [old], [1.0], [False], pad_id=0, device="cpu", loss_masks=[own])
+    assert untrained.completion_mask.sum() == 0  # a truncated completion stays out whole
+
+
 def test_loss_matches_a_straightforward_computation():
     torch.manual_seed(0)
     old = [[-1.0, -0.5, -2.0], [-0.3], [-1.2, -0.7]]

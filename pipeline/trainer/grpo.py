@@ -57,8 +57,12 @@ class Batch:
 
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], old_logprobs: list[list[float]],
-               advantages: list[float], trained: list[bool], pad_id: int, device) -> Batch:
-    """Pack sequences; `trained[i]` False masks a whole completion (e.g. truncated ones)."""
+               advantages: list[float], trained: list[bool], pad_id: int, device,
+               loss_masks: list[list[int] | None] | None = None) -> Batch:
+    """Pack sequences; `trained[i]` False masks a whole completion (e.g. truncated ones); `loss_masks[i]`
+    (one 0/1 per completion token, None = all 1) masks the tokens the model did not write (a tool's
+    result and the template around it in a multi-turn rollout): they are in the sequence the model
+    reads, but out of the loss, the KL and the length normalisers."""
     length = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     n = len(prompts)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
@@ -70,7 +74,9 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], old_logpr
         attention[i, : len(p) + len(c)] = 1
         # position t predicts token t+1: completion token j sits at len(p)+j, predicted at len(p)+j-1
         start = len(p) - 1
-        mask[i, start: start + len(c)] = 1.0 if trained[i] else 0.0
+        if trained[i]:
+            own = loss_masks[i] if loss_masks is not None and loss_masks[i] is not None else None
+            mask[i, start: start + len(c)] = 1.0 if own is None else torch.tensor(own, dtype=mask.dtype)
         old[i, start: start + len(c)] = torch.tensor(lp)
     return Batch(input_ids.to(device), attention.to(device), mask.to(device), old.to(device),
                  torch.tensor(advantages, dtype=torch.float32, device=device))

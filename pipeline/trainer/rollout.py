@@ -35,10 +35,16 @@ class Completion:
     example: Example  # its prompt's example: question, reference answer, the row's other columns
     engine: int = 0  # the generation engine that made it
     version: int = 0  # the weights version that made it
+    loss_mask: list[int] | None = None  # per token: 1 the model wrote it, 0 a tool's result (None: all 1)
 
     @property
     def answer(self) -> str:
         return self.example.answer
+
+    @property
+    def model_tokens(self) -> int:
+        """The tokens the model wrote (what the loss trains and the length normalisers count)."""
+        return len(self.token_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 class Rollouts:

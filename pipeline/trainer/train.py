@@ -239,7 +239,7 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
     device = engine.device
     mine, advantages = batch.completions, batch.advantages
     trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
-    token_total = step_normaliser(t.loss_type, sum(len(c.token_ids) for c, k in zip(mine, trained, strict=True) if k),
+    token_total = step_normaliser(t.loss_type, sum(c.model_tokens for c, k in zip(mine, trained, strict=True) if k),
                                   t.gradient_accumulation_steps, world, device)
     sums = dict.fromkeys(("loss", "tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "entropy_sum"), 0.0)
     if t.beta > 0:
@@ -250,7 +250,7 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
         part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
         chunk = mine[part]
         micro = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
-                           advantages[part].tolist(), trained[part], pad_id, device)
+                           advantages[part].tolist(), trained[part], pad_id, device, [c.loss_mask for c in chunk])
         logprobs, entropy = token_logprobs(engine, micro.input_ids, micro.attention_mask, t.temperature,
                                            with_entropy=True)
         ref_logprobs = None
