@@ -257,7 +257,7 @@ def main() -> int:
             run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss), warmup, nbytes, overlap=True)
         if label == "tiny" and not args.quick:
             # Side by side with the row above: vLLM's own 1 s idle spin (our plugin that shortens it to
-            # 50 ms left out; VLLM_PLUGINS is vLLM's allow-list of plugins).
+            # 5 ms left out; VLLM_PLUGINS is vLLM's allow-list of plugins).
             print(f"[{label}] ours, synchronous, vLLM's 1 s idle spin ...", flush=True)
             runs[f"{label} ours sync, vLLM's idle spin"] = summarise_ours(
                 run_ours(f"{label}-sync-spin", model, steps, max_tokens, False, root, rss,

@@ -190,9 +190,8 @@ def make_plan(*, gpus: int, tp: int, num_ranks: int, server_host: str, server_po
         raise PlanError(f"--server-url names {len(urls)} engine(s) but server.data_parallel_size={dp}; give one "
                         f"URL per engine, comma-separated, or set server.data_parallel_size={len(urls)}")
     if launcher == "slurm" and dp > 1 and not urls:
-        raise PlanError(f"--launcher slurm: server.data_parallel_size={dp} engines are not yet supported under "
-                        f"SLURM (launch/slurm.sbatch starts one server); start them yourself and pass "
-                        f"--server-url URL,URL,...")
+        raise PlanError(f"--launcher slurm: server.data_parallel_size={dp} engines run as their own srun steps "
+                        f"(launch/slurm.sbatch starts them); pass their URLs: --server-url URL,URL,...")
     if not urls and server_port + dp - 1 > 65535:
         raise PlanError(f"server.port={server_port}: engine {dp - 1} of server.data_parallel_size={dp} would "
                         f"listen on {server_port + dp - 1}, above 65535")

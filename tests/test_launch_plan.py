@@ -104,7 +104,7 @@ def test_cpu_layout_is_the_real_launch(tmp_path):
      "error: train.num_ranks=3 needs 3 GPUs, but only 2 of 4 are left after the engines' 2 x 1 GPUs "
      "(server.data_parallel_size x tensor_parallel_size)"),
     (["--launcher", "slurm", "--set", "server.data_parallel_size=2"],
-     "error: --launcher slurm: server.data_parallel_size=2 engines are not yet supported under SLURM"),
+     "error: --launcher slurm: server.data_parallel_size=2 engines run as their own srun steps"),
     (["--gpus", "4", "--set", "train.micro_batch_size=2"],  # 3 ranks: 24 completions, not whole groups of 16
      "error: train.micro_batch_size x train.gradient_accumulation_steps x ranks = 2 x 4 x 3 = 24"),
 ])

@@ -249,25 +249,29 @@ def assert_nothing_left(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sbatch_one_node_cpu_trains_with_two_ranks(slurm, tiny_model_dir, tmp_path):
-    """launch/slurm.sbatch on one CPU node: the server step and a two-rank srun step share the node."""
+def test_sbatch_one_node_cpu_trains_with_two_ranks_and_two_engines(slurm, tiny_model_dir, tmp_path):
+    """launch/slurm.sbatch on one CPU node: two engine steps (server.data_parallel_size=2) and a two-rank
+    srun step share the node; both engines generate every step."""
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     code, state, report = submit(slurm, tmp_path, [
         f"model.path={tiny_model_dir}", "model.build=", "train.max_steps=2", "eval.enabled=false",
-        "server.kv_cache_gib=1", *TEST_SCALE[1::2]])
+        "server.kv_cache_gib=1", "server.data_parallel_size=2", *TEST_SCALE[1::2]])
     assert code == 0 and state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", report
     run_dir, output = tmp_path / "runs" / "one", (tmp_path / "job.out").read_text()
 
     # Two ranks of one job: srun started both tasks, and they formed one DeepSpeed group (ZeRO-2
     # partitions the optimizer state in two), whose rank 0 wrote each step once.
     assert "srun_rank: rank 0 of 2 (local 0)" in output and "srun_rank: rank 1 of 2 (local 1)" in output, report
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["server/engines"] == 2 and r["sync/engines_verified"] == 2 for r in rows), report
     step = run_dir / "checkpoints" / "step-2"
     assert sorted(p.name for p in step.glob("zero_pp_rank_*_optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["ranks"] == 2 and info["transport"] == "gloo" and info["device"] == "cpu"
-    for log in (tmp_path / "job.out", run_dir / "trainer.log", run_dir / "server.log", run_dir / "config.yaml"):
+    for log in (tmp_path / "job.out", run_dir / "trainer.log", run_dir / "server.log", run_dir / "server-1.log",
+                run_dir / "config.yaml"):
         assert TOKEN not in log.read_text(errors="replace"), f"token leaked into {log}"
     assert_nothing_left(tmp_path)
     assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
