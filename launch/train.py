@@ -60,6 +60,7 @@ from pipeline.generation.engines import Engines  # noqa: E402
 from pipeline.report.evaluate import format_table, run_eval  # noqa: E402
 from pipeline.task.data import DataError  # noqa: E402
 from pipeline.task.rewards import RewardError  # noqa: E402
+from pipeline.task.tools import ToolError  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 INVENTORY_ENV = "GRPO_GPU_INVENTORY"
@@ -278,6 +279,10 @@ def check_data_and_rewards(config) -> None:
                           f"{' '.join(missing)}, or make install, which includes the `track` extra)")
     system_prompt = resolve_system_prompt(config.data.system_prompt)
     rewards = load_rewards(config.reward_functions)
+    if config.rollout.tools or config.rollout.environment:
+        from pipeline.task.tools import load_toolbox
+
+        load_toolbox(config.rollout.tools, config.rollout.environment or None)  # one line, before anything starts
     if config.data.source == "hub":
         return  # downloading here and again in the ranks is not worth it: the ranks report bad rows
     if config.data.source == "synthetic":
@@ -414,7 +419,7 @@ def main(argv=None) -> int:
         check_data_and_rewards(config)
         prepare_model(config)
         check_disk_space(config, run_dir)
-    except (ConfigError, PlanError, DataError, RewardError) as e:
+    except (ConfigError, PlanError, DataError, RewardError, ToolError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

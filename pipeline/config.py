@@ -323,6 +323,21 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    tools: list[str] = field(default_factory=list)
+    """Tools the model may call while it reasons (TRL's `tools`): "module:function" (type hints and a
+    docstring with Args: transformers turns it into the schema the chat template shows), or
+    "calculator", the built-in exact arithmetic. Empty = single-turn rollouts."""
+    environment: str = ""
+    """TRL's `environment_factory`: "module:Class", one object per rollout whose public methods are
+    tools (state across the rollout's turns); `reset()` is called first if it has one."""
+    max_tool_calling_iterations: int = 5
+    """Tool calls per rollout (TRL's name); a rollout still calling after them ends there."""
+    tool_timeout_s: float = 10.0
+    """A tool call running longer is abandoned and answered with an error (counted in tools/failure_rate)."""
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     """Run name; the run directory is <root>/<name>. Empty = a timestamp."""
@@ -343,6 +358,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: dict[str, float] = field(default_factory=dict)
     """Per-reward weights by name (strict_format, soft_format, int_answer, xml_count, correctness,
     reasoning_steps, and any reward_functions plugin); the five card rewards and plugins default to
@@ -498,6 +514,11 @@ def validate(config: Config) -> None:
                           f"got {t.epsilon_high}")
     if not 0 < t.top_p <= 1 or t.temperature <= 0:
         raise ConfigError("train.temperature must be > 0 and train.top_p in (0, 1]")
+    r = config.rollout
+    if r.max_tool_calling_iterations < 1:
+        raise ConfigError(f"rollout.max_tool_calling_iterations: must be at least 1, got {r.max_tool_calling_iterations}")
+    if not 0 < r.tool_timeout_s <= 3600:
+        raise ConfigError(f"rollout.tool_timeout_s: must be in (0, 3600], got {r.tool_timeout_s}")
     if t.is_cap <= 1 or t.max_staleness < 0:
         raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")
     if not 0 <= t.warmup_ratio < 1:

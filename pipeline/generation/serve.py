@@ -80,6 +80,8 @@ class GenerateRequest(Strict):
     max_tokens: int = Field(16, ge=1, le=2**31)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop_token_ids: TokenIds | None = None
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)] | None = None
+    """Stop strings, kept in the output (a tool call's closing tag: the rollout runs the call, then goes on)."""
     ignore_eos: bool = False
 
 
@@ -320,6 +322,7 @@ class GenerationServer:
                     n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens,
                     seed=None if req.seed is None else req.seed + i, logprobs=0,
                     stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                    stop=req.stop, include_stop_str_in_output=bool(req.stop),
                 )
                 for i in range(len(prompt_ids))
             ]

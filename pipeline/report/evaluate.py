@@ -30,6 +30,7 @@ from pipeline.task.data import (
     read_file,
 )
 from pipeline.task.reasoning import ReasoningCheck, check_reasoning, summarise_checks
+from pipeline.task.tool_rollout import ToolRollouts
 from pipeline.task.xml_format import extract_xml_answer, is_soft_format, is_strict_format
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -103,14 +104,22 @@ def summarise(rows: list[dict], maj_k: int) -> dict:
 
 
 def evaluate(client, tokenizer, examples: list[Example], *, max_tokens: int, maj_k: int = 8,
-             temperature: float = 1.0, seed: int = 0, style: PromptStyle = DEFAULT_STYLE) -> tuple[dict, list[dict]]:
-    """Greedy and (if maj_k) sampled generation for every example through `client`."""
+             temperature: float = 1.0, seed: int = 0, style: PromptStyle = DEFAULT_STYLE,
+             tools: ToolRollouts | None = None) -> tuple[dict, list[dict]]:
+    """Greedy and (if maj_k) sampled generation for every example through `client`; with `tools`,
+    multi-turn with tool calls as in training (the prompts show the tools)."""
+    if tools is not None:
+        style = tools.prompt_style(style)
+
+    def generate(ids, **kw):
+        return tools.generate(client, ids, **{"seed": None, **kw}) if tools is not None else client.generate(ids, **kw)
+
     rows = []
     for start in range(0, len(examples), REQUEST_PROMPTS):
         chunk = examples[start: start + REQUEST_PROMPTS]
         ids = [style.ids(tokenizer, e) for e in chunk]
-        greedy = client.generate(ids, n=1, max_tokens=max_tokens, temperature=0.0)["results"]
-        sampled = (client.generate(ids, n=maj_k, max_tokens=max_tokens, temperature=temperature, seed=seed)["results"]
+        greedy = generate(ids, n=1, max_tokens=max_tokens, temperature=0.0)["results"]
+        sampled = (generate(ids, n=maj_k, max_tokens=max_tokens, temperature=temperature, seed=seed)["results"]
                    if maj_k else [{"completions": []}] * len(chunk))
         for example, g, s in zip(chunk, greedy, sampled, strict=True):
             rows.append(score_example(example, g["completions"][0], [c["text"] for c in s["completions"]]))
@@ -150,6 +159,7 @@ def run_eval(client, config, out: str | Path, data_file: str | None = None, limi
     tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     examples, dropped = load_eval_examples(config, tokenizer, data_file, limit or config.eval.limit or None)
     summary, rows = evaluate(client, tokenizer, examples, seed=config.run.seed, style=PromptStyle.from_config(config.data),
+                             tools=ToolRollouts.from_config(config, tokenizer),
                              maj_k=config.eval.maj_k if maj_k is None else maj_k,
                              temperature=temperature or config.eval.temperature,
                              max_tokens=max_tokens or config.train.max_completion_tokens)

@@ -153,6 +153,7 @@ class PromptStyle:
     (`chat_template` None = if it has one) or, for base models, plain text."""
     system_prompt: str = SYSTEM_PROMPT
     chat_template: bool | None = None
+    tools: tuple[dict, ...] = ()  # the tools' schemas, shown by templates that render `tools`
 
     @classmethod
     def from_config(cls, data) -> PromptStyle:
@@ -164,7 +165,7 @@ class PromptStyle:
             use_template = getattr(tokenizer, "chat_template", None) is not None
         if use_template:
             text = tokenizer.apply_chat_template(example.prompt(self.system_prompt), tokenize=False,
-                                                 add_generation_prompt=True)
+                                                 add_generation_prompt=True, tools=list(self.tools) or None)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         # a base model: the instructions, then the question; the tokenizer adds BOS if it uses one
         return tokenizer(f"{self.system_prompt}\n\n{example.question}\n")["input_ids"]

@@ -119,6 +119,11 @@ class Toolbox:
     def __bool__(self) -> bool:
         return bool(self.functions) or self.environment_factory is not None
 
+    def environment_tools(self) -> list[str]:
+        """The names of the environment's tools (from the schemas: no object is made for this)."""
+        return [schema["function"]["name"] for schema in self.schemas
+                if schema["function"]["name"] not in self.functions]
+
     def for_rollout(self) -> Toolbox:
         """The tools for one rollout: with an environment, a fresh object (reset) whose methods join
         the functions (an environment's method wins over a function of the same name)."""

@@ -36,6 +36,7 @@ class Completion:
     engine: int = 0  # the generation engine that made it
     version: int = 0  # the weights version that made it
     loss_mask: list[int] | None = None  # per token: 1 the model wrote it, 0 a tool's result (None: all 1)
+    tool_calls: tuple[tuple[str, bool], ...] = ()  # (tool name, succeeded) of each call it made
 
     @property
     def answer(self) -> str:
@@ -52,8 +53,9 @@ class Rollouts:
     receive each step's completions by broadcast."""
 
     def __init__(self, client, *, n: int, max_tokens: int, temperature: float, top_p: float, seed: int,
-                 max_staleness: int):
-        self.client, self.max_staleness = client, max_staleness
+                 max_staleness: int, tools=None):
+        # tools: a pipeline.task.tool_rollout.ToolRollouts (rank 0, rollout.tools): multi-turn generation
+        self.client, self.max_staleness, self.tools = client, max_staleness, tools
         self.params = {"n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
         self.seed = seed
         self.is_sender = dist.get_rank() == 0
@@ -78,7 +80,10 @@ class Rollouts:
         """One generate call; its round trip next to the engine time the server reports, so a step's
         metrics separate the engine (prefill, decode) from HTTP and (de)serialisation."""
         start = time.perf_counter()
-        out = self.client.generate(prompt_ids, seed=self.step_seed(step), **self.params)
+        if self.tools is not None:
+            out = self.tools.generate(self.client, prompt_ids, seed=self.step_seed(step), **self.params)
+        else:
+            out = self.client.generate(prompt_ids, seed=self.step_seed(step), **self.params)
         server = out.get("timing", {})
         out["timing"] = {"time/engine": server.get("engine_s", 0.0),
                          "time/http": time.perf_counter() - start - server.get("engine_s", 0.0),
@@ -103,7 +108,8 @@ class Rollouts:
                 self.timing, self.split = out["timing"], out["split"]
                 payload = [(out["version"], [
                     Completion(ids, c["token_ids"], c["logprobs"], c["text"], c["finish_reason"] == "length", example,
-                               c.get("engine", 0), c.get("version", out["version"]))
+                               c.get("engine", 0), c.get("version", out["version"]), c.get("loss_mask"),
+                               tuple(map(tuple, c.get("tool_calls", ()))))
                     for ids, example, result in zip(prompt_ids, examples, out["results"], strict=True)
                     for c in result["completions"]
                 ])]
@@ -126,6 +132,16 @@ class Rollouts:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def tool_metrics(completions: list[Completion], tool_names: list[str]) -> dict[str, float]:
+    """tools/*: calls per completion, the share that failed, completions with at least one call, and
+    calls per tool (every configured tool, so the columns are the same every step)."""
+    calls = [call for c in completions for call in c.tool_calls]
+    return {"tools/calls_per_completion": len(calls) / max(len(completions), 1),
+            "tools/failure_rate": sum(not ok for _, ok in calls) / max(len(calls), 1),
+            "tools/completions_with_call": sum(bool(c.tool_calls) for c in completions) / max(len(completions), 1),
+            **{f"tools/calls/{name}": float(sum(n == name for n, _ in calls)) for name in tool_names}}
 
 
 class StaleRolloutError(RuntimeError):

@@ -39,11 +39,19 @@ from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
 from pipeline.task.rewards import STRICT_POINTS, RewardError
+from pipeline.task.tools import ToolError
 from pipeline.trainer.build import Trainer, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
 from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
-from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step
+from pipeline.trainer.rollout import (
+    Rollouts,
+    StaleRolloutError,
+    StepBatch,
+    ToolRollouts,
+    score_step,
+    tool_metrics,
+)
 from pipeline.trainer.server_link import ServerLink
 
 log = logging.getLogger("pipeline.trainer.train")
@@ -110,8 +118,10 @@ def main(argv=None) -> int:
     t = config.train
     metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
     evaluation = InTrainingEval(config, trainer.tokenizer, client) if config.eval.every and rank == 0 else None
+    tools = ToolRollouts.from_config(config, trainer.tokenizer) if rank == 0 else None
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
-                        top_p=t.top_p, seed=config.run.seed, max_staleness=t.max_staleness if t.overlap else 0)
+                        top_p=t.top_p, seed=config.run.seed, max_staleness=t.max_staleness if t.overlap else 0,
+                        tools=tools)
 
     fit(trainer, link, rollouts, metrics, evaluation, start_step, ckpt_dir)
 
@@ -176,6 +186,8 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
             "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
             "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
             **({"sync/shared_memory": link.last_stats["shared_memory"]} if "shared_memory" in link.last_stats else {}),
+            **(tool_metrics(completions, list(trainer.toolbox.functions) + list(trainer.toolbox.environment_tools()))
+               if trainer.toolbox is not None else {}),
             **rollouts.timing, **clock.times()})
         if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
             row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
@@ -307,13 +319,15 @@ class InTrainingEval:
         self.config, self.tokenizer, self.client = config, tokenizer, client
         self.examples, _ = load_eval_examples(config, tokenizer, None, config.eval.limit or None)
         self.style = PromptStyle.from_config(config.data)
+        self.tools = ToolRollouts.from_config(config, tokenizer)
 
     def run(self, step: int) -> dict[str, float]:
         from pipeline.report.evaluate import evaluate
 
         e = self.config.eval
         summary, _ = evaluate(self.client, self.tokenizer, self.examples, max_tokens=self.config.train.max_completion_tokens,
-                              maj_k=e.maj_k, temperature=e.temperature, seed=self.config.run.seed + step, style=self.style)
+                              maj_k=e.maj_k, temperature=e.temperature, seed=self.config.run.seed + step, style=self.style,
+                              tools=self.tools)
         log.info("step %d: eval pass@1 strict accuracy %.3f on %d problems", step,
                  summary.get("pass@1/strict_accuracy", float("nan")), len(self.examples))
         return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)}
@@ -358,7 +372,7 @@ def collective_timeout(config: Config) -> timedelta:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, RewardError) as e:
+    except (ConfigError, DataError, RewardError, ToolError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (ServerError, WeightSyncError, StaleRolloutError) as e:  # the server failed: say so in one line

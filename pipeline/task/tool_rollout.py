@@ -1,0 +1,192 @@
+"""Multi-turn rollouts, where the model calls tools while it reasons (training and evaluation alike).
+
+Each turn is a generate request that stops at the end of a tool call (`</tool_call>`, kept in the
+output). The call is parsed and run (pipeline/task/tools.py: every failure is an error result), its
+result is wrapped the way the tokenizer's chat template wraps a tool message (`ToolTurns`), and
+generation goes on from the whole conversation's token ids, which the engine's prefix cache mostly
+holds already. A rollout ends when the model stops without a call, at `max_iterations` calls, or
+when its tokens (the model's and the tools') reach `max_tokens` in total.
+
+The trainer scores exactly these token ids: the model's tokens carry the server's logprobs and a loss
+mask of 1; a tool's result and the template tokens around it carry 0 (in the sequence the model
+reads, out of the loss, the KL and the length normalisers: pipeline/trainer/grpo.py `make_batch`).
+A rollout's turns are one call of `generate_with_tools`, which the weight push waits for (overlapped
+mode too), so all of a rollout's turns come from one weights version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from pipeline.task.tools import CALL_CLOSE, Toolbox, ToolError, ToolResult, load_toolbox, parse_tool_calls
+
+TURN_SEED_STRIDE = 2**40  # turn k's seeds: the step's + k * stride (the server samples prompt i with seed + i)
+_ASSISTANT, _RESULT = "GRPO_ASSISTANT_SENTINEL", "GRPO_TOOL_RESULT_SENTINEL"
+
+
+@dataclass(frozen=True)
+class ToolTurns:
+    """How the chat template wraps a tool's result after the model's turn: `before` closes the
+    assistant's turn and opens the tool's, `after` closes it and opens the assistant's next turn.
+    Read from the template itself by rendering a conversation with sentinels."""
+
+    before: str
+    after: str
+
+    @classmethod
+    def of(cls, tokenizer, tools: list[dict] | None = None) -> ToolTurns:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ToolError("rollout.tools: the tokenizer has no chat template to wrap tool results in")
+        messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _ASSISTANT}]
+        try:
+            three = tokenizer.apply_chat_template(messages + [{"role": "tool", "content": _RESULT}], tools=tools,
+                                                  tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template that has no tool role
+            raise ToolError(f"rollout.tools: the chat template cannot render a tool message: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}") from None
+        if three.count(_ASSISTANT) != 1 or three.count(_RESULT) != 1 or three.index(_ASSISTANT) > three.index(_RESULT):
+            raise ToolError("rollout.tools: the chat template does not render an assistant turn followed by a "
+                            "tool message")
+        start, middle = three.index(_ASSISTANT) + len(_ASSISTANT), three.index(_RESULT)
+        return cls(three[start:middle], three[middle + len(_RESULT):])
+
+
+@dataclass
+class Conversation:
+    """One rollout: the prompt, then the model's and the tools' tokens as the model reads them."""
+
+    prompt_ids: list[int]
+    tools: Toolbox
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    engine: int = 0
+    version: int | None = None  # the oldest weights version of its turns
+    calls: list[tuple[str, bool]] = field(default_factory=list)  # (tool name, succeeded), in order
+    last_text: str = ""
+    wants_tool: bool = False
+
+    def add_model_turn(self, completion: dict, tokenizer) -> None:
+        ids = completion["token_ids"]
+        self.token_ids += ids
+        self.logprobs += completion["logprobs"]
+        self.loss_mask += [1] * len(ids)
+        self.finish_reason = completion["finish_reason"]
+        self.engine = completion.get("engine", self.engine)
+        version = completion.get("version")
+        if version is not None:
+            self.version = version if self.version is None else min(self.version, version)
+        # decoded here, not the server's text: the tokens are what the model wrote, whatever the
+        # detokenizer does with the stop string or special tokens
+        self.last_text = tokenizer.decode(ids, skip_special_tokens=False)
+        self.wants_tool = self.finish_reason == "stop" and self.last_text.rstrip().endswith(CALL_CLOSE)
+
+    def add_tool_turn(self, ids: list[int]) -> None:
+        self.token_ids += ids
+        self.logprobs += [0.0] * len(ids)
+        self.loss_mask += [0] * len(ids)
+
+
+def run_calls(conversation: Conversation, timeout_s: float) -> list[ToolResult]:
+    """The calls in the model's last turn, run in order (an error result for text that holds none)."""
+    calls = parse_tool_calls(conversation.last_text)
+    if not calls:
+        return [ToolResult("?", "error: no tool call found", ok=False)]
+    return [conversation.tools.call(call, timeout_s) for call in calls]
+
+
+def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tokens: int, seed: int | None,
+                        params: dict, toolbox: Toolbox, tokenizer, turns: ToolTurns, max_iterations: int,
+                        timeout_s: float) -> tuple[list[list[Conversation]], dict]:
+    """`n` multi-turn rollouts per prompt through `engines` (an `Engines`, or one server client).
+    Returns the conversations per prompt and the generate answers' bookkeeping: "version" (the
+    oldest), "split" (the first turn's), "timing" (engine seconds summed over turns), "turns"."""
+    first = engines.generate(prompt_ids, n=n, max_tokens=max_tokens, seed=seed, stop=[CALL_CLOSE], **params)
+    answers = [first]
+    groups = []
+    for ids, result in zip(prompt_ids, first["results"], strict=True):
+        group = []
+        for completion in result["completions"]:
+            conversation = Conversation(list(ids), toolbox.for_rollout(), engine=first.get("engine", 0))
+            conversation.add_model_turn({**completion, "version": completion.get("version", first["version"])},
+                                        tokenizer)
+            group.append(conversation)
+        groups.append(group)
+    everyone = [c for group in groups for c in group]
+    for turn in range(1, max_iterations + 1):
+        waiting = [c for c in everyone if c.wants_tool]
+        if not waiting:
+            break
+        by_budget: dict[int, list[Conversation]] = {}
+        for conversation in waiting:
+            results = run_calls(conversation, timeout_s)
+            conversation.calls += [(r.name, r.ok) for r in results]
+            conversation.wants_tool = False
+            text = turns.before + "\n".join(r.text for r in results) + turns.after
+            tool_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            left = max_tokens - len(conversation.token_ids) - len(tool_ids)
+            if left < 1:  # no room for the result and a word after it
+                conversation.finish_reason = "length"
+                continue
+            conversation.add_tool_turn(tool_ids)
+            by_budget.setdefault(left, []).append(conversation)
+        for left, conversations in sorted(by_budget.items()):
+            turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE) % 2**62
+            answer = engines.generate([c.prompt_ids + c.token_ids for c in conversations], n=1, max_tokens=left,
+                                      seed=turn_seed, stop=[CALL_CLOSE], **params)
+            answers.append(answer)
+            for conversation, result in zip(conversations, answer["results"], strict=True):
+                completion = result["completions"][0]
+                conversation.add_model_turn({**completion, "version": completion.get("version", answer["version"])},
+                                            tokenizer)
+    for conversation in everyone:
+        if conversation.wants_tool:  # still calling at the cap: its last call gets no result
+            conversation.finish_reason = "tool_calls"
+    timing: dict[str, float] = {}
+    for answer in answers:
+        for key, value in answer.get("timing", {}).items():
+            timing[key] = timing.get(key, 0.0) + value
+    return groups, {"version": min(a["version"] for a in answers), "split": first.get("split", {}),
+                    "timing": timing, "turns": len(answers)}
+
+
+@dataclass
+class ToolRollouts:
+    """rollout.tools / rollout.environment: generation as multi-turn conversations with tool calls
+    (`generate_with_tools`), answered in the shape of one generate request."""
+
+    toolbox: Toolbox
+    tokenizer: object
+    max_iterations: int
+    timeout_s: float
+
+    def __post_init__(self):
+        self.turns = ToolTurns.of(self.tokenizer, self.toolbox.schemas)
+
+    def generate(self, client, prompt_ids: list[list[int]], *, n: int, max_tokens: int, seed: int | None,
+                 **params) -> dict:
+        groups, info = generate_with_tools(client, prompt_ids, n=n, max_tokens=max_tokens, seed=seed, params=params,
+                                           toolbox=self.toolbox, tokenizer=self.tokenizer, turns=self.turns,
+                                           max_iterations=self.max_iterations, timeout_s=self.timeout_s)
+        results = [{"prompt_token_ids": ids, "completions": [{
+            "token_ids": c.token_ids, "logprobs": c.logprobs, "loss_mask": c.loss_mask, "engine": c.engine,
+            "version": c.version, "tool_calls": c.calls, "finish_reason": c.finish_reason,
+            # what rewards read: the whole conversation after the prompt, tool results included
+            "text": self.tokenizer.decode(c.token_ids, skip_special_tokens=True)} for c in group]}
+            for ids, group in zip(prompt_ids, groups, strict=True)]
+        return {"version": info["version"], "split": info["split"], "timing": info["timing"], "results": results}
+
+    @classmethod
+    def from_config(cls, config, tokenizer) -> ToolRollouts | None:
+        """rollout.tools / rollout.environment of a `Config`, loaded and checked; None without tools."""
+        r = config.rollout
+        if not (r.tools or r.environment):
+            return None
+        return cls(load_toolbox(r.tools, r.environment or None), tokenizer, r.max_tool_calling_iterations,
+                   r.tool_timeout_s)
+
+    def prompt_style(self, style):
+        """`style` (a PromptStyle) with the tools' schemas, for templates that show them to the model."""
+        return dataclasses.replace(style, tools=tuple(self.toolbox.schemas))

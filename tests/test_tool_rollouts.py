@@ -1,0 +1,169 @@
+"""Multi-turn rollouts with tools against the real server (pipeline/trainer/tool_rollout.py): a tiny
+model SFT-taught to call the calculator, its calls run, the results joined as tool messages, and the
+trainer's view of the whole conversation lines up token by token with what the server generated."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO, SERVER_TOKEN, one_line_error, start_server
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.task.data import prompt_token_ids
+from pipeline.task.tool_rollout import ToolTurns, generate_with_tools
+from pipeline.task.tools import CALL_CLOSE, load_toolbox
+
+
+def call_text(example) -> str:
+    """A demonstration turn: one calculator call on the question's first two numbers."""
+    import re
+
+    numbers = re.findall(r"\d+", example.question)[:2] or ["1", "1"]
+    expression = " + ".join(numbers)
+    return f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tiny_model_dir, tmp_path_factory):
+    """The session's tiny model, SFT-taught to answer every question with a calculator call."""
+    from pipeline.embedded.warmstart import sft_warm_start
+    from pipeline.task.synthetic import generate
+
+    examples = generate(400, 0)
+    return sft_warm_start(tiny_model_dir, examples, tmp_path_factory.mktemp("tool-model"), max_steps=80,
+                          completions=[call_text(e) for e in examples])
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model_dir, tmp_path_factory):
+    proc = start_server(tool_model_dir, tmp_path_factory.mktemp("tool-server"))
+    yield proc
+    proc.stop()
+
+
+def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Teacher-forced logprob of each token of `ids` after the first (position t predicts t+1)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_the_chat_template_says_how_a_tool_result_is_wrapped(tool_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    turns = ToolTurns.of(tokenizer)
+    assert turns.before == "<|im_end|>\n<|im_start|>tool\n" and turns.after == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+COUNTING_ENV = '''
+class CountingCalculator:
+    """A scripted environment: its calculator answers how many calls this rollout has made."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def calculator(self, expression: str) -> str:
+        """Count the calls.
+
+        Args:
+            expression: ignored
+        """
+        self.calls += 1
+        return f"call {self.calls}"
+'''
+
+
+def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, tool_model_dir, gsm8k_dir, tmp_path,
+                                                                 monkeypatch):
+    """Two rollouts of up to two tool calls each: every call runs in the rollout's own environment
+    (state across its turns), its result sits between the model's turns exactly as the template wraps
+    it, masked out; and on the model's tokens the server's logprobs are the trainer's (HF's) over the
+    whole multi-turn sequence, so the loss sees what the behaviour policy saw."""
+    from pipeline.task.data import read_jsonl
+
+    (tmp_path / "counting_env.py").write_text(textwrap.dedent(COUNTING_ENV))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    toolbox = load_toolbox([], "counting_env:CountingCalculator")
+    turns = ToolTurns.of(tokenizer, toolbox.schemas)
+    row = read_jsonl(gsm8k_dir / "test.jsonl")[0]
+    prompt = prompt_token_ids(tokenizer, row)
+    groups, info = generate_with_tools(tool_server.client, [prompt], n=2, max_tokens=160, seed=3,
+                                       params={"temperature": 1.0}, toolbox=toolbox, tokenizer=tokenizer, turns=turns,
+                                       max_iterations=2, timeout_s=5)
+    (group,) = groups
+    assert len(group) == 2 and info["turns"] >= 2
+    model = AutoModelForCausalLM.from_pretrained(tool_model_dir, dtype=torch.float32)
+    for conversation in group:
+        assert len(conversation.token_ids) == len(conversation.logprobs) == len(conversation.loss_mask) <= 160
+        assert conversation.calls, "the taught model made no tool call"
+        # the environment is the rollout's own: its calls are counted from 1 in every rollout
+        results = [tokenizer.decode(conversation.token_ids[start:end]) for start, end in runs(conversation.loss_mask, 0)]
+        assert results == [f"{turns.before}call {k}{turns.after}" for k in range(1, len(results) + 1)]
+        assert len(results) == len(conversation.calls) <= 2
+        model_text = tokenizer.decode([t for t, m in zip(conversation.token_ids, conversation.loss_mask, strict=True) if m])
+        # each call ended a model turn; at the cap the last call gets no result
+        assert model_text.count(CALL_CLOSE) == len(conversation.calls) + (conversation.finish_reason == "tool_calls")
+        # alignment over turns: HF on the whole sequence, at the model's tokens, is the server's logprob
+        ids = prompt + conversation.token_ids
+        mine = hf_logprobs(model, ids)[len(prompt) - 1:]
+        own = torch.tensor(conversation.loss_mask, dtype=torch.bool)
+        served = torch.tensor(conversation.logprobs)
+        assert (mine[own] - served[own]).abs().max() <= 1e-3
+        assert (served[~own] == 0).all()
+
+
+def runs(mask: list[int], value: int) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of `value` in `mask`."""
+    out, start = [], None
+    for i, m in enumerate([*mask, None]):
+        if m == value and start is None:
+            start = i
+        elif m != value and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+TOOL_PLUGIN = '''
+def calculator(expression: str) -> str:
+    """A user's calculator, replacing the built-in one: answers 7 whatever it is asked.
+
+    Args:
+        expression: the arithmetic to do
+    """
+    return "7"
+'''
+
+
+@pytest.mark.slow
+def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
+    """`make train` with a user's tool: the launcher checks it, the rollouts call it, the loss trains
+    only the model's tokens, and metrics.jsonl shows the calls."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.generation.client import free_port
+
+    (tmp_path / "my_tools.py").write_text(textwrap.dedent(TOOL_PLUGIN))
+    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+           "--name", "tools", "--set", f"run.root={tmp_path / 'runs'}", "--set", f"model.path={tool_model_dir}",
+           "--set", "model.build=", "--set", "eval.enabled=false", "--set", "train.max_steps=2",
+           "--set", "train.max_completion_tokens=96", "--set", f"server.port={free_port('127.0.0.1')}",
+           "--set", "rollout.tools=[my_tools:calculator]", "--set", "rollout.max_tool_calling_iterations=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["tools/calls_per_completion"] > 0 and r["tools/calls/calculator"] > 0 for r in rows), rows
+    assert all(r["tools/failure_rate"] <= 1 and r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
+
+    bad = subprocess.run([*cmd[:-4], "--set", "rollout.tools=[my_tools:nothing_here]"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "rollout.tools[0]: module 'my_tools' has no 'nothing_here'" in one_line_error(bad)
