@@ -58,6 +58,9 @@ HOSTILE = [  # (path, raw body): each a class the probe found or one of its neig
     ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "stop_token_ids": [18446744073709551616]}'),
     ("/generate", b'{"prompt_token_ids": [[99999999999999999999]]}'),
     ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "max_tokens": 1e400}'),
+    ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "n": 2, "temperature": 0}'),  # vLLM: greedy needs n=1
+    ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "stop": [""]}'),
+    ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "stop": ["a", "b", "c", "d", "e"]}'),
     ("/generate", b"[1, 2, 3]"),
     ("/generate", b"not json at all"),
     ("/score", b'{"sequences": [{"prompt_token_ids": [1], "completion_token_ids": [18446744073709551616]}]}'),
@@ -99,7 +102,7 @@ HOSTILE_VALUES = st.one_of(
 LOOPBACK = st.sampled_from(["127.0.0.1", "localhost", "::1"])  # fuzzed rendezvous never leave this machine
 FIELDS = {
     "/generate": ["prompt_token_ids", "prompts", "n", "temperature", "top_p", "max_tokens", "seed",
-                  "stop_token_ids", "ignore_eos", "bogus"],
+                  "stop_token_ids", "stop", "ignore_eos", "bogus"],
     "/score": ["sequences", "bogus"],
     "/weights/start": ["version", "bogus"],
     "/weights/update": ["update_info", "bogus"],

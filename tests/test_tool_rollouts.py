@@ -30,8 +30,8 @@ def tool_model_dir(tiny_model_dir, tmp_path_factory):
     from pipeline.embedded.warmstart import sft_warm_start
     from pipeline.task.synthetic import generate
 
-    examples = generate(400, 0)
-    return sft_warm_start(tiny_model_dir, examples, tmp_path_factory.mktemp("tool-model"), max_steps=80,
+    examples = generate(1000, 0)
+    return sft_warm_start(tiny_model_dir, examples, tmp_path_factory.mktemp("tool-model"), max_steps=300,
                           completions=[call_text(e) for e in examples])
 
 
@@ -91,10 +91,10 @@ def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, to
     turns = ToolTurns.of(tokenizer, toolbox.schemas)
     row = read_jsonl(gsm8k_dir / "test.jsonl")[0]
     prompt = prompt_token_ids(tokenizer, row)
-    groups, info = generate_with_tools(tool_server.client, [prompt], n=2, max_tokens=160, seed=3,
-                                       params={"temperature": 1.0}, toolbox=toolbox, tokenizer=tokenizer, turns=turns,
+    groups, info = generate_with_tools(tool_server.client, [prompt, prompt], n=1, max_tokens=160, seed=3,
+                                       params={"temperature": 0.0}, toolbox=toolbox, tokenizer=tokenizer, turns=turns,
                                        max_iterations=2, timeout_s=5)
-    (group,) = groups
+    group = [c for g in groups for c in g]  # greedy: the same prompt twice, two rollouts of their own
     assert len(group) == 2 and info["turns"] >= 2
     model = AutoModelForCausalLM.from_pretrained(tool_model_dir, dtype=torch.float32)
     for conversation in group:

@@ -288,6 +288,7 @@ class GenerationServer:
 
     def generate(self, req: GenerateRequest) -> dict:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
 
         cfg = self.config.server
         if (req.prompts is None) == (req.prompt_token_ids is None):
@@ -326,8 +327,8 @@ class GenerationServer:
                 )
                 for i in range(len(prompt_ids))
             ]
-        except ValueError as e:  # vLLM's own checks of sampling parameters
-            raise HTTPException(400, f"sampling parameters: {e}") from None
+        except (ValueError, VLLMValidationError) as e:  # vLLM's own checks (greedy with n > 1, ...)
+            raise HTTPException(400, f"sampling parameters: {' '.join(str(e).split())}") from None
         prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
 
         def run():
