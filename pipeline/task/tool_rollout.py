@@ -17,10 +17,12 @@ mode too), so all of a rollout's turns come from one weights version.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipeline.task.tools import CALL_CLOSE, Toolbox, ToolError, ToolResult, load_toolbox, parse_tool_calls
 
+MAX_PARALLEL_CALLS = 32
 TURN_SEED_STRIDE = 2**40  # turn k's seeds: the step's + k * stride (the server samples prompt i with seed + i)
 _ASSISTANT, _RESULT = "GRPO_ASSISTANT_SENTINEL", "GRPO_TOOL_RESULT_SENTINEL"
 
@@ -50,6 +52,14 @@ class ToolTurns:
                             "tool message")
         start, middle = three.index(_ASSISTANT) + len(_ASSISTANT), three.index(_RESULT)
         return cls(three[start:middle], three[middle + len(_RESULT):])
+
+    def token_ids(self, tokenizer, result: str) -> list[int]:
+        """The tool turn's tokens: the template's own around the result, and the result's text with any
+        special-token strings in it split as plain text (a tool cannot open or close turns)."""
+        def plain(text: str, split: bool) -> list[int]:
+            return tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"] if text else []
+
+        return plain(self.before, False) + plain(result, True) + plain(self.after, False)
 
 
 @dataclass
@@ -120,12 +130,14 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
         if not waiting:
             break
         by_budget: dict[int, list[Conversation]] = {}
-        for conversation in waiting:
-            results = run_calls(conversation, timeout_s)
+        # every waiting rollout's calls at once (each under its deadline): a slow tool costs a turn
+        # its timeout, not its timeout per rollout. Functions must tolerate concurrent calls.
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_CALLS, len(waiting)), thread_name_prefix="tools") as pool:
+            all_results = list(pool.map(lambda c: run_calls(c, timeout_s), waiting))
+        for conversation, results in zip(waiting, all_results, strict=True):
             conversation.calls += [(r.name, r.ok) for r in results]
             conversation.wants_tool = False
-            text = turns.before + "\n".join(r.text for r in results) + turns.after
-            tool_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            tool_ids = turns.token_ids(tokenizer, "\n".join(r.text for r in results))
             left = max_tokens - len(conversation.token_ids) - len(tool_ids)
             if left < 1:  # no room for the result and a word after it
                 conversation.finish_reason = "length"
