@@ -154,7 +154,7 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
            "--name", "tools", "--set", f"run.root={tmp_path / 'runs'}", "--set", f"model.path={tool_model_dir}",
-           "--set", "model.build=", "--set", "eval.enabled=false", "--set", "train.max_steps=2",
+           "--set", "model.build=", "--set", "eval.limit=4", "--set", "eval.maj_k=2", "--set", "train.max_steps=2",
            "--set", "train.max_completion_tokens=96", "--set", f"server.port={free_port('127.0.0.1')}",
            "--set", "rollout.tools=[my_tools:calculator]", "--set", "rollout.max_tool_calling_iterations=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -163,6 +163,9 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["tools/calls_per_completion"] > 0 and r["tools/calls/calculator"] > 0 for r in rows), rows
     assert all(r["tools/failure_rate"] <= 1 and r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
+    # the launcher's evaluation goes through the same multi-turn loop: the user's tool answered there too
+    evaluated = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "eval_after.jsonl").read_text().splitlines()]
+    assert len(evaluated) == 4 and any("tool\n7\nassistant" in row["completion"] for row in evaluated), evaluated[0]
 
     bad = subprocess.run([*cmd[:-4], "--set", "rollout.tools=[my_tools:nothing_here]"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
