@@ -14,25 +14,31 @@ from pipeline.task.data import prompt_token_ids
 from pipeline.task.tool_rollout import ToolTurns, generate_with_tools
 from pipeline.task.tools import CALL_CLOSE, load_toolbox
 
-
-def call_text(example) -> str:
-    """A demonstration turn: one calculator call on the question's first two numbers."""
-    import re
-
-    numbers = re.findall(r"\d+", example.question)[:2] or ["1", "1"]
-    expression = " + ".join(numbers)
-    return f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>'
+CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "2 + 3"}}</tool_call>'
 
 
 @pytest.fixture(scope="module")
-def tool_model_dir(tiny_model_dir, tmp_path_factory):
-    """The session's tiny model, SFT-taught to answer every question with a calculator call."""
+def tool_model_dir(tmp_path_factory):
+    """A small model SFT-taught to answer every question with the same calculator call. Its tokenizer
+    has the call tags as tokens of their own, as tool-calling tokenizers do (Qwen2.5's); a fixed
+    string is what a model this small learns reliably (copying the question's numbers it does not)."""
+    from conftest import tiny_corpus
+
+    from pipeline.embedded.tiny_model import build_tiny_model
     from pipeline.embedded.warmstart import sft_warm_start
     from pipeline.task.synthetic import generate
 
+    base = build_tiny_model(tmp_path_factory.mktemp("tool-base"), tiny_corpus(), hidden_size=128,
+                            intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
     examples = generate(1000, 0)
-    return sft_warm_start(tiny_model_dir, examples, tmp_path_factory.mktemp("tool-model"), max_steps=300,
-                          completions=[call_text(e) for e in examples])
+    return sft_warm_start(base, examples, tmp_path_factory.mktemp("tool-model"), max_steps=300,
+                          completions=[CALL] * len(examples))
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +82,19 @@ class CountingCalculator:
 '''
 
 
-def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, tool_model_dir, gsm8k_dir, tmp_path,
-                                                                 monkeypatch):
+def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, tool_model_dir, tmp_path, monkeypatch):
     """Two rollouts of up to two tool calls each: every call runs in the rollout's own environment
     (state across its turns), its result sits between the model's turns exactly as the template wraps
     it, masked out; and on the model's tokens the server's logprobs are the trainer's (HF's) over the
     whole multi-turn sequence, so the loss sees what the behaviour policy saw."""
-    from pipeline.task.data import read_jsonl
+    from pipeline.task.synthetic import generate
 
     (tmp_path / "counting_env.py").write_text(textwrap.dedent(COUNTING_ENV))
     monkeypatch.syspath_prepend(str(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
     toolbox = load_toolbox([], "counting_env:CountingCalculator")
     turns = ToolTurns.of(tokenizer, toolbox.schemas)
-    row = read_jsonl(gsm8k_dir / "test.jsonl")[0]
-    prompt = prompt_token_ids(tokenizer, row)
+    prompt = prompt_token_ids(tokenizer, generate(3, 5)[0])  # a question like those it was taught on
     groups, info = generate_with_tools(tool_server.client, [prompt, prompt], n=1, max_tokens=160, seed=3,
                                        params={"temperature": 0.0}, toolbox=toolbox, tokenizer=tokenizer, turns=turns,
                                        max_iterations=2, timeout_s=5)
@@ -101,9 +105,14 @@ def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, to
         assert len(conversation.token_ids) == len(conversation.logprobs) == len(conversation.loss_mask) <= 160
         assert conversation.calls, "the taught model made no tool call"
         # the environment is the rollout's own: its calls are counted from 1 in every rollout
-        results = [tokenizer.decode(conversation.token_ids[start:end]) for start, end in runs(conversation.loss_mask, 0)]
-        assert results == [f"{turns.before}call {k}{turns.after}" for k in range(1, len(results) + 1)]
-        assert len(results) == len(conversation.calls) <= 2
+        # each tool turn is the result the loop recorded, wrapped as the template wraps a tool message
+        tool_turns = [tokenizer.decode(conversation.token_ids[a:b]) for a, b in runs(conversation.loss_mask, 0)]
+        assert tool_turns == [f"{turns.before}{r}{turns.after}" for r in conversation.results]
+        assert 1 <= len(conversation.results) <= len(conversation.calls) <= 2
+        assert conversation.results[0] == "call 1"  # the taught call, in this rollout's own environment
+        # later calls are the model's own (a call it garbles is an error result, not a count)
+        answered = [r for r in conversation.results if not r.startswith("error: ")]
+        assert answered == [f"call {k}" for k in range(1, len(answered) + 1)]
         model_text = tokenizer.decode([t for t, m in zip(conversation.token_ids, conversation.loss_mask, strict=True) if m])
         # each call ended a model turn; at the cap the last call gets no result
         assert model_text.count(CALL_CLOSE) == len(conversation.calls) + (conversation.finish_reason == "tool_calls")
@@ -167,6 +176,8 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     evaluated = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "eval_after.jsonl").read_text().splitlines()]
     assert len(evaluated) == 4 and any("tool\n7\nassistant" in row["completion"] for row in evaluated), evaluated[0]
 
-    bad = subprocess.run([*cmd[:-4], "--set", "rollout.tools=[my_tools:nothing_here]"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad_cmd = [*cmd[:-4], "--set", "rollout.tools=[my_tools:nothing_here]"]
+    bad_cmd[bad_cmd.index("--name") + 1] = "tools-bad"
+    bad = subprocess.run(bad_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert "rollout.tools[0]: module 'my_tools' has no 'nothing_here'" in one_line_error(bad)
+    assert not (tmp_path / "runs" / "tools-bad").exists()  # refused before anything was written

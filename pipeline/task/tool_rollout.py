@@ -75,6 +75,7 @@ class Conversation:
     engine: int = 0
     version: int | None = None  # the oldest weights version of its turns
     calls: list[tuple[str, bool]] = field(default_factory=list)  # (tool name, succeeded), in order
+    results: list[str] = field(default_factory=list)  # what the model read back, turn by turn
     last_text: str = ""
     wants_tool: bool = False
 
@@ -137,12 +138,14 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
         for conversation, results in zip(waiting, all_results, strict=True):
             conversation.calls += [(r.name, r.ok) for r in results]
             conversation.wants_tool = False
-            tool_ids = turns.token_ids(tokenizer, "\n".join(r.text for r in results))
+            text = "\n".join(r.text for r in results)
+            tool_ids = turns.token_ids(tokenizer, text)
             left = max_tokens - len(conversation.token_ids) - len(tool_ids)
-            if left < 1:  # no room for the result and a word after it
+            if left < 1:  # no room for the result and a word after it: the call ran, its result is cut
                 conversation.finish_reason = "length"
                 continue
             conversation.add_tool_turn(tool_ids)
+            conversation.results.append(text)
             by_budget.setdefault(left, []).append(conversation)
         for left, conversations in sorted(by_budget.items()):
             turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE) % 2**62

@@ -39,19 +39,13 @@ from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
 from pipeline.task.rewards import STRICT_POINTS, RewardError
+from pipeline.task.tool_rollout import ToolRollouts
 from pipeline.task.tools import ToolError
 from pipeline.trainer.build import Trainer, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
 from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
-from pipeline.trainer.rollout import (
-    Rollouts,
-    StaleRolloutError,
-    StepBatch,
-    ToolRollouts,
-    score_step,
-    tool_metrics,
-)
+from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step, tool_metrics
 from pipeline.trainer.server_link import ServerLink
 
 log = logging.getLogger("pipeline.trainer.train")
