@@ -41,6 +41,23 @@ def inprocess_copy_s(tensors: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
+def measure_pushes(model, engines, bucket_bytes: int, repeats: int, nbytes: int) -> dict:
+    """`repeats` pushes (after one warm-up push, which pays one-time allocation) into `engines`."""
+    sync = WeightSync(model, 0, 0, torch.device("cpu"), engines, host="127.0.0.1", timeout_s=120,
+                      bucket_bytes=bucket_bytes)
+    sync.connect()
+    times, verify = [], []
+    for version in range(1, repeats + 2):
+        stats = sync.push(version)
+        times.append(stats["seconds"])
+        verify.append(stats["verify_s"])
+    sync.close()
+    steady = times[1:]
+    return {"seconds_median": statistics.median(steady), "seconds": steady,
+            "verify_s_median": statistics.median(verify[1:]), "verified_tensors": stats["verified_tensors"],
+            "gb_per_s": nbytes / statistics.median(steady) / 1e9}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -75,37 +92,13 @@ def main() -> int:
         results = {"params": sum(p.numel() for _, p in params), "bytes": nbytes, "dtype": "float32"}
         for label, bucket_bytes in (("bucketed", args.bucket_mb * 2**20), ("per_tensor", 1)):
             # bucket_bytes=1: every tensor in a bucket of its own
-            sync = WeightSync(model, 0, 0, torch.device("cpu"), client, host="127.0.0.1", timeout_s=120,
-                              bucket_bytes=bucket_bytes)
-            sync.connect()
-            times, verify = [], []
-            for version in range(1, args.repeats + 2):
-                stats = sync.push(version)
-                times.append(stats["seconds"])
-                verify.append(stats["verify_s"])
-            sync.close()
-            steady = times[1:]  # the first push pays one-time allocation
-            results[label] = {"seconds_median": statistics.median(steady), "seconds": steady,
-                              "verify_s_median": statistics.median(verify[1:]),
-                              "verified_tensors": stats["verified_tensors"],
-                              "gb_per_s": nbytes / statistics.median(steady) / 1e9}
+            results[label] = measure_pushes(model, client, bucket_bytes, args.repeats, nbytes)
         copy = statistics.median(inprocess_copy_s([p.detach() for _, p in params]) for _ in range(args.repeats))
         results["inprocess_copy"] = {"seconds_median": copy, "gb_per_s": nbytes / copy / 1e9}
         results["bucketed_vs_copy"] = results["bucketed"]["gb_per_s"] / results["inprocess_copy"]["gb_per_s"]
         if args.engines > 1:
-            sync = WeightSync(model, 0, 0, torch.device("cpu"), Engines.of(clients), host="127.0.0.1", timeout_s=120,
-                              bucket_bytes=args.bucket_mb * 2**20)
-            sync.connect()
-            times, verify = [], []
-            for version in range(1, args.repeats + 2):
-                stats = sync.push(version)
-                times.append(stats["seconds"])
-                verify.append(stats["verify_s"])
-            sync.close()
             label = f"{args.engines}_engines"
-            results[label] = {"seconds_median": statistics.median(times[1:]), "seconds": times[1:],
-                              "verify_s_median": statistics.median(verify[1:]),
-                              "gb_per_s": nbytes / statistics.median(times[1:]) / 1e9}
+            results[label] = measure_pushes(model, Engines.of(clients), args.bucket_mb * 2**20, args.repeats, nbytes)
             results[f"{label}_vs_1"] = results[label]["seconds_median"] / results["bucketed"]["seconds_median"]
     finally:
         for server in servers:

@@ -119,10 +119,10 @@ class Toolbox:
     def __bool__(self) -> bool:
         return bool(self.functions) or self.environment_factory is not None
 
-    def environment_tools(self) -> list[str]:
-        """The names of the environment's tools (from the schemas: no object is made for this)."""
-        return [schema["function"]["name"] for schema in self.schemas
-                if schema["function"]["name"] not in self.functions]
+    @property
+    def names(self) -> list[str]:
+        """Every tool's name, the environment's included (from the schemas: no object is made)."""
+        return [schema["function"]["name"] for schema in self.schemas]
 
     def for_rollout(self) -> Toolbox:
         """The tools for one rollout: with an environment, a fresh object (reset) whose methods join

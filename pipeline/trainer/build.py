@@ -7,7 +7,6 @@ bench/gpu_trainer_check.py checks it on a GPU without vLLM.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ from pipeline.config import Config, ConfigError, TrainConfig, check_batch
 from pipeline.device import resolve_attn, resolve_dtype
 from pipeline.task.data import Example, PromptStyle, drop_long_prompts, examples_for
 from pipeline.task.rewards import Reward, load_rewards
-from pipeline.task.tools import Toolbox, load_toolbox
+from pipeline.task.tool_rollout import ToolRollouts
 from pipeline.trainer.lora import with_lora
 
 log = logging.getLogger(__name__)
@@ -104,11 +103,7 @@ class Trainer:
     zero_stage: int
     reference: object | None  # beta > 0 without LoRA: the frozen initial model (with LoRA: the adapter off)
     world: int
-    toolbox: Toolbox | None = None  # rollout.tools / rollout.environment: multi-turn rollouts with tool calls
-
-
-def uses_tools(config: Config) -> bool:
-    return bool(config.rollout.tools or config.rollout.environment)
+    tools: ToolRollouts | None = None  # rollout.tools / rollout.environment: multi-turn rollouts with tool calls
 
 
 def build(config: Config, world: int) -> Trainer:
@@ -124,9 +119,9 @@ def build(config: Config, world: int) -> Trainer:
     # --- data and rewards ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(config)
     style = PromptStyle.from_config(config.data)
-    toolbox = load_toolbox(config.rollout.tools, config.rollout.environment or None) if uses_tools(config) else None
-    if toolbox is not None:  # the prompts show the tools (templates that render `tools`)
-        style = dataclasses.replace(style, tools=tuple(toolbox.schemas))
+    tools = ToolRollouts.from_config(config, tokenizer)  # loaded once: rollouts and evaluation share it
+    if tools is not None:  # the prompts show the tools (templates that render `tools`)
+        style = tools.prompt_style(style)
     examples = examples_for(config.data, "train", seed)
     examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens, style)
     rewards = load_rewards(config.reward_functions)
@@ -164,4 +159,4 @@ def build(config: Config, world: int) -> Trainer:
         reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
         reference.eval()
     return Trainer(config, tokenizer, style, rewards, step_data, total_steps, dtype, engine, zero_stage, reference,
-                   world, toolbox)
+                   world, tools)

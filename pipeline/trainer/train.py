@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     link.push(start_step)
     t = config.train
     metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
-    evaluation = InTrainingEval(config, trainer.tokenizer, client) if config.eval.every and rank == 0 else None
-    tools = ToolRollouts.from_config(config, trainer.tokenizer) if rank == 0 else None
+    evaluation = InTrainingEval(config, trainer.tokenizer, client, trainer.tools) if config.eval.every and rank == 0 else None
+    tools = trainer.tools if rank == 0 else None
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
                         top_p=t.top_p, seed=config.run.seed, max_staleness=t.max_staleness if t.overlap else 0,
                         tools=tools)
@@ -180,8 +180,7 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
             "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
             "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
             **({"sync/shared_memory": link.last_stats["shared_memory"]} if "shared_memory" in link.last_stats else {}),
-            **(tool_metrics(completions, list(trainer.toolbox.functions) + list(trainer.toolbox.environment_tools()))
-               if trainer.toolbox is not None else {}),
+            **(tool_metrics(completions, trainer.tools.toolbox.names) if trainer.tools is not None else {}),
             **rollouts.timing, **clock.times()})
         if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
             row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
@@ -307,13 +306,13 @@ class InTrainingEval:
     """eval.every: rank 0 evaluates what the server serves now (eval.limit test problems) and returns
     the summary as `eval/<key>` columns of that step's metrics row."""
 
-    def __init__(self, config: Config, tokenizer, client: Engines):
+    def __init__(self, config: Config, tokenizer, client: Engines, tools: ToolRollouts | None = None):
         from pipeline.report.evaluate import load_eval_examples
 
         self.config, self.tokenizer, self.client = config, tokenizer, client
         self.examples, _ = load_eval_examples(config, tokenizer, None, config.eval.limit or None)
         self.style = PromptStyle.from_config(config.data)
-        self.tools = ToolRollouts.from_config(config, tokenizer)
+        self.tools = tools
 
     def run(self, step: int) -> dict[str, float]:
         from pipeline.report.evaluate import evaluate
