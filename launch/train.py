@@ -288,9 +288,10 @@ def check_data_and_rewards(config) -> None:
     if config.data.source == "synthetic":
         from pipeline.task import synthetic
 
-        train = synthetic.generate(1, config.run.seed, "train", config.data.synthetic_levels)
+        d = config.data
+        train = synthetic.generate(1, config.run.seed, "train", d.synthetic_levels, d.synthetic_max_operand)
         if config.eval.enabled or config.eval.every:  # too many test problems asked for: one line, now
-            synthetic.generate(config.data.synthetic_test, config.run.seed, "test", config.data.synthetic_levels)
+            synthetic.generate(d.synthetic_test, config.run.seed, "test", d.synthetic_levels, d.synthetic_max_operand)
     else:
         train = examples_for(config.data, "train", config.run.seed)
         if config.eval.enabled or config.eval.every:  # no test file configured: a one-line error naming it

@@ -72,6 +72,12 @@ class ModelConfig:
     but whose <answer> is one step early (the number the last step starts from), the classic slip of
     small models on GSM8K. SFT imitates it; GRPO's correctness reward is what removes it. 0 = a clean
     warm start."""
+    build_tool_demos: float = 0.0
+    """model.build=tiny: the share of warm-start solutions that first ask the built-in calculator for
+    each step (`<tool_call>` turns, each result read back as a tool message, out of the SFT loss) and
+    then write the working and answer; the rest compute in the working. > 0 also makes the call tags
+    tokens of their own, as tool-calling tokenizers (Qwen2.5's) have them. For rollout.tools:
+    [calculator] (configs/tiny-cpu-tools.yaml)."""
     dtype: Dtype = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
     attn_implementation: str = "auto"
@@ -206,6 +212,9 @@ class DataConfig:
     """Number of generated test problems (data.source=synthetic)."""
     synthetic_levels: int = 3
     """Generated problems take 1..N arithmetic steps, in equal shares (data.source=synthetic)."""
+    synthetic_max_operand: int = 10
+    """Generated problems' numbers are 2..N (multipliers 2..max(5, N // 10)); 99 gives products a
+    small model's own arithmetic often gets wrong (configs/tiny-cpu-tools.yaml)."""
     max_prompt_tokens: int = 256
     """Prompts longer than this (chat template included) are dropped before training (seed: 256)."""
 
@@ -482,10 +491,14 @@ def validate(config: Config) -> None:
         if name not in known:
             raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(known)}; "
                               "your own go in reward_functions)")
+    if not 0 <= config.model.build_tool_demos <= 1:
+        raise ConfigError(f"model.build_tool_demos: expected a share in [0, 1], got {config.model.build_tool_demos}")
     if not 0 <= config.model.build_early_answers <= 1:
         raise ConfigError(f"model.build_early_answers: expected a share in [0, 1], got {config.model.build_early_answers}")
     if not 1 <= config.data.synthetic_levels <= 6:
         raise ConfigError(f"data.synthetic_levels: expected 1 to 6 arithmetic steps, got {config.data.synthetic_levels}")
+    if not 10 <= config.data.synthetic_max_operand <= 10**6:
+        raise ConfigError(f"data.synthetic_max_operand: expected 10 to 1000000, got {config.data.synthetic_max_operand}")
     if not 0 <= config.run.seed < 2**32:
         raise ConfigError(f"run.seed: expected an integer in [0, 2**32), got {config.run.seed}")
     if not 0 <= config.server.gpu_memory_utilization <= 1:

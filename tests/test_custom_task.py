@@ -132,6 +132,8 @@ def test_config_reads_the_data_options(tmp_path):
     ("data.answer_key=question", "data.answer_key: the same column as data.question_key ('question')"),
     ("data.synthetic_levels=0", "data.synthetic_levels: expected 1 to 6 arithmetic steps, got 0"),
     ("model.build_early_answers=1.5", "model.build_early_answers: expected a share in [0, 1], got 1.5"),
+    ("model.build_tool_demos=-0.1", "model.build_tool_demos: expected a share in [0, 1], got -0.1"),
+    ("data.synthetic_max_operand=9", "data.synthetic_max_operand: expected 10 to 1000000, got 9"),
     ("rewards.mine=1", "rewards.mine: unknown reward (expected one of: strict_format, soft_format, int_answer, "
                        "xml_count, correctness, reasoning_steps; your own go in reward_functions)"),
 ])

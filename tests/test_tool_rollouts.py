@@ -145,13 +145,19 @@ def calculator(expression: str) -> str:
         expression: the arithmetic to do
     """
     return "7"
+
+
+def read_a_seven(prompts=None, completions=(), **kwargs):
+    """1 when a tool message in the conversation says 7 (a reward written for TRL's tool mode)."""
+    return [float(any(m["role"] == "tool" and m["content"] == "7" for m in c)) for c in completions]
 '''
 
 
 @pytest.mark.slow
 def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     """`make train` with a user's tool: the launcher checks it, the rollouts call it, the loss trains
-    only the model's tokens, and metrics.jsonl shows the calls."""
+    only the model's tokens, a user's reward reads TRL's message-list completions, and metrics.jsonl
+    shows the calls."""
     import os
     import subprocess
     import sys
@@ -165,16 +171,20 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
            "--name", "tools", "--set", f"run.root={tmp_path / 'runs'}", "--set", f"model.path={tool_model_dir}",
            "--set", "model.build=", "--set", "eval.limit=4", "--set", "eval.maj_k=2", "--set", "train.max_steps=2",
            "--set", "train.max_completion_tokens=96", "--set", f"server.port={free_port('127.0.0.1')}",
+           "--set", "reward_functions.seven=my_tools:read_a_seven",
            "--set", "rollout.tools=[my_tools:calculator]", "--set", "rollout.max_tool_calling_iterations=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["tools/calls_per_completion"] > 0 and r["tools/calls/calculator"] > 0 for r in rows), rows
+    assert all(r["reward/seven"] > 0 for r in rows)  # the user's reward saw the tool messages
     assert all(r["tools/failure_rate"] <= 1 and r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
     # the launcher's evaluation goes through the same multi-turn loop: the user's tool answered there too
     evaluated = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "eval_after.jsonl").read_text().splitlines()]
-    assert len(evaluated) == 4 and any("tool\n7\nassistant" in row["completion"] for row in evaluated), evaluated[0]
+    assert len(evaluated) == 4 and any("<|im_start|>tool\n7<|im_end|>" in row["completion"] for row in evaluated)
+    summary = json.loads((tmp_path / "runs" / "tools" / "eval_after.json").read_text())
+    assert summary["tools/call_rate"] == sum(row["tool_calls"] > 0 for row in evaluated) / 4
 
     bad_cmd = [*cmd[:-4], "--set", "rollout.tools=[my_tools:nothing_here]"]
     bad_cmd[bad_cmd.index("--name") + 1] = "tools-bad"

@@ -206,3 +206,47 @@ def test_wrong_calls_and_bad_tools_are_error_results_never_exceptions(plugin):
     assert not unprintable.ok and "raised ValueError" in unprintable.text
     huge = toolbox.call(ToolCall("junk", {"x": "huge"}), 5)
     assert huge.ok and len(huge.text) <= MAX_RESULT_CHARS + len(" [truncated]") and huge.text.endswith("[truncated]")
+
+
+def test_rewards_see_the_rollout_as_trls_message_list():
+    """A two-call rollout, assembled turn by turn as the loop does, becomes TRL's message-list
+    completion: assistant turns with their calls parsed out into `tool_calls`, a tool message per
+    call; the built-in rewards score the last assistant message, and a plugin sees every message."""
+    from pipeline.embedded.tiny_model import build_tokenizer
+    from pipeline.task.rewards import score_completions
+    from pipeline.task.tool_rollout import Conversation, ToolTurns
+    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, ToolResult
+
+    tokenizer = build_tokenizer(["Tom has 12 apples. 12 * 4 = 48\n<answer>\n48\n</answer>"] * 20, 300, True,
+                                (CALL_OPEN, CALL_CLOSE))
+    turns = ToolTurns.of(tokenizer)
+    toolbox = load_toolbox(["calculator"], None)
+    conversation = Conversation([1, 2], toolbox)
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 4"}}</tool_call>'
+    final = "<reasoning>\n12 * 4 = 48\n48 + 2 = 50\n</reasoning>\n<answer>\n50\n</answer>"
+    for text, results in ((call, ["48"]), ("so far 48" + call.replace("12 * 4", "48 + 2"), ["50"]), (final, None)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if results is None else [])
+        conversation.add_model_turn({"token_ids": ids, "logprobs": [-0.5] * len(ids),
+                                     "finish_reason": "stop"}, tokenizer)
+        if results:
+            tool = [ToolResult("calculator", r, ok=True) for r in results]
+            conversation.add_tool_turn(turns.token_ids(tokenizer, "\n".join(results)), tool)
+    messages = conversation.messages()
+    assert [m["role"] for m in messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert messages[0] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12 * 4"}}}]}
+    assert messages[2]["content"] == "so far 48"
+    assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"expression": "48 + 2"}
+    assert messages[1] == {"role": "tool", "name": "calculator", "content": "48"} and messages[3]["content"] == "50"
+    assert messages[4] == {"role": "assistant", "content": final}
+    assert sum(conversation.loss_mask) == len(conversation.token_ids) - sum(
+        len(turns.token_ids(tokenizer, r)) for r in ("48", "50"))
+
+    def counts_calls(prompts=None, completions=(), **kwargs):
+        return [sum(len(m.get("tool_calls", [])) for m in c) for c in completions]
+
+    from pipeline.task.rewards import BUILTIN_REWARDS, Reward
+
+    rewards = {**BUILTIN_REWARDS, "calls": Reward("calls", counts_calls, None, source="test:counts_calls")}
+    _, per_reward = score_completions([messages], ["50"], rewards=rewards)
+    assert per_reward["strict_format"] == [0.5] and per_reward["correctness"] == [2.0] and per_reward["calls"] == [2.0]

@@ -33,14 +33,26 @@ def tiny_shape(config: Config) -> dict:
 def build_default_model(config: Config) -> Path:
     """Return the directory of the default model for `config`, building it if not cached."""
     from pipeline.embedded.tiny_model import build_tiny_model
-    from pipeline.embedded.warmstart import formatted_completion, sft_warm_start, sloppy_completions
+    from pipeline.embedded.warmstart import (
+        calculator_calls,
+        formatted_completion,
+        sft_warm_start,
+        sloppy_completions,
+    )
+    from pipeline.task.data import PromptStyle
     from pipeline.task.synthetic import generate
+    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, load_toolbox
     from pipeline.task.xml_format import SYSTEM_PROMPT
 
-    m, seed = config.model, config.run.seed
+    m, d, seed = config.model, config.data, config.run.seed
     settings = {"hidden": m.build_hidden_size, "layers": m.build_layers, "sft_steps": m.build_sft_steps,
                 "split_digits": m.build_split_digits, "early_answers": m.build_early_answers,
-                "levels": config.data.synthetic_levels, "seed": seed, "version": 5}
+                "levels": d.synthetic_levels, "seed": seed, "version": 5}
+    # settings added since version 5 join the key only when set, so models cached before keep theirs
+    if m.build_tool_demos:
+        settings["tool_demos"] = m.build_tool_demos
+    if d.synthetic_max_operand != 10:
+        settings["max_operand"] = d.synthetic_max_operand
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     final = Path(config.run.root) / ".cache" / f"default-model-{key}"
     if (final / "config.json").exists():
@@ -48,21 +60,25 @@ def build_default_model(config: Config) -> Path:
     work = final.with_name(final.name + ".building")
     shutil.rmtree(work, ignore_errors=True)
     # Train-split problems only (the test split is disjoint): tokenizer corpus + SFT, about one epoch.
-    examples = generate(SFT_BATCH * max(m.build_sft_steps, 1), seed, "train", config.data.synthetic_levels)
+    examples = generate(SFT_BATCH * max(m.build_sft_steps, 1), seed, "train", d.synthetic_levels, d.synthetic_max_operand)
     # The tokenizer's corpus does not depend on the SFT length, so a longer warm start (the SFT control)
-    # starts from the very same tokenizer and initial weights.
-    corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e)
-                                for e in generate(TOKENIZER_CORPUS, seed, "train", config.data.synthetic_levels)]
+    # starts from the very same tokenizer and initial weights. With tool demos it holds the calls too,
+    # so their JSON is a few merged tokens, not dozens of bytes.
+    corpus = [SYSTEM_PROMPT] + [
+        e.question + "\n" + formatted_completion(e) + "".join(call for call, _ in calculator_calls(e) if m.build_tool_demos)
+        for e in generate(TOKENIZER_CORPUS, seed, "train", d.synthetic_levels, d.synthetic_max_operand)]
     completions = sloppy_completions(examples, m.build_early_answers, seed)  # see model.build_early_answers
     shape = tiny_shape(config)
     base = build_tiny_model(work / "base", corpus, vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
                             intermediate_size=shape["intermediate_size"], num_layers=shape["num_hidden_layers"],
                             num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
-                            split_digits=m.build_split_digits, seed=seed)
+                            split_digits=m.build_split_digits, seed=seed,
+                            extra_tokens=(CALL_OPEN, CALL_CLOSE) if m.build_tool_demos else ())
     started = time.time()
     if m.build_sft_steps:
         sft_warm_start(base, examples, work / "sft", max_steps=m.build_sft_steps, batch_size=SFT_BATCH, seed=seed,
-                       completions=completions)
+                       completions=completions, calculator_share=m.build_tool_demos,
+                       style=PromptStyle(tools=tuple(load_toolbox(["calculator"], None).schemas)))
         shutil.rmtree(work / "sft" / "sft-work", ignore_errors=True)
         built = work / "sft"
     else:

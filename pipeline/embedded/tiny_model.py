@@ -22,10 +22,12 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, split_digits: bool = False):
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, split_digits: bool = False,
+                    extra_tokens: tuple[str, ...] = ()):
     """A byte-level BPE `PreTrainedTokenizerFast` trained on `corpus`. `split_digits`: every digit is
     its own token (as Qwen2 and Llama 3 do), so arithmetic and copying numbers work digit by digit
-    instead of over arbitrary multi-digit merges."""
+    instead of over arbitrary multi-digit merges. `extra_tokens`: more strings that are one token each
+    (the tool-call tags, as tool-calling tokenizers have them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +51,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, split_digits:
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.add_tokens(list(TAGS))
+    tokenizer.add_tokens(list(TAGS) + list(extra_tokens))
     return tokenizer
 
 
@@ -66,6 +68,7 @@ def build_tiny_model(
     max_positions: int = 1024,
     tie_word_embeddings: bool = True,
     split_digits: bool = False,
+    extra_tokens: tuple[str, ...] = (),
     seed: int = 0,
 ) -> Path:
     """Save a random Qwen2 + trained tokenizer to `out_dir` and return it.
@@ -76,7 +79,7 @@ def build_tiny_model(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(corpus, vocab_size, split_digits)
+    tokenizer = build_tokenizer(corpus, vocab_size, split_digits, extra_tokens)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

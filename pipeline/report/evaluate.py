@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from pipeline.task.answers import answer_key, answers_equivalent
+from pipeline.task.answers import answer_key, answers_equivalent, completion_text
 from pipeline.task.data import (
     DEFAULT_STYLE,
     READERS,
@@ -61,24 +61,33 @@ def strict_correct(text: str, reference: str) -> bool:
     return is_strict_format(text) and answers_equivalent(extract_xml_answer(text), reference)
 
 
+def final_text(completion: dict) -> str:
+    """What a completion answers: its text, or with tools its last assistant message (as rewards read it)."""
+    return completion_text(completion["messages"]) if "messages" in completion else completion["text"]
+
+
 def score_example(example: Example, greedy: dict, samples: list[str]) -> dict:
-    """One example's record from its greedy completion and its sampled completions."""
-    text = greedy["text"]
+    """One example's record from its greedy completion (a generate answer's, with tools multi-turn)
+    and its sampled completions' final texts."""
+    text = final_text(greedy)
     strict = is_strict_format(text)
     reasoning = check_reasoning(text)
     majority = majority_answer(samples) if samples else None
     return {
         "source": example.source, "question": example.question, "reference": example.answer,
-        "completion": text, "answer": extract_xml_answer(text), "lenient_answer": lenient_answer(text),
+        "completion": greedy["text"], "answer": extract_xml_answer(text), "lenient_answer": lenient_answer(text),
         "strict_format": strict, "soft_format": is_soft_format(text),
         "strict_correct": strict_correct(text, example.answer),
         "lenient_correct": answers_equivalent(lenient_answer(text), example.answer),
-        "length": len(greedy["token_ids"]), "truncated": greedy["finish_reason"] == "length",
+        "length": sum(greedy["loss_mask"]) if "loss_mask" in greedy else len(greedy["token_ids"]),  # the model's tokens
+        "truncated": greedy["finish_reason"] == "length",
         "majority_answer": majority, "majority_correct": answers_equivalent(majority, example.answer),
         # pass@k: some sample is right in the strict format, i.e. what RL can turn into pass@1
         "any_sample_correct": any(strict_correct(t, example.answer) for t in samples),
         "reasoning_steps": reasoning.steps, "reasoning_correct_steps": reasoning.correct_steps,
         "reasoning_final_consistent": reasoning.final_consistent,
+        **({"tool_calls": len(greedy["tool_calls"]), "tool_failures": sum(not ok for _, ok in greedy["tool_calls"])}
+           if "tool_calls" in greedy else {}),
     }
 
 
@@ -94,6 +103,10 @@ def summarise(rows: list[dict], maj_k: int) -> dict:
         "completion_len/mean": mean("length"),
         "completions/truncated_rate": mean("truncated"),
     }
+    if n and "tool_calls" in rows[0]:  # greedy: the share that called a tool, calls each, failed calls
+        summary["tools/call_rate"] = sum(r["tool_calls"] > 0 for r in rows) / n
+        summary["tools/calls_per_completion"] = mean("tool_calls")
+        summary["tools/failure_rate"] = sum(r["tool_failures"] for r in rows) / max(sum(r["tool_calls"] for r in rows), 1)
     if maj_k:
         summary[f"maj@{maj_k}/accuracy"] = mean("majority_correct")
         summary[f"pass@{maj_k}/strict_accuracy"] = mean("any_sample_correct")
@@ -122,7 +135,7 @@ def evaluate(client, tokenizer, examples: list[Example], *, max_tokens: int, maj
         sampled = (generate(ids, n=maj_k, max_tokens=max_tokens, temperature=temperature, seed=seed)["results"]
                    if maj_k else [{"completions": []}] * len(chunk))
         for example, g, s in zip(chunk, greedy, sampled, strict=True):
-            rows.append(score_example(example, g["completions"][0], [c["text"] for c in s["completions"]]))
+            rows.append(score_example(example, g["completions"][0], [final_text(c) for c in s["completions"]]))
     return summarise(rows, maj_k), rows
 
 

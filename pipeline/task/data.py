@@ -109,8 +109,9 @@ def _file_source(kind: str):
 
 
 def _synthetic_source(split: str, seed: int, synthetic_sizes: dict[str, int] | None, synthetic_levels: int,
-                      **_) -> list[Example]:
-    return synthetic.generate((synthetic_sizes or {}).get(split, 1000), seed, split, synthetic_levels)
+                      synthetic_max_operand: int, **_) -> list[Example]:
+    return synthetic.generate((synthetic_sizes or {}).get(split, 1000), seed, split, synthetic_levels,
+                              synthetic_max_operand)
 
 
 def _hub_source(split: str, hub_name: str, hub_config: str, fields: Fields, **_) -> list[Example]:
@@ -127,20 +128,21 @@ SOURCES = tuple(SOURCE_LOADERS)
 def load_examples(source: str, split: str, files: dict[str, str] | None = None,
                   hub_name: str = "openai/gsm8k", hub_config: str = "main",
                   synthetic_sizes: dict[str, int] | None = None, seed: int = 0,
-                  fields: Fields = GSM8K, synthetic_levels: int = 3) -> list[Example]:
+                  fields: Fields = GSM8K, synthetic_levels: int = 3, synthetic_max_operand: int = 10) -> list[Example]:
     """`source` is a local file kind (`files[split]` is the path), "hub" or "synthetic" (generated)."""
     if source not in SOURCE_LOADERS:
         raise DataError(f"data.source must be one of {', '.join(repr(s) for s in SOURCES)}, got {source!r}")
     return SOURCE_LOADERS[source](split=split, files=files, hub_name=hub_name, hub_config=hub_config,
                                   synthetic_sizes=synthetic_sizes, seed=seed, fields=fields,
-                                  synthetic_levels=synthetic_levels)
+                                  synthetic_levels=synthetic_levels, synthetic_max_operand=synthetic_max_operand)
 
 
 def examples_for(data, split: str, seed: int) -> list[Example]:
     """The `split` examples a DataConfig describes."""
     return load_examples(data.source, split, {"train": data.train_file, "test": data.test_file}, data.hub_name,
                          data.hub_config, {"train": data.synthetic_train, "test": data.synthetic_test}, seed,
-                         Fields(data.question_key, data.answer_key, data.answer_format), data.synthetic_levels)
+                         Fields(data.question_key, data.answer_key, data.answer_format), data.synthetic_levels,
+                         data.synthetic_max_operand)
 
 
 # data.chat_template: use the tokenizer's template (auto: if it has one; false: plain text, for base models)

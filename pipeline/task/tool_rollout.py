@@ -17,14 +17,24 @@ mode too), so all of a rollout's turns come from one weights version.
 from __future__ import annotations
 
 import dataclasses
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipeline.task.tools import CALL_CLOSE, Toolbox, ToolError, ToolResult, load_toolbox, parse_tool_calls
+from pipeline.task.tools import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    Toolbox,
+    ToolError,
+    ToolResult,
+    load_toolbox,
+    parse_tool_calls,
+)
 
 MAX_PARALLEL_CALLS = 32
 TURN_SEED_STRIDE = 2**40  # turn k's seeds: the step's + k * stride (the server samples prompt i with seed + i)
 _ASSISTANT, _RESULT = "GRPO_ASSISTANT_SENTINEL", "GRPO_TOOL_RESULT_SENTINEL"
+_CALL_TEXT = re.compile(re.escape(CALL_OPEN) + r".*?(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S)  # closed or cut
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,8 @@ class Conversation:
     version: int | None = None  # the oldest weights version of its turns
     calls: list[tuple[str, bool]] = field(default_factory=list)  # (tool name, succeeded), in order
     results: list[str] = field(default_factory=list)  # what the model read back, turn by turn
+    turn_texts: list[str] = field(default_factory=list)  # the model's turns as text
+    tool_messages: list[list[dict]] = field(default_factory=list)  # each tool turn: a tool message per call
     last_text: str = ""
     wants_tool: bool = False
 
@@ -92,12 +104,30 @@ class Conversation:
         # decoded here, not the server's text: the tokens are what the model wrote, whatever the
         # detokenizer does with the stop string or special tokens
         self.last_text = tokenizer.decode(ids, skip_special_tokens=False)
+        self.turn_texts.append(tokenizer.decode(ids, skip_special_tokens=True))
         self.wants_tool = self.finish_reason == "stop" and self.last_text.rstrip().endswith(CALL_CLOSE)
 
-    def add_tool_turn(self, ids: list[int]) -> None:
+    def add_tool_turn(self, ids: list[int], results: list[ToolResult]) -> None:
         self.token_ids += ids
         self.logprobs += [0.0] * len(ids)
         self.loss_mask += [0] * len(ids)
+        self.results.append("\n".join(r.text for r in results))
+        self.tool_messages.append([{"role": "tool", "name": r.name, "content": r.text} for r in results])
+
+    def messages(self) -> list[dict]:
+        """The rollout as TRL's message-list completion: each model turn an assistant message whose call
+        text is parsed out into `tool_calls` (as transformers' `parse_response` does), each tool turn a
+        tool message per call. Rewards read it; the built-in ones score the last assistant message."""
+        out = []
+        for turn, text in enumerate(self.turn_texts):
+            calls = [c for c in parse_tool_calls(text) if not c.error]
+            message = {"role": "assistant", "content": _CALL_TEXT.sub("", text).strip()}
+            if calls:
+                message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                         for c in calls]
+            out.append(message)
+            out += self.tool_messages[turn] if turn < len(self.tool_messages) else []
+        return out
 
 
 def run_calls(conversation: Conversation, timeout_s: float) -> list[ToolResult]:
@@ -144,8 +174,7 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
             if left < 1:  # no room for the result and a word after it: the call ran, its result is cut
                 conversation.finish_reason = "length"
                 continue
-            conversation.add_tool_turn(tool_ids)
-            conversation.results.append(text)
+            conversation.add_tool_turn(tool_ids, results)
             by_budget.setdefault(left, []).append(conversation)
         for left, conversations in sorted(by_budget.items()):
             turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE) % 2**62
@@ -188,8 +217,9 @@ class ToolRollouts:
         results = [{"prompt_token_ids": ids, "completions": [{
             "token_ids": c.token_ids, "logprobs": c.logprobs, "loss_mask": c.loss_mask, "engine": c.engine,
             "version": c.version, "tool_calls": c.calls, "finish_reason": c.finish_reason,
-            # what rewards read: the whole conversation after the prompt, tool results included
-            "text": self.tokenizer.decode(c.token_ids, skip_special_tokens=True)} for c in group]}
+            # what rewards read (TRL's message-list completion), and the turns as the model read them
+            "messages": c.messages(), "text": self.tokenizer.decode(c.token_ids, skip_special_tokens=False)}
+            for c in group]}
             for ids, group in zip(prompt_ids, groups, strict=True)]
         return {"version": info["version"], "split": info["split"], "timing": info["timing"], "results": results}
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.task.answers import completion_text
 from pipeline.task.example import Example
 from pipeline.task.rewards import Reward, score_completions
 from pipeline.task.xml_format import SYSTEM_PROMPT
@@ -37,10 +38,21 @@ class Completion:
     version: int = 0  # the weights version that made it
     loss_mask: list[int] | None = None  # per token: 1 the model wrote it, 0 a tool's result (None: all 1)
     tool_calls: tuple[tuple[str, bool], ...] = ()  # (tool name, succeeded) of each call it made
+    messages: list[dict] | None = None  # a multi-turn rollout as TRL's message list (None: one turn)
 
     @property
     def answer(self) -> str:
         return self.example.answer
+
+    @property
+    def scored(self) -> str | list[dict]:
+        """What the rewards read: TRL's message-list completion for a rollout with tools, else the text."""
+        return self.text if self.messages is None else self.messages
+
+    @property
+    def final_text(self) -> str:
+        """The model's final answer turn (the whole text without tools)."""
+        return completion_text(self.scored)
 
     @property
     def model_tokens(self) -> int:
@@ -109,7 +121,7 @@ class Rollouts:
                 payload = [(out["version"], [
                     Completion(ids, c["token_ids"], c["logprobs"], c["text"], c["finish_reason"] == "length", example,
                                c.get("engine", 0), c.get("version", out["version"]), c.get("loss_mask"),
-                               tuple(map(tuple, c.get("tool_calls", ()))))
+                               tuple(map(tuple, c.get("tool_calls", ()))), c.get("messages"))
                     for ids, example, result in zip(prompt_ids, examples, out["results"], strict=True)
                     for c in result["completions"]
                 ])]
@@ -156,7 +168,7 @@ def score_slice(completions: list[Completion], weights: dict[str, float], reward
     names = {key for c in completions for key in c.example.columns}
     columns = {key: [c.example.columns.get(key) for c in completions] for key in sorted(names)}
     prompts = [c.example.prompt(system_prompt or SYSTEM_PROMPT) for c in completions]
-    return score_completions([c.text for c in completions], [c.answer for c in completions], weights, rewards,
+    return score_completions([c.scored for c in completions], [c.answer for c in completions], weights, rewards,
                              prompts, columns)
 
 

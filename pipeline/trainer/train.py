@@ -169,7 +169,9 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
         clock.lap("wait_rollouts")
         link.push(step + 1)
         clock.lap("sync")
-        sync_diff = link.probe(completions[0].prompt_ids, completions[0].token_ids, step + 1)
+        # on a multi-turn sequence when there is one: tool turns are in what the trainer scores too
+        probed = max(completions, key=lambda c: len(c.tool_calls))
+        sync_diff = link.probe(probed.prompt_ids, probed.token_ids, step + 1)
         clock.lap("probe")
 
         row = step_row(step, batch, sums, maxima, trainer, {
@@ -289,7 +291,7 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
 def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, float]]:
     """This rank's sums and maxima over its completions, for the metrics (reduced over ranks by the caller)."""
     mine, per_reward = batch.completions, batch.per_reward
-    checks = [check_reasoning(c.text) for c in mine]
+    checks = [check_reasoning(c.final_text) for c in mine]
     return {
         "count": float(len(mine)), "reward_total": float(sum(batch.totals)),
         "strict": float(sum(v == STRICT_POINTS for v in per_reward["strict_format"])),
@@ -330,6 +332,7 @@ def completion_samples(batch: StepBatch, count: int) -> list[dict]:
     """The first `count` of this rank's completions as table rows."""
     rows = []
     for i, c in enumerate(batch.completions[:count]):
+        # with tools the text shows the turns: the calls, the results the model read, its answer
         rows.append({"prompt": c.example.question, "completion": c.text, "reference": c.answer,
                      **{f"reward/{name}": values[i] for name, values in batch.per_reward.items()},
                      "reward/total": batch.totals[i], "advantage": float(batch.advantages[i])})
