@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, one_line_error
@@ -17,17 +18,26 @@ def test_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
     assert "config.yaml" in one_line_error(proc)
 
 
-def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_reported(tmp_path):
+@pytest.mark.parametrize("recipe", ["tiny-cpu.yaml", "tiny-cpu-tools.yaml"])
+def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_reported(recipe, tmp_path):
+    """The sloppy-teacher default, and the calculator demo (its warm start has tool-call demonstrations,
+    its evaluation runs the multi-turn loop)."""
+    from transformers import AutoTokenizer
+
     from pipeline.config import load_config, to_dict
     from pipeline.embedded.default_model import build_default_model
     from pipeline.report.card import write_report
 
-    config = load_config(REPO / "configs" / "tiny-cpu.yaml", [
+    config = load_config(REPO / "configs" / recipe, [
         f"run.root={tmp_path}", "model.build_hidden_size=64", "model.build_layers=2", "model.build_sft_steps=6",
         "data.synthetic_test=8", "eval.maj_k=0", "server.kv_cache_gib=1"])
     warm = build_default_model(config)
     built = json.loads((warm / "build.json").read_text())
-    assert built["sft_steps"] == 6 and built["early_answers"] == 0.7 and built["sft_seconds"] > 0
+    tools = recipe == "tiny-cpu-tools.yaml"
+    assert built["sft_steps"] == 6 and built["early_answers"] == (0.0 if tools else 0.7) and built["sft_seconds"] > 0
+    assert built.get("tool_demos") == (0.3 if tools else None)
+    tokenizer = AutoTokenizer.from_pretrained(warm)  # the call tags are tokens of their own only for tool demos
+    assert (len(tokenizer("<tool_call>", add_special_tokens=False)["input_ids"]) == 1) == tools
     run = tmp_path / "run"
     run.mkdir()
     config.model.path, config.model.build = str(warm), ""
@@ -40,6 +50,7 @@ def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_repo
     control = json.loads((run / "sft_control.json").read_text())
     assert control["control/extra_sft_steps"] == 4
     assert control["examples"] == 8 and 0 <= control["pass@1/strict_accuracy"] <= 1
+    assert ("tools/call_rate" in control) == tools  # evaluated through the tool loop, as the run was
     longer = json.loads((tmp_path / control["control/model"] / "build.json").read_text())
     assert longer["sft_steps"] == 10 and {k: v for k, v in longer.items() if k not in ("sft_steps", "sft_seconds")} \
         == {k: v for k, v in built.items() if k not in ("sft_steps", "sft_seconds")}
@@ -51,4 +62,5 @@ def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_repo
     (run / "eval_after.json").write_text(json.dumps(control))
     card = write_report(run).read_text()
     assert "more SFT instead (same time)" in card and "4 more warm-start steps" in card
-    assert "one step early" in card  # the card says what the warm start's sloppy teacher does
+    # the card says what is special about the warm start: the sloppy teacher, or the calculator demos
+    assert ("one step early" in card) != tools and ("asking the built-in calculator" in card) == tools

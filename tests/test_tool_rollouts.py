@@ -97,9 +97,11 @@ def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, to
     prompt = prompt_token_ids(tokenizer, generate(3, 5)[0])  # a question like those it was taught on
     groups, info = generate_with_tools(tool_server.client, [prompt, prompt], n=1, max_tokens=160, seed=3,
                                        params={"temperature": 0.0}, toolbox=toolbox, tokenizer=tokenizer, turns=turns,
-                                       max_iterations=2, timeout_s=5)
+                                       max_iterations=2, timeout_s=5, max_prompts=1)
     group = [c for g in groups for c in g]  # greedy: the same prompt twice, two rollouts of their own
-    assert len(group) == 2 and info["turns"] >= 2
+    # max_prompts=1: each later turn of the two rollouts is a request of its own (as a turn of more
+    # rollouts than the server takes in one request is split)
+    assert len(group) == 2 and info["requests"] == 1 + sum(len(c.results) for c in group)
     model = AutoModelForCausalLM.from_pretrained(tool_model_dir, dtype=torch.float32)
     for conversation in group:
         assert len(conversation.token_ids) == len(conversation.logprobs) == len(conversation.loss_mask) <= 160
@@ -155,9 +157,9 @@ def read_a_seven(prompts=None, completions=(), **kwargs):
 
 @pytest.mark.slow
 def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
-    """`make train` with a user's tool: the launcher checks it, the rollouts call it, the loss trains
-    only the model's tokens, a user's reward reads TRL's message-list completions, and metrics.jsonl
-    shows the calls."""
+    """`make train` with a user's tool, overlapped, evaluated during training: the launcher checks it,
+    the rollouts call it, the loss trains only the model's tokens, a user's reward reads TRL's
+    message-list completions, and metrics.jsonl shows the calls."""
     import os
     import subprocess
     import sys
@@ -171,7 +173,8 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
            "--name", "tools", "--set", f"run.root={tmp_path / 'runs'}", "--set", f"model.path={tool_model_dir}",
            "--set", "model.build=", "--set", "eval.limit=4", "--set", "eval.maj_k=2", "--set", "train.max_steps=2",
            "--set", "train.max_completion_tokens=96", "--set", f"server.port={free_port('127.0.0.1')}",
-           "--set", "reward_functions.seven=my_tools:read_a_seven",
+           "--set", "reward_functions.seven=my_tools:read_a_seven", "--set", "train.overlap=true",
+           "--set", "eval.every=2",
            "--set", "rollout.tools=[my_tools:calculator]", "--set", "rollout.max_tool_calling_iterations=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -179,6 +182,7 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["tools/calls_per_completion"] > 0 and r["tools/calls/calculator"] > 0 for r in rows), rows
     assert all(r["reward/seven"] > 0 for r in rows)  # the user's reward saw the tool messages
+    assert 0 <= rows[1]["eval/tools/call_rate"] <= 1  # evaluation during training runs the tool loop too
     assert all(r["tools/failure_rate"] <= 1 and r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
     # the launcher's evaluation goes through the same multi-turn loop: the user's tool answered there too
     evaluated = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "eval_after.jsonl").read_text().splitlines()]

@@ -140,10 +140,11 @@ def run_calls(conversation: Conversation, timeout_s: float) -> list[ToolResult]:
 
 def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tokens: int, seed: int | None,
                         params: dict, toolbox: Toolbox, tokenizer, turns: ToolTurns, max_iterations: int,
-                        timeout_s: float) -> tuple[list[list[Conversation]], dict]:
+                        timeout_s: float, max_prompts: int = 1024) -> tuple[list[list[Conversation]], dict]:
     """`n` multi-turn rollouts per prompt through `engines` (an `Engines`, or one server client).
     Returns the conversations per prompt and the generate answers' bookkeeping: "version" (the
-    oldest), "split" (the first turn's), "timing" (engine seconds summed over turns), "turns"."""
+    oldest), "split" (the first turn's), "timing" (engine seconds summed over turns), "requests"
+    (generate requests made: one per turn, more where a turn had over `max_prompts` rollouts waiting)."""
     first = engines.generate(prompt_ids, n=n, max_tokens=max_tokens, seed=seed, stop=[CALL_CLOSE], **params)
     answers = [first]
     groups = []
@@ -177,14 +178,18 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
             conversation.add_tool_turn(tool_ids, results)
             by_budget.setdefault(left, []).append(conversation)
         for left, conversations in sorted(by_budget.items()):
-            turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE) % 2**62
-            answer = engines.generate([c.prompt_ids + c.token_ids for c in conversations], n=1, max_tokens=left,
-                                      seed=turn_seed, stop=[CALL_CLOSE], **params)
-            answers.append(answer)
-            for conversation, result in zip(conversations, answer["results"], strict=True):
-                completion = result["completions"][0]
-                conversation.add_model_turn({**completion, "version": completion.get("version", answer["version"])},
-                                            tokenizer)
+            # at most max_prompts a request (the server's limit): after the first turn each rollout is a
+            # prompt of its own, n times as many as the first request had
+            for start in range(0, len(conversations), max_prompts):
+                chunk = conversations[start:start + max_prompts]
+                turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE + start) % 2**62
+                answer = engines.generate([c.prompt_ids + c.token_ids for c in chunk], n=1, max_tokens=left,
+                                          seed=turn_seed, stop=[CALL_CLOSE], **params)
+                answers.append(answer)
+                for conversation, result in zip(chunk, answer["results"], strict=True):
+                    completion = result["completions"][0]
+                    conversation.add_model_turn({**completion, "version": completion.get("version", answer["version"])},
+                                                tokenizer)
     for conversation in everyone:
         if conversation.wants_tool:  # still calling at the cap: its last call gets no result
             conversation.finish_reason = "tool_calls"
@@ -193,7 +198,7 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
         for key, value in answer.get("timing", {}).items():
             timing[key] = timing.get(key, 0.0) + value
     return groups, {"version": min(a["version"] for a in answers), "split": first.get("split", {}),
-                    "timing": timing, "turns": len(answers)}
+                    "timing": timing, "requests": len(answers)}
 
 
 @dataclass
@@ -205,6 +210,7 @@ class ToolRollouts:
     tokenizer: object
     max_iterations: int
     timeout_s: float
+    max_prompts: int = 1024  # server.max_prompts: prompts per generate request
 
     def __post_init__(self):
         self.turns = ToolTurns.of(self.tokenizer, self.toolbox.schemas)
@@ -213,7 +219,8 @@ class ToolRollouts:
                  **params) -> dict:
         groups, info = generate_with_tools(client, prompt_ids, n=n, max_tokens=max_tokens, seed=seed, params=params,
                                            toolbox=self.toolbox, tokenizer=self.tokenizer, turns=self.turns,
-                                           max_iterations=self.max_iterations, timeout_s=self.timeout_s)
+                                           max_iterations=self.max_iterations, timeout_s=self.timeout_s,
+                                           max_prompts=self.max_prompts)
         results = [{"prompt_token_ids": ids, "completions": [{
             "token_ids": c.token_ids, "logprobs": c.logprobs, "loss_mask": c.loss_mask, "engine": c.engine,
             "version": c.version, "tool_calls": c.calls, "finish_reason": c.finish_reason,
@@ -230,7 +237,7 @@ class ToolRollouts:
         if not (r.tools or r.environment):
             return None
         return cls(load_toolbox(r.tools, r.environment or None), tokenizer, r.max_tool_calling_iterations,
-                   r.tool_timeout_s)
+                   r.tool_timeout_s, config.server.max_prompts)
 
     def prompt_style(self, style):
         """`style` (a PromptStyle) with the tools' schemas, for templates that show them to the model."""
