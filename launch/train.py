@@ -279,10 +279,11 @@ def check_data_and_rewards(config) -> None:
                           f"{' '.join(missing)}, or make install, which includes the `track` extra)")
     system_prompt = resolve_system_prompt(config.data.system_prompt)
     rewards = load_rewards(config.reward_functions)
-    if config.rollout.tools or config.rollout.environment:
+    tools = config.rollout.tools or config.rollout.environment
+    if tools:
         from pipeline.task.tools import load_toolbox
 
-        load_toolbox(config.rollout.tools, config.rollout.environment or None)  # one line, before anything starts
+        toolbox = load_toolbox(config.rollout.tools, config.rollout.environment or None)  # one line, before anything starts
     if config.data.source == "hub":
         return  # downloading here and again in the ranks is not worth it: the ranks report bad rows
     if config.data.source == "synthetic":
@@ -299,8 +300,14 @@ def check_data_and_rewards(config) -> None:
     if config.reward_functions:
         e = train[0]
         columns = {k: [v, v] for k, v in e.columns.items()}
-        score_completions(["", e.solution], [e.answer, e.answer], config.rewards, rewards,
-                          [e.prompt(system_prompt)] * 2, columns)
+        samples = ["", e.solution]
+        if tools:  # the completions as the rollouts give them: TRL's message lists, a tool call in one
+            call = {"type": "function", "function": {"name": toolbox.names[0], "arguments": {}}}
+            samples = [[{"role": "assistant", "content": ""}],
+                       [{"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "name": toolbox.names[0], "content": "1"},
+                        {"role": "assistant", "content": e.solution}]]
+        score_completions(samples, [e.answer, e.answer], config.rewards, rewards, [e.prompt(system_prompt)] * 2, columns)
 
 
 class EngineMonitor:
