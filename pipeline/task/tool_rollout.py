@@ -85,7 +85,6 @@ class Conversation:
     engine: int = 0
     version: int | None = None  # the oldest weights version of its turns
     calls: list[tuple[str, bool]] = field(default_factory=list)  # (tool name, succeeded), in order
-    results: list[str] = field(default_factory=list)  # what the model read back, turn by turn
     turn_texts: list[str] = field(default_factory=list)  # the model's turns as text
     tool_messages: list[list[dict]] = field(default_factory=list)  # each tool turn: a tool message per call
     last_text: str = ""
@@ -111,8 +110,12 @@ class Conversation:
         self.token_ids += ids
         self.logprobs += [0.0] * len(ids)
         self.loss_mask += [0] * len(ids)
-        self.results.append("\n".join(r.text for r in results))
         self.tool_messages.append([{"role": "tool", "name": r.name, "content": r.text} for r in results])
+
+    @property
+    def results(self) -> list[str]:
+        """What the model read back, turn by turn (a turn's results joined as its tool turn holds them)."""
+        return ["\n".join(m["content"] for m in turn) for turn in self.tool_messages]
 
     def messages(self) -> list[dict]:
         """The rollout as TRL's message-list completion: each model turn an assistant message whose call
