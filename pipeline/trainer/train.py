@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     link.close()
     log.info("done: %d steps; final model in %s", trainer.total_steps, run_dir / "final")
     dist.barrier()
+    # Without this, gloo's worker threads can outlive the interpreter's teardown and abort the rank
+    # (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+    dist.destroy_process_group()
     return 0
 
 
