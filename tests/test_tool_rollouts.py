@@ -157,8 +157,9 @@ def read_a_seven(prompts=None, completions=(), **kwargs):
 
 @pytest.mark.slow
 def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
-    """`make train` with a user's tool, overlapped, evaluated during training: the launcher checks it,
-    the rollouts call it, the loss trains only the model's tokens, a user's reward reads TRL's
+    """`make train` with a user's tool, overlapped, evaluated during training, on two generation
+    engines (each turn's rollouts split between them, one push to both): the launcher checks it, the
+    rollouts call it, the loss trains only the model's tokens, a user's reward reads TRL's
     message-list completions, and metrics.jsonl shows the calls."""
     import os
     import subprocess
@@ -174,12 +175,13 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
            "--set", "model.build=", "--set", "eval.limit=4", "--set", "eval.maj_k=2", "--set", "train.max_steps=2",
            "--set", "train.max_completion_tokens=96", "--set", f"server.port={free_port('127.0.0.1')}",
            "--set", "reward_functions.seven=my_tools:read_a_seven", "--set", "train.overlap=true",
-           "--set", "eval.every=2",
+           "--set", "eval.every=2", "--set", "server.data_parallel_size=2",
            "--set", "rollout.tools=[my_tools:calculator]", "--set", "rollout.max_tool_calling_iterations=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["server/engines"] == 2 and r["sync/engines_verified"] == 2 for r in rows), rows
     assert all(r["tools/calls_per_completion"] > 0 and r["tools/calls/calculator"] > 0 for r in rows), rows
     assert all(r["reward/seven"] > 0 for r in rows)  # the user's reward saw the tool messages
     assert 0 <= rows[1]["eval/tools/call_rate"] <= 1  # evaluation during training runs the tool loop too

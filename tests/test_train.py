@@ -77,9 +77,9 @@ def test_step_data_is_deterministic_and_resumable():
 def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
     name = f"zero{zero}"
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    proc = launch("--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-                  "--set", "train.max_steps=3", "--set", f"train.deepspeed_config=configs/ds_zero{zero}.json",
-                  "--set", "train.save_every=2", server=server, root=tmp_path)
+    common = ["--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
+              "--set", f"train.deepspeed_config=configs/ds_zero{zero}.json", "--set", "train.save_every=2"]
+    proc = launch(*common, "--set", "train.max_steps=3", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DeepSpeed's CPU all-reduce buffers (66 MB per rank) are not left in /dev/shm, i.e. in RAM
     assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
@@ -119,6 +119,15 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
     assert (served - hf_logprobs(run_dir / "final", prompt, completion)).abs().max() <= 1e-3
     assert (served - hf_logprobs(warm_model_dir, prompt, completion)).abs().max() > 1e-4
 
+    # --- the same run again: refused without --resume; with it, continued from the last checkpoint ---
+    again = launch(*common, "--set", "train.max_steps=3", server=server, root=tmp_path)
+    assert again.returncode == 2 and "already holds a run" in one_line_error(again)
+    resumed = launch(*common, "--resume", "--set", "train.max_steps=4", server=server, root=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints'}" in (run_dir / "train.log").read_text()
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert server.client.health()["version"] == 4
+
 
 @pytest.mark.slow
 def test_overlapped_mode(server, warm_model_dir, tmp_path):
@@ -157,20 +166,6 @@ def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_mod
     assert all(r["completions/truncated_rate"] > 0 for r in rows)  # 24 tokens: some are cut, and masked
     assert all(abs(r["is_ratio/mean"] - 1) < 1e-3 for r in rows)
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
-
-
-@pytest.mark.slow
-def test_resume_continues_steps(server, warm_model_dir, tmp_path):
-    common = ["--name", "r", "--set", f"model.path={warm_model_dir}", "--set", "model.build="]
-    first = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
-    assert again.returncode == 2 and "already holds a run" in one_line_error(again)
-    resumed = launch(*common, "--resume", "--set", "train.max_steps=4", server=server, root=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in (tmp_path / "r" / "train.log").read_text()
-    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [1, 2, 3, 4]
-    assert server.client.health()["version"] == 4
 
 
 def _processes_mentioning(text: str) -> list[str]:
