@@ -143,7 +143,7 @@ def run_calls(conversation: Conversation, timeout_s: float) -> list[ToolResult]:
 
 def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tokens: int, seed: int | None,
                         params: dict, toolbox: Toolbox, tokenizer, turns: ToolTurns, max_iterations: int,
-                        timeout_s: float, max_prompts: int = 1024) -> tuple[list[list[Conversation]], dict]:
+                        timeout_s: float, max_prompts: int) -> tuple[list[list[Conversation]], dict]:
     """`n` multi-turn rollouts per prompt through `engines` (an `Engines`, or one server client).
     Returns the conversations per prompt and the generate answers' bookkeeping: "version" (the
     oldest), "split" (the first turn's), "timing" (engine seconds summed over turns), "requests"
@@ -213,7 +213,7 @@ class ToolRollouts:
     tokenizer: object
     max_iterations: int
     timeout_s: float
-    max_prompts: int = 1024  # server.max_prompts: prompts per generate request
+    max_prompts: int  # server.max_prompts: prompts per generate request
 
     def __post_init__(self):
         self.turns = ToolTurns.of(self.tokenizer, self.toolbox.schemas)
