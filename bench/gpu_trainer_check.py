@@ -113,6 +113,13 @@ def parse_args():
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                    help="auto: bfloat16 on GPU (the recipe), float32 with --cpu")
     p.add_argument("--no-vllm", action="store_true", help="stub pipeline.sync.weight_sync even where vLLM imports")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="learning rate (default 5e-3 below 100M parameters, where a few steps must move the weights; "
+                        "1e-5 above: 5e-3 diverges a 1B model within 3 steps)")
+    p.add_argument("--recipe-shape", action="store_true",
+                   help="memory only: prem-1B's shape (vocabulary 32,004, random weights) at the recipe's lengths, "
+                        "micro-batch, beta and learning rate (configs/prem-1b-gsm8k.yaml), one rank; per ZeRO stage "
+                        "launch/memory.py's estimate next to the measured peak")
     p.add_argument("--out", default="", help="JSON summary (default $OUT/gpu_trainer_check.json if OUT is set)")
     return p.parse_args()
 
@@ -244,7 +251,7 @@ def stage_config(ds_path: Path, ctx: dict, steps: int, lora: bool):
     overrides = [f"model.path={ctx['model_dir']}", f"train.deepspeed_config={ds_path}",
                  f"train.micro_batch_size={ctx['micro']}", f"train.gradient_accumulation_steps={ctx['accum']}",
                  f"train.num_generations={ctx['group']}", f"train.max_steps={steps}",
-                 "train.learning_rate=5e-3", "train.warmup_ratio=0.0", "train.min_lr_ratio=0.1",
+                 f"train.learning_rate={ctx['lr']}", "train.warmup_ratio=0.0", "train.min_lr_ratio=0.1",
                  "train.max_grad_norm=1.0", "train.beta=0.04", f"train.max_completion_tokens={ctx['max_tokens']}",
                  f"train.deepspeed_config={ds_path}", "data.synthetic_train=64"]
     if lora:
@@ -269,7 +276,7 @@ def build_engines(config, ctx: dict, stage: int, tag: str):
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in engine.module.parameters()})
     check(f"{tag}: deepspeed.initialize", built.zero_stage == stage and engine.zero_optimization_stage() == stage
           and engine.device.type == device.type and engine.bfloat16_enabled() == (dtype == torch.bfloat16)
-          and built.dtype == dtype and (built.reference is None) == bool(config.model.lora_rank),
+          and built.dtype == dtype and (built.reference is None) == bool(config.model.lora_rank or not config.train.beta),
           f"stage {engine.zero_optimization_stage()}, device {engine.device}, bf16 {engine.bfloat16_enabled()}, "
           f"param dtypes {dtypes}, reference {'none (LoRA: adapter off)' if built.reference is None else 'engine'}")
     return built, start_gib
@@ -308,7 +315,7 @@ def grpo_steps(built, config, ctx: dict, tag: str) -> dict:
             losses.append(s["loss"])
             norms.append(mx["grad_norm"])
             lrs.append(engine.get_lr()[0])
-            kls.append(s["kl_sum"] / max(s["tokens"], 1.0))
+            kls.append(s.get("kl_sum", 0.0) / max(s["tokens"], 1.0))
             tokens_per_step.append(sum(len(c.prompt_ids) + len(c.token_ids) for c in mine))
             print(f"  {tag} step {step + 1} {loss_type:8s} loss {s['loss']:+.4f} grad_norm {norms[-1]:.3g} "
                   f"kl {kls[-1]:.3g} clipped {s['clipped_tokens']:.0f}/{s['tokens']:.0f} lr {lrs[-1]:.2e} "
@@ -317,8 +324,9 @@ def grpo_steps(built, config, ctx: dict, tag: str) -> dict:
         check(f"{tag}: loss and grad norm finite over {steps} steps ({', '.join(used)})",
               all(math.isfinite(x) for x in losses + norms + kls) and len(losses) == steps,
               f"losses {[round(x, 4) for x in losses]}, grad norms {[round(x, 3) for x in norms]}")
-        check(f"{tag}: KL to the reference starts at 0 and grows", abs(kls[0]) < 1e-3 and kls[-1] > kls[0] and
-              all(k >= -1e-6 for k in kls), f"kl {[f'{k:.2e}' for k in kls]}")
+        if t.beta:
+            check(f"{tag}: KL to the reference starts at 0 and grows", abs(kls[0]) < 1e-3 and kls[-1] > kls[0] and
+                  all(k >= -1e-6 for k in kls), f"kl {[f'{k:.2e}' for k in kls]}")
         check(f"{tag}: learning rate follows the schedule (cosine to 10%)", lrs[0] > lrs[-1] > 0,
               f"lr {[f'{x:.2e}' for x in lrs]}")
     if device.type == "cuda":
@@ -690,6 +698,97 @@ def device_checks(ctx: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
+RECIPE = REPO / "configs" / "prem-1b-gsm8k.yaml"
+
+
+def recipe_shape(args, train, device, dtype) -> None:
+    """--recipe-shape: a randomly initialised model of prem-1B-chat's shape (launch/memory.py's record of its
+    config.json) trained for --steps GRPO steps per ZeRO stage on one rank, with the recipe's micro-batch,
+    completions per step, beta and learning rate, every sequence at the recipe's full prompt + completion
+    length; per stage the peak of torch's allocator against launch/memory.py's estimate for the same
+    settings (less the CUDA context, which the allocator does not see). Each stage is freed before the next."""
+    import torch
+    import transformers
+
+    from launch.memory import CUDA_CONTEXT_GIB, GIB, KNOWN_MODELS, Zero, total, trainer_peak
+    from pipeline.config import load_config
+    from pipeline.embedded.tiny_model import build_tiny_model
+    from pipeline.task.synthetic import generate
+    from pipeline.trainer.rollout import Completion
+
+    shape = dict(KNOWN_MODELS["premai-io/prem-1B-chat"])
+    if args.hidden or args.layers:  # a smaller model of the same kind (--cpu: this function's logic)
+        shape.update(hidden_size=args.hidden or shape["hidden_size"], num_hidden_layers=args.layers or shape["num_hidden_layers"],
+                     intermediate_size=int(2.75 * (args.hidden or shape["hidden_size"])))
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-recipe-shape-"))
+    examples = generate(200, seed=7)
+    tokenizer_dir = build_tiny_model(tmp / "tokenizer", [e.question + "\n" + e.solution for e in examples],
+                                     hidden_size=32, num_layers=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"}, max_position_embeddings=2048),
+        dtype=dtype)
+    model_dir = tmp / "model"
+    model.save_pretrained(model_dir)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    del model
+    recipe = load_config(RECIPE, [f"model.path={model_dir}"])
+    t, prompt_len = recipe.train, recipe.data.max_prompt_tokens
+    per_step, group = t.completions_per_step, t.num_generations
+    micro = min(t.micro_batch_size, per_step)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(1)
+
+    def completion(e, formatted_start: bool):
+        """Full length: a formatted solution then random tokens, or only random tokens (rewards differ)."""
+        ids = tokenizer(formatted(e), add_special_tokens=False)["input_ids"] if formatted_start else []
+        ids = (ids + [rng.randrange(len(tokenizer)) for _ in range(t.max_completion_tokens)])[:t.max_completion_tokens]
+        return Completion([rng.randrange(len(tokenizer)) for _ in range(prompt_len)], ids, [], tokenizer.decode(ids),
+                          True, e)
+
+    rollouts = [[completion(examples[s * per_step // group + i // group], i % 2 == 0) for i in range(per_step)]
+                for s in range(args.steps)]
+    print(f"recipe shape: {shape['hidden_size']} hidden, {shape['num_hidden_layers']} layers, vocab "
+          f"{shape['vocab_size']}, {per_step} completions of {prompt_len} + {t.max_completion_tokens} tokens per step, "
+          f"micro-batch {micro} x accumulation {per_step // micro}, beta {t.beta}, lr {t.learning_rate}", flush=True)
+    ctx = {"train": train, "device": device, "dtype": dtype, "rollouts": rollouts, "pad_id": 0}
+    table = {}
+    for stage in (2, 3):
+        ds = REPO / "configs" / f"ds_zero{stage}{'_gpu' if device.type == 'cuda' else ''}.json"
+        config = load_config(RECIPE, [f"model.path={model_dir}", f"train.deepspeed_config={ds}", f"model.dtype={str(dtype).removeprefix('torch.')}",
+                                      f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={per_step // micro}",
+                                      f"train.max_steps={args.steps}", "train.min_lr_ratio=0.1", "data.source=synthetic", "data.synthetic_train=64", "model.attn_implementation=sdpa"])
+        estimate_at, parts = trainer_peak(config, shape, {"micro_batch_size": micro, "ranks": 1}, Zero.from_file(str(ds)))
+        estimate = total(parts) / GIB - CUDA_CONTEXT_GIB
+        with guarded(f"recipe shape zero{stage}"):
+            built, start_gib = build_engines(config, ctx, stage, f"recipe-zero{stage}")
+            with torch.no_grad():  # the behaviour policy: the initial model's own logprobs
+                for batch in rollouts:
+                    for c in batch:
+                        ids = torch.tensor([c.prompt_ids + c.token_ids], device=device)
+                        c.logprobs = train.token_logprobs(built.engine, ids, torch.ones_like(ids))[
+                            0, len(c.prompt_ids) - 1:].float().cpu().tolist()
+            result = grpo_steps(built, config, ctx, f"recipe-zero{stage}")
+            measured = result.get("peak_memory_gib", math.nan) - start_gib
+            table[f"zero{stage}"] = {"estimate_gib": estimate, "estimate_at": estimate_at, "measured_gib": measured,
+                                     "estimate_over_measured": estimate / measured if measured else math.nan,
+                                     **{k: result[k] for k in ("step_s_median", "tokens_per_s", "losses") if k in result}}
+            check(f"recipe shape zero{stage}: launch/memory.py's estimate is never below the measured peak",
+                  device.type != "cuda" or estimate >= measured,
+                  f"estimate {estimate:.2f} GiB at the {estimate_at}, measured {measured:.2f} GiB")
+            del built
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    METRICS["recipe_shape"] = table
+    print("| ZeRO | estimate (GiB, allocator) | measured peak (GiB) | estimate / measured | step (s) |")
+    print("|---|---|---|---|---|")
+    for key, row in table.items():
+        print(f"| {key[4]} | {row['estimate_gib']:.2f} (at the {row['estimate_at']}) | {row['measured_gib']:.2f} | "
+              f"{row['estimate_over_measured']:.2f} | {row.get('step_s_median', math.nan):.2f} |", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     args = parse_args()
     if args.cpu:
@@ -732,6 +831,9 @@ def main() -> int:
     from pipeline.device import resolve_attn
     from pipeline.trainer.grpo import token_logprobs
 
+    if args.recipe_shape:
+        recipe_shape(args, train, device, dtype)
+        return finish(args, t0)
     hidden = args.hidden or (512 if cuda else 64)
     layers = args.layers or (4 if cuda else 2)
     tmp = Path(tempfile.mkdtemp(prefix="gpu-trainer-check-"))
@@ -752,7 +854,7 @@ def main() -> int:
            "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "rollouts": rollouts, "steps": steps,
            "micro": micro, "accum": accum, "group": group, "max_tokens": max_tokens, "tmp": tmp,
            "have_vllm": have_vllm, "logit_tol": 1e-4 if dtype == torch.float32 else 2e-2,
-           "lora_steps": min(args.lora_steps, steps),
+           "lora_steps": min(args.lora_steps, steps), "lr": args.lr or (5e-3 if n_params < 1e8 else 1e-5),
            "hf_params": {n: p.detach().float().cpu() for n, p in hf.named_parameters()}}
     ctx["probe"] = probe_batch(rollouts, tokenizer, device)
     with torch.no_grad():

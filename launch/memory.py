@@ -1,43 +1,84 @@
-"""GPU memory in the launch plan: what one trainer rank needs for full AdamW training under DeepSpeed
-ZeRO, what the vLLM server needs at least, and from those the share of a GPU the server may take
-(`server.gpu_memory_utilization: 0` = auto). A card too small for both is a one-line error before
-anything starts, not an out-of-memory error at step 1.
+"""GPU memory in the launch plan: one trainer rank's peak under DeepSpeed ZeRO, the least a vLLM engine
+needs, and from those the split of a GPU they share. A card too small for both is a one-line error
+before anything starts, not an out-of-memory error at step 1.
 
-Pure Python (no torch, no model loaded): estimates from the model's shape, written out with their
-arithmetic in the dry run and --plan-json. They are not measurements: no GPU has run them yet (README
-"GPUs"); the constants below say where each number comes from.
+Pure Python (no torch, no model loaded): estimates from the model's config.json, written out with their
+arithmetic in the dry run and --plan-json. The rank's peak is the largest of three moments of a step
+(backward, the optimizer step, the weight push), each a sum of named parts; the constants below say
+where each number comes from, and `tests/test_memory.py` holds them against the H200 measurements in
+the README ("GPUs").
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from launch.plan import PlanError
 from pipeline.config import SERVER_ALONE_GPU_SHARE, Config
 
 GIB = 2**30
-CUDA_CONTEXT_GIB = 1.0  # per process: the CUDA context, cuBLAS and NCCL workspaces (0.5-1 GiB on recent cards)
-VLLM_RUNTIME_GIB = 2.0  # vLLM beyond weights and KV cache, counted in its share: its CUDA context, the profiled
+REPO = Path(__file__).resolve().parents[1]
+CUDA_CONTEXT_GIB = 1.0  # per process, outside torch's allocator: the CUDA context, cuBLAS and NCCL workspaces
+VLLM_RUNTIME_GIB = 2.0  # vLLM beyond weights and KV cache, inside its share: its CUDA context, the profiled
 #                         activations of a max_num_batched_tokens forward, CUDA graphs, the sampler
-MARGIN_GIB = 1.0  # allocator fragmentation and caching on the GPU, besides the weight-transfer bucket
-# Bytes of activations kept for backward per token, layer and hidden unit in 16-bit without recomputation:
-# Korthikanti et al. 2022 ("Reducing Activation Recomputation"), s*b*h*(34 + 5*a*s/h), whose attention-score
-# term flash/sdpa attention does not store. With gradient checkpointing: the layer inputs (2) plus one
-# layer recomputed (34).
-ACTIVATION_BYTES = 34
-CHECKPOINTED_BYTES = 2
-LOGIT_COPIES = 3  # fp32 logits, their log-softmax and its gradient, per token and vocabulary entry
+MARGIN_GIB, MARGIN_FRACTION = 1.0, 0.10  # allocator fragmentation beside a rank's modelled peak: the larger
+KV_CACHE_STEPS = 4  # a GPU shared with a rank: vLLM's KV cache holds this many steps' completions at full
+#                     length (an overlapped step's next rollouts, evaluation batches, block rounding)
+# Bytes kept for backward per token and layer, in 16-bit, by an HF Llama/Qwen2 decoder layer with sdpa:
+# counted with torch's saved-tensor hooks on the real modules (tests/test_memory.py does it again): each
+# RMSNorm keeps its input upcast to fp32, the normalised fp32 and the 16-bit output (20 x hidden for two);
+# q, k, v before and after rotary embedding, the attention output and its projection's input (~6 x hidden
+# + 4 x the KV width); the gated MLP's gate, up, SiLU and product (8 x intermediate). 45 B per hidden unit
+# for the 1.06B H200 shape, 34 in Korthikanti et al. 2022 (4h MLP, no fp32 norms).
+ACT_PER_HIDDEN, ACT_PER_INTERMEDIATE, ACT_PER_KV = 20, 8, 4
+ACT_PER_HEAD = 4  # sdpa's fp32 log-sum-exp per head
+LOGIT_BYTES = 16  # per token and vocabulary entry: 16-bit logits, the fp32 copy log-softmax keeps, and in
+#                   backward its fp32 softmax and gradient and the 16-bit gradient into lm_head
+# The optimizer step's transients per parameter of the rank's partition (DeepSpeed 0.19.8, torch AdamW):
+# ZeRO-1/2 flatten the 16-bit gradients and cast the flat copy to fp32 while the gradient views are alive
+# (stage_1_and_2.py `step`: the 16-bit partition + its flat copy + fp32 = 8 B); then AdamW, whose foreach
+# kernel adds a full-size fp32 sqrt(v) (torch/optim/adam.py `_multi_tensor_adam`) beside the fp32
+# gradient (8 B), the fused kernel nothing (4 B). ZeRO-3 keeps a flat 16-bit gradient buffer, casts one
+# sub-group (sub_group_size) to fp32 and steps it (4 B + foreach's 4 B, per sub-group).
+FUSED_ADAMW_ON_CUDA = True  # pipeline/trainer/build.py: torch.optim.AdamW(fused=True) on CUDA
 # Hub models the recipes name, for a plan made before the download: their config.json.
 KNOWN_MODELS = {
     # TinyLlama's Llama-2 shape, which Prem-1B is built on (Prem AI's "Introducing Prem-1B"); the vocabulary is
     # TinyLlama's 32,000 plus the chat model's added tokens, taken as 4 here: not read from the hub, which this
     # machine cannot reach. A cached or local config.json always wins over this table.
     "premai-io/prem-1B-chat": {
-        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-        "num_key_value_heads": 4, "vocab_size": 32004, "tie_word_embeddings": False},
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32004, "tie_word_embeddings": False},
 }
+ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "overlap_comm": False, "sub_group_size": 1e9,
+                 "stage3_max_live_parameters": 1e9}  # DeepSpeed 0.19.8's, where a JSON leaves them out
+
+
+@dataclass(frozen=True)
+class Zero:
+    """What the memory model reads of a DeepSpeed JSON's zero_optimization."""
+    stage: int = 2
+    reduce_bucket: int = 500_000_000  # elements
+    overlap_comm: bool = False
+    sub_group: int = 1_000_000_000
+    max_live: int = 1_000_000_000
+
+    @classmethod
+    def of(cls, zero: dict) -> Zero:
+        z = {**ZERO_DEFAULTS, **zero}
+        return cls(int(z.get("stage", 0)), int(z["reduce_bucket_size"]), bool(z["overlap_comm"]),
+                   int(z["sub_group_size"]), int(z["stage3_max_live_parameters"]))
+
+    @classmethod
+    def from_file(cls, path: str, cuda: bool = True) -> Zero:
+        """train.deepspeed_config (auto: the ZeRO-2 JSON for the device, as launch/train.py resolves it)."""
+        if path == "auto":
+            path = str(REPO / "configs" / ("ds_zero2_gpu.json" if cuda else "ds_zero2.json"))
+        return cls.of(json.loads(Path(path).read_text()).get("zero_optimization", {}))
 
 
 def hub_cache_config(name: str) -> Path | None:
@@ -68,71 +109,143 @@ def model_shape(config: Config) -> tuple[dict | None, str]:
     return None, f"model.path={path} is not a local directory, not in the Hugging Face cache and not in launch/memory.py"
 
 
+def kv_width(shape: dict) -> int:
+    heads = shape["num_attention_heads"]
+    return (shape.get("num_key_value_heads") or heads) * (shape.get("head_dim") or shape["hidden_size"] // heads)
+
+
 def param_count(shape: dict) -> int:
-    """Parameters of a Llama-style decoder (gated MLP, as Llama, Qwen2 and Mistral have) from its shape."""
+    """Parameters of a Llama-style decoder (gated MLP, as Llama, Qwen2 and Mistral have) from its shape;
+    Qwen2 has biases on q, k and v."""
     h, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
     heads = shape["num_attention_heads"]
-    kv_heads = shape.get("num_key_value_heads") or heads
-    head_dim = shape.get("head_dim") or h // heads
-    attention = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim
+    q = heads * (shape.get("head_dim") or h // heads)
+    attention = 2 * h * q + 2 * h * kv_width(shape)
+    if shape.get("model_type") == "qwen2" or shape.get("attention_bias"):
+        attention += q + 2 * kv_width(shape)
     mlp = 3 * h * shape.get("intermediate_size", 4 * h)
     embeddings = vocab * h * (1 if shape.get("tie_word_embeddings", True) else 2)
     return layers * (attention + mlp + 2 * h) + embeddings + h
 
 
+def lora_param_count(shape: dict, rank: int) -> int:
+    """LoRA A and B of every linear layer of the decoder (model.lora_target_modules all-linear): rank x
+    (inputs + outputs) each; q and o are h -> h, k and v h -> KV width, gate and up h -> I, down I -> h."""
+    h, i, kv = shape["hidden_size"], shape.get("intermediate_size", 4 * shape["hidden_size"]), kv_width(shape)
+    return shape["num_hidden_layers"] * rank * (9 * h + 2 * kv + 3 * i)
+
+
 def kv_bytes_per_token(shape: dict, weight_bytes: int) -> int:
     """K and V of every layer for one token."""
-    heads = shape["num_attention_heads"]
-    head_dim = shape.get("head_dim") or shape["hidden_size"] // heads
-    return 2 * shape["num_hidden_layers"] * (shape.get("num_key_value_heads") or heads) * head_dim * weight_bytes
+    return 2 * shape["num_hidden_layers"] * kv_width(shape) * weight_bytes
+
+
+def activation_bytes_per_token(shape: dict, w: int, checkpointing: bool) -> tuple[float, str]:
+    """Bytes one token keeps for backward over the whole decoder, and how: every layer's saved tensors,
+    or with gradient checkpointing each layer's input and one layer recomputed."""
+    h, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    per_layer = (ACT_PER_HIDDEN * h + ACT_PER_INTERMEDIATE * shape.get("intermediate_size", 4 * h)
+                 + ACT_PER_KV * kv_width(shape)) * w / 2 + ACT_PER_HEAD * shape["num_attention_heads"]
+    if checkpointing:
+        return layers * h * w + per_layer, f"({layers} layer inputs {h * w} B + one layer {per_layer / 1024:.0f} KiB), checkpointed"
+    return layers * per_layer, f"{layers} layers x {per_layer / 1024:.0f} KiB"
 
 
 def gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def model_states(params: int, w: int, ranks: int, stage: int, lora: bool) -> tuple[float, str]:
-    """Weights, gradients, fp32 master copy and Adam's two moments, partitioned as the ZeRO stage says."""
-    if lora:
-        return params * w, f"{params / 1e9:.2f}B frozen weights x {w} B (LoRA adapters and their Adam state not counted)"
-    master = 4 if w == 2 else 0  # DeepSpeed keeps an fp32 copy of 16-bit weights
-    parts = [(f"weights {w}", w, 3), (f"grads {w}", w, 2), (f"fp32 master {master}", master, 1), ("Adam m, v 8", 8, 1)]
-    whole = [name for name, size, level in parts if size and (stage < level or ranks == 1)]
-    split = [name for name, size, level in parts if size and stage >= level and ranks > 1]
-    per_param = sum(size / (ranks if stage >= level else 1) for _, size, level in parts)
-    spelled = " + ".join(whole + ([f"({' + '.join(split)}) / {ranks} ranks"] if split else []))
-    return params * per_param, f"{params / 1e9:.2f}B params x {per_param:.1f} B: {spelled}, ZeRO-{stage}"
+Part = tuple[str, float, str]  # (name, bytes, arithmetic)
 
 
-def trainer_need(config: Config, shape: dict, params: int, w: int, batch: dict, stage: int,
-                 bucket_elements: int) -> list[tuple[str, float, str]]:
-    """(part, bytes, arithmetic) of one trainer rank's peak."""
-    t = config.train
+def trainer_phases(config: Config, shape: dict, batch: dict, zero: Zero, cuda: bool = True) -> dict[str, list[Part]]:
+    """The parts one trainer rank holds at each moment of a step that can be its peak: backward (the
+    states, the gradients, the activations and logits of one micro-batch), the optimizer step (the
+    states and the step's transients, activations freed) and the weight push (the states and the
+    transfer buffers). `batch`: the plan's batch split (micro_batch_size, ranks)."""
+    t, ranks, stage = config.train, batch["ranks"], zero.stage
+    w = 4 if config.model.dtype == "float32" else 2
+    n = param_count(shape)
+    lora = config.model.lora_rank
+    trainable = lora_param_count(shape, lora) if lora else n
+    opt_split = ranks if stage >= 1 else 1  # fp32 master and Adam's moments
+    grad_split = ranks if stage >= 2 else 1
+    weight_split = ranks if stage == 3 else 1
+    master = 4 if w == 2 else 0
+
+    def per(params: int, size: float, split: int, what: str, why: str = "") -> Part:
+        return (what, params * size / split, f"{params / 1e9:.3g}B x {size:g} B{why}" + (f" / {split} ranks" if split > 1 else ""))
+
+    states = [per(n, w, weight_split, "weights" + (" (frozen)" if lora else ""))]
+    if master:
+        states.append(per(trainable, master, opt_split, "fp32 master"))
+    states.append(per(trainable, 8, opt_split, "Adam m, v"))
+    if t.beta and not lora:  # with LoRA the reference is the policy, adapter off: no second copy
+        states.append(per(n, w, weight_split, "reference model"))
+    bucket = min(zero.reduce_bucket, trainable) * w * (2 if zero.overlap_comm and stage < 3 else 1)
+    ds_bucket = ("DeepSpeed gradient bucket", bucket, f"reduce_bucket_size {zero.reduce_bucket / 1e6:.0f}M x {w} B"
+                 + (" x 2 (overlap_comm)" if zero.overlap_comm and stage < 3 else ""))
+
     tokens = batch["micro_batch_size"] * (config.data.max_prompt_tokens + t.max_completion_tokens)
-    h, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    kept = (CHECKPOINTED_BYTES * layers + ACTIVATION_BYTES) if t.gradient_checkpointing else ACTIVATION_BYTES * layers
-    states = model_states(params, w, batch["ranks"], stage, bool(config.model.lora_rank))
-    parts = [("model states", *states),
-             ("activations", tokens * h * kept * w / 2,
-              f"{batch['micro_batch_size']} x {tokens // batch['micro_batch_size']} tokens x {h} hidden x "
-              + (f"({CHECKPOINTED_BYTES} x {layers} layers + {ACTIVATION_BYTES}) B, checkpointed" if t.gradient_checkpointing
-                 else f"{layers} layers x {ACTIVATION_BYTES} B")),
-             ("logits", tokens * vocab * 4 * LOGIT_COPIES, f"{tokens} tokens x {vocab} vocab x 4 B x {LOGIT_COPIES}"),
-             ("runtime", CUDA_CONTEXT_GIB * GIB + min(bucket_elements, params) * w,
-              f"CUDA context {CUDA_CONTEXT_GIB:.0f} GiB + DeepSpeed buckets {min(bucket_elements, params) / 1e6:.0f}M x {w} B")]
-    if t.beta and not config.model.lora_rank:  # with LoRA the reference is the policy, adapter off
-        parts.insert(1, ("reference model", params * w, f"train.beta > 0: {params / 1e9:.2f}B x {w} B"))
-    return parts
+    per_token, how = activation_bytes_per_token(shape, w, t.gradient_checkpointing)
+    backward = [*states, per(trainable, w, grad_split, "gradients"), ds_bucket,
+                ("activations", tokens * per_token, f"{tokens} tokens ({batch['micro_batch_size']} x "
+                 f"{tokens // batch['micro_batch_size']}) x {how}"),
+                ("logits", tokens * shape["vocab_size"] * LOGIT_BYTES, f"{tokens} tokens x {shape['vocab_size']} vocab "
+                 f"x {LOGIT_BYTES} B")]
+    if stage == 3 and ranks > 1:
+        live = min(zero.max_live, n)
+        backward.append(("ZeRO-3 gathered layers", live * w, f"stage3_max_live_parameters {live / 1e6:.0f}M x {w} B"))
+
+    fused = cuda and FUSED_ADAMW_ON_CUDA
+    adam_extra = 0 if fused else 4
+    if stage == 3:
+        group = min(trainable // ranks, zero.sub_group)
+        step = [*states, per(trainable, w, ranks, "flat gradients"), ds_bucket,
+                ("step transients", group * (4 + adam_extra), f"{group / 1e9:.3g}B (a sub-group) x (fp32 gradient 4"
+                 + (" + foreach sqrt(v) 4" if adam_extra else ", fused AdamW") + ") B")]
+    else:
+        flatten = 2 * w + (4 if w == 2 else 0)
+        transient = max(flatten, 4 + adam_extra)
+        step = [*states, per(trainable, transient, grad_split, "step transients",
+                             f": max(gradients {w} + flat copy {w}" + (" + fp32 4" if w == 2 else "")
+                             + f", fp32 gradient 4 + {'fused AdamW 0' if fused else 'foreach sqrt(v) 4'})")]
+
+    bucket_bytes = config.sync.bucket_mb * 2**20
+    push = [*states, ("weight-transfer buffers", 2 * bucket_bytes, f"2 x sync.bucket_mb {config.sync.bucket_mb}"),
+            ("checksum sample", config.sync.verify_mb * 2**20, f"sync.verify_mb {config.sync.verify_mb}")]
+    if stage == 3:
+        push.append(("ZeRO-3 gathered chunk", 256 * 2**20, "256 MiB (ModelSource.chunk_bytes)"))
+    return {"backward": backward, "optimizer step": step, "weight push": push}
 
 
-def server_need(config: Config, shape: dict, params: int, w: int, completions: int) -> list[tuple[str, float, str]]:
-    """(part, bytes, arithmetic) of the least each server GPU must hold: its weights, the KV cache of one
-    step's completions at full length (a whole step generated at once), vLLM's runtime."""
+def trainer_peak(config: Config, shape: dict, batch: dict, zero: Zero, cuda: bool = True) -> tuple[str, list[Part]]:
+    """The moment of a step at which the rank holds most, and its parts (the CUDA context added)."""
+    phases = trainer_phases(config, shape, batch, zero, cuda)
+    name = max(phases, key=lambda k: total(phases[k]))
+    return name, [*phases[name], ("CUDA context", CUDA_CONTEXT_GIB * GIB, "outside torch's allocator")]
+
+
+def margin(trainer_bytes: float) -> float:
+    return max(MARGIN_GIB * GIB, MARGIN_FRACTION * trainer_bytes)
+
+
+def server_need(config: Config, shape: dict, completions: int, shared: bool) -> list[Part]:
+    """(part, bytes, arithmetic) of what each engine's GPU must give vLLM: its weights, the KV cache of one
+    step's completions at full length (a whole step may go to one engine; on a GPU shared with a rank,
+    KV_CACHE_STEPS of them, or server.kv_cache_gib), vLLM's runtime."""
     tp, length = config.server.tensor_parallel_size, config.server.max_model_len
-    kv = kv_bytes_per_token(shape, w)
-    return [("weights", params * w / tp, f"{params / 1e9:.2f}B x {w} B" + (f" / TP {tp}" if tp > 1 else "")),
-            ("KV cache", completions * length * kv / tp,
-             f"{completions} completions x {length} tokens x {kv / 1024:.0f} KiB" + (f" / TP {tp}" if tp > 1 else "")),
+    w = 4 if config.model.dtype == "float32" else 2
+    n, kv = param_count(shape), kv_bytes_per_token(shape, w)
+    over = f" / TP {tp}" if tp > 1 else ""
+    steps = KV_CACHE_STEPS if shared else 1
+    if config.server.kv_cache_gib:
+        cache = ("KV cache", config.server.kv_cache_gib * GIB / tp, f"server.kv_cache_gib {config.server.kv_cache_gib:g}{over}")
+    else:
+        cache = ("KV cache", steps * completions * length * kv / tp,
+                 (f"{steps} steps x " if steps > 1 else "") + f"{completions} completions x {length} tokens x "
+                 f"{kv / 1024:.0f} KiB{over}")
+    return [("weights", n * w / tp, f"{n / 1e9:.2f}B x {w} B{over}"), cache,
             ("vLLM runtime", VLLM_RUNTIME_GIB * GIB, "context, activations, CUDA graphs")]
 
 
@@ -144,21 +257,22 @@ def spell(parts) -> str:
     return " + ".join(f"{name} {gib(size)} ({how})" for name, size, how in parts)
 
 
-def plan_memory(plan: dict, gpus: list[dict], config: Config, stage: int = 2, bucket_elements: int = 10**9) -> None:
-    """Fill plan["memory"] (the arithmetic as lines, the server's share) for the GPUs of this host, or
-    raise PlanError naming the GPU that cannot hold its part. `gpus`: the visible inventory."""
+def plan_memory(plan: dict, gpus: list[dict], config: Config, zero: Zero | None = None) -> None:
+    """Fill plan["memory"] (the arithmetic as lines; the server's share and KV cache; the rank's modelled
+    peak and what the split leaves it) for the GPUs of this host, or raise PlanError naming the GPU that
+    cannot hold its part. `gpus`: the visible inventory; `zero`: train.deepspeed_config's settings."""
     local = plan["trainer"]["gpus"].get("localhost", [])
     if plan["trainer"]["device"] != "cuda" or not local:
         return  # CPU, or ranks on a hostfile's nodes: nothing known here about their GPUs
+    zero = zero or Zero.from_file(config.train.deepspeed_config)
     memory = {g["index"]: g.get("memory_gib") for g in gpus}
-    # every engine's GPUs: one server.gpu_memory_utilization for all of them, sized by the smallest
     server_gpus = sorted({gpu for server in plan["servers"] for gpu in server["gpus"]})
     engines = len(plan["servers"])
     shared = bool(set(server_gpus) & set(local))
     requested = config.server.gpu_memory_utilization
     shape, source = model_shape(config)
-    margin = MARGIN_GIB * GIB + config.sync.bucket_mb * 2**20
-    result = {"model_source": source, "gpu_memory_utilization": requested or SERVER_ALONE_GPU_SHARE, "lines": []}
+    result = {"model_source": source, "gpu_memory_utilization": requested or SERVER_ALONE_GPU_SHARE,
+              "kv_cache_gib": config.server.kv_cache_gib, "lines": []}
     plan["memory"] = result
     if shape is None or None in memory.values():
         why = source if shape is None else "GPU memory unknown"
@@ -167,55 +281,77 @@ def plan_memory(plan: dict, gpus: list[dict], config: Config, stage: int = 2, bu
                             f"download it first or set server.gpu_memory_utilization")
         result["lines"].append(f"not checked: {why}; server.gpu_memory_utilization={result['gpu_memory_utilization']}")
         return
-    w = 4 if config.model.dtype == "float32" else 2  # auto: bf16 on GPU
     params = param_count(shape)
-    trainer = trainer_need(config, shape, params, w, plan["batch"], stage, bucket_elements)
+    moment, trainer = trainer_peak(config, shape, plan["batch"], zero)
+    slack = margin(total(trainer))
     lines = result["lines"]
-    lines.append(f"model {params / 1e9:.2f}B parameters ({source}), {'fp32' if w == 4 else '16-bit'} weights")
-    lines.append(f"trainer rank ~{gib(total(trainer))} GiB = {spell(trainer)}")
-    result.update(params=params, trainer_rank_gib=round(total(trainer) / GIB, 2), margin_gib=round(margin / GIB, 2))
+    lines.append(f"model {params / 1e9:.2f}B parameters ({source}), "
+                 f"{'fp32' if config.model.dtype == 'float32' else '16-bit'} weights, ZeRO-{zero.stage}")
+    phases = trainer_phases(config, shape, plan["batch"], zero)
+    lines.append(f"trainer rank peak ~{gib(total(trainer))} GiB at the {moment} ("
+                 + ", ".join(f"{name} {gib(total(parts))}" for name, parts in phases.items())
+                 + f" + CUDA context) = {spell(trainer)}")
+    result.update(params=params, zero_stage=zero.stage, trainer_peak_at=moment,
+                  trainer_rank_gib=round(total(trainer) / GIB, 2), margin_gib=round(slack / GIB, 2))
     if server_gpus:
-        # each engine sized for a whole step: the trainer spreads a step over the engines by measured speed,
-        # so one engine may be sent most of it
-        need = server_need(config, shape, params, w, plan["batch"]["completions_per_step"])
+        need = server_need(config, shape, plan["batch"]["completions_per_step"], shared)
         lines.append(f"{'server' if engines == 1 else f'each of {engines} engines'} needs >= {gib(total(need))} GiB "
                      f"per GPU = {spell(need)}")
         result["server_min_gib"] = round(total(need) / GIB, 2)
-        result["gpu_memory_utilization"] = server_share(server_gpus, memory, total(need),
-                                                        total(trainer) if shared else 0.0, margin, requested, lines)
-    for index in ([] if shared else local):
-        if total(trainer) + margin > memory[index] * GIB:
-            raise PlanError(f"GPU {index} has {memory[index]} GiB, but a trainer rank needs ~{gib(total(trainer))} GiB "
-                            f"+ {gib(margin)} margin (launch/memory.py); use more ranks (ZeRO splits the optimizer "
-                            f"state), model.lora_rank or train.gradient_checkpointing")
+        if shared:
+            result.update(split_shared_gpu(local[0], memory[local[0]], need, total(trainer), slack, requested, lines))
+        else:
+            result["gpu_memory_utilization"] = own_gpus_share(server_gpus, memory, total(need), requested, lines)
     if not shared:
-        lines.append(f"GPUs {','.join(map(str, local))}: a trainer rank each, ~{gib(total(trainer))} of "
-                     f"{min(memory[i] for i in local)} GiB")
+        smallest = min(memory[i] for i in local)
+        result["trainer_share_gib"] = smallest
+        if total(trainer) + slack > smallest * GIB:
+            raise PlanError(f"GPU {min(local, key=lambda i: memory[i])} has {smallest} GiB, but a trainer rank needs "
+                            f"~{gib(total(trainer))} GiB + {gib(slack)} margin (launch/memory.py); use more ranks "
+                            f"(ZeRO splits the optimizer state), model.lora_rank or train.gradient_checkpointing")
+        lines.append(f"GPUs {','.join(map(str, local))}: a trainer rank each, ~{gib(total(trainer))} of {smallest} GiB")
 
 
-def server_share(server_gpus: list[int], memory: dict, need: float, trainer: float, margin: float, requested: float,
-                 lines: list[str]) -> float:
-    """server.gpu_memory_utilization: auto = what the trainer rank (on a shared GPU) and the margin leave,
-    at most vLLM's default; a card that cannot hold the server's least and the rank is refused."""
+def split_shared_gpu(index: int, size_gib: float, need: list[Part], trainer: float, slack: float, requested: float,
+                     lines: list[str]) -> dict:
+    """One GPU for an engine and a rank: vLLM gets what a step needs (its share rounded up to 0.01, the KV
+    cache fixed through vLLM's kv_cache_memory_bytes) and the rank everything else. The share also passes
+    vLLM's start-up check (free memory >= share x total) when an engine is restarted beside a rank at
+    its peak. A card too small for both is refused; a share set by hand is kept, with warnings."""
+    size = size_gib * GIB
+    server = total(need)
+    if server + trainer + slack > size:
+        raise PlanError(f"GPU {index} has {size_gib} GiB, too small for the server and a trainer rank: ~{gib(trainer)} "
+                        f"GiB for full AdamW training + >= {gib(server)} for vLLM + {gib(slack)} margin = "
+                        f"{gib(server + trainer + slack)} GiB (launch/memory.py); use model.lora_rank, "
+                        f"train.gradient_checkpointing or a larger GPU")
+    auto = math.ceil(server / size * 100) / 100
+    share = requested or auto
+    kv = next(size for name, size, _ in need if name == "KV cache")
+    lines.append(f"GPU {index} ({size_gib} GiB), server and a trainer rank: server.gpu_memory_utilization = "
+                 + (f"{requested} (set)" if requested else f"ceil({gib(server)} / {size_gib}, 0.01) = {share} (auto)")
+                 + f", KV cache {gib(kv)} GiB (kv_cache_memory_bytes); the rank gets the other "
+                 f"{gib((1 - share) * size)} GiB for ~{gib(trainer)} + {gib(slack)} margin")
+    if requested and requested * size < server:
+        lines.append(f"warning: server.gpu_memory_utilization={requested} gives vLLM {gib(requested * size)} GiB of "
+                     f"GPU {index}; it needs >= {gib(server)} (0 = auto)")
+    if requested and (1 - requested) * size < trainer + slack:
+        lines.append(f"warning: server.gpu_memory_utilization={requested} leaves {gib((1 - requested) * size)} GiB of "
+                     f"GPU {index} for a trainer rank that needs ~{gib(trainer)} + {gib(slack)} margin (0 = auto)")
+    return {"gpu_memory_utilization": share, "kv_cache_gib": round(kv / GIB, 3),
+            "trainer_share_gib": round((1 - share) * size_gib, 2)}
+
+
+def own_gpus_share(server_gpus: list[int], memory: dict, need: float, requested: float, lines: list[str]) -> float:
+    """The engines' own GPUs: vLLM's default share (its KV cache takes what weights leave); a card that
+    cannot hold the least an engine needs is refused."""
     index = min(server_gpus, key=lambda i: memory[i])
     size = memory[index] * GIB
-    who = "server and a trainer rank" if trainer else "server"
-    if need + trainer + margin > size:
-        needs = (f"~{gib(trainer)} GiB for full AdamW training + " if trainer else "") + f">= {gib(need)} for vLLM"
-        raise PlanError(f"GPU {index} has {memory[index]} GiB, too small for the {who}: {needs} + {gib(margin)} margin "
-                        f"= {gib(need + trainer + margin)} GiB (launch/memory.py); use "
-                        + ("model.lora_rank, train.gradient_checkpointing or a larger GPU" if trainer
-                           else "a larger server.tensor_parallel_size or a larger GPU"))
-    fits = (size - trainer - margin) / size
-    share = requested or min(SERVER_ALONE_GPU_SHARE, int(fits * 100) / 100)
-    lines.append(f"GPU {index} ({memory[index]} GiB), {who}: server.gpu_memory_utilization = "
-                 + (f"{requested} (set)" if requested else
-                    f"min({SERVER_ALONE_GPU_SHARE}, ({memory[index]}" + (f" - {gib(trainer)} trainer" if trainer else "")
-                    + f" - {gib(margin)} margin) / {memory[index]}) = {share} (auto)"))
-    if requested and requested * size < need:
-        lines.append(f"warning: server.gpu_memory_utilization={requested} gives vLLM {gib(requested * size)} GiB of "
-                     f"GPU {index}; it needs >= {gib(need)} (0 = auto)")
-    if requested and trainer and requested > fits:
-        lines.append(f"warning: server.gpu_memory_utilization={requested} leaves {gib((1 - requested) * size)} GiB of "
-                     f"GPU {index} for a trainer rank that needs ~{gib(trainer)} + {gib(margin)} margin (0 = auto)")
+    share = requested or SERVER_ALONE_GPU_SHARE
+    if need > share * size:
+        raise PlanError(f"GPU {index} has {memory[index]} GiB; at server.gpu_memory_utilization={share} vLLM gets "
+                        f"{gib(share * size)} GiB but needs >= {gib(need)} (launch/memory.py); use a larger "
+                        f"server.tensor_parallel_size or a larger GPU")
+    lines.append(f"GPU {index} ({memory[index]} GiB), the server's own: server.gpu_memory_utilization = {share}"
+                 + (" (set)" if requested else " (auto: vLLM's default)"))
     return share

@@ -44,7 +44,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.memory import plan_memory  # noqa: E402
+from launch.memory import Zero, plan_memory  # noqa: E402
 from launch.plan import (  # noqa: E402
     PlanError,
     check_compute_modes,
@@ -128,13 +128,6 @@ def resolve_deepspeed_config(config: Config, cuda: bool) -> None:
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization.stage must be 0-3, got {stage!r}")
     config.train.deepspeed_config = str(path.resolve())
-
-
-def zero_settings(path: str) -> tuple[int, int]:
-    """The ZeRO stage and the gradient bucket elements (reduce + all-gather; DeepSpeed's defaults 5e8
-    each) of a resolved train.deepspeed_config, for the plan's memory arithmetic."""
-    zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
-    return zero.get("stage", 0), int(zero.get("reduce_bucket_size", 5e8) + zero.get("allgather_bucket_size", 5e8))
 
 
 def check_disk_space(config: Config, run_dir: Path) -> None:
@@ -412,9 +405,10 @@ def main(argv=None) -> int:
         config.sync.transport = plan["sync"]["transport"]  # the server and the ranks read the same choice
         config.train.micro_batch_size = plan["batch"]["micro_batch_size"]  # derived for these ranks
         config.train.gradient_accumulation_steps = plan["batch"]["gradient_accumulation_steps"]
-        plan_memory(plan, gpu_list, config, *zero_settings(config.train.deepspeed_config))
+        plan_memory(plan, gpu_list, config, Zero.from_file(config.train.deepspeed_config))
         if plan["memory"]:
             config.server.gpu_memory_utilization = plan["memory"]["gpu_memory_utilization"]
+            config.server.kv_cache_gib = plan["memory"]["kv_cache_gib"]
         if not args.hostfile:
             check_batch(config, plan["trainer"]["ranks"])
         if args.plan_json:

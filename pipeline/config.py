@@ -123,10 +123,12 @@ class ServerConfig:
     gpu_memory_utilization: float = 0.0
     """GPU: fraction of each of its GPUs vLLM may take (weights + KV cache + its runtime). 0 = auto: the
     launcher computes it from the model's size (launch/memory.py, arithmetic in the dry run): on a GPU
-    shared with a trainer rank, what full training leaves; on the server's own GPUs, up to 0.9 (vLLM's
-    default, also what a server started alone uses)."""
-    kv_cache_gib: float = 1.0
-    """CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    shared with a trainer rank, what one step's generation needs (the rank gets the rest); on the
+    server's own GPUs 0.9 (vLLM's default, also what a server started alone uses)."""
+    kv_cache_gib: float = 0.0
+    """KV-cache size in GiB. CPU: VLLM_CPU_KVCACHE_SPACE (0 = 1 GiB). GPU: vLLM's kv_cache_memory_bytes
+    (0 = what gpu_memory_utilization leaves after the weights, as vLLM profiles it; the launcher sets it
+    on a GPU shared with a trainer rank)."""
     max_n: int = 64
     """Largest `n` (completions per prompt) one request may ask for."""
     max_tokens: int = 4096

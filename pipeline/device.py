@@ -77,15 +77,17 @@ def resolve_gpu_memory_utilization(requested: float) -> float:
     return requested or SERVER_ALONE_GPU_SHARE
 
 
-def engine_options(max_model_len: int) -> dict:
+def engine_options(max_model_len: int, kv_cache_gib: float = 0.0) -> dict:
     """Extra vLLM engine arguments for this device.
 
+    On GPU, server.kv_cache_gib > 0 fixes the KV cache (vLLM's kv_cache_memory_bytes) instead of vLLM
+    filling what gpu_memory_utilization leaves: on a GPU shared with a trainer rank (launch/memory.py).
     On CPU, chunked prefill is off: a seeded request whose prefill is split across scheduler steps
     makes vLLM rewind its sampling generator, which CPU generators cannot do ("CPU Generator does not
     use offset"), and the engine dies. Whole-prompt prefill avoids the rewind.
     """
     if accelerator() == "cuda":
-        return {}
+        return {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {}
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, max_model_len)}
 
 

@@ -274,7 +274,7 @@ def test_several_engines_memory_and_compute_modes():
     assert any(line.startswith("GPUs 4,5,6,7: a trainer rank each") for line in memory["lines"])
     # the share is sized by the smallest of every engine's GPUs
     small = [{**g, "memory_gib": 3.0} if g["index"] == 3 else g for g in gpus]
-    with pytest.raises(PlanError, match=r"^GPU 3 has 3.0 GiB, too small for the server: "):
+    with pytest.raises(PlanError, match=r"^GPU 3 has 3.0 GiB; at server.gpu_memory_utilization=0.9 vLLM gets "):
         plan_memory(plan_for(8, 2, dp=2), small, recipe("server.tensor_parallel_size=2", "server.data_parallel_size=2"))
     # every engine's GPUs count, not only the first engine's
     check_compute_modes(plan, gpus)
@@ -345,18 +345,18 @@ def test_one_gpu_starts_the_recipe(tmp_path):
                              "ranks": 1, "derived": "accumulation derived from train.completions_per_step=16 for 1 rank(s)"}
     memory = plan["memory"]
     assert memory["params"] == 1_100_064_768  # prem-1B-chat's config.json: TinyLlama's shape, vocab 32004
-    assert 19 < memory["trainer_rank_gib"] < 21  # 16 B/param = 16.4 GiB of model states, + activations, context
-    share = int((80 - memory["trainer_rank_gib"] - memory["margin_gib"]) / 80 * 100) / 100
-    assert abs(memory["gpu_memory_utilization"] - share) <= 0.01 and 0.6 < share < 0.8
+    # 22 B/param at the optimizer step (2 weights + 4 master + 8 Adam + 8 transients) + the CUDA context
+    assert 23 < memory["trainer_rank_gib"] < 24 and memory["trainer_peak_at"] == "optimizer step"
+    assert memory["gpu_memory_utilization"] == 0.06 and memory["trainer_share_gib"] == 75.2  # vLLM: what a step needs
     out = proc.stdout
     assert "batch   16 completions per step = micro_batch_size 2 x gradient_accumulation_steps 8 x 1 rank(s)" in out
-    assert "1.10B params x 16.0 B: weights 2 + grads 2 + fp32 master 4 + Adam m, v 8, ZeRO-2" in out
-    assert "server.gpu_memory_utilization = min(0.9, (80.0 - " in out and f"= {memory['gpu_memory_utilization']} (auto)" in out
+    assert "step transients 8.2 (1.1B x 8 B: max(gradients 2 + flat copy 2 + fp32 4, fp32 gradient 4 + fused AdamW 0))" in out
+    assert "server.gpu_memory_utilization = ceil(4.7 / 80.0, 0.01) = 0.06 (auto), KV cache 0.7 GiB" in out
 
 
 @pytest.mark.parametrize("inventory,message", [
-    ("0, 23034, Default", "error: GPU 0 has 22.5 GiB, too small for the server and a trainer rank: ~19.8 GiB for full "
-                          "AdamW training + >= 4.2 for vLLM + 1.2 margin = 25.2 GiB"),
+    ("0, 23034, Default", "error: GPU 0 has 22.5 GiB, too small for the server and a trainer rank: ~23.5 GiB for full "
+                          "AdamW training + >= 4.7 for vLLM + 2.4 margin = 30.6 GiB"),
     ("0, 81559, Exclusive_Process", "error: GPU 0 is in EXCLUSIVE_PROCESS compute mode (one process at a time), but "
                                     "the server and a trainer rank share it"),
 ])
@@ -405,10 +405,6 @@ def test_memory_share_is_auto_only_when_left_at_auto():
 
     gpu = [{"index": 0, "memory_gib": 80.0, "compute_mode": "Default"}]
     plan = plan_for(1)
-    plan_memory(plan, gpu, recipe("server.gpu_memory_utilization=0.85"))
-    assert plan["memory"]["gpu_memory_utilization"] == 0.85  # set: kept, with a warning that training will not fit
-    assert any(line.startswith("warning: server.gpu_memory_utilization=0.85 leaves 12.0 GiB of GPU 0 for a trainer")
-               for line in plan["memory"]["lines"])
     plan = plan_for(2)
     plan_memory(plan, gpu + [{"index": 1, "memory_gib": 80.0}], recipe())
     assert plan["memory"]["gpu_memory_utilization"] == 0.9  # the server's own GPU: vLLM's default

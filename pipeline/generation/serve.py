@@ -190,7 +190,7 @@ class GenerationServer:
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
             disable_log_stats=False,  # per-request timestamps: each /generate says where its engine time went
-            **engine_options(cfg.max_model_len),
+            **engine_options(cfg.max_model_len, cfg.kv_cache_gib),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()

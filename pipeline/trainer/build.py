@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError, TrainConfig, check_batch
-from pipeline.device import resolve_attn, resolve_dtype
+from pipeline.device import accelerator, resolve_attn, resolve_dtype
 from pipeline.task.data import Example, PromptStyle, drop_long_prompts, examples_for
 from pipeline.task.rewards import Reward, load_rewards
 from pipeline.task.tool_rollout import ToolRollouts
@@ -143,8 +143,11 @@ def build(config: Config, world: int) -> Trainer:
         model.gradient_checkpointing_enable()
     if config.model.lora_rank:
         model = with_lora(model, config)
+    # Fused on CUDA: one kernel per step, and no full-size sqrt(v) buffer beside the fp32 gradients at the
+    # step (the foreach kernel's, launch/memory.py). CPU keeps foreach: its results are the tests' reference.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
-                                  betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+                                  betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                                  **({"fused": True} if accelerator() == "cuda" else {}))
     scheduler = lr_schedule(optimizer, t, total_steps)
     ds_config = deepspeed_config(config, dtype)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
