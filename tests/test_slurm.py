@@ -2,6 +2,8 @@
 
 The cluster (munged, slurmctld, slurmd; config, state, logs and the munge socket in a temp dir, on
 free loopback ports, no systemd) is started by the `slurm` fixture and torn down after the session.
+Its node has 4 fake GPUs for Slurm's gres/gpu plugin (character device files in the temp dir, which
+nothing opens): a step that holds them gets CUDA_VISIBLE_DEVICES from Slurm, as on a GPU cluster.
 Without SLURM it installs Debian's `slurm-wlm` and `munge` with apt-get when root (CI), and fails if
 that fails; elsewhere (not root, no apt-get) the test skips with the reason.
 """
@@ -12,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ import pytest
 from conftest import RUN_TAG, TEST_SCALE, run_processes
 
 from launch.srun_rank import expand_hostnames, tasks_on_node, torch_env
+from pipeline.generation import serve
 from pipeline.generation.client import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +34,7 @@ TOKEN = "slurm-test-token-not-secret"
 SLURM_TASK = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
               "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_ID": "1234",
               "SLURM_STEP_NODELIST": "gpu[07-08]"}
+FAKE_GPUS = 4
 
 
 # --- launch/srun_rank.py: pure functions --------------------------------------------------------
@@ -78,12 +83,43 @@ def test_srun_rank_runs_the_trainer_module():
     assert "srun_rank: rank 3 of 4 (local 1)" in proc.stderr and "master 127.0.0.1:21234" in proc.stderr
 
 
+# --- serve --gpus: positions in the GPUs the task was given -------------------------------------
+@pytest.mark.parametrize(("given", "spec", "chosen"), [
+    ("0,1,2,3", "2,3", "2,3"),  # Slurm: a step holding the node's 4 GPUs
+    ("4,5,6,7", "1", "5"),  # Slurm without ConstrainDevices: the physical ids of the job's GPUs
+    ("0,1", "1", "1"),  # Slurm with ConstrainDevices: the step's GPUs renumbered from 0
+    ("GPU-a, GPU-b", "1", "GPU-b"),  # UUIDs as given
+    (None, "2,3", "2,3"),  # no list: the host's GPUs (physical, PCI bus order)
+])
+def test_serve_gpus_are_positions_in_the_gpus_the_task_was_given(given, spec, chosen):
+    environ = {} if given is None else {"CUDA_VISIBLE_DEVICES": given}
+    assert serve.set_engine_gpus(spec, environ) == chosen.split(",")
+    assert environ == {"CUDA_VISIBLE_DEVICES": chosen, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def test_serve_gpus_errors_name_the_flag(monkeypatch, capsys):
+    """One line each, before the engine is started."""
+    for name, value in (("VLLM_WORKER_MULTIPROC_METHOD", "spawn"), ("PYTORCH_NVML_BASED_CUDA_CHECK", "1"),
+                        ("CUDA_DEVICE_ORDER", "PCI_BUS_ID")):
+        monkeypatch.setenv(name, value)  # main sets them in os.environ: restored afterwards
+    for spec, message in {"2": "--gpus 2: this process was given 2 GPU(s) (CUDA_VISIBLE_DEVICES=0,1)",
+                          "a": "--gpus a: expected GPU positions separated by commas, e.g. 0 or 2,3",
+                          "1,1": "--gpus 1,1: expected distinct GPU positions >= 0",
+                          "0,1": "--gpus 0,1: 2 GPU(s) for server.tensor_parallel_size=1"}.items():
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        assert serve.main(["--model", "unused", "--gpus", spec]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+
 # --- a one-host SLURM cluster --------------------------------------------------------------------
 @dataclass
 class Cluster:
     root: Path
     host: str
     env: dict[str, str]
+    gpus: int = 0
+    """fake GPUs in the node's gres (0: mknod refused, see no_gpus)"""
+    no_gpus: str = ""
 
     def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env={**os.environ, **self.env}, capture_output=True, text=True, timeout=timeout)
@@ -116,8 +152,9 @@ def ensure_slurm() -> None:
         pytest.fail(f"`{' '.join(install)}` failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
 
 
-def slurm_conf(root: Path, host: str, cpus: int, ctld_port: int, slurmd_port: int) -> str:
-    """The smallest slurm.conf for one node on loopback: no cgroups, no accounting, state in `root`."""
+def slurm_conf(root: Path, host: str, cpus: int, ctld_port: int, slurmd_port: int, gpus: int = 0) -> str:
+    """The smallest slurm.conf for one node on loopback: no cgroups, no accounting, state in `root`;
+    `gpus` GPUs as gres (gres.conf beside it names their device files)."""
     return "\n".join([
         "ClusterName=grpotest", f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
@@ -132,8 +169,24 @@ def slurm_conf(root: Path, host: str, cpus: int, ctld_port: int, slurmd_port: in
         "JobCompType=jobcomp/none", "MpiDefault=none", "ReturnToService=2",
         "SlurmdParameters=config_overrides",  # the node is what this file says, whatever slurmd detects
         "KillWait=10", "MinJobAge=600",  # finished jobs stay visible to `scontrol show job`
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN",
+        *(["GresTypes=gpu"] if gpus else []),
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000{f' Gres=gpu:{gpus}' if gpus else ''} "
+        "State=UNKNOWN",
         "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""])
+
+
+def fake_gpus(root: Path, count: int) -> str:
+    """`count` fake GPUs for the node's gres: gres.conf in `root` naming character devices in root/dev
+    (195:N, as /dev/nvidiaN; nothing opens them). Slurm 22.05 refuses regular files ("is not a valid
+    character or block device") and then sets no CUDA_VISIBLE_DEVICES at all. Returns why not, or ""."""
+    (root / "dev").mkdir()
+    try:
+        for i in range(count):
+            os.mknod(root / "dev" / f"gpu{i}", 0o600 | stat.S_IFCHR, os.makedev(195, i))
+    except OSError as e:
+        return f"no fake GPU device files for Slurm's gres/gpu: mknod: {e.strerror or e}"
+    (root / "gres.conf").write_text(f"AutoDetect=off\nName=gpu File={root / 'dev'}/gpu[0-{count - 1}]\n")
+    return ""
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -159,11 +212,13 @@ def slurm(tmp_path_factory):
     for d in ("state", "spool"):
         (root / d).mkdir()
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, host, os.cpu_count() or 1, free_port(), free_port()))
+    no_gpus = fake_gpus(root, FAKE_GPUS)  # gres.conf beside slurm.conf
+    gpus = 0 if no_gpus else FAKE_GPUS
+    conf.write_text(slurm_conf(root, host, os.cpu_count() or 1, free_port(), free_port(), gpus))
     key = root / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
-    cluster = Cluster(root, host, {"SLURM_CONF": str(conf)})
+    cluster = Cluster(root, host, {"SLURM_CONF": str(conf)}, gpus, no_gpus)
     # RUN_TAG: whatever the daemons start (slurmstepd) is found and killed at the end
     env = {**os.environ, **cluster.env, RUN_TAG: str(root)}
     commands = {  # -f: munged accepts a socket directory others cannot reach (root's temp dir)
@@ -214,16 +269,23 @@ def job_state(cluster: Cluster, job: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def submit(cluster: Cluster, tmp_path: Path, overrides: list[str]):
-    """`sbatch --wait launch/slurm.sbatch configs/tiny-cpu.yaml` on one CPU node (run `one` under
-    tmp_path/runs); returns (sbatch's exit code, the job's state, a failure report)."""
-    env = {**os.environ, **cluster.env, RUN_TAG: str(tmp_path), "PYTHON": sys.executable, "GPUS_PER_NODE": "0",
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED"}
+
+
+def submit(cluster: Cluster, tmp_path: Path, overrides: list[str], gpus: int = 0, settings: dict | None = None):
+    """`sbatch launch/slurm.sbatch configs/tiny-cpu.yaml` on one node, CPU only unless `gpus` (run `one`
+    under tmp_path/runs; `settings`: more of the script's environment settings), waited for; returns
+    (the job's exit code, its state, a failure report). Polled every second, not `sbatch --wait`: that
+    sleeps 2, 8, then 32 s between looks (MinJobAge=600), so a 13 s job was seen done after 42."""
+    env = {**os.environ, **cluster.env, RUN_TAG: str(tmp_path), "PYTHON": sys.executable, "GPUS_PER_NODE": str(gpus),
            "TRAIN_SET": " ".join([f"run.root={tmp_path / 'runs'}", *overrides]), "RUN_NAME": "one",
            "PORT": str(free_port()), "MASTER_PORT": str(free_port()), "GRPO_SERVER_TOKEN": TOKEN,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+           **(settings or {})}
     out = tmp_path / "job.out"
-    cmd = ["sbatch", "--wait", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={out}", "--export=ALL",
-           "launch/slurm.sbatch", "configs/tiny-cpu.yaml"]
+    cmd = ["sbatch", "--parsable", "--nodes=1", f"--gpus-per-node={gpus}", f"--output={out}",
+           "--export=ALL", "launch/slurm.sbatch", "configs/tiny-cpu.yaml"]
 
     def report(what: str) -> str:
         server = tmp_path / "runs" / "one" / "server.log"
@@ -231,13 +293,16 @@ def submit(cluster: Cluster, tmp_path: Path, overrides: list[str]):
                           "--- server.log (tail) ---", server.read_text()[-3000:] if server.exists() else "(none)",
                           cluster.logs()])
 
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        cluster.run("scancel", "--user", "root")
-        pytest.fail(report("sbatch --wait: the job did not finish within 900 s (cancelled)"))
-    state = job_state(cluster, proc.stdout.strip().split(";")[0])
-    return proc.returncode, state, report(f"sbatch exit {proc.returncode} {proc.stderr}; job {state}")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, report(f"sbatch exit {proc.returncode}: {proc.stderr}")
+    job, deadline = proc.stdout.strip().split(";")[0], time.monotonic() + 900
+    while (state := job_state(cluster, job)).get("JobState") not in ENDED:
+        if time.monotonic() > deadline:
+            cluster.run("scancel", job)
+            pytest.fail(report(f"job {job} did not finish within 900 s (cancelled): {state}"))
+        time.sleep(1)
+    code = int(state.get("ExitCode", "-1:0").split(":")[0])
+    return code, state, report(f"job {job} exit {code}: {state}")
 
 
 def assert_nothing_left(tmp_path: Path) -> None:
@@ -284,4 +349,34 @@ def test_sbatch_fails_fast_when_the_server_cannot_start(slurm, tmp_path):
     output = (tmp_path / "job.out").read_text()
     assert "error: generation server: the server process exited before it became healthy" in output, report
     assert not (tmp_path / "runs" / "one" / "metrics.jsonl").exists()
+    assert_nothing_left(tmp_path)
+
+
+@pytest.mark.slow  # about 20 s, but it needs the cluster (and apt-get where SLURM is missing)
+def test_sbatch_gres_engines_each_take_their_own_gpus(slurm, tmp_path):
+    """Issue #30: Slurm's gres/gpu plugin sets CUDA_VISIBLE_DEVICES in every task of a step that holds
+    GPUs, over what `srun --export` passes, so every engine the sbatch started took GPU 0. Now each
+    engine picks its own inside its task (serve --gpus: positions in Slurm's list). Two engines x TP 2 on
+    the node's 4 (fake) GPUs, started by the sbatch as on a server node (CHECK_ENGINES=1: one node with
+    GPUs otherwise goes to launch/train.py); the model is missing, so each engine logs its devices and
+    exits, and the job fails fast."""
+    if not slurm.gpus:
+        pytest.skip(slurm.no_gpus)
+    allocated = ",".join(map(str, range(slurm.gpus)))
+    # What the sbatch used to do: the exported value never reaches a task of a step with GPUs.
+    old = slurm.run("srun", "--nodes=1", "--ntasks=1", f"--gpus-per-node={slurm.gpus}",
+                    "--export=ALL,CUDA_VISIBLE_DEVICES=1", "printenv", "CUDA_VISIBLE_DEVICES")
+    assert (old.returncode, old.stdout.strip()) == (0, allocated), f"{old.stderr}\n{slurm.logs()}"
+
+    code, state, report = submit(slurm, tmp_path, [f"model.path={tmp_path / 'no-model'}", "model.build=",
+                                                   "server.data_parallel_size=2"],
+                                 gpus=slurm.gpus, settings={"TP": "2", "CHECK_ENGINES": "1"})
+    assert code != 0 and state.get("JobState") == "FAILED" and state.get("ExitCode") == "1:0", report
+    assert "error: generation server: the server process exited before it became healthy" in \
+        (tmp_path / "job.out").read_text(), report
+    run_dir = tmp_path / "runs" / "one"
+    for engine, (log, gpus) in enumerate([("server.log", "0,1"), ("server-1.log", "2,3")]):
+        text = (run_dir / log).read_text(errors="replace")
+        assert f"engine {engine}: CUDA_VISIBLE_DEVICES={gpus} (--gpus {gpus} of CUDA_VISIBLE_DEVICES={allocated})" \
+            in text, f"{log}:\n{text[-3000:]}\n{report}"
     assert_nothing_left(tmp_path)

@@ -704,6 +704,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--engine-index", type=int, default=0,
                         help="which of the run's server.data_parallel_size engines this is (0-based; the launcher "
                              "sets it with --port = server.port + index)")
+    parser.add_argument("--gpus", metavar="N[,N...]",
+                        help="the engine's GPUs (server.tensor_parallel_size of them), as positions in the GPUs this "
+                             "process was given: in CUDA_VISIBLE_DEVICES where it is set (under Slurm the step's GPUs, "
+                             "which its gres/gpu plugin sets in every task, over srun --export), else the host's GPUs "
+                             "in PCI bus order; sets CUDA_VISIBLE_DEVICES to the chosen ones before anything reads it")
     return parser.parse_args(argv)
 
 
@@ -715,6 +720,30 @@ def set_engine_process_env(environ=os.environ) -> None:
     The NVML-based availability check keeps even that probe from poisoning a fork."""
     environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
+def set_engine_gpus(spec: str, environ=os.environ) -> list[str]:
+    """`--gpus`: positions in the GPUs the process was given (CUDA_VISIBLE_DEVICES where set: Slurm's
+    list for the step, renumbered from 0 under ConstrainDevices, physical indices otherwise; else the
+    host's, physical) become its CUDA_VISIBLE_DEVICES, in PCI bus order as the launch plan's ids and
+    Slurm's (nvidia-smi's numbering). Before anything reads it. ValueError: the message after `--gpus SPEC: `."""
+    try:
+        positions = [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise ValueError("expected GPU positions separated by commas, e.g. 0 or 2,3") from None
+    if min(positions) < 0 or len(set(positions)) != len(positions):
+        raise ValueError("expected distinct GPU positions >= 0")
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    if given is None:
+        chosen = [str(p) for p in positions]
+    else:
+        visible = [d.strip() for d in given.split(",") if d.strip()]
+        if max(positions) >= len(visible):
+            raise ValueError(f"this process was given {len(visible)} GPU(s) (CUDA_VISIBLE_DEVICES={given})")
+        chosen = [visible[p] for p in positions]
+    environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+    return chosen
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -735,9 +764,17 @@ def bind(host: str, port: int) -> socket.socket:
 
 def main(argv=None) -> int:
     set_engine_process_env()
+    args = parse_args(argv)
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus: list[str] = []
+    if args.gpus is not None:
+        try:
+            gpus = set_engine_gpus(args.gpus)
+        except ValueError as e:
+            print(f"error: --gpus {args.gpus}: {e}", file=sys.stderr)
+            return 2
     import uvicorn
 
-    args = parse_args(argv)
     overrides = list(args.set)
     for key, value in (("model.path", args.model), ("server.host", args.host), ("server.port", args.port)):
         if value is not None:
@@ -763,12 +800,19 @@ def main(argv=None) -> int:
         print(f"error: --engine-index {args.engine_index}: expected 0..{config.server.data_parallel_size - 1} "
               f"(server.data_parallel_size={config.server.data_parallel_size})", file=sys.stderr)
         return 2
+    if gpus and len(gpus) != config.server.tensor_parallel_size:
+        print(f"error: --gpus {args.gpus}: {len(gpus)} GPU(s) for server.tensor_parallel_size="
+              f"{config.server.tensor_parallel_size}", file=sys.stderr)
+        return 2
     try:
         listening = bind(config.server.host, config.server.port)
     except OSError as e:
         print(f"error: server.port={config.server.port} on {config.server.host}: {e.strerror or e}", file=sys.stderr)
         return 2
     setup_logging(args.run_dir, args.engine_index)
+    log.info("engine %d: CUDA_VISIBLE_DEVICES=%s%s", args.engine_index, os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+             f" (--gpus {args.gpus} of {'CUDA_VISIBLE_DEVICES=' + given if given is not None else 'the host'})"
+             if args.gpus is not None else "")
     start = time.perf_counter()
     server = GenerationServer(config, args.engine_index)
     log.info("engine ready in %.1fs: %s (%s, %s)", time.perf_counter() - start, config.model.path,
