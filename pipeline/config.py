@@ -86,9 +86,13 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless asked for: it executes the model repo's Python."""
     lora_rank: int = 0
-    """> 0: train a LoRA adapter of this rank (PEFT) instead of every weight. The server still serves
-    full weights: each sync pushes W + B A x alpha/rank; final/ is the merged model, final/adapter the
-    adapter alone."""
+    """> 0: train a LoRA adapter of this rank (PEFT) instead of every weight; final/ is the merged model,
+    final/adapter the adapter alone."""
+    lora_sync: Literal["auto", "adapter", "merged"] = "auto"
+    """With LoRA, what each step pushes into the engines. adapter: the adapter alone (megabytes), loaded
+    by vLLM under a new name per version and applied unmerged; merged: every weight with W + B A x
+    alpha/rank merged in (in bf16 most of a small update rounds away); auto: adapter where the engines
+    can serve one (vLLM's LoRA support for the architecture; a 16-bit model on GPU), else merged."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (scaling = alpha / rank; PEFT's default 8, 16 is the common choice)."""
     lora_dropout: float = 0.0

@@ -28,10 +28,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def probe_tolerance(dtype: torch.dtype) -> float:
-    """Largest expected |served - trainer| per-token logprob for identical weights: fp32 kernels
-    agree to ~1e-6; in bf16 vLLM's and HF's kernels (FA2 vs sdpa, fused ops) differ by 1e-2..1e-1,
-    so the probe there cannot prove a push landed; the checksums do."""
-    return 1e-3 if dtype == torch.float32 else 0.5
+    """Largest expected |served - trainer| per-token logprob for identical weights: fp32 kernels agree
+    to ~1e-6. 16-bit: between the gap of two attention kernels on one model (eager vs sdpa, 0.051 at
+    1.06B parameters on an H200) and what serving LoRA as merged bf16 weights costs there (logits 0.094
+    from the unmerged adapter's): a merged push of a small update fails it (model.lora_sync=adapter
+    serves the adapter unmerged). The checksums are the proof of a push; this is the second signal."""
+    return 1e-3 if dtype == torch.float32 else 0.08
 
 
 def resolve_attn(name: str, dtype: torch.dtype) -> str:

@@ -245,3 +245,36 @@ def test_zero3_gathers_and_pushes_on_gpus(warm_model_dir, tmp_path):
     proc = launch_run(tmp_path, warm_model_dir, "--gpus", "3", "--set", "train.max_steps=3",
                       "--set", "train.deepspeed_config=configs/ds_zero3_gpu.json")
     check_run(tmp_path, proc, 3, "nccl")
+
+
+@need(1)
+def test_lora_adapter_push_into_a_bf16_server(tiny_model_dir, tmp_path):
+    """model.lora_sync adapter on CUDA: vLLM's Triton LoRA kernels in bf16 serve what PEFT computes, within
+    the bf16 tolerance that a merged bf16 push of a small update fails (pipeline/device.py), and all of
+    the adapter's effect (`adapter_effect`)."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.sync.lora_export import adapter_file, adapter_state
+    from pipeline.trainer.server_link import adapter_effect
+
+    server = gpu_server(tiny_model_dir, tmp_path, [0], "--set", "model.lora_rank=8")
+    try:
+        assert server.client.model_info()["lora_adapters"]
+        model = get_peft_model(hf_model(tiny_model_dir, "cuda:0"), LoraConfig(r=8, lora_alpha=16,
+                               target_modules="all-linear", task_type="CAUSAL_LM"))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.05)
+        server.client.request("POST", "/weights/adapter", data=adapter_file(model, adapter_state(model, 0), 1))
+        out = server.client.generate([PROMPT], n=1, max_tokens=16, seed=0)
+        completion = out["results"][0]["completions"][0]["token_ids"]
+        on = hf_logprobs(model, PROMPT, completion)
+        with model.disable_adapter():
+            off = hf_logprobs(model, PROMPT, completion)
+        served = torch.tensor(server.client.score([(PROMPT, completion)])["logprobs"][0])
+        assert out["version"] == 1 and (served - on).abs().max() <= BF16_TOL
+        assert adapter_effect(served, on, off)[0] == pytest.approx(1.0, abs=0.2)
+    finally:
+        server.stop()

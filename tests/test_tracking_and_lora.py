@@ -16,10 +16,10 @@ from pipeline.sync.weight_sync import ModelSource
 NEW_METRICS = {"grad_norm", "entropy", "reward/std_within_group", "frac_zero_std_groups", "completion_len/max"}
 
 
-def lora_model(model_dir, rank=4):
+def lora_model(model_dir, rank=4, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)
     with torch.no_grad():  # a trained adapter: B is zero at init, which would hide a wrong merge
@@ -90,10 +90,11 @@ def test_trackers_completion_tables_eval_during_training_and_diagnostics(server,
 
 
 @pytest.mark.slow
-def test_lora_run_pushes_merged_weights_saves_merged_final_and_resumes(server, warm_model_dir, tmp_path):
+def test_lora_run_with_merged_pushes_saves_merged_final_and_resumes(server, warm_model_dir, tmp_path):
     common = ["--name", "lora", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
               "--set", "model.lora_rank=8", "--set", "train.learning_rate=1e-3", "--set", "eval.enabled=false",
-              "--set", "train.save_every=2", "--set", "train.beta=0.04"]  # KL: the reference is the adapter off
+              "--set", "train.save_every=2", "--set", "train.beta=0.04",  # KL: the reference is the adapter off
+              "--set", "model.lora_sync=merged"]
     proc = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = launch(*common, "--resume", "--set", "train.max_steps=3", server=server, root=tmp_path)
@@ -102,6 +103,9 @@ def test_lora_run_pushes_merged_weights_saves_merged_final_and_resumes(server, w
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 and r["sync/verified_tensors"] > 0 for r in rows)
+    model_bytes = sum(f.stat().st_size for f in warm_model_dir.glob("*.safetensors"))
+    assert all(r["sync/adapter"] == 0 and r["sync/bytes"] > model_bytes / 2 for r in rows)  # every weight, merged
+    assert all(r["sync/adapter_effect"] == pytest.approx(1.0, abs=0.05) for r in rows)  # fp32: nothing lost
     assert "LoRA rank 8" in (run / "train.log").read_text()
     assert all("kl" in r for r in rows) and rows[-1]["kl"] > 0
     final = run / "final"

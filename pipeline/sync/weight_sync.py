@@ -15,6 +15,7 @@ digests our gloo engine took of what it received. A mismatch is a `WeightSyncErr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from pipeline.generation.deadline import Beside, DeadlineExceeded
 from pipeline.generation.engines import Engine, Engines
 from pipeline.generation.worker_ext import digest
 from pipeline.sync.gloo_transfer import without_agent_store
-from pipeline.sync.lora_export import exported_weights, merged_weight
+from pipeline.sync.lora_export import adapter_file, adapter_state, exported_weights, merged_weight
 from pipeline.sync.shards import Heads, worker_shards
 
 log = logging.getLogger("pipeline.sync.weight_sync")
@@ -93,6 +94,18 @@ class ServerSyncClient:
 
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
             list(pool.map(one, self.clients))
+
+    def load_adapter(self, body: bytes) -> list[dict]:
+        """POST the adapter file to every engine at once; their answers (version, adapter, sha256)."""
+        def one(client):
+            return client.request("POST", "/weights/adapter", timeout_s=self.timeout_s, data=body)
+
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            futures = [pool.submit(one, c) for c in self.clients]
+        for client, future in zip(self.clients, futures, strict=True):
+            if future.exception() is not None:
+                raise ServerError(f"engine {client.base_url}: {future.exception()}") from future.exception()
+        return [f.result() for f in futures]
 
     def checksums(self, names: list[str], received: list[str]) -> list[list[dict]]:
         """Each engine's workers' digests (one list per engine)."""
@@ -250,7 +263,8 @@ class WeightSync:
 
     def __init__(self, module: torch.nn.Module, zero_stage: int, rank: int, device: torch.device,
                  engines: Engines | ServerClient | None, *, host: str, port: int = 0, timeout_s: float = 60.0,
-                 bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20, shared_memory: bool = True):
+                 bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20, shared_memory: bool = True,
+                 lora_sync: str = "auto"):
         self.rank, self.device, self.timeout_s = rank, torch.device(device), timeout_s
         self.shared_memory = shared_memory
         self.module, self.zero_stage = module, zero_stage
@@ -266,6 +280,8 @@ class WeightSync:
         self.verified_names: list[str] = []
         self.heads = Heads.of(getattr(module, "config", None) or module.get_base_model().config)
         self._warned_unverified = False
+        self.lora_sync = lora_sync  # model.lora_sync: auto | adapter | merged (a LoRA model only)
+        self.adapter_mode = False  # each push sends the LoRA adapter alone (the engines serve adapters)
 
     # --- connect -------------------------------------------------------------------------------------
 
@@ -285,6 +301,9 @@ class WeightSync:
         info = _on_all_ranks(info)[0]
         if "error" in info:
             raise WeightSyncError(f"cannot reach the server to set up weight sync: {info['error']}")
+        self.adapter_mode = info["adapter_mode"]
+        if self.adapter_mode:  # the engines load each adapter over HTTP: no transfer group
+            return
         self.backend = info["sync_backend"]
         wire = getattr(torch, info["dtype"])
         self.source = ModelSource(self.module, self.zero_stage, self.rank == 0, wire, self.device)
@@ -304,8 +323,8 @@ class WeightSync:
         if not ready:
             raise ServerError(f"no generation engine is healthy and idle ({self.engines.base_url})")
         models = [engine.client.model_info() for engine, _ in ready]
-        for key in ("dtype", "sync_backend"):
-            if len({m[key] for m in models}) > 1:
+        for key in ("dtype", "sync_backend", "lora_adapters"):
+            if len({m.get(key) for m in models}) > 1:
                 raise ServerError(f"the engines disagree on {key}: {', '.join(str(m[key]) for m in models)}")
         self.group = [engine for engine, _ in ready]
         self.group_instances = [m.get("instance", "") for m in models]
@@ -313,8 +332,12 @@ class WeightSync:
             engine.tensor_parallel_size = model["tensor_parallel_size"]
         self.sync_client = ServerSyncClient([e.client for e in self.group], self.timeout_s,
                                             [m["tensor_parallel_size"] for m in models])
+        lora = hasattr(self.module, "peft_config")
+        if lora and self.lora_sync == "adapter" and not models[0].get("lora_adapters"):
+            raise ServerError("model.lora_sync=adapter, but the engines serve no LoRA adapters (their log says why)")
         return {"dtype": models[0]["dtype"], "sync_backend": models[0]["sync_backend"],
-                "tensor_parallel_size": sum(m["tensor_parallel_size"] for m in models)}
+                "tensor_parallel_size": sum(m["tensor_parallel_size"] for m in models),
+                "adapter_mode": lora and self.lora_sync != "merged" and bool(models[0].get("lora_adapters"))}
 
     def _trainer_init(self, info: dict):
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
@@ -330,7 +353,10 @@ class WeightSync:
     # --- push ------------------------------------------------------------------------------------------
 
     def push(self, version: int) -> dict[str, float]:
-        """Send the whole model; the server then serves it as `version`. Verified by checksums."""
+        """Send the whole model (or the LoRA adapter alone, in adapter mode); the engines then serve it as
+        `version`. Verified by checksums."""
+        if self.adapter_mode:
+            return self._push_adapter(version)
         start = time.perf_counter()
         metas = self.source.metadata()
         sample = checksum_sample(metas, self.verify_bytes, version)
@@ -370,6 +396,38 @@ class WeightSync:
         if self.backend == "gloo":  # 1 = the bytes went through shared memory, 0 = through gloo
             self.last_stats["shared_memory"] = float(bool(getattr(self.transfer, "last_shared", False)))
         return self.last_stats
+
+    def _push_adapter(self, version: int) -> dict[str, float]:
+        """model.lora_sync adapter: the adapter file (gathered under ZeRO-3, a collective) to every engine of
+        the group; each answers the sha256 of what it loaded, which must be the file's. The base weights are
+        frozen and each engine loaded them from model.path, as the trainer did."""
+        start = time.perf_counter()
+        state = adapter_state(self.module, self.zero_stage)
+        outcome: list = [None]
+        if self.rank == 0:
+            try:
+                body = adapter_file(self.module, state, version)
+                digest = hashlib.sha256(body).hexdigest()
+                answers = self.sync_client.load_adapter(body)
+                for engine, answer in zip(self.group, answers, strict=True):
+                    if answer["sha256"] != digest or answer["version"] != version:
+                        raise WeightSyncError(f"engine {engine.index} loaded {answer['adapter']} (version "
+                                              f"{answer['version']}, sha256 {answer['sha256'][:12]}), not the "
+                                              f"adapter sent for version {version} (sha256 {digest[:12]})")
+                for engine, instance in zip(self.group, self.group_instances, strict=True):
+                    engine.instance = instance
+                self.engines.set_members(self.group, version)
+                seconds = time.perf_counter() - start
+                outcome = [{"seconds": seconds, "bytes": len(body), "gb_per_s": len(body) / seconds / 1e9,
+                            "verified_tensors": len(state), "verified_bytes_frac": 1.0, "verify_s": 0.0,
+                            "engines_verified": len(answers), "adapter": 1.0}]
+            except Exception as e:  # noqa: BLE001 - reported on every rank (they wait in the broadcast below)
+                outcome = [f"adapter push for version {version} failed: {type(e).__name__}: {e}"]
+        outcome = _on_all_ranks(outcome)[0]
+        if isinstance(outcome, str):
+            raise WeightSyncError(outcome)
+        self.last_stats = outcome
+        return outcome
 
     def _verify(self, sample: list[str], metas: list[ParamMeta]) -> dict[str, float]:
         start = time.perf_counter()

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.sync.lora_export import adapter_state
 from pipeline.sync.weight_sync import ModelSource
-from pipeline.trainer.lora import adapter_state
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> None:

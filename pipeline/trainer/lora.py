@@ -1,11 +1,9 @@
-"""LoRA (model.lora_rank > 0): wrap the model in a PEFT adapter, and read the adapter out for saving.
-What the server is sent (the merged weights) is pipeline/sync/lora_export.py. Pure torch + PEFT."""
+"""LoRA (model.lora_rank > 0): wrap the model in a PEFT adapter. What the server is sent (the adapter
+alone, or the merged weights) is pipeline/sync/lora_export.py. Pure torch + PEFT."""
 
 from __future__ import annotations
 
 import logging
-
-import torch
 
 from pipeline.config import Config, ConfigError
 
@@ -23,8 +21,8 @@ def with_lora(model, config: Config):
                                                  target_modules=targets, task_type="CAUSAL_LM"))
     except ValueError as e:  # e.g. target modules not found in the model
         raise ConfigError(f"model.lora_target_modules: {str(e).splitlines()[0]}") from None
-    # The server gets merged linear weights (exported_weights): an adapter it could not be given
-    # would train without ever reaching the rollouts.
+    # The server gets the adapter or merged linear weights (pipeline/sync/lora_export.py): an adapter it
+    # could not be given would train without ever reaching the rollouts.
     from peft.tuners.lora import LoraLayer
 
     unsupported = [name for name, layer in model.named_modules() if isinstance(layer, LoraLayer)
@@ -38,13 +36,3 @@ def with_lora(model, config: Config):
     log.info("LoRA rank %d: %d of %d parameters train (%.2f%%)", m.lora_rank, trainable, total, 100 * trainable / total)
     return model
 
-
-def adapter_state(module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, whole (gathered under ZeRO-3: a collective, every rank calls it), on CPU."""
-    named = [(n, p) for n, p in module.named_parameters() if "lora_" in n]
-    if zero_stage < 3:
-        return {n: p.detach().cpu().clone() for n, p in named}
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        return {n: p.detach().cpu().clone() for n, p in named}

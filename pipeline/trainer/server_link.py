@@ -27,7 +27,8 @@ class ServerLink(WeightSync):
         s = config.sync
         super().__init__(model_engine.module, zero_stage, rank, model_engine.device, client, host=sync_host,
                          port=s.port, timeout_s=s.timeout_s, bucket_bytes=s.bucket_mb * 2**20,
-                         verify_bytes=s.verify_mb * 2**20, shared_memory=s.shared_memory)
+                         verify_bytes=s.verify_mb * 2**20, shared_memory=s.shared_memory,
+                         lora_sync=config.model.lora_sync)
         self.model_engine, self.config, self.dtype = model_engine, config, dtype
 
     @property
@@ -92,21 +93,53 @@ class ServerLink(WeightSync):
                 return f"no generation engine healthy within {wait_s:.0f}s"
             time.sleep(0.5)
 
-    def probe(self, prompt_ids: list[int], token_ids: list[int], step: int) -> float:
-        """Max |served - trainer| logprob over one sequence (rank 0's number; 0 elsewhere). The
-        checksums are the proof of a push; this is a second signal, with a dtype-aware tolerance."""
+    def probe(self, prompt_ids: list[int], token_ids: list[int], step: int) -> dict[str, float]:
+        """The engines' logprobs of one sequence against the trainer's (rank 0's numbers; {} elsewhere):
+        the largest gap (`sync/logprob_max_abs_diff`, with a dtype-aware tolerance) and, with LoRA, how
+        much of the adapter's effect the served logprobs show (`sync/adapter_effect`, see
+        `adapter_effect`: merged bf16 weights lose most of a small update, which the gap alone, within
+        bf16's kernel noise, cannot show). The checksums are the proof of a push; this is a second signal."""
+        module = self.model_engine.module
         self.model_engine.eval()
         with torch.no_grad():
             ids = torch.tensor([prompt_ids + token_ids], device=self.model_engine.device)
-            mine = token_logprobs(self.model_engine, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1:]
+            mine = token_logprobs(self.model_engine, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1:].float().cpu()
+            base = None
+            if hasattr(module, "peft_config"):
+                with module.disable_adapter():
+                    base = token_logprobs(self.model_engine, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1:]
+                base = base.float().cpu()
         if self.rank != 0:
-            return 0.0
+            return {}
         served = torch.tensor(self.engines.score([(prompt_ids, token_ids)])["logprobs"][0])
-        diff = float((served - mine.float().cpu()).abs().max())
+        diff = float((served - mine).abs().max())
         if diff > probe_tolerance(self.dtype):
             log.warning("step %d: served logprobs differ from the trainer's by %.2e (tolerance %.0e for %s)",
                         step, diff, probe_tolerance(self.dtype), self.dtype)
-        return diff
+        row = {"sync/logprob_max_abs_diff": diff}
+        if base is not None:
+            effect, shift = adapter_effect(served, mine, base)
+            row.update({"sync/adapter_effect": effect, "sync/adapter_shift_rms": shift})
+            if shift > 2 * NOISE_RMS[self.dtype == torch.float32] and effect < 0.5:
+                log.warning("step %d: the engines serve %.0f%% of the adapter's effect on the probe's logprobs "
+                            "(a merged 16-bit push rounds small updates away: model.lora_sync=adapter)", step,
+                            100 * effect)
+        return row
+
+
+# The RMS of per-token logprob differences between two kernels on the same weights, below which the
+# adapter's effect is not told apart from it: fp32 (True) agrees to ~1e-6, 16-bit kernels to ~1e-2.
+NOISE_RMS = {True: 1e-5, False: 1e-2}
+
+
+def adapter_effect(served: torch.Tensor, adapter_on: torch.Tensor, adapter_off: torch.Tensor) -> tuple[float, float]:
+    """How much of the adapter's effect the served logprobs show: the least-squares coefficient of
+    (served - off) along (on - off), 1 = all of it, 0 = the base model's; kernel noise averages out
+    instead of adding up as it does in a max. And the RMS of on - off, the effect itself."""
+    shift = adapter_on - adapter_off
+    energy = float((shift * shift).sum())
+    effect = float(((served - adapter_off) * shift).sum()) / energy if energy > 0 else 1.0
+    return effect, float(shift.pow(2).mean().sqrt())
 
 
 def _broadcast(value: list):

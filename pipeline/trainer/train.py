@@ -174,13 +174,14 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
         clock.lap("sync")
         # on a multi-turn sequence when there is one: tool turns are in what the trainer scores too
         probed = max(completions, key=lambda c: len(c.tool_calls))
-        sync_diff = link.probe(probed.prompt_ids, probed.token_ids, step + 1)
+        probe = link.probe(probed.prompt_ids, probed.token_ids, step + 1)
         clock.lap("probe")
 
         row = step_row(step, batch, sums, maxima, trainer, {
             "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
             "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
-            **engine_columns(link, rollouts), "sync/logprob_max_abs_diff": sync_diff,
+            **engine_columns(link, rollouts), "sync/logprob_max_abs_diff": 0.0, **probe,
+            "sync/bytes": link.last_stats.get("bytes", 0), "sync/adapter": link.last_stats.get("adapter", 0.0),
             "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
             "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
             "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
