@@ -44,7 +44,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.memory import Zero, plan_memory  # noqa: E402
+from launch.memory import Zero, model_shape, param_count, plan_memory  # noqa: E402
 from launch.plan import (  # noqa: E402
     PlanError,
     check_compute_modes,
@@ -130,22 +130,38 @@ def resolve_deepspeed_config(config: Config, cuda: bool) -> None:
     config.train.deepspeed_config = str(path.resolve())
 
 
-def check_disk_space(config: Config, run_dir: Path) -> None:
+def check_disk_space(config: Config, run_dir: Path, cuda: bool = False) -> None:
     """Fail before anything starts if the run directory's disk cannot hold the checkpoints: a disk that
     fills up hours into a run loses the step that was being saved. Per checkpoint we count 8x the
     model's weight files (weights + fp32 master copy + two Adam moments), for the checkpoints kept plus
-    the one being written, plus the final model."""
-    model_dir = Path(config.model.path)
-    if not model_dir.is_dir():
-        return  # a hub name: its size is not known before download
-    weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
+    the one being written, plus the final model. A hub model is not on disk yet: its weights are
+    estimated from its config.json (local, the Hugging Face cache, or launch/memory.py's table of recipe
+    models) at model.dtype's bytes per parameter (auto: bf16 with GPUs, fp32 without, as the trainer
+    loads it); a model of unknown size is not checked, and the launcher says why."""
+    model_dir = Path(config.model.path).expanduser()
+    basis = ""
+    if model_dir.is_dir():
+        weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
+    else:
+        shape, source = model_shape(config)
+        try:
+            params = param_count(shape) if shape is not None else 0
+        except KeyError as e:
+            source, params = f"{source} has no {e.args[0]}", 0
+        if not params:
+            print(f"disk space for checkpoints not checked: the model's size is unknown ({source})", flush=True)
+            return
+        dtype = config.model.dtype if config.model.dtype != "auto" else "bfloat16" if cuda else "float32"
+        width = 4 if dtype == "float32" else 2
+        weights = params * width
+        basis = f" (weights: {params / 1e9:.2f}B parameters x {width} bytes ({dtype}), from {source})"
     checkpoints = (config.train.keep_checkpoints if config.train.save_every else 0) + 1
     need = weights * (8 * checkpoints + 1) + 50 * 2**20  # + logs, metrics, evaluations
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < need:
         raise ConfigError(f"run.root: {existing} has {free / 2**20:.0f} MiB free; this run needs about "
-                          f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model")
+                          f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model{basis}")
 
 
 def gpu_inventory() -> list[dict]:
@@ -420,7 +436,7 @@ def main(argv=None) -> int:
             check_port_free(spec["host"], spec["port"], spec["engine"], len(plan["servers"]))
         check_data_and_rewards(config)
         prepare_model(config)
-        check_disk_space(config, run_dir)
+        check_disk_space(config, run_dir, cuda=gpus > 0)
     except (ConfigError, PlanError, DataError, RewardError, ToolError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

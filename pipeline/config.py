@@ -268,7 +268,16 @@ class TrainConfig:
     temperature: float = 1.0
     """Sampling temperature; the trainer's logprobs use the same one (TRL's default 1.0)."""
     top_p: float = 1.0
-    """Nucleus sampling; keep 1.0 so server logprobs are those of the full distribution."""
+    """Nucleus sampling for rollouts: must be 1.0. With top_p < 1 vLLM samples from the nucleus and its
+    logprobs (processed_logprobs, which the loss takes as the behaviour policy mu) are renormalised
+    over it, while the trainer's pi_theta is log_softmax(logits / T) over the whole vocabulary: every
+    ratio pi_theta / mu starts at the nucleus mass (< 1) instead of 1, which shifts PPO's clip window
+    (below 1 - epsilon every negative-advantage token is clipped from the start). Applying top-p to the
+    trainer's own logprobs would change the objective. TRL 1.16 accepts top_p < 1: it asks vLLM for
+    processed_logprobs too, but uses them only in a separate, truncated importance weight
+    exp(pi_old - mu) (its PPO ratio is trainer against trainer), which top-p scales down by the nucleus
+    mass; here mu is in the PPO ratio itself, so top_p < 1 is refused. Evaluation (eval.*) is not
+    bound by this."""
     epsilon: float = 0.2
     """PPO clip range of the importance ratio pi_theta / pi_server (TRL's default)."""
     is_cap: float = 3.0
@@ -531,8 +540,12 @@ def validate(config: Config) -> None:
     if t.epsilon_high and t.epsilon_high < t.epsilon:
         raise ConfigError(f"train.epsilon_high: must be 0 (= epsilon) or >= train.epsilon={t.epsilon}, "
                           f"got {t.epsilon_high}")
-    if not 0 < t.top_p <= 1 or t.temperature <= 0:
-        raise ConfigError("train.temperature must be > 0 and train.top_p in (0, 1]")
+    if t.temperature <= 0:
+        raise ConfigError(f"train.temperature: must be > 0, got {t.temperature}")
+    if t.top_p != 1:
+        raise ConfigError(f"train.top_p={t.top_p}: must be 1.0; vLLM's logprobs under nucleus sampling are "
+                          f"renormalised over the nucleus, the trainer's are over the whole vocabulary, so the "
+                          f"ratio pi_theta / mu would be biased")
     r = config.rollout
     if r.max_tool_calling_iterations < 1:
         raise ConfigError(f"rollout.max_tool_calling_iterations: must be at least 1, got {r.max_tool_calling_iterations}")

@@ -31,6 +31,11 @@ def test_overrides_and_types(tmp_path):
     ("train.completions_per_step=20", "train.completions_per_step=20: must be 0 or a multiple of train.num_generations=16"),
     ("server.gpu_memory_utilization=1.5", "server.gpu_memory_utilization: expected 0 (auto) or a share in (0, 1]"),
     ("server.data_parallel_size=0", "server.data_parallel_size: must be positive, got 0"),
+    ("train.temperature=0", "train.temperature: must be > 0, got 0.0"),
+    ("train.top_p=0.9", "train.top_p=0.9: must be 1.0; vLLM's logprobs under nucleus sampling are renormalised "
+                        "over the nucleus, the trainer's are over the whole vocabulary, so the ratio pi_theta / mu "
+                        "would be biased"),
+    ("train.top_p=1.5", "train.top_p=1.5: must be 1.0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:

@@ -364,3 +364,62 @@ def test_disk_space_estimate_figure(tmp_path, monkeypatch):
         launcher.check_disk_space(config, tmp_path / "runs" / "x")
     monkeypatch.setattr(launcher.shutil, "disk_usage", lambda p: Usage(10**12, 0, need_mib * 2**20))
     launcher.check_disk_space(config, tmp_path / "runs" / "x")  # exactly enough
+
+
+def _launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    return launcher
+
+
+def test_a_hub_model_too_big_for_the_disk_is_refused(small_disk, tmp_path, monkeypatch):
+    """A hub model is not on disk before the run downloads it: its weights are estimated from its
+    config.json (the recipe's Prem-1B: launch/memory.py's table, as nothing is cached) at model.dtype's
+    bytes per parameter, and the same rule as for a local model refuses a disk too small."""
+    from launch.memory import KNOWN_MODELS, param_count
+    from pipeline.config import ConfigError, load_config
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    launcher = _launcher()
+    config = load_config(str(REPO / "configs" / "prem-1b-gsm8k.yaml"), [f"run.root={small_disk}"])
+    params = param_count(KNOWN_MODELS[config.model.path])
+    assert 1.0e9 < params < 1.2e9 and config.model.dtype == "bfloat16"
+    checkpoints = config.train.keep_checkpoints + 1  # save_every is on: those kept + the one being written
+    need = params * 2 * (8 * checkpoints + 1) + 50 * 2**20
+    assert need > 40e9  # the recipe's run needs tens of GB
+    with pytest.raises(ConfigError) as refused:
+        launcher.check_disk_space(config, small_disk / "run")
+    message = str(refused.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"run.root: {small_disk} has 2 MiB free; this run needs about {need / 2**20:.0f} MiB "
+                              f"for {checkpoints} checkpoint(s) and the final model (weights: 1.10B parameters x 2 "
+                              f"bytes (bfloat16), from premai-io/prem-1B-chat"), message
+
+    # In the Hugging Face cache: its config.json is read (here a small model, fp32 with model.dtype auto on CPU)
+    snapshot = tmp_path / "empty-cache" / "models--someone--cached" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    shape = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "vocab_size": 1000}
+    (snapshot / "config.json").write_text(json.dumps(shape))
+    config = load_config(None, ["model.path=someone/cached", f"run.root={small_disk}", "train.save_every=0"])
+    need = param_count(shape) * 4 * (8 * 1 + 1) + 50 * 2**20
+    with pytest.raises(ConfigError, match=re.escape(f"needs about {need / 2**20:.0f} MiB for 1 checkpoint(s) and the "
+                                                    f"final model (weights: 0.00B parameters x 4 bytes (float32), "
+                                                    f"from {snapshot / 'config.json'})")):
+        launcher.check_disk_space(config, small_disk / "run")
+
+
+def test_disk_space_for_a_model_of_unknown_size_is_not_checked(small_disk, tmp_path, monkeypatch, capsys):
+    """Not local, not cached, not in launch/memory.py's table: no estimate, so no refusal, and the launcher
+    says why it did not check."""
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    config = load_config(None, ["model.path=someone/unknown-model", f"run.root={small_disk}"])
+    _launcher().check_disk_space(config, small_disk / "run")
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "disk space for checkpoints not checked: the model's size is unknown (model.path=someone/unknown-model is "
+        "not a local directory, not in the Hugging Face cache and not in launch/memory.py)")

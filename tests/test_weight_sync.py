@@ -417,3 +417,154 @@ def test_ipc_handles_travel_as_json():
     handles = [{"gpu-uuid": ("rebuild", (1, 2, b"\x00\x01"))}]
     sent = json.loads(json.dumps(json_safe_update_info({**plain, "ipc_handles": handles})))
     assert "ipc_handles" not in sent and pickle.loads(base64.b64decode(sent["ipc_handles_pickled"])) == handles
+
+
+# --- a failed ZeRO-3 push: every rank leaves it having done the same gathers ------------------------
+
+ZERO3_PUSH_FAILS = r"""
+import json, sys, threading, time
+from datetime import timedelta
+import deepspeed, torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM, Qwen2Config
+from pipeline.sync.gloo_transfer import GlooTrainerWeightTransferEngine
+from pipeline.generation.client import ServerClient, free_port
+from pipeline.sync.weight_sync import ModelSource, ServerSyncClient, WeightSync, WeightSyncError
+from pipeline.trainer.train import release_shm_name
+
+TIMEOUT_S, AT, LATE_S = 2.0, 5, 3.5
+deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=30))
+rank, cpu = dist.get_rank(), torch.device("cpu")
+release_shm_name(rank)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(Qwen2Config(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, tie_word_embeddings=False))
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+    "train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+module = engine.module
+assert all(p.numel() == 0 for p in module.parameters()), "not partitioned"
+reference = dict(iter(ModelSource(module, 3, rank == 0, torch.float32, cpu)))
+
+# Every gather this rank enters, with the thread that entered it. Rank 1 can arrive late at one of
+# them, so that rank 0's push thread sits inside that gather's collective when its deadline fires.
+gathers, late = [], {}
+Real = deepspeed.zero.GatheredParameters
+
+
+class Counted(Real):
+    def __enter__(self):
+        index = sum(1 for _, s in gathers if s == scenario)
+        if rank == 1 and late.get(scenario) == index:
+            time.sleep(LATE_S)
+        gathers.append((threading.get_ident(), scenario))
+        return super().__enter__()
+
+
+deepspeed.zero.GatheredParameters = Counted
+
+
+class Sender:
+    # Rank 0's consumer of the source, as a transfer engine's broadcast: `stall` stops after that many
+    # tensors (a broadcast into a stuck server) until released; `refuse` fails before the pass begins.
+    def __init__(self, source, stall=None, refuse=False):
+        self.source, self.stall, self.refuse = source, stall, refuse
+        self.release, self.done, self.error = threading.Event(), threading.Event(), None
+
+    def send_weights(self):
+        try:
+            if self.refuse:
+                raise ConnectionError("the server refused /weights/start")
+            for i, _ in enumerate(self.source):
+                if i == self.stall:
+                    self.release.wait()
+        except Exception as e:
+            self.error = e
+            raise
+        finally:
+            self.done.set()
+
+
+results, main = {}, threading.get_ident()
+for scenario, kw in [("stall", {"stall": AT}), ("late", {}), ("refused", {"refuse": True})]:
+    late[scenario] = AT if scenario == "late" else None
+    sync = WeightSync(module, 3, rank, cpu, None, host="127.0.0.1", timeout_s=TIMEOUT_S)
+    sync.source = ModelSource(module, 3, rank == 0, torch.float32, cpu, chunk_bytes=1)  # a gather per tensor
+    sync.transfer = consumer = (Sender(sync.source, **kw) if rank == 0 else GlooTrainerWeightTransferEngine(
+        client=None, source=sync.source, is_sender=False, bucket_bytes=2**20, timeout_s=TIMEOUT_S))
+    if rank == 0:  # after the failure rank 0 aborts the update: nothing listens there
+        sync.sync_client = ServerSyncClient(ServerClient(f"http://127.0.0.1:{free_port('127.0.0.1')}"), TIMEOUT_S)
+    start = time.monotonic()
+    try:
+        sync.push(1)
+        raised = None
+    except WeightSyncError as e:
+        raised = str(e)
+    seconds = time.monotonic() - start
+    out = {"raised": raised, "seconds": seconds}
+    if rank == 0:  # the abandoned thread resumes (its broadcast returns): it must gather nothing more
+        before = len(gathers)
+        consumer.release.set()
+        out["consumer_ended"] = consumer.done.wait(10)
+        out["gathers_after_release"] = len(gathers) - before
+        out["consumer_error"] = repr(consumer.error)
+    mine = [thread for thread, s in gathers if s == scenario]
+    out.update(gathers=len(mine), by_main=sum(t == main for t in mine))
+    results[scenario] = out
+    print(f"rank {rank}: {scenario}: {out}", file=sys.stderr, flush=True)
+    dist.barrier()
+
+# The ranks' next collectives still pair up: a full pass gathers the same weights as before.
+final = dict(iter(ModelSource(module, 3, rank == 0, torch.float32, cpu)))
+everyone = [None, None]
+dist.all_gather_object(everyone, results)
+if rank == 0:
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+    print("RESULT " + json.dumps({"ranks": everyone, "tensors": len(reference)}), flush=True)
+"""
+
+
+def test_a_failed_zero3_push_leaves_every_rank_with_the_same_gathers(tmp_path):
+    """Two ranks under real ZeRO-3 (gloo, CPU). Rank 0 pushes under its deadline in a thread while rank
+    1 iterates the source in its main thread (each gather a collective on both). The push fails three
+    ways on rank 0: its consumer stalls between tensors (a broadcast into a stuck server); its thread
+    sits inside a gather when the deadline fires (rank 1 arrives late); its consumer fails before the
+    pass begins. Each time both ranks leave the push within the deadline, with the error, having
+    done every gather once; rank 0's main thread did exactly those its abandoned thread had not,
+    and that thread, when it resumes, gathers nothing more and ends with an error (not a pass that
+    looks complete). The ranks' collectives still pair up afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import RUN_TAG
+
+    from pipeline.generation.client import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port("127.0.0.1")), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           RUN_TAG: str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", ZERO3_PUSH_FAILS], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=120))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    line = next(x for x in outputs[0][0].splitlines() if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    ranks, total = result["ranks"], result["tensors"]
+    for scenario, consumer_did in (("stall", 6), ("late", 6), ("refused", 0)):
+        zero, one = ranks[0][scenario], ranks[1][scenario]
+        assert ("server refused" if scenario == "refused" else "no progress within sync.timeout_s=2s") in zero["raised"], zero
+        assert one["raised"] == zero["raised"] is not None, (scenario, zero, one)
+        assert zero["gathers"] == one["gathers"] == total, (scenario, zero, one)
+        assert one["by_main"] == total
+        assert zero["by_main"] == total - consumer_did, (scenario, zero)
+        assert zero["consumer_ended"] and zero["gathers_after_release"] == 0, (scenario, zero)
+        assert zero["consumer_error"].startswith("ConnectionError" if scenario == "refused" else "PassAbandoned("), zero
+        assert max(zero["seconds"], one["seconds"]) < 10, (scenario, zero, one)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -128,6 +129,23 @@ def json_safe_update_info(update_info: dict) -> dict:
     return out
 
 
+class PassAbandoned(RuntimeError):
+    """A pass over the weights was taken back by its owner after a failed push: the thread that was
+    consuming it (abandoned by the push deadline) gathers nothing more and gets this instead."""
+
+
+class _Pass:
+    """One pass over the weights, shared by whoever consumes it and the `drain` that may finish it:
+    `done` chunks gathered so far; every gather happens under `lock`, after checking `abandoned`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = 0
+        self.abandoned = False  # its consumer gathers nothing more
+        self.taken_back = False  # drain gathered what its consumer had not
+        self.claimed = False  # an iterator was handed out for it
+
+
 class ModelSource(WeightSource):
     """The trainer's parameters as vLLM's engines consume them: full tensors in the server's dtype
     (LoRA merged, see `exported_weights`).
@@ -135,6 +153,16 @@ class ModelSource(WeightSource):
     Under ZeRO-3 every rank holds a shard, so iterating gathers a chunk of parameters at a time (a
     collective: every rank iterates in the same order; only the sender gets tensors, others get
     None). On the sender, the tensors named in `keep` are copied to CPU for the checksum check.
+
+    A push on rank 0 consumes the source in a thread under a deadline; when that fires, the thread may
+    still be inside a gather, or in the broadcast between two chunks, while the other ranks wait in
+    the gathers that follow. `drain()` (the main thread, after the push) then finishes the pass: it
+    marks it abandoned, waits for the gather in progress, if any, and does exactly the chunks not yet
+    gathered. Only one thread gathers at a time (the pass's lock), every rank leaves the push having
+    gathered every chunk once in the same order, and the abandoned thread, should it resume, gathers
+    nothing more: its next step raises `PassAbandoned` (a consumer that saw the pass end normally would
+    go on to finish an update that is torn). A source with a pass taken back serves no further pass
+    (each fails at once, and `drain` does its gathers): `WeightSync.connect` builds a new one.
     """
 
     def __init__(self, module: torch.nn.Module, zero_stage: int, is_sender: bool, wire_dtype: torch.dtype,
@@ -142,9 +170,25 @@ class ModelSource(WeightSource):
         self.module, self.zero_stage, self.is_sender = module, zero_stage, is_sender
         self.wire_dtype, self.device, self.chunk_bytes = wire_dtype, device, chunk_bytes
         self.weights = exported_weights(module)
+        self.chunks = self._chunks()
         self.keep: set[str] = set()
         self.kept: dict[str, torch.Tensor] = {}
-        self._active: Iterator | None = None
+        self._pass: _Pass | None = None  # the current pass (begun, iterated, or taken back by drain)
+        self._taken_back = False  # drain finished a pass whose consumer may still resume: spent
+
+    def _chunks(self) -> list[list[tuple[str, list[torch.Tensor], float | None]]]:
+        """The weights in gather order: under ZeRO-3 a chunk is gathered at once (about `chunk_bytes`),
+        else each weight is its own chunk (nothing to gather)."""
+        if self.zero_stage < 3:
+            return [[entry] for entry in self.weights]
+        chunks, chunk, size = [], [], 0
+        for i, entry in enumerate(self.weights):
+            chunk.append(entry)
+            size += sum(p.ds_numel * p.element_size() for p in entry[1])
+            if size >= self.chunk_bytes or i == len(self.weights) - 1:
+                chunks.append(chunk)
+                chunk, size = [], 0
+        return chunks
 
     def _wire(self, tensor: torch.Tensor) -> torch.dtype:
         return self.wire_dtype if tensor.is_floating_point() else tensor.dtype
@@ -153,17 +197,43 @@ class ModelSource(WeightSource):
         return [ParamMeta(name, self._wire(ps[0]), tuple(getattr(ps[0], "ds_shape", ps[0].shape)))
                 for name, ps, _ in self.weights]
 
+    def begin(self) -> None:
+        """A push's pass: the next `iter()` consumes it, and `drain()` finishes it even if the consumer
+        never started (every other rank iterates all of it)."""
+        self._pass = _Pass()
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        current = self._pass
+        if current is None or current.claimed:
+            current = self._pass = _Pass()
+        current.claimed = True
+        if self._taken_back:  # whoever asks may be the abandoned thread, late: it gathers nothing
+            current.abandoned = True
         self.kept = {}
-        self._active = self._pass()
-        return self._active
+        return self._run(current)
 
     def drain(self) -> None:
-        """Finish the current pass (its gathers are collectives the other ranks are waiting in)."""
-        if self._active is not None:
-            for _ in self._active:
-                pass
-            self._active = None
+        """Finish the current pass on this thread: its remaining gathers are collectives the other
+        ranks are waiting in. A consumer that is still running (abandoned by the push deadline) stops
+        before its next gather; one inside a gather is waited for. A pass already complete is closed."""
+        current = self._pass
+        if current is None:
+            return
+        current.abandoned = True  # before the lock: the consumer's next gather sees it
+        with current.lock:
+            if current.done < len(self.chunks):
+                current.taken_back = self._taken_back = True
+            while current.done < len(self.chunks):
+                with self._gathered(self.chunks[current.done]):
+                    pass
+                current.done += 1
+
+    def _gathered(self, chunk):
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for _, ps, _ in chunk for p in ps], modifier_rank=None)
 
     def _out(self, name: str, params: list[torch.Tensor], scaling: float | None) -> torch.Tensor | None:
         if not self.is_sender:
@@ -173,22 +243,18 @@ class ModelSource(WeightSource):
             self.kept[name] = tensor.cpu().clone()
         return tensor
 
-    def _pass(self):
-        if self.zero_stage < 3:
-            for name, params, scaling in self.weights:
-                yield name, self._out(name, params, scaling)
-            return
-        import deepspeed
-
-        chunk, size = [], 0
-        for i, entry in enumerate(self.weights):
-            chunk.append(entry)
-            size += sum(p.ds_numel * p.element_size() for p in entry[1])
-            if size >= self.chunk_bytes or i == len(self.weights) - 1:
-                with deepspeed.zero.GatheredParameters([p for _, ps, _ in chunk for p in ps], modifier_rank=None):
+    def _run(self, current: _Pass):
+        while True:
+            with current.lock:
+                if current.taken_back or current.abandoned and current.done < len(self.chunks):
+                    raise PassAbandoned("this weight pass was taken back after a failed push; it gathers nothing more")
+                if current.done == len(self.chunks):
+                    return
+                chunk = self.chunks[current.done]
+                with self._gathered(chunk):
                     copies = [(n, self._out(n, ps, s)) for n, ps, s in chunk]
-                yield from copies  # copies: at most one chunk is gathered at any time
-                chunk, size = [], 0
+                current.done += 1
+            yield from copies  # outside the lock (the consumer's broadcast); at most one chunk gathered
 
 
 def checksum_sample(metas: list[ParamMeta], budget_bytes: int, version: int) -> list[str]:
@@ -366,13 +432,18 @@ class WeightSync:
         error = [None]
         if self.rank == 0:
             self.sync_client.version = version
+        self.source.begin()
         try:
             _with_deadline(self.transfer.send_weights, self.timeout_s, f"pushing weights version {version}",
                            enforce=self.rank == 0, device=self.device)
         except Exception as e:  # noqa: BLE001 - reported on every rank
             error = [f"weight push for version {version} failed: {type(e).__name__}: {e}"]
-        with contextlib.suppress(Exception):
-            self.source.drain()  # after a failure: the other ranks still wait in the ZeRO-3 gathers
+        try:
+            # After a failure: the other ranks still wait in the ZeRO-3 gathers this rank's pass has not
+            # done (all of them if it never began); an abandoned push thread stops before its next one.
+            self.source.drain()
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            error = [error[0] or f"weight push for version {version} failed finishing its gathers: {type(e).__name__}: {e}"]
         if error[0] is not None and self.rank == 0 and self.sync_client is not None:
             # Our side of the group first: an engine still waiting in a receive fails now, and its update
             # ends torn (repaired by the next full push) instead of waiting out the group's timeout.
