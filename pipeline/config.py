@@ -146,11 +146,11 @@ class ServerConfig:
     """Largest request body the server reads (413 above it)."""
     startup_timeout_s: float = 300.0
     """How long the launcher waits for the server's health check (and the trainer, after a restart)."""
-    restart: bool = False
-    """If an engine's server process dies, the launcher starts a new one; the trainer waits for it (with
-    one engine) or goes on with the others, pushes its current weights into it and retries the lost
-    request (recorded as `server/restarts`). Off: with one engine the run fails; with several, a dead
-    engine is left out and the run fails when none is left."""
+    restart: bool = True
+    """If an engine's server process dies, the launcher starts a new one (up to `max_restarts` per engine);
+    the trainer waits for it (with one engine) or goes on with the others, pushes its current weights into
+    it and retries the lost request (recorded as `server/restarts`). Off: with one engine the run fails;
+    with several, a dead engine is left out and the run fails when none is left."""
     max_restarts: int = 3
     """server.restart: restarts per engine; an engine past them stays down (the run fails when none is left)."""
     enforce_eager: bool | None = None

@@ -263,7 +263,8 @@ def test_both_engines_killed_is_a_one_line_error_within_the_deadline(warm_model_
 
     run_dir = tmp_path / "both"
     proc = start_launch(*warm_run("both", "--set", "train.max_steps=40", "--set", "server.data_parallel_size=2",
-                                  warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+                                  "--set", "server.restart=false", warm_model_dir=warm_model_dir),
+                        server=None, root=tmp_path)
     wait_for(lambda: len(rows_of(run_dir)) >= 2, "step 2", proc)
     groups = [engine_group(tmp_path, i) for i in (0, 1)]
     for group in groups:

@@ -161,6 +161,44 @@ def test_two_engines_one_nccl_broadcast(tiny_model_dir, tmp_path):
             server.stop()
 
 
+@need(3)
+def test_an_engine_killed_mid_nccl_push_leaves_the_other_torn_not_dead(tiny_model_dir, tmp_path):
+    """Two engines in one NCCL group, one killed mid-broadcast: the survivor's worker, stuck in a receive
+    NCCL would never end, aborts its communicator at sync.timeout_s (pipeline/sync/nccl_deadline.py) and its
+    server marks the weights torn instead of exiting; the recovery push (the survivor alone) repairs it."""
+    from pipeline.generation.engines import Engines
+
+    timeout_s = 20
+    for i in range(2):
+        (tmp_path / f"e{i}").mkdir()
+    servers = [gpu_server(tiny_model_dir, tmp_path / f"e{i}", [i], "--set", "server.data_parallel_size=2",
+                          "--engine-index", str(i), "--set", f"sync.timeout_s={timeout_s}") for i in range(2)]
+    try:
+        engines = Engines.of([s.client for s in servers])
+        model = hf_model(tiny_model_dir, "cuda:2")
+        sync = WeightSync(model, 0, 0, torch.device("cuda:2"), engines, host="127.0.0.1", timeout_s=timeout_s,
+                          bucket_bytes=64 * 1024)
+        sync.connect()
+        sync.push(1)
+        start = time.monotonic()
+        with killed_mid_push(sync, servers[1].kill) as killed, pytest.raises(WeightSyncError, match="version 2"):
+            sync.push(2)
+        assert killed.is_set() and time.monotonic() - start < timeout_s + 15
+        time.sleep(5)  # the survivor's deadline has passed: torn, alive, serving nothing
+        assert servers[0].proc.poll() is None and servers[0].client.health()["torn"]
+        assert "NCCL weight receive: aborted after" in (tmp_path / "e0" / "server.log").read_text()
+        perturb(model, 3)
+        sync.connect()  # the survivor alone
+        assert sync.push(3)["engines_verified"] == 1
+        completion = servers[0].client.generate([PROMPT], n=1, max_tokens=12, seed=3)["results"][0]["completions"][0]
+        assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+                ).abs().max() <= BF16_TOL
+        sync.close()
+    finally:
+        for server in servers:
+            server.stop()
+
+
 @need(2)
 def test_cuda_graphs_survive_pushes(tiny_model_dir, tmp_path):
     server = gpu_server(tiny_model_dir, tmp_path, [0])  # enforce_eager unset: CUDA graphs on GPU

@@ -43,6 +43,8 @@ from pipeline.generation.client import TOKEN_ENV, server_token
 from pipeline.generation.deadline import Beside, DeadlineExceeded
 from pipeline.generation.server_process import log_name
 
+DEADLINE_ENV = "GRPO_SYNC_TIMEOUT_S"  # pipeline/sync/nccl_deadline.py reads it in the workers
+
 log = logging.getLogger("pipeline.generation.serve")
 WORKER_EXTENSION = "pipeline.generation.worker_ext.WorkerExtension"
 
@@ -162,6 +164,7 @@ class GenerationServer:
             resolve_gpu_memory_utilization,
             sync_backend,
         )
+        from pipeline.generation.transport import TRANSPORTS
 
         self.config = config
         cfg = config.server
@@ -173,6 +176,8 @@ class GenerationServer:
         self.backend = sync_backend(config.sync.transport, self.device)
         if self.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+        # the workers' receive deadline (NCCL has none of its own: pipeline/sync/nccl_deadline.py)
+        os.environ[DEADLINE_ENV] = str(config.sync.timeout_s)
         if self.backend == "ipc":
             # vLLM's IPC engine ships CUDA IPC handles pickled over HTTP and refuses to unpickle them
             # without this; main() refuses to start ipc without a token, so only the run can send them.
@@ -193,7 +198,7 @@ class GenerationServer:
             worker_extension_cls=WORKER_EXTENSION,
             # vLLM's weight-transfer API: its nccl/ipc engines on GPU, ours (pipeline.sync.gloo_transfer,
             # registered through the vllm.general_plugins entry point) on CPU.
-            weight_transfer_config=WeightTransferConfig(backend=self.backend),
+            weight_transfer_config=WeightTransferConfig(backend=TRANSPORTS[self.backend].vllm_name),
             # Logprobs after temperature: what the trainer computes as log_softmax(logits / T).
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,

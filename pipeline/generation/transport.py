@@ -12,8 +12,9 @@ import importlib
 
 
 class Backend:
-    def __init__(self, about: str, engine: str):
+    def __init__(self, about: str, engine: str, vllm_name: str):
         self.about, self.engine = about, engine  # engine: "module:Class" of the worker-side engine
+        self.vllm_name = vllm_name  # its name in vLLM's worker-side registry (WeightTransferConfig.backend)
 
     def engine_class(self):
         module, _, name = self.engine.partition(":")
@@ -21,12 +22,13 @@ class Backend:
 
 
 TRANSPORTS = {
-    "nccl": Backend("vLLM's NCCL engine: GPU to GPU, trainer and server on different GPUs or hosts",
-                    "vllm.distributed.weight_transfer.nccl_engine:NCCLWeightTransferEngine"),
+    "nccl": Backend("vLLM's NCCL engine with a receive deadline (pipeline/sync/nccl_deadline.py): GPU to GPU, "
+                    "trainer and server on different GPUs or hosts",
+                    "pipeline.sync.nccl_deadline:NCCLWithDeadline", "grpo_nccl"),
     "ipc": Backend("vLLM's CUDA IPC engine: trainer and server share one GPU (NCCL cannot hold one device twice)",
-                   "vllm.distributed.weight_transfer.ipc_engine:IPCWeightTransferEngine"),
+                   "vllm.distributed.weight_transfer.ipc_engine:IPCWeightTransferEngine", "ipc"),
     "gloo": Backend("our gloo engine (pipeline/sync/gloo_transfer.py): CPU to CPU",
-                    "pipeline.sync.gloo_transfer:GlooWeightTransferEngine"),
+                    "pipeline.sync.gloo_transfer:GlooWeightTransferEngine", "gloo"),
 }
 CHOICES = ("auto", *TRANSPORTS)
 

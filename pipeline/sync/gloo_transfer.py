@@ -59,11 +59,16 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16", "float64", "int64", "int32", "i
 
 
 def register() -> None:
-    """vLLM plugin entry point (and the trainer's own call): add "gloo" to both factories."""
+    """vLLM plugin entry point (and the trainer's own call): add "gloo" to both factories, and the NCCL
+    engine with a receive deadline (pipeline/sync/nccl_deadline.py) to the workers'."""
     from vllm.distributed.weight_transfer.factory import (
         WeightTransferEngineFactory,
         WeightTransferTrainerFactory,
     )
+
+    from pipeline.sync import nccl_deadline
+
+    nccl_deadline.register()
 
     for factory, cls_name in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
                               (WeightTransferTrainerFactory, "GlooTrainerWeightTransferEngine")):
