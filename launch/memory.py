@@ -44,6 +44,7 @@ LOGIT_BYTES = 16  # per token and vocabulary entry: 16-bit logits, the fp32 copy
 # kernel adds a full-size fp32 sqrt(v) (torch/optim/adam.py `_multi_tensor_adam`) beside the fp32
 # gradient (8 B), the fused kernel nothing (4 B). ZeRO-3 keeps a flat 16-bit gradient buffer, casts one
 # sub-group (sub_group_size) to fp32 and steps it (4 B + foreach's 4 B, per sub-group).
+DIGEST_TEMPORARIES = 32 * 2**20  # pipeline/sync/digest.py on the device: its 16 MiB table and one block's products
 FUSED_ADAMW_ON_CUDA = True  # pipeline/trainer/build.py: torch.optim.AdamW(fused=True) on CUDA
 # Hub models the recipes name, for a plan made before the download: their config.json.
 KNOWN_MODELS = {
@@ -126,6 +127,20 @@ def param_count(shape: dict) -> int:
     mlp = 3 * h * shape.get("intermediate_size", 4 * h)
     embeddings = vocab * h * (1 if shape.get("tie_word_embeddings", True) else 2)
     return layers * (attention + mlp + 2 * h) + embeddings + h
+
+
+def checksum_sample_bytes(shape: dict, w: int, verify_mb: int) -> tuple[int, str]:
+    """Bytes of the tensors a push verifies (pipeline/sync/weight_sync.py `checksum_sample`): the whole model
+    up to sync.verify_mb, else the embeddings, the final norm and head and as many whole layers as the rest
+    of the budget holds, at least one (prem-1B in bf16: 262 MB of ends + one 88 MB layer)."""
+    total, ends = param_count(shape), param_count({**shape, "num_hidden_layers": 0})
+    layers = shape["num_hidden_layers"]
+    budget = verify_mb * 2**20
+    if total * w <= budget or not layers:
+        return total * w, f"the whole model (<= sync.verify_mb {verify_mb})"
+    per_layer = (total - ends) // layers
+    window = min(layers, max(1, (budget - ends * w) // (per_layer * w)))
+    return (ends + window * per_layer) * w, f"embeddings, head and {window} of {layers} layers x {w} B"
 
 
 def lora_param_count(shape: dict, rank: int) -> int:
@@ -212,8 +227,11 @@ def trainer_phases(config: Config, shape: dict, batch: dict, zero: Zero, cuda: b
                              + f", fp32 gradient 4 + {'fused AdamW 0' if fused else 'foreach sqrt(v) 4'})")]
 
     bucket_bytes = config.sync.bucket_mb * 2**20
+    sample, sample_why = checksum_sample_bytes(shape, w, config.sync.verify_mb)
+    if stage < 3 and not lora:  # the kept sample is the weights themselves (ModelSource._out)
+        sample, sample_why = 0, "the weights themselves (no copy without ZeRO-3 or LoRA)"
     push = [*states, ("weight-transfer buffers", 2 * bucket_bytes, f"2 x sync.bucket_mb {config.sync.bucket_mb}"),
-            ("checksum sample", config.sync.verify_mb * 2**20, f"sync.verify_mb {config.sync.verify_mb}")]
+            ("checksum sample", sample + DIGEST_TEMPORARIES, f"{sample_why} + 32 MiB digest table and products")]
     if stage == 3:
         push.append(("ZeRO-3 gathered chunk", 256 * 2**20, "256 MiB (ModelSource.chunk_bytes)"))
     return {"backward": backward, "optimizer step": step, "weight push": push}

@@ -176,8 +176,9 @@ class SyncConfig:
     """A whole push, and every call in it (HTTP or collective), fails after this many seconds instead
     of hanging; a server worker stuck that long makes the server exit (server.restart restarts it)."""
     verify_mb: int = 64
-    """Each push is checked by sha256 of a fixed sample of whole layers of about this many MB (all of
-    a smaller model) against the server's digests; a mismatch fails the step."""
+    """Each push is checked by a digest (pipeline/sync/digest.py, computed on each side's device) of a
+    sample of whole layers of about this many MB (all of a smaller model; at least the embeddings, the
+    head and one layer), against the server's digests; a mismatch fails the step."""
     host: str = ""
     """Address the trainer's rank 0 listens on for the sync group; empty = the server's host."""
     port: int = 0

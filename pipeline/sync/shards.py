@@ -1,5 +1,5 @@
 """What each tensor-parallel worker of vLLM holds of a model's weights, computed on the trainer from the
-full HF tensors, so a push is verified on every shard by the worker's own sha256 digests.
+full HF tensors, so a push is verified on every shard by the worker's own digests (`tensor_digest`).
 
 vLLM 0.32's layouts for the decoder-only models it loads (Llama, Qwen2, Mistral, ...), rank r of tp:
 - fused column-parallel projections (the model's `packed_modules_mapping`): each member's rows split

