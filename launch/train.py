@@ -56,7 +56,7 @@ from launch.plan import (  # noqa: E402
 )
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
 from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token  # noqa: E402
-from pipeline.generation.engines import Engines  # noqa: E402
+from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines  # noqa: E402
 from pipeline.report.evaluate import format_table, run_eval  # noqa: E402
 from pipeline.task.data import DataError  # noqa: E402
 from pipeline.task.rewards import RewardError  # noqa: E402
@@ -508,6 +508,8 @@ def main(argv=None) -> int:
         # the repo, then where the user launched from (reward plugins there), then their own PYTHONPATH
         trainer_env = {**os.environ, **plan["trainer"]["env"], "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
+        if plan["servers"]:  # the engines are this process's: the ranks wait for a restart only while it lives
+            trainer_env[LAUNCHER_PID_ENV] = str(os.getpid())
         if plan["trainer"]["token_file"]:
             trainer_env.pop(TOKEN_ENV, None)
         for name in plan["trainer"]["unset_env"]:

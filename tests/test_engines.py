@@ -289,3 +289,20 @@ def test_an_idle_cpu_engine_does_not_spin_after_generating(server):
     time.sleep(1.0)
     busy = sum(sum(w.cpu_times()[:2]) for w in workers) - before
     assert busy < 0.3, f"the worker burnt {busy:.2f} s of CPU in the second after a generation"
+
+
+def test_a_rank_waits_for_restarted_engines_only_while_their_launcher_lives(monkeypatch):
+    """server.restart: the ranks wait for an engine to come back only while the launcher that owns the
+    engines lives (killed, it restarts nothing: the ranks then fail at once instead of waiting minutes)."""
+    import subprocess
+
+    from pipeline.generation.engines import LAUNCHER_PID_ENV, restarts_possible
+
+    monkeypatch.delenv(LAUNCHER_PID_ENV, raising=False)
+    assert not restarts_possible()  # engines started elsewhere (--server-url, SLURM): nobody restarts them
+    monkeypatch.setenv(LAUNCHER_PID_ENV, str(os.getpid()))
+    assert restarts_possible()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monkeypatch.setenv(LAUNCHER_PID_ENV, str(gone.pid))
+    assert not restarts_possible()

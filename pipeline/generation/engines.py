@@ -30,6 +30,26 @@ from pipeline.generation.client import ServerClient, ServerError
 log = logging.getLogger("pipeline.generation.engines")
 
 SPEED_MEMORY = 0.5  # weight of the newest measurement in an engine's speed (completions per second)
+# The launcher that started the engines (and restarts them, server.restart): its pid, set in the ranks'
+# environment only when it owns them. A rank waits for a restarted engine only while that process lives.
+LAUNCHER_PID_ENV = "GRPO_LAUNCHER_PID"
+
+
+def restarts_possible() -> bool:
+    """Whether an engine may still come back: the launcher that owns the engines is alive (an engine run
+    elsewhere, --server-url or SLURM, is nobody's to restart)."""
+    import os
+
+    pid = os.environ.get(LAUNCHER_PID_ENV)
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:  # alive, another user's (never ours: it started us)
+        return True
+    return True
 HEALTH_TIMEOUT_S = 5.0
 SPLIT_SEED_STRIDE = 2**32  # part j of a split group samples with seed + i + j * stride (distinct streams)
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.device import probe_tolerance
-from pipeline.generation.engines import Engines
+from pipeline.generation.engines import Engines, restarts_possible
 from pipeline.sync.weight_sync import WeightSync, WeightSyncError
 from pipeline.trainer.grpo import token_logprobs
 
@@ -87,6 +87,8 @@ class ServerLink(WeightSync):
                 return True
             if not server.restart:
                 return "no generation engine left (server.restart is off)"
+            if not restarts_possible():
+                return "no generation engine left (the launcher that restarts them is gone, or does not own them)"
             if all(e.restarts >= server.max_restarts for e in self.engines.engines):
                 return f"no generation engine left: each has used its server.max_restarts={server.max_restarts} restarts"
             if time.monotonic() >= end:
