@@ -6,8 +6,9 @@
     task/        the problem: the XML answer format, answers, data sources, synthetic problems, rewards,
                  the reasoning checker (pure Python, no torch)
     embedded/    the default model built offline: a tiny Qwen2, its tokenizer, an SFT warm start
-    generation/  the vLLM generation server, its worker extension, its HTTP client, its process
-    sync/        weights into the running server: vLLM's weight-transfer API, our gloo engine, LoRA export
+    generation/  the vLLM generation server, its HTTP client, its process
+    sync/        weights into the running server: vLLM's weight-transfer API, our gloo engine, the
+                 workers' side (their extension, digests), LoRA export
     report/      evaluation, the run report and model card, publishing
     trainer/     the GRPO loop under DeepSpeed: set-up, rollouts, the loss, metrics, checkpoints
 
