@@ -1,14 +1,17 @@
 """vLLM-accelerated GRPO post-training, in parts (each a subpackage; a part imports only those before it):
 
-    config.py, device.py  the ground floor: one config for every process; where CPU and GPU runs differ
+    options.py   the ground floor, in order: the names of every option's choices (standard library only),
+    config.py    one config for every process (loading it imports no torch),
+    device.py    where CPU and GPU runs differ
     task/        the problem: the XML answer format, answers, data sources, synthetic problems, rewards,
                  the reasoning checker (pure Python, no torch)
     embedded/    the default model built offline: a tiny Qwen2, its tokenizer, an SFT warm start
-    generation/  the vLLM generation server, its worker extension, its HTTP client, its process
-    sync/        weights into the running server: vLLM's weight-transfer API, our gloo engine, LoRA export
+    generation/  the vLLM generation server, its HTTP client, its process
+    sync/        weights into the running server: vLLM's weight-transfer API, our gloo engine, the
+                 workers' side (their extension, digests), LoRA export
     report/      evaluation, the run report and model card, publishing
     trainer/     the GRPO loop under DeepSpeed: set-up, rollouts, the loss, metrics, checkpoints
 
 `pipeline.rewards` is the public place to import the recipe's reward functions from (TRL-compatible).
-tests/test_layout.py checks that no part imports a later one.
+tests/test_layout.py checks that no part imports a later one, and that no imports form a circle.
 """

@@ -7,7 +7,6 @@ and wrong types are errors naming the key (`ConfigError: train.max_stepz: unknow
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,34 +15,17 @@ from typing import Literal
 
 import yaml
 
+from pipeline import options
 
-@functools.cache
-def option_types() -> dict[str, object]:
-    """The choices of every option that names an implementation, read from the module that implements
-    them, so adding one (a loss type, a data source, an answer format, a transport) touches that module
-    alone. The field annotations below name these types; they are resolved when a config is loaded.
-    Imported here, not at the top: the loss and the trackers import torch, which pipeline.generation.serve
-    must not load before it has set up vLLM's process environment."""
-    from pipeline.device import DTYPES
-    from pipeline.generation.transport import CHOICES
-    from pipeline.task.answers import ANSWER_FORMATS
-    from pipeline.task.data import CHAT_TEMPLATES, SOURCES
-    from pipeline.trainer.grpo import ADVANTAGE_SCALINGS, LOSS_TYPES
-    from pipeline.trainer.metrics import TRACKERS
-
-    return {"Dtype": Literal[("auto", *DTYPES)], "Transport": Literal[CHOICES], "DataSource": Literal[SOURCES],
-            "AnswerFormat": Literal[ANSWER_FORMATS], "ChatTemplate": Literal[tuple(CHAT_TEMPLATES)],
-            "LossType": Literal[tuple(LOSS_TYPES)], "AdvantageScaling": Literal[ADVANTAGE_SCALINGS],
-            "Tracker": Literal[TRACKERS]}
-
-
-if typing.TYPE_CHECKING:  # what the annotations below name; their choices are `option_types()`
-    Dtype = Transport = DataSource = AnswerFormat = ChatTemplate = LossType = AdvantageScaling = Tracker = str
-
-
-def field_types(cls) -> dict[str, object]:
-    """A config section's field types, option choices included (see `option_types`)."""
-    return typing.get_type_hints(cls, localns=option_types())
+# The choices of every option that names an implementation: pipeline/options.py names them.
+Dtype = Literal[("auto", *options.DTYPES)]
+Transport = Literal[("auto", *options.TRANSPORTS)]
+DataSource = Literal[options.SOURCES]
+AnswerFormat = Literal[options.ANSWER_FORMATS]
+ChatTemplate = Literal[options.CHAT_TEMPLATES]
+LossType = Literal[options.LOSS_TYPES]
+AdvantageScaling = Literal[options.ADVANTAGE_SCALINGS]
+Tracker = Literal[options.TRACKERS]
 
 
 class ConfigError(ValueError):
@@ -445,7 +427,7 @@ def _check_type(value, hint, key: str):
 
 
 def _merge(obj, values: dict, prefix: str = "") -> None:
-    hints = field_types(type(obj))
+    hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
@@ -496,13 +478,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
 def validate(config: Config) -> None:
     """Cross-field checks that no single type can express."""
-    from pipeline.task.rewards import BUILTIN_REWARDS
-
     if config.data.source in ("jsonl", "csv", "parquet") and not config.data.train_file:
         raise ConfigError(f"data.train_file: required when data.source is {config.data.source}")
     if config.data.question_key == config.data.answer_key:
         raise ConfigError(f"data.answer_key: the same column as data.question_key ({config.data.question_key!r})")
-    known = [*BUILTIN_REWARDS, *config.reward_functions]
+    known = [*options.BUILTIN_REWARDS, *config.reward_functions]
     for name in config.rewards:
         if name not in known:
             raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(known)}; "

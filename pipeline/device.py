@@ -9,14 +9,18 @@ import importlib.util
 
 import torch
 
+from pipeline import options
+from pipeline.config import SERVER_ALONE_GPU_SHARE, ConfigError
+
 
 def accelerator() -> str:
     """"cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# model.dtype: `auto` or one of these (the config's choices).
+# model.dtype: `auto` or one of these.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+options.check_implements(__name__, "DTYPES", DTYPES)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -41,8 +45,6 @@ def resolve_attn(name: str, dtype: torch.dtype) -> str:
     16-bit (FA2 takes only fp16/bf16: with fp32 it fails at the first forward), else SDPA."""
     if name != "auto":
         if name == "flash_attention_2":
-            from pipeline.config import ConfigError
-
             if dtype not in (torch.float16, torch.bfloat16):
                 raise ConfigError(f"model.attn_implementation: flash_attention_2 needs model.dtype bfloat16 or "
                                   f"float16, got {str(dtype).removeprefix('torch.')}")
@@ -56,12 +58,10 @@ def resolve_attn(name: str, dtype: torch.dtype) -> str:
 
 
 def sync_backend(requested: str, device: str) -> str:
-    """sync.transport for a server on `device`, by the one rule (pipeline/generation/transport.py). A server
-    started alone does not know whether a trainer shares its GPU: the launcher decides that (`ipc`)
-    and writes its choice into the config the server reads."""
-    from pipeline.generation.transport import resolve_transport
-
-    return resolve_transport(requested, cuda=device == "cuda")
+    """sync.transport for a server on `device`, by the one rule (pipeline/options.py). A server started
+    alone does not know whether a trainer shares its GPU: the launcher decides that (`ipc`) and writes
+    its choice into the config the server reads."""
+    return options.resolve_transport(requested, cuda=device == "cuda")
 
 
 def resolve_enforce_eager(requested: bool | None, device: str) -> bool:
@@ -74,8 +74,6 @@ def resolve_gpu_memory_utilization(requested: float) -> float:
     """server.gpu_memory_utilization: 0 (auto) reaches the server only when it was started alone
     (`make serve`), with its GPUs to itself: vLLM's default then. launch/train.py writes the share its
     plan computed (launch/memory.py) into the run's config."""
-    from pipeline.config import SERVER_ALONE_GPU_SHARE
-
     return requested or SERVER_ALONE_GPU_SHARE
 
 

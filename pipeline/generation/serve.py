@@ -46,7 +46,7 @@ from pipeline.generation.server_process import log_name
 DEADLINE_ENV = "GRPO_SYNC_TIMEOUT_S"  # pipeline/sync/nccl_deadline.py reads it in the workers
 
 log = logging.getLogger("pipeline.generation.serve")
-WORKER_EXTENSION = "pipeline.generation.worker_ext.WorkerExtension"
+WORKER_EXTENSION = "pipeline.sync.worker_ext.WorkerExtension"  # loaded in each vLLM worker
 
 
 # --- requests: every field bounded at the boundary, so nothing a client sends reaches the engine

@@ -1,14 +1,18 @@
-"""The weight-transfer backends (`sync.transport`): what each is, the worker-side engine class the
-server loads, and the rule `auto` follows. Pure Python, so the launch plan reads it without torch.
+"""The weight-transfer backends (`sync.transport`): what each is and the worker-side engine class the
+server loads. The rule `auto` follows is pure Python in pipeline/options.py (re-exported here).
 
 Every backend is a name in vLLM's weight-transfer factories: vLLM registers `nccl` and `ipc`, and
-pipeline/sync/gloo_transfer.py registers `gloo`. A new backend is its engine module, one line here,
-and its trainer-side init info in pipeline/sync/weight_sync.py (`TRAINER_INIT_INFO`).
+pipeline/sync/gloo_transfer.py registers `gloo`. A new backend is its name in pipeline/options.py, its
+engine module, one line here, and its trainer-side init info in pipeline/sync/weight_sync.py
+(`TRAINER_INIT_INFO`).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from pipeline import options
+from pipeline.options import resolve_transport  # noqa: F401  (launch/plan.py imports it from here)
 
 
 class Backend:
@@ -30,13 +34,4 @@ TRANSPORTS = {
     "gloo": Backend("our gloo engine (pipeline/sync/gloo_transfer.py): CPU to CPU",
                     "pipeline.sync.gloo_transfer:GlooWeightTransferEngine", "gloo"),
 }
-CHOICES = ("auto", *TRANSPORTS)
-
-
-def resolve_transport(requested: str, cuda: bool, shared_gpu: bool = False) -> str:
-    """sync.transport: `auto` is gloo on CPU, ipc when trainer and server share one GPU, else nccl."""
-    if requested != "auto":
-        return requested
-    if not cuda:
-        return "gloo"
-    return "ipc" if shared_gpu else "nccl"
+options.check_implements(__name__, "TRANSPORTS", TRANSPORTS)

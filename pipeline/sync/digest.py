@@ -1,7 +1,7 @@
 """`tensor_digest`: the fingerprint that proves a weight push landed, computed where the tensor lives.
 
 Both sides of a push call it (pipeline/sync/weight_sync.py on the trainer's tensors as sent and on the
-shards each worker must hold; pipeline/generation/worker_ext.py on the parameters as a vLLM worker
+shards each worker must hold; pipeline/sync/worker_ext.py on the parameters as a vLLM worker
 loaded them; pipeline/sync/gloo_transfer.py on the bytes our CPU engine received) and compare the
 strings. On a GPU it is torch ops on the tensor's own device: nothing is copied to the host but the two
 64-bit sums at the end, so verifying prem-1B's sample (~350 MB of bf16) no longer costs the 0.3-0.6 s

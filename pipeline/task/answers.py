@@ -1,7 +1,7 @@
 """Answers: extracting them from completions and reference solutions, and comparing them. Pure Python.
 
 Shared by the rewards, the evaluation and the reasoning checker. A dataset's reference answers come in
-one of `ANSWER_FORMATS` (data.answer_format): GSM8K's `#### 42`, a plain final answer, or MATH's last
+one of the `REFERENCE_READERS` (data.answer_format): GSM8K's `#### 42`, a plain final answer, or MATH's last
 `\\boxed{...}`. Plain numbers compare exactly; anything else (fractions, LaTeX, expressions) goes to
 math-verify's symbolic equivalence.
 """
@@ -12,6 +12,8 @@ import logging
 import re
 import threading
 from decimal import Decimal
+
+from pipeline import options
 
 _DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
@@ -56,15 +58,15 @@ def _boxed_reference(text: str) -> str:
 
 
 # data.answer_format: how a reference solution's final answer is read; each raises ValueError saying
-# what is missing. The config's choices are these names.
+# what is missing.
 REFERENCE_READERS = {"gsm8k": extract_gsm8k_answer, "plain": str.strip, "boxed": _boxed_reference}
-ANSWER_FORMATS = tuple(REFERENCE_READERS)
+options.check_implements(__name__, "ANSWER_FORMATS", REFERENCE_READERS)
 
 
 def extract_reference(text: str, answer_format: str) -> str:
     """A reference solution's final answer in `answer_format`; ValueError says what is missing."""
     if answer_format not in REFERENCE_READERS:
-        raise ValueError(f"unknown answer format {answer_format!r} (expected one of {', '.join(ANSWER_FORMATS)})")
+        raise ValueError(f"unknown answer format {answer_format!r} (expected one of {', '.join(REFERENCE_READERS)})")
     return REFERENCE_READERS[answer_format](text)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import options
 from pipeline.task import synthetic
 from pipeline.task.example import GSM8K, DataError, Example, Fields, parse_row  # noqa: F401  (the data API names them)
 from pipeline.task.xml_format import SYSTEM_PROMPT
@@ -118,11 +119,10 @@ def _hub_source(split: str, hub_name: str, hub_config: str, fields: Fields, **_)
     return load_hub(hub_name, hub_config, split, fields)
 
 
-# data.source: where examples come from (a local file kind, the hub, or generated); the config's choices
-# are these names, in this order.
+# data.source: where examples come from (a local file kind, the hub, or generated).
 SOURCE_LOADERS = {"synthetic": _synthetic_source, **{kind: _file_source(kind) for kind in READERS},
                   "hub": _hub_source}
-SOURCES = tuple(SOURCE_LOADERS)
+options.check_implements(__name__, "SOURCES", SOURCE_LOADERS)
 
 
 def load_examples(source: str, split: str, files: dict[str, str] | None = None,
@@ -131,7 +131,7 @@ def load_examples(source: str, split: str, files: dict[str, str] | None = None,
                   fields: Fields = GSM8K, synthetic_levels: int = 3, synthetic_max_operand: int = 10) -> list[Example]:
     """`source` is a local file kind (`files[split]` is the path), "hub" or "synthetic" (generated)."""
     if source not in SOURCE_LOADERS:
-        raise DataError(f"data.source must be one of {', '.join(repr(s) for s in SOURCES)}, got {source!r}")
+        raise DataError(f"data.source must be one of {', '.join(repr(s) for s in SOURCE_LOADERS)}, got {source!r}")
     return SOURCE_LOADERS[source](split=split, files=files, hub_name=hub_name, hub_config=hub_config,
                                   synthetic_sizes=synthetic_sizes, seed=seed, fields=fields,
                                   synthetic_levels=synthetic_levels, synthetic_max_operand=synthetic_max_operand)
@@ -147,6 +147,7 @@ def examples_for(data, split: str, seed: int) -> list[Example]:
 
 # data.chat_template: use the tokenizer's template (auto: if it has one; false: plain text, for base models)
 CHAT_TEMPLATES = {"auto": None, "true": True, "false": False}
+options.check_implements(__name__, "CHAT_TEMPLATES", CHAT_TEMPLATES)
 
 
 @dataclass(frozen=True)

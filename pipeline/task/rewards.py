@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pipeline import options
 from pipeline.task.answers import answers_equivalent, completion_text
 from pipeline.task.reasoning import reasoning_steps_reward
 from pipeline.task.xml_format import TAG_LINES, extract_xml_answer, is_soft_format, is_strict_format
@@ -107,6 +108,7 @@ BUILTIN_REWARDS: dict[str, Reward] = {r.name: r for r in (
     Reward("reasoning_steps", reasoning_steps_reward, 0.5, weight=0.0,
            about="fraction of arithmetic claims a op b = c that hold"),
 )}
+options.check_implements(__name__, "BUILTIN_REWARDS", BUILTIN_REWARDS)
 # Kept for callers that only need name -> function (the TRL baseline, the property tests).
 REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {n: r.fn for n, r in BUILTIN_REWARDS.items()}
 

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# train.advantage_scaling: what centred rewards are divided by (the config's choices)
-ADVANTAGE_SCALINGS = ("group", "batch", "none")
+from pipeline import options
+
+# train.advantage_scaling: the std centred rewards are divided by, from (rewards, grouped); None: not divided
+ADVANTAGE_SCALINGS = {"group": lambda rewards, grouped: grouped.std(dim=1, keepdim=True),
+                      "batch": lambda rewards, grouped: rewards.std(), "none": None}
+options.check_implements(__name__, "ADVANTAGE_SCALINGS", ADVANTAGE_SCALINGS)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scaling: str = "group",
@@ -34,14 +38,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scaling: str = "gro
     """rewards: flat (num_prompts * group_size,), prompt-major. Returns the same shape."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if scaling not in ADVANTAGE_SCALINGS:
+        raise ValueError(f"advantage scaling must be one of {', '.join(ADVANTAGE_SCALINGS)}, got {scaling!r}")
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scaling == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
-    elif scaling == "batch":
-        centred = centred / (rewards.std() + eps)
-    elif scaling != "none":
-        raise ValueError(f"advantage scaling must be one of {', '.join(ADVANTAGE_SCALINGS)}, got {scaling!r}")
+    std = ADVANTAGE_SCALINGS[scaling]
+    if std is not None:
+        centred = centred / (std(rewards, grouped) + eps)
     return centred.reshape(-1)
 
 
@@ -137,9 +140,10 @@ def _dr_grpo(token_losses: torch.Tensor, mask: torch.Tensor, *, max_completion_t
     return token_losses.sum() / (mask.size(0) * max_completion_tokens)
 
 
-# train.loss_type: the config's choices are these names.
 LOG_RATIO_BOUND = 20.0  # |log pi_theta - log mu| beyond this is clamped (see grpo_loss)
+# train.loss_type: what each loss type divides the token losses by
 LOSS_TYPES = {"grpo": _grpo, "bnpo": _bnpo, "dapo": _dapo, "dr_grpo": _dr_grpo}
+options.check_implements(__name__, "LOSS_TYPES", LOSS_TYPES)
 
 
 def step_normaliser(loss_type: str, trained_tokens: int, accumulation_steps: int, ranks: int,

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline import options
+
 
 def group_stats(group_totals: list[list[float]]) -> dict[str, float]:
     """Diagnostics of the step's groups (one row of G rewards per prompt): the mean within-group std,
@@ -39,9 +41,6 @@ def metrics_row(step: int, s: dict[str, float], mx: dict[str, float], reward_nam
         row["kl"] = s["kl_sum"] / tokens
     row.update(extra)
     return row
-
-
-TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
 def missing_trackers(report_to: list[str]) -> list[str]:
@@ -112,7 +111,9 @@ class _Trackio:
         self.trackio.finish()
 
 
-_OPEN = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio}
+# train.report_to: each tracker's writer
+TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio}
+options.check_implements(__name__, "TRACKERS", TRACKERS)
 
 
 class Metrics:
@@ -125,7 +126,7 @@ class Metrics:
         self.is_writer = is_writer
         self.file = open(run_dir / "metrics.jsonl", "a") if is_writer else None  # noqa: SIM115
         self.samples = open(run_dir / "completions.jsonl", "a") if is_writer else None  # noqa: SIM115
-        self.trackers = [_OPEN[name](run_dir, project=project, name=run_name or run_dir.name, config=config or {})
+        self.trackers = [TRACKERS[name](run_dir, project=project, name=run_name or run_dir.name, config=config or {})
                          for name in report_to] if is_writer else []
 
     @staticmethod
