@@ -24,9 +24,9 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 
 def grpo_seconds(run_dir: Path) -> float:
     """The run's GRPO wall time: the sum of its step times (rollouts, rewards, update, sync)."""
-    from pipeline.report.card import read_jsonl  # skips a line torn by a kill, as the report does
+    from pipeline.report.card import read_rows  # skips a line torn by a kill, as the report does
 
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_rows(run_dir / "metrics.jsonl")
     if not rows:
         raise ConfigError(f"{run_dir / 'metrics.jsonl'}: no steps recorded")
     return sum(r["time/step"] for r in rows)

@@ -282,8 +282,6 @@ class TrainConfig:
     epsilon_high: float = 0.0
     """Upper clip range: ratios clip at 1 + epsilon_high for positive advantages (DAPO's clip-higher,
     0.28 there); 0 = the same as epsilon (TRL's default)."""
-    loss_aggregation: str = ""
-    """Replaced by loss_type (sequence -> grpo, token -> dapo); setting it is an error saying so."""
     advantage_scaling: AdvantageScaling = "group"
     """Divide centred rewards by the group's std (group, DeepSeekMath), the batch's std (batch, TRL's
     scale_rewards="batch"), or not (none, Dr. GRPO). With `group`, a group whose completions differ by
@@ -426,11 +424,17 @@ def _check_type(value, hint, key: str):
     raise ConfigError(f"{key}: unsupported field type {hint}")
 
 
+# Keys that once existed: a config that still sets one is told what replaced it.
+RETIRED_KEYS = {"train.loss_aggregation": "replaced by train.loss_type (sequence -> grpo, token -> dapo)"}
+
+
 def _merge(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if dotted in RETIRED_KEYS:
+            raise ConfigError(f"{dotted}: {RETIRED_KEYS[dotted]}")
         if key not in names:
             raise ConfigError(f"{dotted}: unknown key (expected one of: {', '.join(sorted(names))})")
         current = getattr(obj, key)
@@ -516,8 +520,6 @@ def validate(config: Config) -> None:
                           f"train.num_generations={t.num_generations} (whole groups)")
     if t.num_generations < 2:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
-    if t.loss_aggregation:
-        raise ConfigError("train.loss_aggregation: replaced by train.loss_type (sequence -> grpo, token -> dapo)")
     if t.epsilon_high and t.epsilon_high < t.epsilon:
         raise ConfigError(f"train.epsilon_high: must be 0 (= epsilon) or >= train.epsilon={t.epsilon}, "
                           f"got {t.epsilon_high}")

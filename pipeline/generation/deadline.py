@@ -7,13 +7,13 @@ import threading
 
 
 class DeadlineExceeded(TimeoutError):
-    """A call run `Beside` did not finish within its deadline (it may still be running)."""
+    """A `DeadlineCall` did not finish within its deadline (it may still be running)."""
 
 
-class Beside:
-    """Run a call in a daemon thread: an HTTP call while this thread takes part in a collective, or a
-    whole push under a deadline. Daemon: a call stuck past its deadline must never keep the process
-    alive (no executor join at exit)."""
+class DeadlineCall:
+    """A call run in a daemon thread and awaited with a deadline (`result(timeout_s)`): an HTTP call while
+    this thread takes part in a collective, or a whole push. Daemon: a call stuck past its deadline must
+    never keep the process alive (no executor join at exit)."""
 
     def __init__(self, fn, *args):
         self._done = threading.Event()

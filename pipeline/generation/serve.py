@@ -40,7 +40,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.generation.client import TOKEN_ENV, server_token
-from pipeline.generation.deadline import Beside, DeadlineExceeded
+from pipeline.generation.deadline import DeadlineCall, DeadlineExceeded
 from pipeline.generation.server_process import log_name
 
 DEADLINE_ENV = "GRPO_SYNC_TIMEOUT_S"  # pipeline/sync/nccl_deadline.py reads it in the workers
@@ -410,7 +410,7 @@ class GenerationServer:
         launcher's server.restart brings up a fresh one, and the trainer pushes its weights into that.
         A call that touches no weights and simply fails (a rendezvous that cannot form) is a 400: the
         weights are as they were."""
-        with Beside(self.llm.collective_rpc, method, timeout, (), kwargs) as call:
+        with DeadlineCall(self.llm.collective_rpc, method, timeout, (), kwargs) as call:
             try:
                 return call.result(timeout + RPC_GRACE_S)
             except DeadlineExceeded:

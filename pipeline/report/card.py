@@ -34,7 +34,7 @@ def repo_relative(path: str) -> str:
         return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text().splitlines():
         try:
@@ -136,7 +136,7 @@ def before_after_samples(run_dir: Path, count: int = 12) -> Path | None:
     """The same held-out problems answered before and after GRPO, side by side, as markdown."""
     if not (run_dir / "eval_before.jsonl").exists() or not (run_dir / "eval_after.jsonl").exists():
         return None
-    before, after = read_jsonl(run_dir / "eval_before.jsonl"), read_jsonl(run_dir / "eval_after.jsonl")
+    before, after = read_rows(run_dir / "eval_before.jsonl"), read_rows(run_dir / "eval_after.jsonl")
     if not before or not after:
         return None
     out = ["# The same held-out problems before and after GRPO (greedy)", ""]
@@ -242,13 +242,6 @@ The model is taught to answer as:
 |---|---|---|---|
 {reward_lines}
 
-Format rewards: strict XML format (exact layout, multi-line reasoning allowed), soft format (tags
-in order, anything may follow), integer answer, and XML structure (+0.125 per well-formed tag line,
-minus 0.001 per character after `</answer>`). Correctness: 2.0 when the extracted answer equals the
-reference (numbers compared exactly, `$` and `,` ignored); 0.0 otherwise. The optional reasoning-step
-reward (0.5 x the fraction of arithmetic claims `a op b = c` in the reasoning that are correct) is
-off unless its weight is set: a policy can game it with trivially true claims.
-
 ## Training Configuration
 
 - Learning rate: {t['learning_rate']:g} ({t['lr_scheduler']} schedule{floor}, warmup ratio {t['warmup_ratio']:g})
@@ -320,7 +313,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not (run_dir / "metrics.jsonl").exists():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a run directory, or no step finished)")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_rows(run_dir / "metrics.jsonl")
     plots = plot_curves(rows, run_dir) if rows else []
     card = model_card(run_dir, config, rows, read_json(run_dir / "eval_before.json"),
                       read_json(run_dir / "eval_after.json"), read_json(run_dir / "run_info.json") or {}, plots,

@@ -46,7 +46,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from pipeline.generation.deadline import Beside
+from pipeline.generation.deadline import DeadlineCall
 from pipeline.sync.digest import tensor_digest
 
 log = logging.getLogger("pipeline.sync.gloo_transfer")
@@ -389,12 +389,17 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         repack_tied_lm_head(self.model)
 
     def shutdown(self) -> None:
-        if self.shared is not None:
-            self.shared.close()
-            self.shared = None
-        if self.group is not None:
-            leave_group(self.group)
-            self.group = None
+        close_endpoint(self)
+
+
+def close_endpoint(engine) -> None:
+    """Either side's shutdown: unmap the shared-memory buckets and leave the group (idempotent)."""
+    if engine.shared is not None:
+        engine.shared.close()
+        engine.shared = None
+    if engine.group is not None:
+        leave_group(engine.group)
+        engine.group = None
 
 
 def repack_tied_lm_head(model) -> None:
@@ -454,7 +459,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             shm_nonce=shared.nonce if shared else "")
         try:
             # The workers block in init until the group forms: the HTTP call runs beside our join.
-            with Beside(client.init_weight_transfer_engine, asdict(worker_info)) as call:
+            with DeadlineCall(client.init_weight_transfer_engine, asdict(worker_info)) as call:
                 engine.group = join_group(init_info.master_address, init_info.master_port, 0,
                                           init_info.world_size, init_info.timeout_s)
                 everyone_local = all_members(engine.group, shared is not None)
@@ -483,7 +488,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             digest_names=list(self.digest_names), shared=shared)
         self.last_shared = shared
         self.client.start_weight_update()
-        with Beside(self.client.update_weights, asdict(update)) as call:
+        with DeadlineCall(self.client.update_weights, asdict(update)) as call:
             self._broadcast(iter(self.source), buckets, shared)
             call.result(self.timeout_s)
         self.client.finish_weight_update()
@@ -507,9 +512,4 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 self.group.broadcast(buffer, 0).wait()
 
     def shutdown(self) -> None:
-        if self.shared is not None:
-            self.shared.close()
-            self.shared = None
-        if self.group is not None:
-            leave_group(self.group)
-            self.group = None
+        close_endpoint(self)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layerwise_groups
 
 from pipeline.generation.client import ServerClient, ServerError, free_port
-from pipeline.generation.deadline import Beside, DeadlineExceeded
+from pipeline.generation.deadline import DeadlineCall, DeadlineExceeded
 from pipeline.generation.engines import Engine, Engines
 from pipeline.sync.digest import tensor_digest
 from pipeline.sync.gloo_transfer import without_agent_store
@@ -597,7 +597,7 @@ def _with_deadline(fn, timeout_s: float, what: str, enforce: bool, device: torch
             torch.cuda.set_device(device)
         return fn()
 
-    with Beside(run) as call:
+    with DeadlineCall(run) as call:
         try:
             return call.result(timeout_s)
         except DeadlineExceeded:

@@ -99,14 +99,18 @@ class Reward:
 
 
 BUILTIN_REWARDS: dict[str, Reward] = {r.name: r for r in (
-    Reward("strict_format", strict_format_reward, STRICT_POINTS, about="exact XML layout"),
-    Reward("soft_format", soft_format_reward, SOFT_POINTS, about="reasoning and answer tags in order"),
+    Reward("strict_format", strict_format_reward, STRICT_POINTS,
+           about="exact XML layout (multi-line reasoning allowed)"),
+    Reward("soft_format", soft_format_reward, SOFT_POINTS, about="reasoning and answer tags in order, anything may follow"),
     Reward("int_answer", int_answer_reward, INT_POINTS, about="the answer is an integer"),
-    Reward("xml_count", xml_count_reward, 4 * XML_TAG_POINTS, about="each tag line once, nothing after"),
-    Reward("correctness", correctness_reward, CORRECT_POINTS, about="the answer equals the reference"),
+    Reward("xml_count", xml_count_reward, 4 * XML_TAG_POINTS,
+           about=f"{XML_TAG_POINTS:g} per tag line seen once, minus {XML_TAIL_PENALTY:g} per character after </answer>"),
+    Reward("correctness", correctness_reward, CORRECT_POINTS,
+           about="the extracted answer equals the reference (numbers exactly, $ and , ignored)"),
     # off unless weighted: see its reward-hacking note in pipeline/task/reasoning.py
     Reward("reasoning_steps", reasoning_steps_reward, 0.5, weight=0.0,
-           about="fraction of arithmetic claims a op b = c that hold"),
+           about="the fraction of arithmetic claims a op b = c in the reasoning that hold; off unless weighted "
+                 "(a policy can game it with trivially true claims)"),
 )}
 options.check_implements(__name__, "BUILTIN_REWARDS", BUILTIN_REWARDS)
 # Kept for callers that only need name -> function (the TRL baseline, the property tests).
