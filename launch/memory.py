@@ -319,8 +319,10 @@ def plan_memory(plan: Plan, gpus: list[Gpu], config: Config, zero: Zero | None =
             share = own_gpus_share(server_gpus, memory, total(need), requested, lines)
     if not shared:
         trainer_share = trainer_gpus_hold(local, memory, total(trainer), slack, lines)
-    return MemorySplit(source, share, kv_cache, tuple(lines), param_count(shape), zero.stage, moment,
-                       round(total(trainer) / GIB, 2), round(slack / GIB, 2), server_min, trainer_share)
+    return MemorySplit(model_source=source, gpu_memory_utilization=share, kv_cache_gib=kv_cache, lines=tuple(lines),
+                       params=param_count(shape), zero_stage=zero.stage, trainer_peak_at=moment,
+                       trainer_rank_gib=round(total(trainer) / GIB, 2), margin_gib=round(slack / GIB, 2),
+                       server_min_gib=server_min, trainer_share_gib=trainer_share)
 
 
 def trainer_gpus_hold(local: tuple[int, ...], memory: dict, trainer: float, slack: float, lines: list[str]) -> float:
