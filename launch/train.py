@@ -607,7 +607,7 @@ class EngineMonitor:
     the others: the trainer decides when no engine is left. A restarted engine's health is awaited in a
     thread of its own, so that a slow start never delays noticing another engine's exit. `engines`: the
     started ServerProcess objects, engine i at position i (replaced in place on a restart);
-    `start_engine(i)`: starts engine i again (from the calling thread: see `start_engine` in `main`)."""
+    `start_engine(i)`: starts engine i again (from the calling thread: see `Processes.start_engine`)."""
 
     def __init__(self, engines: list, start_engine, restart: bool, max_restarts: int, startup_timeout_s: float,
                  stopping: threading.Event | None = None, say=None):
