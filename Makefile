@@ -76,7 +76,7 @@ bench-sync: install
 TRAIN_ARGS ?=
 .PHONY: train
 train: install
-	$(PY) launch/train.py $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
+	$(PY) -m launch.train $(if $(CONFIG),--config $(CONFIG)) $(TRAIN_ARGS)
 
 MODEL ?=
 RUN ?=
@@ -96,7 +96,7 @@ report: install
 # instead of GRPO, evaluated on the same problems (<run>/sft_control.json; the report then shows it)
 sft-control: install
 	@test -n "$(RUN)" || { echo "usage: make sft-control RUN=runs/<name>"; exit 2; }
-	$(PY) launch/sft_control.py $(RUN)
+	$(PY) -m launch.sft_control $(RUN)
 	$(PY) -m pipeline.report $(RUN)
 
 REPO ?=

@@ -711,6 +711,7 @@ def recipe_shape(args, train, device, dtype) -> None:
     import transformers
 
     from launch.memory import CUDA_CONTEXT_GIB, GIB, KNOWN_MODELS, Zero, total, trainer_peak
+    from launch.plan import BatchSplit
     from pipeline.config import load_config
     from pipeline.embedded.tiny_model import build_tiny_model
     from pipeline.task.synthetic import generate
@@ -758,7 +759,8 @@ def recipe_shape(args, train, device, dtype) -> None:
         config = load_config(RECIPE, [f"model.path={model_dir}", f"train.deepspeed_config={ds}", f"model.dtype={str(dtype).removeprefix('torch.')}",
                                       f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={per_step // micro}",
                                       f"train.max_steps={args.steps}", "train.min_lr_ratio=0.1", "data.source=synthetic", "data.synthetic_train=64", "model.attn_implementation=sdpa"])
-        estimate_at, parts = trainer_peak(config, shape, {"micro_batch_size": micro, "ranks": 1}, Zero.from_file(str(ds)))
+        one_rank = BatchSplit(per_step, micro, per_step // micro, 1)
+        estimate_at, parts = trainer_peak(config, shape, one_rank, Zero.from_file(str(ds)))
         estimate = total(parts) / GIB - CUDA_CONTEXT_GIB
         with guarded(f"recipe shape zero{stage}"):
             built, start_gib = build_engines(config, ctx, stage, f"recipe-zero{stage}")

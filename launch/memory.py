@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.plan import PlanError
+from launch.plan import BatchSplit, Gpu, MemorySplit, Plan, PlanError, engine_gpus
 from pipeline.config import SERVER_ALONE_GPU_SHARE, Config
 
 GIB = 2**30
@@ -173,12 +173,13 @@ def gib(n: float) -> str:
 Part = tuple[str, float, str]  # (name, bytes, arithmetic)
 
 
-def trainer_phases(config: Config, shape: dict, batch: dict, zero: Zero, cuda: bool = True) -> dict[str, list[Part]]:
+def trainer_phases(config: Config, shape: dict, batch: BatchSplit, zero: Zero,
+                   cuda: bool = True) -> dict[str, list[Part]]:
     """The parts one trainer rank holds at each moment of a step that can be its peak: backward (the
     states, the gradients, the activations and logits of one micro-batch), the optimizer step (the
     states and the step's transients, activations freed) and the weight push (the states and the
     transfer buffers). `batch`: the plan's batch split (micro_batch_size, ranks)."""
-    t, ranks, stage = config.train, batch["ranks"], zero.stage
+    t, ranks, stage = config.train, batch.ranks, zero.stage
     w = 4 if config.model.dtype == "float32" else 2
     n = param_count(shape)
     lora = config.model.lora_rank
@@ -201,11 +202,11 @@ def trainer_phases(config: Config, shape: dict, batch: dict, zero: Zero, cuda: b
     ds_bucket = ("DeepSpeed gradient bucket", bucket, f"reduce_bucket_size {zero.reduce_bucket / 1e6:.0f}M x {w} B"
                  + (" x 2 (overlap_comm)" if zero.overlap_comm and stage < 3 else ""))
 
-    tokens = batch["micro_batch_size"] * (config.data.max_prompt_tokens + t.max_completion_tokens)
+    tokens = batch.micro_batch_size * (config.data.max_prompt_tokens + t.max_completion_tokens)
     per_token, how = activation_bytes_per_token(shape, w, t.gradient_checkpointing)
     backward = [*states, per(trainable, w, grad_split, "gradients"), ds_bucket,
-                ("activations", tokens * per_token, f"{tokens} tokens ({batch['micro_batch_size']} x "
-                 f"{tokens // batch['micro_batch_size']}) x {how}"),
+                ("activations", tokens * per_token, f"{tokens} tokens ({batch.micro_batch_size} x "
+                 f"{tokens // batch.micro_batch_size}) x {how}"),
                 ("logits", tokens * shape["vocab_size"] * LOGIT_BYTES, f"{tokens} tokens x {shape['vocab_size']} vocab "
                  f"x {LOGIT_BYTES} B")]
     if stage == 3 and ranks > 1:
@@ -237,7 +238,8 @@ def trainer_phases(config: Config, shape: dict, batch: dict, zero: Zero, cuda: b
     return {"backward": backward, "optimizer step": step, "weight push": push}
 
 
-def trainer_peak(config: Config, shape: dict, batch: dict, zero: Zero, cuda: bool = True) -> tuple[str, list[Part]]:
+def trainer_peak(config: Config, shape: dict, batch: BatchSplit, zero: Zero,
+                 cuda: bool = True) -> tuple[str, list[Part]]:
     """The moment of a step at which the rank holds most, and its parts (the CUDA context added)."""
     phases = trainer_phases(config, shape, batch, zero, cuda)
     name = max(phases, key=lambda k: total(phases[k]))
@@ -275,67 +277,72 @@ def spell(parts) -> str:
     return " + ".join(f"{name} {gib(size)} ({how})" for name, size, how in parts)
 
 
-def plan_memory(plan: dict, gpus: list[dict], config: Config, zero: Zero | None = None) -> None:
-    """Fill plan["memory"] (the arithmetic as lines; the server's share and KV cache; the rank's modelled
-    peak and what the split leaves it) for the GPUs of this host, or raise PlanError naming the GPU that
-    cannot hold its part. `gpus`: the visible inventory; `zero`: train.deepspeed_config's settings."""
-    local = plan["trainer"]["gpus"].get("localhost", [])
-    if plan["trainer"]["device"] != "cuda" or not local:
-        return  # CPU, or ranks on a hostfile's nodes: nothing known here about their GPUs
+def plan_memory(plan: Plan, gpus: list[Gpu], config: Config, zero: Zero | None = None) -> MemorySplit | None:
+    """The memory split of this host's GPUs (the arithmetic as lines; the server's share and KV cache; the
+    rank's modelled peak and what the split leaves it), or PlanError naming the GPU that cannot hold its
+    part; None on CPU. `gpus`: the visible inventory; `zero`: train.deepspeed_config's settings."""
+    local = plan.trainer.local_gpus
+    if plan.trainer.device != "cuda" or not local:
+        return None  # CPU, or ranks on a hostfile's nodes: nothing known here about their GPUs
     zero = zero or Zero.from_file(config.train.deepspeed_config)
-    memory = {g["index"]: g.get("memory_gib") for g in gpus}
-    server_gpus = sorted({gpu for server in plan["servers"] for gpu in server["gpus"]})
-    engines = len(plan["servers"])
+    memory = {g.index: g.memory_gib for g in gpus}
+    server_gpus = sorted(engine_gpus(plan))
     shared = bool(set(server_gpus) & set(local))
     requested = config.server.gpu_memory_utilization
+    share, kv_cache, trainer_share = requested or SERVER_ALONE_GPU_SHARE, config.server.kv_cache_gib, None
     shape, source = model_shape(config)
-    result = {"model_source": source, "gpu_memory_utilization": requested or SERVER_ALONE_GPU_SHARE,
-              "kv_cache_gib": config.server.kv_cache_gib, "lines": []}
-    plan["memory"] = result
     if shape is None or None in memory.values():
         why = source if shape is None else "GPU memory unknown"
         if shared and not requested:
             raise PlanError(f"server.gpu_memory_utilization: auto splits GPU {local[0]} by the model's size, but {why}; "
                             f"download it first or set server.gpu_memory_utilization")
-        result["lines"].append(f"not checked: {why}; server.gpu_memory_utilization={result['gpu_memory_utilization']}")
-        return
-    params = param_count(shape)
-    moment, trainer = trainer_peak(config, shape, plan["batch"], zero)
+        return MemorySplit(source, share, kv_cache, (f"not checked: {why}; server.gpu_memory_utilization={share}",))
+    moment, trainer = trainer_peak(config, shape, plan.batch, zero)
     slack = margin(total(trainer))
-    lines = result["lines"]
-    lines.append(f"model {params / 1e9:.2f}B parameters ({source}), "
-                 f"{'fp32' if config.model.dtype == 'float32' else '16-bit'} weights, ZeRO-{zero.stage}")
-    phases = trainer_phases(config, shape, plan["batch"], zero)
-    lines.append(f"trainer rank peak ~{gib(total(trainer))} GiB at the {moment} ("
-                 + ", ".join(f"{name} {gib(total(parts))}" for name, parts in phases.items())
-                 + f" + CUDA context) = {spell(trainer)}")
-    result.update(params=params, zero_stage=zero.stage, trainer_peak_at=moment,
-                  trainer_rank_gib=round(total(trainer) / GIB, 2), margin_gib=round(slack / GIB, 2))
+    phases = trainer_phases(config, shape, plan.batch, zero)
+    lines = [f"model {param_count(shape) / 1e9:.2f}B parameters ({source}), "
+             f"{'fp32' if config.model.dtype == 'float32' else '16-bit'} weights, ZeRO-{zero.stage}",
+             f"trainer rank peak ~{gib(total(trainer))} GiB at the {moment} ("
+             + ", ".join(f"{name} {gib(total(parts))}" for name, parts in phases.items())
+             + f" + CUDA context) = {spell(trainer)}"]
+    server_min = None
     if server_gpus:
-        need = server_need(config, shape, plan["batch"]["completions_per_step"], shared)
+        need = server_need(config, shape, plan.batch.completions_per_step, shared)
+        engines = len(plan.servers)
         lines.append(f"{'server' if engines == 1 else f'each of {engines} engines'} needs >= {gib(total(need))} GiB "
                      f"per GPU = {spell(need)}")
-        result["server_min_gib"] = round(total(need) / GIB, 2)
+        server_min = round(total(need) / GIB, 2)
         if shared:
-            result.update(split_shared_gpu(local[0], memory[local[0]], need, total(trainer), slack, requested, lines))
+            share, kv_cache, trainer_share = split_shared_gpu(local[0], memory[local[0]], need, total(trainer), slack,
+                                                              requested, lines)
         else:
-            result["gpu_memory_utilization"] = own_gpus_share(server_gpus, memory, total(need), requested, lines)
+            share = own_gpus_share(server_gpus, memory, total(need), requested, lines)
     if not shared:
-        smallest = min(memory[i] for i in local)
-        result["trainer_share_gib"] = smallest
-        if total(trainer) + slack > smallest * GIB:
-            raise PlanError(f"GPU {min(local, key=lambda i: memory[i])} has {smallest} GiB, but a trainer rank needs "
-                            f"~{gib(total(trainer))} GiB + {gib(slack)} margin (launch/memory.py); use more ranks "
-                            f"(ZeRO splits the optimizer state), model.lora_rank or train.gradient_checkpointing")
-        lines.append(f"GPUs {','.join(map(str, local))}: a trainer rank each, ~{gib(total(trainer))} of {smallest} GiB")
+        trainer_share = trainer_gpus_hold(local, memory, total(trainer), slack, lines)
+    return MemorySplit(model_source=source, gpu_memory_utilization=share, kv_cache_gib=kv_cache, lines=tuple(lines),
+                       params=param_count(shape), zero_stage=zero.stage, trainer_peak_at=moment,
+                       trainer_rank_gib=round(total(trainer) / GIB, 2), margin_gib=round(slack / GIB, 2),
+                       server_min_gib=server_min, trainer_share_gib=trainer_share)
+
+
+def trainer_gpus_hold(local: tuple[int, ...], memory: dict, trainer: float, slack: float, lines: list[str]) -> float:
+    """GPUs of their own for the ranks: the smallest must hold a rank's peak and the margin; its size."""
+    smallest = min(memory[i] for i in local)
+    if trainer + slack > smallest * GIB:
+        raise PlanError(f"GPU {min(local, key=lambda i: memory[i])} has {smallest} GiB, but a trainer rank needs "
+                        f"~{gib(trainer)} GiB + {gib(slack)} margin (launch/memory.py); use more ranks "
+                        f"(ZeRO splits the optimizer state), model.lora_rank or train.gradient_checkpointing")
+    lines.append(f"GPUs {','.join(map(str, local))}: a trainer rank each, ~{gib(trainer)} of {smallest} GiB")
+    return smallest
 
 
 def split_shared_gpu(index: int, size_gib: float, need: list[Part], trainer: float, slack: float, requested: float,
-                     lines: list[str]) -> dict:
+                     lines: list[str]) -> tuple[float, float, float]:
     """One GPU for an engine and a rank: vLLM gets what a step needs (its share rounded up to 0.01, the KV
     cache fixed through vLLM's kv_cache_memory_bytes) and the rank everything else. The share also passes
     vLLM's start-up check (free memory >= share x total) when an engine is restarted beside a rank at
-    its peak. A card too small for both is refused; a share set by hand is kept, with warnings."""
+    its peak. A card too small for both is refused; a share set by hand is kept, with warnings.
+    Returns the server's share, its KV cache (GiB) and what the rank gets (GiB)."""
     size = size_gib * GIB
     server = total(need)
     if server + trainer + slack > size:
@@ -356,8 +363,7 @@ def split_shared_gpu(index: int, size_gib: float, need: list[Part], trainer: flo
     if requested and (1 - requested) * size < trainer + slack:
         lines.append(f"warning: server.gpu_memory_utilization={requested} leaves {gib((1 - requested) * size)} GiB of "
                      f"GPU {index} for a trainer rank that needs ~{gib(trainer)} + {gib(slack)} margin (0 = auto)")
-    return {"gpu_memory_utilization": share, "kv_cache_gib": round(kv / GIB, 3),
-            "trainer_share_gib": round((1 - share) * size_gib, 2)}
+    return share, round(kv / GIB, 3), round((1 - share) * size_gib, 2)
 
 
 def own_gpus_share(server_gpus: list[int], memory: dict, need: float, requested: float, lines: list[str]) -> float:

@@ -1,6 +1,6 @@
 """The SFT-for-the-same-time control of a GRPO run on the embedded default.
 
-    python launch/sft_control.py runs/<name>
+    python launch/sft_control.py runs/<name>     (or python -m launch.sft_control, grpo-sft-control)
 
 Does GRPO earn its time? This spends the run's GRPO wall time (the sum of its step times) on more
 supervised warm start instead: the same recipe (model.build=tiny, same seed, data and schedule
@@ -16,10 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError, load_config
 
 
 def grpo_seconds(run_dir: Path) -> float:

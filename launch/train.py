@@ -1,6 +1,7 @@
 """Start a GRPO run: the generation server, then the trainer ranks under the `deepspeed` launcher.
 
     python launch/train.py [--config configs/tiny-cpu.yaml] [--set train.max_steps=5] [--resume --name R]
+    python -m launch.train ...   or   grpo-train ...   (the same; `make install` adds the command)
 
 Single host (default): starts `python -m pipeline.generation.serve` in its own process group (one per
 engine with server.data_parallel_size N > 1, all started before any is waited for, so they load in
@@ -8,6 +9,14 @@ parallel), waits for their health checks (with a deadline and the log tail on fa
 `deepspeed --module pipeline.trainer.train` and stops the engines when training ends, fails or is
 interrupted. Exit code = the trainer's. With server.restart on, an engine that exits is restarted
 (server.max_restarts per engine); one past its limit stays down and the run goes on with the others.
+
+Three phases (`train`, which `main` calls after reading the command line): `resolve` makes the
+finished config and the launch plan (nothing changes either after), `preflight` checks everything
+else before any process starts, `supervise` runs the processes. In process, with a Config:
+
+    from launch.train import Options, train
+    outcome = train(load_config("configs/tiny-cpu.yaml", ["train.max_steps=5"]), Options(gpus=0))
+    outcome.code, outcome.run_dir     # the exit code, where metrics.jsonl and the report are
 
 Where each process runs (GPUs, hosts, sync backend), the batch split and the server's share of a GPU
 are decided by launch/plan.py and launch/memory.py; `--dry-run` prints that plan and starts nothing
@@ -28,6 +37,9 @@ hostfile's hosts (see launch/slurm.sbatch). With `--launcher slurm` they are tas
 from __future__ import annotations
 
 import argparse
+import codecs
+import copy
+import dataclasses
 import json
 import os
 import secrets
@@ -37,15 +49,16 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from launch.memory import Zero, model_shape, param_count, plan_memory  # noqa: E402
-from launch.plan import (  # noqa: E402
+from launch.memory import Zero, model_shape, param_count, plan_memory
+from launch.plan import (
+    Gpu,
+    Layout,
+    Plan,
     PlanError,
     check_compute_modes,
     describe,
@@ -54,17 +67,53 @@ from launch.plan import (  # noqa: E402
     redacted,
     visible_gpus,
 )
-from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
-from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token  # noqa: E402
-from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines  # noqa: E402
-from pipeline.report.evaluate import format_table, run_eval  # noqa: E402
-from pipeline.task.data import DataError  # noqa: E402
-from pipeline.task.rewards import RewardError  # noqa: E402
-from pipeline.task.tools import ToolError  # noqa: E402
+from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict
+from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token
+from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines
+from pipeline.generation.server_process import ServerProcess, die_with_parent
+from pipeline.report.evaluate import format_table, run_eval
+from pipeline.task.data import DataError
+from pipeline.task.rewards import RewardError
+from pipeline.task.tools import ToolError
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 INVENTORY_ENV = "GRPO_GPU_INVENTORY"
 DRY_RUN_GPU_GIB = 80.0  # a dry run for GPUs this host does not have: the size of an A100/H100 80GB
+REFUSALS = (ConfigError, PlanError, DataError, RewardError, ToolError)  # one line, exit 2, nothing started
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line adds to a config (see `parse_args`; --name and --set go into the config)."""
+    resume: bool = False
+    server_url: str | None = None
+    hostfile: str | None = None
+    launcher: str = ""
+    master_port: int = 0  # 0: a free one here (29500 with a hostfile)
+    master_addr: str = ""
+    gpus: int | None = None  # None: every visible GPU (1 per slot with a hostfile)
+    gpu_memory_gib: float | None = None
+    dry_run: bool = False
+    plan_json: str | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A resolved run: the finished config and its plan, where it writes, the server's token."""
+    config: Config
+    plan: Plan
+    run_dir: Path
+    token: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `train` returns: the exit code (0 done, 2 refused before anything started, 130 interrupted,
+    else the trainer's), the run directory (None when refused) and the plan."""
+    code: int
+    run_dir: Path | None = None
+    plan: Plan | None = None
 
 
 def parse_args(argv=None):
@@ -93,6 +142,209 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def main(argv=None) -> int:
+    """The command line: the config file and its overrides, then `train`."""
+    args = parse_args(argv)
+    try:
+        config = load_config(config_file(args.config), [*args.set, *([f"run.name={args.name}"] if args.name else [])])
+    except REFUSALS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    options = Options(resume=args.resume, server_url=args.server_url, hostfile=args.hostfile, launcher=args.launcher,
+                      master_port=args.master_port, master_addr=args.master_addr, gpus=args.gpus,
+                      gpu_memory_gib=args.gpu_memory_gib, dry_run=args.dry_run, plan_json=args.plan_json)
+    return train(config, options).code
+
+
+def train(config: Config, options: Options | None = None) -> Outcome:
+    """A GRPO run of `config` (left as given), started from this process: resolve the config and plan,
+    write or print the plan if asked, check everything before anything starts, then run and watch the
+    engines and the trainer. A refusal is one line on stderr (`error: ...`) and code 2."""
+    options = options or Options()
+    try:
+        run = resolve(config, options)
+        if options.plan_json:
+            Path(options.plan_json).write_text(json.dumps(redacted(run.plan).to_json(), indent=2) + "\n")
+        if options.dry_run:
+            print(describe(run.plan))
+            return Outcome(0, run.run_dir, run.plan)
+        run = preflight(run)
+    except REFUSALS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return Outcome(2)
+    print(f"run directory: {run.run_dir}", flush=True)
+    return Outcome(supervise(run), run.run_dir, run.plan)
+
+
+# --- resolve: the finished config and plan ----------------------------------------------------------
+
+
+def resolve(config: Config, options: Options) -> Run:
+    """The run's finished config and plan: paths absolute, the run directory checked, the DeepSpeed JSON
+    read (once), the plan made for this host's GPUs with its memory split, and the plan's decisions
+    written into the config (`apply_plan`). Works on a copy: the caller's config is left as given."""
+    config = copy.deepcopy(config)
+    absolute_paths(config)
+    if options.resume and not config.run.name:
+        raise ConfigError("--resume needs --name (the run to continue)")
+    count, gpus, notes = host_gpus(options)
+    config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.run.root) / config.run.name
+    if options.resume and not (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    if not options.resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
+    config.train.deepspeed_config, zero = read_deepspeed_config(config.train.deepspeed_config, cuda=count > 0)
+    # A run that starts its own server gives it a fresh token: loopback is no boundary on a shared node.
+    token = server_token(config.server.token) or ("" if options.server_url else secrets.token_hex(16))
+    plan = make_plan(layout(config, options, count, gpus, run_dir, token))
+    check_compute_modes(plan, gpus)
+    plan = dataclasses.replace(plan, memory=plan_memory(plan, gpus, config, zero), notes=(*notes, *plan.notes))
+    apply_plan(config, plan)
+    if not options.hostfile:
+        check_batch(config, plan.trainer.ranks)
+    return Run(config, plan, run_dir, token)
+
+
+def apply_plan(config: Config, plan: Plan) -> None:
+    """The plan's decisions into the config, once: the server and the ranks read the same choices."""
+    config.sync.transport = plan.sync.transport
+    config.train.micro_batch_size = plan.batch.micro_batch_size  # derived for these ranks
+    config.train.gradient_accumulation_steps = plan.batch.gradient_accumulation_steps
+    if plan.memory:
+        config.server.gpu_memory_utilization = plan.memory.gpu_memory_utilization
+        config.server.kv_cache_gib = plan.memory.kv_cache_gib
+
+
+def layout(config: Config, options: Options, gpus: int, visible: list[Gpu], run_dir: Path, token: str) -> Layout:
+    """What the plan is asked: the config's placement and batch settings, and this launch's arguments."""
+    s, t = config.server, config.train
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    hostfile = str(Path(options.hostfile).expanduser().absolute()) if options.hostfile else None
+    return Layout(gpus=gpus, gpu_ids=None if hostfile else tuple(g.index for g in visible),
+                  tp=s.tensor_parallel_size, dp=s.data_parallel_size, num_ranks=t.num_ranks,
+                  micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                  completions_per_step=t.completions_per_step, transport=config.sync.transport,
+                  server_host=s.host, server_port=s.port, server_url=options.server_url, hostfile=hostfile,
+                  launcher=options.launcher, master_addr=options.master_addr,
+                  master_port=options.master_port or (29500 if hostfile else free_port("127.0.0.1")),
+                  run_dir=str(run_dir), resume=options.resume, token=token,
+                  deepspeed=str(deepspeed) if deepspeed.exists() else "deepspeed")
+
+
+def host_gpus(options: Options) -> tuple[int, list[Gpu], list[str]]:
+    """How many GPUs the plan is for, which of this host's, and what was assumed. With a hostfile the
+    ranks run on its nodes: their slots are GPUs, unless --gpus 0 (CPU, SLURM)."""
+    if not options.hostfile:
+        gpus, notes = run_gpus(options)
+        return len(gpus), gpus, notes
+    count = 1 if options.gpus is None else options.gpus
+    if count < 0:
+        raise ConfigError(f"--gpus {count}: expected 0 (CPU trainer nodes) or more")
+    return count, [], []
+
+
+def run_gpus(options: Options) -> tuple[list[Gpu], list[str]]:
+    """The GPUs this run plans over, in CUDA's order with physical indices, and what was assumed: the
+    visible ones (or the first --gpus of them); a dry run may plan for more than the host has."""
+    visible_env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible_gpus(gpu_inventory(), visible_env)
+    count = len(visible) if options.gpus is None else options.gpus
+    if count < 0 or (not options.dry_run and count > len(visible)):
+        through = f" visible (CUDA_VISIBLE_DEVICES={visible_env})" if visible_env is not None else ""
+        raise ConfigError(f"--gpus {count}: this host has {len(visible)} GPU(s){through} (plan for more with --dry-run)")
+    notes = []
+    if count > len(visible):  # a dry run for GPUs this host lacks: those CUDA_VISIBLE_DEVICES names, else 0..N-1
+        ids = [int(n) for n in (visible_env or "").split(",") if n.strip().isdigit()] or list(range(count))
+        if len(ids) < count:
+            raise ConfigError(f"--gpus {count}: CUDA_VISIBLE_DEVICES={visible_env} names {len(ids)} GPU(s)")
+        visible = [Gpu(i, DRY_RUN_GPU_GIB) for i in ids]
+        notes.append(f"dry run: {count} GPU(s) this host does not have, "
+                     f"{options.gpu_memory_gib or DRY_RUN_GPU_GIB} GiB each (--gpu-memory-gib)")
+    gpus = visible[:count]
+    if options.gpu_memory_gib:
+        gpus = [dataclasses.replace(g, memory_gib=options.gpu_memory_gib) for g in gpus]
+    return gpus, notes
+
+
+def gpu_inventory() -> list[Gpu]:
+    """Every GPU of this host with its memory and compute mode, from nvidia-smi, or from $GRPO_GPU_INVENTORY
+    in the same CSV (tests; planning for a host with other GPUs)."""
+    text = os.environ.get(INVENTORY_ENV)
+    if text is None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,compute_mode",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        text = out.stdout if out.returncode == 0 else ""
+    return parse_inventory(text)
+
+
+def read_deepspeed_config(given: str, cuda: bool) -> tuple[str, Zero]:
+    """train.deepspeed_config, read once: it must name a readable DeepSpeed JSON with a ZeRO stage; `auto`
+    is the ZeRO-2 JSON tuned for the device (GPU: overlapped communication); relative paths are looked up
+    from the working directory, then the repo. Returns its absolute path (for the trainer) and the ZeRO
+    settings the memory split reads."""
+    if given == "auto":
+        given = "configs/ds_zero2_gpu.json" if cuda else "configs/ds_zero2.json"
+    given = Path(given).expanduser()
+    path = next((p for p in (given, REPO / given) if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"train.deepspeed_config: {given} not found (expected a DeepSpeed JSON such as "
+                          f"configs/ds_zero2.json)")
+    try:
+        zero = json.loads(path.read_text()).get("zero_optimization", {})
+        stage = zero.get("stage", 0)
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"train.deepspeed_config: {path} is not a DeepSpeed JSON object: {e}") from None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization.stage must be 0-3, got {stage!r}")
+    try:
+        return str(path.resolve()), Zero.of(zero)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization: {e}") from None
+
+
+def config_file(given: str) -> Path:
+    """--config: relative to where the user launched, else to the repository (`--config
+    configs/prem-1b-gsm8k.yaml` from anywhere), made absolute."""
+    path = Path(given).expanduser()
+    return (path if path.exists() or path.is_absolute() or not (REPO / path).exists() else REPO / path).absolute()
+
+
+def absolute_paths(config: Config) -> None:
+    """run.root, a local model.path, data files and an @file system prompt, relative to where the user
+    launched: the server and ranks run in the repository, so the resolved config (run_dir/config.yaml)
+    and the plan name them absolutely. A model.path that is no local directory is a hub name, kept."""
+    config.run.root = str(Path(config.run.root).expanduser().absolute())
+    if config.model.path and Path(config.model.path).expanduser().exists():
+        config.model.path = str(Path(config.model.path).expanduser().absolute())
+    d = config.data
+    for key in ("train_file", "test_file"):
+        if getattr(d, key):
+            setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
+    if d.system_prompt.startswith("@"):
+        d.system_prompt = "@" + str(Path(d.system_prompt[1:]).expanduser().absolute())
+
+
+# --- preflight: every check before anything starts -------------------------------------------------
+
+
+def preflight(run: Run) -> Run:
+    """What the plan cannot say, checked before any process starts: the engines' ports are free, the
+    data, rewards and tools load, the model is there (model.build=tiny: built now, which a dry run
+    skips; the run that comes back names it), the disk holds the checkpoints, and the run directory
+    takes the resolved config (and the token file for ranks on other nodes)."""
+    for engine in run.plan.servers:
+        check_port_free(engine.host, engine.port, engine.engine, len(run.plan.servers))
+    check_data_and_rewards(run.config)
+    run = dataclasses.replace(run, config=model_built(run.config))
+    check_disk_space(run.config, run.run_dir, cuda=run.plan.trainer.device == "cuda")
+    write_run_dir(run)
+    return run
+
+
 def check_port_free(host: str, port: int, engine: int = 0, engines: int = 1) -> None:
     """Our server must not start on a port another server answers on: the trainer would talk to
     (and push weights into) the wrong one. Engine i listens on server.port + i."""
@@ -110,171 +362,7 @@ def check_port_free(host: str, port: int, engine: int = 0, engines: int = 1) -> 
                               f"pick another with --set server.port=N") from None
 
 
-def resolve_deepspeed_config(config: Config, cuda: bool) -> None:
-    """train.deepspeed_config must name a readable DeepSpeed JSON with a ZeRO stage; `auto` is the ZeRO-2
-    JSON tuned for the device (GPU: overlapped communication); relative paths are looked up from the
-    working directory, then the repo (the trainer gets the absolute path)."""
-    if config.train.deepspeed_config == "auto":
-        config.train.deepspeed_config = "configs/ds_zero2_gpu.json" if cuda else "configs/ds_zero2.json"
-    given = Path(config.train.deepspeed_config).expanduser()
-    path = next((p for p in (given, REPO / given) if p.is_file()), None)
-    if path is None:
-        raise ConfigError(f"train.deepspeed_config: {given} not found (expected a DeepSpeed JSON such as "
-                          f"configs/ds_zero2.json)")
-    try:
-        stage = json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0)
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"train.deepspeed_config: {path} is not a DeepSpeed JSON object: {e}") from None
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization.stage must be 0-3, got {stage!r}")
-    config.train.deepspeed_config = str(path.resolve())
-
-
-def check_disk_space(config: Config, run_dir: Path, cuda: bool = False) -> None:
-    """Fail before anything starts if the run directory's disk cannot hold the checkpoints: a disk that
-    fills up hours into a run loses the step that was being saved. Per checkpoint we count 8x the
-    model's weight files (weights + fp32 master copy + two Adam moments), for the checkpoints kept plus
-    the one being written, plus the final model. A hub model is not on disk yet: its weights are
-    estimated from its config.json (local, the Hugging Face cache, or launch/memory.py's table of recipe
-    models) at model.dtype's bytes per parameter (auto: bf16 with GPUs, fp32 without, as the trainer
-    loads it); a model of unknown size is not checked, and the launcher says why."""
-    model_dir = Path(config.model.path).expanduser()
-    basis = ""
-    if model_dir.is_dir():
-        weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
-    else:
-        shape, source = model_shape(config)
-        try:
-            params = param_count(shape) if shape is not None else 0
-        except KeyError as e:
-            source, params = f"{source} has no {e.args[0]}", 0
-        if not params:
-            print(f"disk space for checkpoints not checked: the model's size is unknown ({source})", flush=True)
-            return
-        dtype = config.model.dtype if config.model.dtype != "auto" else "bfloat16" if cuda else "float32"
-        width = 4 if dtype == "float32" else 2
-        weights = params * width
-        basis = f" (weights: {params / 1e9:.2f}B parameters x {width} bytes ({dtype}), from {source})"
-    checkpoints = (config.train.keep_checkpoints if config.train.save_every else 0) + 1
-    need = weights * (8 * checkpoints + 1) + 50 * 2**20  # + logs, metrics, evaluations
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < need:
-        raise ConfigError(f"run.root: {existing} has {free / 2**20:.0f} MiB free; this run needs about "
-                          f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model{basis}")
-
-
-def gpu_inventory() -> list[dict]:
-    """Every GPU of this host with its memory and compute mode, from nvidia-smi, or from $GRPO_GPU_INVENTORY
-    in the same CSV (tests; planning for a host with other GPUs)."""
-    text = os.environ.get(INVENTORY_ENV)
-    if text is None:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,compute_mode",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return []
-        text = out.stdout if out.returncode == 0 else ""
-    return parse_inventory(text)
-
-
-def run_gpus(args) -> tuple[list[dict], list[str]]:
-    """The GPUs this run plans over, in CUDA's order with physical indices, and what was assumed: the
-    visible ones (or the first --gpus of them); a dry run may plan for more than the host has."""
-    visible_env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = visible_gpus(gpu_inventory(), visible_env)
-    count = len(visible) if args.gpus is None else args.gpus
-    if count < 0 or (not args.dry_run and count > len(visible)):
-        through = f" visible (CUDA_VISIBLE_DEVICES={visible_env})" if visible_env is not None else ""
-        raise ConfigError(f"--gpus {count}: this host has {len(visible)} GPU(s){through} (plan for more with --dry-run)")
-    notes = []
-    if count > len(visible):  # a dry run for GPUs this host lacks: those CUDA_VISIBLE_DEVICES names, else 0..N-1
-        ids = [int(n) for n in (visible_env or "").split(",") if n.strip().isdigit()] or list(range(count))
-        if len(ids) < count:
-            raise ConfigError(f"--gpus {count}: CUDA_VISIBLE_DEVICES={visible_env} names {len(ids)} GPU(s)")
-        visible = [{"index": i, "memory_gib": DRY_RUN_GPU_GIB, "compute_mode": "Default"} for i in ids]
-        notes.append(f"dry run: {count} GPU(s) this host does not have, "
-                     f"{args.gpu_memory_gib or DRY_RUN_GPU_GIB} GiB each (--gpu-memory-gib)")
-    gpus = visible[:count]
-    if args.gpu_memory_gib:
-        gpus = [{**g, "memory_gib": args.gpu_memory_gib} for g in gpus]
-    return gpus, notes
-
-
-def prepare_model(config: Config) -> None:
-    """model.build=tiny: build (once, cached) the embedded default; model.path points at it."""
-    if config.model.build:
-        if config.model.build != "tiny":
-            raise ConfigError(f"model.build: expected '' or 'tiny', got {config.model.build!r}")
-        from pipeline.embedded.default_model import build_default_model
-
-        print("building the embedded default model (cached after the first run)...", flush=True)
-        config.model.path = str(build_default_model(config))
-        config.model.build = ""
-
-
-def finish_run(client, config: Config, run_dir: Path, started: float, plan: dict) -> None:
-    """After a successful run: evaluate the final weights (still served), write the report."""
-    import platform
-
-    from pipeline.report.card import read_json, write_report
-
-    before = read_json(run_dir / "eval_before.json")
-    if config.eval.enabled:
-        print("evaluating the trained model...", flush=True)
-        after = run_eval(client, config, run_dir / "eval_after")
-        print(format_table({"before": before, "after": after} if before else {"after": after}), flush=True)
-    cores = os.cpu_count()
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpus = ", ".join(subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                    text=True, timeout=30).stdout.split("\n")[:-1]) if plan["trainer"]["device"] == "cuda" else ""
-    info = read_json(run_dir / "run_info.json") or {"wall_time_s": 0.0}
-    info.update({
-        "hardware": f"{platform.machine()} {cores} cores, {memory_gib:.0f} GiB RAM" + (f", GPUs: {gpus}" if gpus else ", no GPU"),
-        "ranks": plan["trainer"]["ranks"], "device": plan["trainer"]["device"], "transport": plan["sync"]["transport"],
-        "wall_time_s": info["wall_time_s"] + time.time() - started,  # summed over resumed sessions
-    })
-    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"report: {write_report(run_dir)}", flush=True)
-
-
-def tee(stream, console, log_path: Path) -> threading.Thread:
-    """Copy the trainer's output to the console and to the run's trainer.log until it closes."""
-    def run():
-        with open(log_path, "ab") as log:
-            for chunk in iter(lambda: stream.read1(4096), b""):
-                for sink in (console, log):
-                    sink.write(chunk)
-                    sink.flush()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
-def config_file(given: str) -> Path:
-    """--config: relative to where the user launched, else to the repository (`--config
-    configs/prem-1b-gsm8k.yaml` from anywhere), made absolute."""
-    path = Path(given).expanduser()
-    return (path if path.exists() or path.is_absolute() or not (REPO / path).exists() else REPO / path).absolute()
-
-
-def absolute_paths(config) -> None:
-    """run.root, a local model.path, data files and an @file system prompt, relative to where the user
-    launched: the server and ranks run in the repository, so the resolved config (run_dir/config.yaml)
-    and the plan name them absolutely. A model.path that is no local directory is a hub name, kept."""
-    config.run.root = str(Path(config.run.root).expanduser().absolute())
-    if config.model.path and Path(config.model.path).expanduser().exists():
-        config.model.path = str(Path(config.model.path).expanduser().absolute())
-    d = config.data
-    for key in ("train_file", "test_file"):
-        if getattr(d, key):
-            setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
-    if d.system_prompt.startswith("@"):
-        d.system_prompt = "@" + str(Path(d.system_prompt[1:]).expanduser().absolute())
-
-
-def check_data_and_rewards(config) -> None:
+def check_data_and_rewards(config: Config) -> None:
     """Before anything starts: the system prompt file, local data files (each bad row is `file:line`),
     and every reward plugin, imported and called once on a training example (a plugin that cannot be
     imported, or returns the wrong number of values, fails here rather than at step 1)."""
@@ -319,6 +407,201 @@ def check_data_and_rewards(config) -> None:
         score_completions(samples, [e.answer, e.answer], config.rewards, rewards, [e.prompt(system_prompt)] * 2, columns)
 
 
+def model_built(config: Config) -> Config:
+    """model.build=tiny: the config with model.path at the embedded default, built once (cached)."""
+    if not config.model.build:
+        return config
+    if config.model.build != "tiny":
+        raise ConfigError(f"model.build: expected '' or 'tiny', got {config.model.build!r}")
+    from pipeline.embedded.default_model import build_default_model
+
+    print("building the embedded default model (cached after the first run)...", flush=True)
+    model = dataclasses.replace(config.model, path=str(build_default_model(config)), build="")
+    return dataclasses.replace(config, model=model)
+
+
+def prepare_model(config: Config) -> None:
+    """`model_built`, in place (launch/slurm.sbatch resolves the model with it before starting the server)."""
+    config.model = model_built(config).model
+
+
+def write_run_dir(run: Run) -> None:
+    """The resolved config (what the server and ranks read) and, for ranks on other nodes, the token in a
+    0600 file on the shared run directory."""
+    try:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+        if run.plan.trainer.token_file:
+            fd = os.open(run.plan.trainer.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(run.token)
+    except OSError as e:
+        raise ConfigError(f"run directory {run.run_dir} is not writable: {e.strerror or e}") from None
+
+
+def check_disk_space(config: Config, run_dir: Path, cuda: bool = False) -> None:
+    """Fail before anything starts if the run directory's disk cannot hold the checkpoints: a disk that
+    fills up hours into a run loses the step that was being saved. Per checkpoint we count 8x the
+    model's weight files (weights + fp32 master copy + two Adam moments), for the checkpoints kept plus
+    the one being written, plus the final model. A hub model is not on disk yet: its weights are
+    estimated from its config.json (local, the Hugging Face cache, or launch/memory.py's table of recipe
+    models) at model.dtype's bytes per parameter (auto: bf16 with GPUs, fp32 without, as the trainer
+    loads it); a model of unknown size is not checked, and the launcher says why."""
+    model_dir = Path(config.model.path).expanduser()
+    basis = ""
+    if model_dir.is_dir():
+        weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
+    else:
+        shape, source = model_shape(config)
+        try:
+            params = param_count(shape) if shape is not None else 0
+        except KeyError as e:
+            source, params = f"{source} has no {e.args[0]}", 0
+        if not params:
+            print(f"disk space for checkpoints not checked: the model's size is unknown ({source})", flush=True)
+            return
+        dtype = config.model.dtype if config.model.dtype != "auto" else "bfloat16" if cuda else "float32"
+        width = 4 if dtype == "float32" else 2
+        weights = params * width
+        basis = f" (weights: {params / 1e9:.2f}B parameters x {width} bytes ({dtype}), from {source})"
+    checkpoints = (config.train.keep_checkpoints if config.train.save_every else 0) + 1
+    need = weights * (8 * checkpoints + 1) + 50 * 2**20  # + logs, metrics, evaluations
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(f"run.root: {existing} has {free / 2**20:.0f} MiB free; this run needs about "
+                          f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model{basis}")
+
+
+# --- supervise: the engines, the trainer, the finish -----------------------------------------------
+
+
+def supervise(run: Run) -> int:
+    """Start the engines (or wait for those running elsewhere), evaluate the initial model, run the
+    trainer while watching the engines, and after a successful run evaluate and report; every process is
+    stopped on the way out. Exit code: the trainer's, 130 interrupted, 1 the launcher failed."""
+    processes = Processes(run)
+    started = time.time()
+    previous = signal.signal(signal.SIGTERM, processes.interrupt)
+    try:
+        client = processes.start_engines()
+        evaluate_before(client, run)
+        code = processes.run_trainer()
+        print(f"trainer exited with code {code}; run directory: {run.run_dir}", flush=True)
+        if code == 0:
+            client.keep_newest()  # the engines holding the trained weights (a restarted one may not)
+            finish_run(client, run, started)
+        return code
+    except KeyboardInterrupt:
+        print("interrupted: stopping trainer and server", file=sys.stderr, flush=True)
+        processes.stop_trainer()
+        return 130
+    except Exception as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        processes.stop()
+        if previous is not None:  # an in-process caller gets its own handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Processes:
+    """The processes of a run: engine i at position i (none when they run elsewhere; only the main
+    thread changes the list) and the trainer (`deepspeed` or `srun`, in its own process group)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.engines: list[ServerProcess] = []
+        self.trainer: subprocess.Popen | None = None
+        self.stopping = threading.Event()  # set on the way out: a restart thread's failure is then no news
+
+    def start_engine(self, i: int) -> ServerProcess:
+        """Start engine i; its health is waited for separately. Called from the main thread only: the
+        kernel's parent-death signal (die_with_parent) follows the *thread* that started a child, so an
+        engine started from a short-lived thread would be sent SIGTERM when that thread ends."""
+        engine, run = self.run.plan.servers[i], self.run
+        log = run.run_dir / engine.log
+        process = ServerProcess(list(engine.command[3:]), log, engine.host, engine.port, token=run.token,
+                                env=engine.env, cwd=REPO, command=list(engine.command))
+        if len(run.plan.servers) > 1:
+            print(f"starting generation engine {i} on {engine.host}:{engine.port} ({run.config.model.path}); "
+                  f"log: {log}", flush=True)
+        else:
+            print(f"starting generation server ({run.config.model.path}); log: {log}", flush=True)
+        return process
+
+    def start_engines(self) -> Engines:
+        """Every engine started first, then each waited for (they load their models in parallel); those
+        running elsewhere only waited for. The client of them all."""
+        run = self.run
+        for i in range(len(run.plan.servers)):
+            self.engines.append(self.start_engine(i))
+        deadline = time.monotonic() + run.config.server.startup_timeout_s
+        for server in self.engines or [ServerClient(url, run.token) for url in run.plan.server_urls]:
+            server.wait_healthy(max(1.0, deadline - time.monotonic()))
+        return Engines(list(run.plan.server_urls), run.token, run.config.server.request_timeout_s)
+
+    def run_trainer(self) -> int:
+        """The trainer, its output copied to the console and trainer.log, the engines watched (and
+        restarted) until it exits; its exit code."""
+        run, trainer = self.run, self.run.plan.trainer
+        # the repo, then where the user launched from (reward plugins there), then their own PYTHONPATH
+        env = {**os.environ, **trainer.env, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
+        for name in (*trainer.unset_env, *([TOKEN_ENV] if trainer.token_file else [])):
+            env.pop(name, None)  # ranks on other nodes read the token from their file
+        if run.plan.servers:  # the engines are this process's: the ranks wait for a restart only while it lives
+            env[LAUNCHER_PID_ENV] = str(os.getpid())
+        self.trainer = subprocess.Popen(list(trainer.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=env, cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
+        copier = tee(self.trainer.stdout, sys.stdout, run.run_dir / "trainer.log")
+        s = run.config.server
+        monitor = EngineMonitor(self.engines, self.start_engine, s.restart, s.max_restarts, s.startup_timeout_s,
+                                self.stopping)
+        while (code := self.trainer.poll()) is None:
+            monitor.poll()
+            time.sleep(0.5)
+        copier.join(10)
+        return code
+
+    def interrupt(self, signum=None, frame=None):
+        """SIGTERM: stop the trainer, then unwind as Ctrl-C does."""
+        self.stop_trainer()
+        raise KeyboardInterrupt
+
+    def stop_trainer(self) -> None:
+        if self.trainer is not None and self.trainer.poll() is None:
+            try:
+                os.killpg(self.trainer.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """On the way out: the trainer (SIGTERM, 30 s, then whatever is left of its ranks SIGKILLed), then
+        every engine (a restart thread still waiting sees its engine gone and ends)."""
+        if self.trainer is not None:
+            self.stop_trainer()
+            try:
+                self.trainer.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(self.trainer.pid, signal.SIGKILL)  # whatever is left of the rank processes
+            except ProcessLookupError:
+                pass
+        self.stopping.set()
+        for engine in self.engines:
+            engine.stop()
+
+
+def evaluate_before(client: Engines, run: Run) -> None:
+    """The initial model's evaluation (once per run: a resumed run keeps its first), on every engine."""
+    if run.config.eval.enabled and not (run.run_dir / "eval_before.json").exists():
+        print("evaluating the initial model...", flush=True)
+        summary = run_eval(client, run.config, run.run_dir / "eval_before")
+        print(format_table({"before": summary}), flush=True)
+
+
 class EngineMonitor:
     """The launcher's watch over the engines it started, one `poll()` per pass of its loop. An engine whose
     process exited is restarted when server.restart is on, each engine counting its own restarts against
@@ -326,7 +609,7 @@ class EngineMonitor:
     the others: the trainer decides when no engine is left. A restarted engine's health is awaited in a
     thread of its own, so that a slow start never delays noticing another engine's exit. `engines`: the
     started ServerProcess objects, engine i at position i (replaced in place on a restart);
-    `start_engine(i)`: starts engine i again (from the calling thread: see `start_engine` in `main`)."""
+    `start_engine(i)`: starts engine i again (from the calling thread: see `Processes.start_engine`)."""
 
     def __init__(self, engines: list, start_engine, restart: bool, max_restarts: int, startup_timeout_s: float,
                  stopping: threading.Event | None = None, say=None):
@@ -375,180 +658,48 @@ class EngineMonitor:
                 self.say(f"{self.name(i)} did not come back: {str(e).splitlines()[0]} (log: {process.log_path})")
 
 
-def main(argv=None) -> int:
-    from pipeline.generation.server_process import ServerProcess, die_with_parent
+def finish_run(client: Engines, run: Run, started: float) -> None:
+    """After a successful run: evaluate the final weights (still served), write the report."""
+    import platform
 
-    args = parse_args(argv)
-    overrides = list(args.set) + ([f"run.name={args.name}"] if args.name else [])
-    try:
-        config = load_config(config_file(args.config), overrides)
-        absolute_paths(config)
-        if args.resume and not config.run.name:
-            raise ConfigError("--resume needs --name (the run to continue)")
-        hostfile = str(Path(args.hostfile).expanduser().absolute()) if args.hostfile else None
-        if hostfile:  # the ranks run on the hostfile's nodes: their slots are GPUs, unless --gpus 0 (CPU, SLURM)
-            gpu_list, gpu_notes = [], []
-            gpus = 1 if args.gpus is None else args.gpus
-            if gpus < 0:
-                raise ConfigError(f"--gpus {gpus}: expected 0 (CPU trainer nodes) or more")
-        else:
-            gpu_list, gpu_notes = run_gpus(args)
-            gpus = len(gpu_list)
-        config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(config.run.root) / config.run.name
-        if args.resume and not (run_dir / "checkpoints" / "latest").exists():
-            raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-        if not args.resume and (run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
-        resolve_deepspeed_config(config, cuda=gpus > 0)
-        # A run that starts its own server gives it a fresh token: loopback is no boundary on a shared node.
-        token = server_token(config.server.token)
-        token = token or ("" if args.server_url else secrets.token_hex(16))
-        deepspeed_bin = Path(sys.executable).with_name("deepspeed")
-        plan = make_plan(
-            gpus=gpus, tp=config.server.tensor_parallel_size, num_ranks=config.train.num_ranks,
-            server_host=config.server.host, server_port=config.server.port, server_url=args.server_url,
-            dp=config.server.data_parallel_size,
-            hostfile=hostfile, transport=config.sync.transport, config_path=str(run_dir / "config.yaml"),
-            run_dir=str(run_dir), resume=args.resume, token=token, launcher=args.launcher, master_addr=args.master_addr,
-            master_port=args.master_port or (29500 if args.hostfile else free_port("127.0.0.1")),
-            deepspeed=str(deepspeed_bin) if deepspeed_bin.exists() else "deepspeed",
-            gpu_ids=[g["index"] for g in gpu_list] if not hostfile else None, micro_batch_size=config.train.micro_batch_size,
-            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-            completions_per_step=config.train.completions_per_step)
-        plan["notes"] = gpu_notes + plan["notes"]
-        check_compute_modes(plan, gpu_list)
-        config.sync.transport = plan["sync"]["transport"]  # the server and the ranks read the same choice
-        config.train.micro_batch_size = plan["batch"]["micro_batch_size"]  # derived for these ranks
-        config.train.gradient_accumulation_steps = plan["batch"]["gradient_accumulation_steps"]
-        plan_memory(plan, gpu_list, config, Zero.from_file(config.train.deepspeed_config))
-        if plan["memory"]:
-            config.server.gpu_memory_utilization = plan["memory"]["gpu_memory_utilization"]
-            config.server.kv_cache_gib = plan["memory"]["kv_cache_gib"]
-        if not args.hostfile:
-            check_batch(config, plan["trainer"]["ranks"])
-        if args.plan_json:
-            Path(args.plan_json).write_text(json.dumps(redacted(plan), indent=2) + "\n")
-        if args.dry_run:
-            print(describe(plan))
-            return 0
-        for spec in plan["servers"]:
-            check_port_free(spec["host"], spec["port"], spec["engine"], len(plan["servers"]))
-        check_data_and_rewards(config)
-        prepare_model(config)
-        check_disk_space(config, run_dir, cuda=gpus > 0)
-    except (ConfigError, PlanError, DataError, RewardError, ToolError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = run_dir / "config.yaml"
-        resolved.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        if plan["trainer"]["token_file"]:  # ranks on other nodes: a 0600 file on the shared run directory
-            fd = os.open(plan["trainer"]["token_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
-    except OSError as e:
-        print(f"error: run directory {run_dir} is not writable: {e.strerror or e}", file=sys.stderr)
-        return 2
-    print(f"run directory: {run_dir}", flush=True)
+    from pipeline.report.card import read_json, write_report
 
-    # engine i at position i (none when they run elsewhere); only the main thread changes the list
-    engines: list[ServerProcess] = []
-    stopping = threading.Event()  # set on the way out: a restart thread's failure is then no news
-    trainer = None
-    started = time.time()
-    several = len(plan["servers"]) > 1
+    config, run_dir, plan = run.config, run.run_dir, run.plan
+    before = read_json(run_dir / "eval_before.json")
+    if config.eval.enabled:
+        print("evaluating the trained model...", flush=True)
+        after = run_eval(client, config, run_dir / "eval_after")
+        print(format_table({"before": before, "after": after} if before else {"after": after}), flush=True)
+    cores = os.cpu_count()
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpus = ", ".join(subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                    text=True, timeout=30).stdout.split("\n")[:-1]) if plan.trainer.device == "cuda" else ""
+    info = read_json(run_dir / "run_info.json") or {"wall_time_s": 0.0}
+    info.update({
+        "hardware": f"{platform.machine()} {cores} cores, {memory_gib:.0f} GiB RAM" + (f", GPUs: {gpus}" if gpus else ", no GPU"),
+        "ranks": plan.trainer.ranks, "device": plan.trainer.device, "transport": plan.sync.transport,
+        "wall_time_s": info["wall_time_s"] + time.time() - started,  # summed over resumed sessions
+    })
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"report: {write_report(run_dir)}", flush=True)
 
-    def start_engine(i: int) -> ServerProcess:
-        """Start engine i; its health is waited for separately. Called from the main thread only: the
-        kernel's parent-death signal (die_with_parent) follows the *thread* that started a child, so an
-        engine started from a short-lived thread would be sent SIGTERM when that thread ends."""
-        spec = plan["servers"][i]
-        log = run_dir / spec["log"]
-        process = ServerProcess(spec["command"][3:], log, spec["host"], spec["port"], token=token, env=spec["env"],
-                                cwd=REPO, command=spec["command"])
-        if several:
-            print(f"starting generation engine {i} on {spec['host']}:{spec['port']} ({config.model.path}); "
-                  f"log: {log}", flush=True)
-        else:
-            print(f"starting generation server ({config.model.path}); log: {log}", flush=True)
-        return process
 
-    def stop_all(signum=None, frame=None):
-        if trainer is not None and trainer.poll() is None:
-            try:
-                os.killpg(trainer.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        if signum is not None:
-            raise KeyboardInterrupt
+def tee(stream, console, log_path: Path) -> threading.Thread:
+    """Copy the trainer's output to the console (its bytes; decoded where the console takes only text, as
+    in a notebook) and to the run's trainer.log until it closes."""
+    binary = getattr(console, "buffer", None)
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
 
-    signal.signal(signal.SIGTERM, stop_all)
-    try:
-        urls = plan["server_urls"]
-        if plan["servers"]:
-            # all started first, then each waited for: they load their models in parallel
-            for i in range(len(plan["servers"])):
-                engines.append(start_engine(i))
-            deadline = time.monotonic() + config.server.startup_timeout_s
-            for engine in engines:
-                engine.wait_healthy(max(1.0, deadline - time.monotonic()))
-        else:
-            deadline = time.monotonic() + config.server.startup_timeout_s
-            for url in urls:
-                ServerClient(url, token).wait_healthy(max(1.0, deadline - time.monotonic()))
-        # The launcher's own evaluations (before and after training) use every engine, as the trainer does.
-        client = Engines(urls, token, config.server.request_timeout_s)
-        if config.eval.enabled and not (run_dir / "eval_before.json").exists():
-            print("evaluating the initial model...", flush=True)
-            summary = run_eval(client, config, run_dir / "eval_before")
-            print(format_table({"before": summary}), flush=True)
-        cmd = plan["trainer"]["command"]
-        # the repo, then where the user launched from (reward plugins there), then their own PYTHONPATH
-        trainer_env = {**os.environ, **plan["trainer"]["env"], "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
-        if plan["servers"]:  # the engines are this process's: the ranks wait for a restart only while it lives
-            trainer_env[LAUNCHER_PID_ENV] = str(os.getpid())
-        if plan["trainer"]["token_file"]:
-            trainer_env.pop(TOKEN_ENV, None)
-        for name in plan["trainer"]["unset_env"]:
-            trainer_env.pop(name, None)
-        trainer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=trainer_env,
-                                   cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
-        copier = tee(trainer.stdout, sys.stdout.buffer, run_dir / "trainer.log")
-        monitor = EngineMonitor(engines, start_engine, config.server.restart, config.server.max_restarts,
-                                config.server.startup_timeout_s, stopping)
-        while (code := trainer.poll()) is None:
-            monitor.poll()
-            time.sleep(0.5)
-        copier.join(10)
-        print(f"trainer exited with code {code}; run directory: {run_dir}", flush=True)
-        if code == 0:
-            client.keep_newest()  # the engines holding the trained weights (a restarted one may not)
-            finish_run(client, config, run_dir, started, plan)
-        return code
-    except KeyboardInterrupt:
-        print("interrupted: stopping trainer and server", file=sys.stderr, flush=True)
-        stop_all()
-        return 130
-    except Exception as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if trainer is not None:
-            stop_all()
-            try:
-                trainer.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(trainer.pid, signal.SIGKILL)  # whatever is left of the rank processes
-            except ProcessLookupError:
-                pass
-        stopping.set()
-        for engine in engines:  # a restart thread still waiting sees its engine gone and ends
-            engine.stop()
+    def run():
+        with open(log_path, "ab") as log:
+            for chunk in iter(lambda: stream.read1(4096), b""):
+                for sink, data in ((binary or console, chunk if binary else decode(chunk)), (log, chunk)):
+                    sink.write(data)
+                    sink.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 if __name__ == "__main__":

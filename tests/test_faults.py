@@ -343,14 +343,11 @@ def test_full_disk_refused_before_start(tiny_model_dir, small_disk):
 
 def test_disk_space_estimate_figure(tmp_path, monkeypatch):
     """8x the weight files per checkpoint kept (+1 being written), plus the final model, plus 50 MiB."""
-    import importlib.util
     import shutil
 
+    import launch.train as launcher
     from pipeline.config import ConfigError, load_config
 
-    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"\0" * 2**20)  # 1 MiB of weights
@@ -367,12 +364,9 @@ def test_disk_space_estimate_figure(tmp_path, monkeypatch):
 
 
 def _launcher():
-    import importlib.util
+    import launch.train
 
-    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    return launcher
+    return launch.train
 
 
 def test_a_hub_model_too_big_for_the_disk_is_refused(small_disk, tmp_path, monkeypatch):

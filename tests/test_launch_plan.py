@@ -14,7 +14,19 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error
 
-from launch.plan import PlanError, describe, make_plan, parse_inventory, read_hostfile, redacted, visible_gpus
+from launch.plan import (
+    BatchSplit,
+    Gpu,
+    Layout,
+    Plan,
+    PlanError,
+    describe,
+    make_plan,
+    parse_inventory,
+    read_hostfile,
+    redacted,
+    visible_gpus,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "plan-test-secret"
@@ -23,19 +35,20 @@ SECRET = "plan-test-secret"
 def dry_run(*args: str, tmp_path: Path, config: str = "configs/tiny-cpu.yaml", env: dict | None = None,
             cwd: Path = REPO, root: str | None = None):
     """A dry run on no GPU inventory but the one `env` gives (GRPO_GPU_INVENTORY; none = `--gpus N` of
-    80 GiB) and no inherited CUDA_VISIBLE_DEVICES, whatever host runs the tests."""
+    80 GiB) and no inherited CUDA_VISIBLE_DEVICES, whatever host runs the tests. The plan: its --plan-json
+    read back (every key it has is one the Plan knows)."""
     out = tmp_path / "plan.json"
     inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", config, "--dry-run",
                            "--plan-json", str(out), "--set", f"run.root={root or tmp_path / 'runs'}", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120,
                           env={**inherited, "GRPO_SERVER_TOKEN": SECRET, "GRPO_GPU_INVENTORY": "", **(env or {})})
-    plan = json.loads(out.read_text()) if out.exists() else None
+    plan = Plan.from_json(json.loads(out.read_text())) if out.exists() else None
     return proc, plan
 
 
-def include(plan) -> str:
-    cmd = plan["trainer"]["command"]
+def include(plan: Plan) -> str:
+    cmd = plan.trainer.command
     return cmd[cmd.index("--include") + 1]
 
 
@@ -52,19 +65,19 @@ def test_gpu_layouts_never_share_a_gpu(tmp_path, gpus, tp, ranks, server_gpus, t
     proc, plan = dry_run("--gpus", str(gpus), "--set", f"server.tensor_parallel_size={tp}",
                          "--set", "train.micro_batch_size=8", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    [server], trainer = plan["servers"], plan["trainer"]
-    assert server["gpus"] == server_gpus and server["tensor_parallel_size"] == tp and server["engine"] == 0
-    assert server["env"]["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, server_gpus))
-    assert trainer["ranks"] == ranks and trainer["gpus"] == {"localhost": trainer_gpus}
+    [server], trainer = plan.servers, plan.trainer
+    assert server.gpus == tuple(server_gpus) and server.tensor_parallel_size == tp and server.engine == 0
+    assert server.env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, server_gpus))
+    assert trainer.ranks == ranks and trainer.gpus == {"localhost": tuple(trainer_gpus)}
     assert include(plan) == "localhost:" + ",".join(map(str, trainer_gpus))
-    assert "--num_gpus" not in trainer["command"]  # DeepSpeed forbids mixing it with --include
+    assert "--num_gpus" not in trainer.command  # DeepSpeed forbids mixing it with --include
     if gpus > 1:
         assert not set(server_gpus) & set(trainer_gpus)
-    assert plan["sync"]["transport"] == transport
+    assert plan.sync.transport == transport
     # spawn for vLLM's engine/worker processes; secrets redacted, named in the printed plan only by name
-    assert server["env"]["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
-    assert server["env"]["GRPO_SERVER_TOKEN"] == trainer["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
-    assert SECRET not in proc.stdout + proc.stderr + json.dumps(plan)
+    assert server.env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert server.env["GRPO_SERVER_TOKEN"] == trainer.env["GRPO_SERVER_TOKEN"] == "<redacted>"
+    assert SECRET not in proc.stdout + proc.stderr + (tmp_path / "plan.json").read_text()
     assert "GRPO_SERVER_TOKEN" in proc.stdout and "--include" in proc.stdout
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing but the plan"
 
@@ -72,18 +85,18 @@ def test_gpu_layouts_never_share_a_gpu(tmp_path, gpus, tp, ranks, server_gpus, t
 def test_cpu_layout_is_the_real_launch(tmp_path):
     proc, plan = dry_run(tmp_path=tmp_path, env={"GRPO_SERVER_TOKEN": ""})
     assert proc.returncode == 0, proc.stderr
-    [server] = plan["servers"]
-    assert server["gpus"] == [] and "CUDA_VISIBLE_DEVICES" not in server["env"]
+    [server] = plan.servers
+    assert server.gpus == () and "CUDA_VISIBLE_DEVICES" not in server.env
     # one engine: vLLM-CPU binds its worker as it likes; the single-engine command and log as before
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in server["env"] and server["log"] == "server.log"
-    assert server["command"][-4:] == ["--engine-index", "0", "--port", "8710"]
-    assert plan["trainer"]["ranks"] == 2 and plan["trainer"]["device"] == "cpu"
-    assert plan["trainer"]["command"][1:3] == ["--num_gpus", "2"]
-    assert plan["server_urls"] == ["http://127.0.0.1:8710"]
-    assert plan["trainer"]["command"][-2:] == ["--server-url", "http://127.0.0.1:8710"]
-    assert plan["sync"]["transport"] == "gloo"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server.env and server.log == "server.log"
+    assert server.command[-4:] == ("--engine-index", "0", "--port", "8710")
+    assert plan.trainer.ranks == 2 and plan.trainer.device == "cpu"
+    assert plan.trainer.command[1:3] == ("--num_gpus", "2")
+    assert plan.server_urls == ("http://127.0.0.1:8710",)
+    assert plan.trainer.command[-2:] == ("--server-url", "http://127.0.0.1:8710")
+    assert plan.sync.transport == "gloo"
     # no token given: the launcher made one for this run anyway (redacted here)
-    assert server["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
+    assert server.env["GRPO_SERVER_TOKEN"] == "<redacted>"
     assert "engine 0  127.0.0.1:8710  GPUs: none (CPU)" in proc.stdout
 
 
@@ -129,24 +142,24 @@ def test_two_node_hostfile_plan(tmp_path):
     proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "slurm",
                          "--set", "train.num_ranks=0", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert plan["servers"] == [] and plan["server_urls"] == ["http://node0:8710"]
-    trainer = plan["trainer"]
-    assert trainer["ranks"] == 16 and trainer["gpus"] == {"node1": list(range(8)), "node2": list(range(8))}
+    assert plan.servers == () and plan.server_urls == ("http://node0:8710",)
+    trainer = plan.trainer
+    assert trainer.ranks == 16 and trainer.gpus == {"node1": tuple(range(8)), "node2": tuple(range(8))}
     # one srun step, a task per GPU, on exactly the trainer nodes (srun places by count: without the
     # list it could use the server's node); each task a rank through launch/srun_rank.py, which runs
     # the trainer as a module (DeepSpeed's SLURM runner would start `python -u pipeline.trainer.train`)
-    cmd = trainer["command"]
-    assert cmd[:7] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--nodelist=node1,node2",
-                       "--kill-on-bad-exit=1", "--export=ALL"]
-    assert cmd[7:10] == [sys.executable, "-u", str(REPO / "launch" / "srun_rank.py")]
-    assert cmd[10] == "--config" and cmd[cmd.index("--run-dir") + 1] == str(Path(trainer["token_file"]).parent)
+    cmd = trainer.command
+    assert cmd[:7] == ("srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--nodelist=node1,node2",
+                       "--kill-on-bad-exit=1", "--export=ALL")
+    assert cmd[7:10] == (sys.executable, "-u", str(REPO / "launch" / "srun_rank.py"))
+    assert cmd[10] == "--config" and cmd[cmd.index("--run-dir") + 1] == str(Path(trainer.token_file).parent)
     assert "deepspeed" not in " ".join(cmd) and "--module" not in cmd
     # the rendezvous on the first trainer node; srun --export=ALL takes it to every task
-    assert trainer["env"]["MASTER_ADDR"] == "node1" and trainer["env"]["MASTER_PORT"] == "29500"
+    assert trainer.env["MASTER_ADDR"] == "node1" and trainer.env["MASTER_PORT"] == "29500"
     # other nodes get the token from a 0600 file in the (shared) run directory, never the environment
-    assert "GRPO_SERVER_TOKEN" not in trainer["env"]
-    assert cmd[cmd.index("--token-file") + 1] == trainer["token_file"]
-    assert trainer["token_file"].endswith("server.token") and plan["sync"]["transport"] == "nccl"
+    assert "GRPO_SERVER_TOKEN" not in trainer.env
+    assert cmd[cmd.index("--token-file") + 1] == trainer.token_file
+    assert trainer.token_file.endswith("server.token") and plan.sync.transport == "nccl"
     assert "srun --nodes=2" in proc.stdout and "MASTER_ADDR MASTER_PORT" in proc.stdout
 
 
@@ -156,10 +169,10 @@ def test_other_multinode_launchers_stay_on_deepspeed(tmp_path):
     proc, plan = dry_run("--hostfile", str(hostfile), "--server-url", "http://node0:8710", "--launcher", "pdsh",
                          "--set", "train.num_ranks=0", tmp_path=tmp_path, config="configs/prem-1b-gsm8k.yaml")
     assert proc.returncode == 0, proc.stderr
-    cmd = plan["trainer"]["command"]
-    assert Path(cmd[0]).name == "deepspeed" and cmd[1:3] == ["--hostfile", str(hostfile)]
+    cmd = plan.trainer.command
+    assert Path(cmd[0]).name == "deepspeed" and cmd[1:3] == ("--hostfile", str(hostfile))
     assert cmd[cmd.index("--master_addr") + 1] == "node1" and cmd[cmd.index("--launcher") + 1] == "pdsh"
-    assert cmd[cmd.index("--module") + 1] == "pipeline.trainer.train" and plan["trainer"]["env"] == {}
+    assert cmd[cmd.index("--module") + 1] == "pipeline.trainer.train" and plan.trainer.env == {}
 
 
 def test_one_node_cpu_slurm_plan(tmp_path):
@@ -170,12 +183,12 @@ def test_one_node_cpu_slurm_plan(tmp_path):
                          "--gpus", "0", "--master-addr", "127.0.0.1", "--master-port", "20007",
                          "--set", "train.num_ranks=0", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    trainer = plan["trainer"]
-    assert trainer["ranks"] == 2 and trainer["device"] == "cpu" and trainer["gpus"] == {"vm": []}
-    assert trainer["command"][:5] == ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--nodelist=vm"]
-    assert trainer["env"] == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-                              "MASTER_PORT": "20007"}
-    assert plan["sync"]["transport"] == "gloo" and plan["servers"] == []
+    trainer = plan.trainer
+    assert trainer.ranks == 2 and trainer.device == "cpu" and trainer.gpus == {"vm": ()}
+    assert trainer.command[:5] == ("srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--nodelist=vm")
+    assert trainer.env == {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "20007"}
+    assert plan.sync.transport == "gloo" and plan.servers == ()
 
 
 @pytest.mark.parametrize("hosts,args,message", [
@@ -205,19 +218,41 @@ def test_hostfile_errors(tmp_path):
         read_hostfile(str(bad))
     bad.write_text("node1 slots=8\n")
     with pytest.raises(PlanError, match="--hostfile: start the server on its own node"):
-        make_plan(gpus=0, tp=1, num_ranks=0, server_host="127.0.0.1", server_port=1, server_url=None,
-                  hostfile=str(bad), transport="auto", config_path="c", run_dir="r", resume=False,
-                  master_port=1, token="t")
+        make_plan(Layout(gpus=0, server_port=1, hostfile=str(bad), run_dir="r", master_port=1, token="t"))
 
 
 def test_redacted_keeps_the_real_plan_intact():
-    plan = make_plan(gpus=2, tp=1, num_ranks=0, server_host="127.0.0.1", server_port=8710, server_url=None,
-                     hostfile=None, transport="auto", config_path="c.yaml", run_dir="r", resume=True,
-                     master_port=29501, token="s3cret")
+    plan = make_plan(Layout(gpus=2, run_dir="r", resume=True, master_port=29501, token="s3cret"))
     shown = redacted(plan)
-    assert shown["servers"][0]["env"]["GRPO_SERVER_TOKEN"] == "<redacted>"
-    assert plan["servers"][0]["env"]["GRPO_SERVER_TOKEN"] == "s3cret"  # what the real launch passes on
-    assert plan["trainer"]["command"][-1] == "--resume"
+    assert shown.servers[0].env["GRPO_SERVER_TOKEN"] == shown.trainer.env["GRPO_SERVER_TOKEN"] == "<redacted>"
+    assert plan.servers[0].env["GRPO_SERVER_TOKEN"] == "s3cret"  # what the real launch passes on
+    assert plan.trainer.command[-1] == "--resume"
+
+
+def test_plan_json_keeps_its_keys(tmp_path):
+    """`--plan-json` is documented (README): its keys, at every level, in this order."""
+    proc, _ = dry_run("--gpus", "1", tmp_path=tmp_path, config=RECIPE)
+    assert proc.returncode == 0, proc.stderr
+    document = json.loads((tmp_path / "plan.json").read_text())
+    assert list(document) == ["servers", "trainer", "sync", "server_urls", "batch", "memory", "notes"]
+    [server], trainer, memory = document["servers"], document["trainer"], document["memory"]
+    assert list(server) == ["engine", "host", "port", "gpus", "tensor_parallel_size", "log", "command", "env"]
+    assert list(trainer) == ["ranks", "gpus", "device", "command", "env", "unset_env", "token_file"]
+    assert list(document["sync"]) == ["transport"]
+    assert list(document["batch"]) == ["completions_per_step", "micro_batch_size", "gradient_accumulation_steps",
+                                       "ranks", "derived"]
+    assert list(memory) == ["model_source", "gpu_memory_utilization", "kv_cache_gib", "lines", "params",
+                            "zero_stage", "trainer_peak_at", "trainer_rank_gib", "margin_gib", "server_min_gib",
+                            "trainer_share_gib"]
+    assert isinstance(server["gpus"], list) and isinstance(trainer["gpus"]["localhost"], list)
+    assert Plan.from_json(document).to_json() == document
+    # on CPU there is no memory split; not checked, only what was known
+    proc, plan = dry_run(tmp_path=tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text())["memory"] is None and plan.memory is None
+    proc, plan = dry_run("--gpus", "1", "--set", "model.path=nobody/unknown-7b", "--set",
+                         "server.gpu_memory_utilization=0.4", tmp_path=tmp_path, config=RECIPE)
+    assert list(json.loads((tmp_path / "plan.json").read_text())["memory"]) == [
+        "model_source", "gpu_memory_utilization", "kv_cache_gib", "lines"]
 
 
 # --- the recipe on any number of GPUs: batch split, memory, visible GPUs, paths ---------------------
@@ -226,11 +261,10 @@ RECIPE = "configs/prem-1b-gsm8k.yaml"
 
 
 def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, micro: int = 2, ids=None,
-             dp: int = 1, **kwargs) -> dict:
-    return make_plan(**{"server_url": None, "hostfile": None, **kwargs}, gpus=gpus, tp=tp, dp=dp, num_ranks=num_ranks,
-                     server_host="127.0.0.1", server_port=8710, transport="auto", config_path="/r/config.yaml",
-                     run_dir="/r", resume=False, master_port=29501, token="t", gpu_ids=ids, micro_batch_size=micro,
-                     gradient_accumulation_steps=2, completions_per_step=completions)
+             dp: int = 1, **kwargs) -> Plan:
+    return make_plan(Layout(gpus=gpus, gpu_ids=ids, tp=tp, dp=dp, num_ranks=num_ranks, micro_batch_size=micro,
+                            gradient_accumulation_steps=2, completions_per_step=completions, run_dir="/r",
+                            master_port=29501, token="t", **kwargs))
 
 
 # --- several generation engines (server.data_parallel_size) ------------------------------------------
@@ -242,22 +276,22 @@ def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, 
 ])
 def test_several_engines_on_8_gpus(dp, tp, engine_gpus, trainer_gpus):
     plan = plan_for(8, tp, dp=dp)
-    servers = plan["servers"]
-    assert [s["gpus"] for s in servers] == engine_gpus and [s["engine"] for s in servers] == list(range(dp))
-    assert [s["port"] for s in servers] == [8710 + i for i in range(dp)]
-    assert [s["log"] for s in servers] == ["server.log"] + [f"server-{i}.log" for i in range(1, dp)]
+    servers = plan.servers
+    assert [list(s.gpus) for s in servers] == engine_gpus and [s.engine for s in servers] == list(range(dp))
+    assert [s.port for s in servers] == [8710 + i for i in range(dp)]
+    assert [s.log for s in servers] == ["server.log"] + [f"server-{i}.log" for i in range(1, dp)]
     for i, server in enumerate(servers):
-        assert server["tensor_parallel_size"] == tp and server["host"] == "127.0.0.1"
-        assert server["env"]["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, engine_gpus[i]))
-        assert server["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and "VLLM_CPU_OMP_THREADS_BIND" not in server["env"]
-        assert server["command"][1:] == ["-m", "pipeline.generation.serve", "--config", "/r/config.yaml", "--run-dir",
-                                         "/r", "--engine-index", str(i), "--port", str(8710 + i)]
-    trainer = plan["trainer"]
-    assert trainer["ranks"] == 4 and trainer["gpus"] == {"localhost": trainer_gpus}
-    assert include(plan) == "localhost:4,5,6,7" and plan["sync"]["transport"] == "nccl" and plan["notes"] == []
-    urls = [f"http://127.0.0.1:{8710 + i}" for i in range(dp)]
-    assert plan["server_urls"] == urls
-    cmd = trainer["command"]
+        assert server.tensor_parallel_size == tp and server.host == "127.0.0.1"
+        assert server.env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, engine_gpus[i]))
+        assert server.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and "VLLM_CPU_OMP_THREADS_BIND" not in server.env
+        assert server.command[1:] == ("-m", "pipeline.generation.serve", "--config", "/r/config.yaml", "--run-dir",
+                                      "/r", "--engine-index", str(i), "--port", str(8710 + i))
+    trainer = plan.trainer
+    assert trainer.ranks == 4 and trainer.gpus == {"localhost": tuple(trainer_gpus)}
+    assert include(plan) == "localhost:4,5,6,7" and plan.sync.transport == "nccl" and plan.notes == ()
+    urls = tuple(f"http://127.0.0.1:{8710 + i}" for i in range(dp))
+    assert plan.server_urls == urls
+    cmd = trainer.command
     assert cmd[cmd.index("--server-url") + 1] == ",".join(urls)
 
 
@@ -265,44 +299,43 @@ def test_several_engines_memory_and_compute_modes():
     from launch.memory import plan_memory
     from launch.plan import check_compute_modes
 
-    gpus = [{"index": i, "memory_gib": 80.0, "compute_mode": "Default"} for i in range(8)]
+    gpus = [Gpu(i, 80.0) for i in range(8)]
     plan = plan_for(8, 2, dp=2)
-    plan_memory(plan, gpus, recipe("server.tensor_parallel_size=2", "server.data_parallel_size=2"))
-    memory = plan["memory"]
-    assert memory["gpu_memory_utilization"] == 0.9  # the engines' own GPUs: vLLM's default, the same for each
-    assert any(line.startswith("each of 2 engines needs >= ") for line in memory["lines"])
-    assert any(line.startswith("GPUs 4,5,6,7: a trainer rank each") for line in memory["lines"])
+    memory = plan_memory(plan, gpus, recipe("server.tensor_parallel_size=2", "server.data_parallel_size=2"))
+    assert memory.gpu_memory_utilization == 0.9  # the engines' own GPUs: vLLM's default, the same for each
+    assert any(line.startswith("each of 2 engines needs >= ") for line in memory.lines)
+    assert any(line.startswith("GPUs 4,5,6,7: a trainer rank each") for line in memory.lines)
     # the share is sized by the smallest of every engine's GPUs
-    small = [{**g, "memory_gib": 3.0} if g["index"] == 3 else g for g in gpus]
+    small = [Gpu(g.index, 3.0) if g.index == 3 else g for g in gpus]
     with pytest.raises(PlanError, match=r"^GPU 3 has 3.0 GiB; at server.gpu_memory_utilization=0.9 vLLM gets "):
         plan_memory(plan_for(8, 2, dp=2), small, recipe("server.tensor_parallel_size=2", "server.data_parallel_size=2"))
     # every engine's GPUs count, not only the first engine's
     check_compute_modes(plan, gpus)
-    prohibited = [{**g, "compute_mode": "Prohibited"} if g["index"] == 3 else g for g in gpus]
+    prohibited = [Gpu(g.index, g.memory_gib, "Prohibited") if g.index == 3 else g for g in gpus]
     with pytest.raises(PlanError, match="GPU 3 is in PROHIBITED compute mode"):
         check_compute_modes(plan, prohibited)
 
 
 def test_several_engines_on_cpu_each_on_its_own_core():
     plan = plan_for(0, dp=2, completions=0, cpu_count=2)
-    servers = plan["servers"]
-    assert len(servers) == 2 and [s["gpus"] for s in servers] == [[], []]
-    assert [s["port"] for s in servers] == [8710, 8711]
+    servers = plan.servers
+    assert len(servers) == 2 and [s.gpus for s in servers] == [(), ()]
+    assert [s.port for s in servers] == [8710, 8711]
     # vLLM-CPU's auto binding puts every engine's worker on the same core: each gets its own
-    assert [s["env"]["VLLM_CPU_OMP_THREADS_BIND"] for s in servers] == ["0", "1"]
-    assert all("CUDA_VISIBLE_DEVICES" not in s["env"] and s["env"]["GRPO_SERVER_TOKEN"] == "t" for s in servers)
-    assert [s["command"][-4:] for s in servers] == [["--engine-index", "0", "--port", "8710"],
-                                                     ["--engine-index", "1", "--port", "8711"]]
-    cmd = plan["trainer"]["command"]
-    assert cmd[1:3] == ["--num_gpus", "2"] and plan["sync"]["transport"] == "gloo"
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in servers] == ["0", "1"]
+    assert all("CUDA_VISIBLE_DEVICES" not in s.env and s.env["GRPO_SERVER_TOKEN"] == "t" for s in servers)
+    assert [s.command[-4:] for s in servers] == [("--engine-index", "0", "--port", "8710"),
+                                                 ("--engine-index", "1", "--port", "8711")]
+    cmd = plan.trainer.command
+    assert cmd[1:3] == ("--num_gpus", "2") and plan.sync.transport == "gloo"
     assert cmd[cmd.index("--server-url") + 1] == "http://127.0.0.1:8710,http://127.0.0.1:8711"
-    assert plan["server_urls"] == ["http://127.0.0.1:8710", "http://127.0.0.1:8711"]
+    assert plan.server_urls == ("http://127.0.0.1:8710", "http://127.0.0.1:8711")
     # more engines than cores: round robin, said in a note; tensor-parallel workers a core each
     plan = plan_for(0, dp=3, completions=0, cpu_count=2)
-    assert [s["env"]["VLLM_CPU_OMP_THREADS_BIND"] for s in plan["servers"]] == ["0", "1", "0"]
-    assert any("engines share cores" in note for note in plan["notes"])
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in plan.servers] == ["0", "1", "0"]
+    assert any("engines share cores" in note for note in plan.notes)
     plan = plan_for(0, tp=2, dp=2, completions=0, cpu_count=8)
-    assert [s["env"]["VLLM_CPU_OMP_THREADS_BIND"] for s in plan["servers"]] == ["0|1", "2|3"]
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in plan.servers] == ["0|1", "2|3"]
 
 
 def test_engines_on_other_hosts(tmp_path):
@@ -310,12 +343,12 @@ def test_engines_on_other_hosts(tmp_path):
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
     urls = "http://node0:8710,http://node0:8711"
     plan = plan_for(8, dp=2, completions=0, hostfile=str(hostfile), server_url=urls, launcher="slurm")
-    assert plan["servers"] == [] and plan["server_urls"] == ["http://node0:8710", "http://node0:8711"]
-    cmd = plan["trainer"]["command"]
-    assert cmd[cmd.index("--server-url") + 1] == urls and plan["trainer"]["ranks"] == 16
+    assert plan.servers == () and plan.server_urls == ("http://node0:8710", "http://node0:8711")
+    cmd = plan.trainer.command
+    assert cmd[cmd.index("--server-url") + 1] == urls and plan.trainer.ranks == 16
     assert "server  already running at http://node0:8710, http://node0:8711" in describe(plan)
     # server.data_parallel_size 1 (not set): the URLs given say how many engines there are
-    assert plan_for(8, completions=0, hostfile=str(hostfile), server_url=urls)["server_urls"] == urls.split(",")
+    assert plan_for(8, completions=0, hostfile=str(hostfile), server_url=urls).server_urls == tuple(urls.split(","))
     with pytest.raises(PlanError, match=r"^--server-url names 2 engine\(s\) but server.data_parallel_size=3; give "
                                         r"one URL per engine, comma-separated, or set server.data_parallel_size=2$"):
         plan_for(8, dp=3, completions=0, hostfile=str(hostfile), server_url=urls)
@@ -332,7 +365,7 @@ def test_several_engines_refused_where_they_cannot_run():
     with pytest.raises(PlanError, match="server.data_parallel_size: must be at least 1, got 0"):
         plan_for(2, dp=0)
     plan = plan_for(8, dp=2, num_ranks=2)  # the idle note names the engines
-    assert plan["notes"] == ["GPUs 4,5,6,7 idle: train.num_ranks=2 (0 = use every GPU the engines leave)"]
+    assert plan.notes == ("GPUs 4,5,6,7 idle: train.num_ranks=2 (0 = use every GPU the engines leave)",)
 
 
 def test_one_gpu_starts_the_recipe(tmp_path):
@@ -340,14 +373,13 @@ def test_one_gpu_starts_the_recipe(tmp_path):
     # vLLM gets what full AdamW training of the 1.1B model leaves of the card
     proc, plan = dry_run("--gpus", "1", tmp_path=tmp_path, config=RECIPE)
     assert proc.returncode == 0, proc.stderr
-    assert plan["servers"][0]["gpus"] == [0] and plan["trainer"]["gpus"] == {"localhost": [0]}
-    assert plan["batch"] == {"completions_per_step": 16, "micro_batch_size": 2, "gradient_accumulation_steps": 8,
-                             "ranks": 1, "derived": "accumulation derived from train.completions_per_step=16 for 1 rank(s)"}
-    memory = plan["memory"]
-    assert memory["params"] == 1_100_064_768  # prem-1B-chat's config.json: TinyLlama's shape, vocab 32004
+    assert plan.servers[0].gpus == (0,) and plan.trainer.gpus == {"localhost": (0,)}
+    assert plan.batch == BatchSplit(16, 2, 8, 1, "accumulation derived from train.completions_per_step=16 for 1 rank(s)")
+    memory = plan.memory
+    assert memory.params == 1_100_064_768  # prem-1B-chat's config.json: TinyLlama's shape, vocab 32004
     # 22 B/param at the optimizer step (2 weights + 4 master + 8 Adam + 8 transients) + the CUDA context
-    assert 23 < memory["trainer_rank_gib"] < 24 and memory["trainer_peak_at"] == "optimizer step"
-    assert memory["gpu_memory_utilization"] == 0.06 and memory["trainer_share_gib"] == 75.2  # vLLM: what a step needs
+    assert 23 < memory.trainer_rank_gib < 24 and memory.trainer_peak_at == "optimizer step"
+    assert memory.gpu_memory_utilization == 0.06 and memory.trainer_share_gib == 75.2  # vLLM: what a step needs
     out = proc.stdout
     assert "batch   16 completions per step = micro_batch_size 2 x gradient_accumulation_steps 8 x 1 rank(s)" in out
     assert "step transients 8.2 (1.1B x 8 B: max(gradients 2 + flat copy 2 + fp32 4, fp32 gradient 4 + fused AdamW 0))" in out
@@ -377,21 +409,20 @@ def test_one_gpu_refusals_are_one_line(tmp_path, inventory, message):
 ])
 def test_any_gpu_count_keeps_the_recipe_step(gpus, tp, num_ranks, ranks, accumulation, idle):
     plan = plan_for(gpus, tp, num_ranks)
-    batch = plan["batch"]
-    assert (batch["ranks"], batch["micro_batch_size"], batch["gradient_accumulation_steps"]) == (ranks, 2, accumulation)
-    assert batch["completions_per_step"] == 16 and plan["trainer"]["gpus"]["localhost"] == list(range(tp, tp + ranks))
-    assert [n for n in plan["notes"] if n.startswith(idle)] if idle else plan["notes"] == []
+    batch = plan.batch
+    assert (batch.ranks, batch.micro_batch_size, batch.gradient_accumulation_steps) == (ranks, 2, accumulation)
+    assert batch.completions_per_step == 16 and plan.trainer.local_gpus == tuple(range(tp, tp + ranks))
+    assert [n for n in plan.notes if n.startswith(idle)] if idle else plan.notes == ()
 
 
 def test_batch_split_limits():
-    batch = plan_for(17, num_ranks=16)["batch"]  # a rank's share (1) is below micro_batch_size: lowered
-    assert (batch["micro_batch_size"], batch["gradient_accumulation_steps"]) == (1, 1)
-    assert "micro_batch_size 2 -> 1: a rank's share is 1" in batch["derived"]
+    batch = plan_for(17, num_ranks=16).batch  # a rank's share (1) is below micro_batch_size: lowered
+    assert (batch.micro_batch_size, batch.gradient_accumulation_steps) == (1, 1)
+    assert "micro_batch_size 2 -> 1: a rank's share is 1" in batch.derived
     with pytest.raises(PlanError, match=r"train.completions_per_step=16 does not split evenly over 3 ranks; use "
                                         r"1, 2, 4, 8, 16 ranks \(train.num_ranks\), or a multiple of 48 completions"):
         plan_for(4, num_ranks=3)
-    assert plan_for(4, completions=0)["batch"] == {"completions_per_step": 12, "micro_batch_size": 2,
-                                                   "gradient_accumulation_steps": 2, "ranks": 3, "derived": ""}
+    assert plan_for(4, completions=0).batch == BatchSplit(12, 2, 2, 3, "")
 
 
 def recipe(*overrides: str):
@@ -403,19 +434,16 @@ def recipe(*overrides: str):
 def test_memory_share_is_auto_only_when_left_at_auto():
     from launch.memory import plan_memory
 
-    gpu = [{"index": 0, "memory_gib": 80.0, "compute_mode": "Default"}]
-    plan = plan_for(1)
-    plan = plan_for(2)
-    plan_memory(plan, gpu + [{"index": 1, "memory_gib": 80.0}], recipe())
-    assert plan["memory"]["gpu_memory_utilization"] == 0.9  # the server's own GPU: vLLM's default
+    gpu = [Gpu(0, 80.0)]
+    memory = plan_memory(plan_for(2), gpu + [Gpu(1, 80.0)], recipe())
+    assert memory.gpu_memory_utilization == 0.9  # the server's own GPU: vLLM's default
     # a model whose size nobody knows: auto cannot split a shared GPU, a set share is used unchecked
     unknown = ["model.path=nobody/unknown-7b"]
     with pytest.raises(PlanError, match="server.gpu_memory_utilization: auto splits GPU 0 by the model's size, but "
                                         "model.path=nobody/unknown-7b is not a local directory"):
         plan_memory(plan_for(1), gpu, recipe(*unknown))
-    plan = plan_for(1)
-    plan_memory(plan, gpu, recipe(*unknown, "server.gpu_memory_utilization=0.4"))
-    assert plan["memory"]["gpu_memory_utilization"] == 0.4 and plan["memory"]["lines"][0].startswith("not checked")
+    memory = plan_memory(plan_for(1), gpu, recipe(*unknown, "server.gpu_memory_utilization=0.4"))
+    assert memory.gpu_memory_utilization == 0.4 and memory.lines[0].startswith("not checked")
 
 
 def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
@@ -424,27 +452,27 @@ def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
         proc, plan = dry_run("--gpus", "3", "--set", "train.micro_batch_size=8", tmp_path=tmp_path,
                              env={"CUDA_VISIBLE_DEVICES": "3,5,6", **env})
         assert proc.returncode == 0, proc.stderr
-        [server] = plan["servers"]
-        assert server["gpus"] == [3] and server["env"]["CUDA_VISIBLE_DEVICES"] == "3"
-        assert include(plan) == "localhost:5,6" and plan["trainer"]["gpus"] == {"localhost": [5, 6]}
+        [server] = plan.servers
+        assert server.gpus == (3,) and server.env["CUDA_VISIBLE_DEVICES"] == "3"
+        assert include(plan) == "localhost:5,6" and plan.trainer.gpus == {"localhost": (5, 6)}
         # DeepSpeed's --include takes physical ids over all GPUs: the ranks must not inherit the variable;
         # ids are nvidia-smi's, in CUDA's numbering too
-        assert plan["trainer"]["unset_env"] == ["CUDA_VISIBLE_DEVICES"]
-        assert server["env"]["CUDA_DEVICE_ORDER"] == plan["trainer"]["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert plan.trainer.unset_env == ("CUDA_VISIBLE_DEVICES",)
+        assert server.env["CUDA_DEVICE_ORDER"] == plan.trainer.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     proc, plan = dry_run("--gpus", "4", "--set", "server.data_parallel_size=2", "--set", "train.micro_batch_size=8",
                          tmp_path=tmp_path, env={"CUDA_VISIBLE_DEVICES": "3,5,6,7", "GRPO_GPU_INVENTORY": inventory})
     assert proc.returncode == 0, proc.stderr
-    servers = plan["servers"]
-    assert [s["gpus"] for s in servers] == [[3], [5]] and [s["port"] for s in servers] == [8710, 8711]
-    assert [s["env"]["CUDA_VISIBLE_DEVICES"] for s in servers] == ["3", "5"] and include(plan) == "localhost:6,7"
-    assert all(s["env"]["GRPO_SERVER_TOKEN"] == "<redacted>" for s in servers)
-    assert SECRET not in proc.stdout + proc.stderr + json.dumps(plan)
+    servers = plan.servers
+    assert [s.gpus for s in servers] == [(3,), (5,)] and [s.port for s in servers] == [8710, 8711]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in servers] == ["3", "5"] and include(plan) == "localhost:6,7"
+    assert all(s.env["GRPO_SERVER_TOKEN"] == "<redacted>" for s in servers)
+    assert SECRET not in proc.stdout + proc.stderr + (tmp_path / "plan.json").read_text()
     assert "engine 0  127.0.0.1:8710  GPUs: 3" in proc.stdout and "engine 1  127.0.0.1:8711  GPUs: 5" in proc.stdout
-    cmd = plan["trainer"]["command"]
+    cmd = plan.trainer.command
     assert cmd[cmd.index("--server-url") + 1] == "http://127.0.0.1:8710,http://127.0.0.1:8711"
     with pytest.raises(PlanError, match=r"CUDA_VISIBLE_DEVICES=2,9: no GPU 9 on this host \(nvidia-smi lists 0,1,2,3\)"):
         visible_gpus(parse_inventory("0, 1, Default\n1, 1, Default\n2, 1, Default\n3, 1, Default"), "2,9")
-    assert [g["index"] for g in visible_gpus(parse_inventory(inventory), "6,1")] == [6, 1]
+    assert [g.index for g in visible_gpus(parse_inventory(inventory), "6,1")] == [6, 1]
 
 
 def test_launch_from_outside_the_repository(tmp_path):
@@ -456,13 +484,13 @@ def test_launch_from_outside_the_repository(tmp_path):
         proc, plan = dry_run("--name", "r1", tmp_path=tmp_path, config=config, cwd=elsewhere, root="myruns")
         assert proc.returncode == 0, proc.stderr
         run_dir = str(elsewhere / "myruns" / "r1")
-        for cmd in (plan["servers"][0]["command"], plan["trainer"]["command"]):  # they start in the repository
+        for cmd in (plan.servers[0].command, plan.trainer.command):  # they start in the repository
             assert cmd[cmd.index("--run-dir") + 1] == run_dir
             assert cmd[cmd.index("--config") + 1] == run_dir + "/config.yaml"
     proc, plan = dry_run("--hostfile", "hosts", "--server-url", "http://node0:8710", "--set", "train.num_ranks=0",
                          "--set", "train.micro_batch_size=8", tmp_path=tmp_path, cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
-    cmd = plan["trainer"]["command"]
+    cmd = plan.trainer.command
     assert cmd[cmd.index("--hostfile") + 1] == str(elsewhere / "hosts")
 
 
@@ -482,6 +510,25 @@ def test_resolved_config_names_paths_absolutely(tmp_path, monkeypatch):
     config = load_config(config_file("configs/prem-1b-gsm8k.yaml"))
     absolute_paths(config)
     assert config.model.path == "premai-io/prem-1B-chat"  # no such directory here: a hub name, kept
+
+
+def test_in_process_train_runs_what_the_command_runs(tmp_path, monkeypatch, capsys):
+    """`train(config, Options(...))`: the command's phases from Python (main only parses the command line
+    and calls it); the caller's config is left as given, the plan comes back."""
+    from launch.train import Options, Outcome, train
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("GRPO_GPU_INVENTORY", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    config = load_config(REPO / RECIPE, [f"run.root={tmp_path}", "run.name=inproc"])
+    outcome = train(config, Options(gpus=8, dry_run=True, master_port=29501))
+    assert outcome.code == 0 and outcome.run_dir == tmp_path / "inproc"
+    assert outcome.plan.trainer.ranks == 4 and outcome.plan.sync.transport == "nccl"
+    assert config.train.deepspeed_config == "auto" and config.sync.transport == "auto"  # as given
+    assert "trainer 4 DeepSpeed rank(s) on cuda" in capsys.readouterr().out
+    assert train(config, Options(gpus=8)) == Outcome(2)  # a real launch: this host has no 8 GPUs
+    assert capsys.readouterr().err.startswith("error: --gpus 8: this host has 0 GPU(s)")
+    assert not (tmp_path / "inproc").exists()
 
 
 # --- the launcher's watch over its engines (fake processes: nothing is started) ----------------------

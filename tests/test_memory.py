@@ -18,7 +18,7 @@ from launch.memory import (
     plan_memory,
     trainer_peak,
 )
-from launch.plan import PlanError
+from launch.plan import BatchSplit, Gpu, PlanError
 
 # bench/gpu_trainer_check.py --hidden 2048 --layers 22 on one H200 (2026-12-04): max_memory_allocated at
 # the peak minus what was resident before the rank's engines were built, the rank's own allocations.
@@ -54,12 +54,11 @@ def test_dry_run_estimate_is_within_20_percent_above_the_h200_measurement(tmp_pa
     config = recipe(f"model.path={h200_model}", f"train.deepspeed_config=configs/ds_zero{stage}_gpu.json",
                     *H200_SETTINGS)
     plan = plan_for(1, micro=8)
-    plan_memory(plan, [{"index": 0, "memory_gib": 140.4, "compute_mode": "Default"}], config,
-                Zero.from_file(f"configs/ds_zero{stage}_gpu.json"))
-    memory, measured = plan["memory"], MEASURED_GIB[stage]
-    assert memory["params"] == H200_PARAMS and memory["zero_stage"] == stage
-    assert measured <= memory["trainer_rank_gib"] <= 1.2 * measured, memory["lines"]
-    _, parts = trainer_peak(config, H200_1B, plan["batch"], Zero.from_file(f"configs/ds_zero{stage}_gpu.json"))
+    memory = plan_memory(plan, [Gpu(0, 140.4)], config, Zero.from_file(f"configs/ds_zero{stage}_gpu.json"))
+    measured = MEASURED_GIB[stage]
+    assert memory.params == H200_PARAMS and memory.zero_stage == stage
+    assert measured <= memory.trainer_rank_gib <= 1.2 * measured, memory.lines
+    _, parts = trainer_peak(config, H200_1B, plan.batch, Zero.from_file(f"configs/ds_zero{stage}_gpu.json"))
     allocated = sum(size for name, size, _ in parts if name != "CUDA context") / GIB
     assert abs(allocated - measured) / measured < 0.05, (allocated, measured)
 
@@ -69,9 +68,9 @@ def test_the_dry_run_command_prints_the_same_estimate(tmp_path, h200_model):
                          "--set", f"model.path={h200_model}", "--set", "train.deepspeed_config=configs/ds_zero2_gpu.json",
                          tmp_path=tmp_path, config=RECIPE)
     assert proc.returncode == 0, proc.stderr
-    memory = plan["memory"]
-    assert MEASURED_GIB[2] <= memory["trainer_rank_gib"] <= 1.2 * MEASURED_GIB[2]
-    assert memory["trainer_share_gib"] >= memory["trainer_rank_gib"] + memory["margin_gib"]
+    memory = plan.memory
+    assert MEASURED_GIB[2] <= memory.trainer_rank_gib <= 1.2 * MEASURED_GIB[2]
+    assert memory.trainer_share_gib >= memory.trainer_rank_gib + memory.margin_gib
     assert "trainer rank peak ~" in proc.stdout and "(backward " in proc.stdout
 
 
@@ -116,14 +115,12 @@ def test_one_gpu_recipe_split_leaves_the_rank_its_peak_and_passes_vllms_check(gi
     from vllm.config import CacheConfig
     from vllm.v1.worker.utils import request_memory
 
-    plan = plan_for(1)
-    plan_memory(plan, [{"index": 0, "memory_gib": gib, "compute_mode": "Default"}], recipe())
-    memory = plan["memory"]
-    share, total = memory["gpu_memory_utilization"], gib * GIB
-    assert memory["trainer_share_gib"] >= memory["trainer_rank_gib"] + memory["margin_gib"]
-    assert share * gib >= memory["server_min_gib"] and share <= 0.1  # what a step needs, not the card
-    assert 0 < memory["kv_cache_gib"] < memory["server_min_gib"]
-    free = total - (memory["trainer_rank_gib"] + memory["margin_gib"]) * GIB
+    memory = plan_memory(plan_for(1), [Gpu(0, gib)], recipe())
+    share, total = memory.gpu_memory_utilization, gib * GIB
+    assert memory.trainer_share_gib >= memory.trainer_rank_gib + memory.margin_gib
+    assert share * gib >= memory.server_min_gib and share <= 0.1  # what a step needs, not the card
+    assert 0 < memory.kv_cache_gib < memory.server_min_gib
+    free = total - (memory.trainer_rank_gib + memory.margin_gib) * GIB
     snapshot = types.SimpleNamespace(total_memory=total, free_memory=free, device_="cuda:0")
     assert request_memory(snapshot, CacheConfig(gpu_memory_utilization=share)) <= free
     # the previous rule (vLLM takes what the old 19.8 GiB estimate + 1.2 margin left: 0.73 of 80 GB, 0.85 of
@@ -137,18 +134,19 @@ def test_dry_run_for_the_recipe_on_one_80gb_gpu(tmp_path):
     """The issue's command: the trainer is left at least its modelled peak, vLLM's KV cache is fixed."""
     proc, plan = dry_run("--gpus", "1", "--gpu-memory-gib", "80", tmp_path=tmp_path, config=RECIPE)
     assert proc.returncode == 0, proc.stderr
-    memory = plan["memory"]
-    assert memory["trainer_share_gib"] >= memory["trainer_rank_gib"] + memory["margin_gib"]
-    assert 22 < memory["trainer_rank_gib"] < 26 and memory["trainer_peak_at"] == "optimizer step"
+    memory = plan.memory
+    assert memory.trainer_share_gib >= memory.trainer_rank_gib + memory.margin_gib
+    assert 22 < memory.trainer_rank_gib < 26 and memory.trainer_peak_at == "optimizer step"
     assert "(kv_cache_memory_bytes)" in proc.stdout
 
 
 def test_more_ranks_and_zero3_lower_the_peak_and_lora_most():
     config = recipe()
-    one = trainer_peak(config, _prem(), {"micro_batch_size": 2, "ranks": 1}, Zero(stage=2))
-    four = trainer_peak(config, _prem(), {"micro_batch_size": 2, "ranks": 4}, Zero(stage=2))
-    z3 = trainer_peak(config, _prem(), {"micro_batch_size": 2, "ranks": 4}, Zero(stage=3, reduce_bucket=200_000_000))
-    lora = trainer_peak(recipe("model.lora_rank=16"), _prem(), {"micro_batch_size": 2, "ranks": 1}, Zero(stage=2))
+    one_rank, four_ranks = BatchSplit(2, 2, 1, 1), BatchSplit(8, 2, 1, 4)  # micro-batches of 2
+    one = trainer_peak(config, _prem(), one_rank, Zero(stage=2))
+    four = trainer_peak(config, _prem(), four_ranks, Zero(stage=2))
+    z3 = trainer_peak(config, _prem(), four_ranks, Zero(stage=3, reduce_bucket=200_000_000))
+    lora = trainer_peak(recipe("model.lora_rank=16"), _prem(), one_rank, Zero(stage=2))
     sizes = [sum(s for _, s, _ in parts) / GIB for _, parts in (one, four, z3, lora)]
     assert sizes[0] > sizes[1] > sizes[2] and sizes[3] < 8, sizes
     assert lora[0] == "backward"  # the adapter's optimizer is small: activations dominate
@@ -167,12 +165,9 @@ def test_a_card_too_small_for_both_is_one_line(tmp_path):
 
 
 def test_a_share_set_by_hand_is_kept_with_warnings():
-    plan = plan_for(1)
-    plan_memory(plan, [{"index": 0, "memory_gib": 80.0, "compute_mode": "Default"}],
-                recipe("server.gpu_memory_utilization=0.85"))
-    memory = plan["memory"]
-    assert memory["gpu_memory_utilization"] == 0.85
+    memory = plan_memory(plan_for(1), [Gpu(0, 80.0)], recipe("server.gpu_memory_utilization=0.85"))
+    assert memory.gpu_memory_utilization == 0.85
     assert any(line.startswith("warning: server.gpu_memory_utilization=0.85 leaves 12.0 GiB of GPU 0 for a trainer")
-               for line in memory["lines"])
+               for line in memory.lines)
     with pytest.raises(PlanError, match="GPU 0 has 3.0 GiB; at server.gpu_memory_utilization=0.9 vLLM gets 2.7"):
-        plan_memory(plan_for(2), [{"index": 0, "memory_gib": 3.0}, {"index": 1, "memory_gib": 80.0}], recipe())
+        plan_memory(plan_for(2), [Gpu(0, 3.0), Gpu(1, 80.0)], recipe())

@@ -190,13 +190,11 @@ def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
 def test_port_left_in_time_wait_is_not_refused():
     """A stopped server's closed connections linger in TIME_WAIT: `make train` twice in a row must
     still get the port (the check once refused it, the server itself binds with SO_REUSEADDR)."""
-    import importlib.util
     import socket
     import time
 
-    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    import launch.train as launcher
+
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
