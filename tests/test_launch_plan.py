@@ -5,33 +5,18 @@ starts exactly the plan's processes, so these tests check the GPU layouts on a C
 """
 
 import json
-import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import one_line_error
+from support.launcher import RECIPE, SECRET, dry_run, plan_for, recipe
+from support.processes import one_line_error
 
 from launch.plan import PlanError, describe, make_plan, parse_inventory, read_hostfile, redacted, visible_gpus
 
 REPO = Path(__file__).resolve().parents[1]
-SECRET = "plan-test-secret"
-
-
-def dry_run(*args: str, tmp_path: Path, config: str = "configs/tiny-cpu.yaml", env: dict | None = None,
-            cwd: Path = REPO, root: str | None = None):
-    """A dry run on no GPU inventory but the one `env` gives (GRPO_GPU_INVENTORY; none = `--gpus N` of
-    80 GiB) and no inherited CUDA_VISIBLE_DEVICES, whatever host runs the tests."""
-    out = tmp_path / "plan.json"
-    inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", config, "--dry-run",
-                           "--plan-json", str(out), "--set", f"run.root={root or tmp_path / 'runs'}", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120,
-                          env={**inherited, "GRPO_SERVER_TOKEN": SECRET, "GRPO_GPU_INVENTORY": "", **(env or {})})
-    plan = json.loads(out.read_text()) if out.exists() else None
-    return proc, plan
 
 
 def include(plan) -> str:
@@ -220,19 +205,6 @@ def test_redacted_keeps_the_real_plan_intact():
     assert plan["trainer"]["command"][-1] == "--resume"
 
 
-# --- the recipe on any number of GPUs: batch split, memory, visible GPUs, paths ---------------------
-
-RECIPE = "configs/prem-1b-gsm8k.yaml"
-
-
-def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, micro: int = 2, ids=None,
-             dp: int = 1, **kwargs) -> dict:
-    return make_plan(**{"server_url": None, "hostfile": None, **kwargs}, gpus=gpus, tp=tp, dp=dp, num_ranks=num_ranks,
-                     server_host="127.0.0.1", server_port=8710, transport="auto", config_path="/r/config.yaml",
-                     run_dir="/r", resume=False, master_port=29501, token="t", gpu_ids=ids, micro_batch_size=micro,
-                     gradient_accumulation_steps=2, completions_per_step=completions)
-
-
 # --- several generation engines (server.data_parallel_size) ------------------------------------------
 
 
@@ -335,6 +307,9 @@ def test_several_engines_refused_where_they_cannot_run():
     assert plan["notes"] == ["GPUs 4,5,6,7 idle: train.num_ranks=2 (0 = use every GPU the engines leave)"]
 
 
+# --- the recipe on any number of GPUs: batch split, memory, visible GPUs, paths ---------------------
+
+
 def test_one_gpu_starts_the_recipe(tmp_path):
     # the recipe's step (2 per device x 2 accumulation x 4 devices = 16 completions) on one GPU: accumulation 8,
     # vLLM gets what full AdamW training of the 1.1B model leaves of the card
@@ -392,12 +367,6 @@ def test_batch_split_limits():
         plan_for(4, num_ranks=3)
     assert plan_for(4, completions=0)["batch"] == {"completions_per_step": 12, "micro_batch_size": 2,
                                                    "gradient_accumulation_steps": 2, "ranks": 3, "derived": ""}
-
-
-def recipe(*overrides: str):
-    from pipeline.config import load_config
-
-    return load_config(REPO / RECIPE, list(overrides))
 
 
 def test_memory_share_is_auto_only_when_left_at_auto():

@@ -6,8 +6,8 @@ import json
 import types
 
 import pytest
-from conftest import one_line_error
-from test_launch_plan import RECIPE, dry_run, plan_for, recipe
+from support.launcher import RECIPE, dry_run, plan_for, recipe
+from support.processes import one_line_error
 
 from launch.memory import (
     GIB,
