@@ -33,15 +33,17 @@ endif
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# unit: no server, no DeepSpeed, no training run; under two minutes on 2 cores
+# unit: in-process code and small commands; no server, DeepSpeed, launcher or training; under two
+# minutes on 2 cores
 test-fast: install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-# integration: real generation servers (the shared test server, a test's own), real DeepSpeed ranks
+# integration: real generation servers (the shared one, a test's own), DeepSpeed ranks, the
+# launcher's dry runs and refusals, models SFT-trained for a test
 test-integration: install
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
-# e2e: the launcher's real runs, sbatch on a one-host SLURM cluster, two network namespaces
+# e2e: training runs through the launcher, sbatch on a one-host SLURM cluster, two network namespaces
 test-e2e: install
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 

@@ -253,6 +253,7 @@ def test_a_run_on_your_own_data_prompt_and_reward(server, warm_model_dir, gsm8k_
     assert len(evaluated) == 4 and evaluated[0]["source"] == f"{data}:2"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("spec,message", [
     ("my_rewards:wrong_length", "error: reward level (my_rewards:wrong_length) returned 1 values for 2 completions"),
     ("missing_mod:f", "error: reward_functions.level: cannot load 'missing_mod:f': ModuleNotFoundError: "
@@ -267,6 +268,7 @@ def test_a_bad_plugin_fails_before_anything_starts(tiny_model_dir, tmp_path, spe
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.integration
 def test_a_bad_data_row_or_missing_test_file_fails_before_anything_starts(tiny_model_dir, tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "no answer"}\n')
@@ -281,6 +283,7 @@ def test_a_bad_data_row_or_missing_test_file_fails_before_anything_starts(tiny_m
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.integration
 def test_more_synthetic_test_problems_than_exist_fail_before_anything_starts(tiny_model_dir, tmp_path):
     proc = launch("--name", "many", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "data.synthetic_levels=1", "--set", "data.synthetic_test=5000", root=tmp_path, timeout=300)

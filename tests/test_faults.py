@@ -254,6 +254,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, step + 2))
 
 
+@pytest.mark.integration
 def test_missing_zero_config_refused_before_start(tiny_model_dir, tmp_path):
     proc = launch("--name", "nz", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "train.deepspeed_config=configs/missing.json", root=tmp_path, timeout=120)
@@ -264,6 +265,7 @@ def test_missing_zero_config_refused_before_start(tiny_model_dir, tmp_path):
     assert not (tmp_path / "nz").exists()
 
 
+@pytest.mark.integration
 def test_unwritable_run_root_refused_before_start(tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     proc = launch("--name", "u", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
@@ -284,6 +286,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
 
 
+@pytest.mark.integration
 def test_full_disk_refused_before_start(tiny_model_dir, small_disk):
     proc = launch("--name", "full", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "train.save_every=2", root=small_disk, timeout=120)

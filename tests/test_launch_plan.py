@@ -24,6 +24,7 @@ def include(plan) -> str:
     return cmd[cmd.index("--include") + 1]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("gpus,tp,ranks,server_gpus,trainer_gpus,transport", [
     (1, 1, 1, [0], [0], "ipc"),           # one GPU: both on it, CUDA IPC (NCCL cannot hold a device twice)
     (2, 1, 1, [0], [1], "nccl"),
@@ -54,6 +55,7 @@ def test_gpu_layouts_never_share_a_gpu(tmp_path, gpus, tp, ranks, server_gpus, t
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing but the plan"
 
 
+@pytest.mark.integration
 def test_cpu_layout_is_the_real_launch(tmp_path):
     proc, plan = dry_run(tmp_path=tmp_path, env={"GRPO_SERVER_TOKEN": ""})
     assert proc.returncode == 0, proc.stderr
@@ -72,6 +74,7 @@ def test_cpu_layout_is_the_real_launch(tmp_path):
     assert "engine 0  127.0.0.1:8710  GPUs: none (CPU)" in proc.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,message", [
     (["--gpus", "4", "--set", "train.num_ranks=4"],
      "error: train.num_ranks=4 needs 4 GPUs, but only 3 of 4 are left after the server's tensor_parallel_size=1"),
@@ -99,12 +102,14 @@ def test_impossible_layouts_are_one_line_errors(tmp_path, args, message):
     assert one_line_error(proc).startswith(message)
 
 
+@pytest.mark.integration
 def test_real_launch_refuses_gpus_it_does_not_have(tmp_path):
     proc = subprocess.run([sys.executable, "launch/train.py", "--gpus", "8", "--set", f"run.root={tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and one_line_error(proc).startswith("error: --gpus 8: this host has 0 GPU(s)")
 
 
+@pytest.mark.integration
 def test_two_node_hostfile_plan(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two trainer nodes\nnode1 slots=8\nnode2 slots=8\n")
@@ -135,6 +140,7 @@ def test_two_node_hostfile_plan(tmp_path):
     assert "srun --nodes=2" in proc.stdout and "MASTER_ADDR MASTER_PORT" in proc.stdout
 
 
+@pytest.mark.integration
 def test_other_multinode_launchers_stay_on_deepspeed(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
@@ -147,6 +153,7 @@ def test_other_multinode_launchers_stay_on_deepspeed(tmp_path):
     assert cmd[cmd.index("--module") + 1] == "pipeline.trainer.train" and plan["trainer"]["env"] == {}
 
 
+@pytest.mark.integration
 def test_one_node_cpu_slurm_plan(tmp_path):
     """launch/slurm.sbatch on one CPU node: the ranks beside the server, CPU, gloo, all on loopback."""
     hostfile = tmp_path / "hosts"
@@ -163,6 +170,7 @@ def test_one_node_cpu_slurm_plan(tmp_path):
     assert plan["sync"]["transport"] == "gloo" and plan["servers"] == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("hosts,args,message", [
     ("node1 slots=8\nnode2 slots=4\n", ["--launcher", "slurm"],
      "error: --launcher slurm: every host needs the same slots (srun --ntasks-per-node), got node1 slots=8, "
@@ -310,6 +318,7 @@ def test_several_engines_refused_where_they_cannot_run():
 # --- the recipe on any number of GPUs: batch split, memory, visible GPUs, paths ---------------------
 
 
+@pytest.mark.integration
 def test_one_gpu_starts_the_recipe(tmp_path):
     # the recipe's step (2 per device x 2 accumulation x 4 devices = 16 completions) on one GPU: accumulation 8,
     # vLLM gets what full AdamW training of the 1.1B model leaves of the card
@@ -329,6 +338,7 @@ def test_one_gpu_starts_the_recipe(tmp_path):
     assert "server.gpu_memory_utilization = ceil(4.7 / 80.0, 0.01) = 0.06 (auto), KV cache 0.7 GiB" in out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("inventory,message", [
     ("0, 23034, Default", "error: GPU 0 has 22.5 GiB, too small for the server and a trainer rank: ~23.5 GiB for full "
                           "AdamW training + >= 4.7 for vLLM + 2.4 margin = 30.6 GiB"),
@@ -387,6 +397,7 @@ def test_memory_share_is_auto_only_when_left_at_auto():
     assert plan["memory"]["gpu_memory_utilization"] == 0.4 and plan["memory"]["lines"][0].startswith("not checked")
 
 
+@pytest.mark.integration
 def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
     inventory = ";".join(f"{i}, 81559, Default" for i in range(8))
     for env in ({"GRPO_GPU_INVENTORY": inventory}, {}):  # the host's GPUs, or a dry run without nvidia-smi
@@ -416,6 +427,7 @@ def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
     assert [g["index"] for g in visible_gpus(parse_inventory(inventory), "6,1")] == [6, 1]
 
 
+@pytest.mark.integration
 def test_launch_from_outside_the_repository(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

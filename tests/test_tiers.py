@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from support import tiers
 from support.constants import REPO
-from support.launcher import start_launch
+from support.launcher import dry_run, launch, start_launch
 from support.servers import local_server
 
 TESTS = REPO / "tests"
@@ -98,11 +98,27 @@ def test_a_unit_test_that_starts_a_training_run_fails_before_starting_it(tmp_pat
     assert not (tmp_path / "launch.log").exists()
 
 
-def test_the_launcher_may_only_refuse_in_a_unit_test():
-    refused = SimpleNamespace(returncode=2, stdout="", stderr="error: something\n")
-    tiers.refused_in_unit(refused)  # nothing started: fine
-    with pytest.raises(pytest.fail.Exception, match=r"the launcher exited 0 in a unit test.*mark it @pytest.mark.e2e"):
-        tiers.refused_in_unit(SimpleNamespace(returncode=0, stdout="step 1\n", stderr=""))
+def test_a_unit_test_that_runs_the_launcher_fails_before_starting_it(tmp_path):
+    for run in (lambda: launch("--name", "x", root=tmp_path), lambda: dry_run(tmp_path=tmp_path)):
+        with pytest.raises(pytest.fail.Exception, match=r"runs the launcher \(launch/train.py\), which a unit test "
+                           r"may not: mark it @pytest.mark.integration"):
+            run()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_below_e2e_the_launcher_may_only_refuse():
+    saved = dict(tiers._running)
+    tiers._running["tier"] = "integration"
+    try:
+        tiers.launcher_ran(SimpleNamespace(returncode=2, stdout="", stderr="error: something\n"))  # nothing started
+        with pytest.raises(pytest.fail.Exception, match=r"the launcher exited 0 in an integration test.*mark it "
+                           r"@pytest.mark.e2e"):
+            tiers.launcher_ran(SimpleNamespace(returncode=0, stdout="step 1\n", stderr=""))
+        tiers._running["tier"] = "e2e"
+        tiers.launcher_ran(SimpleNamespace(returncode=0, stdout="step 1\n", stderr=""))
+    finally:
+        tiers._running.clear()
+        tiers._running.update(saved)
 
 
 def test_outside_a_test_nothing_is_checked():
@@ -111,7 +127,7 @@ def test_outside_a_test_nothing_is_checked():
     tiers.running(None)
     try:
         tiers.require("e2e", "starts anything")
-        tiers.refused_in_unit(SimpleNamespace(returncode=0, stdout="", stderr=""))
+        tiers.launcher_ran(SimpleNamespace(returncode=0, stdout="", stderr=""))
     finally:
         tiers._running.update(saved)
 

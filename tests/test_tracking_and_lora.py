@@ -31,6 +31,7 @@ def test_lora_exports_merged_weights_under_the_base_names(tiny_model_dir):
     assert any(not torch.equal(sent[n], p) for n, p in plain.named_parameters())  # the adapter does change weights
 
 
+@pytest.mark.integration
 def test_a_missing_tracker_is_a_one_line_error_before_start(tiny_model_dir, tmp_path):
     # a PYTHONPATH entry whose `wandb` cannot be found by any finder: a module that hides itself
     hider = tmp_path / "hide"

@@ -25,11 +25,12 @@ def _command(*args: str, root, server) -> list[str]:
 
 def launch(*args, timeout=600, server=None, root, env=None) -> subprocess.CompletedProcess:
     """The launcher, waited for (its output captured); the shared server's token and the run's tag
-    (RUN_TAG=root) in its environment, then `env`. In a unit test it may only refuse (exit 2)."""
+    (RUN_TAG=root) in its environment, then `env`. In an integration test it may only refuse (exit 2)."""
+    tiers.require("integration", "runs the launcher (launch/train.py)")
     cmd = _command(*args, root=root, server=server)
     env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN, RUN_TAG: str(root), **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-    tiers.refused_in_unit(proc)
+    tiers.launcher_ran(proc)
     return proc
 
 
@@ -63,6 +64,7 @@ def dry_run(*args: str, tmp_path: Path, config: str = "configs/tiny-cpu.yaml", e
     """A dry run on no GPU inventory but the one `env` gives (GRPO_GPU_INVENTORY; none = `--gpus N` of
     80 GiB) and no inherited CUDA_VISIBLE_DEVICES, whatever host runs the tests; (the process, its plan
     or None)."""
+    tiers.require("integration", "runs the launcher (launch/train.py)")
     out = tmp_path / "plan.json"
     inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", config, "--dry-run",

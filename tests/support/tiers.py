@@ -1,19 +1,22 @@
 """The suite's three tiers: every test has exactly one.
 
-    unit         in-process code, and commands that refuse, plan or print and exit: no generation server,
-                 no DeepSpeed, no training run (`make test-fast`: under two minutes on 2 cores)
-    integration  a real generation server (the session's shared one or a test's own), real DeepSpeed
-                 ranks, or a model SFT-trained for the test (`make test-integration`)
-    e2e          the launcher's real runs, sbatch on a one-host SLURM cluster, two network namespaces
-                 (`make test-e2e`)
+    unit         in-process code, and the small commands (report, publish, serve refusing to start):
+                 no generation server, no DeepSpeed, no launcher process, no training (`make test-fast`:
+                 under two minutes on 2 cores)
+    integration  the pieces as real processes: generation servers (the session's shared one or a test's
+                 own), DeepSpeed ranks, the launcher's dry runs and refusals (each a ~2 s process: torch
+                 and the config stack), a model SFT-trained for the test (`make test-integration`)
+    e2e          training runs through the launcher, sbatch on a one-host SLURM cluster, two network
+                 namespaces (`make test-e2e`)
 
 `make test` runs all three (what CI runs). A test gets its tier from a mark (`@pytest.mark.integration`
 or `@pytest.mark.e2e` on the test, its class or its module; `slow`, the old name, is the same as e2e);
-unmarked, from the fixtures it requests (FIXTURE_TIERS: a fixture that starts a server makes its tests
-integration); otherwise it is unit. The collection fails on a test with two different tier marks, or
-marked below what its fixtures need. While a test runs, the helpers that start something expensive check
-its tier (`require`: local_server, start_launch; `refused_in_unit`: launch), so a test that starts a
-server or a training run without the mark fails, naming the mark to add.
+unmarked, from the fixtures it requests (FIXTURE_TIERS: a fixture that starts a server or trains a
+model makes its tests integration); otherwise it is unit. The collection fails on a test with two
+different tier marks, or marked below what its fixtures need. While a test runs, the helpers that start
+something check its tier (`require`: local_server, launch, dry_run, start_launch; `launcher_ran`:
+below e2e the launcher may only refuse), so a test that starts a server, the launcher or a training run
+without the mark fails, naming the mark to add; a unit test slower than UNIT_SECONDS is named at the end.
 """
 
 from __future__ import annotations
@@ -98,14 +101,15 @@ def require(needed: str, what: str) -> None:
                     f"@pytest.mark.{needed} (tests/support/tiers.py)", pytrace=False)
 
 
-def refused_in_unit(proc) -> None:
-    """A unit test runs the launcher only to see it refuse (exit 2: nothing started); after a run that
-    was not refused, fail a unit test with what the launcher printed."""
-    if _running.get("tier") == "unit" and proc.returncode != 2:
+def launcher_ran(proc) -> None:
+    """Below e2e a test runs the launcher only to see it refuse (exit 2: nothing started); after a run
+    that was not refused, fail such a test with what the launcher printed."""
+    tier = _running.get("tier")
+    if tier is not None and rank(tier) < rank("e2e") and proc.returncode != 2:
         import pytest
 
-        pytest.fail(f"{_running['nodeid']}: the launcher exited {proc.returncode} in a unit test, which may run it "
-                    "only to see it refuse (exit 2); a test that starts a run is e2e: mark it @pytest.mark.e2e "
+        pytest.fail(f"{_running['nodeid']}: the launcher exited {proc.returncode} in an {tier} test, which may run "
+                    "it only to see it refuse (exit 2); a test that starts a run is e2e: mark it @pytest.mark.e2e "
                     f"(tests/support/tiers.py)\n--- stdout (tail) ---\n{proc.stdout[-2000:]}\n"
                     f"--- stderr (tail) ---\n{proc.stderr[-2000:]}", pytrace=False)
 
