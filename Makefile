@@ -9,7 +9,7 @@ PLATFORM ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(PLATFORM)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean
+.PHONY: install test test-fast test-integration test-e2e lint format clean
 
 install: $(STAMP)
 
@@ -28,11 +28,24 @@ else
 endif
 	@touch $@
 
+# Every test has one tier (tests/support/tiers.py): unit, integration or e2e. `make test` runs them all
+# (what CI runs); the others run one tier each.
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# unit: in-process code and small commands; no server, DeepSpeed, launcher or training; under two
+# minutes on 2 cores
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+# integration: real generation servers (the shared one, a test's own), DeepSpeed ranks, the
+# launcher's dry runs and refusals, models SFT-trained for a test
+test-integration: install
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+# e2e: training runs through the launcher, sbatch on a one-host SLURM cluster, two network namespaces
+test-e2e: install
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
 .PHONY: test-gpu gpu-check install-flash-attn
 # The GPU suite (tests marked gpu; each skips without enough CUDA devices).

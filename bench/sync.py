@@ -35,11 +35,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "tests"))  # the test suite's library: its one way to start a local server
+
+from support.servers import local_server  # noqa: E402
 
 from pipeline.embedded.tiny_model import build_tiny_model  # noqa: E402
-from pipeline.generation.client import free_port  # noqa: E402
 from pipeline.generation.engines import Engines  # noqa: E402
-from pipeline.generation.server_process import ServerProcess  # noqa: E402
 from pipeline.sync.digest import tensor_digest  # noqa: E402
 from pipeline.sync.weight_sync import WeightSync  # noqa: E402
 
@@ -165,11 +166,10 @@ def main() -> int:
     nbytes = sum(p.numel() * p.element_size() for _, p in params)
     servers = []
     for i in range(args.engines):
-        port = free_port("127.0.0.1")
         # one core each, as the launcher pins several engines
         env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % (os.cpu_count() or 1))} if args.engines > 1 else {}
-        servers.append(ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1"],
-                                     work / f"server-{i}.log", "127.0.0.1", port, env=env))
+        servers.append(local_server(model_dir, work, settings=("--set", "server.kv_cache_gib=1"), env=env,
+                                    log_name=f"server-{i}.log", healthy_within=None))  # loading side by side
     try:
         clients = [server.wait_healthy(300) for server in servers]
         client = clients[0]

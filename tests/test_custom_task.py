@@ -6,6 +6,9 @@ import sys
 import textwrap
 
 import pytest
+from support.launcher import launch
+from support.processes import one_line_error
+from support.runs import read_metrics
 
 from pipeline.config import ConfigError, load_config
 from pipeline.task.answers import answers_equivalent, extract_boxed, extract_reference
@@ -226,10 +229,8 @@ def user_dataset(gsm8k_dir, path, rows: int):
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_on_your_own_data_prompt_and_reward(server, warm_model_dir, gsm8k_dir, tmp_path):
-    from test_train import launch, read_metrics
-
     data = user_dataset(gsm8k_dir, tmp_path / "mine.csv", 64)
     (tmp_path / "prompt.txt").write_text(SYSTEM_PROMPT + "\nShow your work.\n")
     (tmp_path / "my_rewards.py").write_text(PLUGIN)
@@ -252,15 +253,13 @@ def test_a_run_on_your_own_data_prompt_and_reward(server, warm_model_dir, gsm8k_
     assert len(evaluated) == 4 and evaluated[0]["source"] == f"{data}:2"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("spec,message", [
     ("my_rewards:wrong_length", "error: reward level (my_rewards:wrong_length) returned 1 values for 2 completions"),
     ("missing_mod:f", "error: reward_functions.level: cannot load 'missing_mod:f': ModuleNotFoundError: "
                       "No module named 'missing_mod'"),
 ])
 def test_a_bad_plugin_fails_before_anything_starts(tiny_model_dir, tmp_path, spec, message):
-    from conftest import one_line_error
-    from test_train import launch
-
     (tmp_path / "my_rewards.py").write_text(PLUGIN)
     proc = launch("--name", "p", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", f"reward_functions.level={spec}", root=tmp_path, timeout=120,
@@ -269,10 +268,8 @@ def test_a_bad_plugin_fails_before_anything_starts(tiny_model_dir, tmp_path, spe
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.integration
 def test_a_bad_data_row_or_missing_test_file_fails_before_anything_starts(tiny_model_dir, tmp_path):
-    from conftest import one_line_error
-    from test_train import launch
-
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "no answer"}\n')
     common = ["--set", f"model.path={tiny_model_dir}", "--set", "model.build=", "--set", "data.source=jsonl",
@@ -286,10 +283,8 @@ def test_a_bad_data_row_or_missing_test_file_fails_before_anything_starts(tiny_m
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.integration
 def test_more_synthetic_test_problems_than_exist_fail_before_anything_starts(tiny_model_dir, tmp_path):
-    from conftest import one_line_error
-    from test_train import launch
-
     proc = launch("--name", "many", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "data.synthetic_levels=1", "--set", "data.synthetic_test=5000", root=tmp_path, timeout=300)
     assert proc.returncode == 2

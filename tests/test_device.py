@@ -88,6 +88,7 @@ def test_gpu_check_says_it_needs_a_gpu():
     assert out.returncode == 2 and out.stderr == "error: make gpu-check needs CUDA GPUs (nvidia-smi lists none)\n"
 
 
+@pytest.mark.integration  # DeepSpeed ZeRO-2/3 steps
 def test_the_gpu_trainer_check_runs_on_cpu(tmp_path):
     """bench/gpu_trainer_check.py (run on a lent GPU box) with --cpu: its logic, DeepSpeed ZeRO-2/3 GRPO
     steps with and without LoRA, the merged export against PEFT's own merge, and (vLLM being importable

@@ -8,8 +8,13 @@ import time
 
 import pytest
 import torch
-from conftest import SERVER_TOKEN
-from test_weight_sync import hf_logprobs, perturb
+from support.constants import SERVER_TOKEN
+from support.launcher import start_launch, warm_run
+from support.models import perturb
+from support.processes import processes_mentioning, wait_gone
+from support.reference import hf_logprobs
+from support.runs import read_metrics, run_log
+from support.servers import local_server
 from transformers import AutoModelForCausalLM
 
 from pipeline.generation.client import ServerError
@@ -71,14 +76,8 @@ def test_fewer_prompts_than_engines_split_each_group_with_distinct_seeds():
 def engine_process(model_dir, log_dir, index: int, port: int | None = None):
     """Engine `index` of a two-engine run, started (not yet healthy). From the calling thread: the
     kernel's parent-death signal follows the thread that started a process, not the process."""
-    from pipeline.generation.client import free_port
-    from pipeline.generation.server_process import ServerProcess
-
-    port = port or free_port("127.0.0.1")
-    return ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "server.kv_cache_gib=1",
-                          "--set", "server.request_timeout_s=120", "--set", "server.data_parallel_size=2",
-                          "--engine-index", str(index)], log_dir / f"engine-{index}.log", "127.0.0.1", port,
-                         token=SERVER_TOKEN)
+    return local_server(model_dir, log_dir, "--set", "server.data_parallel_size=2", "--engine-index", str(index),
+                        token=SERVER_TOKEN, port=port, log_name=f"engine-{index}.log", healthy_within=None)
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +185,7 @@ def test_a_refused_request_is_not_retried_elsewhere(two_engines):
 
 def engine_group(root, index: int) -> int:
     """The process group of engine `index` of the run under `root` (its API process leads it)."""
-    from test_train import _processes_mentioning
-
-    pids = [int(line.split()[0]) for line in _processes_mentioning(str(root))
+    pids = [int(line.split()[0]) for line in processes_mentioning(str(root))
             if "pipeline.generation.serve" in line and f"--engine-index {index}" in line]
     assert pids, f"engine {index} not found"
     return os.getpgid(pids[0])
@@ -203,15 +200,11 @@ def wait_for(predicate, what: str, proc, timeout: float = 300) -> None:
 
 
 def rows_of(run_dir):
-    from test_train import read_metrics
-
     return read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_engines_train_and_one_fails_alone_mid_generation_then_mid_push(warm_model_dir, tmp_path):
-    from test_faults import run_log, start_launch, wait_gone, warm_run
-
     run_dir = tmp_path / "two"
     # enough steps (~0.3-1 s each here) for both restarts (~30-40 s each) to happen within the run: engine 0
     # was back by step ~30 on 2 cores; every step past that costs the suite time
@@ -257,10 +250,8 @@ def test_two_engines_train_and_one_fails_alone_mid_generation_then_mid_push(warm
     wait_gone(str(tmp_path))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_both_engines_killed_is_a_one_line_error_within_the_deadline(warm_model_dir, tmp_path):
-    from test_faults import start_launch, wait_gone, warm_run
-
     run_dir = tmp_path / "both"
     proc = start_launch(*warm_run("both", "--set", "train.max_steps=40", "--set", "server.data_parallel_size=2",
                                   "--set", "server.restart=false", warm_model_dir=warm_model_dir),

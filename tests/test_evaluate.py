@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SERVER_TOKEN
+from support.constants import SERVER_TOKEN
 
 from pipeline.report.evaluate import lenient_answer, majority_answer, score_example, summarise
 from pipeline.task.data import Example

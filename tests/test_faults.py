@@ -6,65 +6,19 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import RUN_TAG, SERVER_TOKEN, TEST_SCALE, _alive, one_line_error, run_processes
-from test_train import _processes_mentioning, launch, read_metrics
+from support.launcher import launch, start_launch, warm_run
+from support.models import tiny_corpus
+from support.processes import alive, one_line_error, processes_mentioning, run_processes, wait_gone
+from support.runs import read_metrics, run_log, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_launch(*args, server, root, token=SERVER_TOKEN):
-    """The launcher in the background; with `server` it uses the session's server, else starts its own.
-    Its output goes to root/launch.log."""
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--set", f"run.root={root}", *TEST_SCALE, *args]
-    if server is not None:
-        cmd += ["--server-url", server.client.base_url]
-    else:
-        from pipeline.generation.client import free_port
-
-        cmd += ["--set", f"server.port={free_port('127.0.0.1')}"]
-    env = {**os.environ, "GRPO_SERVER_TOKEN": token} if token else {
-        k: v for k, v in os.environ.items() if k != "GRPO_SERVER_TOKEN"}
-    env[RUN_TAG] = str(root)
-    with open(Path(root) / "launch.log", "ab") as log:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def warm_run(name: str, *extra: str, warm_model_dir) -> list[str]:
-    return ["--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-            "--set", "eval.enabled=false", *extra]
-
-
-def wait_for_step(path: Path, step: int, proc, timeout: float = 300) -> None:
-    """Until metrics.jsonl (`path`) has `step` rows; fails with the run's own log if it ends first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and sum(1 for _ in path.open()) >= step:
-            return
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}:\n{run_log(path.parent)}"
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s:\n{run_log(path.parent)}")
-
-
-def run_log(run_dir: Path, chars: int = 4000) -> str:
-    """The tail of what a run printed: the launcher's console (root/launch.log) and the ranks' train.log."""
-    logs = [run_dir.parent / "launch.log", run_dir / "train.log", run_dir / "server.log"]
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-chars:]}" for p in logs if p.exists())
-
-
-def wait_gone(text: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while _processes_mentioning(text) and time.monotonic() < end:
-        time.sleep(0.5)
-    assert not _processes_mentioning(text), _processes_mentioning(text)
-
-
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_9_whole_run_then_resume(server, warm_model_dir, tmp_path):
     common = warm_run("k", "--set", "train.save_every=2", warm_model_dir=warm_model_dir)
     proc = start_launch(*common, "--set", "train.max_steps=12", server=server, root=tmp_path)
@@ -98,7 +52,7 @@ def test_kill_9_whole_run_then_resume(server, warm_model_dir, tmp_path):
     assert [r["data/first_index"] for r in rows] == [expected.indices(s)[0] for s in range(8)]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir, tmp_path):
     """The launcher started the server: SIGKILL it mid-run, and server, engine core, workers and
     ranks all go (found by the run's inherited environment: vLLM renames its processes), the port
@@ -119,7 +73,7 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     end = time.monotonic() + 60
-    while (left := [p for p in before if _alive(p)] + run_processes(str(tmp_path), sessions)) and time.monotonic() < end:
+    while (left := [p for p in before if alive(p)] + run_processes(str(tmp_path), sessions)) and time.monotonic() < end:
         time.sleep(0.5)
     assert not left, [" ".join(p.cmdline()) for p in left]
     with socket.socket() as s:
@@ -127,12 +81,12 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
         s.bind(("127.0.0.1", port))  # nothing listens on the server's port any more
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_path):
     proc = start_launch(*warm_run("rk", "--set", "train.save_every=2", "--set", "train.max_steps=40",
                                   warm_model_dir=warm_model_dir), server=server, root=tmp_path)
     wait_for_step(tmp_path / "rk" / "metrics.jsonl", 3, proc)
-    ranks = [line.split()[0] for line in _processes_mentioning(str(tmp_path)) if "pipeline.trainer.train" in line
+    ranks = [line.split()[0] for line in processes_mentioning(str(tmp_path)) if "pipeline.trainer.train" in line
              and "--local_rank=1" in line]
     assert ranks, "rank 1 not found"
     os.kill(int(ranks[0]), signal.SIGKILL)
@@ -149,12 +103,12 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
 
 def kill_server_of(root: Path) -> None:
     """SIGKILL the launcher-owned server's whole process group (API process, engine core, workers)."""
-    pids = [int(line.split()[0]) for line in _processes_mentioning(str(root)) if "pipeline.generation.serve" in line]
+    pids = [int(line.split()[0]) for line in processes_mentioning(str(root)) if "pipeline.generation.serve" in line]
     assert pids, "server process not found"
     os.killpg(pids[0], signal.SIGKILL)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_the_run(warm_model_dir, tmp_path):
     """One run of a launcher-owned server, three faults in turn (one server start each would cost the
     suite minutes): no token configured, yet the server gets a random one that strangers lack; killed
@@ -171,7 +125,7 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
         # --- the launcher's own token: random, environment only, required on every route ---
         wait_for_step(run_dir / "metrics.jsonl", 1, proc)
         port = int(next(a for a in proc.args if a.startswith("server.port=")).split("=")[1])
-        server_pid = next(int(line.split()[0]) for line in _processes_mentioning(str(tmp_path))
+        server_pid = next(int(line.split()[0]) for line in processes_mentioning(str(tmp_path))
                           if "pipeline.generation.serve" in line)
         environ = dict(item.split("=", 1) for item in Path(f"/proc/{server_pid}/environ").read_text().split("\0")
                        if "=" in item)
@@ -213,7 +167,7 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
     wait_gone(str(tmp_path))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_server_restart_in_overlapped_mode(warm_model_dir, tmp_path):
     """The server dies while the next step's rollouts are being generated ahead: the lost request
     is retried on the restarted server, which gets the trainer's weights first."""
@@ -229,7 +183,7 @@ def test_server_restart_in_overlapped_mode(warm_model_dir, tmp_path):
     wait_gone(str(tmp_path))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_launcher_interrupted_stops_everything(server, warm_model_dir, tmp_path, sig):
     """Ctrl-C (SIGINT) or SIGTERM to the launcher: it stops the ranks and exits 130; the checkpoint it
@@ -245,13 +199,11 @@ def test_launcher_interrupted_stops_everything(server, warm_model_dir, tmp_path,
     assert (tmp_path / "int" / "checkpoints" / latest).is_dir()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     """SIGKILL the run while a checkpoint directory is being written (it exists, `latest` does not name
     it yet): the resume starts from the checkpoint `latest` names, nothing torn is loaded. A wider
     model (~25M parameters: ~0.4 GB of checkpoint) makes the write long enough to catch."""
-    from conftest import tiny_corpus
-
     from pipeline.embedded.tiny_model import build_tiny_model
 
     wide = build_tiny_model(tmp_path / "wide", tiny_corpus(rows=200), hidden_size=512,
@@ -302,6 +254,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, step + 2))
 
 
+@pytest.mark.integration
 def test_missing_zero_config_refused_before_start(tiny_model_dir, tmp_path):
     proc = launch("--name", "nz", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "train.deepspeed_config=configs/missing.json", root=tmp_path, timeout=120)
@@ -312,6 +265,7 @@ def test_missing_zero_config_refused_before_start(tiny_model_dir, tmp_path):
     assert not (tmp_path / "nz").exists()
 
 
+@pytest.mark.integration
 def test_unwritable_run_root_refused_before_start(tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     proc = launch("--name", "u", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
@@ -332,6 +286,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
 
 
+@pytest.mark.integration
 def test_full_disk_refused_before_start(tiny_model_dir, small_disk):
     proc = launch("--name", "full", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
                   "--set", "train.save_every=2", root=small_disk, timeout=120)

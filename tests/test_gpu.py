@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import killed_mid_push
+from support.models import perturb
+from support.reference import hf_logprobs
+from support.servers import killed_mid_push, local_server
 
 from pipeline.device import probe_tolerance
 from pipeline.generation.client import free_port
@@ -33,34 +35,16 @@ def need(gpus: int):
 
 
 def gpu_server(model_dir: Path, log_dir: Path, gpus: list[int], *extra: str) -> ServerProcess:
-    port = free_port()
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-    server = ServerProcess(["--model", str(model_dir), "--port", str(port), "--set", "model.dtype=bfloat16",
-                            "--set", "server.gpu_memory_utilization=0.3",
-                            "--set", f"server.tensor_parallel_size={len(gpus)}", *extra],
-                           log_dir / "server.log", "127.0.0.1", port, token=TOKEN, env=env)
-    server.wait_healthy(600)
-    return server
+    return local_server(model_dir, log_dir, "--set", "model.dtype=bfloat16", "--set", "server.gpu_memory_utilization=0.3",
+                        "--set", f"server.tensor_parallel_size={len(gpus)}", *extra, token=TOKEN, env=env, settings=(),
+                        healthy_within=600)
 
 
 def hf_model(model_dir: Path, device: str, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn).to(device)
-
-
-def hf_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt + completion], device=model.device)
-    with torch.no_grad():
-        lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-    return lp.gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:].cpu()
-
-
-def perturb(model, seed: int) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
 
 
 PROMPT = [5, 17, 42, 8, 99, 3, 64, 12]
@@ -87,6 +71,7 @@ def push_and_check(server, model, device: str, version: int, **kw) -> WeightSync
     return sync
 
 
+@pytest.mark.integration
 @need(2)
 def test_nccl_push_into_a_server_on_another_gpu(tiny_model_dir, tmp_path):
     server = gpu_server(tiny_model_dir, tmp_path, [0])
@@ -104,6 +89,7 @@ def test_nccl_push_into_a_server_on_another_gpu(tiny_model_dir, tmp_path):
         server.stop()
 
 
+@pytest.mark.integration
 @need(1)
 def test_ipc_push_when_trainer_and_server_share_one_gpu(tiny_model_dir, tmp_path):
     server = gpu_server(tiny_model_dir, tmp_path, [0], "--set", "sync.transport=ipc")
@@ -117,6 +103,7 @@ def test_ipc_push_when_trainer_and_server_share_one_gpu(tiny_model_dir, tmp_path
         server.stop()
 
 
+@pytest.mark.integration
 @need(3)
 def test_tensor_parallel_server(tiny_untied_model_dir, tmp_path):
     server = gpu_server(tiny_untied_model_dir, tmp_path, [0, 1])
@@ -130,6 +117,7 @@ def test_tensor_parallel_server(tiny_untied_model_dir, tmp_path):
         server.stop()
 
 
+@pytest.mark.integration
 @need(3)
 def test_two_engines_one_nccl_broadcast(tiny_model_dir, tmp_path):
     """server.data_parallel_size=2: engines on GPUs 0 and 1, the trainer on GPU 2; one NCCL group holds
@@ -161,6 +149,7 @@ def test_two_engines_one_nccl_broadcast(tiny_model_dir, tmp_path):
             server.stop()
 
 
+@pytest.mark.integration
 @need(3)
 def test_an_engine_killed_mid_nccl_push_leaves_the_other_torn_not_dead(tiny_model_dir, tmp_path):
     """Two engines in one NCCL group, one killed mid-broadcast: the survivor's worker, stuck in a receive
@@ -199,6 +188,7 @@ def test_an_engine_killed_mid_nccl_push_leaves_the_other_torn_not_dead(tiny_mode
             server.stop()
 
 
+@pytest.mark.integration
 @need(2)
 def test_cuda_graphs_survive_pushes(tiny_model_dir, tmp_path):
     server = gpu_server(tiny_model_dir, tmp_path, [0])  # enforce_eager unset: CUDA graphs on GPU
@@ -218,6 +208,7 @@ def test_cuda_graphs_survive_pushes(tiny_model_dir, tmp_path):
         server.stop()
 
 
+@pytest.mark.integration
 @need(2)
 def test_server_killed_mid_nccl_push_fails_within_the_deadline(tiny_model_dir, tmp_path):
     server = gpu_server(tiny_model_dir, tmp_path, [0])
@@ -289,12 +280,14 @@ def check_run(tmp_path: Path, proc, steps: int, transport: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.e2e
 @need(1)
 def test_one_gpu_layout_runs(warm_model_dir, tmp_path):
     proc = launch_run(tmp_path, warm_model_dir, "--gpus", "1", "--set", "train.max_steps=3")
     check_run(tmp_path, proc, 3, "ipc")
 
 
+@pytest.mark.e2e
 @need(2)
 def test_five_bf16_steps_of_make_train(warm_model_dir, tmp_path):
     gpus = min(GPUS, 3)  # the server + 1 or 2 ranks
@@ -305,6 +298,7 @@ def test_five_bf16_steps_of_make_train(warm_model_dir, tmp_path):
     assert all(r["time/sync"] > 0 for r in rows)
 
 
+@pytest.mark.e2e
 @need(3)
 def test_zero3_gathers_and_pushes_on_gpus(warm_model_dir, tmp_path):
     proc = launch_run(tmp_path, warm_model_dir, "--gpus", "3", "--set", "train.max_steps=3",
@@ -312,6 +306,7 @@ def test_zero3_gathers_and_pushes_on_gpus(warm_model_dir, tmp_path):
     check_run(tmp_path, proc, 3, "nccl")
 
 
+@pytest.mark.integration
 @need(1)
 def test_lora_adapter_push_into_a_bf16_server(tiny_model_dir, tmp_path):
     """model.lora_sync adapter on CUDA: vLLM's Triton LoRA kernels in bf16 serve what PEFT computes, within

@@ -5,14 +5,14 @@ starts exactly the plan's processes, so these tests check the GPU layouts on a C
 """
 
 import json
-import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import one_line_error
+from support.launcher import RECIPE, SECRET, dry_run, plan_for, recipe
+from support.processes import one_line_error
 
 from launch.plan import (
     BatchSplit,
@@ -29,22 +29,6 @@ from launch.plan import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SECRET = "plan-test-secret"
-
-
-def dry_run(*args: str, tmp_path: Path, config: str = "configs/tiny-cpu.yaml", env: dict | None = None,
-            cwd: Path = REPO, root: str | None = None):
-    """A dry run on no GPU inventory but the one `env` gives (GRPO_GPU_INVENTORY; none = `--gpus N` of
-    80 GiB) and no inherited CUDA_VISIBLE_DEVICES, whatever host runs the tests. The plan: its --plan-json
-    read back (every key it has is one the Plan knows)."""
-    out = tmp_path / "plan.json"
-    inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", config, "--dry-run",
-                           "--plan-json", str(out), "--set", f"run.root={root or tmp_path / 'runs'}", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120,
-                          env={**inherited, "GRPO_SERVER_TOKEN": SECRET, "GRPO_GPU_INVENTORY": "", **(env or {})})
-    plan = Plan.from_json(json.loads(out.read_text())) if out.exists() else None
-    return proc, plan
 
 
 def include(plan: Plan) -> str:
@@ -52,6 +36,7 @@ def include(plan: Plan) -> str:
     return cmd[cmd.index("--include") + 1]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("gpus,tp,ranks,server_gpus,trainer_gpus,transport", [
     (1, 1, 1, [0], [0], "ipc"),           # one GPU: both on it, CUDA IPC (NCCL cannot hold a device twice)
     (2, 1, 1, [0], [1], "nccl"),
@@ -82,6 +67,7 @@ def test_gpu_layouts_never_share_a_gpu(tmp_path, gpus, tp, ranks, server_gpus, t
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing but the plan"
 
 
+@pytest.mark.integration
 def test_cpu_layout_is_the_real_launch(tmp_path):
     proc, plan = dry_run(tmp_path=tmp_path, env={"GRPO_SERVER_TOKEN": ""})
     assert proc.returncode == 0, proc.stderr
@@ -100,6 +86,7 @@ def test_cpu_layout_is_the_real_launch(tmp_path):
     assert "engine 0  127.0.0.1:8710  GPUs: none (CPU)" in proc.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,message", [
     (["--gpus", "4", "--set", "train.num_ranks=4"],
      "error: train.num_ranks=4 needs 4 GPUs, but only 3 of 4 are left after the server's tensor_parallel_size=1"),
@@ -127,12 +114,14 @@ def test_impossible_layouts_are_one_line_errors(tmp_path, args, message):
     assert one_line_error(proc).startswith(message)
 
 
+@pytest.mark.integration
 def test_real_launch_refuses_gpus_it_does_not_have(tmp_path):
     proc = subprocess.run([sys.executable, "launch/train.py", "--gpus", "8", "--set", f"run.root={tmp_path}"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and one_line_error(proc).startswith("error: --gpus 8: this host has 0 GPU(s)")
 
 
+@pytest.mark.integration
 def test_two_node_hostfile_plan(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two trainer nodes\nnode1 slots=8\nnode2 slots=8\n")
@@ -163,6 +152,7 @@ def test_two_node_hostfile_plan(tmp_path):
     assert "srun --nodes=2" in proc.stdout and "MASTER_ADDR MASTER_PORT" in proc.stdout
 
 
+@pytest.mark.integration
 def test_other_multinode_launchers_stay_on_deepspeed(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
@@ -175,6 +165,7 @@ def test_other_multinode_launchers_stay_on_deepspeed(tmp_path):
     assert cmd[cmd.index("--module") + 1] == "pipeline.trainer.train" and plan.trainer.env == {}
 
 
+@pytest.mark.integration
 def test_one_node_cpu_slurm_plan(tmp_path):
     """launch/slurm.sbatch on one CPU node: the ranks beside the server, CPU, gloo, all on loopback."""
     hostfile = tmp_path / "hosts"
@@ -191,6 +182,7 @@ def test_one_node_cpu_slurm_plan(tmp_path):
     assert plan.sync.transport == "gloo" and plan.servers == ()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("hosts,args,message", [
     ("node1 slots=8\nnode2 slots=4\n", ["--launcher", "slurm"],
      "error: --launcher slurm: every host needs the same slots (srun --ntasks-per-node), got node1 slots=8, "
@@ -229,6 +221,7 @@ def test_redacted_keeps_the_real_plan_intact():
     assert plan.trainer.command[-1] == "--resume"
 
 
+@pytest.mark.integration
 def test_plan_json_keeps_its_keys(tmp_path):
     """`--plan-json` is documented (README): its keys, at every level, in this order."""
     proc, _ = dry_run("--gpus", "1", tmp_path=tmp_path, config=RECIPE)
@@ -253,18 +246,6 @@ def test_plan_json_keeps_its_keys(tmp_path):
                          "server.gpu_memory_utilization=0.4", tmp_path=tmp_path, config=RECIPE)
     assert list(json.loads((tmp_path / "plan.json").read_text())["memory"]) == [
         "model_source", "gpu_memory_utilization", "kv_cache_gib", "lines"]
-
-
-# --- the recipe on any number of GPUs: batch split, memory, visible GPUs, paths ---------------------
-
-RECIPE = "configs/prem-1b-gsm8k.yaml"
-
-
-def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, micro: int = 2, ids=None,
-             dp: int = 1, **kwargs) -> Plan:
-    return make_plan(Layout(gpus=gpus, gpu_ids=ids, tp=tp, dp=dp, num_ranks=num_ranks, micro_batch_size=micro,
-                            gradient_accumulation_steps=2, completions_per_step=completions, run_dir="/r",
-                            master_port=29501, token="t", **kwargs))
 
 
 # --- several generation engines (server.data_parallel_size) ------------------------------------------
@@ -368,6 +349,10 @@ def test_several_engines_refused_where_they_cannot_run():
     assert plan.notes == ("GPUs 4,5,6,7 idle: train.num_ranks=2 (0 = use every GPU the engines leave)",)
 
 
+# --- the recipe on any number of GPUs: batch split, memory, visible GPUs, paths ---------------------
+
+
+@pytest.mark.integration
 def test_one_gpu_starts_the_recipe(tmp_path):
     # the recipe's step (2 per device x 2 accumulation x 4 devices = 16 completions) on one GPU: accumulation 8,
     # vLLM gets what full AdamW training of the 1.1B model leaves of the card
@@ -386,6 +371,7 @@ def test_one_gpu_starts_the_recipe(tmp_path):
     assert "server.gpu_memory_utilization = ceil(4.7 / 80.0, 0.01) = 0.06 (auto), KV cache 0.7 GiB" in out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("inventory,message", [
     ("0, 23034, Default", "error: GPU 0 has 22.5 GiB, too small for the server and a trainer rank: ~23.5 GiB for full "
                           "AdamW training + >= 4.7 for vLLM + 2.4 margin = 30.6 GiB"),
@@ -425,12 +411,6 @@ def test_batch_split_limits():
     assert plan_for(4, completions=0).batch == BatchSplit(12, 2, 2, 3, "")
 
 
-def recipe(*overrides: str):
-    from pipeline.config import load_config
-
-    return load_config(REPO / RECIPE, list(overrides))
-
-
 def test_memory_share_is_auto_only_when_left_at_auto():
     from launch.memory import plan_memory
 
@@ -446,6 +426,7 @@ def test_memory_share_is_auto_only_when_left_at_auto():
     assert memory.gpu_memory_utilization == 0.4 and memory.lines[0].startswith("not checked")
 
 
+@pytest.mark.integration
 def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
     inventory = ";".join(f"{i}, 81559, Default" for i in range(8))
     for env in ({"GRPO_GPU_INVENTORY": inventory}, {}):  # the host's GPUs, or a dry run without nvidia-smi
@@ -475,6 +456,7 @@ def test_inherited_cuda_visible_devices_are_physical_ids(tmp_path):
     assert [g.index for g in visible_gpus(parse_inventory(inventory), "6,1")] == [6, 1]
 
 
+@pytest.mark.integration
 def test_launch_from_outside_the_repository(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -4,16 +4,18 @@ under a new name, id and path per version and samples with it; a full push keeps
 
 import pytest
 import torch
-from conftest import SERVER_TOKEN, start_server
-from test_tracking_and_lora import lora_model
-from test_train import hf_logprobs, launch, read_metrics
+from support.constants import SERVER_TOKEN
+from support.launcher import launch
+from support.models import lora_model
+from support.reference import hf_logprobs, peft_logprobs
+from support.runs import read_metrics
+from support.servers import local_server
 from transformers import AutoModelForCausalLM
 
 from pipeline.generation.client import ServerError
 from pipeline.generation.engines import Engines
 from pipeline.sync.lora_export import adapter_file, adapter_state
 from pipeline.sync.weight_sync import WeightSync
-from pipeline.trainer.grpo import token_logprobs
 from pipeline.trainer.server_link import adapter_effect
 
 PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
@@ -21,16 +23,10 @@ PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 
 @pytest.fixture(scope="module")
 def lora_server(tiny_model_dir, tmp_path_factory):
-    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("lora-server"), "--set", "model.lora_rank=4",
+    server = local_server(tiny_model_dir, tmp_path_factory.mktemp("lora-server"), "--set", "model.lora_rank=4",
                           token=SERVER_TOKEN)
     yield server
     server.stop()
-
-
-def peft_logprobs(model, prompt, completion):
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        return token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt) - 1:]
 
 
 def sample(client, prompt_ids):
@@ -124,7 +120,7 @@ def test_adapter_effect_tells_an_engine_serving_the_base_from_one_serving_the_ad
     assert abs(adapter_effect(served, on, off)[0]) < 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_lora_run_pushes_the_adapter_and_resumes(warm_model_dir, tmp_path):
     """The launcher's own server takes adapters (model.lora_rank > 0, lora_sync auto): every push is the
     adapter (kilobytes, not the model), the probe sees all of its effect, a resumed run pushes it again."""

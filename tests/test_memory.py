@@ -6,8 +6,8 @@ import json
 import types
 
 import pytest
-from conftest import one_line_error
-from test_launch_plan import RECIPE, dry_run, plan_for, recipe
+from support.launcher import RECIPE, dry_run, plan_for, recipe
+from support.processes import one_line_error
 
 from launch.memory import (
     GIB,
@@ -63,6 +63,7 @@ def test_dry_run_estimate_is_within_20_percent_above_the_h200_measurement(tmp_pa
     assert abs(allocated - measured) / measured < 0.05, (allocated, measured)
 
 
+@pytest.mark.integration
 def test_the_dry_run_command_prints_the_same_estimate(tmp_path, h200_model):
     proc, plan = dry_run("--gpus", "1", "--gpu-memory-gib", "140.4", *[a for s in H200_SETTINGS for a in ("--set", s)],
                          "--set", f"model.path={h200_model}", "--set", "train.deepspeed_config=configs/ds_zero2_gpu.json",
@@ -130,6 +131,7 @@ def test_one_gpu_recipe_split_leaves_the_rank_its_peak_and_passes_vllms_check(gi
         request_memory(snapshot, CacheConfig(gpu_memory_utilization=old_share))
 
 
+@pytest.mark.integration
 def test_dry_run_for_the_recipe_on_one_80gb_gpu(tmp_path):
     """The issue's command: the trainer is left at least its modelled peak, vLLM's KV cache is fixed."""
     proc, plan = dry_run("--gpus", "1", "--gpu-memory-gib", "80", tmp_path=tmp_path, config=RECIPE)
@@ -158,6 +160,7 @@ def _prem():
     return KNOWN_MODELS["premai-io/prem-1B-chat"]
 
 
+@pytest.mark.integration
 def test_a_card_too_small_for_both_is_one_line(tmp_path):
     proc, plan = dry_run(tmp_path=tmp_path, config=RECIPE, env={"GRPO_GPU_INVENTORY": "0, 23034, Default"})
     assert proc.returncode == 2 and plan is None

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import yaml
-from conftest import one_line_error
-from test_report import fake_run
+from support.processes import one_line_error
+from support.runs import fake_run
 from transformers import AutoModelForCausalLM
 
 

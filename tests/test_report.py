@@ -5,33 +5,10 @@ import subprocess
 import sys
 
 import yaml
-from conftest import one_line_error
+from support.processes import one_line_error
+from support.runs import fake_run
 
-from pipeline.config import load_config, to_dict
 from pipeline.report.card import window_means, write_report
-
-
-def fake_run(tmp_path, steps=20, overrides=()):
-    run = tmp_path / "run"
-    run.mkdir()
-    config = to_dict(load_config("configs/tiny-cpu.yaml", ["model.path=premai-io/prem-1B-chat", "model.build=",
-                                                           *overrides]))
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    rows = [{"step": s, "reward/total": 0.1 * s, "format/strict_rate": s / steps, "accuracy": 0.01 * s,
-             "completion_len/mean": 30.0, "completions/truncated_rate": 0.0,
-             **{f"reward/{n}": 0.01 * s for n in ("strict_format", "soft_format", "int_answer", "xml_count",
-                                                   "correctness")},
-             **{f"time/{k}": 1.0 for k in ("generate", "reward", "train", "sync", "step")}}
-            for s in range(1, steps + 1)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "rew')  # torn line
-    summary = {"examples": 50, "pass@1/strict_accuracy": 0.1, "pass@1/lenient_accuracy": 0.2,
-               "format/strict_rate": 0.3, "format/soft_rate": 0.4, "completion_len/mean": 33.0,
-               "completions/truncated_rate": 0.0, "maj@8/accuracy": 0.25}
-    (run / "eval_before.json").write_text(json.dumps(summary))
-    (run / "eval_after.json").write_text(json.dumps({**summary, "format/strict_rate": 0.9}))
-    (run / "run_info.json").write_text(json.dumps({"wall_time_s": 600, "hardware": "x86_64 2 cores", "ranks": 2,
-                                                   "device": "cpu", "transport": "gloo"}))
-    return run, rows
 
 
 def test_report_card_and_curves(tmp_path):

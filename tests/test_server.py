@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import requests
-from conftest import SERVER_TOKEN, one_line_error
+from support.constants import SERVER_TOKEN
+from support.processes import one_line_error
 
 from pipeline.task.data import read_jsonl
 

@@ -13,12 +13,14 @@ import psutil
 import pytest
 import requests
 import torch
-from conftest import SERVER_TOKEN, start_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.constants import SERVER_TOKEN
+from support.servers import local_server
 
 from pipeline.sync.weight_sync import WeightSync
 
+pytestmark = pytest.mark.integration  # every test here runs a real server
 AUTH = {"Authorization": f"Bearer {SERVER_TOKEN}"}
 PROMPTS = [[5, 17, 42, 8, 99], [3, 64, 12]]
 
@@ -27,7 +29,7 @@ PROMPTS = [[5, 17, 42, 8, 99], [3, 64, 12]]
 def hardy(tiny_model_dir, tmp_path_factory):
     """A server of its own (the fuzz must not disturb the shared one), with a short sync deadline so
     fuzzed rendezvous that cannot form fail fast."""
-    proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("hardy"), "--set", "sync.timeout_s=3",
+    proc = local_server(tiny_model_dir, tmp_path_factory.mktemp("hardy"), "--set", "sync.timeout_s=3",
                         token=SERVER_TOKEN)
     yield proc
     proc.stop()
@@ -185,7 +187,7 @@ def wait_exit(server, timeout: float) -> None:
 
 
 def test_dead_engine_makes_the_server_unhealthy_and_exit(tiny_model_dir, tmp_path):
-    server = start_server(tiny_model_dir, tmp_path, token=SERVER_TOKEN)
+    server = local_server(tiny_model_dir, tmp_path, token=SERVER_TOKEN)
     try:
         engine_core(server).kill()
         end = time.monotonic() + 60
@@ -205,7 +207,7 @@ def test_dead_engine_makes_the_server_unhealthy_and_exit(tiny_model_dir, tmp_pat
 
 
 def test_stuck_engine_trips_the_watchdog_and_the_server_exits(tiny_model_dir, tmp_path):
-    server = start_server(tiny_model_dir, tmp_path, "--set", "server.request_timeout_s=5", token=SERVER_TOKEN)
+    server = local_server(tiny_model_dir, tmp_path, "--set", "server.request_timeout_s=5", token=SERVER_TOKEN)
     core = engine_core(server)
     try:
         core.send_signal(signal.SIGSTOP)  # alive, silent: no error will ever come from it

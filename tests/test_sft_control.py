@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import yaml
-
-from tests.conftest import REPO, one_line_error
+from support.constants import REPO
+from support.processes import one_line_error
 
 SCRIPT = [sys.executable, str(REPO / "launch" / "sft_control.py")]
 
@@ -18,6 +18,7 @@ def test_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
     assert "config.yaml" in one_line_error(proc)
 
 
+@pytest.mark.integration  # launch/sft_control.py evaluates through a real server (pipeline/report/evaluate.py)
 @pytest.mark.parametrize("recipe", ["tiny-cpu.yaml", "tiny-cpu-tools.yaml"])
 def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_reported(recipe, tmp_path):
     """The sloppy-teacher default, and the calculator demo (its warm start has tool-call demonstrations,

@@ -4,8 +4,9 @@ The cluster (munged, slurmctld, slurmd; config, state, logs and the munge socket
 free loopback ports, no systemd) is started by the `slurm` fixture and torn down after the session.
 Its node has 4 fake GPUs for Slurm's gres/gpu plugin (character device files in the temp dir, which
 nothing opens): a step that holds them gets CUDA_VISIBLE_DEVICES from Slurm, as on a GPU cluster.
-Without SLURM it installs Debian's `slurm-wlm` and `munge` with apt-get when root (CI), and fails if
-that fails; elsewhere (not root, no apt-get) the test skips with the reason.
+The tests install nothing: CI's set-up (.ci/run) installs Debian's `slurm-wlm` and `munge`; where they
+are missing, or the tests do not run as root, the cluster's tests skip with the reason (a failure on CI,
+tests/conftest.py).
 """
 
 import contextlib
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import RUN_TAG, TEST_SCALE, run_processes
+from support.constants import RUN_TAG, TEST_SCALE
+from support.processes import run_processes
 
 from launch.srun_rank import expand_hostnames, tasks_on_node, torch_env
 from pipeline.generation import serve
@@ -133,23 +135,15 @@ class Cluster:
         return "\n".join(out)
 
 
-def ensure_slurm() -> None:
-    """SLURM and munge here, or installed (root with apt-get), or a skip naming what is missing."""
+def require_slurm() -> None:
+    """SLURM and munge here, run as root, or a skip naming what is missing. The tests install nothing:
+    CI's set-up (.ci/run) installs Debian's `slurm-wlm` and `munge`; elsewhere install them yourself."""
     missing = [d for d in DAEMONS if shutil.which(d) is None]
     if os.geteuid() != 0:
         pytest.skip("the one-host SLURM cluster runs slurmd and munged as root; not root here")
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing) and there is no apt-get")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode != 0:  # stale or empty package lists (a fresh container): update once
-        subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=600, env=env)
-        proc = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode != 0 or any(shutil.which(d) is None for d in DAEMONS):
-        pytest.fail(f"`{' '.join(install)}` failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): `apt-get install slurm-wlm munge` "
+                    "(.ci/run does it on CI)")
 
 
 def slurm_conf(root: Path, host: str, cpus: int, ctld_port: int, slurmd_port: int, gpus: int = 0) -> str:
@@ -206,7 +200,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def slurm(tmp_path_factory):
     """A running one-host cluster (Cluster.env: SLURM_CONF for every client command); afterwards its
     jobs cancelled, its daemons stopped and anything they left (slurmstepd) killed."""
-    ensure_slurm()
+    require_slurm()
     root = tmp_path_factory.mktemp("slurm")
     host = socket.gethostname().split(".")[0]
     for d in ("state", "spool"):
@@ -313,7 +307,7 @@ def assert_nothing_left(tmp_path: Path) -> None:
     assert not left, [" ".join(p.cmdline()) for p in left]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sbatch_one_node_cpu_trains_with_two_ranks_and_two_engines(slurm, tiny_model_dir, tmp_path):
     """launch/slurm.sbatch on one CPU node: two engine steps (server.data_parallel_size=2) and a two-rank
     srun step share the node; both engines generate every step."""
@@ -342,7 +336,7 @@ def test_sbatch_one_node_cpu_trains_with_two_ranks_and_two_engines(slurm, tiny_m
     assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sbatch_fails_fast_when_the_server_cannot_start(slurm, tmp_path):
     code, state, report = submit(slurm, tmp_path, [f"model.path={tmp_path / 'no-model'}", "model.build="])
     assert code != 0 and state.get("JobState") == "FAILED" and state.get("ExitCode") == "1:0", report
@@ -352,7 +346,7 @@ def test_sbatch_fails_fast_when_the_server_cannot_start(slurm, tmp_path):
     assert_nothing_left(tmp_path)
 
 
-@pytest.mark.slow  # about 20 s, but it needs the cluster (and apt-get where SLURM is missing)
+@pytest.mark.e2e  # about 20 s, but it needs the cluster
 def test_sbatch_gres_engines_each_take_their_own_gpus(slurm, tmp_path):
     """Issue #30: Slurm's gres/gpu plugin sets CUDA_VISIBLE_DEVICES in every task of a step that holds
     GPUs, over what `srun --export` passes, so every engine the sbatch started took GPU 0. Now each

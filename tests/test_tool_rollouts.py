@@ -7,7 +7,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, SERVER_TOKEN, one_line_error, start_server
+from support.constants import REPO, SERVER_TOKEN
+from support.models import tiny_corpus
+from support.processes import one_line_error
+from support.reference import hf_logprobs
+from support.servers import local_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.task.data import prompt_token_ids
@@ -22,8 +26,6 @@ def tool_model_dir(tmp_path_factory):
     """A small model SFT-taught to answer every question with the same calculator call. Its tokenizer
     has the call tags as tokens of their own, as tool-calling tokenizers do (Qwen2.5's); a fixed
     string is what a model this small learns reliably (copying the question's numbers it does not)."""
-    from conftest import tiny_corpus
-
     from pipeline.embedded.tiny_model import build_tiny_model
     from pipeline.embedded.warmstart import sft_warm_start
     from pipeline.task.synthetic import generate
@@ -43,16 +45,9 @@ def tool_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tool_server(tool_model_dir, tmp_path_factory):
-    proc = start_server(tool_model_dir, tmp_path_factory.mktemp("tool-server"))
+    proc = local_server(tool_model_dir, tmp_path_factory.mktemp("tool-server"))
     yield proc
     proc.stop()
-
-
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """Teacher-forced logprob of each token of `ids` after the first (position t predicts t+1)."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
 def test_the_chat_template_says_how_a_tool_result_is_wrapped(tool_model_dir):
@@ -119,8 +114,7 @@ def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, to
         # each call ended a model turn; at the cap the last call gets no result
         assert model_text.count(CALL_CLOSE) == len(conversation.calls) + (conversation.finish_reason == "tool_calls")
         # alignment over turns: HF on the whole sequence, at the model's tokens, is the server's logprob
-        ids = prompt + conversation.token_ids
-        mine = hf_logprobs(model, ids)[len(prompt) - 1:]
+        mine = hf_logprobs(model, prompt, conversation.token_ids)
         own = torch.tensor(conversation.loss_mask, dtype=torch.bool)
         served = torch.tensor(conversation.logprobs)
         assert (mine[own] - served[own]).abs().max() <= 1e-3
@@ -155,7 +149,7 @@ def read_a_seven(prompts=None, completions=(), **kwargs):
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     """`make train` with a user's tool, overlapped, evaluated during training, on two generation
     engines (each turn's rollouts split between them, one push to both): the launcher checks it, the

@@ -6,27 +6,17 @@ import sqlite3
 
 import pytest
 import torch
-from conftest import one_line_error
-from test_train import hf_logprobs, launch, read_metrics
+from support.launcher import launch
+from support.models import lora_model
+from support.processes import one_line_error
+from support.reference import hf_logprobs
+from support.runs import read_metrics
 from transformers import AutoModelForCausalLM
 
 from pipeline.sync.lora_export import exported_weights
 from pipeline.sync.weight_sync import ModelSource
 
 NEW_METRICS = {"grad_norm", "entropy", "reward/std_within_group", "frac_zero_std_groups", "completion_len/max"}
-
-
-def lora_model(model_dir, rank=4, dtype=torch.float32):
-    from peft import LoraConfig, get_peft_model
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained adapter: B is zero at init, which would hide a wrong merge
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.05)
-    return model
 
 
 def test_lora_exports_merged_weights_under_the_base_names(tiny_model_dir):
@@ -41,6 +31,7 @@ def test_lora_exports_merged_weights_under_the_base_names(tiny_model_dir):
     assert any(not torch.equal(sent[n], p) for n, p in plain.named_parameters())  # the adapter does change weights
 
 
+@pytest.mark.integration
 def test_a_missing_tracker_is_a_one_line_error_before_start(tiny_model_dir, tmp_path):
     # a PYTHONPATH entry whose `wandb` cannot be found by any finder: a module that hides itself
     hider = tmp_path / "hide"
@@ -57,7 +48,7 @@ def test_a_missing_tracker_is_a_one_line_error_before_start(tiny_model_dir, tmp_
     assert not (tmp_path / "t").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_trackers_completion_tables_eval_during_training_and_diagnostics(server, warm_model_dir, tmp_path):
     proc = launch("--name", "track", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
                   "--set", "train.max_steps=3", "--set", "train.report_to=[tensorboard,wandb,trackio]",
@@ -89,7 +80,7 @@ def test_trackers_completion_tables_eval_during_training_and_diagnostics(server,
     assert "](eval_curves.png)" in (run / "README.md").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lora_run_with_merged_pushes_saves_merged_final_and_resumes(server, warm_model_dir, tmp_path):
     common = ["--name", "lora", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
               "--set", "model.lora_rank=8", "--set", "train.learning_rate=1e-3", "--set", "eval.enabled=false",

@@ -1,15 +1,15 @@
 """The trainer end to end: launcher -> deepspeed ranks -> shared server, on CPU."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUN_TAG, SERVER_TOKEN, TEST_SCALE, one_line_error, run_processes
-from transformers import AutoModelForCausalLM
+from support.constants import SERVER_TOKEN
+from support.launcher import launch
+from support.processes import one_line_error, processes_mentioning
+from support.reference import hf_logprobs
+from support.runs import read_metrics
 
 from pipeline.config import TrainConfig
 from pipeline.task.synthetic import generate
@@ -22,27 +22,6 @@ REQUIRED_KEYS = {
     "completion_len/mean", "completions/truncated_rate", "clip_ratio", "sync/logprob_max_abs_diff",
     "time/generate", "time/reward", "time/train", "time/sync", "time/step",
 }
-
-
-def launch(*args, timeout=600, server=None, root, env=None):
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--set", f"run.root={root}", *TEST_SCALE, *args]
-    if server is not None:
-        cmd += ["--server-url", server.client.base_url]
-    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN, RUN_TAG: str(root), **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def hf_logprobs(model_dir, prompt, completion):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-    return lp.gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:]
 
 
 def test_lr_schedule_warms_up_and_ends_at_the_floor():
@@ -72,7 +51,7 @@ def test_step_data_is_deterministic_and_resumable():
     assert a(0) != a(3)  # each epoch is reshuffled
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
     name = f"zero{zero}"
@@ -129,7 +108,7 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
     assert server.client.health()["version"] == 4
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_overlapped_mode(server, warm_model_dir, tmp_path):
     proc = launch("--name", "overlap", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
                   "--set", "train.max_steps=3", "--set", "train.overlap=true", "--set", "eval.enabled=false",
@@ -150,7 +129,7 @@ def test_overlapped_mode(server, warm_model_dir, tmp_path):
     assert (served - final).abs().max() <= 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_model_dir, tmp_path):
     """beta > 0 (a reference model under DeepSpeed), the step-global token mean across 2 ranks x 2
     micro-batches, and no gradient for truncated completions, through the real launcher."""
@@ -166,15 +145,6 @@ def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_mod
     assert all(r["completions/truncated_rate"] > 0 for r in rows)  # 24 tokens: some are cut, and masked
     assert all(abs(r["is_ratio/mean"] - 1) < 1e-3 for r in rows)
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    """`pid cmdline` of every live process of a test's run: those naming `text` on their command line
-    or carrying it as the run's tag in their environment, plus everything below them and everything in
-    a session one of them leads (the server runs in its own session). vLLM renames its engine
-    processes (`VLLM::EngineCore`, `VLLM::Worker`) and overwrites their environment block with the new
-    title, so only the process tree and the session find those."""
-    return [f"{p.pid} {' '.join(p.cmdline())}" for p in run_processes(text)]
 
 
 def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
@@ -208,7 +178,7 @@ def test_port_left_in_time_wait_is_not_refused():
     launcher.check_port_free("127.0.0.1", port)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     """The trainer fails after the server is up (only the ranks tokenize the prompts: every one is
     over max_prompt_tokens): both stop, the error is one line."""
@@ -223,7 +193,7 @@ def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     assert proc.returncode != 0
     assert "error: all 2 prompts are longer than max_prompt_tokens=5" in proc.stdout + proc.stderr
     assert "starting generation server" in proc.stdout  # the server was up when the trainer failed
-    assert not _processes_mentioning(str(tmp_path)), "orphan processes left behind"
+    assert not processes_mentioning(str(tmp_path)), "orphan processes left behind"
     with pytest.raises(Exception):  # noqa: B017 - nothing listens on the server port any more
         __import__("requests").get(f"http://127.0.0.1:{port}/health", timeout=2)
 

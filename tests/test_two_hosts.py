@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_SCALE
-from test_train import read_metrics
+from support.constants import TEST_SCALE
+from support.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "two-hosts-secret-token"
@@ -57,7 +57,7 @@ def in_namespace(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
     srv, srv_addr, trn, trn_addr = two_hosts
     env = {**os.environ, "GRPO_SERVER_TOKEN": TOKEN}

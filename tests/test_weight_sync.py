@@ -7,28 +7,14 @@ import time
 
 import pytest
 import torch
-from conftest import killed_mid_push, start_server
+from support.models import perturb
+from support.reference import hf_logprobs
+from support.servers import killed_mid_push, local_server
 from transformers import AutoModelForCausalLM
 
 from pipeline.generation.client import ServerError
 from pipeline.sync.weight_sync import WeightSync, WeightSyncError
 from pipeline.task.data import prompt_token_ids, read_jsonl
-
-
-def hf_logprobs(model, prompt, completion):
-    """Teacher-forced per-token logprobs of `completion` after `prompt`, straight from HF."""
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
-    targets = ids[0, 1:]
-    return logprobs.gather(-1, targets[:, None])[:, 0][len(prompt) - 1:]
-
-
-def perturb(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
 
 
 def connect(server, model, **kw) -> WeightSync:
@@ -87,7 +73,7 @@ def test_push_tied_model_in_many_small_buckets(server, tiny_model_dir, prompt):
 
 @pytest.fixture(scope="module")
 def untied_server(tiny_untied_model_dir, tmp_path_factory):
-    proc = start_server(tiny_untied_model_dir, tmp_path_factory.mktemp("untied-server"))
+    proc = local_server(tiny_untied_model_dir, tmp_path_factory.mktemp("untied-server"))
     yield proc
     proc.stop()
 
@@ -106,6 +92,7 @@ def exits_within(server, seconds: float) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.integration
 def test_a_worker_that_never_answers_ends_the_server(tiny_untied_model_dir, tmp_path):
     """SIGSTOP the server's vLLM worker alone: the API process and the engine core are alive, the worker
     never answers (what a worker stuck in a collective looks like). The trainer's push fails within its
@@ -118,7 +105,7 @@ def test_a_worker_that_never_answers_ends_the_server(tiny_untied_model_dir, tmp_
     import psutil
 
     timeout_s = 8
-    server = start_server(tiny_untied_model_dir, tmp_path, "--set", f"sync.timeout_s={timeout_s}")
+    server = local_server(tiny_untied_model_dir, tmp_path, "--set", f"sync.timeout_s={timeout_s}")
     try:
         model = AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir, dtype=torch.float32)
         sync = connect(server, model, timeout_s=timeout_s)
@@ -165,6 +152,7 @@ sync.push(int(version))
 """
 
 
+@pytest.mark.integration
 def test_trainer_dying_mid_push_tears_the_weights_until_a_full_push(tiny_untied_model_dir, prompt, tmp_path):
     """The trainer dies after several buckets have landed: the workers' receive fails, vLLM ends its
     session with some layers new, some old, some mid-reload. The server stays up but serves nothing
@@ -174,7 +162,7 @@ def test_trainer_dying_mid_push_tears_the_weights_until_a_full_push(tiny_untied_
     import subprocess
     import sys
 
-    server = start_server(tiny_untied_model_dir, tmp_path)
+    server = local_server(tiny_untied_model_dir, tmp_path)
     try:
         version = server.client.health()["version"]
         died = subprocess.run([sys.executable, "-c", TRAINER_DIES_MID_PUSH, server.client.base_url, "",
@@ -524,6 +512,7 @@ if rank == 0:
 """
 
 
+@pytest.mark.integration
 def test_a_failed_zero3_push_leaves_every_rank_with_the_same_gathers(tmp_path):
     """Two ranks under real ZeRO-3 (gloo, CPU). Rank 0 pushes under its deadline in a thread while rank
     1 iterates the source in its main thread (each gather a collective on both). The push fails three
@@ -537,7 +526,7 @@ def test_a_failed_zero3_push_leaves_every_rank_with_the_same_gathers(tmp_path):
     import subprocess
     import sys
 
-    from conftest import RUN_TAG
+    from support.constants import RUN_TAG
 
     from pipeline.generation.client import free_port
 
