@@ -14,30 +14,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import yaml
+from peaks import PeakSampler  # bench/peaks.py, beside this script
+
+from launch.gpus import nvidia_smi
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class GpuMemory(threading.Thread):
-    """Peak used memory per GPU (nvidia-smi, every 0.5 s) while the run goes on."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peaks: dict[int, float] = {}
-        self.stop = threading.Event()
-        self.start()
-
-    def run(self):
-        while not self.stop.wait(0.5):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=30).stdout
-            for line in out.splitlines():
-                index, used = (int(x) for x in line.split(","))
-                self.peaks[index] = max(self.peaks.get(index, 0.0), used / 1024)
+def gpu_memory_used() -> dict[str, float]:
+    """Used memory (GiB) per GPU, by index."""
+    return {row[0]: int(row[1]) / 1024 for row in nvidia_smi("index,memory.used")}
 
 
 def main() -> int:
@@ -47,8 +36,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", default=str(REPO / "bench" / "results-gpu.json"))
     args = parser.parse_args()
-    names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                           text=True).stdout.split("\n")[:-1] if _has_nvidia_smi() else []
+    names = [row[0] for row in nvidia_smi("name")]
     if not names:
         print("error: make gpu-check needs CUDA GPUs (nvidia-smi lists none)", file=sys.stderr)
         return 2
@@ -56,9 +44,9 @@ def main() -> int:
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", args.config, "--name", "check",
            "--set", f"run.root={root}", "--set", "model.dtype=bfloat16", "--set", f"train.max_steps={args.steps}",
            "--set", "eval.enabled=false", *sum((["--set", s] for s in args.set), [])]
-    memory = GpuMemory()
+    memory = PeakSampler(gpu_memory_used)
     run = subprocess.run(cmd, cwd=REPO)
-    memory.stop.set()
+    peaks = memory.stop()
     if run.returncode != 0:
         print(f"error: the {args.steps}-step run failed (code {run.returncode}); see {root / 'check'}", file=sys.stderr)
         return 1
@@ -78,7 +66,7 @@ def main() -> int:
                                                    for r in rows),
         "sync/logprob_max_abs_diff": max(r["sync/logprob_max_abs_diff"] for r in rows),
         "sync/verified_tensors": min(r["sync/verified_tensors"] for r in rows),
-        "peak_memory_gib": {str(k): round(v, 2) for k, v in sorted(memory.peaks.items())},
+        "peak_memory_gib": dict(sorted(peaks.items())),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n| GPUs | ranks | sync | step s | generate s | train s | sync s | sync GB/s | gen tokens/s |"
@@ -89,13 +77,6 @@ def main() -> int:
           f"{', '.join(f'{k}: {v}' for k, v in result['peak_memory_gib'].items())} |")
     print(f"-> {args.out}")
     return 0
-
-
-def _has_nvidia_smi() -> bool:
-    try:
-        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 if __name__ == "__main__":

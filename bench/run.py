@@ -14,7 +14,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,41 +22,31 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from peaks import PeakSampler  # noqa: E402 - bench/peaks.py, beside this script
+
 from pipeline.generation.client import free_port  # noqa: E402
 
 PY = sys.executable
 
 
-class PeakRSS(threading.Thread):
-    """Samples the resident memory of every process below the benchmark, by role."""
+ROLES = (("EngineCore", "server engine core"), ("VLLM::Worker", "server worker"), ("Worker", "server worker"),
+         ("pipeline.generation.serve", "server API"), ("pipeline.trainer.train", "trainer rank"),
+         ("trl_baseline", "TRL process"))
 
-    ROLES = (("EngineCore", "server engine core"), ("VLLM::Worker", "server worker"), ("Worker", "server worker"),
-             ("pipeline.generation.serve", "server API"), ("pipeline.trainer.train", "trainer rank"),
-             ("trl_baseline", "TRL process"))
 
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peaks: dict[str, float] = {}
-        self.stop = threading.Event()
-        self.start()
-
-    def run(self):
-        me = psutil.Process()
-        while not self.stop.wait(0.5):
-            for proc in me.children(recursive=True):
-                try:
-                    text = " ".join(proc.cmdline()) + " " + proc.name()
-                    rss = proc.memory_info().rss / 2**30
-                except psutil.Error:
-                    continue
-                for needle, role in self.ROLES:
-                    if needle in text:
-                        self.peaks[role] = max(self.peaks.get(role, 0.0), rss)
-                        break
-
-    def take(self) -> dict[str, float]:
-        peaks, self.peaks = {k: round(v, 2) for k, v in self.peaks.items()}, {}
-        return peaks
+def rss_by_role() -> dict[str, float]:
+    """The resident memory (GiB) of every process below the benchmark, the largest of each role."""
+    peaks: dict[str, float] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            text = " ".join(proc.cmdline()) + " " + proc.name()
+            rss = proc.memory_info().rss / 2**30
+        except psutil.Error:
+            continue
+        role = next((role for needle, role in ROLES if needle in text), None)
+        if role:
+            peaks[role] = max(peaks.get(role, 0.0), rss)
+    return peaks
 
 
 def build_model(out: Path, hidden: int, layers: int) -> Path:
@@ -91,7 +80,7 @@ def inprocess_copy_gbps(nbytes: int) -> float:
     return nbytes / min(times) / 1e9
 
 
-def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool, root: Path, rss: PeakRSS,
+def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool, root: Path, rss: PeakSampler,
              engines: int = 1, env: dict[str, str] | None = None) -> dict:
     cmd = [PY, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
            "--name", name, "--set", f"run.root={root}", "--set", f"model.path={model}", "--set", "model.build=",
@@ -160,7 +149,7 @@ def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False
     }
 
 
-def run_trl(name: str, model: Path, steps: int, max_tokens: int, use_vllm: bool, root: Path, rss: PeakRSS,
+def run_trl(name: str, model: Path, steps: int, max_tokens: int, use_vllm: bool, root: Path, rss: PeakSampler,
             warmup: int) -> dict:
     out = root / f"{name}.json"
     cmd = [PY, str(REPO / "bench" / "trl_baseline.py"), "--model", str(model), "--steps", str(steps),
@@ -245,7 +234,7 @@ def main() -> int:
     models = {"tiny": build_model(REPO / "bench" / "models" / "tiny", 64, 2)}
     if not args.quick:
         models["100M"] = build_model(REPO / "bench" / "models" / "qwen2-100M", 1024, 8)
-    rss = PeakRSS()
+    rss = PeakSampler(rss_by_role)
     runs: dict[str, dict] = {}
     for label, model in reversed(models.items()):  # the main model first
         nbytes = model_bytes(model)
@@ -283,7 +272,7 @@ def main() -> int:
             print(f"[{label}] TRL GRPOTrainer use_vllm=True (colocate) ...", flush=True)
             runs[f"{label} TRL (vLLM colocate)"] = run_trl(f"{label}-trl-vllm", model, steps, max_tokens, True, root,
                                                             rss, warmup)
-    rss.stop.set()
+    rss.stop()
     main_label = next(reversed(models))
 
     def ratio(a: str, b: str) -> float | None:

@@ -1,35 +1,8 @@
 """The launch plan: which processes a run starts, on which hosts and GPUs, with which commands and
-environment. Pure Python (no torch, no model): `launch/train.py --dry-run` prints it, `--plan-json`
-writes it, and the real launch starts exactly these processes (one code path).
-
-Typed: a `Layout` (the config's placement and batch settings, and where this launch runs) goes in,
-a frozen `Plan` comes out (an `EnginePlan` per engine, the `TrainerPlan`, the `BatchSplit`, and the
-`MemorySplit` that launch/memory.py adds); `Plan.to_json()` is the `--plan-json` document. One
-planning function per layout (`plan_hostfile`, `plan_cpu`, `plan_one_gpu`, `plan_gpus`), chosen by
-`make_plan`.
-
-Placement, on the host that launches, over the GPUs visible to it (CUDA_VISIBLE_DEVICES, else all),
-positions 0..N-1 named by their physical ids in every command and variable (DeepSpeed's `--include`
-takes physical ids and drops CUDA_VISIBLE_DEVICES, so the trainer's is unset):
-- server.data_parallel_size N (default 1): N generation engines, each its own server process
-  (`serve --engine-index i`) on port server.port + i with tensor_parallel_size GPUs; the trainer gets
-  every engine's URL, comma-separated, in `--server-url` (engine i's at position i);
-- no GPU: the engines on CPU (with N > 1 each engine's vLLM worker pinned to its own core),
-  `train.num_ranks` (default 2) CPU ranks, our gloo transfer engine;
-- one GPU: one engine and one rank share it (memory split by server.gpu_memory_utilization, auto: see
-  launch/memory.py) and sync through vLLM's CUDA `ipc` engine: NCCL refuses a communicator that holds
-  one device twice;
-- two or more: engine i on GPUs [i*tp, (i+1)*tp), the ranks on the rest via `--include` (DeepSpeed's
-  `--num_gpus` would start at GPU 0, under the engines), vLLM's `nccl` engine; GPUs left idle are named
-  in the plan's notes, with the reason;
-- train.completions_per_step set: the ranks (num_ranks 0) are the most that split it evenly, and
-  each rank's micro-batches and accumulation are derived from it (`split_batch`);
-- a hostfile (several nodes): the ranks on the hostfile's slots (GPUs; CPU ranks with `gpus=0`,
-  SLURM only), the engines already running elsewhere (`--server-url`, comma-separated URLs), the token in a 0600 file
-  (DeepSpeed's PDSH runner forwards only some environment variables to other nodes). With
-  `--launcher slurm` the ranks are srun's tasks, started by launch/srun_rank.py (DeepSpeed's own
-  SLURM runner starts them without `-m` and without RANK/LOCAL_RANK/MASTER_ADDR); other launchers
-  go through `deepspeed --hostfile`.
+environment. Pure Python (no torch, no model): a `Layout` goes in, a frozen `Plan` comes out, from one
+planning function per layout (`plan_hostfile`, `plan_cpu`, `plan_one_gpu`, `plan_gpus`); `--dry-run`
+prints it, `Plan.to_json()` is `--plan-json`, and the real launch starts exactly these processes.
+GPU ids are physical (nvidia-smi's), over those CUDA_VISIBLE_DEVICES leaves visible.
 """
 
 from __future__ import annotations

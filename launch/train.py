@@ -1,37 +1,10 @@
-"""Start a GRPO run: the generation server, then the trainer ranks under the `deepspeed` launcher.
+"""Start a GRPO run: the generation engines, then the trainer ranks under the `deepspeed` launcher.
 
-    python launch/train.py [--config configs/tiny-cpu.yaml] [--set train.max_steps=5] [--resume --name R]
-    python -m launch.train ...   or   grpo-train ...   (the same; `make install` adds the command)
+    python launch/train.py [--config C] [--set key=value] [--name R [--resume]] [--dry-run]   (or grpo-train)
 
-Single host (default): starts `python -m pipeline.generation.serve` in its own process group (one per
-engine with server.data_parallel_size N > 1, all started before any is waited for, so they load in
-parallel), waits for their health checks (with a deadline and the log tail on failure), runs
-`deepspeed --module pipeline.trainer.train` and stops the engines when training ends, fails or is
-interrupted. Exit code = the trainer's. With server.restart on, an engine that exits is restarted
-(server.max_restarts per engine); one past its limit stays down and the run goes on with the others.
-
-Three phases (`train`, which `main` calls after reading the command line): `resolve` makes the
-finished config and the launch plan (nothing changes either after), `preflight` checks everything
-else before any process starts, `supervise` runs the processes. In process, with a Config:
-
-    from launch.train import Options, train
-    outcome = train(load_config("configs/tiny-cpu.yaml", ["train.max_steps=5"]), Options(gpus=0))
-    outcome.code, outcome.run_dir     # the exit code, where metrics.jsonl and the report are
-
-Where each process runs (GPUs, hosts, sync backend), the batch split and the server's share of a GPU
-are decided by launch/plan.py and launch/memory.py; `--dry-run` prints that plan and starts nothing
-(`--gpus N` plans for N GPUs anywhere, `--gpu-memory-gib` sizes them, `--plan-json F` writes it).
-The GPUs are those CUDA_VISIBLE_DEVICES names (else all), read from nvidia-smi, or from
-$GRPO_GPU_INVENTORY in nvidia-smi's CSV (`index, memory MiB, compute mode` per line or `;`).
-Paths (--config, run.root, a local model.path, data files) are taken relative to where you launch:
-the server and ranks run in the repository and get them absolute.
-Every run's server gets a fresh random token (environment only), so no other local user can call it.
-
-Multi-node: start the server yourself on one host (`make serve CONFIG=...`, with GRPO_SERVER_TOKEN
-set) and pass `--server-url http://HOST:PORT --hostfile hosts` here (several engines: their URLs,
-comma-separated, engine i's at position i); the trainer ranks run on the
-hostfile's hosts (see launch/slurm.sbatch). With `--launcher slurm` they are tasks of one `srun` step
-(launch/srun_rank.py), from inside a SLURM allocation.
+`train(config, options)` is the same run in process, in three phases: `resolve` (the finished config and
+launch plan), `preflight` (every check before a process starts), `supervise` (engines, trainer,
+evaluations, report). Layouts, multi-node and what happens on failures: README "Training" and "Reliability".
 """
 
 from __future__ import annotations
@@ -54,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from launch.gpus import nvidia_smi
 from launch.memory import Zero, model_shape, param_count, plan_memory
 from launch.plan import (
     Gpu,
@@ -272,12 +246,7 @@ def gpu_inventory() -> list[Gpu]:
     in the same CSV (tests; planning for a host with other GPUs)."""
     text = os.environ.get(INVENTORY_ENV)
     if text is None:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total,compute_mode",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return []
-        text = out.stdout if out.returncode == 0 else ""
+        text = "\n".join(", ".join(row) for row in nvidia_smi("index,memory.total,compute_mode"))
     return parse_inventory(text)
 
 
@@ -672,8 +641,7 @@ def finish_run(client: Engines, run: Run, started: float) -> None:
         print(format_table({"before": before, "after": after} if before else {"after": after}), flush=True)
     cores = os.cpu_count()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpus = ", ".join(subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                    text=True, timeout=30).stdout.split("\n")[:-1]) if plan.trainer.device == "cuda" else ""
+    gpus = ", ".join(row[0] for row in nvidia_smi("name")) if plan.trainer.device == "cuda" else ""
     info = read_json(run_dir / "run_info.json") or {"wall_time_s": 0.0}
     info.update({
         "hardware": f"{platform.machine()} {cores} cores, {memory_gib:.0f} GiB RAM" + (f", GPUs: {gpus}" if gpus else ", no GPU"),

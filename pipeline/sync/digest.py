@@ -1,40 +1,16 @@
-"""`tensor_digest`: the fingerprint that proves a weight push landed, computed where the tensor lives.
+"""`tensor_digest`: the fingerprint that proves a weight push landed, computed where the tensor lives
+(torch ops on a GPU, numpy on a CPU: nothing is copied to the host but two 64-bit sums). Both sides of
+a push compute it: the trainer on what it sent and on each worker's expected shard, the workers on what
+they loaded, our gloo engine on what it received. An integrity check, not a cryptographic hash: the
+transfer group is our own, so what it must catch is corruption, misplaced or stale bytes (README
+"The digest" says why that is enough and what it catches).
 
-Both sides of a push call it (pipeline/sync/weight_sync.py on the trainer's tensors as sent and on the
-shards each worker must hold; pipeline/sync/worker_ext.py on the parameters as a vLLM worker
-loaded them; pipeline/sync/gloo_transfer.py on the bytes our CPU engine received) and compare the
-strings. On a GPU it is torch ops on the tensor's own device: nothing is copied to the host but the two
-64-bit sums at the end, so verifying prem-1B's sample (~350 MB of bf16) no longer costs the 0.3-0.6 s
-of copying it off the GPU and hashing it with sha256 on the host. On the CPU the same arithmetic runs
-in numpy on the tensor's memory (no copy): single-threaded, as sha256 was, because torch's CPU kernels
-split over OpenMP threads that wait for each other whenever the cores are busy (vLLM-CPU's engines
-spin while idle), which made them 10x slower than sha256 on a loaded 2-core host. bench/sync.py
-measures the old and the new digest.
-
-Integrity check, not a cryptographic hash. The transfer group is our own (its members authenticated by
-the server's token, the trainer is the only sender); what verification has to catch is corruption,
-bytes landing in the wrong place or order, a shard laid out differently than the trainer computed, and
-stale weights from a push that did not land: not an adversary who chooses the weights to collide. For
-those it is exact where it matters and overwhelmingly likely everywhere else (below).
-
-Definition (little-endian bytes, as on every CUDA device and every CPU we run on):
-- the tensor's bytes in row-major order (a non-contiguous view digests as its contiguous copy would),
-  zero-padded to a multiple of 4, read as signed 32-bit words w_i, i = 0, 1, ...;
-- two sums S_s = sum_i w_i * T_s[i mod W] * G_s[i div W]  (mod 2^64), s = 0, 1, W = `BLOCK_WORDS`, where
-  T_s[j] = mix(SEEDS[s] + j * GAMMA) | 1 and G_s[b] = mix(BLOCK_SEEDS[s] + b * GAMMA) | 1, mix being
-  splitmix64's finaliser: every multiplier odd, pseudo-random, a function of the word's position only;
-- the digest: "<dtype>[<shape>]:" and S_0, S_1 as 16 hex digits each.
-Integer sums wrap the same way in any order, so the result does not depend on the device, on how its
-reductions are ordered or on how the bytes are cut into chunks to bound temporary memory
-(`chunk_bytes`; on a device at most ~24 MiB of temporaries beside a 16 MiB table kept per device).
-
-What it catches. Any change to one word changes each sum by d * M with 0 < |d| < 2^32 and M odd, never
-0 mod 2^64: every single-word error (one flipped bit, one wrong element) is detected, always. Values
-swapped, permuted or transposed move words to positions with other multipliers; such a change goes
-unseen only if both sums cancel, which for pseudo-random multipliers happens with probability about
-2^-31 each, independent between the two (~2^-62), and the same holds for random corruption and for a
-whole stale or shifted tensor. The dtype and shape are part of the string, so the same bytes under
-another shape or dtype do not match.
+Definition (little-endian bytes): the tensor's bytes in row-major order, zero-padded to a multiple of 4,
+read as signed 32-bit words w_i; two sums S_s = sum_i w_i * T_s[i mod W] * G_s[i div W] (mod 2^64),
+s = 0, 1, W = `BLOCK_WORDS`, with T_s[j] = mix(SEEDS[s] + j * GAMMA) | 1, G_s[b] = mix(BLOCK_SEEDS[s] +
+b * GAMMA) | 1 (splitmix64's finaliser: odd multipliers that depend on the position only); the digest
+is "<dtype>[<shape>]:" and S_0, S_1 in hex. Wrapping integer sums do not depend on the order of
+addition: the same on every device, however the bytes are chunked (`chunk_bytes`).
 """
 
 from __future__ import annotations
