@@ -50,16 +50,12 @@ class ModelConfig:
     """model.build=tiny: SFT warm-start steps (batch 32, about one epoch of fresh problems) on
     formatted solutions."""
     build_early_answers: float = 0.5
-    """model.build=tiny: the share of warm-start solutions from a sloppy teacher, whose working is right
-    but whose <answer> is one step early (the number the last step starts from), the classic slip of
-    small models on GSM8K. SFT imitates it; GRPO's correctness reward is what removes it. 0 = a clean
-    warm start."""
+    """model.build=tiny: the share of warm-start solutions whose working is right but whose <answer> is
+    one step early (README "What GRPO has to fix"); 0 = a clean warm start."""
     build_tool_demos: float = 0.0
-    """model.build=tiny: the share of warm-start solutions that first ask the built-in calculator for
-    each step (`<tool_call>` turns, each result read back as a tool message, out of the SFT loss) and
-    then write the working and answer; the rest compute in the working. > 0 also makes the call tags
-    tokens of their own, as tool-calling tokenizers (Qwen2.5's) have them. For rollout.tools:
-    [calculator] (configs/tiny-cpu-tools.yaml)."""
+    """model.build=tiny: the share of warm-start solutions that ask the built-in calculator for each step
+    (tool turns, results out of the SFT loss); > 0 also makes the call tags tokens of their own. For
+    rollout.tools: [calculator] (configs/tiny-cpu-tools.yaml)."""
     dtype: Dtype = "auto"
     """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU, as the recipe uses bf16)."""
     attn_implementation: str = "auto"
@@ -99,11 +95,8 @@ class ServerConfig:
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism (GPUs given to each generation engine)."""
     data_parallel_size: int = 1
-    """Generation engines (TRL's and vLLM's name). Each is its own server process with
-    `tensor_parallel_size` GPUs: engines on GPUs [0, N*tp), trainer ranks on the rest; on CPU, N
-    engine processes. Engine i listens on `port + i`. A step's prompt groups are spread over the
-    engines by measured speed; one broadcast pushes the weights into all of them; an engine that dies
-    is left out (its prompts re-sent) until it is back with the current weights."""
+    """Generation engines (TRL's and vLLM's name), each its own server process with
+    `tensor_parallel_size` GPUs, engine i on port `port + i` (README "Several generation engines")."""
     max_model_len: int = 512
     """Longest prompt + completion the server accepts (recipe: 256 + 200 fits in 512)."""
     gpu_memory_utilization: float = 0.0
@@ -251,16 +244,9 @@ class TrainConfig:
     temperature: float = 1.0
     """Sampling temperature; the trainer's logprobs use the same one (TRL's default 1.0)."""
     top_p: float = 1.0
-    """Nucleus sampling for rollouts: must be 1.0. With top_p < 1 vLLM samples from the nucleus and its
-    logprobs (processed_logprobs, which the loss takes as the behaviour policy mu) are renormalised
-    over it, while the trainer's pi_theta is log_softmax(logits / T) over the whole vocabulary: every
-    ratio pi_theta / mu starts at the nucleus mass (< 1) instead of 1, which shifts PPO's clip window
-    (below 1 - epsilon every negative-advantage token is clipped from the start). Applying top-p to the
-    trainer's own logprobs would change the objective. TRL 1.16 accepts top_p < 1: it asks vLLM for
-    processed_logprobs too, but uses them only in a separate, truncated importance weight
-    exp(pi_old - mu) (its PPO ratio is trainer against trainer), which top-p scales down by the nucleus
-    mass; here mu is in the PPO ratio itself, so top_p < 1 is refused. Evaluation (eval.*) is not
-    bound by this."""
+    """Nucleus sampling for rollouts: must be 1.0. vLLM's logprobs under top-p are renormalised over the
+    nucleus, and the loss divides the trainer's full-vocabulary probability by them, so every ratio
+    would start below 1 (README "Overlapped mode" says more). Evaluation is not bound by this."""
     epsilon: float = 0.2
     """PPO clip range of the importance ratio pi_theta / pi_server (TRL's default)."""
     is_cap: float = 3.0
@@ -365,11 +351,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: dict[str, float] = field(default_factory=dict)
-    """Per-reward weights by name (strict_format, soft_format, int_answer, xml_count, correctness,
-    reasoning_steps, and any reward_functions plugin); the five card rewards and plugins default to
-    1.0, so totals are the seed card's points, and reasoning_steps (0.5 x fraction of correct
-    arithmetic steps) to 0.0: it can be gamed with trivially true claims, so give it a small weight
-    if any. 0 turns a reward off (it is still computed and logged)."""
+    """Per-reward weights by name (the built-ins of pipeline/task/rewards.py and any reward_functions
+    plugin). Default 1.0 (totals are the seed card's points), reasoning_steps 0.0; 0 turns a reward off
+    (it is still computed and logged)."""
     reward_functions: dict[str, str] = field(default_factory=dict)
     """Your own rewards: `name: "module:function"`, the module importable from the working directory
     or PYTHONPATH. TRL's signature: fn(prompts, completions, answer, **columns) -> list[float | None]
