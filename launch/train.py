@@ -57,7 +57,7 @@ from launch.plan import (  # noqa: E402
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict  # noqa: E402
 from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token  # noqa: E402
 from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines  # noqa: E402
-from pipeline.report.evaluate import format_table, run_eval  # noqa: E402
+from pipeline.rollout.evaluate import format_table, run_eval  # noqa: E402
 from pipeline.task.data import DataError  # noqa: E402
 from pipeline.task.rewards import RewardError  # noqa: E402
 from pipeline.task.tools import ToolError  # noqa: E402
