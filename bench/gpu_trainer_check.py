@@ -165,10 +165,10 @@ def formatted(example) -> str:
 
 
 def make_rollouts(tokenizer, examples, steps: int, per_step: int, group: int, max_tokens: int, seed: int):
-    """Each step's completions (pipeline.trainer.rollout.Completion), half formatted solutions, half random
+    """Each step's completions (pipeline.rollout.completion.Completion), half formatted solutions, half random
     tokens; logprobs are filled in later from the initial model."""
+    from pipeline.rollout.completion import Completion
     from pipeline.task.data import prompt_token_ids
-    from pipeline.trainer.rollout import Completion
 
     rng = random.Random(seed)
     vocab = len(tokenizer)
@@ -714,8 +714,8 @@ def recipe_shape(args, train, device, dtype) -> None:
     from launch.plan import BatchSplit
     from pipeline.config import load_config
     from pipeline.embedded.tiny_model import build_tiny_model
+    from pipeline.rollout.completion import Completion
     from pipeline.task.synthetic import generate
-    from pipeline.trainer.rollout import Completion
 
     shape = dict(KNOWN_MODELS["premai-io/prem-1B-chat"])
     if args.hidden or args.layers:  # a smaller model of the same kind (--cpu: this function's logic)

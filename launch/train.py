@@ -45,7 +45,7 @@ from pipeline.config import Config, ConfigError, check_batch, load_config, to_di
 from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token
 from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines
 from pipeline.generation.server_process import ServerProcess, die_with_parent
-from pipeline.report.evaluate import format_table, run_eval
+from pipeline.rollout.evaluate import format_table, run_eval
 from pipeline.task.data import DataError
 from pipeline.task.rewards import RewardError
 from pipeline.task.tools import ToolError

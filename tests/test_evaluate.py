@@ -7,7 +7,8 @@ import sys
 import pytest
 from support.constants import SERVER_TOKEN
 
-from pipeline.report.evaluate import lenient_answer, majority_answer, score_example, summarise
+from pipeline.rollout.completion import Completion
+from pipeline.rollout.evaluate import lenient_answer, majority_answer, score_example, summarise
 from pipeline.task.data import Example
 
 EX = Example(question="q", answer="18", solution="#### 18", source="t:1")
@@ -15,7 +16,7 @@ STRICT_OK = "<reasoning>\n9 * 2 = 18\n</reasoning>\n<answer>\n18\n</answer>"
 
 
 def greedy(text, tokens=10, reason="stop"):
-    return {"text": text, "token_ids": list(range(tokens)), "finish_reason": reason}
+    return Completion([], list(range(tokens)), [], text, reason == "length", EX)
 
 
 def test_lenient_answer_and_majority():

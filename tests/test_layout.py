@@ -18,8 +18,9 @@ MAY_IMPORT = {
     "embedded": {"options", "ground", "task", "embedded"},
     "generation": {"options", "ground", "generation"},
     "sync": {"options", "ground", "generation", "sync"},
-    "report": {"options", "ground", "task", "generation", "report"},
-    "trainer": {"options", "ground", "task", "generation", "sync", "report", "trainer"},
+    "rollout": {"options", "ground", "task", "generation", "rollout"},
+    "report": {"options", "ground", "task", "generation", "rollout", "report"},
+    "trainer": {"options", "ground", "task", "generation", "sync", "rollout", "report", "trainer"},
     "public": {"task"},  # pipeline/rewards.py: names the reward API
 }
 
@@ -116,9 +117,9 @@ def test_loading_a_config_imports_no_torch():
 
 def test_every_part_is_a_subpackage_and_the_ground_floor_is_small():
     top = sorted(p.name for p in PIPELINE.iterdir() if not p.name.startswith("__"))
-    assert top == ["config.py", "device.py", "embedded", "generation", "options.py", "report", "rewards.py", "sync",
-                   "task", "trainer"], top
-    for part in ("embedded", "generation", "report", "sync", "task", "trainer"):
+    assert top == ["config.py", "device.py", "embedded", "generation", "options.py", "report", "rewards.py", "rollout",
+                   "sync", "task", "trainer"], top
+    for part in ("embedded", "generation", "report", "rollout", "sync", "task", "trainer"):
         assert (PIPELINE / part / "__init__.py").read_text().strip(), f"pipeline/{part} says what it is"
 
 

@@ -115,8 +115,7 @@ def test_tool_demonstrations_call_the_calculator_per_step_and_train_only_the_mod
     from pipeline.embedded.tiny_model import build_tokenizer
     from pipeline.embedded.warmstart import calculator_calls, formatted_completion, tool_demo_rows
     from pipeline.task.data import PromptStyle, prompt_token_ids
-    from pipeline.task.tool_rollout import ToolTurns
-    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, parse_tool_calls
+    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, ToolTurns, parse_tool_calls
 
     examples = generate(200, seed=0, max_level=2, max_operand=99)
     two = examples[1]

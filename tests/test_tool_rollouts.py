@@ -1,4 +1,4 @@
-"""Multi-turn rollouts with tools against the real server (pipeline/trainer/tool_rollout.py): a tiny
+"""Multi-turn rollouts with tools against the real server (pipeline/rollout/multi_turn.py): a tiny
 model SFT-taught to call the calculator, its calls run, the results joined as tool messages, and the
 trainer's view of the whole conversation lines up token by token with what the server generated."""
 
@@ -14,9 +14,9 @@ from support.reference import hf_logprobs
 from support.servers import local_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.rollout.multi_turn import generate_with_tools
 from pipeline.task.data import prompt_token_ids
-from pipeline.task.tool_rollout import ToolTurns, generate_with_tools
-from pipeline.task.tools import CALL_CLOSE, load_toolbox
+from pipeline.task.tools import CALL_CLOSE, ToolTurns, load_toolbox
 
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "2 + 3"}}</tool_call>'
 

@@ -213,9 +213,9 @@ def test_rewards_see_the_rollout_as_trls_message_list():
     completion: assistant turns with their calls parsed out into `tool_calls`, a tool message per
     call; the built-in rewards score the last assistant message, and a plugin sees every message."""
     from pipeline.embedded.tiny_model import build_tokenizer
+    from pipeline.rollout.multi_turn import Conversation
     from pipeline.task.rewards import score_completions
-    from pipeline.task.tool_rollout import Conversation, ToolTurns
-    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, ToolResult
+    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, ToolResult, ToolTurns
 
     tokenizer = build_tokenizer(["Tom has 12 apples. 12 * 4 = 48\n<answer>\n48\n</answer>"] * 20, 300, True,
                                 (CALL_OPEN, CALL_CLOSE))

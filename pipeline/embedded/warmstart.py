@@ -69,11 +69,11 @@ def calculator_calls(example: Example) -> list[tuple[str, str]]:
 def tool_demo_rows(tokenizer, examples: list[Example], completions: list[str], calculator_share: float, seed: int,
                    style: PromptStyle) -> list[dict]:
     """Pre-tokenized warm-start rows in the token layout of a multi-turn rollout
-    (pipeline/task/tool_rollout.py): for a seeded `calculator_share` of the examples the model first
+    (pipeline/rollout/multi_turn.py): for a seeded `calculator_share` of the examples the model first
     calls the calculator once per step, each result read back as a tool message, then writes its
     completion; the rest write the completion at once. `assistant_masks` is 1 on the model's tokens
     only, so SFT never learns to predict a tool's result (as GRPO's loss mask, no arithmetic leaks in)."""
-    from pipeline.task.tool_rollout import ToolTurns
+    from pipeline.task.tools import ToolTurns
 
     turns = ToolTurns.of(tokenizer, list(style.tools) or None)
     rng = random.Random(f"calculator-{seed}")

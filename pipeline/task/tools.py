@@ -18,6 +18,10 @@ can reach whatever that process can (files, network): only configure tools you t
 checked before anything starts (`load_toolbox`): a spec that cannot be imported, is not callable or
 has no schema the template accepts is a one-line `ToolError` naming the config field.
 
+A result reaches the model wrapped the way the tokenizer's chat template wraps a tool message
+(`ToolTurns`, read from the template itself). The loop that generates through the server, runs the
+calls and feeds their results back is pipeline/rollout/multi_turn.py.
+
 Pure Python: transformers' schema helper is imported inside `schema_of` (it does not import torch).
 """
 
@@ -40,6 +44,7 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
                "object": dict}
+_ASSISTANT, _RESULT = "GRPO_ASSISTANT_SENTINEL", "GRPO_TOOL_RESULT_SENTINEL"
 
 
 class ToolError(ValueError):
@@ -294,3 +299,41 @@ def as_text(value) -> str:
         except (TypeError, ValueError, RecursionError):
             value = str(value)
     return value if len(value) <= MAX_RESULT_CHARS else value[:MAX_RESULT_CHARS] + " [truncated]"
+
+
+# --- a result as the model reads it -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolTurns:
+    """How the chat template wraps a tool's result after the model's turn: `before` closes the
+    assistant's turn and opens the tool's, `after` closes it and opens the assistant's next turn.
+    Read from the template itself by rendering a conversation with sentinels."""
+
+    before: str
+    after: str
+
+    @classmethod
+    def of(cls, tokenizer, tools: list[dict] | None = None) -> ToolTurns:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ToolError("rollout.tools: the tokenizer has no chat template to wrap tool results in")
+        messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _ASSISTANT}]
+        try:
+            three = tokenizer.apply_chat_template(messages + [{"role": "tool", "content": _RESULT}], tools=tools,
+                                                  tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template that has no tool role
+            raise ToolError(f"rollout.tools: the chat template cannot render a tool message: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}") from None
+        if three.count(_ASSISTANT) != 1 or three.count(_RESULT) != 1 or three.index(_ASSISTANT) > three.index(_RESULT):
+            raise ToolError("rollout.tools: the chat template does not render an assistant turn followed by a "
+                            "tool message")
+        start, middle = three.index(_ASSISTANT) + len(_ASSISTANT), three.index(_RESULT)
+        return cls(three[start:middle], three[middle + len(_RESULT):])
+
+    def token_ids(self, tokenizer, result: str) -> list[int]:
+        """The tool turn's tokens: the template's own around the result, and the result's text with any
+        special-token strings in it split as plain text (a tool cannot open or close turns)."""
+        def plain(text: str, split: bool) -> list[int]:
+            return tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"] if text else []
+
+        return plain(self.before, False) + plain(result, True) + plain(self.after, False)

@@ -18,9 +18,9 @@ import torch
 
 from pipeline.config import Config, ConfigError, TrainConfig, check_batch
 from pipeline.device import accelerator, resolve_attn, resolve_dtype
+from pipeline.rollout.multi_turn import ToolRollouts
 from pipeline.task.data import Example, PromptStyle, drop_long_prompts, examples_for
 from pipeline.task.rewards import Reward, load_rewards
-from pipeline.task.tool_rollout import ToolRollouts
 from pipeline.trainer.lora import with_lora
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,10 @@
 """Stage 1-2 of a step: generate the step's completions and score this rank's share of them.
 
-Rank 0 makes one generate request for all of a step's prompts (spread over the generation engines
-by pipeline/generation/engines.py; one weight version to check) and broadcasts the result; every rank then owns a contiguous slice of the
-step's `prompts x G` completions (its micro-batches) and scores only that slice.
+Rank 0 makes one generate call for all of a step's prompts (pipeline/rollout/generate.py: spread over
+the generation engines by pipeline/generation/engines.py, one weight version to check; multi-turn with
+rollout.tools) and broadcasts the completions; every rank then owns a contiguous slice of the step's
+`prompts x G` completions (its micro-batches) and scores only that slice: the task's rewards
+(pipeline/task/rewards.py), gathered over ranks into group-normalised advantages (pipeline/trainer/grpo.py).
 
 Synchronous mode requests step k's rollouts when step k starts, from the weights of step k.
 Overlapped mode requests step k+1's rollouts as soon as step k's are in hand, so the server
@@ -19,45 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.task.answers import completion_text
+from pipeline.rollout.completion import Completion, Generation
+from pipeline.rollout.generate import generate
+from pipeline.rollout.multi_turn import ToolRollouts
 from pipeline.task.example import Example
 from pipeline.task.rewards import Reward, score_completions
 from pipeline.task.xml_format import SYSTEM_PROMPT
 from pipeline.trainer.grpo import group_advantages
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float]  # the server's (behaviour policy), per token
-    text: str
-    truncated: bool  # cut at max_completion_tokens rather than ended by EOS/stop
-    example: Example  # its prompt's example: question, reference answer, the row's other columns
-    engine: int = 0  # the generation engine that made it
-    version: int = 0  # the weights version that made it
-    loss_mask: list[int] | None = None  # per token: 1 the model wrote it, 0 a tool's result (None: all 1)
-    tool_calls: tuple[tuple[str, bool], ...] = ()  # (tool name, succeeded) of each call it made
-    messages: list[dict] | None = None  # a multi-turn rollout as TRL's message list (None: one turn)
-
-    @property
-    def answer(self) -> str:
-        return self.example.answer
-
-    @property
-    def scored(self) -> str | list[dict]:
-        """What the rewards read: TRL's message-list completion for a rollout with tools, else the text."""
-        return self.text if self.messages is None else self.messages
-
-    @property
-    def final_text(self) -> str:
-        """The model's final answer turn (the whole text without tools)."""
-        return completion_text(self.scored)
-
-    @property
-    def model_tokens(self) -> int:
-        """The tokens the model wrote (what the loss trains and the length normalisers count)."""
-        return len(self.token_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 class Rollouts:
@@ -65,14 +35,14 @@ class Rollouts:
     receive each step's completions by broadcast."""
 
     def __init__(self, client, *, n: int, max_tokens: int, temperature: float, top_p: float, seed: int,
-                 max_staleness: int, tools=None):
-        # tools: a pipeline.task.tool_rollout.ToolRollouts (rank 0, rollout.tools): multi-turn generation
+                 max_staleness: int, tools: ToolRollouts | None = None):
+        # tools: rank 0's, with rollout.tools or rollout.environment: multi-turn generation
         self.client, self.max_staleness, self.tools = client, max_staleness, tools
         self.params = {"n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
         self.seed = seed
         self.is_sender = dist.get_rank() == 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if self.is_sender else None
-        self.pending: dict[int, tuple[Future, list[list[int]], list[str]]] = {}
+        self.pending: dict[int, tuple[Future, list[list[int]], list[Example]]] = {}
         self.discarded = 0
         self.timing: dict[str, float] = {}  # the last collected step's: time/<phase> seconds (rank 0's)
         self.split: dict[str, float] = {}  # the last collected step's engines and their imbalance (rank 0's)
@@ -85,23 +55,20 @@ class Rollouts:
     def request(self, step: int, prompt_ids: list[list[int]], examples: list[Example]) -> None:
         """Start generating step `step`'s rollouts (returns at once)."""
         if self.is_sender:
-            future = self.pool.submit(self._generate, prompt_ids, step)
+            future = self.pool.submit(self._generate, prompt_ids, examples, step)
             self.pending[step] = (future, prompt_ids, examples)
 
-    def _generate(self, prompt_ids: list[list[int]], step: int) -> dict:
-        """One generate call; its round trip next to the engine time the server reports, so a step's
-        metrics separate the engine (prefill, decode) from HTTP and (de)serialisation."""
+    def _generate(self, prompt_ids: list[list[int]], examples: list[Example],
+                  step: int) -> tuple[Generation, dict[str, float]]:
+        """One generate call, and its round trip next to the engine time the server reports (`time/*`
+        columns), so a step's metrics separate the engine (prefill, decode) from HTTP and (de)serialisation."""
         start = time.perf_counter()
-        if self.tools is not None:
-            out = self.tools.generate(self.client, prompt_ids, seed=self.step_seed(step), **self.params)
-        else:
-            out = self.client.generate(prompt_ids, seed=self.step_seed(step), **self.params)
-        server = out.get("timing", {})
-        out["timing"] = {"time/engine": server.get("engine_s", 0.0),
-                         "time/http": time.perf_counter() - start - server.get("engine_s", 0.0),
-                         **{f"time/engine_{k.removesuffix('_s')}": v for k, v in server.items() if k != "engine_s"}}
-        out.setdefault("split", {})
-        return out
+        out = generate(self.client, prompt_ids, examples, seed=self.step_seed(step), tools=self.tools, **self.params)
+        server = out.timing
+        timing = {"time/engine": server.get("engine_s", 0.0),
+                  "time/http": time.perf_counter() - start - server.get("engine_s", 0.0),
+                  **{f"time/engine_{k.removesuffix('_s')}": v for k, v in server.items() if k != "engine_s"}}
+        return out, timing
 
     def collect(self, step: int, version: int) -> tuple[list[Completion], int]:
         """Step `step`'s completions on every rank, generated by weights at most `max_staleness`
@@ -110,21 +77,15 @@ class Rollouts:
         if self.is_sender:
             try:
                 future, prompt_ids, examples = self.pending.pop(step)
-                out = future.result()
-                if not version - self.max_staleness <= out["version"] <= version:
+                out, timing = future.result()
+                if not version - self.max_staleness <= out.version <= version:
                     self.discarded += 1  # too stale: generate again from the current weights
-                    out = self._generate(prompt_ids, step)
-                    if out["version"] != version:
-                        raise StaleRolloutError(f"server generated with weights version {out['version']}, "
+                    out, timing = self._generate(prompt_ids, examples, step)
+                    if out.version != version:
+                        raise StaleRolloutError(f"server generated with weights version {out.version}, "
                                                 f"the trainer is at version {version}")
-                self.timing, self.split = out["timing"], out["split"]
-                payload = [(out["version"], [
-                    Completion(ids, c["token_ids"], c["logprobs"], c["text"], c["finish_reason"] == "length", example,
-                               c.get("engine", 0), c.get("version", out["version"]), c.get("loss_mask"),
-                               tuple(map(tuple, c.get("tool_calls", ()))), c.get("messages"))
-                    for ids, example, result in zip(prompt_ids, examples, out["results"], strict=True)
-                    for c in result["completions"]
-                ])]
+                self.timing, self.split = timing, out.split
+                payload = [(out.version, out.completions)]
             except Exception as e:  # let every rank fail with the same message instead of hanging
                 payload = [e]
         start = time.perf_counter()

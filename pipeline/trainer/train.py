@@ -2,7 +2,7 @@
 
 Each optimizer step runs the stages in order, each in one obvious place:
   data      prompts for this step (seeded order, resumable)              build.StepData
-  generate  G completions per prompt from the vLLM server                rollout.Rollouts
+  generate  G completions per prompt from the vLLM server                rollout.Rollouts (pipeline/rollout)
   reward    this rank's completions, gathered for group statistics       rollout.score_step -> StepBatch
   advantage group-normalised rewards                                      grpo.group_advantages
   loss      clipped policy gradient on the server's token ids            grpo.grpo_loss
@@ -35,11 +35,12 @@ import torch.distributed as dist
 from pipeline.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from pipeline.generation.client import ServerError, server_token
 from pipeline.generation.engines import Engines
+from pipeline.rollout.evaluate import REQUEST_PROMPTS, evaluate, load_eval_examples
+from pipeline.rollout.multi_turn import ToolRollouts
 from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
 from pipeline.task.rewards import STRICT_POINTS, RewardError
-from pipeline.task.tool_rollout import ToolRollouts
 from pipeline.task.tools import ToolError
 from pipeline.trainer.build import Trainer, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
@@ -313,16 +314,12 @@ class InTrainingEval:
     the summary as `eval/<key>` columns of that step's metrics row."""
 
     def __init__(self, config: Config, tokenizer, client: Engines, tools: ToolRollouts | None = None):
-        from pipeline.report.evaluate import load_eval_examples
-
         self.config, self.tokenizer, self.client = config, tokenizer, client
         self.examples, _ = load_eval_examples(config, tokenizer, None, config.eval.limit or None)
         self.style = PromptStyle.from_config(config.data)
         self.tools = tools
 
     def run(self, step: int) -> dict[str, float]:
-        from pipeline.report.evaluate import evaluate
-
         e = self.config.eval
         summary, _ = evaluate(self.client, self.tokenizer, self.examples, max_tokens=self.config.train.max_completion_tokens,
                               maj_k=e.maj_k, temperature=e.temperature, seed=self.config.run.seed + step, style=self.style,
@@ -362,8 +359,6 @@ def collective_timeout(config: Config) -> timedelta:
     s, e = config.server, config.eval
     evaluation = 0.0
     if e.every:  # one greedy (and one sampled, for maj@k) request per 128 problems, each within its deadline
-        from pipeline.report.evaluate import REQUEST_PROMPTS
-
         requests = -(-(e.limit or 10_000) // REQUEST_PROMPTS) * (2 if e.maj_k else 1)
         evaluation = requests * s.request_timeout_s
     return timedelta(seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120)

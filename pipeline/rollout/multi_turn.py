@@ -1,4 +1,4 @@
-"""Multi-turn rollouts, where the model calls tools while it reasons (training and evaluation alike).
+"""Multi-turn generation, where the model calls tools while it reasons (training and evaluation alike).
 
 Each turn is a generate request that stops at the end of a tool call (`</tool_call>`, kept in the
 output). The call is parsed and run (pipeline/task/tools.py: every failure is an error result), its
@@ -7,11 +7,12 @@ generation goes on from the whole conversation's token ids, which the engine's p
 holds already. A rollout ends when the model stops without a call, at `max_iterations` calls, or
 when its tokens (the model's and the tools') reach `max_tokens` in total.
 
-The trainer scores exactly these token ids: the model's tokens carry the server's logprobs and a loss
-mask of 1; a tool's result and the template tokens around it carry 0 (in the sequence the model
-reads, out of the loss, the KL and the length normalisers: pipeline/trainer/grpo.py `make_batch`).
-A rollout's turns are one call of `generate_with_tools`, which the weight push waits for (overlapped
-mode too), so all of a rollout's turns come from one weights version.
+A `Conversation` is how one such rollout is built, turn by turn; finished, it becomes a `Completion`
+(pipeline/rollout/completion.py) like any other. The trainer scores exactly its token ids: the model's
+tokens carry the server's logprobs and a loss mask of 1; a tool's result and the template tokens around
+it carry 0 (in the sequence the model reads, out of the loss, the KL and the length normalisers:
+pipeline/trainer/grpo.py `make_batch`). A rollout's turns are one call of `generate_with_tools`, which
+the weight push waits for (overlapped mode too), so all of a rollout's turns come from one weights version.
 """
 
 from __future__ import annotations
@@ -25,51 +26,15 @@ from pipeline.task.tools import (
     CALL_CLOSE,
     CALL_OPEN,
     Toolbox,
-    ToolError,
     ToolResult,
+    ToolTurns,
     load_toolbox,
     parse_tool_calls,
 )
 
 MAX_PARALLEL_CALLS = 32
 TURN_SEED_STRIDE = 2**40  # turn k's seeds: the step's + k * stride (the server samples prompt i with seed + i)
-_ASSISTANT, _RESULT = "GRPO_ASSISTANT_SENTINEL", "GRPO_TOOL_RESULT_SENTINEL"
 _CALL_TEXT = re.compile(re.escape(CALL_OPEN) + r".*?(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S)  # closed or cut
-
-
-@dataclass(frozen=True)
-class ToolTurns:
-    """How the chat template wraps a tool's result after the model's turn: `before` closes the
-    assistant's turn and opens the tool's, `after` closes it and opens the assistant's next turn.
-    Read from the template itself by rendering a conversation with sentinels."""
-
-    before: str
-    after: str
-
-    @classmethod
-    def of(cls, tokenizer, tools: list[dict] | None = None) -> ToolTurns:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ToolError("rollout.tools: the tokenizer has no chat template to wrap tool results in")
-        messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _ASSISTANT}]
-        try:
-            three = tokenizer.apply_chat_template(messages + [{"role": "tool", "content": _RESULT}], tools=tools,
-                                                  tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template that has no tool role
-            raise ToolError(f"rollout.tools: the chat template cannot render a tool message: {type(e).__name__}: "
-                            f"{' '.join(str(e).split())}") from None
-        if three.count(_ASSISTANT) != 1 or three.count(_RESULT) != 1 or three.index(_ASSISTANT) > three.index(_RESULT):
-            raise ToolError("rollout.tools: the chat template does not render an assistant turn followed by a "
-                            "tool message")
-        start, middle = three.index(_ASSISTANT) + len(_ASSISTANT), three.index(_RESULT)
-        return cls(three[start:middle], three[middle + len(_RESULT):])
-
-    def token_ids(self, tokenizer, result: str) -> list[int]:
-        """The tool turn's tokens: the template's own around the result, and the result's text with any
-        special-token strings in it split as plain text (a tool cannot open or close turns)."""
-        def plain(text: str, split: bool) -> list[int]:
-            return tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"] if text else []
-
-        return plain(self.before, False) + plain(result, True) + plain(self.after, False)
 
 
 @dataclass
@@ -206,8 +171,8 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
 
 @dataclass
 class ToolRollouts:
-    """rollout.tools / rollout.environment: generation as multi-turn conversations with tool calls
-    (`generate_with_tools`), answered in the shape of one generate request."""
+    """rollout.tools / rollout.environment: what multi-turn generation needs (pipeline/rollout/generate.py
+    `generate(..., tools=...)` runs `generate_with_tools` with it)."""
 
     toolbox: Toolbox
     tokenizer: object
@@ -217,21 +182,6 @@ class ToolRollouts:
 
     def __post_init__(self):
         self.turns = ToolTurns.of(self.tokenizer, self.toolbox.schemas)
-
-    def generate(self, client, prompt_ids: list[list[int]], *, n: int, max_tokens: int, seed: int | None,
-                 **params) -> dict:
-        groups, info = generate_with_tools(client, prompt_ids, n=n, max_tokens=max_tokens, seed=seed, params=params,
-                                           toolbox=self.toolbox, tokenizer=self.tokenizer, turns=self.turns,
-                                           max_iterations=self.max_iterations, timeout_s=self.timeout_s,
-                                           max_prompts=self.max_prompts)
-        results = [{"prompt_token_ids": ids, "completions": [{
-            "token_ids": c.token_ids, "logprobs": c.logprobs, "loss_mask": c.loss_mask, "engine": c.engine,
-            "version": c.version, "tool_calls": c.calls, "finish_reason": c.finish_reason,
-            # what rewards read (TRL's message-list completion), and the turns as the model read them
-            "messages": c.messages(), "text": self.tokenizer.decode(c.token_ids, skip_special_tokens=False)}
-            for c in group]}
-            for ids, group in zip(prompt_ids, groups, strict=True)]
-        return {"version": info["version"], "split": info["split"], "timing": info["timing"], "results": results}
 
     @classmethod
     def from_config(cls, config, tokenizer) -> ToolRollouts | None:
