@@ -47,7 +47,7 @@ test-integration: install
 test-e2e: install
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
-.PHONY: test-gpu gpu-check install-flash-attn
+.PHONY: test-gpu gpu-check gpu-trainer-check install-flash-attn
 # The GPU suite (tests marked gpu; each skips without enough CUDA devices).
 test-gpu: install
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
@@ -55,6 +55,10 @@ test-gpu: install
 # The GPU suite, then a 20-step bf16 run; prints a table (step-time split, sync GB/s, tokens/s, memory).
 gpu-check: test-gpu
 	$(PY) bench/gpu_check.py
+
+# The trainer's GPU path without vLLM (tests/harness/gpu_trainer.py); ARGS=--recipe-shape for the memory table.
+gpu-trainer-check: install
+	$(PY) tests/harness/gpu_trainer.py $(ARGS)
 
 # Flash Attention 2 for the trainer (built against the torch vLLM brings; needs nvcc, can take long).
 install-flash-attn: install

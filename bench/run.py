@@ -30,7 +30,7 @@ PY = sys.executable
 
 
 ROLES = (("EngineCore", "server engine core"), ("VLLM::Worker", "server worker"), ("Worker", "server worker"),
-         ("pipeline.generation.serve", "server API"), ("pipeline.trainer.train", "trainer rank"),
+         ("pipeline.generation.serve", "server API"), ("pipeline.trainer", "trainer rank"),
          ("trl_baseline", "TRL process"))
 
 

@@ -22,7 +22,7 @@ SECRET_ENV = (TOKEN_ENV,)
 # GPU ids in the plan are nvidia-smi's; CUDA numbers GPUs fastest first unless told to use nvidia-smi's order.
 PHYSICAL_ORDER = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 CPU_RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-TRAINER_MODULE = "pipeline.trainer.train"
+TRAINER_MODULE = "pipeline.trainer"
 SRUN_RANK = str(Path(__file__).resolve().with_name("srun_rank.py"))
 REDACTED = "<redacted>"
 

@@ -1,7 +1,7 @@
 """One trainer rank under SLURM: `srun ... python -u launch/srun_rank.py --config ... --run-dir ...`.
 
 srun starts this once per task. It maps SLURM's task variables to the ones torch.distributed and
-DeepSpeed read, then runs `pipeline.trainer.train` as a module with the remaining arguments:
+DeepSpeed read, then runs `pipeline.trainer` as a module with the remaining arguments:
 
     RANK             <- SLURM_PROCID
     WORLD_SIZE       <- SLURM_NTASKS
@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULE = "pipeline.trainer.train"
+MODULE = "pipeline.trainer"
 
 
 def expand_hostnames(nodelist: str) -> list[str]:

@@ -47,7 +47,7 @@ from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines
 from pipeline.generation.server_process import ServerProcess, die_with_parent
 from pipeline.rollout.evaluate import format_table, run_eval
 from pipeline.task.data import DataError
-from pipeline.task.rewards import RewardError
+from pipeline.task.reward_functions import RewardError
 from pipeline.task.tools import ToolError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,7 +336,7 @@ def check_data_and_rewards(config: Config) -> None:
     and every reward plugin, imported and called once on a training example (a plugin that cannot be
     imported, or returns the wrong number of values, fails here rather than at step 1)."""
     from pipeline.task.data import examples_for, resolve_system_prompt
-    from pipeline.task.rewards import load_rewards, score_completions
+    from pipeline.task.reward_functions import load_rewards, score_completions
     from pipeline.trainer.metrics import missing_trackers
 
     missing = missing_trackers(config.train.report_to)

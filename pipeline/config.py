@@ -351,7 +351,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: dict[str, float] = field(default_factory=dict)
-    """Per-reward weights by name (the built-ins of pipeline/task/rewards.py and any reward_functions
+    """Per-reward weights by name (the built-ins of pipeline/task/reward_functions.py and any reward_functions
     plugin). Default 1.0 (totals are the seed card's points), reasoning_steps 0.0; 0 turns a reward off
     (it is still computed and logged)."""
     reward_functions: dict[str, str] = field(default_factory=dict)

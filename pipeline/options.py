@@ -17,7 +17,7 @@ CHAT_TEMPLATES = ("auto", "true", "false")  # data.chat_template: pipeline/task/
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # train.loss_type: pipeline/trainer/grpo.py
 ADVANTAGE_SCALINGS = ("group", "batch", "none")  # train.advantage_scaling: pipeline/trainer/grpo.py
 TRACKERS = ("tensorboard", "wandb", "trackio")  # train.report_to: pipeline/trainer/metrics.py
-# the rewards a config may weight besides its reward_functions: pipeline/task/rewards.py
+# the rewards a config may weight besides its reward_functions: pipeline/task/reward_functions.py
 BUILTIN_REWARDS = ("strict_format", "soft_format", "int_answer", "xml_count", "correctness", "reasoning_steps")
 
 

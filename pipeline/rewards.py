@@ -15,7 +15,7 @@ from pipeline.task.answers import (
     extract_gsm8k_answer,
 )
 from pipeline.task.reasoning import reasoning_steps_reward
-from pipeline.task.rewards import (
+from pipeline.task.reward_functions import (
     BUILTIN_REWARDS,
     CORRECT_POINTS,
     INT_POINTS,

@@ -22,7 +22,7 @@ from pipeline.task.data import (
     read_file,
     resolve_system_prompt,
 )
-from pipeline.task.rewards import BUILTIN_REWARDS, RewardError, load_rewards, score_completions
+from pipeline.task.reward_functions import BUILTIN_REWARDS, RewardError, load_rewards, score_completions
 
 ROWS = [{"problem": "What is 2+3?", "final": "5", "level": 1},
         {"problem": "What is 10/4?", "final": "5/2", "level": 3}]

@@ -90,7 +90,7 @@ def test_gpu_check_says_it_needs_a_gpu():
 
 @pytest.mark.integration  # DeepSpeed ZeRO-2/3 steps
 def test_the_gpu_trainer_check_runs_on_cpu(tmp_path):
-    """bench/gpu_trainer_check.py (run on a lent GPU box) with --cpu: its logic, DeepSpeed ZeRO-2/3 GRPO
+    """tests/harness/gpu_trainer.py (run on a lent GPU box) with --cpu: its logic, DeepSpeed ZeRO-2/3 GRPO
     steps with and without LoRA, the merged export against PEFT's own merge, and (vLLM being importable
     here) the real save_final_model, adapter reload included. Keeps the GPU check from rotting."""
     import subprocess
@@ -99,7 +99,7 @@ def test_the_gpu_trainer_check_runs_on_cpu(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "bench/gpu_trainer_check.py", "--cpu", "--steps", "2", "--lora-steps", "2",
+    proc = subprocess.run([sys.executable, "tests/harness/gpu_trainer.py", "--cpu", "--steps", "2", "--lora-steps", "2",
                            "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "ALL PASS" in proc.stdout

@@ -67,7 +67,7 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
     wait_for_step(tmp_path / "own" / "metrics.jsonl", 2, proc)
     before = run_processes(str(tmp_path))
     running = " ".join(" ".join(p.cmdline()) for p in before)
-    for role in ("VLLM::EngineCore", "VLLM::Worker", "pipeline.generation.serve", "pipeline.trainer.train"):
+    for role in ("VLLM::EngineCore", "VLLM::Worker", "pipeline.generation.serve", "pipeline.trainer"):
         assert role in running, f"{role} not found among the run's processes"
     sessions = {os.getsid(p.pid) for p in before} - {os.getsid(0)}
     os.kill(proc.pid, signal.SIGKILL)
@@ -86,7 +86,7 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
     proc = start_launch(*warm_run("rk", "--set", "train.save_every=2", "--set", "train.max_steps=40",
                                   warm_model_dir=warm_model_dir), server=server, root=tmp_path)
     wait_for_step(tmp_path / "rk" / "metrics.jsonl", 3, proc)
-    ranks = [line.split()[0] for line in processes_mentioning(str(tmp_path)) if "pipeline.trainer.train" in line
+    ranks = [line.split()[0] for line in processes_mentioning(str(tmp_path)) if "pipeline.trainer" in line
              and "--local_rank=1" in line]
     assert ranks, "rank 1 not found"
     os.kill(int(ranks[0]), signal.SIGKILL)

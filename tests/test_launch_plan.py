@@ -136,7 +136,7 @@ def test_two_node_hostfile_plan(tmp_path):
     assert trainer.ranks == 16 and trainer.gpus == {"node1": tuple(range(8)), "node2": tuple(range(8))}
     # one srun step, a task per GPU, on exactly the trainer nodes (srun places by count: without the
     # list it could use the server's node); each task a rank through launch/srun_rank.py, which runs
-    # the trainer as a module (DeepSpeed's SLURM runner would start `python -u pipeline.trainer.train`)
+    # the trainer as a module (DeepSpeed's SLURM runner would start `python -u pipeline/trainer`)
     cmd = trainer.command
     assert cmd[:7] == ("srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--nodelist=node1,node2",
                        "--kill-on-bad-exit=1", "--export=ALL")
@@ -162,7 +162,7 @@ def test_other_multinode_launchers_stay_on_deepspeed(tmp_path):
     cmd = plan.trainer.command
     assert Path(cmd[0]).name == "deepspeed" and cmd[1:3] == ("--hostfile", str(hostfile))
     assert cmd[cmd.index("--master_addr") + 1] == "node1" and cmd[cmd.index("--launcher") + 1] == "pdsh"
-    assert cmd[cmd.index("--module") + 1] == "pipeline.trainer.train" and plan.trainer.env == {}
+    assert cmd[cmd.index("--module") + 1] == "pipeline.trainer" and plan.trainer.env == {}
 
 
 @pytest.mark.integration

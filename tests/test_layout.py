@@ -20,7 +20,7 @@ MAY_IMPORT = {
     "sync": {"options", "ground", "generation", "sync"},
     "rollout": {"options", "ground", "task", "generation", "rollout"},
     "report": {"options", "ground", "task", "generation", "rollout", "report"},
-    "trainer": {"options", "ground", "task", "generation", "sync", "rollout", "report", "trainer"},
+    "trainer": {"options", "ground", "task", "generation", "sync", "rollout", "trainer"},
     "public": {"task"},  # pipeline/rewards.py: names the reward API
 }
 

@@ -20,7 +20,7 @@ from launch.memory import (
 )
 from launch.plan import BatchSplit, Gpu, PlanError
 
-# bench/gpu_trainer_check.py --hidden 2048 --layers 22 on one H200 (2026-12-04): max_memory_allocated at
+# tests/harness/gpu_trainer.py --hidden 2048 --layers 22 on one H200 (2026-12-04): max_memory_allocated at
 # the peak minus what was resident before the rank's engines were built, the rank's own allocations.
 H200_1B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 22,
            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 570, "tie_word_embeddings": True}

@@ -200,7 +200,7 @@ def test_huge_adversarial_inputs_are_fast(name):
 
 
 def test_rewards_and_data_import_no_torch():
-    code = "import sys, pipeline.task.rewards, pipeline.task.data; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pipeline.task.reward_functions, pipeline.task.data; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

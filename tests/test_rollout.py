@@ -75,7 +75,7 @@ def test_step_seeds_stay_in_the_servers_range():
 
 def test_reward_functions_get_prompts_answers_and_every_other_column():
     """TRL's convention: prompts, completions, answer, and each extra column as a list per completion."""
-    from pipeline.task.rewards import BUILTIN_REWARDS, Reward
+    from pipeline.task.reward_functions import BUILTIN_REWARDS, Reward
 
     seen = {}
 

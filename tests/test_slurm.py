@@ -73,7 +73,7 @@ def test_tasks_per_node_and_host_list_forms(monkeypatch):
 
 
 def test_srun_rank_runs_the_trainer_module():
-    """As srun starts it: the variables set, then `pipeline.trainer.train` as __main__ with the arguments."""
+    """As srun starts it: the variables set, then `pipeline.trainer` as __main__ with the arguments."""
     # from elsewhere, no PYTHONPATH: the entry puts the repository first on sys.path itself
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "MASTER_", "RANK", "LOCAL_", "PYTHONPATH"))}
@@ -81,7 +81,7 @@ def test_srun_rank_runs_the_trainer_module():
                           capture_output=True, text=True, timeout=300,
                           env={**env, **SLURM_TASK, "MASTER_ADDR": "127.0.0.1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "usage: pipeline.trainer.train" in proc.stdout and "--token-file" in proc.stdout
+    assert "usage: pipeline.trainer " in proc.stdout and "--token-file" in proc.stdout
     assert "srun_rank: rank 3 of 4 (local 1)" in proc.stderr and "master 127.0.0.1:21234" in proc.stderr
 
 

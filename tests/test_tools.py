@@ -214,7 +214,7 @@ def test_rewards_see_the_rollout_as_trls_message_list():
     call; the built-in rewards score the last assistant message, and a plugin sees every message."""
     from pipeline.embedded.tiny_model import build_tokenizer
     from pipeline.rollout.multi_turn import Conversation
-    from pipeline.task.rewards import score_completions
+    from pipeline.task.reward_functions import score_completions
     from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, ToolResult, ToolTurns
 
     tokenizer = build_tokenizer(["Tom has 12 apples. 12 * 4 = 48\n<answer>\n48\n</answer>"] * 20, 300, True,
@@ -245,7 +245,7 @@ def test_rewards_see_the_rollout_as_trls_message_list():
     def counts_calls(prompts=None, completions=(), **kwargs):
         return [sum(len(m.get("tool_calls", [])) for m in c) for c in completions]
 
-    from pipeline.task.rewards import BUILTIN_REWARDS, Reward
+    from pipeline.task.reward_functions import BUILTIN_REWARDS, Reward
 
     rewards = {**BUILTIN_REWARDS, "calls": Reward("calls", counts_calls, None, source="test:counts_calls")}
     _, per_reward = score_completions([messages], ["50"], rewards=rewards)

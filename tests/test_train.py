@@ -202,7 +202,7 @@ def test_ranks_wait_out_rank_zeros_deadlines():
     """Ranks other than 0 wait in a collective while rank 0 alone talks to the server: their timeout
     must outlast rank 0's own deadlines, or a slow generation kills them with a bare gloo timeout."""
     from pipeline.config import Config
-    from pipeline.trainer.train import collective_timeout
+    from pipeline.trainer.loop import collective_timeout
 
     config = Config()
     config.server.request_timeout_s = 1200

@@ -417,7 +417,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from pipeline.sync.gloo_transfer import GlooTrainerWeightTransferEngine
 from pipeline.generation.client import ServerClient, free_port
 from pipeline.sync.weight_sync import ModelSource, ServerSyncClient, WeightSync, WeightSyncError
-from pipeline.trainer.train import release_shm_name
+from pipeline.trainer.loop import release_shm_name
 
 TIMEOUT_S, AT, LATE_S = 2.0, 5, 3.5
 deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=30))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.task.rewards import BUILTIN_REWARDS
+from pipeline.task.reward_functions import BUILTIN_REWARDS
 from pipeline.task.xml_format import format_completion
 
 EVAL_KEYS = ["pass@1/strict_accuracy", "pass@1/lenient_accuracy", "format/strict_rate", "format/soft_rate",

@@ -1,8 +1,8 @@
 """What a trainer rank trains with, built from the config: the prompts of every step, the rewards, the
 policy under DeepSpeed (optimizer, schedule, ZeRO stage), and the frozen reference when beta > 0.
 
-`build(config, world)` is the one way to make them: `pipeline.trainer.train` trains with it, and
-bench/gpu_trainer_check.py checks it on a GPU without vLLM.
+`build(config, world)` is the one way to make them: `pipeline.trainer` trains with it, and
+tests/harness/gpu_trainer.py checks it on a GPU without vLLM.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.config import Config, ConfigError, TrainConfig, check_batch
 from pipeline.device import accelerator, resolve_attn, resolve_dtype
 from pipeline.rollout.multi_turn import ToolRollouts
 from pipeline.task.data import Example, PromptStyle, drop_long_prompts, examples_for
-from pipeline.task.rewards import Reward, load_rewards
+from pipeline.task.reward_functions import Reward, load_rewards
 from pipeline.trainer.lora import with_lora
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def load_tokenizer(config: Config):
 
 
 @dataclass
-class Trainer:
+class TrainingParts:
     """Everything one rank trains with."""
     config: Config
     tokenizer: object
@@ -106,7 +106,7 @@ class Trainer:
     tools: ToolRollouts | None = None  # rollout.tools / rollout.environment: multi-turn rollouts with tool calls
 
 
-def build(config: Config, world: int) -> Trainer:
+def build(config: Config, world: int) -> TrainingParts:
     """Data, rewards, model, optimizer, schedule and DeepSpeed engine for a rank of `world` ranks
     (torch.distributed is initialised)."""
     import deepspeed
@@ -161,5 +161,5 @@ def build(config: Config, world: int) -> Trainer:
             ref_config["zero_optimization"] = {"stage": 0}
         reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
         reference.eval()
-    return Trainer(config, tokenizer, style, rewards, step_data, total_steps, dtype, engine, zero_stage, reference,
+    return TrainingParts(config, tokenizer, style, rewards, step_data, total_steps, dtype, engine, zero_stage, reference,
                    world, tools)

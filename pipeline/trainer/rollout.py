@@ -4,7 +4,7 @@ Rank 0 makes one generate call for all of a step's prompts (pipeline/rollout/gen
 the generation engines by pipeline/generation/engines.py, one weight version to check; multi-turn with
 rollout.tools) and broadcasts the completions; every rank then owns a contiguous slice of the step's
 `prompts x G` completions (its micro-batches) and scores only that slice: the task's rewards
-(pipeline/task/rewards.py), gathered over ranks into group-normalised advantages (pipeline/trainer/grpo.py).
+(pipeline/task/reward_functions.py), gathered over ranks into group-normalised advantages (pipeline/trainer/grpo.py).
 
 Synchronous mode requests step k's rollouts when step k starts, from the weights of step k.
 Overlapped mode requests step k+1's rollouts as soon as step k's are in hand, so the server
@@ -25,7 +25,7 @@ from pipeline.rollout.completion import Completion, Generation
 from pipeline.rollout.generate import generate
 from pipeline.rollout.multi_turn import ToolRollouts
 from pipeline.task.example import Example
-from pipeline.task.rewards import Reward, score_completions
+from pipeline.task.reward_functions import Reward, score_completions
 from pipeline.task.xml_format import SYSTEM_PROMPT
 from pipeline.trainer.grpo import group_advantages
 

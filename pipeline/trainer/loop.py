@@ -1,4 +1,4 @@
-"""The GRPO trainer: one rank of `deepspeed --module pipeline.trainer.train`, started by launch/train.py.
+"""The GRPO trainer: one rank of `deepspeed --module pipeline.trainer`, started by launch/train.py.
 
 Each optimizer step runs the stages in order, each in one obvious place:
   data      prompts for this step (seeded order, resumable)              build.StepData
@@ -40,20 +40,20 @@ from pipeline.rollout.multi_turn import ToolRollouts
 from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
-from pipeline.task.rewards import STRICT_POINTS, RewardError
+from pipeline.task.reward_functions import STRICT_POINTS, RewardError
 from pipeline.task.tools import ToolError
-from pipeline.trainer.build import Trainer, build
+from pipeline.trainer.build import TrainingParts, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
 from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
 from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step, tool_metrics
 from pipeline.trainer.server_link import ServerLink
 
-log = logging.getLogger("pipeline.trainer.train")
+log = logging.getLogger("pipeline.trainer")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="pipeline.trainer.train", description="One GRPO trainer rank (use launch/train.py)")
+    parser = argparse.ArgumentParser(prog="pipeline.trainer", description="One GRPO trainer rank (use launch/train.py)")
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", required=True)
@@ -84,13 +84,13 @@ def main(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     release_shm_name(rank)
     setup_logging(run_dir, rank)
-    trainer = build(config, world)
+    parts = build(config, world)
 
     # --- resume -------------------------------------------------------------------------------------
     ckpt_dir = run_dir / "checkpoints"
     start_step = 0
     if args.resume:
-        path, state = trainer.engine.load_checkpoint(str(ckpt_dir))
+        path, state = parts.engine.load_checkpoint(str(ckpt_dir))
         if path is None:
             raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
         start_step = state["step"]
@@ -106,26 +106,26 @@ def main(argv=None) -> int:
     server_is_local = all(url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
                           for url in args.server_url.split(","))
     # Trainer rank 0 hosts the transfer group's rendezvous; the server's workers connect to it.
-    link = ServerLink(trainer.engine, trainer.zero_stage, rank, config, client, dtype=trainer.dtype,
+    link = ServerLink(parts.engine, parts.zero_stage, rank, config, client, dtype=parts.dtype,
                       sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()))
     link.connect()
     link.push(start_step)
     t = config.train
     metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
-    evaluation = InTrainingEval(config, trainer.tokenizer, client, trainer.tools) if config.eval.every and rank == 0 else None
-    tools = trainer.tools if rank == 0 else None
+    evaluation = InTrainingEval(config, parts.tokenizer, client, parts.tools) if config.eval.every and rank == 0 else None
+    tools = parts.tools if rank == 0 else None
     rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
                         top_p=t.top_p, seed=config.run.seed, max_staleness=t.max_staleness if t.overlap else 0,
                         tools=tools)
 
-    fit(trainer, link, rollouts, metrics, evaluation, start_step, ckpt_dir)
+    fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir)
 
     metrics.close()
     rollouts.close()
-    save_checkpoint(trainer.engine, ckpt_dir, trainer.total_steps, t.keep_checkpoints, rank)
-    save_final_model(trainer.engine, trainer.zero_stage, trainer.tokenizer, run_dir / "final", rank)
+    save_checkpoint(parts.engine, ckpt_dir, parts.total_steps, t.keep_checkpoints, rank)
+    save_final_model(parts.engine, parts.zero_stage, parts.tokenizer, run_dir / "final", rank)
     link.close()
-    log.info("done: %d steps; final model in %s", trainer.total_steps, run_dir / "final")
+    log.info("done: %d steps; final model in %s", parts.total_steps, run_dir / "final")
     dist.barrier()
     # Without this, gloo's worker threads can outlive the interpreter's teardown and abort the rank
     # (SIGABRT, "terminate called without an active exception") after a run that succeeded.
@@ -133,17 +133,17 @@ def main(argv=None) -> int:
     return 0
 
 
-def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics,
+def fit(parts: TrainingParts, link: ServerLink, rollouts: Rollouts, metrics: Metrics,
         evaluation: InTrainingEval | None, start_step: int, ckpt_dir: Path) -> None:
     """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step."""
     from tqdm import tqdm
 
-    config, t, engine, data = trainer.config, trainer.config.train, trainer.engine, trainer.step_data
-    rank, total = dist.get_rank(), trainer.total_steps
+    config, t, engine, data = parts.config, parts.config.train, parts.engine, parts.step_data
+    rank, total = dist.get_rank(), parts.total_steps
 
     def request_rollouts(step: int) -> None:
         batch = data(step)
-        rollouts.request(step, [trainer.style.ids(trainer.tokenizer, e) for e in batch], batch)
+        rollouts.request(step, [parts.style.ids(parts.tokenizer, e) for e in batch], batch)
 
     if t.overlap and start_step < total:
         request_rollouts(start_step)
@@ -162,12 +162,12 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
             request_rollouts(step + 1)  # generated while this step trains; its push waits for it
         clock.lap("generate")  # the trainer's wait for rollouts
 
-        batch = score_step(completions, generated_by, rank=rank, world=trainer.world, group_size=t.num_generations,
-                           scaling=t.advantage_scaling, weights=config.rewards, rewards=trainer.rewards,
-                           system_prompt=trainer.style.system_prompt, device=engine.device)
+        batch = score_step(completions, generated_by, rank=rank, world=parts.world, group_size=t.num_generations,
+                           scaling=t.advantage_scaling, weights=config.rewards, rewards=parts.rewards,
+                           system_prompt=parts.style.system_prompt, device=engine.device)
         clock.lap("reward")
-        sums, maxima = train_on_batch(engine, trainer.reference, batch, t, trainer.tokenizer.pad_token_id,
-                                      trainer.world)
+        sums, maxima = train_on_batch(engine, parts.reference, batch, t, parts.tokenizer.pad_token_id,
+                                      parts.world)
         clock.lap("train")
         rollouts.wait()  # overlapped: the next step's generation finishes before its weights change
         clock.lap("wait_rollouts")
@@ -178,7 +178,7 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
         probe = link.probe(probed.prompt_ids, probed.token_ids, step + 1)
         clock.lap("probe")
 
-        row = step_row(step, batch, sums, maxima, trainer, {
+        row = step_row(step, batch, sums, maxima, parts, {
             "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
             "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
             **engine_columns(link, rollouts), "sync/logprob_max_abs_diff": 0.0, **probe,
@@ -187,7 +187,7 @@ def fit(trainer: Trainer, link: ServerLink, rollouts: Rollouts, metrics: Metrics
             "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
             "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
             **({"sync/shared_memory": link.last_stats["shared_memory"]} if "shared_memory" in link.last_stats else {}),
-            **(tool_metrics(completions, trainer.tools.toolbox.names) if trainer.tools is not None else {}),
+            **(tool_metrics(completions, parts.tools.toolbox.names) if parts.tools is not None else {}),
             **rollouts.timing, **clock.times()})
         if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
             row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
@@ -231,12 +231,12 @@ class StepClock:
         return {**self.laps, "time/step": time.perf_counter() - self.start}
 
 
-def step_row(step: int, batch: StepBatch, sums: dict, maxima: dict, trainer: Trainer, extra: dict) -> dict:
+def step_row(step: int, batch: StepBatch, sums: dict, maxima: dict, parts: TrainingParts, extra: dict) -> dict:
     """The step's metrics row: this rank's sums reduced over every rank, and what rank 0 knows as is."""
     counts, longest = completion_stats(batch)
-    s, mx = Metrics.reduce({**sums, **counts}, {**maxima, **longest}, trainer.engine.device)
-    return metrics_row(step + 1, s, mx, list(trainer.rewards), {
-        "epoch": (step + 1) / trainer.step_data.steps_per_epoch, "lr": trainer.engine.get_lr()[0],
+    s, mx = Metrics.reduce({**sums, **counts}, {**maxima, **longest}, parts.engine.device)
+    return metrics_row(step + 1, s, mx, list(parts.rewards), {
+        "epoch": (step + 1) / parts.step_data.steps_per_epoch, "lr": parts.engine.get_lr()[0],
         **group_stats(batch.group_totals.tolist()),
         **{f"time/{k.removeprefix('time_')}": v for k, v in mx.items() if k.startswith("time_")}, **extra})
 
@@ -364,12 +364,13 @@ def collective_timeout(config: Config) -> timedelta:
     return timedelta(seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120)
 
 
-if __name__ == "__main__":
+def command() -> int:
+    """`python -m pipeline.trainer` (pipeline/trainer/__main__.py): `main`, its refusals as one line."""
     try:
-        sys.exit(main())
+        return main()
     except (ConfigError, DataError, RewardError, ToolError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except (ServerError, WeightSyncError, StaleRolloutError) as e:  # the server failed: say so in one line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1

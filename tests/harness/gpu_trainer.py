@@ -1,51 +1,19 @@
-"""The trainer's GPU path without vLLM: DeepSpeed ZeRO-2 and ZeRO-3 in bf16 on one CUDA GPU with the
-project's real GRPO functions, on a tiny Qwen2 built here (no download, no data files).
+"""A test harness for the trainer's GPU path where vLLM is absent (a lent GPU box): DeepSpeed ZeRO-2/3 in
+bf16 on one CUDA GPU with the project's real build, GRPO step, LoRA export and checkpoint code, on a Qwen2
+built here; PASS/FAIL per check, a JSON summary ($OUT/gpu_trainer_check.json or --out), exit 1 on a failure.
 
-    python bench/gpu_trainer_check.py            # CUDA, NCCL, bf16, configs/ds_zero{2,3}_gpu.json
-    python bench/gpu_trainer_check.py --cpu      # the same logic on CPU (gloo, fp32, ds_zero{2,3}.json)
+    python tests/harness/gpu_trainer.py                  # CUDA, NCCL, bf16, configs/ds_zero{2,3}_gpu.json
+    python tests/harness/gpu_trainer.py --recipe-shape   # memory: prem-1B's shape at the recipe's lengths
+    python tests/harness/gpu_trainer.py --cpu            # its logic on CPU (tests/test_device.py runs this)
 
-For a GPU box that has torch and transformers but neither vLLM nor DeepSpeed (DeepSpeed can travel as a
-pure-python wheel). One process, world size 1. What it runs, per ZeRO stage:
+What it checks per ZeRO stage (and with LoRA): initial weights and logits equal the HF checkpoint's, loss
+and grad norm finite, KL and the schedule, weights change (only the adapter's with LoRA), ZeRO-3's gather
+and saved model reload, the merged LoRA export against PEFT's merge; plus pipeline/device.py's choices on
+this device, step times and peak memory. pipeline/sync/weight_sync.py imports vLLM: where it is absent it
+is stubbed (the stub raises if touched). Without DeepSpeed installed, carry its pure-Python wheel:
 
-- `deepspeed.init_distributed` as pipeline/trainer/train.py calls it (nccl on CUDA), then the trainer's own
-  set-up, `pipeline.trainer.build.build` (data, rewards, the model in the training dtype, a torch AdamW,
-  the schedule, `deepspeed.initialize`, the frozen reference for beta > 0);
-- GRPO optimizer steps through the trainer's own step on synthetic rollouts: prompts from
-  `pipeline.task.synthetic` through the real chat template, completions half formatted solutions, half
-  random tokens, scored by `pipeline.trainer.rollout.score_step`, then `pipeline.trainer.train.train_on_batch`
-  (one step per loss type in turn, beta > 0) and `Metrics.reduce` (float64 collectives on the device);
-- checks: loss and grad norm finite, parameters changed, ZeRO-3's gathered parameters equal the HF
-  checkpoint before training and track ZeRO-2's after the same steps, DeepSpeed's own consolidated 16-bit
-  state dict equals the gather, and a final HF model gathered to CPU from the ZeRO-3 engine, saved and
-  reloaded with `AutoModelForCausalLM`, gives the engine's logits;
-- LoRA (model.lora_rank=8, lora_alpha=16; `--lora-steps`, default 4, 0 skips it) under the same ZeRO-2 and
-  ZeRO-3 configs, built by the same `build` (`with_lora`, an optimizer over the adapter only, the reference
-  = the policy with its adapter off), and the same GRPO steps; checks: only the adapter trains and only lora_
-  tensors change (base weights bit-identical, gathered under ZeRO-3); the merged export computed as
-  `ModelSource` computes it (`exported_weights`, each entry gathered under ZeRO-3, `merged_weight` cast
-  to the model dtype) has the plain model's names, equals PEFT's own `merge_and_unload` of the gathered
-  state in a fresh CPU PEFT model (to one ulp of the model dtype), and a plain HF model with it gives
-  the LoRA engine's logits; ZeRO-2 and ZeRO-3 LoRA give the same update;
-- `pipeline.device` on this device: accelerator, resolve_dtype, resolve_attn (auto and
-  flash_attention_2 with and without flash-attn), sync_backend, probe_tolerance (against the measured bf16
-  sdpa-vs-eager logprob gap), resolve_enforce_eager, engine_options;
-- a step's time (median after the first) and the peak GPU memory per stage, LoRA next to full fine-tuning.
-
-Not covered here, because the code lives in modules that import vLLM (pipeline/sync/weight_sync.py,
-pipeline/sync/gloo_transfer.py): `ModelSource` (the chunked ZeRO-3 gather that weight sync and
-`pipeline.trainer.checkpoint.save_final_model` use) and the weight push itself. Where vLLM is importable (the CPU
-venv), `save_final_model` is run too and its output compared with this script's gather. Where it is not,
-`pipeline.sync.weight_sync` is replaced by a stub before `pipeline.trainer.train` is imported, so the functions above
-are the real ones; the stub raises if anything touches it. (The LoRA export is computed here as
-`ModelSource` computes it, from the real `pipeline.sync.lora_export` functions; with vLLM, `save_final_model` on the
-LoRA engines is compared with it, and its final/adapter reloaded with PEFT.)
-
-On a lent GPU box without DeepSpeed (wheels for it and its missing needs carried in .whl/):
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 bench/gpu_trainer_check.py
-
-Prints PASS/FAIL per check, writes $OUT/gpu_trainer_check.json (or --out) and exits 1 on any failure.
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD python3 tests/harness/gpu_trainer.py
 """
 
 from __future__ import annotations
@@ -70,8 +38,8 @@ import traceback
 import types
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # a lent GPU box runs it from a checkout, nothing installed
 
 RESULTS: list[dict] = []
 METRICS: dict = {}
@@ -125,11 +93,11 @@ def parse_args():
 
 
 def import_train(force_stub: bool):
-    """pipeline.trainer.train, with pipeline.sync.weight_sync stubbed when vLLM is absent (it imports vLLM at the top)."""
+    """pipeline.trainer.loop, with pipeline.sync.weight_sync stubbed when vLLM is absent (it imports vLLM at the top)."""
     have_vllm = importlib.util.find_spec("vllm") is not None and not force_stub
     if not have_vllm:
         stub = types.ModuleType("pipeline.sync.weight_sync")
-        stub.__doc__ = "stub: vLLM is not installed here; bench/gpu_trainer_check.py does not use weight sync"
+        stub.__doc__ = "stub: vLLM is not installed here; tests/harness/gpu_trainer.py does not use weight sync"
 
         class WeightSyncError(RuntimeError):
             pass
@@ -140,7 +108,7 @@ def import_train(force_stub: bool):
 
         stub.WeightSyncError, stub.WeightSync, stub.ModelSource = WeightSyncError, _Absent, _Absent
         sys.modules["pipeline.sync.weight_sync"] = stub
-    import pipeline.trainer.train as train
+    import pipeline.trainer.loop as train
 
     return train, have_vllm
 
@@ -262,7 +230,7 @@ def stage_config(ds_path: Path, ctx: dict, steps: int, lora: bool):
 def build_engines(config, ctx: dict, stage: int, tag: str):
     """The policy engine (PEFT LoRA when model.lora_rank > 0) and the beta > 0 reference engine (None with
     LoRA: the policy with its adapter off), from pipeline.trainer.build.build, the trainer's own set-up.
-    Returns (the built Trainer, GPU memory allocated before it in GiB)."""
+    Returns (the built TrainingParts, GPU memory allocated before it in GiB)."""
     import torch
 
     device, dtype = ctx["device"], ctx["dtype"]
@@ -284,7 +252,7 @@ def build_engines(config, ctx: dict, stage: int, tag: str):
 
 def grpo_steps(built, config, ctx: dict, tag: str) -> dict:
     """train.max_steps GRPO optimizer steps (loss types in turn) on ctx's rollouts through the trainer's own
-    step: pipeline.trainer.rollout.score_step, then pipeline.trainer.train.train_on_batch; checks loss, grad
+    step: pipeline.trainer.rollout.score_step, then pipeline.trainer.loop.train_on_batch; checks loss, grad
     norm, KL and the schedule; returns the per-step series, step time and peak memory."""
     import torch
 
@@ -393,7 +361,7 @@ def hf_name(peft_name: str) -> str:
 
 
 def exported_state(module, zero_stage: int) -> dict:
-    """What pipeline.sync.weight_sync.ModelSource sends and pipeline.trainer.train.save_final_model saves, computed as it
+    """What pipeline.sync.weight_sync.ModelSource sends and pipeline.trainer.loop.save_final_model saves, computed as it
     computes it (weight_sync imports vLLM): per entry of pipeline.sync.lora_export.exported_weights, its parameters
     gathered under ZeRO-3, merged_weight(params, scaling) cast to the model's dtype, on CPU."""
     import deepspeed
@@ -465,10 +433,10 @@ def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
     with guarded(f"{tag}: merged export"):
         exported = lora_export_checks(engine, stage, config, after, ctx, tag, result)
     if ctx["have_vllm"] and exported is not None:
-        with guarded(f"{tag}: pipeline.trainer.train.save_final_model"):
+        with guarded(f"{tag}: pipeline.trainer.loop.save_final_model"):
             lora_save_final_model(engine, stage, after, exported, ctx, tag)
     elif not ctx["have_vllm"]:
-        print(f"NOTE: {tag}: pipeline.trainer.train.save_final_model (merged final/, final/adapter) not run: it needs vLLM",
+        print(f"NOTE: {tag}: pipeline.trainer.loop.save_final_model (merged final/, final/adapter) not run: it needs vLLM",
               flush=True)
     result["engine"], result["reference"] = engine, reference
     return result
@@ -555,7 +523,7 @@ def lora_export_checks(engine, stage: int, config, after: dict, ctx: dict, tag: 
 
 
 def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: dict, tag: str) -> None:
-    """pipeline.trainer.train.save_final_model with LoRA (it needs vLLM): final/ holds the merged weights exported
+    """pipeline.trainer.loop.save_final_model with LoRA (it needs vLLM): final/ holds the merged weights exported
     here, bit for bit, and final/adapter loads with PeftModel.from_pretrained holding the trained adapter."""
     import torch
     import transformers
@@ -566,7 +534,7 @@ def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: 
     ctx["train"].save_final_model(engine, stage, ctx["tokenizer"], out, 0)
     saved = load_file(str(out / "model.safetensors"))
     same = saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
-    check(f"{tag}: pipeline.trainer.train.save_final_model writes the merged weights exported here", same,
+    check(f"{tag}: pipeline.trainer.loop.save_final_model writes the merged weights exported here", same,
           f"{len(saved)} tensors")
     base = transformers.AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=ctx["dtype"])
     with contextlib.suppress(Exception):  # a broken adapter: say what is in the file, not only that it failed
@@ -579,7 +547,7 @@ def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: 
     got = {n: p.detach().float() for n, p in loaded.named_parameters() if ".lora_" in n}
     want = {n: v for n, v in after.items() if ".lora_" in n}
     same = got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
-    check(f"{tag}: pipeline.trainer.train.save_final_model's final/adapter reloads with the trained LoRA tensors", same,
+    check(f"{tag}: pipeline.trainer.loop.save_final_model's final/adapter reloads with the trained LoRA tensors", same,
           f"{len(got)}/{len(want)} tensors")
 
 
@@ -597,7 +565,7 @@ def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
         check("zero3: DeepSpeed's consolidated 16-bit state dict equals the gathered parameters",
               len(common) == len(gathered) and diff == 0.0, f"{len(common)}/{len(gathered)} tensors, max |diff| {diff:.3g}")
     with guarded("zero3: save and reload"):
-        # gathered to CPU in the engine's dtype, saved as pipeline.trainer.train.save_final_model saves it
+        # gathered to CPU in the engine's dtype, saved as pipeline.trainer.loop.save_final_model saves it
         import deepspeed
 
         named = list(engine.module.named_parameters())
@@ -618,17 +586,17 @@ def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
         ctx["zero3_state"] = state
         del reloaded
     if ctx["have_vllm"]:
-        with guarded("zero3: pipeline.trainer.train.save_final_model"):
+        with guarded("zero3: pipeline.trainer.loop.save_final_model"):
             real = ctx["tmp"] / "final-real"
             ctx["train"].save_final_model(engine, 3, ctx["tokenizer"], real, 0)
             from safetensors.torch import load_file
 
             a, b = load_file(str(out / "model.safetensors")), load_file(str(real / "model.safetensors"))
             same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-            check("zero3: pipeline.trainer.train.save_final_model writes the same tensors as the gather here", same,
+            check("zero3: pipeline.trainer.loop.save_final_model writes the same tensors as the gather here", same,
                   f"{len(a)} tensors")
     else:
-        print("NOTE: pipeline.trainer.train.save_final_model / weight_sync.ModelSource not run: they need vLLM", flush=True)
+        print("NOTE: pipeline.trainer.loop.save_final_model / weight_sync.ModelSource not run: they need vLLM", flush=True)
 
 
 def device_checks(ctx: dict) -> None:
@@ -825,7 +793,7 @@ def main() -> int:
           f"device {METRICS['gpu'] or 'cpu'}, dtype {dtype}, vLLM importable: {have_vllm} "
           f"({'real' if have_vllm else 'stubbed'} pipeline.sync.weight_sync)", flush=True)
     if cuda:
-        torch.cuda.set_device(0)  # before any collective: NCCL binds to the current device (as pipeline/trainer/train.py)
+        torch.cuda.set_device(0)  # before any collective: NCCL binds to the current device (as pipeline/trainer/loop.py)
     deepspeed.init_distributed(timeout=train.collective_timeout(train.load_config()))
     backend = torch.distributed.get_backend()
     check(f"distributed backend is {'nccl' if cuda else 'gloo'}", backend == ("nccl" if cuda else "gloo"), backend)
@@ -841,7 +809,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gpu-trainer-check-"))
     model_dir, examples = build_model(tmp / "model", hidden, layers)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    attn = resolve_attn("auto", dtype)  # what pipeline/trainer/train.py loads the policy with
+    attn = resolve_attn("auto", dtype)  # what pipeline/trainer/loop.py loads the policy with
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     hf = hf.to(device).eval()
     n_params = sum(p.numel() for p in hf.parameters())
