@@ -65,7 +65,7 @@ install-flash-attn: install
 	$(PIP) install --no-build-isolation 'flash-attn>=2.7'
 
 lint: install
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 format: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

@@ -41,40 +41,70 @@ def main() -> int:
         print("error: make gpu-check needs CUDA GPUs (nvidia-smi lists none)", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", args.config, "--name", "check",
-           "--set", f"run.root={root}", "--set", "model.dtype=bfloat16", "--set", f"train.max_steps={args.steps}",
-           "--set", "eval.enabled=false", *sum((["--set", s] for s in args.set), [])]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        args.config,
+        "--name",
+        "check",
+        "--set",
+        f"run.root={root}",
+        "--set",
+        "model.dtype=bfloat16",
+        "--set",
+        f"train.max_steps={args.steps}",
+        "--set",
+        "eval.enabled=false",
+        *sum((["--set", s] for s in args.set), []),
+    ]
     memory = PeakSampler(gpu_memory_used)
     run = subprocess.run(cmd, cwd=REPO)
     peaks = memory.stop()
     if run.returncode != 0:
-        print(f"error: the {args.steps}-step run failed (code {run.returncode}); see {root / 'check'}", file=sys.stderr)
+        print(
+            f"error: the {args.steps}-step run failed (code {run.returncode}); see {root / 'check'}",
+            file=sys.stderr,
+        )
         return 1
-    rows = [json.loads(line) for line in (root / "check" / "metrics.jsonl").read_text().splitlines()][2:]  # warm-up
+    rows = [json.loads(line) for line in (root / "check" / "metrics.jsonl").read_text().splitlines()][
+        2:
+    ]  # warm-up
     info = json.loads((root / "check" / "run_info.json").read_text())
     config = yaml.safe_load((root / "check" / "config.yaml").read_text())
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
-    completions = config["train"]["micro_batch_size"] * config["train"]["gradient_accumulation_steps"] * info["ranks"]
+    completions = (
+        config["train"]["micro_batch_size"] * config["train"]["gradient_accumulation_steps"] * info["ranks"]
+    )
     result = {
-        "gpus": names, "ranks": info["ranks"], "transport": info["transport"], "steps": args.steps,
-        "time/step": med("time/step"), "time/generate": med("time/generate"), "time/train": med("time/train"),
-        "time/sync": med("time/sync"), "sync/gb_per_s": med("sync/gb_per_s"),
-        "generate_tokens_per_s": statistics.median(r["completion_len/mean"] * completions / r["time/generate"]
-                                                   for r in rows),
+        "gpus": names,
+        "ranks": info["ranks"],
+        "transport": info["transport"],
+        "steps": args.steps,
+        "time/step": med("time/step"),
+        "time/generate": med("time/generate"),
+        "time/train": med("time/train"),
+        "time/sync": med("time/sync"),
+        "sync/gb_per_s": med("sync/gb_per_s"),
+        "generate_tokens_per_s": statistics.median(
+            r["completion_len/mean"] * completions / r["time/generate"] for r in rows
+        ),
         "sync/logprob_max_abs_diff": max(r["sync/logprob_max_abs_diff"] for r in rows),
         "sync/verified_tensors": min(r["sync/verified_tensors"] for r in rows),
         "peak_memory_gib": dict(sorted(peaks.items())),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| GPUs | ranks | sync | step s | generate s | train s | sync s | sync GB/s | gen tokens/s |"
-          f" peak GiB per GPU |\n|---|---|---|---|---|---|---|---|---|---|\n"
-          f"| {len(names)}x {names[0]} | {info['ranks']} | {info['transport']} | {result['time/step']:.2f} | "
-          f"{result['time/generate']:.2f} | {result['time/train']:.2f} | {result['time/sync']:.3f} | "
-          f"{result['sync/gb_per_s']:.2f} | {result['generate_tokens_per_s']:.0f} | "
-          f"{', '.join(f'{k}: {v}' for k, v in result['peak_memory_gib'].items())} |")
+    print(
+        f"\n| GPUs | ranks | sync | step s | generate s | train s | sync s | sync GB/s | gen tokens/s |"
+        f" peak GiB per GPU |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        f"| {len(names)}x {names[0]} | {info['ranks']} | {info['transport']} | {result['time/step']:.2f} | "
+        f"{result['time/generate']:.2f} | {result['time/train']:.2f} | {result['time/sync']:.3f} | "
+        f"{result['sync/gb_per_s']:.2f} | {result['generate_tokens_per_s']:.0f} | "
+        f"{', '.join(f'{k}: {v}' for k, v in result['peak_memory_gib'].items())} |"
+    )
     print(f"-> {args.out}")
     return 0
 

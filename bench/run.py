@@ -29,9 +29,14 @@ from pipeline.generation.client import free_port  # noqa: E402
 PY = sys.executable
 
 
-ROLES = (("EngineCore", "server engine core"), ("VLLM::Worker", "server worker"), ("Worker", "server worker"),
-         ("pipeline.generation.serve", "server API"), ("pipeline.trainer", "trainer rank"),
-         ("trl_baseline", "TRL process"))
+ROLES = (
+    ("EngineCore", "server engine core"),
+    ("VLLM::Worker", "server worker"),
+    ("Worker", "server worker"),
+    ("pipeline.generation.serve", "server API"),
+    ("pipeline.trainer", "trainer rank"),
+    ("trl_baseline", "TRL process"),
+)
 
 
 def rss_by_role() -> dict[str, float]:
@@ -58,9 +63,17 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
     from pipeline.task.xml_format import SYSTEM_PROMPT
 
     corpus = [SYSTEM_PROMPT] + [e.question + "\n" + formatted_completion(e) for e in generate(2000, 0)]
-    return build_tiny_model(out, corpus, vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                            num_layers=layers, num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 256),
-                            tie_word_embeddings=False)
+    return build_tiny_model(
+        out,
+        corpus,
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_layers=layers,
+        num_heads=max(1, hidden // 64),
+        num_kv_heads=max(1, hidden // 256),
+        tie_word_embeddings=False,
+    )
 
 
 def model_bytes(model_dir: Path) -> int:
@@ -80,21 +93,66 @@ def inprocess_copy_gbps(nbytes: int) -> float:
     return nbytes / min(times) / 1e9
 
 
-def run_ours(name: str, model: Path, steps: int, max_tokens: int, overlap: bool, root: Path, rss: PeakSampler,
-             engines: int = 1, env: dict[str, str] | None = None) -> dict:
-    cmd = [PY, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--name", name, "--set", f"run.root={root}", "--set", f"model.path={model}", "--set", "model.build=",
-           "--set", "train.micro_batch_size=4", "--set", "train.gradient_accumulation_steps=2",
-           "--set", f"train.max_steps={steps}", "--set", f"train.max_completion_tokens={max_tokens}",
-           "--set", "server.max_model_len=512", "--set", "data.max_prompt_tokens=256",
-           "--set", "eval.enabled=false", "--set", f"train.overlap={str(overlap).lower()}",
-           "--set", "train.learning_rate=1e-5", "--set", "sync.bucket_mb=256",
-           "--set", f"server.data_parallel_size={engines}", "--set", f"server.port={free_port('127.0.0.1')}"]
+def run_ours(
+    name: str,
+    model: Path,
+    steps: int,
+    max_tokens: int,
+    overlap: bool,
+    root: Path,
+    rss: PeakSampler,
+    engines: int = 1,
+    env: dict[str, str] | None = None,
+) -> dict:
+    cmd = [
+        PY,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-cpu.yaml"),
+        "--name",
+        name,
+        "--set",
+        f"run.root={root}",
+        "--set",
+        f"model.path={model}",
+        "--set",
+        "model.build=",
+        "--set",
+        "train.micro_batch_size=4",
+        "--set",
+        "train.gradient_accumulation_steps=2",
+        "--set",
+        f"train.max_steps={steps}",
+        "--set",
+        f"train.max_completion_tokens={max_tokens}",
+        "--set",
+        "server.max_model_len=512",
+        "--set",
+        "data.max_prompt_tokens=256",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        f"train.overlap={str(overlap).lower()}",
+        "--set",
+        "train.learning_rate=1e-5",
+        "--set",
+        "sync.bucket_mb=256",
+        "--set",
+        f"server.data_parallel_size={engines}",
+        "--set",
+        f"server.port={free_port('127.0.0.1')}",
+    ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=REPO, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=3600, cwd=REPO, env={**os.environ, **(env or {})}
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        return {"ok": False, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300], "peak_rss_gib": rss.take()}
+        return {
+            "ok": False,
+            "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300],
+            "peak_rss_gib": rss.take(),
+        }
     rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
     return {"ok": True, "rows": rows, "wall_s": wall, "peak_rss_gib": rss.take()}
 
@@ -112,13 +170,27 @@ def step_phases(rows: list[dict], overlap: bool) -> dict[str, float]:
     if overlap:
         phases = {"waiting for rollouts": m("time/generate") + m("time/wait_rollouts")}
     else:
-        phases = {"engine prefill": m("time/engine_prefill"), "engine decode": m("time/engine_decode"),
-                  "engine other": max(0.0, m("time/engine") - m("time/engine_prefill") - m("time/engine_decode")),
-                  "HTTP + (de)serialisation": m("time/http"), "rollout broadcast": m("time/broadcast_rollouts")}
-        phases["waiting for rollouts, other"] = max(0.0, m("time/generate") + m("time/wait_rollouts") - sum(phases.values()))
-    phases.update({"reward": m("time/reward"), "forward": m("time/forward"), "backward": m("time/backward"),
-                   "optimizer": m("time/optimizer"), "push": max(0.0, m("time/sync") - m("time/verify")),
-                   "verify": m("time/verify"), "probe": m("time/probe")})
+        phases = {
+            "engine prefill": m("time/engine_prefill"),
+            "engine decode": m("time/engine_decode"),
+            "engine other": max(0.0, m("time/engine") - m("time/engine_prefill") - m("time/engine_decode")),
+            "HTTP + (de)serialisation": m("time/http"),
+            "rollout broadcast": m("time/broadcast_rollouts"),
+        }
+        phases["waiting for rollouts, other"] = max(
+            0.0, m("time/generate") + m("time/wait_rollouts") - sum(phases.values())
+        )
+    phases.update(
+        {
+            "reward": m("time/reward"),
+            "forward": m("time/forward"),
+            "backward": m("time/backward"),
+            "optimizer": m("time/optimizer"),
+            "push": max(0.0, m("time/sync") - m("time/verify")),
+            "verify": m("time/verify"),
+            "probe": m("time/probe"),
+        }
+    )
     phases["other"] = max(0.0, med(r["time/step"] for r in rows) - sum(phases.values()))
     return {k: round(v, 4) for k, v in phases.items()}
 
@@ -132,31 +204,66 @@ def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False
     idle = [r["time/generate"] + r.get("time/wait_rollouts", 0.0) for r in rows]
     tokens = [r["completion_len/mean"] * 16 for r in rows]
     return {
-        "ok": True, "steps_measured": len(rows), "s_per_step_median": med(step),
-        "s_per_step_min": min(step), "s_per_step_max": max(step),
+        "ok": True,
+        "steps_measured": len(rows),
+        "s_per_step_median": med(step),
+        "s_per_step_min": min(step),
+        "s_per_step_max": max(step),
         "rollout_tokens_per_s": sum(tokens) / sum(step),
-        "split_s": {"generate_wait": med(r["time/generate"] for r in rows), "reward": med(r["time/reward"] for r in rows),
-                    "train": med(r["time/train"] for r in rows), "sync": med(r["time/sync"] for r in rows),
-                    "wait_rollouts": med(r.get("time/wait_rollouts", 0.0) for r in rows)},
+        "split_s": {
+            "generate_wait": med(r["time/generate"] for r in rows),
+            "reward": med(r["time/reward"] for r in rows),
+            "train": med(r["time/train"] for r in rows),
+            "sync": med(r["time/sync"] for r in rows),
+            "wait_rollouts": med(r.get("time/wait_rollouts", 0.0) for r in rows),
+        },
         "trainer_idle_fraction": sum(idle) / sum(step),
         "phases_s": step_phases(rows, overlap),
         "sync_gb_per_s": nbytes / med(r["time/sync"] for r in rows) / 1e9,
         "sync_fraction_of_step": med(r["time/sync"] / r["time/step"] for r in rows),
         "max_staleness_seen": max(r.get("rollout/staleness", 0) for r in result["rows"]),
-        **({"engine_imbalance_median": med(r["rollout/engine_imbalance"] for r in rows)}
-           if "rollout/engine_imbalance" in rows[0] else {}),
-        "wall_s": result["wall_s"], "peak_rss_gib": result["peak_rss_gib"],
+        **(
+            {"engine_imbalance_median": med(r["rollout/engine_imbalance"] for r in rows)}
+            if "rollout/engine_imbalance" in rows[0]
+            else {}
+        ),
+        "wall_s": result["wall_s"],
+        "peak_rss_gib": result["peak_rss_gib"],
     }
 
 
-def run_trl(name: str, model: Path, steps: int, max_tokens: int, use_vllm: bool, root: Path, rss: PeakSampler,
-            warmup: int) -> dict:
+def run_trl(
+    name: str,
+    model: Path,
+    steps: int,
+    max_tokens: int,
+    use_vllm: bool,
+    root: Path,
+    rss: PeakSampler,
+    warmup: int,
+) -> dict:
     out = root / f"{name}.json"
-    cmd = [PY, str(REPO / "bench" / "trl_baseline.py"), "--model", str(model), "--steps", str(steps),
-           "--max-completion", str(max_tokens), "--out", str(out)] + (["--use-vllm"] if use_vllm else [])
+    cmd = [
+        PY,
+        str(REPO / "bench" / "trl_baseline.py"),
+        "--model",
+        str(model),
+        "--steps",
+        str(steps),
+        "--max-completion",
+        str(max_tokens),
+        "--out",
+        str(out),
+    ] + (["--use-vllm"] if use_vllm else [])
     try:
-        subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO,
-                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+        subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            cwd=REPO,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        )
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": "timed out", "peak_rss_gib": rss.take()}
     data = json.loads(out.read_text()) if out.exists() else {"ok": False, "error": "no result written"}
@@ -164,14 +271,22 @@ def run_trl(name: str, model: Path, steps: int, max_tokens: int, use_vllm: bool,
         return {"ok": False, "error": data.get("error", "?"), "peak_rss_gib": rss.take()}
     times = data["step_times"][warmup:] or data["step_times"]
     tokens = data["completion_tokens"][warmup:] or data["completion_tokens"] or [0]
-    return {"ok": True, "steps_measured": len(times), "s_per_step_median": statistics.median(times),
-            "s_per_step_min": min(times), "s_per_step_max": max(times),
-            "rollout_tokens_per_s": sum(tokens[: len(times)]) / sum(times), "peak_rss_gib": rss.take()}
+    return {
+        "ok": True,
+        "steps_measured": len(times),
+        "s_per_step_median": statistics.median(times),
+        "s_per_step_min": min(times),
+        "s_per_step_max": max(times),
+        "rollout_tokens_per_s": sum(tokens[: len(times)]) / sum(times),
+        "peak_rss_gib": rss.take(),
+    }
 
 
 def table(results: dict) -> str:
-    lines = [f"{'run':<38}{'s/step (median, min-max)':>28}{'tokens/s':>10}{'idle':>7}{'sync GB/s':>11}",
-             "-" * 94]
+    lines = [
+        f"{'run':<38}{'s/step (median, min-max)':>28}{'tokens/s':>10}{'idle':>7}{'sync GB/s':>11}",
+        "-" * 94,
+    ]
     for name, r in results["runs"].items():
         if not r.get("ok"):
             lines.append(f"{name:<38}  FAILED: {r.get('error', '?')[:80]}")
@@ -187,8 +302,10 @@ def table(results: dict) -> str:
     for name, r in results["runs"].items():
         if r.get("phases_s"):
             lines.append(f"\n{name}: where a step's {r['s_per_step_median']:.2f} s go (median per phase)")
-            lines += [f"  {phase:<30}{seconds:>8.3f} s {seconds / r['s_per_step_median']:>6.0%}"
-                      for phase, seconds in r["phases_s"].items()]
+            lines += [
+                f"  {phase:<30}{seconds:>8.3f} s {seconds / r['s_per_step_median']:>6.0%}"
+                for phase, seconds in r["phases_s"].items()
+            ]
     return "\n".join(lines)
 
 
@@ -205,9 +322,16 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(runs) + 2.5))
     for y, r in enumerate(runs.values()):
         left = 0.0
-        for phase, seconds in (r.get("phases_s") or {"whole step (not split)": r["s_per_step_median"]}).items():
-            ax.barh(y, seconds, left=left, color=colors.get(phase, "0.6"),
-                    label=phase if phase not in ax.get_legend_handles_labels()[1] else None)
+        for phase, seconds in (
+            r.get("phases_s") or {"whole step (not split)": r["s_per_step_median"]}
+        ).items():
+            ax.barh(
+                y,
+                seconds,
+                left=left,
+                color=colors.get(phase, "0.6"),
+                label=phase if phase not in ax.get_legend_handles_labels()[1] else None,
+            )
             left += seconds
         ax.text(left, y, f" {r['s_per_step_median']:.2f} s", va="center", fontsize=8)
     ax.set_yticks(range(len(runs)), list(runs))
@@ -222,7 +346,9 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 3 steps: checks that the benchmark runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model, 3 steps: checks that the benchmark runs"
+    )
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 6, quick 3)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     args = parser.parse_args()
@@ -240,38 +366,73 @@ def main() -> int:
         nbytes = model_bytes(model)
         print(f"[{label}] ours, synchronous ...", flush=True)
         runs[f"{label} ours sync"] = summarise_ours(
-            run_ours(f"{label}-sync", model, steps, max_tokens, False, root, rss), warmup, nbytes)
+            run_ours(f"{label}-sync", model, steps, max_tokens, False, root, rss), warmup, nbytes
+        )
         print(f"[{label}] ours, overlapped ...", flush=True)
         runs[f"{label} ours overlap"] = summarise_ours(
-            run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss), warmup, nbytes, overlap=True)
+            run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss),
+            warmup,
+            nbytes,
+            overlap=True,
+        )
         if label == "tiny" and not args.quick:
             # Side by side with the row above: vLLM's own 1 s idle spin (our plugin that shortens it to
             # 5 ms left out; VLLM_PLUGINS is vLLM's allow-list of plugins).
             print(f"[{label}] ours, synchronous, vLLM's 1 s idle spin ...", flush=True)
             runs[f"{label} ours sync, vLLM's idle spin"] = summarise_ours(
-                run_ours(f"{label}-sync-spin", model, steps, max_tokens, False, root, rss,
-                         env={"VLLM_PLUGINS": "grpo_gloo_transfer"}), warmup, nbytes)
+                run_ours(
+                    f"{label}-sync-spin",
+                    model,
+                    steps,
+                    max_tokens,
+                    False,
+                    root,
+                    rss,
+                    env={"VLLM_PLUGINS": "grpo_gloo_transfer"},
+                ),
+                warmup,
+                nbytes,
+            )
         # Generation on both cores while the ranks wait: two engines (each pinned to its own core by the
         # launcher) or one engine whose worker may use both (vLLM-CPU's own thread binding).
         print(f"[{label}] ours, synchronous, 2 engines ...", flush=True)
         runs[f"{label} ours sync, 2 engines"] = summarise_ours(
-            run_ours(f"{label}-sync-2e", model, steps, max_tokens, False, root, rss, engines=2), warmup, nbytes)
+            run_ours(f"{label}-sync-2e", model, steps, max_tokens, False, root, rss, engines=2),
+            warmup,
+            nbytes,
+        )
         if not args.quick:
             print(f"[{label}] ours, overlapped, 2 engines ...", flush=True)
             runs[f"{label} ours overlap, 2 engines"] = summarise_ours(
-                run_ours(f"{label}-overlap-2e", model, steps, max_tokens, True, root, rss, engines=2), warmup, nbytes,
-                overlap=True)
+                run_ours(f"{label}-overlap-2e", model, steps, max_tokens, True, root, rss, engines=2),
+                warmup,
+                nbytes,
+                overlap=True,
+            )
             print(f"[{label}] ours, synchronous, 1 engine on both cores ...", flush=True)
             runs[f"{label} ours sync, 1 engine x 2 cores"] = summarise_ours(
-                run_ours(f"{label}-sync-2c", model, steps, max_tokens, False, root, rss,
-                         env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}), warmup, nbytes)
+                run_ours(
+                    f"{label}-sync-2c",
+                    model,
+                    steps,
+                    max_tokens,
+                    False,
+                    root,
+                    rss,
+                    env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"},
+                ),
+                warmup,
+                nbytes,
+            )
         print(f"[{label}] TRL GRPOTrainer use_vllm=False ...", flush=True)
-        runs[f"{label} TRL (HF generate)"] = run_trl(f"{label}-trl", model, steps, max_tokens, False, root, rss,
-                                                     warmup)
+        runs[f"{label} TRL (HF generate)"] = run_trl(
+            f"{label}-trl", model, steps, max_tokens, False, root, rss, warmup
+        )
         if label == next(reversed(models)):
             print(f"[{label}] TRL GRPOTrainer use_vllm=True (colocate) ...", flush=True)
-            runs[f"{label} TRL (vLLM colocate)"] = run_trl(f"{label}-trl-vllm", model, steps, max_tokens, True, root,
-                                                            rss, warmup)
+            runs[f"{label} TRL (vLLM colocate)"] = run_trl(
+                f"{label}-trl-vllm", model, steps, max_tokens, True, root, rss, warmup
+            )
     rss.stop()
     main_label = next(reversed(models))
 
@@ -281,22 +442,41 @@ def main() -> int:
 
     main_bytes = model_bytes(models[main_label])
     results = {
-        "date": time.strftime("%Y-%m-%d"), "model": main_label, "params_bytes_fp32": main_bytes, "steps": steps, "warmup_excluded": warmup,
-        "settings": {"G": 16, "prompts_per_step": 1, "max_completion_tokens": max_tokens, "dtype": "float32",
-                     "trainer_ranks": 2, "machine": f"{os.cpu_count()} cores"},
+        "date": time.strftime("%Y-%m-%d"),
+        "model": main_label,
+        "params_bytes_fp32": main_bytes,
+        "steps": steps,
+        "warmup_excluded": warmup,
+        "settings": {
+            "G": 16,
+            "prompts_per_step": 1,
+            "max_completion_tokens": max_tokens,
+            "dtype": "float32",
+            "trainer_ranks": 2,
+            "machine": f"{os.cpu_count()} cores",
+        },
         "runs": runs,
-        "ratios": {"sync speed-up vs TRL (HF generate)": ratio("ours sync", "TRL (HF generate)"),
-                   "overlap speed-up vs TRL (HF generate)": ratio("ours overlap", "TRL (HF generate)"),
-                   "overlap speed-up vs sync": ratio("ours overlap", "ours sync"),
-                   "sync speed-up vs TRL (vLLM)": ratio("ours sync", "TRL (vLLM colocate)"),
-                   "overlap speed-up vs TRL (vLLM)": ratio("ours overlap", "TRL (vLLM colocate)"),
-                   "sync 2 engines speed-up vs TRL (HF generate)": ratio("ours sync, 2 engines", "TRL (HF generate)"),
-                   "overlap 2 engines speed-up vs TRL (HF generate)": ratio("ours overlap, 2 engines", "TRL (HF generate)"),
-                   "sync 2 engines speed-up vs TRL (vLLM)": ratio("ours sync, 2 engines", "TRL (vLLM colocate)"),
-                   "overlap 2 engines speed-up vs TRL (vLLM)": ratio("ours overlap, 2 engines", "TRL (vLLM colocate)"),
-                   "sync 1 engine x 2 cores speed-up vs TRL (vLLM)": ratio("ours sync, 1 engine x 2 cores",
-                                                                            "TRL (vLLM colocate)"),
-                   "sync 2 engines speed-up vs sync 1 engine": ratio("ours sync, 2 engines", "ours sync")},
+        "ratios": {
+            "sync speed-up vs TRL (HF generate)": ratio("ours sync", "TRL (HF generate)"),
+            "overlap speed-up vs TRL (HF generate)": ratio("ours overlap", "TRL (HF generate)"),
+            "overlap speed-up vs sync": ratio("ours overlap", "ours sync"),
+            "sync speed-up vs TRL (vLLM)": ratio("ours sync", "TRL (vLLM colocate)"),
+            "overlap speed-up vs TRL (vLLM)": ratio("ours overlap", "TRL (vLLM colocate)"),
+            "sync 2 engines speed-up vs TRL (HF generate)": ratio(
+                "ours sync, 2 engines", "TRL (HF generate)"
+            ),
+            "overlap 2 engines speed-up vs TRL (HF generate)": ratio(
+                "ours overlap, 2 engines", "TRL (HF generate)"
+            ),
+            "sync 2 engines speed-up vs TRL (vLLM)": ratio("ours sync, 2 engines", "TRL (vLLM colocate)"),
+            "overlap 2 engines speed-up vs TRL (vLLM)": ratio(
+                "ours overlap, 2 engines", "TRL (vLLM colocate)"
+            ),
+            "sync 1 engine x 2 cores speed-up vs TRL (vLLM)": ratio(
+                "ours sync, 1 engine x 2 cores", "TRL (vLLM colocate)"
+            ),
+            "sync 2 engines speed-up vs sync 1 engine": ratio("ours sync, 2 engines", "ours sync"),
+        },
         "inprocess_copy_gb_per_s": inprocess_copy_gbps(main_bytes),
     }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

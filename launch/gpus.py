@@ -10,8 +10,12 @@ def nvidia_smi(fields: str) -> list[list[str]]:
     """`nvidia-smi --query-gpu=FIELDS` as one row of stripped values per GPU, in nvidia-smi's order; []
     where there is no nvidia-smi, no GPU, or it fails."""
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     if out.returncode != 0:

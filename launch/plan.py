@@ -37,6 +37,7 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Gpu:
     """A GPU of this host as nvidia-smi lists it (or $GRPO_GPU_INVENTORY, or a dry run's assumption)."""
+
     index: int  # nvidia-smi's (physical) id
     memory_gib: float | None = None  # None: unknown, the memory split is not checked
     compute_mode: str = "Default"
@@ -46,6 +47,7 @@ class Gpu:
 class Layout:
     """What a plan is made from: the config's placement and batch settings (launch/train.py `layout`
     copies them) and where this launch runs (its command-line arguments)."""
+
     gpus: int  # GPUs on this host; with a hostfile: 0 = CPU ranks, else the slots are GPUs
     gpu_ids: tuple[int, ...] | None = None  # their physical ids, in CUDA's order (default 0..gpus-1)
     tp: int = 1  # server.tensor_parallel_size
@@ -85,6 +87,7 @@ class Layout:
 @dataclass(frozen=True)
 class EnginePlan:
     """A generation engine this launch starts: `serve --engine-index engine` on host:port."""
+
     engine: int
     host: str
     port: int
@@ -98,6 +101,7 @@ class EnginePlan:
 @dataclass(frozen=True)
 class TrainerPlan:
     """The trainer ranks: one command (deepspeed, or srun under SLURM) and what it adds to the environment."""
+
     ranks: int
     gpus: dict[str, tuple[int, ...]]  # host -> the GPUs its ranks take (none: CPU)
     device: str  # cuda | cpu
@@ -119,6 +123,7 @@ class SyncPlan:
 @dataclass(frozen=True)
 class BatchSplit:
     """Completions per optimizer step = micro_batch_size x gradient_accumulation_steps x ranks."""
+
     completions_per_step: int
     micro_batch_size: int
     gradient_accumulation_steps: int
@@ -130,6 +135,7 @@ class BatchSplit:
 class MemorySplit:
     """GPU memory on this host (launch/memory.py): the arithmetic as lines, the server's share and KV
     cache, the rank's modelled peak and what it is left. None: not computed (left out of the JSON)."""
+
     model_source: str
     gpu_memory_utilization: float
     kv_cache_gib: float
@@ -155,15 +161,24 @@ class Plan:
 
     def to_json(self) -> dict:
         """The JSON document (`--plan-json`; token values included: see `redacted`)."""
-        memory = None if self.memory is None else {k: v for k, v in asdict(self.memory).items() if v is not None}
+        memory = (
+            None if self.memory is None else {k: v for k, v in asdict(self.memory).items() if v is not None}
+        )
         return listed({**asdict(self), "memory": memory})
 
     @classmethod
     def from_json(cls, document: dict) -> Plan:
         """A plan read back from its JSON document (a key it does not know is a TypeError)."""
         d = tupled(document)
-        return cls(tuple(EnginePlan(**s) for s in d["servers"]), TrainerPlan(**d["trainer"]), SyncPlan(**d["sync"]),
-                   d["server_urls"], BatchSplit(**d["batch"]), d["memory"] and MemorySplit(**d["memory"]), d["notes"])
+        return cls(
+            tuple(EnginePlan(**s) for s in d["servers"]),
+            TrainerPlan(**d["trainer"]),
+            SyncPlan(**d["sync"]),
+            d["server_urls"],
+            BatchSplit(**d["batch"]),
+            d["memory"] and MemorySplit(**d["memory"]),
+            d["notes"],
+        )
 
 
 def listed(value):
@@ -213,11 +228,15 @@ def parse_inventory(text: str) -> list[Gpu]:
     for line in filter(str.strip, text.replace(";", "\n").splitlines()):
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 3 or not parts[0].isdigit():
-            raise PlanError(f"GPU inventory: expected 'index, memory MiB, compute mode', got {line.strip()!r}")
+            raise PlanError(
+                f"GPU inventory: expected 'index, memory MiB, compute mode', got {line.strip()!r}"
+            )
         try:
             memory_gib = float(parts[1]) / 1024
         except ValueError:
-            raise PlanError(f"GPU inventory: memory.total of GPU {parts[0]} is {parts[1]!r}, not MiB") from None
+            raise PlanError(
+                f"GPU inventory: memory.total of GPU {parts[0]} is {parts[1]!r}, not MiB"
+            ) from None
         gpus.append(Gpu(int(parts[0]), round(memory_gib, 1), parts[2]))
     return gpus
 
@@ -229,13 +248,17 @@ def visible_gpus(inventory: list[Gpu], cuda_visible_devices: str | None) -> list
         return inventory
     names = [n.strip() for n in cuda_visible_devices.split(",") if n.strip()]
     if not all(n.isdigit() for n in names):
-        raise PlanError(f"CUDA_VISIBLE_DEVICES={cuda_visible_devices}: the launcher takes GPU indices (DeepSpeed's "
-                        f"--include names GPUs by index), not UUIDs")
+        raise PlanError(
+            f"CUDA_VISIBLE_DEVICES={cuda_visible_devices}: the launcher takes GPU indices (DeepSpeed's "
+            f"--include names GPUs by index), not UUIDs"
+        )
     by_index = {g.index: g for g in inventory}
     missing = [n for n in names if int(n) not in by_index]
     if missing:
-        raise PlanError(f"CUDA_VISIBLE_DEVICES={cuda_visible_devices}: no GPU {missing[0]} on this host "
-                        f"(nvidia-smi lists {','.join(map(str, by_index))})")
+        raise PlanError(
+            f"CUDA_VISIBLE_DEVICES={cuda_visible_devices}: no GPU {missing[0]} on this host "
+            f"(nvidia-smi lists {','.join(map(str, by_index))})"
+        )
     return [by_index[int(n)] for n in names]
 
 
@@ -261,8 +284,10 @@ def idle_note(idle: tuple[int, ...], free: int, num_ranks: int, completions: int
         who = "the server leaves" if engines == 1 else "the engines leave"
         return f"GPUs {gpus} idle: train.num_ranks={num_ranks} (0 = use every GPU {who})"
     ranks = free - len(idle)
-    return (f"GPUs {gpus} idle: train.completions_per_step={completions} splits evenly over at most {ranks} of the "
-            f"{free} GPUs left; a multiple of {math.lcm(completions, free)} would use all {free}")
+    return (
+        f"GPUs {gpus} idle: train.completions_per_step={completions} splits evenly over at most {ranks} of the "
+        f"{free} GPUs left; a multiple of {math.lcm(completions, free)} would use all {free}"
+    )
 
 
 def split_batch(completions: int, micro: int, accumulation: int, ranks: int) -> BatchSplit:
@@ -272,14 +297,21 @@ def split_batch(completions: int, micro: int, accumulation: int, ranks: int) -> 
     if not completions:
         return BatchSplit(micro * accumulation * ranks, micro, accumulation, ranks)
     if completions % ranks:
-        raise PlanError(f"train.completions_per_step={completions} does not split evenly over {ranks} ranks; use "
-                        f"{', '.join(map(str, divisors(completions)))} ranks (train.num_ranks), or a multiple of "
-                        f"{math.lcm(completions, ranks)} completions")
+        raise PlanError(
+            f"train.completions_per_step={completions} does not split evenly over {ranks} ranks; use "
+            f"{', '.join(map(str, divisors(completions)))} ranks (train.num_ranks), or a multiple of "
+            f"{math.lcm(completions, ranks)} completions"
+        )
     share = completions // ranks
     m = max(d for d in divisors(share) if d <= micro)
-    return BatchSplit(completions, m, share // m, ranks,
-                      f"accumulation derived from train.completions_per_step={completions} for {ranks} rank(s)"
-                      + (f"; micro_batch_size {micro} -> {m}: a rank's share is {share}" if m < micro else ""))
+    return BatchSplit(
+        completions,
+        m,
+        share // m,
+        ranks,
+        f"accumulation derived from train.completions_per_step={completions} for {ranks} rank(s)"
+        + (f"; micro_batch_size {micro} -> {m}: a rank's share is {share}" if m < micro else ""),
+    )
 
 
 def engine_urls(server_url: str | None) -> tuple[str, ...]:
@@ -288,8 +320,9 @@ def engine_urls(server_url: str | None) -> tuple[str, ...]:
         return ()
     urls = tuple(u.strip() for u in server_url.split(","))
     if not all(urls):
-        raise PlanError(f"--server-url {server_url}: expected URLs separated by commas (one per engine), "
-                        f"got an empty one")
+        raise PlanError(
+            f"--server-url {server_url}: expected URLs separated by commas (one per engine), got an empty one"
+        )
     return urls
 
 
@@ -311,14 +344,20 @@ def check_request(layout: Layout) -> tuple[str, ...]:
         raise PlanError(f"server.data_parallel_size: must be at least 1, got {dp}")
     urls = engine_urls(layout.server_url)
     if urls and dp > 1 and len(urls) != dp:
-        raise PlanError(f"--server-url names {len(urls)} engine(s) but server.data_parallel_size={dp}; give one "
-                        f"URL per engine, comma-separated, or set server.data_parallel_size={len(urls)}")
+        raise PlanError(
+            f"--server-url names {len(urls)} engine(s) but server.data_parallel_size={dp}; give one "
+            f"URL per engine, comma-separated, or set server.data_parallel_size={len(urls)}"
+        )
     if layout.launcher == "slurm" and dp > 1 and not urls:
-        raise PlanError(f"--launcher slurm: server.data_parallel_size={dp} engines run as their own srun steps "
-                        f"(launch/slurm.sbatch starts them); pass their URLs: --server-url URL,URL,...")
+        raise PlanError(
+            f"--launcher slurm: server.data_parallel_size={dp} engines run as their own srun steps "
+            f"(launch/slurm.sbatch starts them); pass their URLs: --server-url URL,URL,..."
+        )
     if not urls and layout.server_port + dp - 1 > 65535:
-        raise PlanError(f"server.port={layout.server_port}: engine {dp - 1} of server.data_parallel_size={dp} would "
-                        f"listen on {layout.server_port + dp - 1}, above 65535")
+        raise PlanError(
+            f"server.port={layout.server_port}: engine {dp - 1} of server.data_parallel_size={dp} would "
+            f"listen on {layout.server_port + dp - 1}, above 65535"
+        )
     return urls
 
 
@@ -340,8 +379,9 @@ def token_env(layout: Layout) -> dict[str, str]:
     return {TOKEN_ENV: layout.token} if layout.token else {}
 
 
-def local_engines(layout: Layout, gpus: list[tuple[int, ...]],
-                  urls: tuple[str, ...]) -> tuple[tuple[EnginePlan, ...], list[str]]:
+def local_engines(
+    layout: Layout, gpus: list[tuple[int, ...]], urls: tuple[str, ...]
+) -> tuple[tuple[EnginePlan, ...], list[str]]:
     """The engines this launch starts (none when --server-url names them; engine i on server.port + i with
     `gpus[i]`; on CPU, several engines each on cores of their own) and a note when they share cores."""
     if urls:
@@ -350,38 +390,90 @@ def local_engines(layout: Layout, gpus: list[tuple[int, ...]],
     cpus = layout.cpu_count or os.cpu_count() or 1
     notes = []
     if not cuda and dp > 1 and dp * tp > cpus:
-        notes.append(f"{dp} engines x tensor_parallel_size {tp} on {cpus} core(s): engines share cores "
-                     f"(VLLM_CPU_OMP_THREADS_BIND)")
+        notes.append(
+            f"{dp} engines x tensor_parallel_size {tp} on {cpus} core(s): engines share cores "
+            f"(VLLM_CPU_OMP_THREADS_BIND)"
+        )
     engines = []
     for i, engine_gpus in enumerate(gpus):
-        env = {**token_env(layout), "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+        env = {
+            **token_env(layout),
+            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+            "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+        }
         if cuda:
             env.update(PHYSICAL_ORDER, CUDA_VISIBLE_DEVICES=",".join(map(str, engine_gpus)))
         elif dp > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(i, tp, cpus)
         port = layout.server_port + i
-        command = (layout.python, "-m", "pipeline.generation.serve", "--config", layout.config_path,
-                   "--run-dir", layout.run_dir, "--engine-index", str(i), "--port", str(port))
-        engines.append(EnginePlan(i, layout.server_host, port, tuple(engine_gpus), tp, log_name(i), command, env))
+        command = (
+            layout.python,
+            "-m",
+            "pipeline.generation.serve",
+            "--config",
+            layout.config_path,
+            "--run-dir",
+            layout.run_dir,
+            "--engine-index",
+            str(i),
+            "--port",
+            str(port),
+        )
+        engines.append(
+            EnginePlan(i, layout.server_host, port, tuple(engine_gpus), tp, log_name(i), command, env)
+        )
     return tuple(engines), notes
 
 
-def trainer_command(layout: Layout, head: list[str], urls: tuple[str, ...], token_file: str | None = None) -> tuple:
+def trainer_command(
+    layout: Layout, head: list[str], urls: tuple[str, ...], token_file: str | None = None
+) -> tuple:
     """The ranks' launcher (`head`), then the trainer's own arguments."""
-    return (*head, "--config", layout.config_path, "--run-dir", layout.run_dir, "--server-url", ",".join(urls),
-            *(["--token-file", token_file] if token_file else []), *(["--resume"] if layout.resume else []))
+    return (
+        *head,
+        "--config",
+        layout.config_path,
+        "--run-dir",
+        layout.run_dir,
+        "--server-url",
+        ",".join(urls),
+        *(["--token-file", token_file] if token_file else []),
+        *(["--resume"] if layout.resume else []),
+    )
 
 
-def on_this_host(layout: Layout, placement: list[str], engines: tuple[EnginePlan, ...], urls: tuple[str, ...],
-                 ranks: int, gpus: tuple[int, ...], transport: str, notes: list[str]) -> Plan:
+def on_this_host(
+    layout: Layout,
+    placement: list[str],
+    engines: tuple[EnginePlan, ...],
+    urls: tuple[str, ...],
+    ranks: int,
+    gpus: tuple[int, ...],
+    transport: str,
+    notes: list[str],
+) -> Plan:
     """A plan whose ranks `deepspeed` starts here with `placement` (engines here too, unless --server-url)."""
     urls = urls or tuple(f"http://{e.host}:{e.port}" for e in engines)
-    head = [layout.deepspeed, *placement, "--master_port", str(layout.master_port), "--module", TRAINER_MODULE]
+    head = [
+        layout.deepspeed,
+        *placement,
+        "--master_port",
+        str(layout.master_port),
+        "--module",
+        TRAINER_MODULE,
+    ]
     cuda = layout.gpus > 0
-    trainer = TrainerPlan(ranks, {"localhost": gpus}, "cuda" if cuda else "cpu", trainer_command(layout, head, urls),
-                          {**token_env(layout), **(PHYSICAL_ORDER if cuda else CPU_RANK_ENV)},
-                          ("CUDA_VISIBLE_DEVICES",) if cuda else ())
-    batch = split_batch(layout.completions_per_step, layout.micro_batch_size, layout.gradient_accumulation_steps, ranks)
+    trainer = TrainerPlan(
+        ranks,
+        {"localhost": gpus},
+        "cuda" if cuda else "cpu",
+        trainer_command(layout, head, urls),
+        {**token_env(layout), **(PHYSICAL_ORDER if cuda else CPU_RANK_ENV)},
+        ("CUDA_VISIBLE_DEVICES",) if cuda else (),
+    )
+    batch = split_batch(
+        layout.completions_per_step, layout.micro_batch_size, layout.gradient_accumulation_steps, ranks
+    )
     return Plan(engines, trainer, SyncPlan(transport), urls, batch, None, tuple(notes))
 
 
@@ -417,9 +509,11 @@ def plan_one_gpu(layout: Layout, urls: tuple[str, ...]) -> Plan:
     if tp != 1:
         raise PlanError(f"server.tensor_parallel_size={tp} needs {tp} GPUs; this host has 1")
     if dp != 1:
-        raise PlanError(f"server.data_parallel_size={dp}: one GPU holds one engine and one trainer rank "
-                        f"(they share it through sync.transport=ipc); set server.data_parallel_size=1 or "
-                        f"use {dp + 1} or more GPUs")
+        raise PlanError(
+            f"server.data_parallel_size={dp}: one GPU holds one engine and one trainer rank "
+            f"(they share it through sync.transport=ipc); set server.data_parallel_size=1 or "
+            f"use {dp + 1} or more GPUs"
+        )
     if layout.num_ranks > 1:
         raise PlanError(f"train.num_ranks={layout.num_ranks}: one GPU holds the server and one trainer rank")
     transport = local_transport(layout, cuda=True, shared_gpu=True)
@@ -436,21 +530,34 @@ def plan_gpus(layout: Layout, urls: tuple[str, ...]) -> Plan:
     free = gpus - used
     if free < 1:
         if dp == 1:
-            raise PlanError(f"server.tensor_parallel_size={tp} leaves no GPU for training on this host "
-                            f"({gpus} GPUs); use tp <= {gpus - 1}")
-        raise PlanError(f"server.data_parallel_size={dp} x tensor_parallel_size={tp} needs {used} GPUs for "
-                        f"generation and leaves none for training on this host ({gpus} GPUs); use "
-                        f"data_parallel_size x tensor_parallel_size <= {gpus - 1}")
+            raise PlanError(
+                f"server.tensor_parallel_size={tp} leaves no GPU for training on this host "
+                f"({gpus} GPUs); use tp <= {gpus - 1}"
+            )
+        raise PlanError(
+            f"server.data_parallel_size={dp} x tensor_parallel_size={tp} needs {used} GPUs for "
+            f"generation and leaves none for training on this host ({gpus} GPUs); use "
+            f"data_parallel_size x tensor_parallel_size <= {gpus - 1}"
+        )
     ranks = pick_ranks(free, layout.num_ranks, layout.completions_per_step)
     if ranks > free:
-        engines_use = (f"the server's tensor_parallel_size={tp}" if dp == 1 else
-                       f"the engines' {dp} x {tp} GPUs (server.data_parallel_size x tensor_parallel_size)")
-        raise PlanError(f"train.num_ranks={ranks} needs {ranks} GPUs, but only {free} of {gpus} are left "
-                        f"after {engines_use}")
-    mine = ids[used:used + ranks]
-    notes = [idle_note(ids[used + ranks:], free, layout.num_ranks, layout.completions_per_step, dp)] if ranks < free else []
+        engines_use = (
+            f"the server's tensor_parallel_size={tp}"
+            if dp == 1
+            else f"the engines' {dp} x {tp} GPUs (server.data_parallel_size x tensor_parallel_size)"
+        )
+        raise PlanError(
+            f"train.num_ranks={ranks} needs {ranks} GPUs, but only {free} of {gpus} are left "
+            f"after {engines_use}"
+        )
+    mine = ids[used : used + ranks]
+    notes = (
+        [idle_note(ids[used + ranks :], free, layout.num_ranks, layout.completions_per_step, dp)]
+        if ranks < free
+        else []
+    )
     transport = local_transport(layout, cuda=True)
-    engines, engine_notes = local_engines(layout, [ids[i * tp:(i + 1) * tp] for i in range(dp)], urls)
+    engines, engine_notes = local_engines(layout, [ids[i * tp : (i + 1) * tp] for i in range(dp)], urls)
     placement = ["--include", "localhost:" + ",".join(map(str, mine))]
     return on_this_host(layout, placement, engines, urls, ranks, mine, transport, notes + engine_notes)
 
@@ -460,15 +567,21 @@ def plan_hostfile(layout: Layout, urls: tuple[str, ...]) -> Plan:
     running elsewhere (--server-url), the token in a 0600 file in the shared run directory (DeepSpeed's
     PDSH runner forwards only some environment variables to other nodes, so none is set here)."""
     if not urls:
-        raise PlanError("--hostfile: start the server on its own node and pass --server-url (comma-separated "
-                        "URLs for several engines; see launch/slurm.sbatch)")
+        raise PlanError(
+            "--hostfile: start the server on its own node and pass --server-url (comma-separated "
+            "URLs for several engines; see launch/slurm.sbatch)"
+        )
     hosts, cuda = read_hostfile(layout.hostfile), layout.gpus > 0
     ranks = sum(hosts.values())
     if layout.num_ranks and layout.num_ranks != ranks:
-        raise PlanError(f"train.num_ranks={layout.num_ranks} but {layout.hostfile} has {ranks} slots; set 0 to use all")
+        raise PlanError(
+            f"train.num_ranks={layout.num_ranks} but {layout.hostfile} has {ranks} slots; set 0 to use all"
+        )
     if not cuda and layout.launcher != "slurm":
-        raise PlanError("--gpus 0 with --hostfile: CPU ranks on several hosts need --launcher slurm "
-                        "(DeepSpeed's other runners do not pass DS_ACCELERATOR=cpu on)")
+        raise PlanError(
+            "--gpus 0 with --hostfile: CPU ranks on several hosts need --launcher slurm "
+            "(DeepSpeed's other runners do not pass DS_ACCELERATOR=cpu on)"
+        )
     transport = resolve_transport(layout.transport, cuda=cuda)
     check_nccl(transport, cuda)
     env = {} if cuda else dict(CPU_RANK_ENV)
@@ -478,13 +591,30 @@ def plan_hostfile(layout: Layout, urls: tuple[str, ...]) -> Plan:
         head = srun_command(hosts, layout.srun, layout.python)
     else:
         launcher = ["--launcher", layout.launcher] if layout.launcher else []
-        head = [layout.deepspeed, "--hostfile", layout.hostfile, "--master_addr", master,
-                "--master_port", str(layout.master_port), *launcher, "--module", TRAINER_MODULE]
+        head = [
+            layout.deepspeed,
+            "--hostfile",
+            layout.hostfile,
+            "--master_addr",
+            master,
+            "--master_port",
+            str(layout.master_port),
+            *launcher,
+            "--module",
+            TRAINER_MODULE,
+        ]
     token_file = str(Path(layout.run_dir) / "server.token")
-    trainer = TrainerPlan(ranks, {host: tuple(range(slots)) if cuda else () for host, slots in hosts.items()},
-                          "cuda" if cuda else "cpu", trainer_command(layout, head, urls, token_file), env,
-                          token_file=token_file)
-    batch = split_batch(layout.completions_per_step, layout.micro_batch_size, layout.gradient_accumulation_steps, ranks)
+    trainer = TrainerPlan(
+        ranks,
+        {host: tuple(range(slots)) if cuda else () for host, slots in hosts.items()},
+        "cuda" if cuda else "cpu",
+        trainer_command(layout, head, urls, token_file),
+        env,
+        token_file=token_file,
+    )
+    batch = split_batch(
+        layout.completions_per_step, layout.micro_batch_size, layout.gradient_accumulation_steps, ranks
+    )
     return Plan((), trainer, SyncPlan(transport), urls, batch)
 
 
@@ -492,11 +622,23 @@ def srun_command(hosts: dict[str, int], srun: str, python: str) -> list[str]:
     """The trainer step: one srun task per slot, on exactly the hostfile's hosts (srun places tasks by
     count, so without --nodelist it may use the server's node), each a rank via launch/srun_rank.py."""
     if len(set(hosts.values())) > 1:
-        raise PlanError(f"--launcher slurm: every host needs the same slots (srun --ntasks-per-node), got "
-                        f"{', '.join(f'{h} slots={n}' for h, n in hosts.items())}")
+        raise PlanError(
+            f"--launcher slurm: every host needs the same slots (srun --ntasks-per-node), got "
+            f"{', '.join(f'{h} slots={n}' for h, n in hosts.items())}"
+        )
     per_node = next(iter(hosts.values()))
-    return [srun, f"--nodes={len(hosts)}", f"--ntasks={per_node * len(hosts)}", f"--ntasks-per-node={per_node}",
-            f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=1", "--export=ALL", python, "-u", SRUN_RANK]
+    return [
+        srun,
+        f"--nodes={len(hosts)}",
+        f"--ntasks={per_node * len(hosts)}",
+        f"--ntasks-per-node={per_node}",
+        f"--nodelist={','.join(hosts)}",
+        "--kill-on-bad-exit=1",
+        "--export=ALL",
+        python,
+        "-u",
+        SRUN_RANK,
+    ]
 
 
 # --- checking and showing a plan ---------------------------------------------------------------------
@@ -514,20 +656,28 @@ def check_compute_modes(plan: Plan, gpus: list[Gpu]) -> None:
     for gpu in gpus:
         mode = gpu.compute_mode.upper()
         if mode == "PROHIBITED" and gpu.index in server | trainer:
-            raise PlanError(f"GPU {gpu.index} is in PROHIBITED compute mode (no process may use it); "
-                            f"leave it out with CUDA_VISIBLE_DEVICES")
+            raise PlanError(
+                f"GPU {gpu.index} is in PROHIBITED compute mode (no process may use it); "
+                f"leave it out with CUDA_VISIBLE_DEVICES"
+            )
         if mode.startswith("EXCLUSIVE") and gpu.index in server & trainer:
-            raise PlanError(f"GPU {gpu.index} is in {mode} compute mode (one process at a time), but the server and "
-                            f"a trainer rank share it; ask for `nvidia-smi -i {gpu.index} -c DEFAULT` or use two GPUs")
+            raise PlanError(
+                f"GPU {gpu.index} is in {mode} compute mode (one process at a time), but the server and "
+                f"a trainer rank share it; ask for `nvidia-smi -i {gpu.index} -c DEFAULT` or use two GPUs"
+            )
 
 
 def redacted(plan: Plan) -> Plan:
     """The plan with secret values replaced (for printing and --plan-json)."""
+
     def hide(env: dict[str, str]) -> dict[str, str]:
         return {name: REDACTED if name in SECRET_ENV else value for name, value in env.items()}
 
-    return replace(plan, servers=tuple(replace(e, env=hide(e.env)) for e in plan.servers),
-                   trainer=replace(plan.trainer, env=hide(plan.trainer.env)))
+    return replace(
+        plan,
+        servers=tuple(replace(e, env=hide(e.env)) for e in plan.servers),
+        trainer=replace(plan.trainer, env=hide(plan.trainer.env)),
+    )
 
 
 def describe(plan: Plan) -> str:
@@ -535,24 +685,32 @@ def describe(plan: Plan) -> str:
     lines = []
     for e in plan.servers:
         gpus = ",".join(map(str, e.gpus)) or "none (CPU)"
-        lines += [f"engine {e.engine}  {e.host}:{e.port}  GPUs: {gpus}  tensor_parallel_size: "
-                  f"{e.tensor_parallel_size}  log: {e.log}",
-                  f"        env: {' '.join(sorted(e.env))}",
-                  f"        $ {shlex.join(e.command)}"]
+        lines += [
+            f"engine {e.engine}  {e.host}:{e.port}  GPUs: {gpus}  tensor_parallel_size: "
+            f"{e.tensor_parallel_size}  log: {e.log}",
+            f"        env: {' '.join(sorted(e.env))}",
+            f"        $ {shlex.join(e.command)}",
+        ]
     if not plan.servers:
-        lines.append(f"server  already running at {', '.join(plan.server_urls)} (not started by this launcher)")
+        lines.append(
+            f"server  already running at {', '.join(plan.server_urls)} (not started by this launcher)"
+        )
     trainer, batch = plan.trainer, plan.batch
-    where = "; ".join(f"{host}: GPUs {','.join(map(str, g)) or 'none (CPU)'}" for host, g in trainer.gpus.items())
+    where = "; ".join(
+        f"{host}: GPUs {','.join(map(str, g)) or 'none (CPU)'}" for host, g in trainer.gpus.items()
+    )
     unset = trainer.unset_env
-    lines += [f"trainer {trainer.ranks} DeepSpeed rank(s) on {trainer.device}  ({where})",
-              f"        env: {' '.join(sorted(trainer.env)) or '(inherited only)'}"
-              + (f"; unset: {' '.join(unset)} (--include names physical GPUs)" if unset else "")
-              + (f"; token from {trainer.token_file} (0600)" if trainer.token_file else ""),
-              f"        $ {shlex.join(trainer.command)}",
-              f"batch   {batch.completions_per_step} completions per step = micro_batch_size "
-              f"{batch.micro_batch_size} x gradient_accumulation_steps {batch.gradient_accumulation_steps} x "
-              f"{batch.ranks} rank(s)" + (f"  ({batch.derived})" if batch.derived else ""),
-              f"sync    {plan.sync.transport} (vLLM weight-transfer API)"]
+    lines += [
+        f"trainer {trainer.ranks} DeepSpeed rank(s) on {trainer.device}  ({where})",
+        f"        env: {' '.join(sorted(trainer.env)) or '(inherited only)'}"
+        + (f"; unset: {' '.join(unset)} (--include names physical GPUs)" if unset else "")
+        + (f"; token from {trainer.token_file} (0600)" if trainer.token_file else ""),
+        f"        $ {shlex.join(trainer.command)}",
+        f"batch   {batch.completions_per_step} completions per step = micro_batch_size "
+        f"{batch.micro_batch_size} x gradient_accumulation_steps {batch.gradient_accumulation_steps} x "
+        f"{batch.ranks} rank(s)" + (f"  ({batch.derived})" if batch.derived else ""),
+        f"sync    {plan.sync.transport} (vLLM weight-transfer API)",
+    ]
     if plan.memory:
         lines += [("memory  " if i == 0 else "        ") + line for i, line in enumerate(plan.memory.lines)]
     lines += [f"note    {note}" for note in plan.notes]

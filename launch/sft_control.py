@@ -38,22 +38,30 @@ def main(argv=None) -> int:
         config = load_config(str(run_dir / "config.yaml"))
         build = json.loads((Path(config.model.path) / "build.json").read_text())
     except FileNotFoundError as e:
-        print(f"error: {e.filename}: not found (expected a finished run of the embedded default, model.build=tiny)",
-              file=sys.stderr)
+        print(
+            f"error: {e.filename}: not found (expected a finished run of the embedded default, model.build=tiny)",
+            file=sys.stderr,
+        )
         return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "sft_seconds" not in build or not build["sft_steps"]:
-        print(f"error: {config.model.path}/build.json: no warm-start timing (built by an older version; "
-              "delete the model from the cache and rerun)", file=sys.stderr)
+        print(
+            f"error: {config.model.path}/build.json: no warm-start timing (built by an older version; "
+            "delete the model from the cache and rerun)",
+            file=sys.stderr,
+        )
         return 2
     seconds = grpo_seconds(run_dir)
     extra = round(seconds * build["sft_steps"] / build["sft_seconds"])
     config.model.build = "tiny"
     config.model.build_sft_steps = build["sft_steps"] + extra
-    print(f"GRPO took {seconds:.0f} s; the warm start runs {build['sft_steps'] / build['sft_seconds']:.2f} steps/s: "
-          f"building the same warm start with {build['sft_steps']} + {extra} steps...", flush=True)
+    print(
+        f"GRPO took {seconds:.0f} s; the warm start runs {build['sft_steps'] / build['sft_seconds']:.2f} steps/s: "
+        f"building the same warm start with {build['sft_steps']} + {extra} steps...",
+        flush=True,
+    )
 
     from pipeline.embedded.default_model import build_default_model
 
@@ -62,13 +70,20 @@ def main(argv=None) -> int:
     from pipeline.report import evaluate
 
     out = run_dir / "sft_control"
-    code = evaluate.main(["--model", str(model), "--config", str(run_dir / "config.yaml"), "--maj-k", "0",
-                          "--out", str(out)])
+    code = evaluate.main(
+        ["--model", str(model), "--config", str(run_dir / "config.yaml"), "--maj-k", "0", "--out", str(out)]
+    )
     if code:
         return code
     summary = json.loads(out.with_suffix(".json").read_text())
-    summary.update({"control/grpo_seconds": round(seconds, 1), "control/extra_sft_steps": extra,
-                    "control/extra_sft_seconds": round(spent - build["sft_seconds"], 1), "control/model": str(model)})
+    summary.update(
+        {
+            "control/grpo_seconds": round(seconds, 1),
+            "control/extra_sft_steps": extra,
+            "control/extra_sft_seconds": round(spent - build["sft_seconds"], 1),
+            "control/model": str(model),
+        }
+    )
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"-> {out}.json")
     return 0

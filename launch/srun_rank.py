@@ -39,8 +39,9 @@ def expand_hostnames(nodelist: str) -> list[str]:
     """SLURM's compressed host list (`node[01-03,7],gpu5`) as host names: `scontrol show hostnames`
     when it is there, else a small parser for one bracket per name (enough for common clusters)."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+        )
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()
     except (OSError, subprocess.TimeoutExpired):
@@ -68,17 +69,27 @@ def tasks_on_node(tasks_per_node: str, node: int) -> int | None:
     return counts[node] if node < len(counts) else None
 
 
-def torch_env(env: Mapping[str, str], expand: Callable[[str], list[str]] = expand_hostnames) -> dict[str, str]:
+def torch_env(
+    env: Mapping[str, str], expand: Callable[[str], list[str]] = expand_hostnames
+) -> dict[str, str]:
     """The torch.distributed variables this SLURM task lacks (those already in `env` are left out)."""
     out: dict[str, str] = {}
     missing = [name for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID") if name not in env]
     if missing:
         raise SystemExit(f"error: launch/srun_rank.py runs under srun (missing {', '.join(missing)})")
-    out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"] = env["SLURM_PROCID"], env["SLURM_NTASKS"], env["SLURM_LOCALID"]
+    out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"] = (
+        env["SLURM_PROCID"],
+        env["SLURM_NTASKS"],
+        env["SLURM_LOCALID"],
+    )
     node = int(env.get("SLURM_NODEID", "0"))
     for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
         # SLURM_NTASKS_PER_NODE is one number for every node
-        count = tasks_on_node(env[name], 0 if name == "SLURM_NTASKS_PER_NODE" else node) if env.get(name) else None
+        count = (
+            tasks_on_node(env[name], 0 if name == "SLURM_NTASKS_PER_NODE" else node)
+            if env.get(name)
+            else None
+        )
         if count:
             out["LOCAL_WORLD_SIZE"] = out["LOCAL_SIZE"] = str(count)
             break
@@ -88,8 +99,10 @@ def torch_env(env: Mapping[str, str], expand: Callable[[str], list[str]] = expan
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodelist:
-            raise SystemExit("error: launch/srun_rank.py: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find "
-                             "the first node (or set MASTER_ADDR)")
+            raise SystemExit(
+                "error: launch/srun_rank.py: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find "
+                "the first node (or set MASTER_ADDR)"
+            )
         out["MASTER_ADDR"] = expand(nodelist)[0]
     if "MASTER_PORT" not in env:
         out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
@@ -100,8 +113,12 @@ def main(argv: list[str]) -> None:
     added = torch_env(os.environ)
     os.environ.update(added)
     e = os.environ
-    print(f"srun_rank: rank {e['RANK']} of {e['WORLD_SIZE']} (local {e['LOCAL_RANK']}) on "
-          f"{os.uname().nodename}, master {e['MASTER_ADDR']}:{e['MASTER_PORT']}", file=sys.stderr, flush=True)
+    print(
+        f"srun_rank: rank {e['RANK']} of {e['WORLD_SIZE']} (local {e['LOCAL_RANK']}) on "
+        f"{os.uname().nodename}, master {e['MASTER_ADDR']}:{e['MASTER_PORT']}",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.path[0] = str(REPO)  # as `python -m` from the repo root would have it (not launch/)
     sys.argv = [MODULE, *argv]
     runpy.run_module(MODULE, run_name="__main__", alter_sys=True)

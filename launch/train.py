@@ -60,6 +60,7 @@ REFUSALS = (ConfigError, PlanError, DataError, RewardError, ToolError)  # one li
 @dataclass(frozen=True)
 class Options:
     """What the command line adds to a config (see `parse_args`; --name and --set go into the config)."""
+
     resume: bool = False
     server_url: str | None = None
     hostfile: str | None = None
@@ -75,6 +76,7 @@ class Options:
 @dataclass(frozen=True)
 class Run:
     """A resolved run: the finished config and its plan, where it writes, the server's token."""
+
     config: Config
     plan: Plan
     run_dir: Path
@@ -85,6 +87,7 @@ class Run:
 class Outcome:
     """What `train` returns: the exit code (0 done, 2 refused before anything started, 130 interrupted,
     else the trainer's), the run directory (None when refused) and the plan."""
+
     code: int
     run_dir: Path | None = None
     plan: Plan | None = None
@@ -92,26 +95,57 @@ class Outcome:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny-cpu.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.max_steps=5 (repeatable)")
+    p.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny-cpu.yaml)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.max_steps=5 (repeatable)",
+    )
     p.add_argument("--name", help="run name (shortcut for --set run.name=...)")
     p.add_argument("--resume", action="store_true", help="continue run --name from its latest checkpoint")
-    p.add_argument("--server-url", help="use a server that is already running (multi-node); do not start one. "
-                                        "Several engines: their URLs, comma-separated")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile: trainer ranks on several hosts (needs --server-url)")
-    p.add_argument("--launcher", default="", help="DeepSpeed multi-node launcher with --hostfile (pdsh, slurm, ...)")
-    p.add_argument("--master-port", type=int, default=0,
-                   help="DeepSpeed rendezvous port (default: a free one here; 29500 with --hostfile)")
-    p.add_argument("--master-addr", default="",
-                   help="with --hostfile: rendezvous address (default: the hostfile's first host)")
-    p.add_argument("--gpus", type=int, help="plan for this many GPUs on this host (default: as many as it has); "
-                                            "with --hostfile, 0 means CPU-only trainer nodes (--launcher slurm)")
-    p.add_argument("--gpu-memory-gib", type=float,
-                   help=f"plan as if each GPU had this much memory (default: what nvidia-smi says; "
-                        f"{DRY_RUN_GPU_GIB:.0f} for a dry run's GPUs this host lacks)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the processes this run would start, start nothing, load no model")
+    p.add_argument(
+        "--server-url",
+        help="use a server that is already running (multi-node); do not start one. "
+        "Several engines: their URLs, comma-separated",
+    )
+    p.add_argument(
+        "--hostfile", help="DeepSpeed hostfile: trainer ranks on several hosts (needs --server-url)"
+    )
+    p.add_argument(
+        "--launcher", default="", help="DeepSpeed multi-node launcher with --hostfile (pdsh, slurm, ...)"
+    )
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=0,
+        help="DeepSpeed rendezvous port (default: a free one here; 29500 with --hostfile)",
+    )
+    p.add_argument(
+        "--master-addr",
+        default="",
+        help="with --hostfile: rendezvous address (default: the hostfile's first host)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="plan for this many GPUs on this host (default: as many as it has); "
+        "with --hostfile, 0 means CPU-only trainer nodes (--launcher slurm)",
+    )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help=f"plan as if each GPU had this much memory (default: what nvidia-smi says; "
+        f"{DRY_RUN_GPU_GIB:.0f} for a dry run's GPUs this host lacks)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the processes this run would start, start nothing, load no model",
+    )
     p.add_argument("--plan-json", help="write the launch plan as JSON (secrets redacted) to this file")
     return p.parse_args(argv)
 
@@ -120,13 +154,24 @@ def main(argv=None) -> int:
     """The command line: the config file and its overrides, then `train`."""
     args = parse_args(argv)
     try:
-        config = load_config(config_file(args.config), [*args.set, *([f"run.name={args.name}"] if args.name else [])])
+        config = load_config(
+            config_file(args.config), [*args.set, *([f"run.name={args.name}"] if args.name else [])]
+        )
     except REFUSALS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    options = Options(resume=args.resume, server_url=args.server_url, hostfile=args.hostfile, launcher=args.launcher,
-                      master_port=args.master_port, master_addr=args.master_addr, gpus=args.gpus,
-                      gpu_memory_gib=args.gpu_memory_gib, dry_run=args.dry_run, plan_json=args.plan_json)
+    options = Options(
+        resume=args.resume,
+        server_url=args.server_url,
+        hostfile=args.hostfile,
+        launcher=args.launcher,
+        master_port=args.master_port,
+        master_addr=args.master_addr,
+        gpus=args.gpus,
+        gpu_memory_gib=args.gpu_memory_gib,
+        dry_run=args.dry_run,
+        plan_json=args.plan_json,
+    )
     return train(config, options).code
 
 
@@ -173,7 +218,9 @@ def resolve(config: Config, options: Options) -> Run:
     token = server_token(config.server.token) or ("" if options.server_url else secrets.token_hex(16))
     plan = make_plan(layout(config, options, count, gpus, run_dir, token))
     check_compute_modes(plan, gpus)
-    plan = dataclasses.replace(plan, memory=plan_memory(plan, gpus, config, zero), notes=(*notes, *plan.notes))
+    plan = dataclasses.replace(
+        plan, memory=plan_memory(plan, gpus, config, zero), notes=(*notes, *plan.notes)
+    )
     apply_plan(config, plan)
     if not options.hostfile:
         check_batch(config, plan.trainer.ranks)
@@ -190,20 +237,35 @@ def apply_plan(config: Config, plan: Plan) -> None:
         config.server.kv_cache_gib = plan.memory.kv_cache_gib
 
 
-def layout(config: Config, options: Options, gpus: int, visible: list[Gpu], run_dir: Path, token: str) -> Layout:
+def layout(
+    config: Config, options: Options, gpus: int, visible: list[Gpu], run_dir: Path, token: str
+) -> Layout:
     """What the plan is asked: the config's placement and batch settings, and this launch's arguments."""
     s, t = config.server, config.train
     deepspeed = Path(sys.executable).with_name("deepspeed")
     hostfile = str(Path(options.hostfile).expanduser().absolute()) if options.hostfile else None
-    return Layout(gpus=gpus, gpu_ids=None if hostfile else tuple(g.index for g in visible),
-                  tp=s.tensor_parallel_size, dp=s.data_parallel_size, num_ranks=t.num_ranks,
-                  micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                  completions_per_step=t.completions_per_step, transport=config.sync.transport,
-                  server_host=s.host, server_port=s.port, server_url=options.server_url, hostfile=hostfile,
-                  launcher=options.launcher, master_addr=options.master_addr,
-                  master_port=options.master_port or (29500 if hostfile else free_port("127.0.0.1")),
-                  run_dir=str(run_dir), resume=options.resume, token=token,
-                  deepspeed=str(deepspeed) if deepspeed.exists() else "deepspeed")
+    return Layout(
+        gpus=gpus,
+        gpu_ids=None if hostfile else tuple(g.index for g in visible),
+        tp=s.tensor_parallel_size,
+        dp=s.data_parallel_size,
+        num_ranks=t.num_ranks,
+        micro_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        completions_per_step=t.completions_per_step,
+        transport=config.sync.transport,
+        server_host=s.host,
+        server_port=s.port,
+        server_url=options.server_url,
+        hostfile=hostfile,
+        launcher=options.launcher,
+        master_addr=options.master_addr,
+        master_port=options.master_port or (29500 if hostfile else free_port("127.0.0.1")),
+        run_dir=str(run_dir),
+        resume=options.resume,
+        token=token,
+        deepspeed=str(deepspeed) if deepspeed.exists() else "deepspeed",
+    )
 
 
 def host_gpus(options: Options) -> tuple[int, list[Gpu], list[str]]:
@@ -226,15 +288,21 @@ def run_gpus(options: Options) -> tuple[list[Gpu], list[str]]:
     count = len(visible) if options.gpus is None else options.gpus
     if count < 0 or (not options.dry_run and count > len(visible)):
         through = f" visible (CUDA_VISIBLE_DEVICES={visible_env})" if visible_env is not None else ""
-        raise ConfigError(f"--gpus {count}: this host has {len(visible)} GPU(s){through} (plan for more with --dry-run)")
+        raise ConfigError(
+            f"--gpus {count}: this host has {len(visible)} GPU(s){through} (plan for more with --dry-run)"
+        )
     notes = []
-    if count > len(visible):  # a dry run for GPUs this host lacks: those CUDA_VISIBLE_DEVICES names, else 0..N-1
+    if count > len(
+        visible
+    ):  # a dry run for GPUs this host lacks: those CUDA_VISIBLE_DEVICES names, else 0..N-1
         ids = [int(n) for n in (visible_env or "").split(",") if n.strip().isdigit()] or list(range(count))
         if len(ids) < count:
             raise ConfigError(f"--gpus {count}: CUDA_VISIBLE_DEVICES={visible_env} names {len(ids)} GPU(s)")
         visible = [Gpu(i, DRY_RUN_GPU_GIB) for i in ids]
-        notes.append(f"dry run: {count} GPU(s) this host does not have, "
-                     f"{options.gpu_memory_gib or DRY_RUN_GPU_GIB} GiB each (--gpu-memory-gib)")
+        notes.append(
+            f"dry run: {count} GPU(s) this host does not have, "
+            f"{options.gpu_memory_gib or DRY_RUN_GPU_GIB} GiB each (--gpu-memory-gib)"
+        )
     gpus = visible[:count]
     if options.gpu_memory_gib:
         gpus = [dataclasses.replace(g, memory_gib=options.gpu_memory_gib) for g in gpus]
@@ -260,15 +328,19 @@ def read_deepspeed_config(given: str, cuda: bool) -> tuple[str, Zero]:
     given = Path(given).expanduser()
     path = next((p for p in (given, REPO / given) if p.is_file()), None)
     if path is None:
-        raise ConfigError(f"train.deepspeed_config: {given} not found (expected a DeepSpeed JSON such as "
-                          f"configs/ds_zero2.json)")
+        raise ConfigError(
+            f"train.deepspeed_config: {given} not found (expected a DeepSpeed JSON such as "
+            f"configs/ds_zero2.json)"
+        )
     try:
         zero = json.loads(path.read_text()).get("zero_optimization", {})
         stage = zero.get("stage", 0)
     except (OSError, json.JSONDecodeError, AttributeError) as e:
         raise ConfigError(f"train.deepspeed_config: {path} is not a DeepSpeed JSON object: {e}") from None
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization.stage must be 0-3, got {stage!r}")
+        raise ConfigError(
+            f"train.deepspeed_config: {path}: zero_optimization.stage must be 0-3, got {stage!r}"
+        )
     try:
         return str(path.resolve()), Zero.of(zero)
     except (TypeError, ValueError) as e:
@@ -279,7 +351,9 @@ def config_file(given: str) -> Path:
     """--config: relative to where the user launched, else to the repository (`--config
     configs/prem-1b-gsm8k.yaml` from anywhere), made absolute."""
     path = Path(given).expanduser()
-    return (path if path.exists() or path.is_absolute() or not (REPO / path).exists() else REPO / path).absolute()
+    return (
+        path if path.exists() or path.is_absolute() or not (REPO / path).exists() else REPO / path
+    ).absolute()
 
 
 def absolute_paths(config: Config) -> None:
@@ -327,8 +401,10 @@ def check_port_free(host: str, port: int, engine: int = 0, engines: int = 1) -> 
             s.bind((host, port))
         except OSError:
             which = f" (engine {engine} of {engines}: server.port + {engine})" if engines > 1 else ""
-            raise ConfigError(f"server.port: {host}:{port}{which} is already in use (another run's server?); "
-                              f"pick another with --set server.port=N") from None
+            raise ConfigError(
+                f"server.port: {host}:{port}{which} is already in use (another run's server?); "
+                f"pick another with --set server.port=N"
+            ) from None
 
 
 def check_data_and_rewards(config: Config) -> None:
@@ -341,15 +417,19 @@ def check_data_and_rewards(config: Config) -> None:
 
     missing = missing_trackers(config.train.report_to)
     if missing:
-        raise ConfigError(f"train.report_to: {', '.join(missing)} is not installed (pip install "
-                          f"{' '.join(missing)}, or make install, which includes the `track` extra)")
+        raise ConfigError(
+            f"train.report_to: {', '.join(missing)} is not installed (pip install "
+            f"{' '.join(missing)}, or make install, which includes the `track` extra)"
+        )
     system_prompt = resolve_system_prompt(config.data.system_prompt)
     rewards = load_rewards(config.reward_functions)
     tools = config.rollout.tools or config.rollout.environment
     if tools:
         from pipeline.task.tools import load_toolbox
 
-        toolbox = load_toolbox(config.rollout.tools, config.rollout.environment or None)  # one line, before anything starts
+        toolbox = load_toolbox(
+            config.rollout.tools, config.rollout.environment or None
+        )  # one line, before anything starts
     if config.data.source == "hub":
         return  # downloading here and again in the ranks is not worth it: the ranks report bad rows
     if config.data.source == "synthetic":
@@ -358,7 +438,9 @@ def check_data_and_rewards(config: Config) -> None:
         d = config.data
         train = synthetic.generate(1, config.run.seed, "train", d.synthetic_levels, d.synthetic_max_operand)
         if config.eval.enabled or config.eval.every:  # too many test problems asked for: one line, now
-            synthetic.generate(d.synthetic_test, config.run.seed, "test", d.synthetic_levels, d.synthetic_max_operand)
+            synthetic.generate(
+                d.synthetic_test, config.run.seed, "test", d.synthetic_levels, d.synthetic_max_operand
+            )
     else:
         train = examples_for(config.data, "train", config.run.seed)
         if config.eval.enabled or config.eval.every:  # no test file configured: a one-line error naming it
@@ -369,11 +451,17 @@ def check_data_and_rewards(config: Config) -> None:
         samples = ["", e.solution]
         if tools:  # the completions as the rollouts give them: TRL's message lists, a tool call in one
             call = {"type": "function", "function": {"name": toolbox.names[0], "arguments": {}}}
-            samples = [[{"role": "assistant", "content": ""}],
-                       [{"role": "assistant", "content": "", "tool_calls": [call]},
-                        {"role": "tool", "name": toolbox.names[0], "content": "1"},
-                        {"role": "assistant", "content": e.solution}]]
-        score_completions(samples, [e.answer, e.answer], config.rewards, rewards, [e.prompt(system_prompt)] * 2, columns)
+            samples = [
+                [{"role": "assistant", "content": ""}],
+                [
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "name": toolbox.names[0], "content": "1"},
+                    {"role": "assistant", "content": e.solution},
+                ],
+            ]
+        score_completions(
+            samples, [e.answer, e.answer], config.rewards, rewards, [e.prompt(system_prompt)] * 2, columns
+        )
 
 
 def model_built(config: Config) -> Config:
@@ -427,7 +515,9 @@ def check_disk_space(config: Config, run_dir: Path, cuda: bool = False) -> None:
         except KeyError as e:
             source, params = f"{source} has no {e.args[0]}", 0
         if not params:
-            print(f"disk space for checkpoints not checked: the model's size is unknown ({source})", flush=True)
+            print(
+                f"disk space for checkpoints not checked: the model's size is unknown ({source})", flush=True
+            )
             return
         dtype = config.model.dtype if config.model.dtype != "auto" else "bfloat16" if cuda else "float32"
         width = 4 if dtype == "float32" else 2
@@ -438,8 +528,10 @@ def check_disk_space(config: Config, run_dir: Path, cuda: bool = False) -> None:
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if free < need:
-        raise ConfigError(f"run.root: {existing} has {free / 2**20:.0f} MiB free; this run needs about "
-                          f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model{basis}")
+        raise ConfigError(
+            f"run.root: {existing} has {free / 2**20:.0f} MiB free; this run needs about "
+            f"{need / 2**20:.0f} MiB for {checkpoints} checkpoint(s) and the final model{basis}"
+        )
 
 
 # --- supervise: the engines, the trainer, the finish -----------------------------------------------
@@ -490,11 +582,22 @@ class Processes:
         engine started from a short-lived thread would be sent SIGTERM when that thread ends."""
         engine, run = self.run.plan.servers[i], self.run
         log = run.run_dir / engine.log
-        process = ServerProcess(list(engine.command[3:]), log, engine.host, engine.port, token=run.token,
-                                env=engine.env, cwd=REPO, command=list(engine.command))
+        process = ServerProcess(
+            list(engine.command[3:]),
+            log,
+            engine.host,
+            engine.port,
+            token=run.token,
+            env=engine.env,
+            cwd=REPO,
+            command=list(engine.command),
+        )
         if len(run.plan.servers) > 1:
-            print(f"starting generation engine {i} on {engine.host}:{engine.port} ({run.config.model.path}); "
-                  f"log: {log}", flush=True)
+            print(
+                f"starting generation engine {i} on {engine.host}:{engine.port} ({run.config.model.path}); "
+                f"log: {log}",
+                flush=True,
+            )
         else:
             print(f"starting generation server ({run.config.model.path}); log: {log}", flush=True)
         return process
@@ -515,18 +618,33 @@ class Processes:
         restarted) until it exits; its exit code."""
         run, trainer = self.run, self.run.plan.trainer
         # the repo, then where the user launched from (reward plugins there), then their own PYTHONPATH
-        env = {**os.environ, **trainer.env, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}
+        env = {
+            **os.environ,
+            **trainer.env,
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
         for name in (*trainer.unset_env, *([TOKEN_ENV] if trainer.token_file else [])):
             env.pop(name, None)  # ranks on other nodes read the token from their file
-        if run.plan.servers:  # the engines are this process's: the ranks wait for a restart only while it lives
+        if (
+            run.plan.servers
+        ):  # the engines are this process's: the ranks wait for a restart only while it lives
             env[LAUNCHER_PID_ENV] = str(os.getpid())
-        self.trainer = subprocess.Popen(list(trainer.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        env=env, cwd=REPO, start_new_session=True, preexec_fn=die_with_parent)
+        self.trainer = subprocess.Popen(
+            list(trainer.command),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         copier = tee(self.trainer.stdout, sys.stdout, run.run_dir / "trainer.log")
         s = run.config.server
-        monitor = EngineMonitor(self.engines, self.start_engine, s.restart, s.max_restarts, s.startup_timeout_s,
-                                self.stopping)
+        monitor = EngineMonitor(
+            self.engines, self.start_engine, s.restart, s.max_restarts, s.startup_timeout_s, self.stopping
+        )
         while (code := self.trainer.poll()) is None:
             monitor.poll()
             time.sleep(0.5)
@@ -580,8 +698,16 @@ class EngineMonitor:
     started ServerProcess objects, engine i at position i (replaced in place on a restart);
     `start_engine(i)`: starts engine i again (from the calling thread: see `Processes.start_engine`)."""
 
-    def __init__(self, engines: list, start_engine, restart: bool, max_restarts: int, startup_timeout_s: float,
-                 stopping: threading.Event | None = None, say=None):
+    def __init__(
+        self,
+        engines: list,
+        start_engine,
+        restart: bool,
+        max_restarts: int,
+        startup_timeout_s: float,
+        stopping: threading.Event | None = None,
+        say=None,
+    ):
         self.engines, self.start_engine = engines, start_engine
         self.restart, self.max_restarts, self.startup_timeout_s = restart, max_restarts, startup_timeout_s
         self.stopping = stopping or threading.Event()  # set on the way out: a failed restart is then no news
@@ -595,25 +721,41 @@ class EngineMonitor:
 
     def poll(self) -> None:
         for i, engine in enumerate(self.engines):
-            if i in self.down or (i in self.waiting and self.waiting[i].is_alive()) or engine.proc.poll() is None:
+            if (
+                i in self.down
+                or (i in self.waiting and self.waiting[i].is_alive())
+                or engine.proc.poll() is None
+            ):
                 continue
             code = engine.proc.returncode
             engine.stop()  # engine-core and worker processes left of the dead one
             if self.restart and self.restarts[i] < self.max_restarts:
                 # The trainer notices on its next call, waits for the new engine and re-pushes its weights.
                 self.restarts[i] += 1
-                self.say(f"{self.name(i)} exited (code {code}); restarting it "
-                         f"({self.restarts[i]} of at most {self.max_restarts})")
+                self.say(
+                    f"{self.name(i)} exited (code {code}); restarting it "
+                    f"({self.restarts[i]} of at most {self.max_restarts})"
+                )
                 self.engines[i] = self.start_engine(i)
-                self.waiting[i] = threading.Thread(target=self.await_healthy, args=(i, self.engines[i]), daemon=True,
-                                                   name=f"engine-{i}-restart")
+                self.waiting[i] = threading.Thread(
+                    target=self.await_healthy,
+                    args=(i, self.engines[i]),
+                    daemon=True,
+                    name=f"engine-{i}-restart",
+                )
                 self.waiting[i].start()
             else:
                 self.down.add(i)
                 n = self.restarts[i]
-                why = f"has used its {n} restart{'s' * (n != 1)}" if self.restart else "is not restarted (server.restart is off)"
-                self.say(f"{self.name(i)} exited (code {code}) and {why}"
-                         + ("; the run goes on with the other engines" if len(self.engines) > 1 else ""))
+                why = (
+                    f"has used its {n} restart{'s' * (n != 1)}"
+                    if self.restart
+                    else "is not restarted (server.restart is off)"
+                )
+                self.say(
+                    f"{self.name(i)} exited (code {code}) and {why}"
+                    + ("; the run goes on with the other engines" if len(self.engines) > 1 else "")
+                )
 
     def await_healthy(self, i: int, process) -> None:
         """A restart's thread. An engine that does not come back is stopped (by wait_healthy): the next
@@ -624,7 +766,9 @@ class EngineMonitor:
             process.wait_healthy(self.startup_timeout_s)
         except ServerError as e:
             if not self.stopping.is_set():
-                self.say(f"{self.name(i)} did not come back: {str(e).splitlines()[0]} (log: {process.log_path})")
+                self.say(
+                    f"{self.name(i)} did not come back: {str(e).splitlines()[0]} (log: {process.log_path})"
+                )
 
 
 def finish_run(client: Engines, run: Run, started: float) -> None:
@@ -643,11 +787,16 @@ def finish_run(client: Engines, run: Run, started: float) -> None:
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = ", ".join(row[0] for row in nvidia_smi("name")) if plan.trainer.device == "cuda" else ""
     info = read_json(run_dir / "run_info.json") or {"wall_time_s": 0.0}
-    info.update({
-        "hardware": f"{platform.machine()} {cores} cores, {memory_gib:.0f} GiB RAM" + (f", GPUs: {gpus}" if gpus else ", no GPU"),
-        "ranks": plan.trainer.ranks, "device": plan.trainer.device, "transport": plan.sync.transport,
-        "wall_time_s": info["wall_time_s"] + time.time() - started,  # summed over resumed sessions
-    })
+    info.update(
+        {
+            "hardware": f"{platform.machine()} {cores} cores, {memory_gib:.0f} GiB RAM"
+            + (f", GPUs: {gpus}" if gpus else ", no GPU"),
+            "ranks": plan.trainer.ranks,
+            "device": plan.trainer.device,
+            "transport": plan.sync.transport,
+            "wall_time_s": info["wall_time_s"] + time.time() - started,  # summed over resumed sessions
+        }
+    )
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"report: {write_report(run_dir)}", flush=True)
 

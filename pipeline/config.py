@@ -444,7 +444,9 @@ def parse_override(item: str) -> dict:
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: Config | None = None
+) -> Config:
     """Defaults <- YAML file <- `--set` overrides, validated."""
     config = base or Config()
     if path:
@@ -469,53 +471,88 @@ def validate(config: Config) -> None:
     if config.data.source in ("jsonl", "csv", "parquet") and not config.data.train_file:
         raise ConfigError(f"data.train_file: required when data.source is {config.data.source}")
     if config.data.question_key == config.data.answer_key:
-        raise ConfigError(f"data.answer_key: the same column as data.question_key ({config.data.question_key!r})")
+        raise ConfigError(
+            f"data.answer_key: the same column as data.question_key ({config.data.question_key!r})"
+        )
     known = [*options.BUILTIN_REWARDS, *config.reward_functions]
     for name in config.rewards:
         if name not in known:
-            raise ConfigError(f"rewards.{name}: unknown reward (expected one of: {', '.join(known)}; "
-                              "your own go in reward_functions)")
+            raise ConfigError(
+                f"rewards.{name}: unknown reward (expected one of: {', '.join(known)}; "
+                "your own go in reward_functions)"
+            )
     if not 0 <= config.model.build_tool_demos <= 1:
-        raise ConfigError(f"model.build_tool_demos: expected a share in [0, 1], got {config.model.build_tool_demos}")
+        raise ConfigError(
+            f"model.build_tool_demos: expected a share in [0, 1], got {config.model.build_tool_demos}"
+        )
     if not 0 <= config.model.build_early_answers <= 1:
-        raise ConfigError(f"model.build_early_answers: expected a share in [0, 1], got {config.model.build_early_answers}")
+        raise ConfigError(
+            f"model.build_early_answers: expected a share in [0, 1], got {config.model.build_early_answers}"
+        )
     if not 1 <= config.data.synthetic_levels <= 6:
-        raise ConfigError(f"data.synthetic_levels: expected 1 to 6 arithmetic steps, got {config.data.synthetic_levels}")
+        raise ConfigError(
+            f"data.synthetic_levels: expected 1 to 6 arithmetic steps, got {config.data.synthetic_levels}"
+        )
     if not 10 <= config.data.synthetic_max_operand <= 10**6:
-        raise ConfigError(f"data.synthetic_max_operand: expected 10 to 1000000, got {config.data.synthetic_max_operand}")
+        raise ConfigError(
+            f"data.synthetic_max_operand: expected 10 to 1000000, got {config.data.synthetic_max_operand}"
+        )
     if not 0 <= config.run.seed < 2**32:
         raise ConfigError(f"run.seed: expected an integer in [0, 2**32), got {config.run.seed}")
     if not 0 <= config.server.gpu_memory_utilization <= 1:
-        raise ConfigError(f"server.gpu_memory_utilization: expected 0 (auto) or a share in (0, 1], got "
-                          f"{config.server.gpu_memory_utilization}")
+        raise ConfigError(
+            f"server.gpu_memory_utilization: expected 0 (auto) or a share in (0, 1], got "
+            f"{config.server.gpu_memory_utilization}"
+        )
     if config.server.max_restarts < 0:
         raise ConfigError(f"server.max_restarts: must be >= 0, got {config.server.max_restarts}")
-    for key in ("port", "tensor_parallel_size", "data_parallel_size", "max_model_len", "max_n", "max_tokens", "max_prompts",
-                "max_request_mb"):
+    for key in (
+        "port",
+        "tensor_parallel_size",
+        "data_parallel_size",
+        "max_model_len",
+        "max_n",
+        "max_tokens",
+        "max_prompts",
+        "max_request_mb",
+    ):
         if getattr(config.server, key) < (0 if key == "port" else 1):
             raise ConfigError(f"server.{key}: must be positive, got {getattr(config.server, key)}")
     t = config.train
-    for key in ("num_generations", "micro_batch_size", "gradient_accumulation_steps", "epochs",
-                "max_completion_tokens", "log_every"):
+    for key in (
+        "num_generations",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "epochs",
+        "max_completion_tokens",
+        "log_every",
+    ):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
     if t.completions_per_step < 0 or t.completions_per_step % t.num_generations:
-        raise ConfigError(f"train.completions_per_step={t.completions_per_step}: must be 0 or a multiple of "
-                          f"train.num_generations={t.num_generations} (whole groups)")
+        raise ConfigError(
+            f"train.completions_per_step={t.completions_per_step}: must be 0 or a multiple of "
+            f"train.num_generations={t.num_generations} (whole groups)"
+        )
     if t.num_generations < 2:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
     if t.epsilon_high and t.epsilon_high < t.epsilon:
-        raise ConfigError(f"train.epsilon_high: must be 0 (= epsilon) or >= train.epsilon={t.epsilon}, "
-                          f"got {t.epsilon_high}")
+        raise ConfigError(
+            f"train.epsilon_high: must be 0 (= epsilon) or >= train.epsilon={t.epsilon}, got {t.epsilon_high}"
+        )
     if t.temperature <= 0:
         raise ConfigError(f"train.temperature: must be > 0, got {t.temperature}")
     if t.top_p != 1:
-        raise ConfigError(f"train.top_p={t.top_p}: must be 1.0; vLLM's logprobs under nucleus sampling are "
-                          f"renormalised over the nucleus, the trainer's are over the whole vocabulary, so the "
-                          f"ratio pi_theta / mu would be biased")
+        raise ConfigError(
+            f"train.top_p={t.top_p}: must be 1.0; vLLM's logprobs under nucleus sampling are "
+            f"renormalised over the nucleus, the trainer's are over the whole vocabulary, so the "
+            f"ratio pi_theta / mu would be biased"
+        )
     r = config.rollout
     if r.max_tool_calling_iterations < 1:
-        raise ConfigError(f"rollout.max_tool_calling_iterations: must be at least 1, got {r.max_tool_calling_iterations}")
+        raise ConfigError(
+            f"rollout.max_tool_calling_iterations: must be at least 1, got {r.max_tool_calling_iterations}"
+        )
     if not 0 < r.tool_timeout_s <= 3600:
         raise ConfigError(f"rollout.tool_timeout_s: must be in (0, 3600], got {r.tool_timeout_s}")
     if t.is_cap <= 1 or t.max_staleness < 0:
@@ -523,17 +560,25 @@ def validate(config: Config) -> None:
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
     if not 0 <= t.min_lr_ratio < 1 or (t.min_lr_ratio and t.lr_scheduler != "cosine"):
-        raise ConfigError(f"train.min_lr_ratio: expected a value in [0, 1) with lr_scheduler cosine, got "
-                          f"{t.min_lr_ratio} with {t.lr_scheduler!r}")
+        raise ConfigError(
+            f"train.min_lr_ratio: expected a value in [0, 1) with lr_scheduler cosine, got "
+            f"{t.min_lr_ratio} with {t.lr_scheduler!r}"
+        )
     if t.num_generations > config.server.max_n:
-        raise ConfigError(f"train.num_generations={t.num_generations} exceeds server.max_n={config.server.max_n}")
+        raise ConfigError(
+            f"train.num_generations={t.num_generations} exceeds server.max_n={config.server.max_n}"
+        )
     longest = config.data.max_prompt_tokens + t.max_completion_tokens
     if longest > config.server.max_model_len:
-        raise ConfigError(f"data.max_prompt_tokens + train.max_completion_tokens = {longest} exceeds "
-                          f"server.max_model_len={config.server.max_model_len}")
+        raise ConfigError(
+            f"data.max_prompt_tokens + train.max_completion_tokens = {longest} exceeds "
+            f"server.max_model_len={config.server.max_model_len}"
+        )
     if config.model.lora_rank < 0 or (config.model.lora_rank and config.model.lora_alpha <= 0):
-        raise ConfigError(f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {config.model.lora_rank} "
-                          f"and {config.model.lora_alpha}")
+        raise ConfigError(
+            f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {config.model.lora_rank} "
+            f"and {config.model.lora_alpha}"
+        )
     if not 0 <= config.model.lora_dropout < 1:
         raise ConfigError(f"model.lora_dropout: expected a value in [0, 1), got {config.model.lora_dropout}")
     if config.eval.every < 0 or t.log_completions_every < 0 or t.log_completions < 0:
@@ -548,16 +593,20 @@ def check_batch(config: Config, ranks: int) -> int:
     """Prompts per optimizer step for `ranks` trainer ranks, or ConfigError."""
     t = config.train
     completions = t.micro_batch_size * t.gradient_accumulation_steps * ranks
-    if t.completions_per_step and completions != t.completions_per_step:  # a trainer started without the launcher
+    if (
+        t.completions_per_step and completions != t.completions_per_step
+    ):  # a trainer started without the launcher
         raise ConfigError(
             f"train.completions_per_step={t.completions_per_step}, but train.micro_batch_size x "
             f"train.gradient_accumulation_steps x ranks = {t.micro_batch_size} x {t.gradient_accumulation_steps} "
-            f"x {ranks} = {completions}; launch/train.py derives the accumulation for the ranks it starts")
+            f"x {ranks} = {completions}; launch/train.py derives the accumulation for the ranks it starts"
+        )
     if completions % t.num_generations:
         raise ConfigError(
             f"train.micro_batch_size x train.gradient_accumulation_steps x ranks = {t.micro_batch_size} x "
             f"{t.gradient_accumulation_steps} x {ranks} = {completions} completions per step, which is not a "
-            f"multiple of train.num_generations={t.num_generations}")
+            f"multiple of train.num_generations={t.num_generations}"
+        )
     return completions // t.num_generations
 
 

@@ -14,7 +14,7 @@ from pipeline.config import SERVER_ALONE_GPU_SHARE, ConfigError
 
 
 def accelerator() -> str:
-    """"cuda" when a GPU is visible, else "cpu"."""
+    """ "cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -46,13 +46,21 @@ def resolve_attn(name: str, dtype: torch.dtype) -> str:
     if name != "auto":
         if name == "flash_attention_2":
             if dtype not in (torch.float16, torch.bfloat16):
-                raise ConfigError(f"model.attn_implementation: flash_attention_2 needs model.dtype bfloat16 or "
-                                  f"float16, got {str(dtype).removeprefix('torch.')}")
+                raise ConfigError(
+                    f"model.attn_implementation: flash_attention_2 needs model.dtype bfloat16 or "
+                    f"float16, got {str(dtype).removeprefix('torch.')}"
+                )
             if importlib.util.find_spec("flash_attn") is None:
-                raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                                  "(make install-flash-attn), or use auto/sdpa")
+                raise ConfigError(
+                    "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                    "(make install-flash-attn), or use auto/sdpa"
+                )
         return name
-    if accelerator() == "cuda" and dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
+    if (
+        accelerator() == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and importlib.util.find_spec("flash_attn")
+    ):
         return "flash_attention_2"
     return "sdpa"
 

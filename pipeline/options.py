@@ -18,14 +18,23 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # train.loss_type: pipeline/tr
 ADVANTAGE_SCALINGS = ("group", "batch", "none")  # train.advantage_scaling: pipeline/trainer/grpo.py
 TRACKERS = ("tensorboard", "wandb", "trackio")  # train.report_to: pipeline/trainer/metrics.py
 # the rewards a config may weight besides its reward_functions: pipeline/task/reward_functions.py
-BUILTIN_REWARDS = ("strict_format", "soft_format", "int_answer", "xml_count", "correctness", "reasoning_steps")
+BUILTIN_REWARDS = (
+    "strict_format",
+    "soft_format",
+    "int_answer",
+    "xml_count",
+    "correctness",
+    "reasoning_steps",
+)
 
 
 def check_implements(module: str, option: str, implemented: Iterable[str]) -> None:
     """Called by `module` at import: RuntimeError unless it implements exactly the names of `option` here."""
     implemented, declared = sorted(implemented), sorted(globals()[option])
     if implemented != declared:
-        raise RuntimeError(f"{module} implements {option} {implemented} but pipeline/options.py names {declared}")
+        raise RuntimeError(
+            f"{module} implements {option} {implemented} but pipeline/options.py names {declared}"
+        )
 
 
 def resolve_transport(requested: str, cuda: bool, shared_gpu: bool = False) -> str:

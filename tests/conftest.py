@@ -42,8 +42,9 @@ def tiny_tokenizer(tiny_model_dir):
 def tiny_untied_model_dir(tmp_path_factory) -> Path:
     from pipeline.embedded.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), tiny_corpus(),
-                            tie_word_embeddings=False, seed=1)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-untied"), tiny_corpus(), tie_word_embeddings=False, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +92,9 @@ _UNEXPECTED_SKIPS: list[str] = []
 
 def pytest_runtest_logreport(report):
     if report.skipped and "gpu" not in report.keywords:
-        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''}")
+        _UNEXPECTED_SKIPS.append(
+            f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''}"
+        )
     tiers.note(report)
 
 
@@ -99,11 +102,17 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
     on_ci = os.environ.get("CI") == "true"
     if on_ci and _UNEXPECTED_SKIPS and exitstatus == 0:
-        print("\nerror: tests that CI must run were skipped:\n  " + "\n  ".join(_UNEXPECTED_SKIPS), file=sys.stderr)
+        print(
+            "\nerror: tests that CI must run were skipped:\n  " + "\n  ".join(_UNEXPECTED_SKIPS),
+            file=sys.stderr,
+        )
         session.exitstatus = 1
     if slow := tiers.slow_units():
-        print(f"\n{'error' if on_ci else 'warning'}: unit tests slower than {tiers.UNIT_SECONDS} s (mark them "
-              "integration, or make them cheaper):\n  " + "\n  ".join(slow), file=sys.stderr)
+        print(
+            f"\n{'error' if on_ci else 'warning'}: unit tests slower than {tiers.UNIT_SECONDS} s (mark them "
+            "integration, or make them cheaper):\n  " + "\n  ".join(slow),
+            file=sys.stderr,
+        )
         if on_ci and exitstatus == 0:
             session.exitstatus = 1
 

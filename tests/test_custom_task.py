@@ -24,8 +24,10 @@ from pipeline.task.data import (
 )
 from pipeline.task.reward_functions import BUILTIN_REWARDS, RewardError, load_rewards, score_completions
 
-ROWS = [{"problem": "What is 2+3?", "final": "5", "level": 1},
-        {"problem": "What is 10/4?", "final": "5/2", "level": 3}]
+ROWS = [
+    {"problem": "What is 2+3?", "final": "5", "level": 1},
+    {"problem": "What is 10/4?", "final": "5/2", "level": 3},
+]
 FIELDS = Fields("problem", "final", "plain")
 
 
@@ -35,7 +37,9 @@ def write(tmp_path, kind: str, rows=ROWS):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif kind == "csv":
         keys = list(rows[0])
-        path.write_text(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+        path.write_text(
+            ",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows)
+        )
     else:
         import pyarrow
         import pyarrow.parquet
@@ -62,7 +66,9 @@ def test_a_bad_row_names_file_and_line_in_every_kind(tmp_path, kind, where):
 
 def test_a_missing_column_lists_the_columns_there_are(tmp_path):
     path = write(tmp_path, "jsonl")
-    with pytest.raises(DataError, match=r"data.jsonl:1: missing field 'question' \(columns: problem, final, level\)"):
+    with pytest.raises(
+        DataError, match=r"data.jsonl:1: missing field 'question' \(columns: problem, final, level\)"
+    ):
         read_file(path, Fields(), "jsonl")
 
 
@@ -89,8 +95,9 @@ def test_boxed_answers_and_math_verify():
 def test_correctness_reward_uses_symbolic_equivalence():
     fn = BUILTIN_REWARDS["correctness"].fn
     done = "<reasoning>\nr\n</reasoning>\n<answer>\n{}\n</answer>"
-    assert fn(completions=[done.format("1/2"), done.format("0.5"), done.format("2")],
-              answer=[r"\frac{1}{2}"] * 3) == [2.0, 2.0, 0.0]
+    assert fn(
+        completions=[done.format("1/2"), done.format("0.5"), done.format("2")], answer=[r"\frac{1}{2}"] * 3
+    ) == [2.0, 2.0, 0.0]
 
 
 def test_system_prompt_text_file_and_errors(tmp_path):
@@ -121,25 +128,40 @@ def test_base_models_without_a_template_get_plain_prompts(tiny_tokenizer):
 
 def test_config_reads_the_data_options(tmp_path):
     path = write(tmp_path, "csv")
-    config = load_config(None, ["data.source=csv", f"data.train_file={path}", "data.question_key=problem",
-                                "data.answer_key=final", "data.answer_format=plain", "data.chat_template=false"])
+    config = load_config(
+        None,
+        [
+            "data.source=csv",
+            f"data.train_file={path}",
+            "data.question_key=problem",
+            "data.answer_key=final",
+            "data.answer_format=plain",
+            "data.chat_template=false",
+        ],
+    )
     assert [e.answer for e in examples_for(config.data, "train", 0)] == ["5", "5/2"]
     assert PromptStyle.from_config(config.data) == PromptStyle(SYSTEM_PROMPT, False)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.answer_format=latex", "data.answer_format: expected one of gsm8k, plain, boxed, got 'latex'"),
-    ("data.chat_template=maybe", "data.chat_template: expected one of auto, true, false, got 'maybe'"),
-    ("data.source=xml", "data.source: expected one of synthetic, jsonl, csv, parquet, hub, got 'xml'"),
-    ("data.source=csv", "data.train_file: required when data.source is csv"),
-    ("data.answer_key=question", "data.answer_key: the same column as data.question_key ('question')"),
-    ("data.synthetic_levels=0", "data.synthetic_levels: expected 1 to 6 arithmetic steps, got 0"),
-    ("model.build_early_answers=1.5", "model.build_early_answers: expected a share in [0, 1], got 1.5"),
-    ("model.build_tool_demos=-0.1", "model.build_tool_demos: expected a share in [0, 1], got -0.1"),
-    ("data.synthetic_max_operand=9", "data.synthetic_max_operand: expected 10 to 1000000, got 9"),
-    ("rewards.mine=1", "rewards.mine: unknown reward (expected one of: strict_format, soft_format, int_answer, "
-                       "xml_count, correctness, reasoning_steps; your own go in reward_functions)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.answer_format=latex", "data.answer_format: expected one of gsm8k, plain, boxed, got 'latex'"),
+        ("data.chat_template=maybe", "data.chat_template: expected one of auto, true, false, got 'maybe'"),
+        ("data.source=xml", "data.source: expected one of synthetic, jsonl, csv, parquet, hub, got 'xml'"),
+        ("data.source=csv", "data.train_file: required when data.source is csv"),
+        ("data.answer_key=question", "data.answer_key: the same column as data.question_key ('question')"),
+        ("data.synthetic_levels=0", "data.synthetic_levels: expected 1 to 6 arithmetic steps, got 0"),
+        ("model.build_early_answers=1.5", "model.build_early_answers: expected a share in [0, 1], got 1.5"),
+        ("model.build_tool_demos=-0.1", "model.build_tool_demos: expected a share in [0, 1], got -0.1"),
+        ("data.synthetic_max_operand=9", "data.synthetic_max_operand: expected 10 to 1000000, got 9"),
+        (
+            "rewards.mine=1",
+            "rewards.mine: unknown reward (expected one of: strict_format, soft_format, int_answer, "
+            "xml_count, correctness, reasoning_steps; your own go in reward_functions)",
+        ),
+    ],
+)
 def test_bad_data_options_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -175,18 +197,34 @@ def plugin_module(tmp_path, monkeypatch):
 
 
 def test_a_plugin_reward_is_loaded_weighted_and_reads_a_column(plugin_module):
-    rewards = load_rewards({"level_bonus": f"{plugin_module}:level_bonus", "na": f"{plugin_module}:not_applicable"})
-    assert rewards["level_bonus"].points == 0.5 and rewards["level_bonus"].about == "Harder problems (level) earn more."
-    totals, per = score_completions(["x", "y"], ["1", "2"], {"level_bonus": 2.0}, rewards, columns={"level": [1, 3]})
+    rewards = load_rewards(
+        {"level_bonus": f"{plugin_module}:level_bonus", "na": f"{plugin_module}:not_applicable"}
+    )
+    assert (
+        rewards["level_bonus"].points == 0.5
+        and rewards["level_bonus"].about == "Harder problems (level) earn more."
+    )
+    totals, per = score_completions(
+        ["x", "y"], ["1", "2"], {"level_bonus": 2.0}, rewards, columns={"level": [1, 3]}
+    )
     assert per["level_bonus"] == pytest.approx([0.1, 0.3]) and per["na"] == [0.0, 0.0]
     assert totals == pytest.approx([0.2, 0.6])  # nothing else scores on "x"/"y"
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("my_rewards:wrong_length", "reward bad (my_rewards:wrong_length) returned 1 values for 2 completions"),
-    ("my_rewards:not_a_number", "reward bad (my_rewards:not_a_number) returned a value that is not a finite number or None"),
-    ("my_rewards:broken", "reward bad (my_rewards:broken) raised ZeroDivisionError: division by zero"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            "my_rewards:wrong_length",
+            "reward bad (my_rewards:wrong_length) returned 1 values for 2 completions",
+        ),
+        (
+            "my_rewards:not_a_number",
+            "reward bad (my_rewards:not_a_number) returned a value that is not a finite number or None",
+        ),
+        ("my_rewards:broken", "reward bad (my_rewards:broken) raised ZeroDivisionError: division by zero"),
+    ],
+)
 def test_a_misbehaving_plugin_is_named(plugin_module, spec, message):
     rewards = load_rewards({"bad": spec})
     with pytest.raises(RewardError) as err:
@@ -194,13 +232,22 @@ def test_a_misbehaving_plugin_is_named(plugin_module, spec, message):
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("my_rewards", "reward_functions.bad: expected 'module:function', got 'my_rewards'"),
-    ("no_such_module:f", "reward_functions.bad: cannot load 'no_such_module:f': ModuleNotFoundError: "
-                         "No module named 'no_such_module'"),
-    ("my_rewards:nope", "reward_functions.bad: cannot load 'my_rewards:nope': AttributeError: "
-                        "module 'my_rewards' has no attribute 'nope'"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("my_rewards", "reward_functions.bad: expected 'module:function', got 'my_rewards'"),
+        (
+            "no_such_module:f",
+            "reward_functions.bad: cannot load 'no_such_module:f': ModuleNotFoundError: "
+            "No module named 'no_such_module'",
+        ),
+        (
+            "my_rewards:nope",
+            "reward_functions.bad: cannot load 'my_rewards:nope': AttributeError: "
+            "module 'my_rewards' has no attribute 'nope'",
+        ),
+    ],
+)
 def test_a_plugin_that_cannot_load_is_named(plugin_module, spec, message):
     with pytest.raises(RewardError) as err:
         load_rewards({"bad": spec})
@@ -235,13 +282,40 @@ def test_a_run_on_your_own_data_prompt_and_reward(server, warm_model_dir, gsm8k_
     (tmp_path / "prompt.txt").write_text(SYSTEM_PROMPT + "\nShow your work.\n")
     (tmp_path / "my_rewards.py").write_text(PLUGIN)
     proc = launch(
-        "--name", "mine", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-        "--set", "data.source=csv", "--set", f"data.train_file={data}", "--set", f"data.test_file={data}",
-        "--set", "data.question_key=problem", "--set", "data.answer_key=final", "--set", "data.answer_format=plain",
-        "--set", f"data.system_prompt=@{tmp_path}/prompt.txt",
-        "--set", "reward_functions.level_bonus=my_rewards:level_bonus", "--set", "rewards.level_bonus=0.5",
-        "--set", "train.max_steps=2", "--set", "eval.limit=4", "--set", "eval.maj_k=0",
-        server=server, root=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+        "--name",
+        "mine",
+        "--set",
+        f"model.path={warm_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "data.source=csv",
+        "--set",
+        f"data.train_file={data}",
+        "--set",
+        f"data.test_file={data}",
+        "--set",
+        "data.question_key=problem",
+        "--set",
+        "data.answer_key=final",
+        "--set",
+        "data.answer_format=plain",
+        "--set",
+        f"data.system_prompt=@{tmp_path}/prompt.txt",
+        "--set",
+        "reward_functions.level_bonus=my_rewards:level_bonus",
+        "--set",
+        "rewards.level_bonus=0.5",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "eval.limit=4",
+        "--set",
+        "eval.maj_k=0",
+        server=server,
+        root=tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "mine")
     assert [r["step"] for r in rows] == [1, 2]
@@ -249,21 +323,42 @@ def test_a_run_on_your_own_data_prompt_and_reward(server, warm_model_dir, gsm8k_
         assert 0.1 - 1e-9 <= row["reward/level_bonus"] <= 0.3 + 1e-9, row
     card = (tmp_path / "mine" / "README.md").read_text()
     assert "| `level_bonus` | - | 0.5 | your own: `my_rewards:level_bonus` |" in card
-    evaluated = [json.loads(line) for line in (tmp_path / "mine" / "eval_after.jsonl").read_text().splitlines()]
+    evaluated = [
+        json.loads(line) for line in (tmp_path / "mine" / "eval_after.jsonl").read_text().splitlines()
+    ]
     assert len(evaluated) == 4 and evaluated[0]["source"] == f"{data}:2"
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("spec,message", [
-    ("my_rewards:wrong_length", "error: reward level (my_rewards:wrong_length) returned 1 values for 2 completions"),
-    ("missing_mod:f", "error: reward_functions.level: cannot load 'missing_mod:f': ModuleNotFoundError: "
-                      "No module named 'missing_mod'"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            "my_rewards:wrong_length",
+            "error: reward level (my_rewards:wrong_length) returned 1 values for 2 completions",
+        ),
+        (
+            "missing_mod:f",
+            "error: reward_functions.level: cannot load 'missing_mod:f': ModuleNotFoundError: "
+            "No module named 'missing_mod'",
+        ),
+    ],
+)
 def test_a_bad_plugin_fails_before_anything_starts(tiny_model_dir, tmp_path, spec, message):
     (tmp_path / "my_rewards.py").write_text(PLUGIN)
-    proc = launch("--name", "p", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", f"reward_functions.level={spec}", root=tmp_path, timeout=120,
-                  env={"PYTHONPATH": str(tmp_path)})
+    proc = launch(
+        "--name",
+        "p",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        f"reward_functions.level={spec}",
+        root=tmp_path,
+        timeout=120,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert proc.returncode == 2 and one_line_error(proc) == message
     assert not (tmp_path / "p").exists()
 
@@ -272,21 +367,45 @@ def test_a_bad_plugin_fails_before_anything_starts(tiny_model_dir, tmp_path, spe
 def test_a_bad_data_row_or_missing_test_file_fails_before_anything_starts(tiny_model_dir, tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "no answer"}\n')
-    common = ["--set", f"model.path={tiny_model_dir}", "--set", "model.build=", "--set", "data.source=jsonl",
-              "--set", f"data.train_file={bad}"]
+    common = [
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "data.source=jsonl",
+        "--set",
+        f"data.train_file={bad}",
+    ]
     proc = launch("--name", "b", *common, "--set", "eval.enabled=false", root=tmp_path, timeout=120)
-    assert proc.returncode == 2 and one_line_error(proc) == f"error: {bad}:2: missing field 'answer' (columns: question)"
+    assert (
+        proc.returncode == 2
+        and one_line_error(proc) == f"error: {bad}:2: missing field 'answer' (columns: question)"
+    )
     bad.write_text('{"question": "q?", "answer": "#### 1"}\n')
     proc = launch("--name", "b", *common, root=tmp_path, timeout=120)  # eval on: it needs a test split
     assert proc.returncode == 2 and one_line_error(proc) == (
-        "error: data.source is 'jsonl' but no file is configured for split 'test' (data.test_file)")
+        "error: data.source is 'jsonl' but no file is configured for split 'test' (data.test_file)"
+    )
     assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.integration
 def test_more_synthetic_test_problems_than_exist_fail_before_anything_starts(tiny_model_dir, tmp_path):
-    proc = launch("--name", "many", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", "data.synthetic_levels=1", "--set", "data.synthetic_test=5000", root=tmp_path, timeout=300)
+    proc = launch(
+        "--name",
+        "many",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "data.synthetic_levels=1",
+        "--set",
+        "data.synthetic_test=5000",
+        root=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert one_line_error(proc).startswith("error: data.synthetic_test: only ")
     assert not (tmp_path / "many").exists()

@@ -44,17 +44,20 @@ def test_load_examples_by_config(gsm8k_dir):
 GOOD_ROW = json.dumps({"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})
 
 
-@pytest.mark.parametrize("bad_line,message", [
-    (b"{not json", "invalid JSON"),
-    (json.dumps({"answer": "#### 4"}).encode(), "missing field 'question'"),
-    (json.dumps({"question": "q"}).encode(), "missing field 'answer'"),
-    (json.dumps({"question": "q", "answer": "4"}).encode(), "no '####'"),
-    (json.dumps({"question": "q", "answer": "#### "}).encode(), "nothing after '####'"),
-    (json.dumps({"question": "  ", "answer": "#### 4"}).encode(), "empty 'question'"),
-    (json.dumps({"question": 3, "answer": "#### 4"}).encode(), "'question' must be a string"),
-    (json.dumps(["q", "#### 4"]).encode(), "expected a JSON object"),
-    (b'{"question": "caf\xe9", "answer": "#### 4"}', "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "bad_line,message",
+    [
+        (b"{not json", "invalid JSON"),
+        (json.dumps({"answer": "#### 4"}).encode(), "missing field 'question'"),
+        (json.dumps({"question": "q"}).encode(), "missing field 'answer'"),
+        (json.dumps({"question": "q", "answer": "4"}).encode(), "no '####'"),
+        (json.dumps({"question": "q", "answer": "#### "}).encode(), "nothing after '####'"),
+        (json.dumps({"question": "  ", "answer": "#### 4"}).encode(), "empty 'question'"),
+        (json.dumps({"question": 3, "answer": "#### 4"}).encode(), "'question' must be a string"),
+        (json.dumps(["q", "#### 4"]).encode(), "expected a JSON object"),
+        (b'{"question": "caf\xe9", "answer": "#### 4"}', "not valid UTF-8"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, bad_line, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(GOOD_ROW.encode() + b"\n\n" + bad_line + b"\n" + GOOD_ROW.encode() + b"\n")

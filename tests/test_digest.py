@@ -21,8 +21,17 @@ from pipeline.sync.digest import (
     tensor_digest,
 )
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
-          torch.uint8, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 
 
 def sample(shape, dtype, seed=0) -> torch.Tensor:
@@ -32,7 +41,9 @@ def sample(shape, dtype, seed=0) -> torch.Tensor:
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=g).bool()
     info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -2**31), min(info.max, 2**31 - 1), shape, generator=g, dtype=torch.int64).to(dtype)
+    return torch.randint(
+        max(info.min, -(2**31)), min(info.max, 2**31 - 1), shape, generator=g, dtype=torch.int64
+    ).to(dtype)
 
 
 def splitmix_finaliser(x: int) -> int:
@@ -52,8 +63,10 @@ def reference_sums(t: torch.Tensor) -> list[int]:
     word = multipliers(SEEDS, 0, BLOCK_WORDS).view(np.uint64)
     block = multipliers(BLOCK_SEEDS, 0, int(i[-1]) // BLOCK_WORDS + 1 if len(i) else 1).view(np.uint64)
     with np.errstate(over="ignore"):
-        return [int((words * word[i % BLOCK_WORDS, s] * block[i // BLOCK_WORDS, s]).sum(dtype=np.uint64))
-                for s in range(2)]
+        return [
+            int((words * word[i % BLOCK_WORDS, s] * block[i // BLOCK_WORDS, s]).sum(dtype=np.uint64))
+            for s in range(2)
+        ]
 
 
 def sums(t: torch.Tensor, **kw) -> list[int]:
@@ -102,8 +115,12 @@ def test_across_blocks_and_in_chunks_smaller_than_the_tensor():
     for chunk in (4 * BLOCK_WORDS, 1_000_001, 3274 * 9):
         assert sums(tt, chunk_bytes=chunk) == expected
     assert tensor_digest(tt, chunk_bytes=1_000_001) == tensor_digest(tt.contiguous())
-    for small in (sample((13, 7), torch.bfloat16).T, sample((5, 3, 7), torch.int8).transpose(0, 2),
-                  sample((50,), torch.float16)[::3], sample((9, 11), torch.float32)):
+    for small in (
+        sample((13, 7), torch.bfloat16).T,
+        sample((5, 3, 7), torch.int8).transpose(0, 2),
+        sample((50,), torch.float16)[::3],
+        sample((9, 11), torch.float32),
+    ):
         for chunk in (1, 6, 10, 22, 101):
             assert sums(small, chunk_bytes=chunk) == reference_sums(small), (small.shape, chunk)
 
@@ -111,7 +128,13 @@ def test_across_blocks_and_in_chunks_smaller_than_the_tensor():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_view_and_its_contiguous_copy_agree(dtype):
     t = sample((9, 13), dtype)
-    for view in (t.T, t[:, 1:12:3], t[2:7], t.reshape(3, 39)[:, 5:], t.view(-1)[1:]):  # the last at an odd offset
+    for view in (
+        t.T,
+        t[:, 1:12:3],
+        t[2:7],
+        t.reshape(3, 39)[:, 5:],
+        t.view(-1)[1:],
+    ):  # the last at an odd offset
         assert tensor_digest(view) == tensor_digest(view.contiguous()) == tensor_digest(view.clone())
 
 
@@ -130,8 +153,12 @@ def test_any_one_bit_flip_changes_the_digest(dtype):
     reference = tensor_digest(t)
     for element in (0, t.numel() // 2, t.numel() - 1):  # first, middle, last
         for byte in range(size):
-            for bit in (range(8) if dtype != torch.bool else [0]):
-                assert tensor_digest(flipped(t, element * size + byte, bit)) != reference, (element, byte, bit)
+            for bit in range(8) if dtype != torch.bool else [0]:
+                assert tensor_digest(flipped(t, element * size + byte, bit)) != reference, (
+                    element,
+                    byte,
+                    bit,
+                )
 
 
 def test_a_flip_anywhere_in_a_large_tensor_changes_both_sums():
@@ -148,8 +175,16 @@ def test_the_same_values_in_other_positions_differ():
     reference = tensor_digest(a)
     swapped = a.clone()
     swapped[3, 5], swapped[40, 2] = a[40, 2], a[3, 5]
-    for moved in (a.T, a.T.contiguous(), a.flip(0), a.flip(1), a.roll(1), a.roll(1, dims=0), swapped,
-                  a.view(-1)[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(1))].view(64, 64)):
+    for moved in (
+        a.T,
+        a.T.contiguous(),
+        a.flip(0),
+        a.flip(1),
+        a.roll(1),
+        a.roll(1, dims=0),
+        swapped,
+        a.view(-1)[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(1))].view(64, 64),
+    ):
         assert tensor_digest(moved) != reference
     # words at the same offset of two blocks swapped: the block multipliers tell them apart
     big = sample((2 * BLOCK_WORDS,), torch.int32)
@@ -163,7 +198,9 @@ def test_the_same_bytes_under_another_shape_or_dtype_differ():
     assert tensor_digest(a) != tensor_digest(a.reshape(4, 6)) != tensor_digest(a.reshape(24))
     assert tensor_digest(a) != tensor_digest(a.view(torch.int32))
     assert tensor_digest(torch.zeros(0)) != tensor_digest(torch.zeros(0, 3))
-    assert tensor_digest(torch.zeros(3, dtype=torch.uint8)) != tensor_digest(torch.zeros(4, dtype=torch.uint8))
+    assert tensor_digest(torch.zeros(3, dtype=torch.uint8)) != tensor_digest(
+        torch.zeros(4, dtype=torch.uint8)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
@@ -174,7 +211,13 @@ def test_nothing_of_the_tensor_leaves_its_device(dtype):
     t = torch.empty(1031, 777, dtype=dtype, device="meta")
     with pytest.raises((NotImplementedError, RuntimeError)):
         t.cpu()  # what the sha256 digest did first
-    for view, chunk in ((t, 4 * BLOCK_WORDS), (t, 1000), (t.T, 4 * BLOCK_WORDS), (t.T, 999), (t[:, 1::2], 5000)):
+    for view, chunk in (
+        (t, 4 * BLOCK_WORDS),
+        (t, 1000),
+        (t.T, 4 * BLOCK_WORDS),
+        (t.T, 999),
+        (t[:, 1::2], 5000),
+    ):
         out = device_sums(view, chunk_bytes=chunk)
         assert out.device.type == "meta" and out.shape == (2,) and out.dtype == torch.int64
 

@@ -41,7 +41,10 @@ def _engines(speeds):
 def test_whole_groups_stay_on_one_engine_in_runs_sized_by_speed():
     engines = _engines([2.0, 1.0])
     parts = engines.split(Piece(0, 6, 16, 100), engines.engines)
-    assert [(e.index, p.start, p.stop, p.n, p.seed) for e, p in parts] == [(0, 0, 4, 16, 100), (1, 4, 6, 16, 104)]
+    assert [(e.index, p.start, p.stop, p.n, p.seed) for e, p in parts] == [
+        (0, 0, 4, 16, 100),
+        (1, 4, 6, 16, 104),
+    ]
 
 
 def test_a_slow_engine_still_gets_a_group_so_its_speed_is_measured_again():
@@ -67,7 +70,9 @@ def test_fewer_prompts_than_engines_split_each_group_with_distinct_seeds():
     engines = _engines([1.0, 1.0])
     parts = engines.split(Piece(0, 1, 16, 7), engines.engines)
     assert [(e.index, p.start, p.stop, p.n, p.seed) for e, p in parts] == [
-        (0, 0, 1, 8, 7), (1, 0, 1, 8, 7 + SPLIT_SEED_STRIDE)]
+        (0, 0, 1, 8, 7),
+        (1, 0, 1, 8, 7 + SPLIT_SEED_STRIDE),
+    ]
 
 
 # --- two real engines -----------------------------------------------------------------------------------
@@ -76,8 +81,18 @@ def test_fewer_prompts_than_engines_split_each_group_with_distinct_seeds():
 def engine_process(model_dir, log_dir, index: int, port: int | None = None):
     """Engine `index` of a two-engine run, started (not yet healthy). From the calling thread: the
     kernel's parent-death signal follows the thread that started a process, not the process."""
-    return local_server(model_dir, log_dir, "--set", "server.data_parallel_size=2", "--engine-index", str(index),
-                        token=SERVER_TOKEN, port=port, log_name=f"engine-{index}.log", healthy_within=None)
+    return local_server(
+        model_dir,
+        log_dir,
+        "--set",
+        "server.data_parallel_size=2",
+        "--engine-index",
+        str(index),
+        token=SERVER_TOKEN,
+        port=port,
+        log_name=f"engine-{index}.log",
+        healthy_within=None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +146,9 @@ def test_one_push_lands_on_both_engines_and_both_generate(two_engines, tiny_mode
         sync.close()
 
 
-def test_a_dead_engine_is_left_out_and_rejoins_only_with_the_current_weights(two_engines, tiny_model_dir, tmp_path):
+def test_a_dead_engine_is_left_out_and_rejoins_only_with_the_current_weights(
+    two_engines, tiny_model_dir, tmp_path
+):
     engines = Engines.of([s.client for s in two_engines])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     sync = WeightSync(model, 0, 0, torch.device("cpu"), engines, host="127.0.0.1", timeout_s=60)
@@ -140,7 +157,9 @@ def test_a_dead_engine_is_left_out_and_rejoins_only_with_the_current_weights(two
     prompts = [[5, 6, 7, 8 + i] for i in range(8)]
     # killed mid-generation: its share is re-sent to engine 0, every completion arrives
     result = {}
-    worker = threading.Thread(target=lambda: result.update(out=engines.generate(prompts, n=16, max_tokens=200, seed=1)))
+    worker = threading.Thread(
+        target=lambda: result.update(out=engines.generate(prompts, n=16, max_tokens=200, seed=1))
+    )
     worker.start()
     time.sleep(0.3)
     two_engines[1].kill()
@@ -160,7 +179,10 @@ def test_a_dead_engine_is_left_out_and_rejoins_only_with_the_current_weights(two
     sync.connect()
     assert sync.push(11)["engines_verified"] == 2
     both = engines.generate(prompts, n=2, max_tokens=4, seed=1)
-    assert {(c["engine"], c["version"]) for r in both["results"] for c in r["completions"]} == {(0, 11), (1, 11)}
+    assert {(c["engine"], c["version"]) for r in both["results"] for c in r["completions"]} == {
+        (0, 11),
+        (1, 11),
+    }
     assert engines.engines[1].restarts == 1
     sync.close()
 
@@ -185,8 +207,11 @@ def test_a_refused_request_is_not_retried_elsewhere(two_engines):
 
 def engine_group(root, index: int) -> int:
     """The process group of engine `index` of the run under `root` (its API process leads it)."""
-    pids = [int(line.split()[0]) for line in processes_mentioning(str(root))
-            if "pipeline.generation.serve" in line and f"--engine-index {index}" in line]
+    pids = [
+        int(line.split()[0])
+        for line in processes_mentioning(str(root))
+        if "pipeline.generation.serve" in line and f"--engine-index {index}" in line
+    ]
     assert pids, f"engine {index} not found"
     return os.getpgid(pids[0])
 
@@ -208,17 +233,36 @@ def test_two_engines_train_and_one_fails_alone_mid_generation_then_mid_push(warm
     run_dir = tmp_path / "two"
     # enough steps (~0.3-1 s each here) for both restarts (~30-40 s each) to happen within the run: engine 0
     # was back by step ~30 on 2 cores; every step past that costs the suite time
-    proc = start_launch(*warm_run("two", "--set", "train.max_steps=100", "--set", "server.data_parallel_size=2",
-                                  "--set", "server.restart=true", "--set", "sync.timeout_s=20",
-                                  "--set", "server.request_timeout_s=30",
-                                  warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+    proc = start_launch(
+        *warm_run(
+            "two",
+            "--set",
+            "train.max_steps=100",
+            "--set",
+            "server.data_parallel_size=2",
+            "--set",
+            "server.restart=true",
+            "--set",
+            "sync.timeout_s=20",
+            "--set",
+            "server.request_timeout_s=30",
+            warm_model_dir=warm_model_dir,
+        ),
+        server=None,
+        root=tmp_path,
+    )
     try:
         wait_for(lambda: len(rows_of(run_dir)) >= 2, "step 2", proc)
         assert all(r["server/engines"] == 2 for r in rows_of(run_dir)), "both engines generate every step"
         os.killpg(engine_group(tmp_path, 1), signal.SIGKILL)  # generation is most of a step: mid-generation
         # the step goes on with engine 0; engine 1 comes back and rejoins with the current weights
-        wait_for(lambda: any(r["server/restarts/engine_1"] == 1 and r["server/engines"] == 2 for r in rows_of(run_dir)),
-                 "engine 1 back in the rollouts", proc)
+        wait_for(
+            lambda: any(
+                r["server/restarts/engine_1"] == 1 and r["server/engines"] == 2 for r in rows_of(run_dir)
+            ),
+            "engine 1 back in the rollouts",
+            proc,
+        )
         # mid-push: engine 0 stops (SIGSTOP) as soon as an update opens (if the update wins the race, it
         # stops mid-generation instead: its request times out), then dies
         log0, group0 = run_dir / "server.log", engine_group(tmp_path, 0)
@@ -228,8 +272,15 @@ def test_two_engines_train_and_one_fails_alone_mid_generation_then_mid_push(warm
             time.sleep(0.02)
         os.killpg(group0, signal.SIGSTOP)
         trainer_log = run_dir / "trainer.log"
-        wait_for(lambda: "forming the transfer group again" in trainer_log.read_text()
-                 or "engine 0 left out" in trainer_log.read_text(), "engine 0's loss noticed", proc, timeout=120)
+        wait_for(
+            lambda: (
+                "forming the transfer group again" in trainer_log.read_text()
+                or "engine 0 left out" in trainer_log.read_text()
+            ),
+            "engine 0's loss noticed",
+            proc,
+            timeout=120,
+        )
         os.killpg(group0, signal.SIGKILL)
         assert proc.wait(600) == 0, run_log(run_dir)
     finally:
@@ -253,9 +304,20 @@ def test_two_engines_train_and_one_fails_alone_mid_generation_then_mid_push(warm
 @pytest.mark.e2e
 def test_both_engines_killed_is_a_one_line_error_within_the_deadline(warm_model_dir, tmp_path):
     run_dir = tmp_path / "both"
-    proc = start_launch(*warm_run("both", "--set", "train.max_steps=40", "--set", "server.data_parallel_size=2",
-                                  "--set", "server.restart=false", warm_model_dir=warm_model_dir),
-                        server=None, root=tmp_path)
+    proc = start_launch(
+        *warm_run(
+            "both",
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "server.data_parallel_size=2",
+            "--set",
+            "server.restart=false",
+            warm_model_dir=warm_model_dir,
+        ),
+        server=None,
+        root=tmp_path,
+    )
     wait_for(lambda: len(rows_of(run_dir)) >= 2, "step 2", proc)
     groups = [engine_group(tmp_path, i) for i in (0, 1)]
     for group in groups:
@@ -263,8 +325,12 @@ def test_both_engines_killed_is_a_one_line_error_within_the_deadline(warm_model_
     killed = time.monotonic()
     code = proc.wait(120)
     assert code != 0 and time.monotonic() - killed < 60
-    errors = {line for line in (tmp_path / "launch.log").read_text().splitlines() if line.startswith("error: ")}
-    assert len(errors) == 1 and "no generation engine left" in errors.pop(), errors  # the same line from each rank
+    errors = {
+        line for line in (tmp_path / "launch.log").read_text().splitlines() if line.startswith("error: ")
+    }
+    assert len(errors) == 1 and "no generation engine left" in errors.pop(), (
+        errors
+    )  # the same line from each rank
     wait_gone(str(tmp_path))
 
 

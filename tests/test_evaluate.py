@@ -38,14 +38,20 @@ def test_score_example_by_hand():
     assert not loose["strict_format"] and not loose["strict_correct"] and loose["lenient_correct"]
     assert loose["truncated"] and not loose["majority_correct"]
     wrong_format = score_example(EX, greedy("<reasoning>x</reasoning><answer>18</answer>"), [])
-    assert wrong_format["soft_format"] and not wrong_format["strict_format"] and not wrong_format["strict_correct"]
+    assert (
+        wrong_format["soft_format"]
+        and not wrong_format["strict_format"]
+        and not wrong_format["strict_correct"]
+    )
 
 
 def test_summarise_arithmetic():
-    rows = [score_example(EX, greedy(STRICT_OK, 10), [STRICT_OK]),
-            score_example(EX, greedy("it is 18", 20, "length"), ["5"]),
-            score_example(EX, greedy("nothing", 30), ["nothing"]),
-            score_example(EX, greedy(STRICT_OK.replace("18\n</answer>", "17\n</answer>"), 40), ["17"])]
+    rows = [
+        score_example(EX, greedy(STRICT_OK, 10), [STRICT_OK]),
+        score_example(EX, greedy("it is 18", 20, "length"), ["5"]),
+        score_example(EX, greedy("nothing", 30), ["nothing"]),
+        score_example(EX, greedy(STRICT_OK.replace("18\n</answer>", "17\n</answer>"), 40), ["17"]),
+    ]
     s = summarise(rows, maj_k=1)
     assert s["examples"] == 4
     assert s["pass@1/strict_accuracy"] == 0.25
@@ -60,10 +66,29 @@ def test_summarise_arithmetic():
 def test_eval_cli_on_real_gsm8k(server, gsm8k_dir, tmp_path):
     out = tmp_path / "eval"
     env = {**__import__("os").environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report.evaluate", "--server-url", server.client.base_url,
-                           "--data-file", str(gsm8k_dir / "test.jsonl"), "--limit", "12", "--maj-k", "3",
-                           "--max-tokens", "16", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.report.evaluate",
+            "--server-url",
+            server.client.base_url,
+            "--data-file",
+            str(gsm8k_dir / "test.jsonl"),
+            "--limit",
+            "12",
+            "--maj-k",
+            "3",
+            "--max-tokens",
+            "16",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "eval.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
@@ -82,15 +107,25 @@ def test_eval_cli_scores_known_completions_exactly(tiny_model_dir, tmp_path):
     import threading
 
     data = tmp_path / "test.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Question {i}?", "answer": f"Work.\n#### {a}"}) + "\n"
-                            for i, a in enumerate(["18", "1,200", "7", "42"])))
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"Question {i}?", "answer": f"Work.\n#### {a}"}) + "\n"
+            for i, a in enumerate(["18", "1,200", "7", "42"])
+        )
+    )
     strict = "<reasoning>\nr\n</reasoning>\n<answer>\n{}\n</answer>"
-    greedy_texts = [strict.format(18),           # strict format, correct
-                    "the total is $1,200.",      # no format; lenient answer correct
-                    strict.format(8),            # strict format, wrong
-                    "<answer>42</answer>"]       # no reasoning block: not strict; lenient correct
-    sampled_texts = [["18", "17", strict.format(18)], ["5", "5", "1200"], ["7", "7", strict.format(8)],
-                     ["41", strict.format(42), "40"]]
+    greedy_texts = [
+        strict.format(18),  # strict format, correct
+        "the total is $1,200.",  # no format; lenient answer correct
+        strict.format(8),  # strict format, wrong
+        "<answer>42</answer>",
+    ]  # no reasoning block: not strict; lenient correct
+    sampled_texts = [
+        ["18", "17", strict.format(18)],
+        ["5", "5", "1200"],
+        ["7", "7", strict.format(8)],
+        ["41", strict.format(42), "40"],
+    ]
 
     class Scripted(http.server.BaseHTTPRequestHandler):
         def _reply(self, body):
@@ -108,9 +143,25 @@ def test_eval_cli_scores_known_completions_exactly(tiny_model_dir, tmp_path):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             assert len(req["prompt_token_ids"]) == 4
             texts = [[t] for t in greedy_texts] if req["n"] == 1 else sampled_texts
-            self._reply({"version": 0, "results": [{"completions": [
-                {"text": t, "token_ids": [1] * (10 + i), "logprobs": [-1.0] * (10 + i), "finish_reason": "stop"}
-                for t in group]} for i, group in enumerate(texts)]})
+            self._reply(
+                {
+                    "version": 0,
+                    "results": [
+                        {
+                            "completions": [
+                                {
+                                    "text": t,
+                                    "token_ids": [1] * (10 + i),
+                                    "logprobs": [-1.0] * (10 + i),
+                                    "finish_reason": "stop",
+                                }
+                                for t in group
+                            ]
+                        }
+                        for i, group in enumerate(texts)
+                    ],
+                }
+            )
 
         def log_message(self, *args):
             pass
@@ -119,17 +170,32 @@ def test_eval_cli_scores_known_completions_exactly(tiny_model_dir, tmp_path):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         out = tmp_path / "eval"
-        proc = subprocess.run([sys.executable, "-m", "pipeline.report.evaluate", "--server-url",
-                               f"http://127.0.0.1:{httpd.server_address[1]}", "--data-file", str(data),
-                               "--maj-k", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.report.evaluate",
+                "--server-url",
+                f"http://127.0.0.1:{httpd.server_address[1]}",
+                "--data-file",
+                str(data),
+                "--maj-k",
+                "3",
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         httpd.shutdown()
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["examples"] == 4
-    assert summary["pass@1/strict_accuracy"] == 0.25      # only the first: strict format and right
-    assert summary["pass@1/lenient_accuracy"] == 0.75     # 18, 1200 and 42 found anywhere in the text
+    assert summary["pass@1/strict_accuracy"] == 0.25  # only the first: strict format and right
+    assert summary["pass@1/lenient_accuracy"] == 0.75  # 18, 1200 and 42 found anywhere in the text
     assert summary["format/strict_rate"] == 0.5
-    assert summary["maj@3/accuracy"] == 0.5               # 18 and 7 win their votes; 5 and a 3-way tie do not
-    assert summary["pass@3/strict_accuracy"] == 0.5       # a strict, right sample for 18 and 42 (not for 7: 8)
-    assert summary["completion_len/mean"] == 11.5         # 10, 11, 12, 13 tokens
+    assert summary["maj@3/accuracy"] == 0.5  # 18 and 7 win their votes; 5 and a 3-way tie do not
+    assert summary["pass@3/strict_accuracy"] == 0.5  # a strict, right sample for 18 and 42 (not for 7: 8)
+    assert summary["completion_len/mean"] == 11.5  # 10, 11, 12, 13 tokens

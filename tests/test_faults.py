@@ -44,10 +44,12 @@ def test_kill_9_whole_run_then_resume(server, warm_model_dir, tmp_path):
     from pipeline.trainer.build import StepData
 
     config = load_config(tmp_path / "k" / "config.yaml")
-    examples = load_examples("synthetic", "train", synthetic_sizes={"train": config.data.synthetic_train},
-                             seed=config.run.seed)
-    examples, _ = drop_long_prompts(examples, AutoTokenizer.from_pretrained(warm_model_dir),
-                                    config.data.max_prompt_tokens)
+    examples = load_examples(
+        "synthetic", "train", synthetic_sizes={"train": config.data.synthetic_train}, seed=config.run.seed
+    )
+    examples, _ = drop_long_prompts(
+        examples, AutoTokenizer.from_pretrained(warm_model_dir), config.data.max_prompt_tokens
+    )
     expected = StepData(examples, 2, config.run.seed)
     assert [r["data/first_index"] for r in rows] == [expected.indices(s)[0] for s in range(8)]
 
@@ -62,8 +64,18 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
     from pipeline.generation.client import free_port
 
     port = free_port()
-    proc = start_launch(*warm_run("own", "--set", "train.max_steps=40", "--set", f"server.port={port}",
-                                  warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+    proc = start_launch(
+        *warm_run(
+            "own",
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            f"server.port={port}",
+            warm_model_dir=warm_model_dir,
+        ),
+        server=None,
+        root=tmp_path,
+    )
     wait_for_step(tmp_path / "own" / "metrics.jsonl", 2, proc)
     before = run_processes(str(tmp_path))
     running = " ".join(" ".join(p.cmdline()) for p in before)
@@ -73,7 +85,9 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     end = time.monotonic() + 60
-    while (left := [p for p in before if alive(p)] + run_processes(str(tmp_path), sessions)) and time.monotonic() < end:
+    while (
+        left := [p for p in before if alive(p)] + run_processes(str(tmp_path), sessions)
+    ) and time.monotonic() < end:
         time.sleep(0.5)
     assert not left, [" ".join(p.cmdline()) for p in left]
     with socket.socket() as s:
@@ -83,11 +97,19 @@ def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir
 
 @pytest.mark.e2e
 def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_path):
-    proc = start_launch(*warm_run("rk", "--set", "train.save_every=2", "--set", "train.max_steps=40",
-                                  warm_model_dir=warm_model_dir), server=server, root=tmp_path)
+    proc = start_launch(
+        *warm_run(
+            "rk", "--set", "train.save_every=2", "--set", "train.max_steps=40", warm_model_dir=warm_model_dir
+        ),
+        server=server,
+        root=tmp_path,
+    )
     wait_for_step(tmp_path / "rk" / "metrics.jsonl", 3, proc)
-    ranks = [line.split()[0] for line in processes_mentioning(str(tmp_path)) if "pipeline.trainer" in line
-             and "--local_rank=1" in line]
+    ranks = [
+        line.split()[0]
+        for line in processes_mentioning(str(tmp_path))
+        if "pipeline.trainer" in line and "--local_rank=1" in line
+    ]
     assert ranks, "rank 1 not found"
     os.kill(int(ranks[0]), signal.SIGKILL)
     assert proc.wait(120) != 0
@@ -96,20 +118,35 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
     from transformers import AutoModelForCausalLM  # noqa: F401  (the checkpoint must load)
 
     assert (tmp_path / "rk" / "checkpoints" / latest).is_dir()
-    resumed = launch(*warm_run("rk", "--resume", "--set", f"train.max_steps={int(latest.split('-')[1]) + 1}",
-                               warm_model_dir=warm_model_dir), server=server, root=tmp_path)
+    resumed = launch(
+        *warm_run(
+            "rk",
+            "--resume",
+            "--set",
+            f"train.max_steps={int(latest.split('-')[1]) + 1}",
+            warm_model_dir=warm_model_dir,
+        ),
+        server=server,
+        root=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 def kill_server_of(root: Path) -> None:
     """SIGKILL the launcher-owned server's whole process group (API process, engine core, workers)."""
-    pids = [int(line.split()[0]) for line in processes_mentioning(str(root)) if "pipeline.generation.serve" in line]
+    pids = [
+        int(line.split()[0])
+        for line in processes_mentioning(str(root))
+        if "pipeline.generation.serve" in line
+    ]
     assert pids, "server process not found"
     os.killpg(pids[0], signal.SIGKILL)
 
 
 @pytest.mark.e2e
-def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_the_run(warm_model_dir, tmp_path):
+def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_the_run(
+    warm_model_dir, tmp_path
+):
     """One run of a launcher-owned server, three faults in turn (one server start each would cost the
     suite minutes): no token configured, yet the server gets a random one that strangers lack; killed
     once, it is restarted and gets the trainer's weights before training goes on; killed past
@@ -118,23 +155,46 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
     import requests
 
     run_dir = tmp_path / "sr"
-    proc = start_launch(*warm_run("sr", "--set", "train.max_steps=60", "--set", "server.restart=true",
-                                  "--set", "server.max_restarts=1", warm_model_dir=warm_model_dir),
-                        server=None, root=tmp_path, token=None)
+    proc = start_launch(
+        *warm_run(
+            "sr",
+            "--set",
+            "train.max_steps=60",
+            "--set",
+            "server.restart=true",
+            "--set",
+            "server.max_restarts=1",
+            warm_model_dir=warm_model_dir,
+        ),
+        server=None,
+        root=tmp_path,
+        token=None,
+    )
     try:
         # --- the launcher's own token: random, environment only, required on every route ---
         wait_for_step(run_dir / "metrics.jsonl", 1, proc)
         port = int(next(a for a in proc.args if a.startswith("server.port=")).split("=")[1])
-        server_pid = next(int(line.split()[0]) for line in processes_mentioning(str(tmp_path))
-                          if "pipeline.generation.serve" in line)
-        environ = dict(item.split("=", 1) for item in Path(f"/proc/{server_pid}/environ").read_text().split("\0")
-                       if "=" in item)
+        server_pid = next(
+            int(line.split()[0])
+            for line in processes_mentioning(str(tmp_path))
+            if "pipeline.generation.serve" in line
+        )
+        environ = dict(
+            item.split("=", 1)
+            for item in Path(f"/proc/{server_pid}/environ").read_text().split("\0")
+            if "=" in item
+        )
         token = environ["GRPO_SERVER_TOKEN"]
         assert re.fullmatch(r"[0-9a-f]{32}", token)
         url = f"http://127.0.0.1:{port}"
         assert requests.get(url + "/health", timeout=10).status_code == 401
         assert requests.post(url + "/weights/start", json={"version": 99}, timeout=10).status_code == 401
-        assert requests.get(url + "/health", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+        assert (
+            requests.get(
+                url + "/health", headers={"Authorization": f"Bearer {token}"}, timeout=10
+            ).status_code
+            == 200
+        )
 
         # --- killed once: restarted, and training goes on with the trainer's weights in it ---
         wait_for_step(run_dir / "metrics.jsonl", 2, proc)
@@ -157,7 +217,9 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
         text = log.read_text()
         assert code != 0 and time.monotonic() - killed < 60, text[-3000:]
         assert "restarting it (2 of" not in text, text[-3000:]
-        assert re.search(r"error: (POST /\w+: cannot reach the server|weight push for version)", text), text[-3000:]
+        assert re.search(r"error: (POST /\w+: cannot reach the server|weight push for version)", text), text[
+            -3000:
+        ]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -171,8 +233,20 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
 def test_server_restart_in_overlapped_mode(warm_model_dir, tmp_path):
     """The server dies while the next step's rollouts are being generated ahead: the lost request
     is retried on the restarted server, which gets the trainer's weights first."""
-    proc = start_launch(*warm_run("sro", "--set", "train.max_steps=6", "--set", "server.restart=true",
-                                  "--set", "train.overlap=true", warm_model_dir=warm_model_dir), server=None, root=tmp_path)
+    proc = start_launch(
+        *warm_run(
+            "sro",
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "server.restart=true",
+            "--set",
+            "train.overlap=true",
+            warm_model_dir=warm_model_dir,
+        ),
+        server=None,
+        root=tmp_path,
+    )
     wait_for_step(tmp_path / "sro" / "metrics.jsonl", 2, proc)
     kill_server_of(tmp_path)
     assert proc.wait(600) == 0, (tmp_path / "launch.log").read_text()[-3000:]
@@ -188,8 +262,13 @@ def test_server_restart_in_overlapped_mode(warm_model_dir, tmp_path):
 def test_launcher_interrupted_stops_everything(server, warm_model_dir, tmp_path, sig):
     """Ctrl-C (SIGINT) or SIGTERM to the launcher: it stops the ranks and exits 130; the checkpoint it
     had is intact."""
-    proc = start_launch(*warm_run("int", "--set", "train.max_steps=60", "--set", "train.save_every=2",
-                                  warm_model_dir=warm_model_dir), server=server, root=tmp_path)
+    proc = start_launch(
+        *warm_run(
+            "int", "--set", "train.max_steps=60", "--set", "train.save_every=2", warm_model_dir=warm_model_dir
+        ),
+        server=server,
+        root=tmp_path,
+    )
     wait_for_step(tmp_path / "int" / "metrics.jsonl", 3, proc)
     proc.send_signal(sig)
     assert proc.wait(120) == 130
@@ -206,13 +285,33 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     model (~25M parameters: ~0.4 GB of checkpoint) makes the write long enough to catch."""
     from pipeline.embedded.tiny_model import build_tiny_model
 
-    wide = build_tiny_model(tmp_path / "wide", tiny_corpus(rows=200), hidden_size=512,
-                            intermediate_size=2048, num_layers=6, num_heads=8, num_kv_heads=2)
+    wide = build_tiny_model(
+        tmp_path / "wide",
+        tiny_corpus(rows=200),
+        hidden_size=512,
+        intermediate_size=2048,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+    )
 
     def common(name):
-        return ["--name", name, "--set", f"model.path={wide}", "--set", "model.build=", "--set", "eval.enabled=false",
-                "--set", "train.save_every=1", "--set", "train.keep_checkpoints=50",
-                "--set", "train.max_completion_tokens=16"]
+        return [
+            "--name",
+            name,
+            "--set",
+            f"model.path={wide}",
+            "--set",
+            "model.build=",
+            "--set",
+            "eval.enabled=false",
+            "--set",
+            "train.save_every=1",
+            "--set",
+            "train.keep_checkpoints=50",
+            "--set",
+            "train.max_completion_tokens=16",
+        ]
 
     hit = None
     # A write takes a fraction of a second: watch closely and, if the write finished before the kill
@@ -226,7 +325,9 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
         end = time.monotonic() + 300
         while hit is None and proc.poll() is None and time.monotonic() < end:
             latest = (ckpt / "latest").read_text() if (ckpt / "latest").exists() else ""
-            newest = max((p.name for p in ckpt.glob("step-*")), key=lambda n: int(n.split("-")[1]), default="")
+            newest = max(
+                (p.name for p in ckpt.glob("step-*")), key=lambda n: int(n.split("-")[1]), default=""
+            )
             if latest and newest and newest != latest:
                 for pid in everyone:  # like a power cut: nobody gets to finish the write
                     with contextlib.suppress(ProcessLookupError):
@@ -245,31 +346,61 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     step = int(latest.split("-")[1])
     from pipeline.generation.client import free_port
 
-    resumed = launch(*common(name), "--resume", "--set", f"train.max_steps={step + 1}",
-                     "--set", f"server.port={free_port()}", root=tmp_path)
+    resumed = launch(
+        *common(name),
+        "--resume",
+        "--set",
+        f"train.max_steps={step + 1}",
+        "--set",
+        f"server.port={free_port()}",
+        root=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:] + run_log(tmp_path / name)
-    resumes = [line for line in (tmp_path / name / "train.log").read_text().splitlines() if "resumed from" in line]
-    assert f"resumed from {ckpt / latest}" in resumes[-1] and resumes[-1].endswith(f"at step {step}"), resumes[-1]
+    resumes = [
+        line for line in (tmp_path / name / "train.log").read_text().splitlines() if "resumed from" in line
+    ]
+    assert f"resumed from {ckpt / latest}" in resumes[-1] and resumes[-1].endswith(f"at step {step}"), (
+        resumes[-1]
+    )
     rows = read_metrics(tmp_path / name)
     assert [r["step"] for r in rows] == list(range(1, step + 2))
 
 
 @pytest.mark.integration
 def test_missing_zero_config_refused_before_start(tiny_model_dir, tmp_path):
-    proc = launch("--name", "nz", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", "train.deepspeed_config=configs/missing.json", root=tmp_path, timeout=120)
+    proc = launch(
+        "--name",
+        "nz",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "train.deepspeed_config=configs/missing.json",
+        root=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert one_line_error(proc) == (
         "error: train.deepspeed_config: configs/missing.json not found (expected a DeepSpeed JSON such as "
-        "configs/ds_zero2.json)")
+        "configs/ds_zero2.json)"
+    )
     assert not (tmp_path / "nz").exists()
 
 
 @pytest.mark.integration
 def test_unwritable_run_root_refused_before_start(tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    proc = launch("--name", "u", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  root=tmp_path / "file" / "runs", timeout=120)
+    proc = launch(
+        "--name",
+        "u",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        root=tmp_path / "file" / "runs",
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert one_line_error(proc).startswith(f"error: run directory {tmp_path}/file/runs/u is not writable")
 
@@ -279,8 +410,12 @@ def small_disk(tmp_path):
     """A 2 MiB tmpfs: a real full disk for the run directory (needs root; skipped where not allowed)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                      timeout=30).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, timeout=30
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
@@ -288,8 +423,18 @@ def small_disk(tmp_path):
 
 @pytest.mark.integration
 def test_full_disk_refused_before_start(tiny_model_dir, small_disk):
-    proc = launch("--name", "full", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", "train.save_every=2", root=small_disk, timeout=120)
+    proc = launch(
+        "--name",
+        "full",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "train.save_every=2",
+        root=small_disk,
+        timeout=120,
+    )
     assert proc.returncode == 2
     last = one_line_error(proc)
     assert last.startswith(f"error: run.root: {small_disk} has 2 MiB free; this run needs about "), last
@@ -311,8 +456,10 @@ def test_disk_space_estimate_figure(tmp_path, monkeypatch):
     need_mib = 1 * (8 * 3 + 1) + 50  # 3 checkpoints (2 kept + 1 being written), the final model, logs
     Usage = shutil.disk_usage(tmp_path).__class__
     monkeypatch.setattr(launcher.shutil, "disk_usage", lambda p: Usage(10**12, 0, (need_mib - 1) * 2**20))
-    with pytest.raises(ConfigError, match=f"has {need_mib - 1} MiB free; this run needs about {need_mib} MiB "
-                                          "for 3 checkpoint"):
+    with pytest.raises(
+        ConfigError,
+        match=f"has {need_mib - 1} MiB free; this run needs about {need_mib} MiB for 3 checkpoint",
+    ):
         launcher.check_disk_space(config, tmp_path / "runs" / "x")
     monkeypatch.setattr(launcher.shutil, "disk_usage", lambda p: Usage(10**12, 0, need_mib * 2**20))
     launcher.check_disk_space(config, tmp_path / "runs" / "x")  # exactly enough
@@ -343,21 +490,34 @@ def test_a_hub_model_too_big_for_the_disk_is_refused(small_disk, tmp_path, monke
         launcher.check_disk_space(config, small_disk / "run")
     message = str(refused.value)
     assert "\n" not in message, message
-    assert message.startswith(f"run.root: {small_disk} has 2 MiB free; this run needs about {need / 2**20:.0f} MiB "
-                              f"for {checkpoints} checkpoint(s) and the final model (weights: 1.10B parameters x 2 "
-                              f"bytes (bfloat16), from premai-io/prem-1B-chat"), message
+    assert message.startswith(
+        f"run.root: {small_disk} has 2 MiB free; this run needs about {need / 2**20:.0f} MiB "
+        f"for {checkpoints} checkpoint(s) and the final model (weights: 1.10B parameters x 2 "
+        f"bytes (bfloat16), from premai-io/prem-1B-chat"
+    ), message
 
     # In the Hugging Face cache: its config.json is read (here a small model, fp32 with model.dtype auto on CPU)
     snapshot = tmp_path / "empty-cache" / "models--someone--cached" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
-    shape = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "vocab_size": 1000}
+    shape = {
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "vocab_size": 1000,
+    }
     (snapshot / "config.json").write_text(json.dumps(shape))
     config = load_config(None, ["model.path=someone/cached", f"run.root={small_disk}", "train.save_every=0"])
     need = param_count(shape) * 4 * (8 * 1 + 1) + 50 * 2**20
-    with pytest.raises(ConfigError, match=re.escape(f"needs about {need / 2**20:.0f} MiB for 1 checkpoint(s) and the "
-                                                    f"final model (weights: 0.00B parameters x 4 bytes (float32), "
-                                                    f"from {snapshot / 'config.json'})")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            f"needs about {need / 2**20:.0f} MiB for 1 checkpoint(s) and the "
+            f"final model (weights: 0.00B parameters x 4 bytes (float32), "
+            f"from {snapshot / 'config.json'})"
+        ),
+    ):
         launcher.check_disk_space(config, small_disk / "run")
 
 
@@ -371,4 +531,5 @@ def test_disk_space_for_a_model_of_unknown_size_is_not_checked(small_disk, tmp_p
     _launcher().check_disk_space(config, small_disk / "run")
     assert capsys.readouterr().out.splitlines()[-1] == (
         "disk space for checkpoints not checked: the model's size is unknown (model.path=someone/unknown-model is "
-        "not a local directory, not in the Hugging Face cache and not in launch/memory.py)")
+        "not a local directory, not in the Hugging Face cache and not in launch/memory.py)"
+    )

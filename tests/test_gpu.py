@@ -36,15 +36,29 @@ def need(gpus: int):
 
 def gpu_server(model_dir: Path, log_dir: Path, gpus: list[int], *extra: str) -> ServerProcess:
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-    return local_server(model_dir, log_dir, "--set", "model.dtype=bfloat16", "--set", "server.gpu_memory_utilization=0.3",
-                        "--set", f"server.tensor_parallel_size={len(gpus)}", *extra, token=TOKEN, env=env, settings=(),
-                        healthy_within=600)
+    return local_server(
+        model_dir,
+        log_dir,
+        "--set",
+        "model.dtype=bfloat16",
+        "--set",
+        "server.gpu_memory_utilization=0.3",
+        "--set",
+        f"server.tensor_parallel_size={len(gpus)}",
+        *extra,
+        token=TOKEN,
+        env=env,
+        settings=(),
+        healthy_within=600,
+    )
 
 
 def hf_model(model_dir: Path, device: str, attn: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn).to(device)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn).to(
+        device
+    )
 
 
 PROMPT = [5, 17, 42, 8, 99, 3, 64, 12]
@@ -81,9 +95,12 @@ def test_nccl_push_into_a_server_on_another_gpu(tiny_model_dir, tmp_path):
         assert sync.backend == "nccl"
         perturb(model, 2)
         sync.push(2)  # a second round through the same communicator
-        completion = server.client.generate([PROMPT], n=1, max_tokens=8, seed=1)["results"][0]["completions"][0]
-        assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
-                ).abs().max() <= BF16_TOL
+        completion = server.client.generate([PROMPT], n=1, max_tokens=8, seed=1)["results"][0]["completions"][
+            0
+        ]
+        assert (
+            torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+        ).abs().max() <= BF16_TOL
         sync.close()
     finally:
         server.stop()
@@ -126,8 +143,18 @@ def test_two_engines_one_nccl_broadcast(tiny_model_dir, tmp_path):
 
     (tmp_path / "e0").mkdir()
     (tmp_path / "e1").mkdir()
-    servers = [gpu_server(tiny_model_dir, tmp_path / f"e{i}", [i], "--set", "server.data_parallel_size=2",
-                          "--engine-index", str(i)) for i in range(2)]
+    servers = [
+        gpu_server(
+            tiny_model_dir,
+            tmp_path / f"e{i}",
+            [i],
+            "--set",
+            "server.data_parallel_size=2",
+            "--engine-index",
+            str(i),
+        )
+        for i in range(2)
+    ]
     try:
         engines = Engines.of([s.client for s in servers])
         model = hf_model(tiny_model_dir, "cuda:2")
@@ -135,14 +162,22 @@ def test_two_engines_one_nccl_broadcast(tiny_model_dir, tmp_path):
         sync = WeightSync(model, 0, 0, torch.device("cuda:2"), engines, host="127.0.0.1", timeout_s=120)
         sync.connect()
         stats = sync.push(1)
-        assert sync.backend == "nccl" and sync.sync_client.offsets == [0, 1] and stats["engines_verified"] == 2
+        assert (
+            sync.backend == "nccl" and sync.sync_client.offsets == [0, 1] and stats["engines_verified"] == 2
+        )
         assert set(sync.verified_names) == {n for n, _ in model.named_parameters()}
         out = engines.generate([PROMPT, PROMPT[:5]], n=2, max_tokens=12, seed=0)
-        assert {(c["engine"], c["version"]) for r in out["results"] for c in r["completions"]} == {(0, 1), (1, 1)}
+        assert {(c["engine"], c["version"]) for r in out["results"] for c in r["completions"]} == {
+            (0, 1),
+            (1, 1),
+        }
         for server in servers:
-            completion = server.client.generate([PROMPT], n=1, max_tokens=12, seed=1)["results"][0]["completions"][0]
-            assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
-                    ).abs().max() <= BF16_TOL
+            completion = server.client.generate([PROMPT], n=1, max_tokens=12, seed=1)["results"][0][
+                "completions"
+            ][0]
+            assert (
+                torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+            ).abs().max() <= BF16_TOL
         sync.close()
     finally:
         for server in servers:
@@ -160,17 +195,40 @@ def test_an_engine_killed_mid_nccl_push_leaves_the_other_torn_not_dead(tiny_mode
     timeout_s = 20
     for i in range(2):
         (tmp_path / f"e{i}").mkdir()
-    servers = [gpu_server(tiny_model_dir, tmp_path / f"e{i}", [i], "--set", "server.data_parallel_size=2",
-                          "--engine-index", str(i), "--set", f"sync.timeout_s={timeout_s}") for i in range(2)]
+    servers = [
+        gpu_server(
+            tiny_model_dir,
+            tmp_path / f"e{i}",
+            [i],
+            "--set",
+            "server.data_parallel_size=2",
+            "--engine-index",
+            str(i),
+            "--set",
+            f"sync.timeout_s={timeout_s}",
+        )
+        for i in range(2)
+    ]
     try:
         engines = Engines.of([s.client for s in servers])
         model = hf_model(tiny_model_dir, "cuda:2")
-        sync = WeightSync(model, 0, 0, torch.device("cuda:2"), engines, host="127.0.0.1", timeout_s=timeout_s,
-                          bucket_bytes=64 * 1024)
+        sync = WeightSync(
+            model,
+            0,
+            0,
+            torch.device("cuda:2"),
+            engines,
+            host="127.0.0.1",
+            timeout_s=timeout_s,
+            bucket_bytes=64 * 1024,
+        )
         sync.connect()
         sync.push(1)
         start = time.monotonic()
-        with killed_mid_push(sync, servers[1].kill) as killed, pytest.raises(WeightSyncError, match="version 2"):
+        with (
+            killed_mid_push(sync, servers[1].kill) as killed,
+            pytest.raises(WeightSyncError, match="version 2"),
+        ):
             sync.push(2)
         assert killed.is_set() and time.monotonic() - start < timeout_s + 15
         time.sleep(5)  # the survivor's deadline has passed: torn, alive, serving nothing
@@ -179,9 +237,12 @@ def test_an_engine_killed_mid_nccl_push_leaves_the_other_torn_not_dead(tiny_mode
         perturb(model, 3)
         sync.connect()  # the survivor alone
         assert sync.push(3)["engines_verified"] == 1
-        completion = servers[0].client.generate([PROMPT], n=1, max_tokens=12, seed=3)["results"][0]["completions"][0]
-        assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
-                ).abs().max() <= BF16_TOL
+        completion = servers[0].client.generate([PROMPT], n=1, max_tokens=12, seed=3)["results"][0][
+            "completions"
+        ][0]
+        assert (
+            torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+        ).abs().max() <= BF16_TOL
         sync.close()
     finally:
         for server in servers:
@@ -201,8 +262,9 @@ def test_cuda_graphs_survive_pushes(tiny_model_dir, tmp_path):
             sync.push(version)
             completion = server.client.generate([PROMPT], n=1, max_tokens=16, seed=version)["results"][0]
             completion = completion["completions"][0]
-            assert (torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
-                    ).abs().max() <= BF16_TOL
+            assert (
+                torch.tensor(completion["logprobs"]) - hf_logprobs(model, PROMPT, completion["token_ids"])
+            ).abs().max() <= BF16_TOL
         sync.close()
     finally:
         server.stop()
@@ -214,8 +276,16 @@ def test_server_killed_mid_nccl_push_fails_within_the_deadline(tiny_model_dir, t
     server = gpu_server(tiny_model_dir, tmp_path, [0])
     model = hf_model(tiny_model_dir, "cuda:1")
     timeout_s = 20
-    sync = WeightSync(model, 0, 0, torch.device("cuda:1"), server.client, host="127.0.0.1", timeout_s=timeout_s,
-                      bucket_bytes=64 * 1024)
+    sync = WeightSync(
+        model,
+        0,
+        0,
+        torch.device("cuda:1"),
+        server.client,
+        host="127.0.0.1",
+        timeout_s=timeout_s,
+        bucket_bytes=64 * 1024,
+    )
     sync.connect()
     sync.push(1)
     start = time.monotonic()
@@ -236,8 +306,14 @@ def test_the_weight_digest_on_a_gpu_is_the_digest_on_the_cpu():
 
     g = torch.Generator().manual_seed(0)
     big = torch.randn(4099, 1031, generator=g).to(torch.bfloat16)  # 2 blocks and a bit, an odd word count
-    cases = [big, big.T, big[:, 1::3], torch.randn(7, generator=g), torch.randint(-128, 127, (13,), generator=g,
-             dtype=torch.int8), torch.randn(33, 65, generator=g, dtype=torch.float64).T]
+    cases = [
+        big,
+        big.T,
+        big[:, 1::3],
+        torch.randn(7, generator=g),
+        torch.randint(-128, 127, (13,), generator=g, dtype=torch.int8),
+        torch.randn(33, 65, generator=g, dtype=torch.float64).T,
+    ]
     for t in cases:
         on_gpu = t.to("cuda:0")
         assert tensor_digest(on_gpu) == tensor_digest(t), (t.dtype, tuple(t.shape))
@@ -263,12 +339,36 @@ def test_flash_attention_matches_sdpa(tiny_model_dir):
     assert (fa2 - sdpa).abs().max() <= BF16_TOL
 
 
-def launch_run(tmp_path: Path, model_dir: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "launch/train.py", "--name", "gpu", "--set", f"run.root={tmp_path}",
-           "--set", f"model.path={model_dir}", "--set", "model.build=", "--set", "model.dtype=bfloat16",
-           "--set", "eval.enabled=false", "--set", f"server.port={free_port()}", *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"})
+def launch_run(
+    tmp_path: Path, model_dir: Path, *extra: str, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        "--name",
+        "gpu",
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "model.dtype=bfloat16",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        f"server.port={free_port()}",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"},
+    )
 
 
 def check_run(tmp_path: Path, proc, steps: int, transport: str) -> list[dict]:
@@ -292,8 +392,18 @@ def test_one_gpu_layout_runs(warm_model_dir, tmp_path):
 def test_five_bf16_steps_of_make_train(warm_model_dir, tmp_path):
     gpus = min(GPUS, 3)  # the server + 1 or 2 ranks
     ranks = gpus - 1
-    proc = launch_run(tmp_path, warm_model_dir, "--gpus", str(gpus), "--set", "train.max_steps=5",
-                      "--set", f"train.micro_batch_size={16 // ranks}", "--set", "train.gradient_accumulation_steps=1")
+    proc = launch_run(
+        tmp_path,
+        warm_model_dir,
+        "--gpus",
+        str(gpus),
+        "--set",
+        "train.max_steps=5",
+        "--set",
+        f"train.micro_batch_size={16 // ranks}",
+        "--set",
+        "train.gradient_accumulation_steps=1",
+    )
     rows = check_run(tmp_path, proc, 5, "nccl")
     assert all(r["time/sync"] > 0 for r in rows)
 
@@ -301,8 +411,16 @@ def test_five_bf16_steps_of_make_train(warm_model_dir, tmp_path):
 @pytest.mark.e2e
 @need(3)
 def test_zero3_gathers_and_pushes_on_gpus(warm_model_dir, tmp_path):
-    proc = launch_run(tmp_path, warm_model_dir, "--gpus", "3", "--set", "train.max_steps=3",
-                      "--set", "train.deepspeed_config=configs/ds_zero3_gpu.json")
+    proc = launch_run(
+        tmp_path,
+        warm_model_dir,
+        "--gpus",
+        "3",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.deepspeed_config=configs/ds_zero3_gpu.json",
+    )
     check_run(tmp_path, proc, 3, "nccl")
 
 
@@ -320,14 +438,18 @@ def test_lora_adapter_push_into_a_bf16_server(tiny_model_dir, tmp_path):
     server = gpu_server(tiny_model_dir, tmp_path, [0], "--set", "model.lora_rank=8")
     try:
         assert server.client.model_info()["lora_adapters"]
-        model = get_peft_model(hf_model(tiny_model_dir, "cuda:0"), LoraConfig(r=8, lora_alpha=16,
-                               target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            hf_model(tiny_model_dir, "cuda:0"),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
         torch.manual_seed(0)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_" in name:
                     p.normal_(0, 0.05)
-        server.client.request("POST", "/weights/adapter", data=adapter_file(model, adapter_state(model, 0), 1))
+        server.client.request(
+            "POST", "/weights/adapter", data=adapter_file(model, adapter_state(model, 0), 1)
+        )
         out = server.client.generate([PROMPT], n=1, max_tokens=16, seed=0)
         completion = out["results"][0]["completions"][0]["token_ids"]
         on = hf_logprobs(model, PROMPT, completion)

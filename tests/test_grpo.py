@@ -20,8 +20,9 @@ def test_group_scaling_by_hand():
     none = group_advantages(torch.tensor([0.0, 2.0, 1.0, 1.0]), 2, "none")
     assert none.tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
     batch = group_advantages(torch.tensor([0.0, 2.0, 1.0, 1.0]), 2, "batch", eps=1e-12)
-    assert batch.tolist() == pytest.approx([-1 / torch.tensor([0.0, 2, 1, 1]).std().item(),
-                                            1 / torch.tensor([0.0, 2, 1, 1]).std().item(), 0, 0])
+    assert batch.tolist() == pytest.approx(
+        [-1 / torch.tensor([0.0, 2, 1, 1]).std().item(), 1 / torch.tensor([0.0, 2, 1, 1]).std().item(), 0, 0]
+    )
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(torch.zeros(4), 3)
 
@@ -95,14 +96,23 @@ def test_a_two_call_conversation_trains_only_the_models_tokens():
         logp[0, t] = -30.0
         reference[0, t] = 5.0
     for loss_type in ("grpo", "bnpo", "dr_grpo"):
-        loss, stats = grpo_loss(logp, b, loss_type=loss_type, beta=0.1, ref_logprobs=reference,
-                                max_completion_tokens=9)
-        plain, _ = grpo_loss(b.old_logprobs.clone(), b, loss_type=loss_type, beta=0.1,
-                             ref_logprobs=b.old_logprobs.clone(), max_completion_tokens=9)
+        loss, stats = grpo_loss(
+            logp, b, loss_type=loss_type, beta=0.1, ref_logprobs=reference, max_completion_tokens=9
+        )
+        plain, _ = grpo_loss(
+            b.old_logprobs.clone(),
+            b,
+            loss_type=loss_type,
+            beta=0.1,
+            ref_logprobs=b.old_logprobs.clone(),
+            max_completion_tokens=9,
+        )
         assert loss.item() == pytest.approx(plain.item()), loss_type
         assert stats["tokens"] == 5 and stats["kl_sum"] == pytest.approx(0.0)
     assert b.completion_mask.sum() == 5
-    untrained = make_batch([prompt], [completion], [old], [1.0], [False], pad_id=0, device="cpu", loss_masks=[own])
+    untrained = make_batch(
+        [prompt], [completion], [old], [1.0], [False], pad_id=0, device="cpu", loss_masks=[own]
+    )
     assert untrained.completion_mask.sum() == 0  # a truncated completion stays out whole
 
 
@@ -130,10 +140,13 @@ def test_loss_matches_a_straightforward_computation():
     assert loss.item() == pytest.approx(sum(seq_losses) / len(seq_losses), rel=1e-5)
     loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="bnpo")
     assert loss.item() == pytest.approx(sum(all_tokens) / len(all_tokens), rel=1e-5)  # 6 tokens
-    loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="dapo", token_normaliser=4.0)
+    loss, _ = grpo_loss(
+        logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="dapo", token_normaliser=4.0
+    )
     assert loss.item() == pytest.approx(sum(all_tokens) / 4.0, rel=1e-5)  # the step's count, given
-    loss, _ = grpo_loss(logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="dr_grpo",
-                        max_completion_tokens=10)
+    loss, _ = grpo_loss(
+        logp, b, epsilon=eps, beta=beta, ref_logprobs=ref, loss_type="dr_grpo", max_completion_tokens=10
+    )
     assert loss.item() == pytest.approx(sum(all_tokens) / (3 * 10), rel=1e-5)  # 3 sequences x 10 tokens
     assert stats["tokens"] == 6 and stats["kl_sum"] > 0
 
@@ -163,14 +176,22 @@ def test_token_aggregation_is_a_step_global_mean_across_ranks_and_accumulation()
         [([[-1.0, -0.5], [-0.2, -0.9, -0.4]], [0.5, -0.3], [True, True]), ([[-0.7]], [1.2], [True])],
         [([[-0.1, -0.1, -0.1, -0.1]], [-0.8], [True]), ([[-2.0, -1.0], [-0.6]], [0.4, 0.9], [True, False])],
     ]
-    batches = [[make_batch([[5, 6]] * len(o), [[7] * len(x) for x in o], o, a, k, 0, "cpu") for o, a, k in r]
-               for r in micro]
+    batches = [
+        [make_batch([[5, 6]] * len(o), [[7] * len(x) for x in o], o, a, k, 0, "cpu") for o, a, k in r]
+        for r in micro
+    ]
     logps = [[b.old_logprobs + 0.2 * torch.randn_like(b.old_logprobs) for b in r] for r in batches]
     step_tokens = sum(float(b.completion_mask.sum()) for r in batches for b in r)
     assert step_tokens == 2 + 3 + 1 + 4 + 2  # the truncated completion's token is not counted
     normaliser = step_token_normaliser(step_tokens, accumulation, ranks)
-    deepspeed_view = sum(grpo_loss(lp, b, loss_type="dapo", token_normaliser=normaliser)[0].item() / accumulation
-                         for r_b, r_lp in zip(batches, logps, strict=True) for b, lp in zip(r_b, r_lp, strict=True)) / ranks
+    deepspeed_view = (
+        sum(
+            grpo_loss(lp, b, loss_type="dapo", token_normaliser=normaliser)[0].item() / accumulation
+            for r_b, r_lp in zip(batches, logps, strict=True)
+            for b, lp in zip(r_b, r_lp, strict=True)
+        )
+        / ranks
+    )
     by_hand = []
     for r_b, r_lp in zip(batches, logps, strict=True):
         for b, lp in zip(r_b, r_lp, strict=True):

@@ -51,7 +51,11 @@ def imports(path: Path):
     def walk(node, function):
         for child in ast.iter_child_nodes(node):
             inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
-            if isinstance(child, ast.ImportFrom) and child.module and child.module.split(".")[0] == "pipeline":
+            if (
+                isinstance(child, ast.ImportFrom)
+                and child.module
+                and child.module.split(".")[0] == "pipeline"
+            ):
                 for alias in child.names:
                     submodule = f"{child.module}.{alias.name}"
                     yield (submodule if submodule in MODULES else child.module), function
@@ -70,8 +74,10 @@ def test_no_part_imports_a_later_one():
     for name, path in MODULES.items():
         for imported, function in imports(path):
             if part_of(imported) not in MAY_IMPORT[part_of(name)]:
-                wrong.append(f"{name} ({part_of(name)}) imports {imported} ({part_of(imported)})"
-                             + (f" in {function}()" if function else ""))
+                wrong.append(
+                    f"{name} ({part_of(name)}) imports {imported} ({part_of(imported)})"
+                    + (f" in {function}()" if function else "")
+                )
     assert not wrong, "\n".join(dict.fromkeys(wrong))
 
 
@@ -89,8 +95,11 @@ def test_no_import_circle():
         return seen
 
     reach = {name: reachable(name) for name in edges}
-    circles = {frozenset({name} | {other for other in reach[name] if name in reach.get(other, ())})
-               for name in edges if name in reach[name]}
+    circles = {
+        frozenset({name} | {other for other in reach[name] if name in reach.get(other, ())})
+        for name in edges
+        if name in reach[name]
+    }
     assert not circles, "import circles: " + "; ".join(" <-> ".join(sorted(c)) for c in circles)
 
 
@@ -106,25 +115,43 @@ def test_loading_a_config_imports_no_torch():
     """The ground floor stands on nothing: a fresh interpreter that loads the recipe's configs has imported
     pipeline.config and pipeline.options and no torch (the generation server loads a config before it
     must import torch; pipeline/generation/serve.py)."""
-    code = ("import sys; from pipeline.config import load_config; "
-            "[load_config(f) for f in ('configs/tiny-cpu.yaml', 'configs/prem-1b-gsm8k.yaml')]; "
-            "print('torch' in sys.modules, *sorted(m for m in sys.modules if m.startswith('pipeline')))")
+    code = (
+        "import sys; from pipeline.config import load_config; "
+        "[load_config(f) for f in ('configs/tiny-cpu.yaml', 'configs/prem-1b-gsm8k.yaml')]; "
+        "print('torch' in sys.modules, *sorted(m for m in sys.modules if m.startswith('pipeline')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     torch_loaded, *loaded = out.stdout.split()
-    assert (torch_loaded, loaded) == ("False", ["pipeline", "pipeline.config", "pipeline.options"]), out.stdout
+    assert (torch_loaded, loaded) == ("False", ["pipeline", "pipeline.config", "pipeline.options"]), (
+        out.stdout
+    )
 
 
 def test_every_part_is_a_subpackage_and_the_ground_floor_is_small():
     top = sorted(p.name for p in PIPELINE.iterdir() if not p.name.startswith("__"))
-    assert top == ["config.py", "device.py", "embedded", "generation", "options.py", "report", "rewards.py", "rollout",
-                   "sync", "task", "trainer"], top
+    assert top == [
+        "config.py",
+        "device.py",
+        "embedded",
+        "generation",
+        "options.py",
+        "report",
+        "rewards.py",
+        "rollout",
+        "sync",
+        "task",
+        "trainer",
+    ], top
     for part in ("embedded", "generation", "report", "rollout", "sync", "task", "trainer"):
         assert (PIPELINE / part / "__init__.py").read_text().strip(), f"pipeline/{part} says what it is"
 
 
 def test_the_format_has_one_home():
     """The XML tags are spelled out in pipeline/task/xml_format.py and nowhere else in the package."""
-    spelled = [str(p.relative_to(PIPELINE)) for p in PIPELINE.rglob("*.py")
-               if '"<reasoning>' in p.read_text() or "'<reasoning>" in p.read_text()]
+    spelled = [
+        str(p.relative_to(PIPELINE))
+        for p in PIPELINE.rglob("*.py")
+        if '"<reasoning>' in p.read_text() or "'<reasoning>" in p.read_text()
+    ]
     assert spelled == ["task/xml_format.py"], spelled

@@ -22,15 +22,30 @@ from launch.plan import BatchSplit, Gpu, PlanError
 
 # tests/harness/gpu_trainer.py --hidden 2048 --layers 22 on one H200 (2026-12-04): max_memory_allocated at
 # the peak minus what was resident before the rank's engines were built, the rank's own allocations.
-H200_1B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 22,
-           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 570, "tie_word_embeddings": True}
+H200_1B = {
+    "model_type": "qwen2",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 570,
+    "tie_word_embeddings": True,
+}
 H200_PARAMS = 1_062_486_016
 MEASURED_GIB = {2: 25.796 - 2.011, 3: 42.110 - 15.899}  # 23.8 and 26.2 GiB
 # That run's settings: micro-batch 8 x accumulation 2 on one rank, 16 completions of <= 96 tokens, beta 0.04,
 # configs/ds_zero{2,3}_gpu.json, bf16, torch's default (foreach) AdamW.
-H200_SETTINGS = ["train.micro_batch_size=8", "train.gradient_accumulation_steps=2", "train.completions_per_step=16",
-                 "train.max_completion_tokens=96", "train.beta=0.04", "model.dtype=bfloat16",
-                 "model.attn_implementation=sdpa", "model.build="]
+H200_SETTINGS = [
+    "train.micro_batch_size=8",
+    "train.gradient_accumulation_steps=2",
+    "train.completions_per_step=16",
+    "train.max_completion_tokens=96",
+    "train.beta=0.04",
+    "model.dtype=bfloat16",
+    "model.attn_implementation=sdpa",
+    "model.build=",
+]
 
 
 @pytest.fixture
@@ -47,12 +62,17 @@ def test_parameter_count_is_the_measured_models():
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_dry_run_estimate_is_within_20_percent_above_the_h200_measurement(tmp_path, h200_model, stage, monkeypatch):
+def test_dry_run_estimate_is_within_20_percent_above_the_h200_measurement(
+    tmp_path, h200_model, stage, monkeypatch
+):
     """The plan's modelled peak for the measured shape is never below what the rank used and at most 20%
     above it; the part torch's allocator sees (the peak less the CUDA context) explains the measurement."""
-    monkeypatch.setattr("launch.memory.FUSED_ADAMW_ON_CUDA", False)  # as measured (the fused kernel came after)
-    config = recipe(f"model.path={h200_model}", f"train.deepspeed_config=configs/ds_zero{stage}_gpu.json",
-                    *H200_SETTINGS)
+    monkeypatch.setattr(
+        "launch.memory.FUSED_ADAMW_ON_CUDA", False
+    )  # as measured (the fused kernel came after)
+    config = recipe(
+        f"model.path={h200_model}", f"train.deepspeed_config=configs/ds_zero{stage}_gpu.json", *H200_SETTINGS
+    )
     plan = plan_for(1, micro=8)
     memory = plan_memory(plan, [Gpu(0, 140.4)], config, Zero.from_file(f"configs/ds_zero{stage}_gpu.json"))
     measured = MEASURED_GIB[stage]
@@ -65,9 +85,19 @@ def test_dry_run_estimate_is_within_20_percent_above_the_h200_measurement(tmp_pa
 
 @pytest.mark.integration
 def test_the_dry_run_command_prints_the_same_estimate(tmp_path, h200_model):
-    proc, plan = dry_run("--gpus", "1", "--gpu-memory-gib", "140.4", *[a for s in H200_SETTINGS for a in ("--set", s)],
-                         "--set", f"model.path={h200_model}", "--set", "train.deepspeed_config=configs/ds_zero2_gpu.json",
-                         tmp_path=tmp_path, config=RECIPE)
+    proc, plan = dry_run(
+        "--gpus",
+        "1",
+        "--gpu-memory-gib",
+        "140.4",
+        *[a for s in H200_SETTINGS for a in ("--set", s)],
+        "--set",
+        f"model.path={h200_model}",
+        "--set",
+        "train.deepspeed_config=configs/ds_zero2_gpu.json",
+        tmp_path=tmp_path,
+        config=RECIPE,
+    )
     assert proc.returncode == 0, proc.stderr
     memory = plan.memory
     assert MEASURED_GIB[2] <= memory.trainer_rank_gib <= 1.2 * MEASURED_GIB[2]
@@ -82,9 +112,13 @@ def saved_bytes_per_token_and_layer(shape: dict, tokens: int = 128) -> float:
 
     counts = []
     for layers in (1, 2):
-        config = transformers.Qwen2Config(**{**shape, "num_hidden_layers": layers, "max_position_embeddings": 1024})
+        config = transformers.Qwen2Config(
+            **{**shape, "num_hidden_layers": layers, "max_position_embeddings": 1024}
+        )
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
 
@@ -99,10 +133,19 @@ def saved_bytes_per_token_and_layer(shape: dict, tokens: int = 128) -> float:
     return (counts[1] - counts[0]) / tokens
 
 
-@pytest.mark.parametrize("hidden,intermediate,heads,kv_heads", [(256, 768, 4, 1), (256, 2048, 4, 4), (512, 1408, 8, 2)])
+@pytest.mark.parametrize(
+    "hidden,intermediate,heads,kv_heads", [(256, 768, 4, 1), (256, 2048, 4, 4), (512, 1408, 8, 2)]
+)
 def test_activation_model_matches_what_an_hf_layer_keeps(hidden, intermediate, heads, kv_heads):
-    shape = {"hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": heads,
-             "num_key_value_heads": kv_heads, "vocab_size": 570, "tie_word_embeddings": True, "num_hidden_layers": 1}
+    shape = {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": 570,
+        "tie_word_embeddings": True,
+        "num_hidden_layers": 1,
+    }
     counted = saved_bytes_per_token_and_layer(shape)
     modelled, _ = activation_bytes_per_token(shape, w=2, checkpointing=False)
     assert abs(modelled - counted) / counted < 0.02, (modelled, counted)
@@ -164,13 +207,19 @@ def _prem():
 def test_a_card_too_small_for_both_is_one_line(tmp_path):
     proc, plan = dry_run(tmp_path=tmp_path, config=RECIPE, env={"GRPO_GPU_INVENTORY": "0, 23034, Default"})
     assert proc.returncode == 2 and plan is None
-    assert one_line_error(proc).startswith("error: GPU 0 has 22.5 GiB, too small for the server and a trainer rank: ~23.5")
+    assert one_line_error(proc).startswith(
+        "error: GPU 0 has 22.5 GiB, too small for the server and a trainer rank: ~23.5"
+    )
 
 
 def test_a_share_set_by_hand_is_kept_with_warnings():
     memory = plan_memory(plan_for(1), [Gpu(0, 80.0)], recipe("server.gpu_memory_utilization=0.85"))
     assert memory.gpu_memory_utilization == 0.85
-    assert any(line.startswith("warning: server.gpu_memory_utilization=0.85 leaves 12.0 GiB of GPU 0 for a trainer")
-               for line in memory.lines)
-    with pytest.raises(PlanError, match="GPU 0 has 3.0 GiB; at server.gpu_memory_utilization=0.9 vLLM gets 2.7"):
+    assert any(
+        line.startswith("warning: server.gpu_memory_utilization=0.85 leaves 12.0 GiB of GPU 0 for a trainer")
+        for line in memory.lines
+    )
+    with pytest.raises(
+        PlanError, match="GPU 0 has 3.0 GiB; at server.gpu_memory_utilization=0.9 vLLM gets 2.7"
+    ):
         plan_memory(plan_for(2), [Gpu(0, 3.0), Gpu(1, 80.0)], recipe())

@@ -19,8 +19,12 @@ def implementing_checks() -> list[tuple[str, str]]:
     for path in sorted(PIPELINE.rglob("*.py")):
         module = ".".join(path.relative_to(PIPELINE.parent).with_suffix("").parts).removesuffix(".__init__")
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "check_implements" and path.name != "options.py"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "check_implements"
+                and path.name != "options.py"
+            ):
                 found.append((module, node.args[1].value))
     return found
 
@@ -41,15 +45,21 @@ def test_an_implementing_module_refuses_names_it_does_not_implement(monkeypatch,
     for declared in ((*getattr(options, option), "not_implemented"), getattr(options, option)[1:]):
         monkeypatch.setattr(options, option, declared)
         fresh = importlib.util.spec_from_file_location(module, spec.origin)
-        with pytest.raises(RuntimeError, match=rf"^{module} implements {option} \[.*\] but pipeline/options.py "
-                                               rf"names \[.*\]$"):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"^{module} implements {option} \[.*\] but pipeline/options.py "
+            rf"names \[.*\]$",
+        ):
             fresh.loader.exec_module(importlib.util.module_from_spec(fresh))
 
 
 def test_the_check_names_both_sides():
     options.check_implements("pipeline.x", "LOSS_TYPES", ["grpo", "dapo", "bnpo", "dr_grpo"])  # order is free
-    with pytest.raises(RuntimeError, match=r"^pipeline.x implements LOSS_TYPES \['grpo'\] but pipeline/options.py "
-                                           r"names \['bnpo', 'dapo', 'dr_grpo', 'grpo'\]$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^pipeline.x implements LOSS_TYPES \['grpo'\] but pipeline/options.py "
+        r"names \['bnpo', 'dapo', 'dr_grpo', 'grpo'\]$",
+    ):
         options.check_implements("pipeline.x", "LOSS_TYPES", {"grpo": None})
 
 

@@ -14,8 +14,13 @@ from transformers import AutoModelForCausalLM
 def publish(*args, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.report.publish", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.report.publish", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_dry_run_folder(tmp_path, tiny_model_dir):
@@ -30,8 +35,15 @@ def test_dry_run_folder(tmp_path, tiny_model_dir):
     assert meta["datasets"] == ["openai/gsm8k"]
     assert {"metrics", "tags", "license", "pipeline_tag"} <= set(meta)
     assert "](training/reward_curves.png)" in card
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "training/metrics.jsonl",
-                 "training/reward_curves.png", "training/eval_after.json", "training/config.yaml"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training/metrics.jsonl",
+        "training/reward_curves.png",
+        "training/eval_after.json",
+        "training/config.yaml",
+    ):
         assert (out / name).exists(), name
     assert not (out / "checkpoints").exists()
     AutoModelForCausalLM.from_pretrained(out)  # what would be uploaded loads as a model

@@ -32,10 +32,13 @@ def test_report_card_and_curves(tmp_path):
 
 def test_report_cli(tmp_path):
     run, _ = fake_run(tmp_path)
-    ok = subprocess.run([sys.executable, "-m", "pipeline.report", str(run)], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", str(run)], capture_output=True, text=True, timeout=120
+    )
     assert ok.returncode == 0 and (run / "README.md").exists()
-    bad = subprocess.run([sys.executable, "-m", "pipeline.report", str(tmp_path)], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 1 and "no metrics.jsonl" in one_line_error(bad)
 
 
@@ -43,8 +46,16 @@ def test_the_same_problems_before_and_after_side_by_side(tmp_path):
     from pipeline.report.card import before_after_samples
 
     assert before_after_samples(tmp_path) is None  # no evaluation: nothing to write, no error
-    rows = [{"source": f"synthetic[test]:{i}", "question": f"Q{i}?", "reference": str(i),
-             "completion": f"<answer>{i + 1}</answer>", "strict_correct": False} for i in range(20)]
+    rows = [
+        {
+            "source": f"synthetic[test]:{i}",
+            "question": f"Q{i}?",
+            "reference": str(i),
+            "completion": f"<answer>{i + 1}</answer>",
+            "strict_correct": False,
+        }
+        for i in range(20)
+    ]
     after = [dict(r, completion=f"<answer>{i}</answer>", strict_correct=True) for i, r in enumerate(rows)]
     (tmp_path / "eval_before.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "eval_after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))

@@ -28,6 +28,7 @@ def one(fn, text, **kw):
 
 # --- extraction ----------------------------------------------------------------------------------
 
+
 def test_extract_xml_answer_last_pair_and_stripped():
     assert extract_xml_answer(GOOD) == "42"
     assert extract_xml_answer("<answer>1</answer> then <answer> 2 </answer>") == "2"
@@ -47,66 +48,89 @@ def test_extract_gsm8k_answer():
 
 # --- strict --------------------------------------------------------------------------------------
 
+
 def test_strict_accepts_multiline_reasoning_and_trailing_whitespace():
     assert one(strict_format_reward, GOOD) == 0.5
     assert one(strict_format_reward, GOOD + "\n\n  ") == 0.5
 
 
-@pytest.mark.parametrize("text", [
-    " " + GOOD,  # leading whitespace
-    "Sure!\n" + GOOD,  # leading prose
-    GOOD + "\nextra",  # trailing text
-    GOOD.replace("\n", "\r\n"),  # CRLF is not the exact format
-    "<reasoning>\n\n</reasoning>\n<answer>\n42\n</answer>",  # empty reasoning
-    "<reasoning>\nR\n</reasoning>\n<answer>\n\n</answer>",  # empty answer
-    "<reasoning>\nR <answer>x</answer>\n</reasoning>\n<answer>\n42\n</answer>",  # tag inside R
-    "<reasoning>\nR\n</reasoning>\n<answer>\n42\n</answer>\n<answer>\n42\n</answer>",  # duplicate
-    "<reasoning>\nR\n</reasoning><answer>\n42\n</answer>",  # missing newline
-    "<reasoning>\n</answer>",
-    "42",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        " " + GOOD,  # leading whitespace
+        "Sure!\n" + GOOD,  # leading prose
+        GOOD + "\nextra",  # trailing text
+        GOOD.replace("\n", "\r\n"),  # CRLF is not the exact format
+        "<reasoning>\n\n</reasoning>\n<answer>\n42\n</answer>",  # empty reasoning
+        "<reasoning>\nR\n</reasoning>\n<answer>\n\n</answer>",  # empty answer
+        "<reasoning>\nR <answer>x</answer>\n</reasoning>\n<answer>\n42\n</answer>",  # tag inside R
+        "<reasoning>\nR\n</reasoning>\n<answer>\n42\n</answer>\n<answer>\n42\n</answer>",  # duplicate
+        "<reasoning>\nR\n</reasoning><answer>\n42\n</answer>",  # missing newline
+        "<reasoning>\n</answer>",
+        "42",
+        "",
+    ],
+)
 def test_strict_rejects(text):
     assert one(strict_format_reward, text) == 0.0
 
 
 # --- soft ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", [
-    GOOD,
-    "  \n" + GOOD + "\ntrailing text is fine",
-    "<reasoning>multi\nline</reasoning><answer>7</answer>",
-    GOOD.replace("\n", "\r\n"),
-    "<reasoning></reasoning>  \n <answer></answer>",
-    # the first </reasoning> is not followed by <answer>, a later one is
-    "<reasoning>a</reasoning> x </reasoning>\n<answer>1</answer>",
-])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        GOOD,
+        "  \n" + GOOD + "\ntrailing text is fine",
+        "<reasoning>multi\nline</reasoning><answer>7</answer>",
+        GOOD.replace("\n", "\r\n"),
+        "<reasoning></reasoning>  \n <answer></answer>",
+        # the first </reasoning> is not followed by <answer>, a later one is
+        "<reasoning>a</reasoning> x </reasoning>\n<answer>1</answer>",
+    ],
+)
 def test_soft_accepts(text):
     assert one(soft_format_reward, text) == pytest.approx(0.3)
 
 
-@pytest.mark.parametrize("text", [
-    "Sure! " + GOOD,  # leading prose
-    "<answer>1</answer><reasoning>r</reasoning>",
-    "<reasoning>r</reasoning> words <answer>1</answer>",
-    "<reasoning>r</reasoning><answer>1",
-    "<reasoning>r<answer>1</answer>",
-    "42",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sure! " + GOOD,  # leading prose
+        "<answer>1</answer><reasoning>r</reasoning>",
+        "<reasoning>r</reasoning> words <answer>1</answer>",
+        "<reasoning>r</reasoning><answer>1",
+        "<reasoning>r<answer>1</answer>",
+        "42",
+        "",
+    ],
+)
 def test_soft_rejects(text):
     assert one(soft_format_reward, text) == 0.0
 
 
 # --- int -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("answer,points", [
-    ("42", 0.5), ("-7", 0.5), (" 42 ", 0.5), ("007", 0.5),
-    ("4.2", 0.0), ("1,000", 0.0), ("$5", 0.0), ("+5", 0.0), ("--5", 0.0), ("", 0.0),
-    ("\u0664\u0662", 0.0),  # Arabic-Indic digits are not ASCII digits
-    ("\uff14\uff12", 0.0),  # full-width digits
-    ("42\n43", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "answer,points",
+    [
+        ("42", 0.5),
+        ("-7", 0.5),
+        (" 42 ", 0.5),
+        ("007", 0.5),
+        ("4.2", 0.0),
+        ("1,000", 0.0),
+        ("$5", 0.0),
+        ("+5", 0.0),
+        ("--5", 0.0),
+        ("", 0.0),
+        ("\u0664\u0662", 0.0),  # Arabic-Indic digits are not ASCII digits
+        ("\uff14\uff12", 0.0),  # full-width digits
+        ("42\n43", 0.0),
+    ],
+)
 def test_int_answer(answer, points):
     assert one(int_answer_reward, f"<answer>{answer}</answer>") == points
 
@@ -116,6 +140,7 @@ def test_int_answer_needs_tags():
 
 
 # --- xml count -----------------------------------------------------------------------------------
+
 
 def test_xml_count_full_and_tail_penalty():
     assert one(xml_count_reward, GOOD) == pytest.approx(0.5)
@@ -134,22 +159,26 @@ def test_xml_count_partial_and_duplicates():
 
 # --- correctness ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pred,ref,points", [
-    ("42", "42", 2.0),
-    ("18.00", "18", 2.0),
-    ("1,000", "1000", 2.0),
-    ("$18", "18", 2.0),
-    ("18.", "18", 2.0),
-    ("-3", "-3", 2.0),
-    ("+3", "3", 2.0),
-    (".5", "0.5", 2.0),
-    ("18 apples", "18 apples", 2.0),  # non-numeric: normalised string equality
-    ("17", "18", 0.0),
-    ("18 apples", "18", 0.0),
-    ("1e1", "10", 0.0),  # no exponent notation: compared as strings
-    ("\u0661\u0668", "18", 0.0),  # unicode digits are not plain decimals
-    ("", "18", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "pred,ref,points",
+    [
+        ("42", "42", 2.0),
+        ("18.00", "18", 2.0),
+        ("1,000", "1000", 2.0),
+        ("$18", "18", 2.0),
+        ("18.", "18", 2.0),
+        ("-3", "-3", 2.0),
+        ("+3", "3", 2.0),
+        (".5", "0.5", 2.0),
+        ("18 apples", "18 apples", 2.0),  # non-numeric: normalised string equality
+        ("17", "18", 0.0),
+        ("18 apples", "18", 0.0),
+        ("1e1", "10", 0.0),  # no exponent notation: compared as strings
+        ("\u0661\u0668", "18", 0.0),  # unicode digits are not plain decimals
+        ("", "18", 0.0),
+    ],
+)
 def test_correctness_values(pred, ref, points):
     assert one(correctness_reward, f"<answer>\n{pred}\n</answer>", answer=[ref]) == points
 
@@ -165,9 +194,13 @@ def test_correctness_needs_matching_lengths():
 
 # --- conventions ---------------------------------------------------------------------------------
 
+
 def test_chat_message_completions_use_last_assistant_message():
-    chat = [{"role": "assistant", "content": "first"}, {"role": "user", "content": "x"},
-            {"role": "assistant", "content": GOOD}]
+    chat = [
+        {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": GOOD},
+    ]
     assert one(strict_format_reward, chat) == 0.5
     assert one(correctness_reward, chat, answer=["42"]) == 2.0
     assert one(soft_format_reward, [{"role": "user", "content": GOOD}]) == 0.0
@@ -219,13 +252,34 @@ def test_symbolic_answers_are_bounded_before_math_verify():
     compare symbolically."""
     from pipeline.task import answers
 
-    hostile = ["2^{99999999}", "10^{10^{10}}", "9^{10000}^{10000}", "(2^{10000})^{10000}", "99999999999!",
-               "(x+y+z)^{100}", "(a+b+c+d+e+f)^{10}", "((x+1)^{3})^{3}", "x^{3}+y^{3}+z^{3}+x^{3}y^{3}z^{3}",
-               "1" * 65, "\\sum_{n=1}^{1000} n^3", "(1+x)^{5000}", "e^{e^{e}}", "2**3**4"]
+    hostile = [
+        "2^{99999999}",
+        "10^{10^{10}}",
+        "9^{10000}^{10000}",
+        "(2^{10000})^{10000}",
+        "99999999999!",
+        "(x+y+z)^{100}",
+        "(a+b+c+d+e+f)^{10}",
+        "((x+1)^{3})^{3}",
+        "x^{3}+y^{3}+z^{3}+x^{3}y^{3}z^{3}",
+        "1" * 65,
+        "\\sum_{n=1}^{1000} n^3",
+        "(1+x)^{5000}",
+        "e^{e^{e}}",
+        "2**3**4",
+    ]
     for text in hostile:
         assert not answers._sympy_cost_bounded(text, "\\frac{1}{2}"), text
-    legit = [("\\frac{2}{4}", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}"), ("x(x+2)", "x^2+2x"),
-             ("2^{2008}/2", "2^{2007}"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("(x+1)^{10}", "(1+x)^{10}")]
+    legit = [
+        ("\\frac{2}{4}", "\\frac{1}{2}"),
+        ("0.5", "\\frac{1}{2}"),
+        ("x(x+2)", "x^2+2x"),
+        ("2^{2008}/2", "2^{2007}"),
+        ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
+        ("(x+1)^{10}", "(1+x)^{10}"),
+    ]
     for predicted, reference in legit:
         assert answers._sympy_cost_bounded(predicted, reference), (predicted, reference)
-        assert answers_match(predicted, reference) or answers.answers_equivalent(predicted, reference), predicted
+        assert answers_match(predicted, reference) or answers.answers_equivalent(predicted, reference), (
+            predicted
+        )

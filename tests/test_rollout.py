@@ -25,9 +25,23 @@ class ScriptedServer:
     def generate(self, prompt_ids, *, seed, n, **params):
         self.calls.append(seed)
         version = self.versions.pop(0)
-        return {"version": version, "results": [
-            {"completions": [{"token_ids": [7, version], "logprobs": [-0.5, -0.25], "text": f"v{version}",
-                              "finish_reason": "stop"} for _ in range(n)]} for _ in prompt_ids]}
+        return {
+            "version": version,
+            "results": [
+                {
+                    "completions": [
+                        {
+                            "token_ids": [7, version],
+                            "logprobs": [-0.5, -0.25],
+                            "text": f"v{version}",
+                            "finish_reason": "stop",
+                        }
+                        for _ in range(n)
+                    ]
+                }
+                for _ in prompt_ids
+            ],
+        }
 
 
 def example(answer: str) -> Example:
@@ -35,7 +49,9 @@ def example(answer: str) -> Example:
 
 
 def rollouts(server, max_staleness: int) -> Rollouts:
-    return Rollouts(server, n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=3, max_staleness=max_staleness)
+    return Rollouts(
+        server, n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=3, max_staleness=max_staleness
+    )
 
 
 def test_overlapped_discards_too_stale_rollouts_and_regenerates():
@@ -61,13 +77,17 @@ def test_overlapped_keeps_rollouts_within_the_staleness_bound():
 def test_synchronous_mode_refuses_rollouts_from_other_weights():
     r = rollouts(ScriptedServer([4, 4]), max_staleness=0)
     r.request(5, [[1]], [example("a")])
-    with pytest.raises(StaleRolloutError, match="server generated with weights version 4, the trainer is at version 5"):
+    with pytest.raises(
+        StaleRolloutError, match="server generated with weights version 4, the trainer is at version 5"
+    ):
         r.collect(5, version=5)
     r.close()
 
 
 def test_step_seeds_stay_in_the_servers_range():
-    r = Rollouts(ScriptedServer([]), n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=2**32 - 1, max_staleness=0)
+    r = Rollouts(
+        ScriptedServer([]), n=2, max_tokens=4, temperature=1.0, top_p=1.0, seed=2**32 - 1, max_staleness=0
+    )
     seeds = {r.step_seed(step) for step in (0, 1, 10**12)}
     assert len(seeds) == 3 and all(0 <= s < 2**62 for s in seeds)
     r.close()
@@ -84,8 +104,14 @@ def test_reward_functions_get_prompts_answers_and_every_other_column():
         return [float(v) for v in level]
 
     r = rollouts(ScriptedServer([5]), max_staleness=0)
-    r.request(5, [[1], [2]], [Example("q1", "1", "1", "t:1", {"level": 2, "topic": "x"}),
-                              Example("q2", "2", "2", "t:2", {"level": 3})])
+    r.request(
+        5,
+        [[1], [2]],
+        [
+            Example("q1", "1", "1", "t:1", {"level": 2, "topic": "x"}),
+            Example("q2", "2", "2", "t:2", {"level": 3}),
+        ],
+    )
     completions, _ = r.collect(5, version=5)
     r.close()
     rewards = {**BUILTIN_REWARDS, "spy": Reward("spy", spy, None, weight=0.5, source="tests:spy")}
@@ -93,5 +119,9 @@ def test_reward_functions_get_prompts_answers_and_every_other_column():
     assert per["spy"] == [2.0, 2.0, 3.0, 3.0] and seen["answer"] == ["1", "1", "2", "2"]
     assert seen["rest"] == ["topic"]  # present in one row only: None for the others
     assert seen["prompts"][0] == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "q1"}]
-    assert totals == pytest.approx([0.5 * v + sum(per[n][i] for n in BUILTIN_REWARDS if BUILTIN_REWARDS[n].weight)
-                                    for i, v in enumerate(per["spy"])])
+    assert totals == pytest.approx(
+        [
+            0.5 * v + sum(per[n][i] for n in BUILTIN_REWARDS if BUILTIN_REWARDS[n].weight)
+            for i, v in enumerate(per["spy"])
+        ]
+    )

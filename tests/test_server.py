@@ -62,22 +62,29 @@ def test_text_prompts_and_model_info(server):
     assert server.client.request("POST", "/reset_prefix_cache") == {"reset": True}
 
 
-@pytest.mark.parametrize("body,status,message", [
-    ({"prompt_token_ids": [[1, 2]], "n": 1, "bogus": 1}, 422, "bogus"),
-    ({"prompt_token_ids": [[1, 2]], "n": 0}, 422, "n"),
-    ({"prompt_token_ids": [[1, 2]], "temperature": -0.5}, 422, "temperature"),
-    ({"prompt_token_ids": [[1, 2]], "n": 65}, 400, "n must be at most 64"),
-    ({"prompt_token_ids": [[1, 2]], "max_tokens": 5000}, 400, "max_tokens must be at most"),
-    ({"prompt_token_ids": [[1] * 600]}, 400, "exceeds max_model_len=512"),
-    ({"prompt_token_ids": [[1, 999999]]}, 400, "outside the vocabulary"),
-    ({"prompt_token_ids": [[]]}, 400, "prompt 0 is empty"),
-    ({"prompt_token_ids": []}, 400, "number of prompts"),
-    ({"prompts": ["a"], "prompt_token_ids": [[1]]}, 400, "exactly one"),
-    ({"prompt_token_ids": [[-1]]}, 422, "prompt_token_ids"),
-])
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        ({"prompt_token_ids": [[1, 2]], "n": 1, "bogus": 1}, 422, "bogus"),
+        ({"prompt_token_ids": [[1, 2]], "n": 0}, 422, "n"),
+        ({"prompt_token_ids": [[1, 2]], "temperature": -0.5}, 422, "temperature"),
+        ({"prompt_token_ids": [[1, 2]], "n": 65}, 400, "n must be at most 64"),
+        ({"prompt_token_ids": [[1, 2]], "max_tokens": 5000}, 400, "max_tokens must be at most"),
+        ({"prompt_token_ids": [[1] * 600]}, 400, "exceeds max_model_len=512"),
+        ({"prompt_token_ids": [[1, 999999]]}, 400, "outside the vocabulary"),
+        ({"prompt_token_ids": [[]]}, 400, "prompt 0 is empty"),
+        ({"prompt_token_ids": []}, 400, "number of prompts"),
+        ({"prompts": ["a"], "prompt_token_ids": [[1]]}, 400, "exactly one"),
+        ({"prompt_token_ids": [[-1]]}, 422, "prompt_token_ids"),
+    ],
+)
 def test_bad_generate_requests_get_4xx(server, body, status, message):
-    r = requests.post(server.client.base_url + "/generate", json=body, timeout=30,
-                      headers={"Authorization": f"Bearer {SERVER_TOKEN}"})
+    r = requests.post(
+        server.client.base_url + "/generate",
+        json=body,
+        timeout=30,
+        headers={"Authorization": f"Bearer {SERVER_TOKEN}"},
+    )
     assert r.status_code == status, r.text
     assert message in r.text
 
@@ -85,11 +92,17 @@ def test_bad_generate_requests_get_4xx(server, body, status, message):
 def test_bad_score_and_weight_requests(server):
     post = server.client.session.post
     url = server.client.base_url
-    r = post(url + "/score", json={"sequences": [{"prompt_token_ids": [1], "completion_token_ids": [1] * 600}]},
-             timeout=30)
+    r = post(
+        url + "/score",
+        json={"sequences": [{"prompt_token_ids": [1], "completion_token_ids": [1] * 600}]},
+        timeout=30,
+    )
     assert r.status_code == 400 and "max_model_len" in r.text
-    r = post(url + "/weights/update", json={"update_info": {"names": ["x"], "dtype_names": ["float32"],
-                                                            "shapes": [[2]]}}, timeout=30)
+    r = post(
+        url + "/weights/update",
+        json={"update_info": {"names": ["x"], "dtype_names": ["float32"], "shapes": [[2]]}},
+        timeout=30,
+    )
     assert r.status_code == 409 and "start" in r.text
     r = post(url + "/weights/init", json={"init_info": {"master_address": "127.0.0.1"}}, timeout=30)
     assert r.status_code == 400 and "gloo init info" in r.text  # the backend's own dataclass rejects it
@@ -103,7 +116,13 @@ def test_token_required(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVER_TOKEN}):
         for path in ("/health", "/model"):
             assert requests.get(url + path, headers=headers, timeout=10).status_code == 401
-        for path in ("/weights/init", "/weights/start", "/weights/update", "/weights/finish", "/weights/checksums"):
+        for path in (
+            "/weights/init",
+            "/weights/start",
+            "/weights/update",
+            "/weights/finish",
+            "/weights/checksums",
+        ):
             assert requests.post(url + path, json={}, headers=headers, timeout=10).status_code == 401
     ok = requests.get(url + "/health", headers={"Authorization": f"Bearer {SERVER_TOKEN}"}, timeout=10)
     assert ok.status_code == 200
@@ -111,8 +130,23 @@ def test_token_required(server):
 
 def test_off_loopback_without_token_refuses_to_start(tiny_model_dir):
     env = {k: v for k, v in __import__("os").environ.items() if k != "GRPO_SERVER_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.generation.serve", "--model", str(tiny_model_dir),
-                           "--host", "0.0.0.0", "--port", "8799"], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.generation.serve",
+            "--model",
+            str(tiny_model_dir),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8799",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2
     assert "refusing to start without a token" in one_line_error(proc)
 
@@ -120,8 +154,12 @@ def test_off_loopback_without_token_refuses_to_start(tiny_model_dir):
 def test_bad_config_is_one_line_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("server:\n  prot: 1\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.generation.serve", "--config", str(bad)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.generation.serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert one_line_error(proc).startswith("error: server.prot: unknown key")
 
@@ -150,4 +188,8 @@ def test_a_second_transfer_group_releases_the_first(monkeypatch):
     info = {"master_address": "127.0.0.1", "master_port": 29999, "world_size": 2}
     server.init_sync(SyncInitRequest(init_info=info))
     server.init_sync(SyncInitRequest(init_info=info))
-    assert calls == ["init_weight_transfer_engine", "shutdown_weight_transfer_engine", "init_weight_transfer_engine"]
+    assert calls == [
+        "init_weight_transfer_engine",
+        "shutdown_weight_transfer_engine",
+        "init_weight_transfer_engine",
+    ]

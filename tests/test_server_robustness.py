@@ -29,8 +29,9 @@ PROMPTS = [[5, 17, 42, 8, 99], [3, 64, 12]]
 def hardy(tiny_model_dir, tmp_path_factory):
     """A server of its own (the fuzz must not disturb the shared one), with a short sync deadline so
     fuzzed rendezvous that cannot form fail fast."""
-    proc = local_server(tiny_model_dir, tmp_path_factory.mktemp("hardy"), "--set", "sync.timeout_s=3",
-                        token=SERVER_TOKEN)
+    proc = local_server(
+        tiny_model_dir, tmp_path_factory.mktemp("hardy"), "--set", "sync.timeout_s=3", token=SERVER_TOKEN
+    )
     yield proc
     proc.stop()
 
@@ -48,9 +49,15 @@ def reference(server) -> list:
 
 
 HOSTILE = [  # (path, raw body): each a class the probe found or one of its neighbours
-    ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "seed": 18446744073709551616}'),  # >= 2**64: once wedged
+    (
+        "/generate",
+        b'{"prompt_token_ids": [[1, 2, 3]], "seed": 18446744073709551616}',
+    ),  # >= 2**64: once wedged
     ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "seed": -1}'),
-    ("/generate", b'{"prompt_token_ids": [[1, 2, 3], [4]], "seed": 9223372036854775807}'),  # seed + 1 overflows
+    (
+        "/generate",
+        b'{"prompt_token_ids": [[1, 2, 3], [4]], "seed": 9223372036854775807}',
+    ),  # seed + 1 overflows
     ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "temperature": NaN}'),
     ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "top_p": Infinity}'),
     ("/generate", b'{"prompt_token_ids": [[1, 2, 3]], "temperature": -Infinity}'),
@@ -67,13 +74,22 @@ HOSTILE = [  # (path, raw body): each a class the probe found or one of its neig
     ("/generate", b"not json at all"),
     ("/score", b'{"sequences": [{"prompt_token_ids": [1], "completion_token_ids": [18446744073709551616]}]}'),
     ("/score", b'{"sequences": [{"prompt_token_ids": [NaN], "completion_token_ids": [1]}]}'),
-    ("/weights/init", b'{"init_info": {"master_address": "127.0.0.1", "master_port": 99999999, "world_size": 2}}'),
+    (
+        "/weights/init",
+        b'{"init_info": {"master_address": "127.0.0.1", "master_port": 99999999, "world_size": 2}}',
+    ),
     ("/weights/init", b'{"init_info": {"master_address": "127.0.0.1", "master_port": 1, "world_size": -3}}'),
-    ("/weights/init", b'{"init_info": {"master_address": "127.0.0.1", "master_port": 1, "world_size": 2, '
-                      b'"timeout_s": NaN}}'),
+    (
+        "/weights/init",
+        b'{"init_info": {"master_address": "127.0.0.1", "master_port": 1, "world_size": 2, '
+        b'"timeout_s": NaN}}',
+    ),
     ("/weights/init", b'{"init_info": [1, 2]}'),
     ("/weights/start", b'{"version": 18446744073709551616}'),
-    ("/weights/update", b'{"update_info": {"names": ["x"], "dtype_names": ["complex128"], "shapes": [[-1]]}}'),
+    (
+        "/weights/update",
+        b'{"update_info": {"names": ["x"], "dtype_names": ["complex128"], "shapes": [[-1]]}}',
+    ),
     ("/weights/finish", b'{"version": NaN}'),
     ("/weights/checksums", b'{"names": ["\\udfff"]}'),
     ("/weights/checksums", b'{"names": 5}'),
@@ -97,14 +113,31 @@ def test_oversized_body_is_413(hardy):
 
 
 HOSTILE_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["\ud800", "x\udfff", "", "127.0.0.1", "localhost"]), st.text(max_size=12),
-    st.lists(st.integers(-2**65, 2**65), max_size=6), st.lists(st.lists(st.integers(-3, 2000), max_size=6), max_size=3),
-    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3))
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["\ud800", "x\udfff", "", "127.0.0.1", "localhost"]),
+    st.text(max_size=12),
+    st.lists(st.integers(-(2**65), 2**65), max_size=6),
+    st.lists(st.lists(st.integers(-3, 2000), max_size=6), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
 LOOPBACK = st.sampled_from(["127.0.0.1", "localhost", "::1"])  # fuzzed rendezvous never leave this machine
 FIELDS = {
-    "/generate": ["prompt_token_ids", "prompts", "n", "temperature", "top_p", "max_tokens", "seed",
-                  "stop_token_ids", "stop", "ignore_eos", "bogus"],
+    "/generate": [
+        "prompt_token_ids",
+        "prompts",
+        "n",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "seed",
+        "stop_token_ids",
+        "stop",
+        "ignore_eos",
+        "bogus",
+    ],
     "/score": ["sequences", "bogus"],
     "/weights/start": ["version", "bogus"],
     "/weights/update": ["update_info", "bogus"],
@@ -113,16 +146,53 @@ FIELDS = {
     "/reset_prefix_cache": ["bogus"],
 }
 BODIES = st.one_of(
-    *[st.tuples(st.just(path), st.dictionaries(st.sampled_from(keys), HOSTILE_VALUES, max_size=5))
-      for path, keys in FIELDS.items()],
-    st.tuples(st.just("/score"), st.fixed_dictionaries({"sequences": st.lists(st.fixed_dictionaries({
-        "prompt_token_ids": st.lists(st.integers(-2, 2**33), max_size=5),
-        "completion_token_ids": st.lists(st.integers(-2, 2**33), max_size=5)}), max_size=3)})),
-    st.tuples(st.just("/weights/update"), st.fixed_dictionaries({"update_info": st.dictionaries(
-        st.sampled_from(["names", "dtype_names", "shapes", "digest_names", "zz"]), HOSTILE_VALUES, max_size=4)})),
-    st.tuples(st.just("/weights/init"), st.fixed_dictionaries({"init_info": st.fixed_dictionaries(
-        {"master_address": LOOPBACK, "master_port": HOSTILE_VALUES, "world_size": HOSTILE_VALUES},
-        optional={"rank_offset": HOSTILE_VALUES, "timeout_s": HOSTILE_VALUES, "bucket_bytes": HOSTILE_VALUES})})),
+    *[
+        st.tuples(st.just(path), st.dictionaries(st.sampled_from(keys), HOSTILE_VALUES, max_size=5))
+        for path, keys in FIELDS.items()
+    ],
+    st.tuples(
+        st.just("/score"),
+        st.fixed_dictionaries(
+            {
+                "sequences": st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "prompt_token_ids": st.lists(st.integers(-2, 2**33), max_size=5),
+                            "completion_token_ids": st.lists(st.integers(-2, 2**33), max_size=5),
+                        }
+                    ),
+                    max_size=3,
+                )
+            }
+        ),
+    ),
+    st.tuples(
+        st.just("/weights/update"),
+        st.fixed_dictionaries(
+            {
+                "update_info": st.dictionaries(
+                    st.sampled_from(["names", "dtype_names", "shapes", "digest_names", "zz"]),
+                    HOSTILE_VALUES,
+                    max_size=4,
+                )
+            }
+        ),
+    ),
+    st.tuples(
+        st.just("/weights/init"),
+        st.fixed_dictionaries(
+            {
+                "init_info": st.fixed_dictionaries(
+                    {"master_address": LOOPBACK, "master_port": HOSTILE_VALUES, "world_size": HOSTILE_VALUES},
+                    optional={
+                        "rank_offset": HOSTILE_VALUES,
+                        "timeout_s": HOSTILE_VALUES,
+                        "bucket_bytes": HOSTILE_VALUES,
+                    },
+                )
+            }
+        ),
+    ),
     st.tuples(st.sampled_from(list(FIELDS) + ["/weights/init"]), HOSTILE_VALUES),  # not even an object
 )
 
@@ -152,7 +222,9 @@ def test_concurrent_requests_queue_while_a_weight_update_waits_its_turn(hardy, t
     sync.connect()
     version = hardy.client.health()["version"]
     with ThreadPoolExecutor(max_workers=25) as pool:
-        generations = [pool.submit(hardy.client.generate, PROMPTS, n=8, max_tokens=16, seed=i) for i in range(24)]
+        generations = [
+            pool.submit(hardy.client.generate, PROMPTS, n=8, max_tokens=16, seed=i) for i in range(24)
+        ]
         push = pool.submit(sync.push, version + 1)
         results = [g.result() for g in generations]
         push.result()
@@ -164,8 +236,12 @@ def test_concurrent_requests_queue_while_a_weight_update_waits_its_turn(hardy, t
 
 def test_a_request_its_client_abandons_wedges_nothing(hardy):
     with pytest.raises(requests.Timeout):
-        requests.post(hardy.client.base_url + "/generate", headers=AUTH, timeout=0.2,
-                      json={"prompt_token_ids": PROMPTS * 4, "n": 32, "max_tokens": 200, "ignore_eos": True})
+        requests.post(
+            hardy.client.base_url + "/generate",
+            headers=AUTH,
+            timeout=0.2,
+            json={"prompt_token_ids": PROMPTS * 4, "n": 32, "max_tokens": 200, "ignore_eos": True},
+        )
     start = time.monotonic()
     assert len(hardy.client.generate(PROMPTS, n=2, max_tokens=4, seed=1)["results"]) == 2
     assert time.monotonic() - start < 120
@@ -224,4 +300,3 @@ def test_stuck_engine_trips_the_watchdog_and_the_server_exits(tiny_model_dir, tm
         if core.is_running():
             os.kill(core.pid, signal.SIGCONT)
         server.stop()
-

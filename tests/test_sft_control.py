@@ -29,22 +29,39 @@ def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_repo
     from pipeline.embedded.default_model import build_default_model
     from pipeline.report.card import write_report
 
-    config = load_config(REPO / "configs" / recipe, [
-        f"run.root={tmp_path}", "model.build_hidden_size=64", "model.build_layers=2", "model.build_sft_steps=6",
-        "data.synthetic_test=8", "eval.maj_k=0", "server.kv_cache_gib=1"])
+    config = load_config(
+        REPO / "configs" / recipe,
+        [
+            f"run.root={tmp_path}",
+            "model.build_hidden_size=64",
+            "model.build_layers=2",
+            "model.build_sft_steps=6",
+            "data.synthetic_test=8",
+            "eval.maj_k=0",
+            "server.kv_cache_gib=1",
+        ],
+    )
     warm = build_default_model(config)
     built = json.loads((warm / "build.json").read_text())
     tools = recipe == "tiny-cpu-tools.yaml"
-    assert built["sft_steps"] == 6 and built["early_answers"] == (0.0 if tools else 0.7) and built["sft_seconds"] > 0
+    assert (
+        built["sft_steps"] == 6
+        and built["early_answers"] == (0.0 if tools else 0.7)
+        and built["sft_seconds"] > 0
+    )
     assert built.get("tool_demos") == (0.3 if tools else None)
-    tokenizer = AutoTokenizer.from_pretrained(warm)  # the call tags are tokens of their own only for tool demos
+    tokenizer = AutoTokenizer.from_pretrained(
+        warm
+    )  # the call tags are tokens of their own only for tool demos
     assert (len(tokenizer("<tool_call>", add_special_tokens=False)["input_ids"]) == 1) == tools
     run = tmp_path / "run"
     run.mkdir()
     config.model.path, config.model.build = str(warm), ""
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(config)))
     step = built["sft_seconds"] / 6 * 2  # two GRPO steps that each took as long as 2 warm-start steps
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "time/step": step}) + "\n" for i in (1, 2)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "time/step": step}) + "\n" for i in (1, 2))
+    )
 
     proc = subprocess.run([*SCRIPT, str(run)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -53,10 +70,13 @@ def test_the_control_spends_grpo_time_on_more_of_the_same_warm_start_and_is_repo
     assert control["examples"] == 8 and 0 <= control["pass@1/strict_accuracy"] <= 1
     assert ("tools/call_rate" in control) == tools  # evaluated through the tool loop, as the run was
     longer = json.loads((tmp_path / control["control/model"] / "build.json").read_text())
-    assert longer["sft_steps"] == 10 and {k: v for k, v in longer.items() if k not in ("sft_steps", "sft_seconds")} \
-        == {k: v for k, v in built.items() if k not in ("sft_steps", "sft_seconds")}
+    assert longer["sft_steps"] == 10 and {
+        k: v for k, v in longer.items() if k not in ("sft_steps", "sft_seconds")
+    } == {k: v for k, v in built.items() if k not in ("sft_steps", "sft_seconds")}
     # the very same tokenizer: a longer warm start changes the training, not the starting point
-    assert (warm / "tokenizer.json").read_text() == (tmp_path / control["control/model"] / "tokenizer.json").read_text()
+    assert (warm / "tokenizer.json").read_text() == (
+        tmp_path / control["control/model"] / "tokenizer.json"
+    ).read_text()
     assert len((run / "sft_control.jsonl").read_text().splitlines()) == 8
 
     (run / "eval_before.json").write_text(json.dumps(control))

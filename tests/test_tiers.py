@@ -45,15 +45,21 @@ def test_local_servers_start_in_one_place():
         if path == TESTS / "support" / "servers.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "ServerProcess":
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", getattr(node.func, "attr", "")) == "ServerProcess"
+            ):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, offenders
 
 
 def item(*marks: str, fixtures=(), nodeid="t.py::test"):
     """What tier_of reads of a collected test."""
-    return SimpleNamespace(nodeid=nodeid, fixturenames=list(fixtures),
-                           iter_markers=lambda: [SimpleNamespace(name=m) for m in marks])
+    return SimpleNamespace(
+        nodeid=nodeid,
+        fixturenames=list(fixtures),
+        iter_markers=lambda: [SimpleNamespace(name=m) for m in marks],
+    )
 
 
 def test_a_tier_comes_from_the_mark_else_the_fixtures_else_unit():
@@ -68,9 +74,14 @@ def test_a_tier_comes_from_the_mark_else_the_fixtures_else_unit():
 
 def test_two_tiers_or_a_tier_below_the_fixtures_is_an_error():
     assert tiers.tier_of(item("unit", "e2e")) == ("", "t.py::test: marked unit and e2e: one tier per test")
-    assert tiers.tier_of(item("slow", "integration"))[1] == "t.py::test: marked integration and e2e: one tier per test"
+    assert (
+        tiers.tier_of(item("slow", "integration"))[1]
+        == "t.py::test: marked integration and e2e: one tier per test"
+    )
     assert tiers.tier_of(item("unit", fixtures=["hardy"])) == (
-        "", "t.py::test: marked unit, but its fixture `hardy` makes it integration")
+        "",
+        "t.py::test: marked unit, but its fixture `hardy` makes it integration",
+    )
 
 
 def test_every_collected_test_has_exactly_one_tier(request):
@@ -84,24 +95,33 @@ def test_every_collected_test_has_exactly_one_tier(request):
 
 
 def test_a_unit_test_that_starts_a_server_fails_before_starting_it(tmp_path):
-    with pytest.raises(pytest.fail.Exception, match=r"test_tiers.py::test_a_unit_test_that_starts_a_server_fails_"
-                       r"before_starting_it starts a generation server, which a unit test may not: mark it "
-                       r"@pytest.mark.integration"):
+    with pytest.raises(
+        pytest.fail.Exception,
+        match=r"test_tiers.py::test_a_unit_test_that_starts_a_server_fails_"
+        r"before_starting_it starts a generation server, which a unit test may not: mark it "
+        r"@pytest.mark.integration",
+    ):
         local_server(tmp_path / "no-model", tmp_path)
     assert not (tmp_path / "server.log").exists()
 
 
 def test_a_unit_test_that_starts_a_training_run_fails_before_starting_it(tmp_path):
-    with pytest.raises(pytest.fail.Exception, match=r"starts a training run, which a unit test may not: mark it "
-                       r"@pytest.mark.e2e"):
+    with pytest.raises(
+        pytest.fail.Exception,
+        match=r"starts a training run, which a unit test may not: mark it "
+        r"@pytest.mark.e2e",
+    ):
         start_launch("--name", "x", server=None, root=tmp_path)
     assert not (tmp_path / "launch.log").exists()
 
 
 def test_a_unit_test_that_runs_the_launcher_fails_before_starting_it(tmp_path):
     for run in (lambda: launch("--name", "x", root=tmp_path), lambda: dry_run(tmp_path=tmp_path)):
-        with pytest.raises(pytest.fail.Exception, match=r"runs the launcher \(launch/train.py\), which a unit test "
-                           r"may not: mark it @pytest.mark.integration"):
+        with pytest.raises(
+            pytest.fail.Exception,
+            match=r"runs the launcher \(launch/train.py\), which a unit test "
+            r"may not: mark it @pytest.mark.integration",
+        ):
             run()
     assert list(tmp_path.iterdir()) == []
 
@@ -110,9 +130,14 @@ def test_below_e2e_the_launcher_may_only_refuse():
     saved = dict(tiers._running)
     tiers._running["tier"] = "integration"
     try:
-        tiers.launcher_ran(SimpleNamespace(returncode=2, stdout="", stderr="error: something\n"))  # nothing started
-        with pytest.raises(pytest.fail.Exception, match=r"the launcher exited 0 in an integration test.*mark it "
-                           r"@pytest.mark.e2e"):
+        tiers.launcher_ran(
+            SimpleNamespace(returncode=2, stdout="", stderr="error: something\n")
+        )  # nothing started
+        with pytest.raises(
+            pytest.fail.Exception,
+            match=r"the launcher exited 0 in an integration test.*mark it "
+            r"@pytest.mark.e2e",
+        ):
             tiers.launcher_ran(SimpleNamespace(returncode=0, stdout="step 1\n", stderr=""))
         tiers._running["tier"] = "e2e"
         tiers.launcher_ran(SimpleNamespace(returncode=0, stdout="step 1\n", stderr=""))
@@ -137,8 +162,12 @@ def test_a_unit_test_past_its_budget_is_reported():
     over = tiers.UNIT_SECONDS + 1
     tiers._assigned.update({"t.py::slow": "unit", "t.py::server": "integration"})
     try:
-        for nodeid, when, seconds in (("t.py::slow", "setup", over), ("t.py::slow", "call", 1),
-                                      ("t.py::slow", "teardown", over), ("t.py::server", "call", over)):
+        for nodeid, when, seconds in (
+            ("t.py::slow", "setup", over),
+            ("t.py::slow", "call", 1),
+            ("t.py::slow", "teardown", over),
+            ("t.py::server", "call", over),
+        ):
             tiers.note(SimpleNamespace(nodeid=nodeid, when=when, duration=seconds))
         assert [s for s in tiers.slow_units() if s.startswith("t.py::")] == [f"t.py::slow (setup {over} s)"]
     finally:

@@ -30,8 +30,15 @@ def tool_model_dir(tmp_path_factory):
     from pipeline.embedded.warmstart import sft_warm_start
     from pipeline.task.synthetic import generate
 
-    base = build_tiny_model(tmp_path_factory.mktemp("tool-base"), tiny_corpus(), hidden_size=128,
-                            intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2)
+    base = build_tiny_model(
+        tmp_path_factory.mktemp("tool-base"),
+        tiny_corpus(),
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+    )
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -39,8 +46,13 @@ def tool_model_dir(tmp_path_factory):
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     examples = generate(1000, 0)
-    return sft_warm_start(base, examples, tmp_path_factory.mktemp("tool-model"), max_steps=300,
-                          completions=[CALL] * len(examples))
+    return sft_warm_start(
+        base,
+        examples,
+        tmp_path_factory.mktemp("tool-model"),
+        max_steps=300,
+        completions=[CALL] * len(examples),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,10 @@ def tool_server(tool_model_dir, tmp_path_factory):
 def test_the_chat_template_says_how_a_tool_result_is_wrapped(tool_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
     turns = ToolTurns.of(tokenizer)
-    assert turns.before == "<|im_end|>\n<|im_start|>tool\n" and turns.after == "<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        turns.before == "<|im_end|>\n<|im_start|>tool\n"
+        and turns.after == "<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 COUNTING_ENV = '''
@@ -77,7 +92,9 @@ class CountingCalculator:
 '''
 
 
-def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, tool_model_dir, tmp_path, monkeypatch):
+def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(
+    tool_server, tool_model_dir, tmp_path, monkeypatch
+):
     """Two rollouts of up to two tool calls each: every call runs in the rollout's own environment
     (state across its turns), its result sits between the model's turns exactly as the template wraps
     it, masked out; and on the model's tokens the server's logprobs are the trainer's (HF's) over the
@@ -90,9 +107,20 @@ def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, to
     toolbox = load_toolbox([], "counting_env:CountingCalculator")
     turns = ToolTurns.of(tokenizer, toolbox.schemas)
     prompt = prompt_token_ids(tokenizer, generate(3, 5)[0])  # a question like those it was taught on
-    groups, info = generate_with_tools(tool_server.client, [prompt, prompt], n=1, max_tokens=160, seed=3,
-                                       params={"temperature": 0.0}, toolbox=toolbox, tokenizer=tokenizer, turns=turns,
-                                       max_iterations=2, timeout_s=5, max_prompts=1)
+    groups, info = generate_with_tools(
+        tool_server.client,
+        [prompt, prompt],
+        n=1,
+        max_tokens=160,
+        seed=3,
+        params={"temperature": 0.0},
+        toolbox=toolbox,
+        tokenizer=tokenizer,
+        turns=turns,
+        max_iterations=2,
+        timeout_s=5,
+        max_prompts=1,
+    )
     group = [c for g in groups for c in g]  # greedy: the same prompt twice, two rollouts of their own
     # max_prompts=1: each later turn of the two rollouts is a request of its own (as a turn of more
     # rollouts than the server takes in one request is split)
@@ -103,16 +131,22 @@ def test_turns_run_the_calls_and_line_up_with_the_servers_tokens(tool_server, to
         assert conversation.calls, "the taught model made no tool call"
         # the environment is the rollout's own: its calls are counted from 1 in every rollout
         # each tool turn is the result the loop recorded, wrapped as the template wraps a tool message
-        tool_turns = [tokenizer.decode(conversation.token_ids[a:b]) for a, b in runs(conversation.loss_mask, 0)]
+        tool_turns = [
+            tokenizer.decode(conversation.token_ids[a:b]) for a, b in runs(conversation.loss_mask, 0)
+        ]
         assert tool_turns == [f"{turns.before}{r}{turns.after}" for r in conversation.results]
         assert 1 <= len(conversation.results) <= len(conversation.calls) <= 2
         assert conversation.results[0] == "call 1"  # the taught call, in this rollout's own environment
         # later calls are the model's own (a call it garbles is an error result, not a count)
         answered = [r for r in conversation.results if not r.startswith("error: ")]
         assert answered == [f"call {k}" for k in range(1, len(answered) + 1)]
-        model_text = tokenizer.decode([t for t, m in zip(conversation.token_ids, conversation.loss_mask, strict=True) if m])
+        model_text = tokenizer.decode(
+            [t for t, m in zip(conversation.token_ids, conversation.loss_mask, strict=True) if m]
+        )
         # each call ended a model turn; at the cap the last call gets no result
-        assert model_text.count(CALL_CLOSE) == len(conversation.calls) + (conversation.finish_reason == "tool_calls")
+        assert model_text.count(CALL_CLOSE) == len(conversation.calls) + (
+            conversation.finish_reason == "tool_calls"
+        )
         # alignment over turns: HF on the whole sequence, at the model's tokens, is the server's logprob
         mine = hf_logprobs(model, prompt, conversation.token_ids)
         own = torch.tensor(conversation.loss_mask, dtype=torch.bool)
@@ -162,18 +196,52 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     from pipeline.generation.client import free_port
 
     (tmp_path / "my_tools.py").write_text(textwrap.dedent(TOOL_PLUGIN))
-    env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN,
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--name", "tools", "--set", f"run.root={tmp_path / 'runs'}", "--set", f"model.path={tool_model_dir}",
-           "--set", "model.build=", "--set", "eval.limit=4", "--set", "eval.maj_k=2", "--set", "train.max_steps=2",
-           "--set", "train.max_completion_tokens=96", "--set", f"server.port={free_port('127.0.0.1')}",
-           "--set", "reward_functions.seven=my_tools:read_a_seven", "--set", "train.overlap=true",
-           "--set", "eval.every=2", "--set", "server.data_parallel_size=2",
-           "--set", "rollout.tools=[my_tools:calculator]", "--set", "rollout.max_tool_calling_iterations=2"]
+    env = {
+        **os.environ,
+        "GRPO_SERVER_TOKEN": SERVER_TOKEN,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-cpu.yaml"),
+        "--name",
+        "tools",
+        "--set",
+        f"run.root={tmp_path / 'runs'}",
+        "--set",
+        f"model.path={tool_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "eval.limit=4",
+        "--set",
+        "eval.maj_k=2",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.max_completion_tokens=96",
+        "--set",
+        f"server.port={free_port('127.0.0.1')}",
+        "--set",
+        "reward_functions.seven=my_tools:read_a_seven",
+        "--set",
+        "train.overlap=true",
+        "--set",
+        "eval.every=2",
+        "--set",
+        "server.data_parallel_size=2",
+        "--set",
+        "rollout.tools=[my_tools:calculator]",
+        "--set",
+        "rollout.max_tool_calling_iterations=2",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "runs" / "tools" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["server/engines"] == 2 and r["sync/engines_verified"] == 2 for r in rows), rows
     assert all(r["tools/calls_per_completion"] > 0 and r["tools/calls/calculator"] > 0 for r in rows), rows
@@ -181,8 +249,13 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     assert 0 <= rows[1]["eval/tools/call_rate"] <= 1  # evaluation during training runs the tool loop too
     assert all(r["tools/failure_rate"] <= 1 and r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)
     # the launcher's evaluation goes through the same multi-turn loop: the user's tool answered there too
-    evaluated = [json.loads(line) for line in (tmp_path / "runs" / "tools" / "eval_after.jsonl").read_text().splitlines()]
-    assert len(evaluated) == 4 and any("<|im_start|>tool\n7<|im_end|>" in row["completion"] for row in evaluated)
+    evaluated = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "tools" / "eval_after.jsonl").read_text().splitlines()
+    ]
+    assert len(evaluated) == 4 and any(
+        "<|im_start|>tool\n7<|im_end|>" in row["completion"] for row in evaluated
+    )
     summary = json.loads((tmp_path / "runs" / "tools" / "eval_after.json").read_text())
     assert summary["tools/call_rate"] == sum(row["tool_calls"] > 0 for row in evaluated) / 4
 

@@ -131,12 +131,15 @@ def test_built_in_and_user_tools_load_with_their_schemas(plugin):
     assert replaced.call(ToolCall("calculator", {"expression": "1+1"}), 5).text == "users:1+1"
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("no_such_module_xyz:f", "rollout.tools[0]: cannot import 'no_such_module_xyz'"),
-    ("json:no_such_function", "rollout.tools[0]: module 'json' has no 'no_such_function'"),
-    ("justaname", "rollout.tools[0]: expected 'module:name'"),
-    ("math:pi", "is not callable"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("no_such_module_xyz:f", "rollout.tools[0]: cannot import 'no_such_module_xyz'"),
+        ("json:no_such_function", "rollout.tools[0]: module 'json' has no 'no_such_function'"),
+        ("justaname", "rollout.tools[0]: expected 'module:name'"),
+        ("math:pi", "is not callable"),
+    ],
+)
 def test_a_plugin_that_cannot_be_used_is_a_one_line_error(spec, message):
     with pytest.raises(ToolError) as err:
         load_toolbox([spec], None)
@@ -144,7 +147,9 @@ def test_a_plugin_that_cannot_be_used_is_a_one_line_error(spec, message):
 
 
 def test_a_function_without_a_schema_is_refused_before_anything_starts(plugin):
-    with pytest.raises(ToolError, match=r"rollout.tools\[1\] .*undocumented.*no schema the chat template accepts") as err:
+    with pytest.raises(
+        ToolError, match=r"rollout.tools\[1\] .*undocumented.*no schema the chat template accepts"
+    ) as err:
         load_toolbox(["calculator", f"{plugin}:undocumented"], None)
     assert "\n" not in str(err.value)
 
@@ -162,22 +167,29 @@ def test_an_environment_gives_each_rollout_fresh_state(plugin):
 
 
 def test_calls_are_parsed_from_the_templates_format():
-    text = ('I need 48 * 3. <tool_call>{"name": "calculator", "arguments": {"expression": "48 * 3"}}</tool_call>'
-            '<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>')
+    text = (
+        'I need 48 * 3. <tool_call>{"name": "calculator", "arguments": {"expression": "48 * 3"}}</tool_call>'
+        '<tool_call>\n{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 2}"}\n</tool_call>'
+    )
     calls = parse_tool_calls(text)
     assert [(c.name, c.arguments, c.error) for c in calls] == [
-        ("calculator", {"expression": "48 * 3"}, ""), ("add", {"a": 1, "b": 2}, "")]
+        ("calculator", {"expression": "48 * 3"}, ""),
+        ("add", {"a": 1, "b": 2}, ""),
+    ]
     assert parse_tool_calls("no call here") == []
 
 
-@pytest.mark.parametrize("text,error", [
-    ('<tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}', "unterminated"),
-    ("<tool_call>" + "x" * 5000 + "</tool_call>", "longer than"),
-    ("<tool_call>calculator(1+1)</tool_call>", "not JSON"),
-    ('<tool_call>["calculator"]</tool_call>', 'no "name"'),
-    ('<tool_call>{"name": "calculator", "arguments": [1]}</tool_call>', "not a JSON object"),
-    ("<tool_call>" + "[" * 100000 + "</tool_call>", "longer than"),
-])
+@pytest.mark.parametrize(
+    "text,error",
+    [
+        ('<tool_call>{"name": "calculator", "arguments": {"expression": "1+1"}}', "unterminated"),
+        ("<tool_call>" + "x" * 5000 + "</tool_call>", "longer than"),
+        ("<tool_call>calculator(1+1)</tool_call>", "not JSON"),
+        ('<tool_call>["calculator"]</tool_call>', 'no "name"'),
+        ('<tool_call>{"name": "calculator", "arguments": [1]}</tool_call>', "not a JSON object"),
+        ("<tool_call>" + "[" * 100000 + "</tool_call>", "longer than"),
+    ],
+)
 def test_hostile_call_text_is_an_error_result(text, error):
     (call,) = parse_tool_calls(text)
     assert error in call.error
@@ -186,8 +198,9 @@ def test_hostile_call_text_is_an_error_result(text, error):
 
 
 def test_wrong_calls_and_bad_tools_are_error_results_never_exceptions(plugin):
-    toolbox = load_toolbox(["calculator", f"{plugin}:add", f"{plugin}:explode", f"{plugin}:sleepy",
-                            f"{plugin}:junk"], None)
+    toolbox = load_toolbox(
+        ["calculator", f"{plugin}:add", f"{plugin}:explode", f"{plugin}:sleepy", f"{plugin}:junk"], None
+    )
     cases = {
         "unknown tool": ToolCall("rm_rf", {}),
         "missing argument": ToolCall("add", {"a": 1}),
@@ -205,7 +218,11 @@ def test_wrong_calls_and_bad_tools_are_error_results_never_exceptions(plugin):
     unprintable = toolbox.call(ToolCall("junk", {"x": "object"}), 5)
     assert not unprintable.ok and "raised ValueError" in unprintable.text
     huge = toolbox.call(ToolCall("junk", {"x": "huge"}), 5)
-    assert huge.ok and len(huge.text) <= MAX_RESULT_CHARS + len(" [truncated]") and huge.text.endswith("[truncated]")
+    assert (
+        huge.ok
+        and len(huge.text) <= MAX_RESULT_CHARS + len(" [truncated]")
+        and huge.text.endswith("[truncated]")
+    )
 
 
 def test_rewards_see_the_rollout_as_trls_message_list():
@@ -217,30 +234,47 @@ def test_rewards_see_the_rollout_as_trls_message_list():
     from pipeline.task.reward_functions import score_completions
     from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, ToolResult, ToolTurns
 
-    tokenizer = build_tokenizer(["Tom has 12 apples. 12 * 4 = 48\n<answer>\n48\n</answer>"] * 20, 300, True,
-                                (CALL_OPEN, CALL_CLOSE))
+    tokenizer = build_tokenizer(
+        ["Tom has 12 apples. 12 * 4 = 48\n<answer>\n48\n</answer>"] * 20, 300, True, (CALL_OPEN, CALL_CLOSE)
+    )
     turns = ToolTurns.of(tokenizer)
     toolbox = load_toolbox(["calculator"], None)
     conversation = Conversation([1, 2], toolbox)
     call = '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 4"}}</tool_call>'
     final = "<reasoning>\n12 * 4 = 48\n48 + 2 = 50\n</reasoning>\n<answer>\n50\n</answer>"
-    for text, results in ((call, ["48"]), ("so far 48" + call.replace("12 * 4", "48 + 2"), ["50"]), (final, None)):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if results is None else [])
-        conversation.add_model_turn({"token_ids": ids, "logprobs": [-0.5] * len(ids),
-                                     "finish_reason": "stop"}, tokenizer)
+    for text, results in (
+        (call, ["48"]),
+        ("so far 48" + call.replace("12 * 4", "48 + 2"), ["50"]),
+        (final, None),
+    ):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + (
+            [tokenizer.eos_token_id] if results is None else []
+        )
+        conversation.add_model_turn(
+            {"token_ids": ids, "logprobs": [-0.5] * len(ids), "finish_reason": "stop"}, tokenizer
+        )
         if results:
             tool = [ToolResult("calculator", r, ok=True) for r in results]
             conversation.add_tool_turn(turns.token_ids(tokenizer, "\n".join(results)), tool)
     messages = conversation.messages()
     assert [m["role"] for m in messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
-    assert messages[0] == {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12 * 4"}}}]}
+    assert messages[0] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12 * 4"}}}
+        ],
+    }
     assert messages[2]["content"] == "so far 48"
     assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"expression": "48 + 2"}
-    assert messages[1] == {"role": "tool", "name": "calculator", "content": "48"} and messages[3]["content"] == "50"
+    assert (
+        messages[1] == {"role": "tool", "name": "calculator", "content": "48"}
+        and messages[3]["content"] == "50"
+    )
     assert messages[4] == {"role": "assistant", "content": final}
     assert sum(conversation.loss_mask) == len(conversation.token_ids) - sum(
-        len(turns.token_ids(tokenizer, r)) for r in ("48", "50"))
+        len(turns.token_ids(tokenizer, r)) for r in ("48", "50")
+    )
 
     def counts_calls(prompts=None, completions=(), **kwargs):
         return [sum(len(m.get("tool_calls", [])) for m in c) for c in completions]
@@ -249,4 +283,8 @@ def test_rewards_see_the_rollout_as_trls_message_list():
 
     rewards = {**BUILTIN_REWARDS, "calls": Reward("calls", counts_calls, None, source="test:counts_calls")}
     _, per_reward = score_completions([messages], ["50"], rewards=rewards)
-    assert per_reward["strict_format"] == [0.5] and per_reward["correctness"] == [2.0] and per_reward["calls"] == [2.0]
+    assert (
+        per_reward["strict_format"] == [0.5]
+        and per_reward["correctness"] == [2.0]
+        and per_reward["calls"] == [2.0]
+    )

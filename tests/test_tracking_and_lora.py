@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM
 from pipeline.sync.lora_export import exported_weights
 from pipeline.sync.weight_sync import ModelSource
 
-NEW_METRICS = {"grad_norm", "entropy", "reward/std_within_group", "frac_zero_std_groups", "completion_len/max"}
+NEW_METRICS = {
+    "grad_norm",
+    "entropy",
+    "reward/std_within_group",
+    "frac_zero_std_groups",
+    "completion_len/max",
+}
 
 
 def test_lora_exports_merged_weights_under_the_base_names(tiny_model_dir):
@@ -28,7 +34,9 @@ def test_lora_exports_merged_weights_under_the_base_names(tiny_model_dir):
     merged = model.merge_and_unload()  # PEFT's own merge, the reference
     for name, tensor in merged.named_parameters():
         torch.testing.assert_close(sent[name], tensor.detach(), rtol=0, atol=1e-6)
-    assert any(not torch.equal(sent[n], p) for n, p in plain.named_parameters())  # the adapter does change weights
+    assert any(
+        not torch.equal(sent[n], p) for n, p in plain.named_parameters()
+    )  # the adapter does change weights
 
 
 @pytest.mark.integration
@@ -39,23 +47,57 @@ def test_a_missing_tracker_is_a_one_line_error_before_start(tiny_model_dir, tmp_
     (hider / "sitecustomize.py").write_text(
         "import importlib.util, sys\n"
         "real = importlib.util.find_spec\n"
-        "importlib.util.find_spec = lambda name, *a: None if name == 'wandb' else real(name, *a)\n")
-    proc = launch("--name", "t", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", "train.report_to=[tensorboard,wandb]", root=tmp_path, timeout=120,
-                  env={"PYTHONPATH": str(hider)})
+        "importlib.util.find_spec = lambda name, *a: None if name == 'wandb' else real(name, *a)\n"
+    )
+    proc = launch(
+        "--name",
+        "t",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "train.report_to=[tensorboard,wandb]",
+        root=tmp_path,
+        timeout=120,
+        env={"PYTHONPATH": str(hider)},
+    )
     assert proc.returncode == 2
-    assert one_line_error(proc).startswith("error: train.report_to: wandb is not installed (pip install wandb")
+    assert one_line_error(proc).startswith(
+        "error: train.report_to: wandb is not installed (pip install wandb"
+    )
     assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.e2e
 def test_trackers_completion_tables_eval_during_training_and_diagnostics(server, warm_model_dir, tmp_path):
-    proc = launch("--name", "track", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-                  "--set", "train.max_steps=3", "--set", "train.report_to=[tensorboard,wandb,trackio]",
-                  "--set", "train.log_completions_every=2", "--set", "train.log_completions=3",
-                  "--set", "eval.every=2", "--set", "eval.limit=4", "--set", "eval.maj_k=0",
-                  "--set", "eval.enabled=false", server=server, root=tmp_path,
-                  env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    proc = launch(
+        "--name",
+        "track",
+        "--set",
+        f"model.path={warm_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.report_to=[tensorboard,wandb,trackio]",
+        "--set",
+        "train.log_completions_every=2",
+        "--set",
+        "train.log_completions=3",
+        "--set",
+        "eval.every=2",
+        "--set",
+        "eval.limit=4",
+        "--set",
+        "eval.maj_k=0",
+        "--set",
+        "eval.enabled=false",
+        server=server,
+        root=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "track"
     rows = read_metrics(run)
@@ -68,7 +110,9 @@ def test_trackers_completion_tables_eval_during_training_and_diagnostics(server,
     assert all(r["eval/examples"] == 4 for r in rows if "eval/examples" in r)
     samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 2, 2]
-    assert {"prompt", "completion", "reference", "reward/correctness", "reward/total", "advantage"} <= set(samples[0])
+    assert {"prompt", "completion", "reference", "reward/correctness", "reward/total", "advantage"} <= set(
+        samples[0]
+    )
     # the stores: tensorboard events, wandb's offline run, trackio's sqlite
     assert list((run / "tensorboard").iterdir())
     (wandb_run,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
@@ -82,10 +126,26 @@ def test_trackers_completion_tables_eval_during_training_and_diagnostics(server,
 
 @pytest.mark.e2e
 def test_lora_run_with_merged_pushes_saves_merged_final_and_resumes(server, warm_model_dir, tmp_path):
-    common = ["--name", "lora", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-              "--set", "model.lora_rank=8", "--set", "train.learning_rate=1e-3", "--set", "eval.enabled=false",
-              "--set", "train.save_every=2", "--set", "train.beta=0.04",  # KL: the reference is the adapter off
-              "--set", "model.lora_sync=merged"]
+    common = [
+        "--name",
+        "lora",
+        "--set",
+        f"model.path={warm_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "model.lora_rank=8",
+        "--set",
+        "train.learning_rate=1e-3",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.beta=0.04",  # KL: the reference is the adapter off
+        "--set",
+        "model.lora_sync=merged",
+    ]
     proc = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = launch(*common, "--resume", "--set", "train.max_steps=3", server=server, root=tmp_path)
@@ -95,7 +155,9 @@ def test_lora_run_with_merged_pushes_saves_merged_final_and_resumes(server, warm
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 and r["sync/verified_tensors"] > 0 for r in rows)
     model_bytes = sum(f.stat().st_size for f in warm_model_dir.glob("*.safetensors"))
-    assert all(r["sync/adapter"] == 0 and r["sync/bytes"] > model_bytes / 2 for r in rows)  # every weight, merged
+    assert all(
+        r["sync/adapter"] == 0 and r["sync/bytes"] > model_bytes / 2 for r in rows
+    )  # every weight, merged
     assert all(r["sync/adapter_effect"] == pytest.approx(1.0, abs=0.05) for r in rows)  # fp32: nothing lost
     assert "LoRA rank 8" in (run / "train.log").read_text()
     assert all("kl" in r for r in rows) and rows[-1]["kl"] > 0
@@ -113,7 +175,9 @@ def test_lora_run_with_merged_pushes_saves_merged_final_and_resumes(server, warm
     assert server.client.health()["version"] == 3
     prompt = server.client.request("POST", "/generate", {"prompts": ["Tom has 3 apples."], "max_tokens": 1})
     prompt = [int(t) for t in prompt["results"][0]["prompt_token_ids"]]
-    completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0]["completions"][0]["token_ids"]
+    completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0]["completions"][0][
+        "token_ids"
+    ]
     served = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
     assert (served - hf_logprobs(final, prompt, completion)).abs().max() <= 1e-3
     assert (served - hf_logprobs(warm_model_dir, prompt, completion)).abs().max() > 1e-4

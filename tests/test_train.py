@@ -17,10 +17,27 @@ from pipeline.trainer.build import StepData, lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = {
-    "step", "epoch", "lr", "loss", "reward/total", "reward/strict_format", "reward/soft_format",
-    "reward/int_answer", "reward/xml_count", "reward/correctness", "format/strict_rate", "accuracy",
-    "completion_len/mean", "completions/truncated_rate", "clip_ratio", "sync/logprob_max_abs_diff",
-    "time/generate", "time/reward", "time/train", "time/sync", "time/step",
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "reward/total",
+    "reward/strict_format",
+    "reward/soft_format",
+    "reward/int_answer",
+    "reward/xml_count",
+    "reward/correctness",
+    "format/strict_rate",
+    "accuracy",
+    "completion_len/mean",
+    "completions/truncated_rate",
+    "clip_ratio",
+    "sync/logprob_max_abs_diff",
+    "time/generate",
+    "time/reward",
+    "time/train",
+    "time/sync",
+    "time/step",
 }
 
 
@@ -56,8 +73,18 @@ def test_step_data_is_deterministic_and_resumable():
 def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
     name = f"zero{zero}"
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    common = ["--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-              "--set", f"train.deepspeed_config=configs/ds_zero{zero}.json", "--set", "train.save_every=2"]
+    common = [
+        "--name",
+        name,
+        "--set",
+        f"model.path={warm_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        f"train.deepspeed_config=configs/ds_zero{zero}.json",
+        "--set",
+        "train.save_every=2",
+    ]
     proc = launch(*common, "--set", "train.max_steps=3", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DeepSpeed's CPU all-reduce buffers (66 MB per rank) are not left in /dev/shm, i.e. in RAM
@@ -91,9 +118,15 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
 
     # The server serves exactly the final model, which differs from where training started.
     assert server.client.health()["version"] == 3
-    prompt = [int(t) for t in server.client.request("POST", "/generate", {"prompts": ["Tom has 3 apples."],
-                                                                           "max_tokens": 1})["results"][0]["prompt_token_ids"]]
-    completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0]["completions"][0]["token_ids"]
+    prompt = [
+        int(t)
+        for t in server.client.request(
+            "POST", "/generate", {"prompts": ["Tom has 3 apples."], "max_tokens": 1}
+        )["results"][0]["prompt_token_ids"]
+    ]
+    completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0]["completions"][0][
+        "token_ids"
+    ]
     served = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
     assert (served - hf_logprobs(run_dir / "final", prompt, completion)).abs().max() <= 1e-3
     assert (served - hf_logprobs(warm_model_dir, prompt, completion)).abs().max() > 1e-4
@@ -110,9 +143,22 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
 
 @pytest.mark.e2e
 def test_overlapped_mode(server, warm_model_dir, tmp_path):
-    proc = launch("--name", "overlap", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-                  "--set", "train.max_steps=3", "--set", "train.overlap=true", "--set", "eval.enabled=false",
-                  server=server, root=tmp_path)
+    proc = launch(
+        "--name",
+        "overlap",
+        "--set",
+        f"model.path={warm_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.overlap=true",
+        "--set",
+        "eval.enabled=false",
+        server=server,
+        root=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "overlap")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -133,10 +179,28 @@ def test_overlapped_mode(server, warm_model_dir, tmp_path):
 def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_model_dir, tmp_path):
     """beta > 0 (a reference model under DeepSpeed), the step-global token mean across 2 ranks x 2
     micro-batches, and no gradient for truncated completions, through the real launcher."""
-    proc = launch("--name", "kl", "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-                  "--set", "eval.enabled=false", "--set", "train.max_steps=3", "--set", "train.beta=0.05",
-                  "--set", "train.loss_type=dapo", "--set", "train.mask_truncated_completions=true",
-                  "--set", "train.max_completion_tokens=24", server=server, root=tmp_path)
+    proc = launch(
+        "--name",
+        "kl",
+        "--set",
+        f"model.path={warm_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.beta=0.05",
+        "--set",
+        "train.loss_type=dapo",
+        "--set",
+        "train.mask_truncated_completions=true",
+        "--set",
+        "train.max_completion_tokens=24",
+        server=server,
+        root=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "kl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -153,7 +217,8 @@ def test_port_in_use_is_refused_before_anything_starts(server, tmp_path):
     assert proc.returncode == 2
     assert one_line_error(proc) == (
         f"error: server.port: 127.0.0.1:{port} is already in use (another run's server?); "
-        "pick another with --set server.port=N")
+        "pick another with --set server.port=N"
+    )
     assert not (tmp_path / "clash").exists()
 
 
@@ -187,9 +252,26 @@ def test_trainer_crash_stops_everything(tiny_model_dir, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "r?", "answer": "#### 2"}\n')
     port = free_port("127.0.0.1")
-    proc = launch("--name", "crash", "--set", f"model.path={tiny_model_dir}", "--set", "model.build=",
-                  "--set", f"server.port={port}", "--set", "data.source=jsonl", "--set", f"data.train_file={data}",
-                  "--set", "data.max_prompt_tokens=5", "--set", "eval.enabled=false", root=tmp_path, timeout=600)
+    proc = launch(
+        "--name",
+        "crash",
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        f"server.port={port}",
+        "--set",
+        "data.source=jsonl",
+        "--set",
+        f"data.train_file={data}",
+        "--set",
+        "data.max_prompt_tokens=5",
+        "--set",
+        "eval.enabled=false",
+        root=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert "error: all 2 prompts are longer than max_prompt_tokens=5" in proc.stdout + proc.stderr
     assert "starting generation server" in proc.stdout  # the server was up when the trainer failed

@@ -32,19 +32,25 @@ def two_hosts():
     srv, trn = f"grpo-s{tag}", f"grpo-t{tag}"
     subnet = f"10.233.{tag % 250}"  # addresses that exist only inside these two namespaces
     steps = [
-        ("netns", "add", srv), ("netns", "add", trn),
+        ("netns", "add", srv),
+        ("netns", "add", trn),
         ("link", "add", f"gs{tag}", "type", "veth", "peer", "name", f"gt{tag}"),
-        ("link", "set", f"gs{tag}", "netns", srv), ("link", "set", f"gt{tag}", "netns", trn),
+        ("link", "set", f"gs{tag}", "netns", srv),
+        ("link", "set", f"gt{tag}", "netns", trn),
         ("-n", srv, "addr", "add", f"{subnet}.1/24", "dev", f"gs{tag}"),
         ("-n", trn, "addr", "add", f"{subnet}.2/24", "dev", f"gt{tag}"),
-        ("-n", srv, "link", "set", f"gs{tag}", "up"), ("-n", trn, "link", "set", f"gt{tag}", "up"),
-        ("-n", srv, "link", "set", "lo", "up"), ("-n", trn, "link", "set", "lo", "up"),
+        ("-n", srv, "link", "set", f"gs{tag}", "up"),
+        ("-n", trn, "link", "set", f"gt{tag}", "up"),
+        ("-n", srv, "link", "set", "lo", "up"),
+        ("-n", trn, "link", "set", "lo", "up"),
     ]
     try:
         for step in steps:
             result = ip(*step)
             if result.returncode != 0:
-                pytest.skip(f"cannot make network namespaces here (`ip {' '.join(step)}`: {result.stderr.strip()})")
+                pytest.skip(
+                    f"cannot make network namespaces here (`ip {' '.join(step)}`: {result.stderr.strip()})"
+                )
         yield srv, f"{subnet}.1", trn, f"{subnet}.2"
     except FileNotFoundError:
         pytest.skip("the `ip` command (iproute2) is not installed")
@@ -63,32 +69,80 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
     env = {**os.environ, "GRPO_SERVER_TOKEN": TOKEN}
     port = 8710
     with open(tmp_path / "server.out", "wb") as out:
-        server = subprocess.Popen(in_namespace(srv, sys.executable, "-m", "pipeline.generation.serve", "--model",
-                                               str(warm_model_dir), "--host", srv_addr, "--port", str(port),
-                                               "--set", "server.kv_cache_gib=1"),
-                                  cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            in_namespace(
+                srv,
+                sys.executable,
+                "-m",
+                "pipeline.generation.serve",
+                "--model",
+                str(warm_model_dir),
+                "--host",
+                srv_addr,
+                "--port",
+                str(port),
+                "--set",
+                "server.kv_cache_gib=1",
+            ),
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://{srv_addr}:{port}"
     try:
         run = subprocess.run(
-            in_namespace(trn, sys.executable, "launch/train.py", "--config", "configs/tiny-cpu.yaml",
-                         "--name", "two", "--set", f"run.root={tmp_path}", "--server-url", url,
-                         "--set", f"sync.host={trn_addr}", "--set", f"model.path={warm_model_dir}",
-                         "--set", "model.build=", "--set", "eval.enabled=false", "--set", "train.max_steps=3",
-                         *TEST_SCALE),
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, (run.stdout[-3000:] + run.stderr[-3000:]
-                                     + (tmp_path / "server.out").read_text()[-3000:])
+            in_namespace(
+                trn,
+                sys.executable,
+                "launch/train.py",
+                "--config",
+                "configs/tiny-cpu.yaml",
+                "--name",
+                "two",
+                "--set",
+                f"run.root={tmp_path}",
+                "--server-url",
+                url,
+                "--set",
+                f"sync.host={trn_addr}",
+                "--set",
+                f"model.path={warm_model_dir}",
+                "--set",
+                "model.build=",
+                "--set",
+                "eval.enabled=false",
+                "--set",
+                "train.max_steps=3",
+                *TEST_SCALE,
+            ),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert run.returncode == 0, (
+            run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "server.out").read_text()[-3000:]
+        )
         rows = read_metrics(tmp_path / "two")
         assert [r["step"] for r in rows] == [1, 2, 3]
         assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)  # weights landed across the link
 
         # From the trainer host: the server serves the final version, and nothing answers without the token.
-        probe = ("import json, sys, requests; u, t = sys.argv[1:]; "
-                 "h = requests.get(u + '/health', headers={'Authorization': 'Bearer ' + t}, timeout=10); "
-                 "n = requests.post(u + '/weights/start', json={'version': 9}, timeout=10); "
-                 "print(json.dumps([h.json()['version'], n.status_code]))")
-        answer = subprocess.run(in_namespace(trn, sys.executable, "-c", probe, url, TOKEN), capture_output=True,
-                                text=True, timeout=60)
+        probe = (
+            "import json, sys, requests; u, t = sys.argv[1:]; "
+            "h = requests.get(u + '/health', headers={'Authorization': 'Bearer ' + t}, timeout=10); "
+            "n = requests.post(u + '/weights/start', json={'version': 9}, timeout=10); "
+            "print(json.dumps([h.json()['version'], n.status_code]))"
+        )
+        answer = subprocess.run(
+            in_namespace(trn, sys.executable, "-c", probe, url, TOKEN),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert json.loads(answer.stdout) == [3, 401], answer.stderr
     finally:
         os.killpg(server.pid, signal.SIGTERM)

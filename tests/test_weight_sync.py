@@ -37,9 +37,13 @@ def check_pushes_land(server, model_dir, prompt, version0, bucket_bytes, shared_
         # vLLM-CPU hides, the digests our engine took on receipt
         assert set(sync.verified_names) == {n for n, _ in model.named_parameters()}
         assert stats["verified_bytes_frac"] == 1.0 and stats["verified_tensors"] > 0
-        assert any(name.endswith("o_proj.weight") for name in sync.verified_names)  # hidden in vLLM-CPU's params
+        assert any(
+            name.endswith("o_proj.weight") for name in sync.verified_names
+        )  # hidden in vLLM-CPU's params
         assert any(name.endswith("norm.weight") for name in sync.verified_names)  # the loaded parameter's
-        completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0]["completions"][0]
+        completion = server.client.generate([prompt], n=1, max_tokens=24, seed=0)["results"][0][
+            "completions"
+        ][0]
         completion = completion["token_ids"]
         before = torch.tensor(server.client.score([(prompt, completion)])["logprobs"][0])
         assert (before - hf_logprobs(model, prompt, completion)).abs().max() <= 1e-3
@@ -67,8 +71,14 @@ def prompt(gsm8k_dir, tiny_tokenizer):
 def test_push_tied_model_in_many_small_buckets(server, tiny_model_dir, prompt):
     # 4 KiB buckets: every layer spans several, the production path of a large model; trainer and
     # server share this host, so the bytes go through the shared-memory file
-    check_pushes_land(server, tiny_model_dir, prompt, server.client.health()["version"], bucket_bytes=4096,
-                      shared_memory=True)
+    check_pushes_land(
+        server,
+        tiny_model_dir,
+        prompt,
+        server.client.health()["version"],
+        bucket_bytes=4096,
+        shared_memory=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +131,9 @@ def test_a_worker_that_never_answers_ends_the_server(tiny_untied_model_dir, tmp_
         statuses = []
         while server.proc.poll() is None and time.monotonic() - start < 3 * timeout_s + 40:
             try:
-                statuses.append(server.client.session.get(server.client.base_url + "/health", timeout=5).status_code)
+                statuses.append(
+                    server.client.session.get(server.client.base_url + "/health", timeout=5).status_code
+                )
             except Exception:  # noqa: BLE001 - the server going away
                 pass
             time.sleep(0.5)
@@ -165,9 +177,20 @@ def test_trainer_dying_mid_push_tears_the_weights_until_a_full_push(tiny_untied_
     server = local_server(tiny_untied_model_dir, tmp_path)
     try:
         version = server.client.health()["version"]
-        died = subprocess.run([sys.executable, "-c", TRAINER_DIES_MID_PUSH, server.client.base_url, "",
-                               str(tiny_untied_model_dir), str(version + 1)], capture_output=True, text=True,
-                              timeout=300)
+        died = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                TRAINER_DIES_MID_PUSH,
+                server.client.base_url,
+                "",
+                str(tiny_untied_model_dir),
+                str(version + 1),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert died.returncode == 17, died.stderr[-2000:]
         end = time.monotonic() + 60
         while not server.client.health().get("torn"):
@@ -191,7 +214,9 @@ def test_trainer_dying_mid_push_tears_the_weights_until_a_full_push(tiny_untied_
         assert stats["verified_bytes_frac"] == 1.0
         health = server.client.health()
         assert health["version"] == version + 2 and not health["torn"]
-        completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0]["completions"][0]
+        completion = server.client.generate([prompt], n=1, max_tokens=16, seed=0)["results"][0][
+            "completions"
+        ][0]
         served = torch.tensor(server.client.score([(prompt, completion["token_ids"])])["logprobs"][0])
         assert (served - hf_logprobs(model, prompt, completion["token_ids"])).abs().max() <= 1e-3
     finally:
@@ -210,6 +235,7 @@ def test_checksums_catch_a_push_that_did_not_land(server, tiny_model_dir, monkey
         def bent():
             for name, tensor in pairs:
                 yield name, (tensor + 1.0 if name.endswith("o_proj.weight") else tensor)
+
         return real(self, bent(), *rest)
 
     monkeypatch.setattr(gloo_transfer.GlooTrainerWeightTransferEngine, "_broadcast", corrupting)
@@ -250,10 +276,14 @@ def test_a_worker_uses_the_shared_file_only_when_it_is_the_trainers(tmp_path):
         seen = SharedBuckets.open(shared.path, shared.nonce)
         assert seen is not None and torch.equal(seen.view(100, 10), torch.arange(100, 110) % 251)
         seen.close()
-        assert SharedBuckets.open(shared.path, "another trainer's nonce") is None  # a same-named file elsewhere
+        assert (
+            SharedBuckets.open(shared.path, "another trainer's nonce") is None
+        )  # a same-named file elsewhere
         assert SharedBuckets.open(str(tmp_path / "absent"), shared.nonce) is None  # another host
         shared.unlink()  # after the group formed: a killed trainer leaves nothing in /dev/shm
-        assert not os.path.exists(shared.path) and torch.equal(shared.view(0, 3), torch.tensor([0, 1, 2], dtype=torch.uint8))
+        assert not os.path.exists(shared.path) and torch.equal(
+            shared.view(0, 3), torch.tensor([0, 1, 2], dtype=torch.uint8)
+        )
     finally:
         shared.close()
 
@@ -296,7 +326,10 @@ def vllm_shards(monkeypatch, tp: int, rank: int, hf: dict, heads: int, kv_heads:
     from vllm.config import VllmConfig, set_current_vllm_config
 
     for module in (linear, parameter, vocab, vllm_distributed):
-        for fn, value in (("get_tensor_model_parallel_world_size", tp), ("get_tensor_model_parallel_rank", rank)):
+        for fn, value in (
+            ("get_tensor_model_parallel_world_size", tp),
+            ("get_tensor_model_parallel_rank", rank),
+        ):
             if hasattr(module, fn):
                 monkeypatch.setattr(module, fn, lambda value=value: value)
     hidden, inter = hf["q_proj"].shape[1], hf["gate_proj"].shape[0]
@@ -316,10 +349,15 @@ def vllm_shards(monkeypatch, tp: int, rank: int, hf: dict, heads: int, kv_heads:
     o.weight_loader(o.bias, hf["o_proj.bias"])
     down.weight_loader_v2(down.weight, hf["down_proj"])
     embed.weight_loader(embed.weight, hf["embed_tokens"])
-    return {"layers.0.self_attn.qkv_proj.weight": qkv.weight, "layers.0.self_attn.qkv_proj.bias": qkv.bias,
-            "layers.0.mlp.gate_up_proj.weight": gate_up.weight, "layers.0.self_attn.o_proj.weight": o.weight,
-            "layers.0.self_attn.o_proj.bias": o.bias, "layers.0.mlp.down_proj.weight": down.weight,
-            "embed_tokens.weight": embed.weight}
+    return {
+        "layers.0.self_attn.qkv_proj.weight": qkv.weight,
+        "layers.0.self_attn.qkv_proj.bias": qkv.bias,
+        "layers.0.mlp.gate_up_proj.weight": gate_up.weight,
+        "layers.0.self_attn.o_proj.weight": o.weight,
+        "layers.0.self_attn.o_proj.bias": o.bias,
+        "layers.0.mlp.down_proj.weight": down.weight,
+        "embed_tokens.weight": embed.weight,
+    }
 
 
 @pytest.mark.parametrize("tp,heads,kv_heads", [(1, 4, 2), (2, 4, 2), (4, 4, 2), (4, 8, 1), (2, 8, 8)])
@@ -332,19 +370,31 @@ def test_each_ranks_shard_is_what_vllm_loads(monkeypatch, tp, heads, kv_heads):
 
     head_dim, hidden, inter, vocab = 16, 64, 96, 1000  # 1000 rows: padded to 1024
     g = torch.Generator().manual_seed(0)
-    hf = {"q_proj": torch.randn(heads * head_dim, hidden, generator=g),
-          "k_proj": torch.randn(kv_heads * head_dim, hidden, generator=g),
-          "v_proj": torch.randn(kv_heads * head_dim, hidden, generator=g),
-          "gate_proj": torch.randn(inter, hidden, generator=g), "up_proj": torch.randn(inter, hidden, generator=g),
-          "o_proj": torch.randn(hidden, heads * head_dim, generator=g), "o_proj.bias": torch.randn(hidden, generator=g),
-          "down_proj": torch.randn(hidden, inter, generator=g), "embed_tokens": torch.randn(vocab, hidden, generator=g)}
+    hf = {
+        "q_proj": torch.randn(heads * head_dim, hidden, generator=g),
+        "k_proj": torch.randn(kv_heads * head_dim, hidden, generator=g),
+        "v_proj": torch.randn(kv_heads * head_dim, hidden, generator=g),
+        "gate_proj": torch.randn(inter, hidden, generator=g),
+        "up_proj": torch.randn(inter, hidden, generator=g),
+        "o_proj": torch.randn(hidden, heads * head_dim, generator=g),
+        "o_proj.bias": torch.randn(hidden, generator=g),
+        "down_proj": torch.randn(hidden, inter, generator=g),
+        "embed_tokens": torch.randn(vocab, hidden, generator=g),
+    }
     for name in ("q_proj", "k_proj", "v_proj"):
         hf[name + ".bias"] = torch.randn(hf[name].shape[0], generator=g)
-    named = {"embed_tokens.weight": hf["embed_tokens"], "layers.0.mlp.down_proj.weight": hf["down_proj"],
-             "layers.0.self_attn.o_proj.weight": hf["o_proj"], "layers.0.self_attn.o_proj.bias": hf["o_proj.bias"],
-             **{f"layers.0.self_attn.{n}.{kind}": hf[n + (".bias" if kind == "bias" else "")]
-                for n in ("q_proj", "k_proj", "v_proj") for kind in ("weight", "bias")},
-             **{f"layers.0.mlp.{n}.weight": hf[n] for n in ("gate_proj", "up_proj")}}
+    named = {
+        "embed_tokens.weight": hf["embed_tokens"],
+        "layers.0.mlp.down_proj.weight": hf["down_proj"],
+        "layers.0.self_attn.o_proj.weight": hf["o_proj"],
+        "layers.0.self_attn.o_proj.bias": hf["o_proj.bias"],
+        **{
+            f"layers.0.self_attn.{n}.{kind}": hf[n + (".bias" if kind == "bias" else "")]
+            for n in ("q_proj", "k_proj", "v_proj")
+            for kind in ("weight", "bias")
+        },
+        **{f"layers.0.mlp.{n}.weight": hf[n] for n in ("gate_proj", "up_proj")},
+    }
     packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     for rank in range(tp):
         loaded = vllm_shards(monkeypatch, tp, rank, hf, heads, kv_heads, head_dim)
@@ -363,8 +413,11 @@ def test_the_checksum_sample_moves_on_and_keeps_both_ends():
 
     from pipeline.sync.weight_sync import checksum_sample
 
-    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{p}.weight" for i in range(10)
-                                             for p in ("self_attn.qkv_proj", "mlp.down_proj")] + ["model.norm.weight"]
+    names = (
+        ["model.embed_tokens.weight"]
+        + [f"model.layers.{i}.{p}.weight" for i in range(10) for p in ("self_attn.qkv_proj", "mlp.down_proj")]
+        + ["model.norm.weight"]
+    )
     metas = [ParamMeta(n, torch.float32, (256, 256)) for n in names]
     one = 256 * 256 * 4
     assert checksum_sample(metas, len(names) * one, version=0) == names
@@ -385,8 +438,10 @@ def test_the_ipc_buffer_holds_the_largest_tensor():
 
     from pipeline.sync.weight_sync import TRAINER_INIT_INFO
 
-    metas = [ParamMeta("model.embed_tokens.weight", torch.bfloat16, (128256, 2048)),
-             ParamMeta("model.norm.weight", torch.bfloat16, (2048,))]
+    metas = [
+        ParamMeta("model.embed_tokens.weight", torch.bfloat16, (128256, 2048)),
+        ParamMeta("model.norm.weight", torch.bfloat16, (2048,)),
+    ]
     sync = SimpleNamespace(source=SimpleNamespace(metadata=lambda: metas), bucket_bytes=256 * 2**20, rank=0)
     assert TRAINER_INIT_INFO["ipc"](sync, world_size=2).packed_buffer_size_bytes == 128256 * 2048 * 2
     sync.bucket_bytes = 2**30
@@ -404,7 +459,9 @@ def test_ipc_handles_travel_as_json():
     assert json_safe_update_info(plain) is plain
     handles = [{"gpu-uuid": ("rebuild", (1, 2, b"\x00\x01"))}]
     sent = json.loads(json.dumps(json_safe_update_info({**plain, "ipc_handles": handles})))
-    assert "ipc_handles" not in sent and pickle.loads(base64.b64decode(sent["ipc_handles_pickled"])) == handles
+    assert (
+        "ipc_handles" not in sent and pickle.loads(base64.b64decode(sent["ipc_handles_pickled"])) == handles
+    )
 
 
 # --- a failed ZeRO-3 push: every rank leaves it having done the same gathers ------------------------
@@ -530,11 +587,26 @@ def test_a_failed_zero3_push_leaves_every_rank_with_the_same_gathers(tmp_path):
 
     from pipeline.generation.client import free_port
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port("127.0.0.1")), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-           RUN_TAG: str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", ZERO3_PUSH_FAILS], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port("127.0.0.1")),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        RUN_TAG: str(tmp_path),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ZERO3_PUSH_FAILS],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outputs = []
     try:
         for proc in procs:
@@ -549,11 +621,15 @@ def test_a_failed_zero3_push_leaves_every_rank_with_the_same_gathers(tmp_path):
     ranks, total = result["ranks"], result["tensors"]
     for scenario, consumer_did in (("stall", 6), ("late", 6), ("refused", 0)):
         zero, one = ranks[0][scenario], ranks[1][scenario]
-        assert ("server refused" if scenario == "refused" else "no progress within sync.timeout_s=2s") in zero["raised"], zero
+        assert (
+            "server refused" if scenario == "refused" else "no progress within sync.timeout_s=2s"
+        ) in zero["raised"], zero
         assert one["raised"] == zero["raised"] is not None, (scenario, zero, one)
         assert zero["gathers"] == one["gathers"] == total, (scenario, zero, one)
         assert one["by_main"] == total
         assert zero["by_main"] == total - consumer_did, (scenario, zero)
         assert zero["consumer_ended"] and zero["gathers_after_release"] == 0, (scenario, zero)
-        assert zero["consumer_error"].startswith("ConnectionError" if scenario == "refused" else "PassAbandoned("), zero
+        assert zero["consumer_error"].startswith(
+            "ConnectionError" if scenario == "refused" else "PassAbandoned("
+        ), zero
         assert max(zero["seconds"], one["seconds"]) < 10, (scenario, zero, one)

@@ -25,9 +25,15 @@ def tiny_shape(config: Config) -> dict:
     """The default model's shape in config.json's keys, from the model.build_* settings: what it is
     built with, and what the launch plan's memory arithmetic reads before it exists."""
     hidden = config.model.build_hidden_size
-    return {"hidden_size": hidden, "intermediate_size": hidden * 3, "num_hidden_layers": config.model.build_layers,
-            "num_attention_heads": hidden // 32, "num_key_value_heads": max(1, hidden // 64),
-            "vocab_size": 1024, "tie_word_embeddings": True}
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 3,
+        "num_hidden_layers": config.model.build_layers,
+        "num_attention_heads": hidden // 32,
+        "num_key_value_heads": max(1, hidden // 64),
+        "vocab_size": 1024,
+        "tie_word_embeddings": True,
+    }
 
 
 def build_default_model(config: Config) -> Path:
@@ -45,9 +51,16 @@ def build_default_model(config: Config) -> Path:
     from pipeline.task.xml_format import SYSTEM_PROMPT
 
     m, d, seed = config.model, config.data, config.run.seed
-    settings = {"hidden": m.build_hidden_size, "layers": m.build_layers, "sft_steps": m.build_sft_steps,
-                "split_digits": m.build_split_digits, "early_answers": m.build_early_answers,
-                "levels": d.synthetic_levels, "seed": seed, "version": 5}
+    settings = {
+        "hidden": m.build_hidden_size,
+        "layers": m.build_layers,
+        "sft_steps": m.build_sft_steps,
+        "split_digits": m.build_split_digits,
+        "early_answers": m.build_early_answers,
+        "levels": d.synthetic_levels,
+        "seed": seed,
+        "version": 5,
+    }
     # settings added since version 5 join the key only when set, so models cached before keep theirs
     if m.build_tool_demos:
         settings["tool_demos"] = m.build_tool_demos
@@ -60,25 +73,47 @@ def build_default_model(config: Config) -> Path:
     work = final.with_name(final.name + ".building")
     shutil.rmtree(work, ignore_errors=True)
     # Train-split problems only (the test split is disjoint): tokenizer corpus + SFT, about one epoch.
-    examples = generate(SFT_BATCH * max(m.build_sft_steps, 1), seed, "train", d.synthetic_levels, d.synthetic_max_operand)
+    examples = generate(
+        SFT_BATCH * max(m.build_sft_steps, 1), seed, "train", d.synthetic_levels, d.synthetic_max_operand
+    )
     # The tokenizer's corpus does not depend on the SFT length, so a longer warm start (the SFT control)
     # starts from the very same tokenizer and initial weights. With tool demos it holds the calls too,
     # so their JSON is a few merged tokens, not dozens of bytes.
     corpus = [SYSTEM_PROMPT] + [
-        e.question + "\n" + formatted_completion(e) + "".join(call for call, _ in calculator_calls(e) if m.build_tool_demos)
-        for e in generate(TOKENIZER_CORPUS, seed, "train", d.synthetic_levels, d.synthetic_max_operand)]
+        e.question
+        + "\n"
+        + formatted_completion(e)
+        + "".join(call for call, _ in calculator_calls(e) if m.build_tool_demos)
+        for e in generate(TOKENIZER_CORPUS, seed, "train", d.synthetic_levels, d.synthetic_max_operand)
+    ]
     completions = sloppy_completions(examples, m.build_early_answers, seed)  # see model.build_early_answers
     shape = tiny_shape(config)
-    base = build_tiny_model(work / "base", corpus, vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                            intermediate_size=shape["intermediate_size"], num_layers=shape["num_hidden_layers"],
-                            num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
-                            split_digits=m.build_split_digits, seed=seed,
-                            extra_tokens=(CALL_OPEN, CALL_CLOSE) if m.build_tool_demos else ())
+    base = build_tiny_model(
+        work / "base",
+        corpus,
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_layers=shape["num_hidden_layers"],
+        num_heads=shape["num_attention_heads"],
+        num_kv_heads=shape["num_key_value_heads"],
+        split_digits=m.build_split_digits,
+        seed=seed,
+        extra_tokens=(CALL_OPEN, CALL_CLOSE) if m.build_tool_demos else (),
+    )
     started = time.time()
     if m.build_sft_steps:
-        sft_warm_start(base, examples, work / "sft", max_steps=m.build_sft_steps, batch_size=SFT_BATCH, seed=seed,
-                       completions=completions, calculator_share=m.build_tool_demos,
-                       style=PromptStyle(tools=tuple(load_toolbox(["calculator"], None).schemas)))
+        sft_warm_start(
+            base,
+            examples,
+            work / "sft",
+            max_steps=m.build_sft_steps,
+            batch_size=SFT_BATCH,
+            seed=seed,
+            completions=completions,
+            calculator_share=m.build_tool_demos,
+            style=PromptStyle(tools=tuple(load_toolbox(["calculator"], None).schemas)),
+        )
         shutil.rmtree(work / "sft" / "sft-work", ignore_errors=True)
         built = work / "sft"
     else:
@@ -86,6 +121,7 @@ def build_default_model(config: Config) -> Path:
     built.rename(final)  # atomic: a half-built model is never taken from the cache
     shutil.rmtree(work, ignore_errors=True)
     # the warm start's time, so an SFT-for-the-same-time control (launch/sft_control.py) can size itself
-    (final / "build.json").write_text(json.dumps({**settings, "sft_seconds": round(time.time() - started, 1)},
-                                                 indent=2) + "\n")
+    (final / "build.json").write_text(
+        json.dumps({**settings, "sft_seconds": round(time.time() - started, 1)}, indent=2) + "\n"
+    )
     return final

@@ -22,8 +22,12 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, split_digits: bool = False,
-                    extra_tokens: tuple[str, ...] = ()):
+def build_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = 1024,
+    split_digits: bool = False,
+    extra_tokens: tuple[str, ...] = (),
+):
     """A byte-level BPE `PreTrainedTokenizerFast` trained on `corpus`. `split_digits`: every digit is
     its own token (as Qwen2 and Llama 3 do), so arithmetic and copying numbers work digit by digit
     instead of over arbitrary multi-digit merges. `extra_tokens`: more strings that are one token each
@@ -33,8 +37,11 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, split_digits:
 
     bpe = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    bpe.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -47,7 +47,9 @@ def sloppy_completions(examples: list[Example], early_share: float, seed: int) -
     of the examples the answer is one step early (`early_answer`). Each example's choice depends only
     on its position and the seed, so a longer warm start repeats a shorter one's first targets."""
     rng = random.Random(f"early-{seed}")
-    return [formatted_completion(e, early_answer(e) if rng.random() < early_share else None) for e in examples]
+    return [
+        formatted_completion(e, early_answer(e) if rng.random() < early_share else None) for e in examples
+    ]
 
 
 # --- demonstrations that call the calculator (model.build_tool_demos) -------------------------------
@@ -66,8 +68,14 @@ def calculator_calls(example: Example) -> list[tuple[str, str]]:
     return calls
 
 
-def tool_demo_rows(tokenizer, examples: list[Example], completions: list[str], calculator_share: float, seed: int,
-                   style: PromptStyle) -> list[dict]:
+def tool_demo_rows(
+    tokenizer,
+    examples: list[Example],
+    completions: list[str],
+    calculator_share: float,
+    seed: int,
+    style: PromptStyle,
+) -> list[dict]:
     """Pre-tokenized warm-start rows in the token layout of a multi-turn rollout
     (pipeline/rollout/multi_turn.py): for a seeded `calculator_share` of the examples the model first
     calls the calculator once per step, each result read back as a tool message, then writes its
@@ -83,17 +91,30 @@ def tool_demo_rows(tokenizer, examples: list[Example], completions: list[str], c
         mask = [0] * len(ids)
         if rng.random() < calculator_share:
             for call, result in calculator_calls(example):
-                mine, theirs = tokenizer(call, add_special_tokens=False)["input_ids"], turns.token_ids(tokenizer, result)
+                mine, theirs = (
+                    tokenizer(call, add_special_tokens=False)["input_ids"],
+                    turns.token_ids(tokenizer, result),
+                )
                 ids, mask = ids + mine + theirs, mask + [1] * len(mine) + [0] * len(theirs)
         final = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append({"input_ids": ids + final, "assistant_masks": mask + [1] * len(final)})
     return rows
 
 
-def sft_warm_start(model_dir: str | Path, examples: list[Example], out_dir: str | Path, *, max_steps: int = 200,
-                   learning_rate: float = 3e-3, batch_size: int = 16, max_length: int = 256, seed: int = 0,
-                   completions: list[str] | None = None, calculator_share: float = 0.0,
-                   style: PromptStyle | None = None) -> Path:
+def sft_warm_start(
+    model_dir: str | Path,
+    examples: list[Example],
+    out_dir: str | Path,
+    *,
+    max_steps: int = 200,
+    learning_rate: float = 3e-3,
+    batch_size: int = 16,
+    max_length: int = 256,
+    seed: int = 0,
+    completions: list[str] | None = None,
+    calculator_share: float = 0.0,
+    style: PromptStyle | None = None,
+) -> Path:
     """Fine-tune `model_dir` on `examples` as chat conversations (the assistant turn: `completions`,
     default each example's `formatted_completion`; with `calculator_share`, some first call the
     calculator: `tool_demo_rows`, prompts in `style`); save the result to `out_dir`."""
@@ -107,18 +128,34 @@ def sft_warm_start(model_dir: str | Path, examples: list[Example], out_dir: str 
     # the question's random names and numbers, which no model can predict.
     completions = completions or [formatted_completion(e) for e in examples]
     if calculator_share:
-        rows = tool_demo_rows(tokenizer, examples, completions, calculator_share, seed, style or PromptStyle())
+        rows = tool_demo_rows(
+            tokenizer, examples, completions, calculator_share, seed, style or PromptStyle()
+        )
     else:
-        rows = [{"prompt": e.prompt(SYSTEM_PROMPT), "completion": [{"role": "assistant", "content": c}]}
-                for e, c in zip(examples, completions, strict=True)]
+        rows = [
+            {"prompt": e.prompt(SYSTEM_PROMPT), "completion": [{"role": "assistant", "content": c}]}
+            for e, c in zip(examples, completions, strict=True)
+        ]
     args = SFTConfig(
-        output_dir=str(Path(out_dir) / "sft-work"), max_steps=max_steps, learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size, max_length=max_length, lr_scheduler_type="cosine",
-        warmup_steps=max(1, max_steps // 20), logging_steps=max(1, max_steps // 10), save_strategy="no",
-        report_to="none", seed=seed, use_cpu=True, bf16=False, dataloader_num_workers=0,
+        output_dir=str(Path(out_dir) / "sft-work"),
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        max_length=max_length,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 20),
+        logging_steps=max(1, max_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     trainer.train()
     trainer.model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

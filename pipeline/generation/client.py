@@ -51,20 +51,33 @@ class ServerClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def request(self, method: str, path: str, json: dict | None = None, timeout_s: float | None = None,
-                data: bytes | None = None) -> dict:
+    def request(
+        self,
+        method: str,
+        path: str,
+        json: dict | None = None,
+        timeout_s: float | None = None,
+        data: bytes | None = None,
+    ) -> dict:
         """`json` goes as JSON; `data` as raw bytes (application/octet-stream)."""
         timeout = timeout_s or self.timeout_s
         headers = {"Content-Type": "application/octet-stream"} if data is not None else None
         try:
-            response = self.session.request(method, self.base_url + path, json=json, data=data, headers=headers,
-                                            timeout=timeout)
+            response = self.session.request(
+                method, self.base_url + path, json=json, data=data, headers=headers, timeout=timeout
+            )
         except requests.Timeout:
-            raise ServerError(f"{method} {path}: no answer from {self.base_url} within {timeout:.0f}s") from None
+            raise ServerError(
+                f"{method} {path}: no answer from {self.base_url} within {timeout:.0f}s"
+            ) from None
         except requests.ConnectionError as e:
-            raise ServerError(f"{method} {path}: cannot reach the server at {self.base_url} ({e.__class__.__name__})") from None
+            raise ServerError(
+                f"{method} {path}: cannot reach the server at {self.base_url} ({e.__class__.__name__})"
+            ) from None
         except requests.RequestException as e:  # e.g. the server died mid-answer (ChunkedEncodingError)
-            raise ServerError(f"{method} {path}: the answer from {self.base_url} broke off ({e.__class__.__name__})") from None
+            raise ServerError(
+                f"{method} {path}: the answer from {self.base_url} broke off ({e.__class__.__name__})"
+            ) from None
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail")
@@ -74,7 +87,9 @@ class ServerClient:
         try:
             return response.json()
         except ValueError:  # requests' JSONDecodeError: a body cut short
-            raise ServerError(f"{method} {path}: the answer from {self.base_url} is not JSON (cut short?)") from None
+            raise ServerError(
+                f"{method} {path}: the answer from {self.base_url} is not JSON (cut short?)"
+            ) from None
 
     def health(self, timeout_s: float = 5.0) -> dict:
         return self.request("GET", "/health", timeout_s=timeout_s)
@@ -101,10 +116,26 @@ class ServerClient:
     def model_info(self) -> dict:
         return self.request("GET", "/model")
 
-    def generate(self, prompt_token_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, **extra) -> dict:
-        body = {"prompt_token_ids": prompt_token_ids, "n": n, "max_tokens": max_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed, **extra}
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        **extra,
+    ) -> dict:
+        body = {
+            "prompt_token_ids": prompt_token_ids,
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            **extra,
+        }
         return self.request("POST", "/generate", body)
 
     def score(self, sequences: list[tuple[list[int], list[int]]]) -> dict:

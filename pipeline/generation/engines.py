@@ -50,6 +50,8 @@ def restarts_possible() -> bool:
     except PermissionError:  # alive, another user's (never ours: it started us)
         return True
     return True
+
+
 HEALTH_TIMEOUT_S = 5.0
 SPLIT_SEED_STRIDE = 2**32  # part j of a split group samples with seed + i + j * stride (distinct streams)
 
@@ -72,6 +74,7 @@ class Engine:
 @dataclass
 class Piece:
     """Part of a request: prompts [start, stop) with `n` completions each, on one engine."""
+
     start: int
     stop: int
     n: int
@@ -79,8 +82,13 @@ class Piece:
 
 
 class Engines:
-    def __init__(self, urls: list[str] | str, token: str = "", timeout_s: float = 600.0,
-                 clients: list[ServerClient] | None = None):
+    def __init__(
+        self,
+        urls: list[str] | str,
+        token: str = "",
+        timeout_s: float = 600.0,
+        clients: list[ServerClient] | None = None,
+    ):
         """`urls`: engine i's base URL at position i (a list, or comma-separated as on the command line);
         or `clients`, existing ones (see `of`)."""
         if clients is None:
@@ -118,6 +126,7 @@ class Engines:
     def healthy(self, idle: bool = True) -> list[tuple[Engine, dict]]:
         """The engines answering /health ok now (with `idle`, also with no weight update open), asked in
         parallel with a short deadline: a dead or wedged engine costs seconds, not the run."""
+
         def ask(engine: Engine):
             try:
                 health = engine.client.health(HEALTH_TIMEOUT_S)
@@ -161,7 +170,9 @@ class Engines:
     def drop(self, engine: Engine, why: str) -> None:
         if self.members is not None and engine in self.members:
             self.members.remove(engine)
-            log.warning("engine %d left out: %s (%d engine(s) generating)", engine.index, why, len(self.members))
+            log.warning(
+                "engine %d left out: %s (%d engine(s) generating)", engine.index, why, len(self.members)
+            )
 
     def serving(self) -> list[Engine]:
         if self.members is not None:
@@ -184,8 +195,17 @@ class Engines:
 
     # --- generate -----------------------------------------------------------------------------------
 
-    def generate(self, prompt_token_ids: list[list[int]], *, n: int, max_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, **extra) -> dict:
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        **extra,
+    ) -> dict:
         """One server's /generate answer for all prompts, made by the serving engines together. Every
         completion says which engine and weights version made it ("engine", "version"); "version" is
         the oldest part's; "split" says how many engines took part and their imbalance (the slowest
@@ -198,17 +218,23 @@ class Engines:
         while todo:
             engines = [e for e in self.serving() if e.index not in failed]
             if not engines:  # the last failure first: one server's error reads as before
-                raise ServerError(f"{last_error}{'; ' if last_error else ''}no generation engine left to "
-                                  f"generate with ({self.base_url})")
+                raise ServerError(
+                    f"{last_error}{'; ' if last_error else ''}no generation engine left to "
+                    f"generate with ({self.base_url})"
+                )
             assigned = [(e, p) for piece in todo for e, p in self.split(piece, engines)]
             todo = []
-            futures = [(e, p, self.pool.submit(self._run, e, p, prompt_token_ids, params)) for e, p in assigned]
+            futures = [
+                (e, p, self.pool.submit(self._run, e, p, prompt_token_ids, params)) for e, p in assigned
+            ]
             for engine, piece, future in futures:
                 try:
                     out, took = future.result()
                     if engine.instance and out.get("instance") != engine.instance:
-                        raise ServerError(f"answered as a new process (instance {out.get('instance')}), "
-                                          f"without the trainer's weights")
+                        raise ServerError(
+                            f"answered as a new process (instance {out.get('instance')}), "
+                            f"without the trainer's weights"
+                        )
                 except ServerError as e:
                     if e.status is not None and 400 <= e.status < 500 and e.status != 408:
                         raise  # the request itself is refused: every engine would refuse it
@@ -219,27 +245,41 @@ class Engines:
                     continue
                 versions.append(out["version"])
                 for i, result in zip(range(piece.start, piece.stop), out["results"], strict=True):
-                    per_prompt[i] += [{**c, "engine": engine.index, "version": out["version"]}
-                                      for c in result["completions"]]
+                    per_prompt[i] += [
+                        {**c, "engine": engine.index, "version": out["version"]}
+                        for c in result["completions"]
+                    ]
                 done = (piece.stop - piece.start) * piece.n
                 measured = done / max(took, 1e-6)
-                engine.speed = measured if not engine.speed else (
-                    SPEED_MEMORY * measured + (1 - SPEED_MEMORY) * engine.speed)
+                engine.speed = (
+                    measured
+                    if not engine.speed
+                    else (SPEED_MEMORY * measured + (1 - SPEED_MEMORY) * engine.speed)
+                )
                 seconds[engine.index] = seconds.get(engine.index, 0.0) + took
-                engine_s[engine.index] = engine_s.get(engine.index, 0.0) + out.get("timing", {}).get("engine_s", 0.0)
+                engine_s[engine.index] = engine_s.get(engine.index, 0.0) + out.get("timing", {}).get(
+                    "engine_s", 0.0
+                )
                 for k, v in out.get("timing", {}).items():
                     if k != "engine_s":
                         phases[k] = max(phases.get(k, 0.0), v)
         mean = sum(seconds.values()) / len(seconds)
         split = {"engines": len(seconds), "imbalance": max(seconds.values()) / mean if mean else 1.0}
-        return {"version": min(versions), "split": split, "results": [
-            {"prompt_token_ids": ids, "completions": completions}
-            for ids, completions in zip(prompt_token_ids, per_prompt, strict=True)],
-            "timing": {"engine_s": max(engine_s.values()), **phases}}
+        return {
+            "version": min(versions),
+            "split": split,
+            "results": [
+                {"prompt_token_ids": ids, "completions": completions}
+                for ids, completions in zip(prompt_token_ids, per_prompt, strict=True)
+            ],
+            "timing": {"engine_s": max(engine_s.values()), **phases},
+        }
 
     def _run(self, engine: Engine, piece: Piece, prompt_token_ids: list[list[int]], params: dict):
         start = time.perf_counter()
-        out = engine.client.generate(prompt_token_ids[piece.start:piece.stop], n=piece.n, seed=piece.seed, **params)
+        out = engine.client.generate(
+            prompt_token_ids[piece.start : piece.stop], n=piece.n, seed=piece.seed, **params
+        )
         return out, time.perf_counter() - start
 
     def split(self, piece: Piece, engines: list[Engine]) -> list[tuple[Engine, Piece]]:
@@ -262,9 +302,19 @@ class Engines:
                     out.append((engine, Piece(start, start + count, piece.n, seed)))
                     start += count
             return out
-        return [(engine, Piece(piece.start, piece.stop, count,
-                               None if piece.seed is None else piece.seed + j * SPLIT_SEED_STRIDE))
-                for j, (engine, count) in enumerate(zip(engines, shares(piece.n, speeds), strict=True)) if count]
+        return [
+            (
+                engine,
+                Piece(
+                    piece.start,
+                    piece.stop,
+                    count,
+                    None if piece.seed is None else piece.seed + j * SPLIT_SEED_STRIDE,
+                ),
+            )
+            for j, (engine, count) in enumerate(zip(engines, shares(piece.n, speeds), strict=True))
+            if count
+        ]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

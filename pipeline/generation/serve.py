@@ -87,7 +87,9 @@ class GenerateRequest(Strict):
     max_tokens: int = Field(16, ge=1, le=2**31)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop_token_ids: TokenIds | None = None
-    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)] | None = None
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)] | None = (
+        None
+    )
     """Stop strings, kept in the output (a tool call's closing tag: the rollout runs the call, then goes on)."""
     ignore_eos: bool = False
 
@@ -132,12 +134,16 @@ def engine_phases(outputs) -> dict[str, float]:
     """Where the engine's time went for one batch, from vLLM's per-request timestamps (engine-core
     monotonic clock): prefill, from the first request scheduled to the last first token, and decode,
     from then to the last token. Empty where vLLM kept no stats."""
-    stats = [o.metrics for o in outputs if getattr(o, "metrics", None) is not None and o.metrics.first_token_ts]
+    stats = [
+        o.metrics for o in outputs if getattr(o, "metrics", None) is not None and o.metrics.first_token_ts
+    ]
     if not stats:
         return {}
     first = max(s.first_token_ts for s in stats)
-    return {"prefill_s": max(0.0, first - min(s.scheduled_ts or s.first_token_ts for s in stats)),
-            "decode_s": max(0.0, max(s.last_token_ts for s in stats) - first)}
+    return {
+        "prefill_s": max(0.0, first - min(s.scheduled_ts or s.first_token_ts for s in stats)),
+        "decode_s": max(0.0, max(s.last_token_ts for s in stats) - first),
+    }
 
 
 def is_loopback(host: str) -> bool:
@@ -205,8 +211,11 @@ class GenerationServer:
             disable_log_stats=False,  # per-request timestamps: each /generate says where its engine time went
             **engine_options(cfg.max_model_len, cfg.kv_cache_gib),
             # model.lora_sync adapter: one adapter in use; two held, so a new version loads before the old goes
-            **({"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": 1, "max_cpu_loras": 2}
-               if self.max_lora_rank else {}),
+            **(
+                {"enable_lora": True, "max_lora_rank": self.max_lora_rank, "max_loras": 1, "max_cpu_loras": 2}
+                if self.max_lora_rank
+                else {}
+            ),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -218,7 +227,9 @@ class GenerationServer:
         self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
         self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
-        self.lora = None  # the adapter every request is sampled with (vLLM LoRARequest); None = the base model
+        self.lora = (
+            None  # the adapter every request is sampled with (vLLM LoRARequest); None = the base model
+        )
         self.lora_ids = itertools.count(1)  # vLLM caches adapters by id: a new version never reuses one
         self.adapter_root = Path(tempfile.mkdtemp(prefix="grpo-adapters-")) if self.max_lora_rank else None
 
@@ -247,7 +258,9 @@ class GenerationServer:
         are aborted, and a one-token probe decides whether the engine still serves (then the request
         gets a 400) or not (the server exits)."""
         timeout = self.config.server.request_timeout_s
-        watchdog = threading.Timer(timeout, self._die, (f"{what} ran past server.request_timeout_s={timeout:.0f}s",))
+        watchdog = threading.Timer(
+            timeout, self._die, (f"{what} ran past server.request_timeout_s={timeout:.0f}s",)
+        )
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -257,8 +270,9 @@ class GenerationServer:
         except Exception as e:  # noqa: BLE001 - classified below, never a bare 500
             log.exception("%s failed in the engine", what)
             if self._engine_serves():
-                raise HTTPException(400, f"{what}: the engine rejected the request: {type(e).__name__}: "
-                                         f"{str(e)[:300]}") from None
+                raise HTTPException(
+                    400, f"{what}: the engine rejected the request: {type(e).__name__}: {str(e)[:300]}"
+                ) from None
             self._die(f"the engine cannot serve after a failed {what}: {type(e).__name__}: {str(e)[:300]}")
             raise HTTPException(503, f"server exiting: {self.fatal}") from None
         finally:
@@ -288,13 +302,21 @@ class GenerationServer:
     def info(self) -> dict:
         cfg = self.config.server
         return {
-            "model": self.config.model.path, "dtype": self.dtype, "device": self.device,
-            "max_model_len": cfg.max_model_len, "vocab_size": self.vocab_size,
-            "eos_token_id": self.tokenizer.eos_token_id, "version": self.version,
-            "engine": self.engine_index, "instance": self.instance,
-            "tensor_parallel_size": cfg.tensor_parallel_size, "sync_backend": self.backend,
-            "enforce_eager": self.enforce_eager, "lora_adapters": bool(self.max_lora_rank),
-            "max_lora_rank": self.max_lora_rank, "adapter": self.lora.lora_name if self.lora else None,
+            "model": self.config.model.path,
+            "dtype": self.dtype,
+            "device": self.device,
+            "max_model_len": cfg.max_model_len,
+            "vocab_size": self.vocab_size,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "version": self.version,
+            "engine": self.engine_index,
+            "instance": self.instance,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "sync_backend": self.backend,
+            "enforce_eager": self.enforce_eager,
+            "lora_adapters": bool(self.max_lora_rank),
+            "max_lora_rank": self.max_lora_rank,
+            "adapter": self.lora.lora_name if self.lora else None,
             "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", ""),
             "limits": {"max_n": cfg.max_n, "max_tokens": cfg.max_tokens, "max_prompts": cfg.max_prompts},
         }
@@ -304,7 +326,9 @@ class GenerationServer:
     def _check_ids(self, ids: list[int], what: str) -> None:
         bad = next((t for t in ids if t >= self.vocab_size), None)
         if bad is not None:
-            raise HTTPException(400, f"{what}: token id {bad} is outside the vocabulary (size {self.vocab_size})")
+            raise HTTPException(
+                400, f"{what}: token id {bad} is outside the vocabulary (size {self.vocab_size})"
+            )
 
     def generate(self, req: GenerateRequest) -> dict:
         from vllm import SamplingParams
@@ -317,7 +341,9 @@ class GenerationServer:
             try:
                 prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in req.prompts]
             except Exception as e:  # noqa: BLE001 - whatever the tokenizer refuses is the client's text
-                raise HTTPException(400, f"prompts: the tokenizer cannot encode them: {type(e).__name__}") from None
+                raise HTTPException(
+                    400, f"prompts: the tokenizer cannot encode them: {type(e).__name__}"
+                ) from None
         else:
             prompt_ids = req.prompt_token_ids
         if not prompt_ids or len(prompt_ids) > cfg.max_prompts:
@@ -330,20 +356,32 @@ class GenerationServer:
             if not ids:
                 raise HTTPException(400, f"prompt {i} is empty")
             if len(ids) + req.max_tokens > cfg.max_model_len:
-                raise HTTPException(400, f"prompt {i} has {len(ids)} tokens; with max_tokens={req.max_tokens} "
-                                         f"that exceeds max_model_len={cfg.max_model_len}")
+                raise HTTPException(
+                    400,
+                    f"prompt {i} has {len(ids)} tokens; with max_tokens={req.max_tokens} "
+                    f"that exceeds max_model_len={cfg.max_model_len}",
+                )
             self._check_ids(ids, f"prompt {i}")
         self._check_ids(req.stop_token_ids or [], "stop_token_ids")
         if req.seed is not None and req.seed + len(prompt_ids) - 1 > SEED_MAX:
-            raise HTTPException(400, f"seed: prompt i is sampled with seed + i, which must stay <= 2**63-1; "
-                                     f"got seed={req.seed} with {len(prompt_ids)} prompts")
+            raise HTTPException(
+                400,
+                f"seed: prompt i is sampled with seed + i, which must stay <= 2**63-1; "
+                f"got seed={req.seed} with {len(prompt_ids)} prompts",
+            )
         try:
             params = [
                 SamplingParams(
-                    n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens,
-                    seed=None if req.seed is None else req.seed + i, logprobs=0,
-                    stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-                    stop=req.stop, include_stop_str_in_output=bool(req.stop),
+                    n=req.n,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    max_tokens=req.max_tokens,
+                    seed=None if req.seed is None else req.seed + i,
+                    logprobs=0,
+                    stop_token_ids=req.stop_token_ids,
+                    ignore_eos=req.ignore_eos,
+                    stop=req.stop,
+                    include_stop_str_in_output=bool(req.stop),
                 )
                 for i in range(len(prompt_ids))
             ]
@@ -361,12 +399,25 @@ class GenerationServer:
         for out in outputs:
             completions = []
             for c in out.outputs:
-                logprobs = [finite(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids, strict=True)]
-                completions.append({"text": c.text, "token_ids": list(c.token_ids), "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason})
+                logprobs = [
+                    finite(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids, strict=True)
+                ]
+                completions.append(
+                    {
+                        "text": c.text,
+                        "token_ids": list(c.token_ids),
+                        "logprobs": logprobs,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
             results.append({"prompt_token_ids": list(out.prompt_token_ids), "completions": completions})
-        return {"version": version, "engine": self.engine_index, "instance": self.instance, "results": results,
-                "timing": {"engine_s": engine_s, **engine_phases(outputs)}}
+        return {
+            "version": version,
+            "engine": self.engine_index,
+            "instance": self.instance,
+            "results": results,
+            "timing": {"engine_s": engine_s, **engine_phases(outputs)},
+        }
 
     def score(self, req: ScoreRequest) -> dict:
         """Per-token logprobs of each completion given its prompt (teacher forcing, temperature 1)."""
@@ -374,12 +425,16 @@ class GenerationServer:
 
         cfg = self.config.server
         if len(req.sequences) > cfg.max_prompts:
-            raise HTTPException(400, f"at most {cfg.max_prompts} sequences per request, got {len(req.sequences)}")
+            raise HTTPException(
+                400, f"at most {cfg.max_prompts} sequences per request, got {len(req.sequences)}"
+            )
         prompts = []
         for i, seq in enumerate(req.sequences):
             ids = seq.prompt_token_ids + seq.completion_token_ids
             if len(ids) + 1 > cfg.max_model_len:
-                raise HTTPException(400, f"sequence {i} has {len(ids)} tokens; max_model_len is {cfg.max_model_len}")
+                raise HTTPException(
+                    400, f"sequence {i} has {len(ids)} tokens; max_model_len is {cfg.max_model_len}"
+                )
             self._check_ids(ids, f"sequence {i}")
             prompts.append({"prompt_token_ids": ids})
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
@@ -392,7 +447,9 @@ class GenerationServer:
         for seq, out in zip(req.sequences, outputs, strict=True):
             start = len(seq.prompt_token_ids)
             steps = out.prompt_logprobs[start:]
-            logprobs.append([finite(step[tok].logprob) for step, tok in zip(steps, seq.completion_token_ids, strict=True)])
+            logprobs.append(
+                [finite(step[tok].logprob) for step, tok in zip(steps, seq.completion_token_ids, strict=True)]
+            )
         return {"version": version, "logprobs": logprobs}
 
     # --- weight updates: vLLM's weight-transfer worker methods, with deadlines and versions -------
@@ -420,11 +477,14 @@ class GenerationServer:
                 stuck = "timed out" in str(e).lower()  # vLLM's RPC timeout (a worker not answering)
                 if not touches_weights and not stuck:
                     raise HTTPException(400, reason) from None
-                if method in ("start_weight_update", "update_weights") and not stuck:  # vLLM ended the session
+                if (
+                    method in ("start_weight_update", "update_weights") and not stuck
+                ):  # vLLM ended the session
                     self.session_open = False
                     self._tear(reason)
-                    raise HTTPException(503, f"weight update failed, the weights are torn until a full push: "
-                                             f"{reason}") from None
+                    raise HTTPException(
+                        503, f"weight update failed, the weights are torn until a full push: {reason}"
+                    ) from None
         self._die(reason)
         raise HTTPException(503, f"server exiting: {reason}")
 
@@ -455,7 +515,9 @@ class GenerationServer:
             try:
                 info_cls(**item)
             except (TypeError, ValueError) as e:
-                raise HTTPException(400, f"{kind}_info is not a valid {self.backend} {kind} info: {e}") from None
+                raise HTTPException(
+                    400, f"{kind}_info is not a valid {self.backend} {kind} info: {e}"
+                ) from None
 
     def init_sync(self, req: SyncInitRequest) -> dict:
         self._check_payload("init", req.init_info)
@@ -477,7 +539,9 @@ class GenerationServer:
         timeout = self.config.sync.timeout_s
         if not self.sync_ready:
             raise HTTPException(409, "no transfer group: call /weights/init first")
-        with self._locked("weights/start"):  # wait for in-flight generation, then hold new generation until /finish
+        with self._locked(
+            "weights/start"
+        ):  # wait for in-flight generation, then hold new generation until /finish
             self._abandon_update()
             self.updating, self.update_started = True, time.monotonic()
 
@@ -501,8 +565,11 @@ class GenerationServer:
         self._check_payload("update", req.update_info)
         timeout = self.config.sync.timeout_s
         try:
-            self.call(lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update",
-                      during_update=True)
+            self.call(
+                lambda: self._rpc("update_weights", timeout, update_info=req.update_info),
+                "weights/update",
+                during_update=True,
+            )
         except HTTPException:
             if self.torn and not self.session_open:  # the session has ended: nothing left to finish
                 self._finish_update()
@@ -521,9 +588,13 @@ class GenerationServer:
             # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
             # rather than serve prompts whose prefix still runs on the old policy.
             if not self.llm.reset_prefix_cache():
-                self._die("reset_prefix_cache refused after a weight update: cached KV is from the old weights")
+                self._die(
+                    "reset_prefix_cache refused after a weight update: cached KV is from the old weights"
+                )
                 raise HTTPException(503, f"server exiting: {self.fatal}")
-            if self.lora is not None:  # vLLM drops every adapter when an update finishes; its files are still here
+            if (
+                self.lora is not None
+            ):  # vLLM drops every adapter when an update finishes; its files are still here
                 self.llm.llm_engine.add_lora(self.lora)
             self.version, self.torn = req.version, ""
 
@@ -546,8 +617,9 @@ class GenerationServer:
             self._die("the trainer abandoned the weight update and its RPC does not end (a worker is stuck)")
             return {"aborted": True, "version": self.version}
         try:
-            self._close_torn_session("the trainer abandoned the weight update half-way (a peer of the "
-                                     "transfer group failed)")
+            self._close_torn_session(
+                "the trainer abandoned the weight update half-way (a peer of the transfer group failed)"
+            )
         finally:
             self.engine.release()
         self._finish_update()
@@ -570,8 +642,11 @@ class GenerationServer:
         from vllm.lora.request import LoRARequest
 
         if not self.max_lora_rank:
-            raise HTTPException(409, "this server serves no LoRA adapters (model.lora_rank=0, model.lora_sync=merged, "
-                                     "or the model cannot take them): push merged weights")
+            raise HTTPException(
+                409,
+                "this server serves no LoRA adapters (model.lora_rank=0, model.lora_sync=merged, "
+                "or the model cannot take them): push merged weights",
+            )
         version, config = adapter_header(body, self.max_lora_rank)
         lora_id = next(self.lora_ids)
         folder = self.adapter_root / f"v{version}-{lora_id}"
@@ -582,9 +657,13 @@ class GenerationServer:
 
         def run():
             try:
-                self.llm.llm_engine.add_lora(request)  # loads it on every worker; a failure leaves the engine as it was
+                self.llm.llm_engine.add_lora(
+                    request
+                )  # loads it on every worker; a failure leaves the engine as it was
             except Exception as e:  # noqa: BLE001 - vLLM's refusal of this adapter
-                raise HTTPException(400, f"vLLM refused the adapter: {' '.join(str(e).split())[:500]}") from None
+                raise HTTPException(
+                    400, f"vLLM refused the adapter: {' '.join(str(e).split())[:500]}"
+                ) from None
             old, self.lora, self.version = self.lora, request, version
             if old is not None:
                 self.llm.llm_engine.remove_lora(old.lora_int_id)
@@ -597,18 +676,29 @@ class GenerationServer:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         log.info("adapter %s loaded: version %d (%d bytes)", request.lora_name, version, len(body))
-        return {"version": self.version, "adapter": request.lora_name, "sha256": hashlib.sha256(body).hexdigest()}
+        return {
+            "version": self.version,
+            "adapter": request.lora_name,
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
 
     def checksums(self, req: ChecksumRequest) -> dict:
         timeout = self.config.sync.timeout_s
-        workers = self.call(lambda: self._rpc("grpo_weight_digests", timeout, touches_weights=False, names=req.names,
-                                              received=req.received), "weights/checksums", during_update=True)
+        workers = self.call(
+            lambda: self._rpc(
+                "grpo_weight_digests", timeout, touches_weights=False, names=req.names, received=req.received
+            ),
+            "weights/checksums",
+            during_update=True,
+        )
         return {"version": self.version, "workers": workers}
 
     @contextlib.contextmanager
     def _locked(self, what: str):
         if not self.engine.acquire(timeout=self.config.server.request_timeout_s):
-            raise HTTPException(503, f"{what}: the engine stayed busy past server.request_timeout_s; try again")
+            raise HTTPException(
+                503, f"{what}: the engine stayed busy past server.request_timeout_s; try again"
+            )
         try:
             yield
         finally:
@@ -673,9 +763,14 @@ def lora_architecture(path: str, trust_remote_code: bool) -> bool:
     from vllm.model_executor.models.interfaces import supports_lora
 
     try:
-        architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
-        return any(supports_lora(ModelRegistry._try_load_model_cls(a)) for a in architectures
-                   if ModelRegistry._try_load_model_cls(a) is not None)
+        architectures = (
+            AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+        )
+        return any(
+            supports_lora(ModelRegistry._try_load_model_cls(a))
+            for a in architectures
+            if ModelRegistry._try_load_model_cls(a) is not None
+        )
     except Exception:  # noqa: BLE001 - an unknown architecture, or vLLM's private registry changed: merged pushes
         log.exception("cannot tell whether vLLM serves LoRA adapters for %s", path)
         return False
@@ -690,16 +785,21 @@ def adapter_header(body: bytes, max_rank: int) -> tuple[int, str]:
         size = int.from_bytes(body[:8], "little")
         if not 0 < size <= len(body) - 8:
             raise ValueError("no safetensors header")
-        meta = json.loads(body[8:8 + size]).get("__metadata__") or {}
+        meta = json.loads(body[8 : 8 + size]).get("__metadata__") or {}
         version, config = int(meta["version"]), meta["adapter_config"]
         rank = json.loads(config)["r"]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HTTPException(400, f"adapter: expected a safetensors file whose metadata holds version and "
-                                 f"adapter_config (PEFT's JSON): {type(e).__name__}: {e}") from None
+        raise HTTPException(
+            400,
+            f"adapter: expected a safetensors file whose metadata holds version and "
+            f"adapter_config (PEFT's JSON): {type(e).__name__}: {e}",
+        ) from None
     if not 0 <= version <= SEED_MAX:
         raise HTTPException(400, f"adapter: version must be in 0..2**63-1, got {version}")
     if not isinstance(rank, int) or not 0 < rank <= max_rank:
-        raise HTTPException(400, f"adapter: rank {rank!r} is not in 1..{max_rank} (this engine's max_lora_rank)")
+        raise HTTPException(
+            400, f"adapter: rank {rank!r} is not in 1..{max_rank} (this engine's max_lora_rank)"
+        )
     return version, config
 
 
@@ -729,8 +829,10 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length", "0")
         if not length.isdigit() or int(length) > max_body:
-            return JSONResponse({"detail": f"request body over server.max_request_mb="
-                                           f"{server.config.server.max_request_mb}"}, status_code=413)
+            return JSONResponse(
+                {"detail": f"request body over server.max_request_mb={server.config.server.max_request_mb}"},
+                status_code=413,
+            )
         return await call_next(request)
 
     @app.middleware("http")
@@ -739,7 +841,9 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
-        elif request.url.path.startswith("/weights") and not is_loopback(request.client.host if request.client else ""):
+        elif request.url.path.startswith("/weights") and not is_loopback(
+            request.client.host if request.client else ""
+        ):
             # Without a token only loopback callers may replace the model.
             return JSONResponse({"detail": "weight updates need a token off loopback"}, status_code=401)
         return await call_next(request)
@@ -751,10 +855,23 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
         if server.fatal:
             return JSONResponse({"status": "exiting", "detail": server.fatal, "version": server.version}, 503)
         if server.stuck_update():
-            return JSONResponse({"status": "stuck", "detail": f"a weight update has been open past "
-                                 f"sync.timeout_s={server.config.sync.timeout_s:.0f}s", "version": server.version}, 503)
-        return {"status": "ok", "version": server.version, "updating": server.updating, "engine": server.engine_index,
-                "instance": server.instance, "torn": bool(server.torn)}
+            return JSONResponse(
+                {
+                    "status": "stuck",
+                    "detail": f"a weight update has been open past "
+                    f"sync.timeout_s={server.config.sync.timeout_s:.0f}s",
+                    "version": server.version,
+                },
+                503,
+            )
+        return {
+            "status": "ok",
+            "version": server.version,
+            "updating": server.updating,
+            "engine": server.engine_index,
+            "instance": server.instance,
+            "torn": bool(server.torn),
+        }
 
     @app.get("/model")
     def model_info():
@@ -821,22 +938,36 @@ def setup_logging(run_dir: str | None, engine_index: int = 0) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.generation.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.generation.serve", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--config", help="YAML config (the same file as training)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set server.port=8711")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set server.port=8711",
+    )
     parser.add_argument("--model", help="shortcut for --set model.path=...")
     parser.add_argument("--host", help="shortcut for --set server.host=...")
     parser.add_argument("--port", type=int, help="shortcut for --set server.port=...")
     parser.add_argument("--run-dir", help="also write server.log here")
-    parser.add_argument("--engine-index", type=int, default=0,
-                        help="which of the run's server.data_parallel_size engines this is (0-based; the launcher "
-                             "sets it with --port = server.port + index)")
-    parser.add_argument("--gpus", metavar="N[,N...]",
-                        help="the engine's GPUs (server.tensor_parallel_size of them), as positions in the GPUs this "
-                             "process was given: in CUDA_VISIBLE_DEVICES where it is set (under Slurm the step's GPUs, "
-                             "which its gres/gpu plugin sets in every task, over srun --export), else the host's GPUs "
-                             "in PCI bus order; sets CUDA_VISIBLE_DEVICES to the chosen ones before anything reads it")
+    parser.add_argument(
+        "--engine-index",
+        type=int,
+        default=0,
+        help="which of the run's server.data_parallel_size engines this is (0-based; the launcher "
+        "sets it with --port = server.port + index)",
+    )
+    parser.add_argument(
+        "--gpus",
+        metavar="N[,N...]",
+        help="the engine's GPUs (server.tensor_parallel_size of them), as positions in the GPUs this "
+        "process was given: in CUDA_VISIBLE_DEVICES where it is set (under Slurm the step's GPUs, "
+        "which its gres/gpu plugin sets in every task, over srun --export), else the host's GPUs "
+        "in PCI bus order; sets CUDA_VISIBLE_DEVICES to the chosen ones before anything reads it",
+    )
     return parser.parse_args(argv)
 
 
@@ -917,42 +1048,76 @@ def main(argv=None) -> int:
         print("error: model.path: no model given (set it in the config or pass --model)", file=sys.stderr)
         return 2
     if not is_loopback(config.server.host) and not token:
-        print(f"error: server.host={config.server.host} is not loopback; refusing to start without a token "
-              f"(set {TOKEN_ENV} or server.token)", file=sys.stderr)
+        print(
+            f"error: server.host={config.server.host} is not loopback; refusing to start without a token "
+            f"(set {TOKEN_ENV} or server.token)",
+            file=sys.stderr,
+        )
         return 2
     if config.sync.transport == "ipc" and not token:
-        print(f"error: sync.transport=ipc ships pickled CUDA IPC handles; refusing to start without a token "
-              f"(set {TOKEN_ENV})", file=sys.stderr)
+        print(
+            f"error: sync.transport=ipc ships pickled CUDA IPC handles; refusing to start without a token "
+            f"(set {TOKEN_ENV})",
+            file=sys.stderr,
+        )
         return 2
     if not 0 <= args.engine_index < config.server.data_parallel_size:
-        print(f"error: --engine-index {args.engine_index}: expected 0..{config.server.data_parallel_size - 1} "
-              f"(server.data_parallel_size={config.server.data_parallel_size})", file=sys.stderr)
+        print(
+            f"error: --engine-index {args.engine_index}: expected 0..{config.server.data_parallel_size - 1} "
+            f"(server.data_parallel_size={config.server.data_parallel_size})",
+            file=sys.stderr,
+        )
         return 2
     if gpus and len(gpus) != config.server.tensor_parallel_size:
-        print(f"error: --gpus {args.gpus}: {len(gpus)} GPU(s) for server.tensor_parallel_size="
-              f"{config.server.tensor_parallel_size}", file=sys.stderr)
+        print(
+            f"error: --gpus {args.gpus}: {len(gpus)} GPU(s) for server.tensor_parallel_size="
+            f"{config.server.tensor_parallel_size}",
+            file=sys.stderr,
+        )
         return 2
     try:
         listening = bind(config.server.host, config.server.port)
     except OSError as e:
-        print(f"error: server.port={config.server.port} on {config.server.host}: {e.strerror or e}", file=sys.stderr)
+        print(
+            f"error: server.port={config.server.port} on {config.server.host}: {e.strerror or e}",
+            file=sys.stderr,
+        )
         return 2
     setup_logging(args.run_dir, args.engine_index)
-    log.info("engine %d: CUDA_VISIBLE_DEVICES=%s%s", args.engine_index, os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
-             f" (--gpus {args.gpus} of {'CUDA_VISIBLE_DEVICES=' + given if given is not None else 'the host'})"
-             if args.gpus is not None else "")
+    log.info(
+        "engine %d: CUDA_VISIBLE_DEVICES=%s%s",
+        args.engine_index,
+        os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+        f" (--gpus {args.gpus} of {'CUDA_VISIBLE_DEVICES=' + given if given is not None else 'the host'})"
+        if args.gpus is not None
+        else "",
+    )
     start = time.perf_counter()
     try:
         server = GenerationServer(config, args.engine_index)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log.info("engine ready in %.1fs: %s (%s, %s)", time.perf_counter() - start, config.model.path,
-             server.dtype, server.device)
+    log.info(
+        "engine ready in %.1fs: %s (%s, %s)",
+        time.perf_counter() - start,
+        config.model.path,
+        server.dtype,
+        server.device,
+    )
     app = build_app(server, token)
-    uv = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
-                                       log_level="warning", timeout_graceful_shutdown=5))
-    uv.run(sockets=[listening])  # on SIGINT/SIGTERM: drains requests, runs the lifespan exit (engine shutdown)
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    uv.run(
+        sockets=[listening]
+    )  # on SIGINT/SIGTERM: drains requests, runs the lifespan exit (engine shutdown)
     return 0
 
 

@@ -40,28 +40,47 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: str | Path, host: str, port: int, token: str = "",
-                 env: dict[str, str] | None = None, cwd: str | Path | None = None, command: list[str] | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        log_path: str | Path,
+        host: str,
+        port: int,
+        token: str = "",
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        command: list[str] | None = None,
+    ):
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, **(env or {})}
         if token:
             full_env[TOKEN_ENV] = token  # by environment: never on a command line or in a file
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(command or [sys.executable, "-m", "pipeline.generation.serve", *args], stdout=log,
-                                         stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True,
-                                         preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(
+                command or [sys.executable, "-m", "pipeline.generation.serve", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         self.client = ServerClient(f"http://{host}:{port}", token)
 
     def wait_healthy(self, deadline_s: float) -> ServerClient:
         try:
             self.client.wait_healthy(deadline_s, alive=lambda: self.proc.poll() is None)
             if self.proc.poll() is not None:  # whoever answered, it was not our process
-                raise ServerError(f"the server process exited (code {self.proc.returncode}) although "
-                                  f"{self.client.base_url} answers: is another server on that port?")
+                raise ServerError(
+                    f"the server process exited (code {self.proc.returncode}) although "
+                    f"{self.client.base_url} answers: is another server on that port?"
+                )
         except ServerError as e:
             self.stop()
-            raise ServerError(f"{e}\n--- {self.log_path} (last lines) ---\n{log_tail(self.log_path)}") from None
+            raise ServerError(
+                f"{e}\n--- {self.log_path} (last lines) ---\n{log_tail(self.log_path)}"
+            ) from None
         return self.client
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

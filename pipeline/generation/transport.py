@@ -26,12 +26,21 @@ class Backend:
 
 
 TRANSPORTS = {
-    "nccl": Backend("vLLM's NCCL engine with a receive deadline (pipeline/sync/nccl_deadline.py): GPU to GPU, "
-                    "trainer and server on different GPUs or hosts",
-                    "pipeline.sync.nccl_deadline:NCCLWithDeadline", "grpo_nccl"),
-    "ipc": Backend("vLLM's CUDA IPC engine: trainer and server share one GPU (NCCL cannot hold one device twice)",
-                   "vllm.distributed.weight_transfer.ipc_engine:IPCWeightTransferEngine", "ipc"),
-    "gloo": Backend("our gloo engine (pipeline/sync/gloo_transfer.py): CPU to CPU",
-                    "pipeline.sync.gloo_transfer:GlooWeightTransferEngine", "gloo"),
+    "nccl": Backend(
+        "vLLM's NCCL engine with a receive deadline (pipeline/sync/nccl_deadline.py): GPU to GPU, "
+        "trainer and server on different GPUs or hosts",
+        "pipeline.sync.nccl_deadline:NCCLWithDeadline",
+        "grpo_nccl",
+    ),
+    "ipc": Backend(
+        "vLLM's CUDA IPC engine: trainer and server share one GPU (NCCL cannot hold one device twice)",
+        "vllm.distributed.weight_transfer.ipc_engine:IPCWeightTransferEngine",
+        "ipc",
+    ),
+    "gloo": Backend(
+        "our gloo engine (pipeline/sync/gloo_transfer.py): CPU to CPU",
+        "pipeline.sync.gloo_transfer:GlooWeightTransferEngine",
+        "gloo",
+    ),
 }
 options.check_implements(__name__, "TRANSPORTS", TRANSPORTS)

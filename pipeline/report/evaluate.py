@@ -21,16 +21,28 @@ from pipeline.task.data import DataError
 def main(argv=None) -> int:
     from pipeline.config import ConfigError, load_config
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.report.evaluate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", help="model directory or hub name (started in a server of its own)")
     parser.add_argument("--server-url", help="evaluate whatever this running server serves instead")
-    parser.add_argument("--config", help="YAML config: data split, server settings (default: built-in defaults)")
+    parser.add_argument(
+        "--config", help="YAML config: data split, server settings (default: built-in defaults)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--data-file", help="a GSM8K-format JSONL to evaluate on instead of the config's test split")
+    parser.add_argument(
+        "--data-file", help="a GSM8K-format JSONL to evaluate on instead of the config's test split"
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    parser.add_argument("--maj-k", type=int, help="samples per question for maj@k (0 = greedy only; default eval.maj_k)")
-    parser.add_argument("--max-tokens", type=int, help="completion length (default: train.max_completion_tokens)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature for maj@k (default eval.temperature)")
+    parser.add_argument(
+        "--maj-k", type=int, help="samples per question for maj@k (0 = greedy only; default eval.maj_k)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, help="completion length (default: train.max_completion_tokens)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, help="sampling temperature for maj@k (default eval.temperature)"
+    )
     parser.add_argument("--out", default="eval", help="writes OUT.json (summary) and OUT.jsonl (per example)")
     args = parser.parse_args(argv)
     if not (args.model or args.server_url):
@@ -45,7 +57,9 @@ def main(argv=None) -> int:
         if args.server_url:
             from pipeline.generation.client import ServerClient, server_token
 
-            client = ServerClient(args.server_url, server_token(config.server.token), config.server.request_timeout_s)
+            client = ServerClient(
+                args.server_url, server_token(config.server.token), config.server.request_timeout_s
+            )
             model_path = client.model_info()["model"]
         else:
             from pipeline.generation.client import free_port, server_token
@@ -53,14 +67,33 @@ def main(argv=None) -> int:
 
             port = free_port("127.0.0.1")
             out_dir = Path(args.out).parent
-            server = ServerProcess([*(["--config", args.config] if args.config else []), *sum((["--set", s] for s in args.set), []),
-                                    "--model", args.model, "--port", str(port)], out_dir / "eval-server.log",
-                                   "127.0.0.1", port, token=server_token(config.server.token))
+            server = ServerProcess(
+                [
+                    *(["--config", args.config] if args.config else []),
+                    *sum((["--set", s] for s in args.set), []),
+                    "--model",
+                    args.model,
+                    "--port",
+                    str(port),
+                ],
+                out_dir / "eval-server.log",
+                "127.0.0.1",
+                port,
+                token=server_token(config.server.token),
+            )
             client = server.wait_healthy(config.server.startup_timeout_s)
             model_path = args.model
         config.model.path = model_path
-        summary = run_eval(client, config, args.out, args.data_file, args.limit, args.maj_k, args.max_tokens,
-                           args.temperature)
+        summary = run_eval(
+            client,
+            config,
+            args.out,
+            args.data_file,
+            args.limit,
+            args.maj_k,
+            args.max_tokens,
+            args.temperature,
+        )
     except Exception as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,8 +17,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-TRAINING_FILES = ("metrics.jsonl", "eval_before.json", "eval_after.json", "eval_after.jsonl", "config.yaml",
-                  "run_info.json", "completions.jsonl", *(f"{n}_curves.png" for n in ("reward", "format", "health", "eval")))
+TRAINING_FILES = (
+    "metrics.jsonl",
+    "eval_before.json",
+    "eval_after.json",
+    "eval_after.jsonl",
+    "config.yaml",
+    "run_info.json",
+    "completions.jsonl",
+    *(f"{n}_curves.png" for n in ("reward", "format", "health", "eval")),
+)
 
 
 class PublishError(RuntimeError):
@@ -59,18 +67,26 @@ def upload(folder: Path, repo: str, token: str, private: bool) -> str:
 
     api = HfApi(token=token)
     api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model",
-                             commit_message="Upload GRPO-trained model, card and training metrics")
+    info = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo,
+        repo_type="model",
+        commit_message="Upload GRPO-trained model, card and training metrics",
+    )
     return str(getattr(info, "commit_url", repo))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report.publish", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.report.publish", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("run_dir", help="a finished run directory (runs/<name>)")
     parser.add_argument("--repo", help="Hub repo id, user/name")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--token", help="Hub token (default: the HF_TOKEN environment variable)")
-    parser.add_argument("--dry-run", metavar="OUT_DIR", help="write what would be uploaded here; upload nothing")
+    parser.add_argument(
+        "--dry-run", metavar="OUT_DIR", help="write what would be uploaded here; upload nothing"
+    )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     try:

@@ -32,18 +32,35 @@ class Completion:
     @classmethod
     def of_answer(cls, prompt_ids: list[int], completion: dict, example: Example, version: int) -> Completion:
         """One completion of a server's (or `Engines`') generate answer; `version`: the answer's."""
-        return cls(prompt_ids, completion["token_ids"], completion["logprobs"], completion["text"],
-                   completion["finish_reason"] == "length", example, completion.get("engine", 0),
-                   completion.get("version", version))
+        return cls(
+            prompt_ids,
+            completion["token_ids"],
+            completion["logprobs"],
+            completion["text"],
+            completion["finish_reason"] == "length",
+            example,
+            completion.get("engine", 0),
+            completion.get("version", version),
+        )
 
     @classmethod
     def of_conversation(cls, conversation: Conversation, example: Example, tokenizer) -> Completion:
         """A finished multi-turn rollout: every token as the model read it (the tools' masked out), the
         calls it made, TRL's message list for the rewards, and the text with the turns as the model read them."""
         c = conversation
-        return cls(c.prompt_ids, c.token_ids, c.logprobs, tokenizer.decode(c.token_ids, skip_special_tokens=False),
-                   c.finish_reason == "length", example, c.engine, c.version, c.loss_mask, tuple(c.calls),
-                   c.messages())
+        return cls(
+            c.prompt_ids,
+            c.token_ids,
+            c.logprobs,
+            tokenizer.decode(c.token_ids, skip_special_tokens=False),
+            c.finish_reason == "length",
+            example,
+            c.engine,
+            c.version,
+            c.loss_mask,
+            tuple(c.calls),
+            c.messages(),
+        )
 
     @property
     def answer(self) -> str:

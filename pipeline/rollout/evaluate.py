@@ -68,20 +68,33 @@ def score_example(example: Example, greedy: Completion, samples: list[str]) -> d
     reasoning = check_reasoning(text)
     majority = majority_answer(samples) if samples else None
     return {
-        "source": example.source, "question": example.question, "reference": example.answer,
-        "completion": greedy.text, "answer": extract_xml_answer(text), "lenient_answer": lenient_answer(text),
-        "strict_format": strict, "soft_format": is_soft_format(text),
+        "source": example.source,
+        "question": example.question,
+        "reference": example.answer,
+        "completion": greedy.text,
+        "answer": extract_xml_answer(text),
+        "lenient_answer": lenient_answer(text),
+        "strict_format": strict,
+        "soft_format": is_soft_format(text),
         "strict_correct": strict_correct(text, example.answer),
         "lenient_correct": answers_equivalent(lenient_answer(text), example.answer),
         "length": greedy.model_tokens,  # the model's tokens
         "truncated": greedy.truncated,
-        "majority_answer": majority, "majority_correct": answers_equivalent(majority, example.answer),
+        "majority_answer": majority,
+        "majority_correct": answers_equivalent(majority, example.answer),
         # pass@k: some sample is right in the strict format, i.e. what RL can turn into pass@1
         "any_sample_correct": any(strict_correct(t, example.answer) for t in samples),
-        "reasoning_steps": reasoning.steps, "reasoning_correct_steps": reasoning.correct_steps,
+        "reasoning_steps": reasoning.steps,
+        "reasoning_correct_steps": reasoning.correct_steps,
         "reasoning_final_consistent": reasoning.final_consistent,
-        **({"tool_calls": len(greedy.tool_calls), "tool_failures": sum(not ok for _, ok in greedy.tool_calls)}
-           if greedy.multi_turn else {}),
+        **(
+            {
+                "tool_calls": len(greedy.tool_calls),
+                "tool_failures": sum(not ok for _, ok in greedy.tool_calls),
+            }
+            if greedy.multi_turn
+            else {}
+        ),
     }
 
 
@@ -100,30 +113,60 @@ def summarise(rows: list[dict], maj_k: int) -> dict:
     if n and "tool_calls" in rows[0]:  # greedy: the share that called a tool, calls each, failed calls
         summary["tools/call_rate"] = sum(r["tool_calls"] > 0 for r in rows) / n
         summary["tools/calls_per_completion"] = mean("tool_calls")
-        summary["tools/failure_rate"] = sum(r["tool_failures"] for r in rows) / max(sum(r["tool_calls"] for r in rows), 1)
+        summary["tools/failure_rate"] = sum(r["tool_failures"] for r in rows) / max(
+            sum(r["tool_calls"] for r in rows), 1
+        )
     if maj_k:
         summary[f"maj@{maj_k}/accuracy"] = mean("majority_correct")
         summary[f"pass@{maj_k}/strict_accuracy"] = mean("any_sample_correct")
-    summary.update(summarise_checks([
-        ReasoningCheck(r["reasoning_steps"], r["reasoning_correct_steps"], r["reasoning_final_consistent"])
-        for r in rows]))
+    summary.update(
+        summarise_checks(
+            [
+                ReasoningCheck(
+                    r["reasoning_steps"], r["reasoning_correct_steps"], r["reasoning_final_consistent"]
+                )
+                for r in rows
+            ]
+        )
+    )
     return summary
 
 
-def evaluate(client, tokenizer, examples: list[Example], *, max_tokens: int, maj_k: int = 8,
-             temperature: float = 1.0, seed: int = 0, style: PromptStyle = DEFAULT_STYLE,
-             tools: ToolRollouts | None = None) -> tuple[dict, list[dict]]:
+def evaluate(
+    client,
+    tokenizer,
+    examples: list[Example],
+    *,
+    max_tokens: int,
+    maj_k: int = 8,
+    temperature: float = 1.0,
+    seed: int = 0,
+    style: PromptStyle = DEFAULT_STYLE,
+    tools: ToolRollouts | None = None,
+) -> tuple[dict, list[dict]]:
     """Greedy and (if maj_k) sampled generation for every example through `client`; with `tools`,
     multi-turn with tool calls as in training (the prompts show the tools)."""
     if tools is not None:
         style = tools.prompt_style(style)
     rows = []
     for start in range(0, len(examples), REQUEST_PROMPTS):
-        chunk = examples[start: start + REQUEST_PROMPTS]
+        chunk = examples[start : start + REQUEST_PROMPTS]
         ids = [style.ids(tokenizer, e) for e in chunk]
         greedy = generate(client, ids, chunk, n=1, max_tokens=max_tokens, tools=tools, temperature=0.0).groups
-        sampled = (generate(client, ids, chunk, n=maj_k, max_tokens=max_tokens, seed=seed, tools=tools,
-                            temperature=temperature).groups if maj_k else [[]] * len(chunk))
+        sampled = (
+            generate(
+                client,
+                ids,
+                chunk,
+                n=maj_k,
+                max_tokens=max_tokens,
+                seed=seed,
+                tools=tools,
+                temperature=temperature,
+            ).groups
+            if maj_k
+            else [[]] * len(chunk)
+        )
         for example, g, s in zip(chunk, greedy, sampled, strict=True):
             rows.append(score_example(example, g[0], [c.final_text for c in s]))
     return summarise(rows, maj_k), rows
@@ -135,37 +178,61 @@ def format_table(columns: dict[str, dict]) -> str:
     width = max(len(k) for k in keys) + 2
     lines = [f"{'metric':<{width}}" + "".join(f"{name:>12}" for name in columns)]
     for key in keys:
-        cells = "".join(f"{c.get(key, float('nan')):>12.3f}" if key != "examples" else f"{c[key]:>12d}"
-                        for c in columns.values())
+        cells = "".join(
+            f"{c.get(key, float('nan')):>12.3f}" if key != "examples" else f"{c[key]:>12d}"
+            for c in columns.values()
+        )
         lines.append(f"{key:<{width}}" + cells)
     return "\n".join(lines)
 
 
-def load_eval_examples(config, tokenizer, data_file: str | None, limit: int | None) -> tuple[list[Example], int]:
+def load_eval_examples(
+    config, tokenizer, data_file: str | None, limit: int | None
+) -> tuple[list[Example], int]:
     if data_file:  # the file's kind from its suffix (.jsonl, .csv, .parquet), the columns from the config
         kind = Path(data_file).suffix.lstrip(".").lower()
         d = config.data
-        examples = read_file(data_file, Fields(d.question_key, d.answer_key, d.answer_format),
-                             kind if kind in READERS else "jsonl")
+        examples = read_file(
+            data_file,
+            Fields(d.question_key, d.answer_key, d.answer_format),
+            kind if kind in READERS else "jsonl",
+        )
     else:
         examples = examples_for(config.data, "test", config.run.seed)
-    examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens,
-                                          PromptStyle.from_config(config.data))
+    examples, dropped = drop_long_prompts(
+        examples, tokenizer, config.data.max_prompt_tokens, PromptStyle.from_config(config.data)
+    )
     return examples[:limit] if limit else examples, dropped
 
 
-def run_eval(client, config, out: str | Path, data_file: str | None = None, limit: int | None = None,
-             maj_k: int | None = None, max_tokens: int | None = None, temperature: float | None = None) -> dict:
+def run_eval(
+    client,
+    config,
+    out: str | Path,
+    data_file: str | None = None,
+    limit: int | None = None,
+    maj_k: int | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+) -> dict:
     """Evaluate what `client`'s server serves on the config's test split; write OUT.json/.jsonl."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.model.path, trust_remote_code=config.model.trust_remote_code
+    )
     examples, dropped = load_eval_examples(config, tokenizer, data_file, limit or config.eval.limit or None)
-    summary, rows = evaluate(client, tokenizer, examples, seed=config.run.seed, style=PromptStyle.from_config(config.data),
-                             tools=ToolRollouts.from_config(config, tokenizer),
-                             maj_k=config.eval.maj_k if maj_k is None else maj_k,
-                             temperature=temperature or config.eval.temperature,
-                             max_tokens=max_tokens or config.train.max_completion_tokens)
+    summary, rows = evaluate(
+        client,
+        tokenizer,
+        examples,
+        seed=config.run.seed,
+        style=PromptStyle.from_config(config.data),
+        tools=ToolRollouts.from_config(config, tokenizer),
+        maj_k=config.eval.maj_k if maj_k is None else maj_k,
+        temperature=temperature or config.eval.temperature,
+        max_tokens=max_tokens or config.train.max_completion_tokens,
+    )
     summary["prompts_dropped_as_too_long"] = dropped
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,12 @@ from pipeline.task.tools import (
 )
 
 MAX_PARALLEL_CALLS = 32
-TURN_SEED_STRIDE = 2**40  # turn k's seeds: the step's + k * stride (the server samples prompt i with seed + i)
-_CALL_TEXT = re.compile(re.escape(CALL_OPEN) + r".*?(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S)  # closed or cut
+TURN_SEED_STRIDE = (
+    2**40
+)  # turn k's seeds: the step's + k * stride (the server samples prompt i with seed + i)
+_CALL_TEXT = re.compile(
+    re.escape(CALL_OPEN) + r".*?(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S
+)  # closed or cut
 
 
 @dataclass
@@ -91,8 +95,10 @@ class Conversation:
             calls = [c for c in parse_tool_calls(text) if not c.error]
             message = {"role": "assistant", "content": _CALL_TEXT.sub("", text).strip()}
             if calls:
-                message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                         for c in calls]
+                message["tool_calls"] = [
+                    {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls
+                ]
             out.append(message)
             out += self.tool_messages[turn] if turn < len(self.tool_messages) else []
         return out
@@ -106,9 +112,21 @@ def run_calls(conversation: Conversation, timeout_s: float) -> list[ToolResult]:
     return [conversation.tools.call(call, timeout_s) for call in calls]
 
 
-def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tokens: int, seed: int | None,
-                        params: dict, toolbox: Toolbox, tokenizer, turns: ToolTurns, max_iterations: int,
-                        timeout_s: float, max_prompts: int) -> tuple[list[list[Conversation]], dict]:
+def generate_with_tools(
+    engines,
+    prompt_ids: list[list[int]],
+    *,
+    n: int,
+    max_tokens: int,
+    seed: int | None,
+    params: dict,
+    toolbox: Toolbox,
+    tokenizer,
+    turns: ToolTurns,
+    max_iterations: int,
+    timeout_s: float,
+    max_prompts: int,
+) -> tuple[list[list[Conversation]], dict]:
     """`n` multi-turn rollouts per prompt through `engines` (an `Engines`, or one server client).
     Returns the conversations per prompt and the generate answers' bookkeeping: "version" (the
     oldest), "split" (the first turn's), "timing" (engine seconds summed over turns), "requests"
@@ -120,8 +138,9 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
         group = []
         for completion in result["completions"]:
             conversation = Conversation(list(ids), toolbox.for_rollout(), engine=first.get("engine", 0))
-            conversation.add_model_turn({**completion, "version": completion.get("version", first["version"])},
-                                        tokenizer)
+            conversation.add_model_turn(
+                {**completion, "version": completion.get("version", first["version"])}, tokenizer
+            )
             group.append(conversation)
         groups.append(group)
     everyone = [c for group in groups for c in group]
@@ -132,7 +151,9 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
         by_budget: dict[int, list[Conversation]] = {}
         # every waiting rollout's calls at once (each under its deadline): a slow tool costs a turn
         # its timeout, not its timeout per rollout. Functions must tolerate concurrent calls.
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_CALLS, len(waiting)), thread_name_prefix="tools") as pool:
+        with ThreadPoolExecutor(
+            max_workers=min(MAX_PARALLEL_CALLS, len(waiting)), thread_name_prefix="tools"
+        ) as pool:
             all_results = list(pool.map(lambda c: run_calls(c, timeout_s), waiting))
         for conversation, results in zip(waiting, all_results, strict=True):
             conversation.calls += [(r.name, r.ok) for r in results]
@@ -149,15 +170,22 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
             # at most max_prompts a request (the server's limit): after the first turn each rollout is a
             # prompt of its own, n times as many as the first request had
             for start in range(0, len(conversations), max_prompts):
-                chunk = conversations[start:start + max_prompts]
+                chunk = conversations[start : start + max_prompts]
                 turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE + start) % 2**62
-                answer = engines.generate([c.prompt_ids + c.token_ids for c in chunk], n=1, max_tokens=left,
-                                          seed=turn_seed, stop=[CALL_CLOSE], **params)
+                answer = engines.generate(
+                    [c.prompt_ids + c.token_ids for c in chunk],
+                    n=1,
+                    max_tokens=left,
+                    seed=turn_seed,
+                    stop=[CALL_CLOSE],
+                    **params,
+                )
                 answers.append(answer)
                 for conversation, result in zip(chunk, answer["results"], strict=True):
                     completion = result["completions"][0]
-                    conversation.add_model_turn({**completion, "version": completion.get("version", answer["version"])},
-                                                tokenizer)
+                    conversation.add_model_turn(
+                        {**completion, "version": completion.get("version", answer["version"])}, tokenizer
+                    )
     for conversation in everyone:
         if conversation.wants_tool:  # still calling at the cap: its last call gets no result
             conversation.finish_reason = "tool_calls"
@@ -165,8 +193,12 @@ def generate_with_tools(engines, prompt_ids: list[list[int]], *, n: int, max_tok
     for answer in answers:
         for key, value in answer.get("timing", {}).items():
             timing[key] = timing.get(key, 0.0) + value
-    return groups, {"version": min(a["version"] for a in answers), "split": first.get("split", {}),
-                    "timing": timing, "requests": len(answers)}
+    return groups, {
+        "version": min(a["version"] for a in answers),
+        "split": first.get("split", {}),
+        "timing": timing,
+        "requests": len(answers),
+    }
 
 
 @dataclass
@@ -189,8 +221,13 @@ class ToolRollouts:
         r = config.rollout
         if not (r.tools or r.environment):
             return None
-        return cls(load_toolbox(r.tools, r.environment or None), tokenizer, r.max_tool_calling_iterations,
-                   r.tool_timeout_s, config.server.max_prompts)
+        return cls(
+            load_toolbox(r.tools, r.environment or None),
+            tokenizer,
+            r.max_tool_calling_iterations,
+            r.tool_timeout_s,
+            config.server.max_prompts,
+        )
 
     def prompt_style(self, style):
         """`style` (a PromptStyle) with the tools' schemas, for templates that show them to the model."""

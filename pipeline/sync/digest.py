@@ -88,17 +88,17 @@ def _byte_pieces(tensor: torch.Tensor, chunk_bytes: int):
     if tensor.is_contiguous():
         flat = _bytes(tensor)
         for start in range(0, flat.numel(), chunk_bytes):
-            yield flat[start:start + chunk_bytes]
+            yield flat[start : start + chunk_bytes]
     elif tensor.dim() <= 1:
         step = max(1, chunk_bytes // tensor.element_size())
         for start in range(0, tensor.numel(), step):
-            yield _bytes(tensor[start:start + step].contiguous())
+            yield _bytes(tensor[start : start + step].contiguous())
     else:
         row_bytes = tensor[0].numel() * tensor.element_size()
         if row_bytes <= chunk_bytes:
             rows = max(1, chunk_bytes // row_bytes)
             for start in range(0, tensor.shape[0], rows):
-                yield _bytes(tensor[start:start + rows].contiguous())
+                yield _bytes(tensor[start : start + rows].contiguous())
         else:
             for row in tensor:
                 yield from _byte_pieces(row, chunk_bytes)
@@ -143,11 +143,13 @@ def device_sums(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
         return acc
     words = -(-tensor.numel() * tensor.element_size() // 4)
     word_table, block_table = _device_tables(tensor.device, -(-words // BLOCK_WORDS))
-    scratch = torch.empty(2 * min(BLOCK_WORDS, words, chunk_bytes // 4), dtype=torch.int64, device=tensor.device)
+    scratch = torch.empty(
+        2 * min(BLOCK_WORDS, words, chunk_bytes // 4), dtype=torch.int64, device=tensor.device
+    )
     for run, position in _word_runs(tensor, chunk_bytes):
         for start, block, offset, n in _segments(position, run.numel(), BLOCK_WORDS):
-            products = scratch[:2 * n].view(2, n)
-            torch.mul(run[start:start + n], word_table[:, offset:offset + n], out=products)
+            products = scratch[: 2 * n].view(2, n)
+            torch.mul(run[start : start + n], word_table[:, offset : offset + n], out=products)
             acc += products.sum(1) * block_table[block]
     return acc
 
@@ -171,8 +173,8 @@ def host_sums(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> n
         for run, position in _word_runs(tensor, chunk_bytes):
             run = run.numpy()
             for start, block, offset, n in _segments(position, run.size, HOST_RUN_WORDS):
-                np.copyto(wide[:n], run[start:start + n])  # sign-extended: the int32 word as an int64
-                np.multiply(wide[:n].view(np.uint64), word_table[:, offset:offset + n], out=products[:, :n])
+                np.copyto(wide[:n], run[start : start + n])  # sign-extended: the int32 word as an int64
+                np.multiply(wide[:n].view(np.uint64), word_table[:, offset : offset + n], out=products[:, :n])
                 acc += products[:, :n].sum(axis=1, dtype=np.uint64) * block_table[block]
     return acc
 
@@ -188,7 +190,7 @@ def tensor_sums(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
 
 
 def tensor_digest(tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> str:
-    """"<dtype>[<shape>]:<32 hex digits>": an integrity digest of the tensor's bytes computed where the
+    """ "<dtype>[<shape>]:<32 hex digits>": an integrity digest of the tensor's bytes computed where the
     tensor is (module docstring: what it is, why an integrity check suffices here, what it catches).
     Equal for equal dtype, shape and bytes on any device."""
     first, second = tensor_sums(tensor, chunk_bytes)

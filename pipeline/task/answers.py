@@ -27,7 +27,9 @@ def completion_text(completion) -> str:
             if isinstance(message, dict) and message.get("role") == "assistant":
                 return str(message.get("content") or "")
         return ""
-    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+    raise TypeError(
+        f"a completion must be a string or a list of chat messages, got {type(completion).__name__}"
+    )
 
 
 def extract_gsm8k_answer(solution: str) -> str:
@@ -66,7 +68,9 @@ options.check_implements(__name__, "ANSWER_FORMATS", REFERENCE_READERS)
 def extract_reference(text: str, answer_format: str) -> str:
     """A reference solution's final answer in `answer_format`; ValueError says what is missing."""
     if answer_format not in REFERENCE_READERS:
-        raise ValueError(f"unknown answer format {answer_format!r} (expected one of {', '.join(REFERENCE_READERS)})")
+        raise ValueError(
+            f"unknown answer format {answer_format!r} (expected one of {', '.join(REFERENCE_READERS)})"
+        )
     return REFERENCE_READERS[answer_format](text)
 
 
@@ -106,7 +110,9 @@ FACTORIAL = 1_000
 
 def _exponents(text: str) -> list[int | None]:
     """Every exponent's value; None where it is not a plain integer (an expression, a tower)."""
-    return [int(m.group(1)) if m.group(1) and len(m.group(1)) < 12 else None for m in _EXPONENT.finditer(text)]
+    return [
+        int(m.group(1)) if m.group(1) and len(m.group(1)) < 12 else None for m in _EXPONENT.finditer(text)
+    ]
 
 
 def _power_of_a_power(text: str) -> bool:
@@ -170,9 +176,13 @@ def _sympy_cost_bounded(predicted: str, reference: str) -> bool:
     letters = set(_LETTER.findall(_LATEX_WORD.sub("", predicted)))
     if len(mine) > max(POWERS, len(theirs)) or (None in mine and None not in theirs):
         return False
-    if letters and len(letters) > max(SYMBOLIC_LETTERS, len(set(_LETTER.findall(_LATEX_WORD.sub("", reference))))):
+    if letters and len(letters) > max(
+        SYMBOLIC_LETTERS, len(set(_LETTER.findall(_LATEX_WORD.sub("", reference))))
+    ):
         return False
-    limit = max([SYMBOLIC_EXPONENT if letters else NUMERIC_EXPONENT, *(abs(e) for e in theirs if e is not None)])
+    limit = max(
+        [SYMBOLIC_EXPONENT if letters else NUMERIC_EXPONENT, *(abs(e) for e in theirs if e is not None)]
+    )
     if any(e is not None and abs(e) > limit for e in mine):
         return False
     if _power_of_a_power(predicted) and not _power_of_a_power(reference):
@@ -199,8 +209,10 @@ def answers_equivalent(predicted: str | None, reference: str | None) -> bool:
 
         logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning
 
-        gold, pred = (parse(f"${x}$", parsing_timeout=timeout) or parse(x, parsing_timeout=timeout)
-                      for x in (reference, predicted))
+        gold, pred = (
+            parse(f"${x}$", parsing_timeout=timeout) or parse(x, parsing_timeout=timeout)
+            for x in (reference, predicted)
+        )
         return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
     except Exception:  # math-verify raises on some malformed LaTeX; a reward must return a number
         return False

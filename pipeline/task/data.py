@@ -56,8 +56,10 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
         for row in reader:
             where = f"{path}:{reader.line_num}"
             if None in row or None in row.values():
-                raise DataError(f"{where}: {len(reader.fieldnames or [])} columns in the header, "
-                                "a different number on this line")
+                raise DataError(
+                    f"{where}: {len(reader.fieldnames or [])} columns in the header, "
+                    "a different number on this line"
+                )
             yield where, row
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
@@ -91,8 +93,9 @@ def read_jsonl(path: str | Path, fields: Fields = GSM8K) -> list[Example]:
     return read_file(path, fields, "jsonl")
 
 
-def load_hub(name: str = "openai/gsm8k", config: str = "main", split: str = "train",
-             fields: Fields = GSM8K) -> list[Example]:
+def load_hub(
+    name: str = "openai/gsm8k", config: str = "main", split: str = "train", fields: Fields = GSM8K
+) -> list[Example]:
     """Examples from a Hugging Face dataset."""
     import datasets  # heavy, and only needed on machines that reach the hub
 
@@ -103,16 +106,25 @@ def load_hub(name: str = "openai/gsm8k", config: str = "main", split: str = "tra
 def _file_source(kind: str):
     def load(split: str, files: dict[str, str] | None, fields: Fields, **_) -> list[Example]:
         if not files or not files.get(split):
-            raise DataError(f"data.source is '{kind}' but no file is configured for split '{split}' "
-                            f"(data.{split}_file)")
+            raise DataError(
+                f"data.source is '{kind}' but no file is configured for split '{split}' (data.{split}_file)"
+            )
         return read_file(files[split], fields, kind)
+
     return load
 
 
-def _synthetic_source(split: str, seed: int, synthetic_sizes: dict[str, int] | None, synthetic_levels: int,
-                      synthetic_max_operand: int, **_) -> list[Example]:
-    return synthetic.generate((synthetic_sizes or {}).get(split, 1000), seed, split, synthetic_levels,
-                              synthetic_max_operand)
+def _synthetic_source(
+    split: str,
+    seed: int,
+    synthetic_sizes: dict[str, int] | None,
+    synthetic_levels: int,
+    synthetic_max_operand: int,
+    **_,
+) -> list[Example]:
+    return synthetic.generate(
+        (synthetic_sizes or {}).get(split, 1000), seed, split, synthetic_levels, synthetic_max_operand
+    )
 
 
 def _hub_source(split: str, hub_name: str, hub_config: str, fields: Fields, **_) -> list[Example]:
@@ -120,29 +132,58 @@ def _hub_source(split: str, hub_name: str, hub_config: str, fields: Fields, **_)
 
 
 # data.source: where examples come from (a local file kind, the hub, or generated).
-SOURCE_LOADERS = {"synthetic": _synthetic_source, **{kind: _file_source(kind) for kind in READERS},
-                  "hub": _hub_source}
+SOURCE_LOADERS = {
+    "synthetic": _synthetic_source,
+    **{kind: _file_source(kind) for kind in READERS},
+    "hub": _hub_source,
+}
 options.check_implements(__name__, "SOURCES", SOURCE_LOADERS)
 
 
-def load_examples(source: str, split: str, files: dict[str, str] | None = None,
-                  hub_name: str = "openai/gsm8k", hub_config: str = "main",
-                  synthetic_sizes: dict[str, int] | None = None, seed: int = 0,
-                  fields: Fields = GSM8K, synthetic_levels: int = 3, synthetic_max_operand: int = 10) -> list[Example]:
+def load_examples(
+    source: str,
+    split: str,
+    files: dict[str, str] | None = None,
+    hub_name: str = "openai/gsm8k",
+    hub_config: str = "main",
+    synthetic_sizes: dict[str, int] | None = None,
+    seed: int = 0,
+    fields: Fields = GSM8K,
+    synthetic_levels: int = 3,
+    synthetic_max_operand: int = 10,
+) -> list[Example]:
     """`source` is a local file kind (`files[split]` is the path), "hub" or "synthetic" (generated)."""
     if source not in SOURCE_LOADERS:
-        raise DataError(f"data.source must be one of {', '.join(repr(s) for s in SOURCE_LOADERS)}, got {source!r}")
-    return SOURCE_LOADERS[source](split=split, files=files, hub_name=hub_name, hub_config=hub_config,
-                                  synthetic_sizes=synthetic_sizes, seed=seed, fields=fields,
-                                  synthetic_levels=synthetic_levels, synthetic_max_operand=synthetic_max_operand)
+        raise DataError(
+            f"data.source must be one of {', '.join(repr(s) for s in SOURCE_LOADERS)}, got {source!r}"
+        )
+    return SOURCE_LOADERS[source](
+        split=split,
+        files=files,
+        hub_name=hub_name,
+        hub_config=hub_config,
+        synthetic_sizes=synthetic_sizes,
+        seed=seed,
+        fields=fields,
+        synthetic_levels=synthetic_levels,
+        synthetic_max_operand=synthetic_max_operand,
+    )
 
 
 def examples_for(data, split: str, seed: int) -> list[Example]:
     """The `split` examples a DataConfig describes."""
-    return load_examples(data.source, split, {"train": data.train_file, "test": data.test_file}, data.hub_name,
-                         data.hub_config, {"train": data.synthetic_train, "test": data.synthetic_test}, seed,
-                         Fields(data.question_key, data.answer_key, data.answer_format), data.synthetic_levels,
-                         data.synthetic_max_operand)
+    return load_examples(
+        data.source,
+        split,
+        {"train": data.train_file, "test": data.test_file},
+        data.hub_name,
+        data.hub_config,
+        {"train": data.synthetic_train, "test": data.synthetic_test},
+        seed,
+        Fields(data.question_key, data.answer_key, data.answer_format),
+        data.synthetic_levels,
+        data.synthetic_max_operand,
+    )
 
 
 # data.chat_template: use the tokenizer's template (auto: if it has one; false: plain text, for base models)
@@ -154,6 +195,7 @@ options.check_implements(__name__, "CHAT_TEMPLATES", CHAT_TEMPLATES)
 class PromptStyle:
     """How a question becomes prompt tokens: the system prompt, and the tokenizer's chat template
     (`chat_template` None = if it has one) or, for base models, plain text."""
+
     system_prompt: str = SYSTEM_PROMPT
     chat_template: bool | None = None
     tools: tuple[dict, ...] = ()  # the tools' schemas, shown by templates that render `tools`
@@ -167,8 +209,12 @@ class PromptStyle:
         if use_template is None:
             use_template = getattr(tokenizer, "chat_template", None) is not None
         if use_template:
-            text = tokenizer.apply_chat_template(example.prompt(self.system_prompt), tokenize=False,
-                                                 add_generation_prompt=True, tools=list(self.tools) or None)
+            text = tokenizer.apply_chat_template(
+                example.prompt(self.system_prompt),
+                tokenize=False,
+                add_generation_prompt=True,
+                tools=list(self.tools) or None,
+            )
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         # a base model: the instructions, then the question; the tokenizer adds BOS if it uses one
         return tokenizer(f"{self.system_prompt}\n\n{example.question}\n")["input_ids"]
@@ -186,7 +232,9 @@ def resolve_system_prompt(value: str) -> str:
         try:
             text = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"data.system_prompt: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+            raise DataError(
+                f"data.system_prompt: cannot read {path}: {getattr(e, 'strerror', None) or e}"
+            ) from None
         if not text:
             raise DataError(f"data.system_prompt: {path} is empty")
         return text
@@ -198,8 +246,9 @@ def prompt_token_ids(tokenizer, example: Example, style: PromptStyle = DEFAULT_S
     return style.ids(tokenizer, example)
 
 
-def drop_long_prompts(examples: Iterable[Example], tokenizer, max_prompt_tokens: int,
-                      style: PromptStyle = DEFAULT_STYLE) -> tuple[list[Example], int]:
+def drop_long_prompts(
+    examples: Iterable[Example], tokenizer, max_prompt_tokens: int, style: PromptStyle = DEFAULT_STYLE
+) -> tuple[list[Example], int]:
     """Keep prompts of at most `max_prompt_tokens` tokens; vLLM rejects over-long prompts mid-run.
 
     Returns (kept, number dropped). An empty result is an error: there is nothing to train on.

@@ -28,6 +28,7 @@ class Example:
 @dataclass(frozen=True)
 class Fields:
     """Which columns hold the question and the answer, and how the final answer is written."""
+
     question: str = "question"
     answer: str = "answer"
     answer_format: str = "gsm8k"
@@ -49,7 +50,11 @@ def parse_row(row, where: str, fields: Fields = GSM8K) -> Example:
     if not isinstance(row[q], str):
         raise DataError(f"{where}: field '{q}' must be a string, got {type(row[q]).__name__}")
     solution = row[a]
-    if isinstance(solution, (int, float)) and not isinstance(solution, bool) and fields.answer_format == "plain":
+    if (
+        isinstance(solution, (int, float))
+        and not isinstance(solution, bool)
+        and fields.answer_format == "plain"
+    ):
         solution = str(solution)  # plain answers are often stored as numbers (CSV, Parquet)
     if not isinstance(solution, str):
         raise DataError(f"{where}: field '{a}' must be a string, got {type(solution).__name__}")

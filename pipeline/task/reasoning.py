@@ -18,14 +18,17 @@ from fractions import Fraction
 from pipeline.task.answers import answer_key, completion_text
 from pipeline.task.xml_format import extract_xml_answer, reasoning_block
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<mixed>\d+\s+\d+/\d+(?![\d.]))
   | (?P<num>(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?%?|\$?\.\d+%?)
   | (?P<op>[-+*/×÷−]|(?<![A-Za-z])x(?![A-Za-z]))
   | (?P<paren>[()])
   | (?P<space>\s+)
   | (?P<other>.)
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 MAX_TOKENS = 64  # longest expression considered (keeps parsing cheap on adversarial text)
 MAX_DIGITS = 18  # numbers longer than this are not arithmetic a solution would state
 OPS = {"+": "+", "-": "-", "−": "-", "*": "*", "x": "*", "×": "*", "/": "/", "÷": "/"}
@@ -231,7 +234,9 @@ def summarise_checks(checks: list[ReasoningCheck]) -> dict[str, float]:
         "reasoning/step_accuracy": sum(c.correct_steps for c in with_steps) / total if total else 0.0,
         "reasoning/steps_per_completion": total / n,
         "reasoning/no_step_rate": (len(checks) - len(with_steps)) / n,
-        "reasoning/final_consistent_rate": sum(c.final_consistent for c in judged) / len(judged) if judged else 0.0,
+        "reasoning/final_consistent_rate": sum(c.final_consistent for c in judged) / len(judged)
+        if judged
+        else 0.0,
     }
 
 

@@ -42,11 +42,7 @@ _INT_RE = re.compile(r"-?[0-9]+")
 
 def xml_count_score(text: str) -> float:
     """+0.125 per tag line seen exactly once, minus 0.001 per character after the last `</answer>`."""
-    score = sum(
-        XML_TAG_POINTS
-        for piece in TAG_LINES
-        if text.count(piece) == 1
-    )
+    score = sum(XML_TAG_POINTS for piece in TAG_LINES if text.count(piece) == 1)
     last_close = text.rfind("</answer>")
     if last_close >= 0:
         score -= XML_TAIL_PENALTY * len(text[last_close + len("</answer>") :].strip())
@@ -98,20 +94,45 @@ class Reward:
     source: str = "built-in"  # or the plugin's "module:function"
 
 
-BUILTIN_REWARDS: dict[str, Reward] = {r.name: r for r in (
-    Reward("strict_format", strict_format_reward, STRICT_POINTS,
-           about="exact XML layout (multi-line reasoning allowed)"),
-    Reward("soft_format", soft_format_reward, SOFT_POINTS, about="reasoning and answer tags in order, anything may follow"),
-    Reward("int_answer", int_answer_reward, INT_POINTS, about="the answer is an integer"),
-    Reward("xml_count", xml_count_reward, 4 * XML_TAG_POINTS,
-           about=f"{XML_TAG_POINTS:g} per tag line seen once, minus {XML_TAIL_PENALTY:g} per character after </answer>"),
-    Reward("correctness", correctness_reward, CORRECT_POINTS,
-           about="the extracted answer equals the reference (numbers exactly, $ and , ignored)"),
-    # off unless weighted: see its reward-hacking note in pipeline/task/reasoning.py
-    Reward("reasoning_steps", reasoning_steps_reward, 0.5, weight=0.0,
-           about="the fraction of arithmetic claims a op b = c in the reasoning that hold; off unless weighted "
-                 "(a policy can game it with trivially true claims)"),
-)}
+BUILTIN_REWARDS: dict[str, Reward] = {
+    r.name: r
+    for r in (
+        Reward(
+            "strict_format",
+            strict_format_reward,
+            STRICT_POINTS,
+            about="exact XML layout (multi-line reasoning allowed)",
+        ),
+        Reward(
+            "soft_format",
+            soft_format_reward,
+            SOFT_POINTS,
+            about="reasoning and answer tags in order, anything may follow",
+        ),
+        Reward("int_answer", int_answer_reward, INT_POINTS, about="the answer is an integer"),
+        Reward(
+            "xml_count",
+            xml_count_reward,
+            4 * XML_TAG_POINTS,
+            about=f"{XML_TAG_POINTS:g} per tag line seen once, minus {XML_TAIL_PENALTY:g} per character after </answer>",
+        ),
+        Reward(
+            "correctness",
+            correctness_reward,
+            CORRECT_POINTS,
+            about="the extracted answer equals the reference (numbers exactly, $ and , ignored)",
+        ),
+        # off unless weighted: see its reward-hacking note in pipeline/task/reasoning.py
+        Reward(
+            "reasoning_steps",
+            reasoning_steps_reward,
+            0.5,
+            weight=0.0,
+            about="the fraction of arithmetic claims a op b = c in the reasoning that hold; off unless weighted "
+            "(a policy can game it with trivially true claims)",
+        ),
+    )
+}
 options.check_implements(__name__, "BUILTIN_REWARDS", BUILTIN_REWARDS)
 # Kept for callers that only need name -> function (the TRL baseline, the property tests).
 REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {n: r.fn for n, r in BUILTIN_REWARDS.items()}
@@ -127,7 +148,9 @@ def load_rewards(plugins: dict[str, str] | None = None) -> dict[str, Reward]:
     rewards = dict(BUILTIN_REWARDS)
     for name, spec in (plugins or {}).items():
         if name in BUILTIN_REWARDS:
-            raise RewardError(f"reward_functions.{name}: '{name}' is a built-in reward; give the plugin another name")
+            raise RewardError(
+                f"reward_functions.{name}: '{name}' is a built-in reward; give the plugin another name"
+            )
         module_name, _, attr = str(spec).partition(":")
         if not module_name or not attr:
             raise RewardError(f"reward_functions.{name}: expected 'module:function', got {spec!r}")
@@ -136,17 +159,27 @@ def load_rewards(plugins: dict[str, str] | None = None) -> dict[str, Reward]:
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except Exception as e:  # ImportError, AttributeError, or the module's own error at import
-            raise RewardError(f"reward_functions.{name}: cannot load {spec!r}: {e.__class__.__name__}: {e}") from None
+            raise RewardError(
+                f"reward_functions.{name}: cannot load {spec!r}: {e.__class__.__name__}: {e}"
+            ) from None
         if not callable(fn):
             raise RewardError(f"reward_functions.{name}: {spec!r} is not callable")
-        rewards[name] = Reward(name, fn, getattr(fn, "max_points", None), source=spec,
-                               about=(fn.__doc__ or "").strip().split("\n")[0])
+        rewards[name] = Reward(
+            name,
+            fn,
+            getattr(fn, "max_points", None),
+            source=spec,
+            about=(fn.__doc__ or "").strip().split("\n")[0],
+        )
     return rewards
 
 
 def score_completions(
-    completions: Sequence, answers: Sequence[str], weights: dict[str, float] | None = None,
-    rewards: dict[str, Reward] | None = None, prompts: Sequence | None = None,
+    completions: Sequence,
+    answers: Sequence[str],
+    weights: dict[str, float] | None = None,
+    rewards: dict[str, Reward] | None = None,
+    prompts: Sequence | None = None,
     columns: dict[str, Sequence] | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Weighted total per completion, and each reward's values (for `reward/<name>` metrics).
@@ -169,13 +202,19 @@ def score_completions(
             raise RewardError(f"reward {name} ({reward.source}) raised {e.__class__.__name__}: {e}") from e
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
-            raise RewardError(f"reward {name} ({reward.source}) returned {got} for {len(completions)} completions")
+            raise RewardError(
+                f"reward {name} ({reward.source}) returned {got} for {len(completions)} completions"
+            )
         try:
             per_reward[name] = [0.0 if v is None else float(v) for v in values]
         except (TypeError, ValueError):
             per_reward[name] = [math.nan]
         if not all(map(math.isfinite, per_reward[name])):
-            raise RewardError(f"reward {name} ({reward.source}) returned a value that is not a finite number or None")
+            raise RewardError(
+                f"reward {name} ({reward.source}) returned a value that is not a finite number or None"
+            )
     weights = {**{n: r.weight for n, r in rewards.items()}, **weights}
-    totals = [sum(weights[name] * values[i] for name, values in per_reward.items()) for i in range(len(completions))]
+    totals = [
+        sum(weights[name] * values[i] for name, values in per_reward.items()) for i in range(len(completions))
+    ]
     return totals, per_reward

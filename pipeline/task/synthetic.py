@@ -55,7 +55,9 @@ def in_test_split(question: str) -> bool:
     return zlib.crc32(question.encode()) % TEST_SHARE == 0
 
 
-def generate(count: int, seed: int, split: str = "train", max_level: int = 3, max_operand: int = 10) -> list[Example]:
+def generate(
+    count: int, seed: int, split: str = "train", max_level: int = 3, max_operand: int = 10
+) -> list[Example]:
     """`count` problems, levels 1..max_level in equal shares (in turn), operands up to `max_operand`
     (`_problem`); a drawn problem whose
     question belongs to the other split, or (test split) repeats one already drawn, is drawn again."""
@@ -67,8 +69,10 @@ def generate(count: int, seed: int, split: str = "train", max_level: int = 3, ma
             if in_test_split(row["question"]) == (split == "test") and row["question"] not in seen:
                 break
         else:  # the test split has run out of new questions at these levels: say so, never spin
-            raise DataError(f"data.synthetic_{split}: only {len(seen)} distinct {split} problems with "
-                            f"1-{max_level} steps could be drawn, {count} asked for (ask for fewer or more levels)")
+            raise DataError(
+                f"data.synthetic_{split}: only {len(seen)} distinct {split} problems with "
+                f"1-{max_level} steps could be drawn, {count} asked for (ask for fewer or more levels)"
+            )
         if split == "test":
             seen.add(row["question"])
         rows.append(parse_row(row, f"synthetic[{split}]:{i}"))

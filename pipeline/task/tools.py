@@ -42,8 +42,14 @@ MAX_RESULT_CHARS = 512  # a tool's answer as the model sees it (truncated beyond
 MAX_EXPRESSION_CHARS = 200
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
-_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
-               "object": dict}
+_JSON_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "array": list,
+    "object": dict,
+}
 _ASSISTANT, _RESULT = "GRPO_ASSISTANT_SENTINEL", "GRPO_TOOL_RESULT_SENTINEL"
 
 
@@ -109,8 +115,10 @@ def schema_of(fn: Callable, field_name: str) -> dict:
         return get_json_schema(fn)
     except Exception as e:  # noqa: BLE001 - transformers says what is missing (type hints, docstring)
         message = " ".join(str(e).split())
-        raise ToolError(f"{field_name}: {getattr(fn, '__name__', fn)!r} has no schema the chat template "
-                        f"accepts: {message}") from None
+        raise ToolError(
+            f"{field_name}: {getattr(fn, '__name__', fn)!r} has no schema the chat template "
+            f"accepts: {message}"
+        ) from None
 
 
 @dataclass
@@ -157,8 +165,11 @@ class Toolbox:
 
 def environment_methods(env) -> dict[str, Callable]:
     """An environment's tools: its public methods other than `reset`."""
-    return {name: getattr(env, name) for name in dir(env)
-            if not name.startswith("_") and name != "reset" and callable(getattr(env, name))}
+    return {
+        name: getattr(env, name)
+        for name in dir(env)
+        if not name.startswith("_") and name != "reset" and callable(getattr(env, name))
+    }
 
 
 def load_toolbox(tools: list[str], environment: str | None) -> Toolbox:
@@ -181,11 +192,15 @@ def load_toolbox(tools: list[str], environment: str | None) -> Toolbox:
         try:
             sample = factory()
         except Exception as e:  # noqa: BLE001 - the user's constructor
-            raise ToolError(f"rollout.environment: {environment!r}() raised {type(e).__name__}: {e}") from None
+            raise ToolError(
+                f"rollout.environment: {environment!r}() raised {type(e).__name__}: {e}"
+            ) from None
         methods = environment_methods(sample)
         if not methods:
             raise ToolError(f"rollout.environment: {environment!r} has no public methods to offer as tools")
-        env_schemas = [schema_of(m, f"rollout.environment ({environment}.{name})") for name, m in methods.items()]
+        env_schemas = [
+            schema_of(m, f"rollout.environment ({environment}.{name})") for name, m in methods.items()
+        ]
         for name in methods:  # the environment's method wins
             functions.pop(name, None)
     schemas = [schema_of(fn, name) for name, fn in functions.items()] + env_schemas
@@ -209,7 +224,7 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     calls = []
     for match in _CALL.finditer(text):
         calls.append(_parse_one(match.group(1)))
-    tail = text[text.rfind(CALL_CLOSE) + len(CALL_CLOSE):] if CALL_CLOSE in text else text
+    tail = text[text.rfind(CALL_CLOSE) + len(CALL_CLOSE) :] if CALL_CLOSE in text else text
     if CALL_OPEN in tail:
         calls.append(ToolCall("", {}, f"unterminated {CALL_OPEN} (no {CALL_CLOSE})"))
     return calls
@@ -319,21 +334,38 @@ class ToolTurns:
             raise ToolError("rollout.tools: the tokenizer has no chat template to wrap tool results in")
         messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _ASSISTANT}]
         try:
-            three = tokenizer.apply_chat_template(messages + [{"role": "tool", "content": _RESULT}], tools=tools,
-                                                  tokenize=False, add_generation_prompt=True)
+            three = tokenizer.apply_chat_template(
+                messages + [{"role": "tool", "content": _RESULT}],
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
         except Exception as e:  # noqa: BLE001 - a template that has no tool role
-            raise ToolError(f"rollout.tools: the chat template cannot render a tool message: {type(e).__name__}: "
-                            f"{' '.join(str(e).split())}") from None
-        if three.count(_ASSISTANT) != 1 or three.count(_RESULT) != 1 or three.index(_ASSISTANT) > three.index(_RESULT):
-            raise ToolError("rollout.tools: the chat template does not render an assistant turn followed by a "
-                            "tool message")
+            raise ToolError(
+                f"rollout.tools: the chat template cannot render a tool message: {type(e).__name__}: "
+                f"{' '.join(str(e).split())}"
+            ) from None
+        if (
+            three.count(_ASSISTANT) != 1
+            or three.count(_RESULT) != 1
+            or three.index(_ASSISTANT) > three.index(_RESULT)
+        ):
+            raise ToolError(
+                "rollout.tools: the chat template does not render an assistant turn followed by a "
+                "tool message"
+            )
         start, middle = three.index(_ASSISTANT) + len(_ASSISTANT), three.index(_RESULT)
-        return cls(three[start:middle], three[middle + len(_RESULT):])
+        return cls(three[start:middle], three[middle + len(_RESULT) :])
 
     def token_ids(self, tokenizer, result: str) -> list[int]:
         """The tool turn's tokens: the template's own around the result, and the result's text with any
         special-token strings in it split as plain text (a tool cannot open or close turns)."""
+
         def plain(text: str, split: bool) -> list[int]:
-            return tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"] if text else []
+            return (
+                tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+                if text
+                else []
+            )
 
         return plain(self.before, False) + plain(result, True) + plain(self.after, False)

@@ -81,6 +81,6 @@ def reasoning_block(text: str) -> str:
     start = text.rfind("<reasoning>")
     if start >= 0:
         end = text.find("</reasoning>", start)
-        return text[start + len("<reasoning>"): end if end >= 0 else len(text)]
+        return text[start + len("<reasoning>") : end if end >= 0 else len(text)]
     answer = text.find("<answer>")
     return text[:answer] if answer >= 0 else text

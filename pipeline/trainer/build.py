@@ -33,8 +33,10 @@ class StepData:
         self.examples, self.per_step, self.seed = examples, prompts_per_step, seed
         self.steps_per_epoch = len(examples) // prompts_per_step
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"train: {len(examples)} training prompts are fewer than the "
-                              f"{prompts_per_step} prompts one step needs")
+            raise ConfigError(
+                f"train: {len(examples)} training prompts are fewer than the "
+                f"{prompts_per_step} prompts one step needs"
+            )
         self._order: dict[int, list[int]] = {}
 
     def indices(self, step: int) -> list[int]:
@@ -43,7 +45,7 @@ class StepData:
             order = list(range(len(self.examples)))
             random.Random(self.seed + epoch).shuffle(order)
             self._order = {epoch: order}
-        return self._order[epoch][index * self.per_step: (index + 1) * self.per_step]
+        return self._order[epoch][index * self.per_step : (index + 1) * self.per_step]
 
     def __call__(self, step: int) -> list[Example]:
         return [self.examples[i] for i in self.indices(step)]
@@ -53,10 +55,16 @@ def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: i
     """train.lr_scheduler with linear warm-up; cosine ends at train.min_lr_ratio x the peak."""
     from transformers import get_scheduler
 
-    name, floor = (("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}) if t.min_lr_ratio
-                   else (t.lr_scheduler, None))
-    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
-                         num_training_steps=total_steps, scheduler_specific_kwargs=floor)
+    name, floor = (
+        ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}) if t.min_lr_ratio else (t.lr_scheduler, None)
+    )
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=floor,
+    )
 
 
 def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
@@ -66,15 +74,17 @@ def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
         ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"train.deepspeed_config: cannot load {path}: {e}") from None
-    ds.update({
-        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
-        "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-        "gradient_clipping": config.train.max_grad_norm,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: no DeepSpeed op build needed on CPU
-        "steps_per_print": 10**9,
-    })
+    ds.update(
+        {
+            "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+            "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+            "gradient_clipping": config.train.max_grad_norm,
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+            "zero_allow_untested_optimizer": True,  # torch AdamW: no DeepSpeed op build needed on CPU
+            "steps_per_print": 10**9,
+        }
+    )
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the three values above
     return ds
 
@@ -82,8 +92,9 @@ def deepspeed_config(config: Config, dtype: torch.dtype) -> dict:
 def load_tokenizer(config: Config):
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.path,
-                                                           trust_remote_code=config.model.trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        config.model.path, trust_remote_code=config.model.trust_remote_code
+    )
     if tokenizer.pad_token_id is None:  # e.g. prem-1B-chat: padding only needs some id; the mask hides it
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -92,6 +103,7 @@ def load_tokenizer(config: Config):
 @dataclass
 class TrainingParts:
     """Everything one rank trains with."""
+
     config: Config
     tokenizer: object
     style: PromptStyle  # how a question becomes prompt tokens
@@ -103,7 +115,9 @@ class TrainingParts:
     zero_stage: int
     reference: object | None  # beta > 0 without LoRA: the frozen initial model (with LoRA: the adapter off)
     world: int
-    tools: ToolRollouts | None = None  # rollout.tools / rollout.environment: multi-turn rollouts with tool calls
+    tools: ToolRollouts | None = (
+        None  # rollout.tools / rollout.environment: multi-turn rollouts with tool calls
+    )
 
 
 def build(config: Config, world: int) -> TrainingParts:
@@ -125,8 +139,12 @@ def build(config: Config, world: int) -> TrainingParts:
     examples = examples_for(config.data, "train", seed)
     examples, dropped = drop_long_prompts(examples, tokenizer, config.data.max_prompt_tokens, style)
     rewards = load_rewards(config.reward_functions)
-    log.info("%d training prompts (%d dropped as longer than %d tokens)", len(examples), dropped,
-             config.data.max_prompt_tokens)
+    log.info(
+        "%d training prompts (%d dropped as longer than %d tokens)",
+        len(examples),
+        dropped,
+        config.data.max_prompt_tokens,
+    )
     step_data = StepData(examples, check_batch(config, world), seed)
     total_steps = step_data.steps_per_epoch * t.epochs
     if t.max_steps:
@@ -138,28 +156,56 @@ def build(config: Config, world: int) -> TrainingParts:
     # weights in the optimizer when bf16 is on.
     attn = resolve_attn(config.model.attn_implementation, dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        config.model.path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.model.trust_remote_code)
+        config.model.path,
+        dtype=dtype,
+        attn_implementation=attn,
+        trust_remote_code=config.model.trust_remote_code,
+    )
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if config.model.lora_rank:
         model = with_lora(model, config)
     # Fused on CUDA: one kernel per step, and no full-size sqrt(v) buffer beside the fp32 gradients at the
     # step (the foreach kernel's, launch/memory.py). CPU keeps foreach: its results are the tests' reference.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
-                                  betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                                  **({"fused": True} if accelerator() == "cuda" else {}))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.weight_decay,
+        **({"fused": True} if accelerator() == "cuda" else {}),
+    )
     scheduler = lr_schedule(optimizer, t, total_steps)
     ds_config = deepspeed_config(config, dtype)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     reference = None  # with LoRA the reference is the policy with its adapter switched off: no second copy
     if t.beta > 0 and not config.model.lora_rank:
-        ref_model = transformers.AutoModelForCausalLM.from_pretrained(  # the same kernel: KL compares like with like
-            config.model.path, dtype=dtype, attn_implementation=attn, trust_remote_code=config.model.trust_remote_code)
+        ref_model = (
+            transformers.AutoModelForCausalLM.from_pretrained(  # the same kernel: KL compares like with like
+                config.model.path,
+                dtype=dtype,
+                attn_implementation=attn,
+                trust_remote_code=config.model.trust_remote_code,
+            )
+        )
         ref_config = {k: v for k, v in ds_config.items() if k not in ("zero_allow_untested_optimizer",)}
         if zero_stage != 3:
             ref_config["zero_optimization"] = {"stage": 0}
         reference, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
         reference.eval()
-    return TrainingParts(config, tokenizer, style, rewards, step_data, total_steps, dtype, engine, zero_stage, reference,
-                   world, tools)
+    return TrainingParts(
+        config,
+        tokenizer,
+        style,
+        rewards,
+        step_data,
+        total_steps,
+        dtype,
+        engine,
+        zero_stage,
+        reference,
+        world,
+        tools,
+    )

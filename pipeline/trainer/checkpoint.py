@@ -27,7 +27,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, keep: int, rank: int) -> 
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(f"step-{step}")
         os.replace(tmp, ckpt_dir / "latest")
-        tags = sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        tags = sorted(
+            (p for p in ckpt_dir.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1])
+        )
         for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

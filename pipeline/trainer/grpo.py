@@ -28,13 +28,17 @@ import torch.distributed as dist
 from pipeline import options
 
 # train.advantage_scaling: the std centred rewards are divided by, from (rewards, grouped); None: not divided
-ADVANTAGE_SCALINGS = {"group": lambda rewards, grouped: grouped.std(dim=1, keepdim=True),
-                      "batch": lambda rewards, grouped: rewards.std(), "none": None}
+ADVANTAGE_SCALINGS = {
+    "group": lambda rewards, grouped: grouped.std(dim=1, keepdim=True),
+    "batch": lambda rewards, grouped: rewards.std(),
+    "none": None,
+}
 options.check_implements(__name__, "ADVANTAGE_SCALINGS", ADVANTAGE_SCALINGS)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scaling: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scaling: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """rewards: flat (num_prompts * group_size,), prompt-major. Returns the same shape."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
@@ -59,9 +63,16 @@ class Batch:
     advantages: torch.Tensor  # (B,)
 
 
-def make_batch(prompts: list[list[int]], completions: list[list[int]], old_logprobs: list[list[float]],
-               advantages: list[float], trained: list[bool], pad_id: int, device,
-               loss_masks: list[list[int] | None] | None = None) -> Batch:
+def make_batch(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    old_logprobs: list[list[float]],
+    advantages: list[float],
+    trained: list[bool],
+    pad_id: int,
+    device,
+    loss_masks: list[list[int] | None] | None = None,
+) -> Batch:
     """Pack sequences; `trained[i]` False masks a whole completion (e.g. truncated ones); `loss_masks[i]`
     (one 0/1 per completion token, None = all 1) masks the tokens the model did not write (a tool's
     result and the template around it in a multi-turn rollout): they are in the sequence the model
@@ -79,14 +90,24 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], old_logpr
         start = len(p) - 1
         if trained[i]:
             own = loss_masks[i] if loss_masks is not None and loss_masks[i] is not None else None
-            mask[i, start: start + len(c)] = 1.0 if own is None else torch.tensor(own, dtype=mask.dtype)
-        old[i, start: start + len(c)] = torch.tensor(lp)
-    return Batch(input_ids.to(device), attention.to(device), mask.to(device), old.to(device),
-                 torch.tensor(advantages, dtype=torch.float32, device=device))
+            mask[i, start : start + len(c)] = 1.0 if own is None else torch.tensor(own, dtype=mask.dtype)
+        old[i, start : start + len(c)] = torch.tensor(lp)
+    return Batch(
+        input_ids.to(device),
+        attention.to(device),
+        mask.to(device),
+        old.to(device),
+        torch.tensor(advantages, dtype=torch.float32, device=device),
+    )
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False):
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
     """log p(token t+1 | tokens <= t) for every position, shape (B, T-1), in fp32; with
     `with_entropy`, also the entropy of each position's distribution (B, T-1), without gradient."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
@@ -125,15 +146,18 @@ def _bnpo(token_losses: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
     return token_losses.sum() / mask.sum().clamp(min=1)
 
 
-def _dapo(token_losses: torch.Tensor, mask: torch.Tensor, *, token_normaliser: float | None, **_) -> torch.Tensor:
+def _dapo(
+    token_losses: torch.Tensor, mask: torch.Tensor, *, token_normaliser: float | None, **_
+) -> torch.Tensor:
     """All trained tokens of the optimizer step, across ranks and accumulation (`step_normaliser`)."""
     if token_normaliser is None:
         raise ValueError("loss_type dapo needs token_normaliser (step_normaliser)")
     return token_losses.sum() / token_normaliser
 
 
-def _dr_grpo(token_losses: torch.Tensor, mask: torch.Tensor, *, max_completion_tokens: int | None,
-             **_) -> torch.Tensor:
+def _dr_grpo(
+    token_losses: torch.Tensor, mask: torch.Tensor, *, max_completion_tokens: int | None, **_
+) -> torch.Tensor:
     """A constant: max completion length x sequences (Dr. GRPO)."""
     if max_completion_tokens is None:
         raise ValueError("loss_type dr_grpo needs max_completion_tokens")
@@ -146,8 +170,9 @@ LOSS_TYPES = {"grpo": _grpo, "bnpo": _bnpo, "dapo": _dapo, "dr_grpo": _dr_grpo}
 options.check_implements(__name__, "LOSS_TYPES", LOSS_TYPES)
 
 
-def step_normaliser(loss_type: str, trained_tokens: int, accumulation_steps: int, ranks: int,
-                    device) -> float | None:
+def step_normaliser(
+    loss_type: str, trained_tokens: int, accumulation_steps: int, ranks: int, device
+) -> float | None:
     """What the loss type needs to know about the whole optimizer step before its first micro-batch:
     for dapo the step's trained tokens on every rank (a collective: every rank calls it), else nothing."""
     if loss_type != "dapo":
@@ -158,10 +183,19 @@ def step_normaliser(loss_type: str, trained_tokens: int, accumulation_steps: int
     return step_token_normaliser(count.item(), accumulation_steps, ranks)
 
 
-def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, epsilon_high: float | None = None,
-              loss_type: str = "grpo", is_cap: float = 3.0, beta: float = 0.0,
-              ref_logprobs: torch.Tensor | None = None, token_normaliser: float | None = None,
-              max_completion_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss(
+    logprobs: torch.Tensor,
+    batch: Batch,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    is_cap: float = 3.0,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    token_normaliser: float | None = None,
+    max_completion_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO loss of one micro-batch and its diagnostics.
 
     `token_normaliser` (dapo): what this micro-batch's summed token loss is divided by, from
@@ -190,8 +224,9 @@ def grpo_loss(logprobs: torch.Tensor, batch: Batch, *, epsilon: float = 0.2, eps
     tokens = mask.sum()
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-    loss = LOSS_TYPES[loss_type](per_token * mask, mask, token_normaliser=token_normaliser,
-                                 max_completion_tokens=max_completion_tokens)
+    loss = LOSS_TYPES[loss_type](
+        per_token * mask, mask, token_normaliser=token_normaliser, max_completion_tokens=max_completion_tokens
+    )
     with torch.no_grad():  # sums, so the caller can reduce them over micro-batches and ranks
         is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
         stats = {

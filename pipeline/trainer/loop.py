@@ -53,23 +53,30 @@ log = logging.getLogger("pipeline.trainer")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="pipeline.trainer", description="One GRPO trainer rank (use launch/train.py)")
+    parser = argparse.ArgumentParser(
+        prog="pipeline.trainer", description="One GRPO trainer rank (use launch/train.py)"
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--server-url", required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    parser.add_argument("--token-file", help="read the server token from this file (0600; multi-node ranks "
-                                             "whose launcher does not forward the environment)")
+    parser.add_argument(
+        "--token-file",
+        help="read the server token from this file (0600; multi-node ranks "
+        "whose launcher does not forward the environment)",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by deepspeed
     return parser.parse_args(argv)
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-                        handlers=[logging.StreamHandler(sys.stderr)]
-                        + ([logging.FileHandler(run_dir / "train.log")] if rank == 0 else []))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.StreamHandler(sys.stderr)]
+        + ([logging.FileHandler(run_dir / "train.log")] if rank == 0 else []),
+    )
 
 
 def main(argv=None) -> int:
@@ -101,22 +108,44 @@ def main(argv=None) -> int:
     # --- the engines' link: they must serve exactly the trainer's weights before the first rollout ---
     client = None
     if rank == 0:
-        client = Engines(args.server_url, server_token(config.server.token, args.token_file),
-                         config.server.request_timeout_s)
-    server_is_local = all(url.split("//")[-1].startswith(("127.", "localhost", "[::1]"))
-                          for url in args.server_url.split(","))
+        client = Engines(
+            args.server_url,
+            server_token(config.server.token, args.token_file),
+            config.server.request_timeout_s,
+        )
+    server_is_local = all(
+        url.split("//")[-1].startswith(("127.", "localhost", "[::1]")) for url in args.server_url.split(",")
+    )
     # Trainer rank 0 hosts the transfer group's rendezvous; the server's workers connect to it.
-    link = ServerLink(parts.engine, parts.zero_stage, rank, config, client, dtype=parts.dtype,
-                      sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()))
+    link = ServerLink(
+        parts.engine,
+        parts.zero_stage,
+        rank,
+        config,
+        client,
+        dtype=parts.dtype,
+        sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()),
+    )
     link.connect()
     link.push(start_step)
     t = config.train
     metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
-    evaluation = InTrainingEval(config, parts.tokenizer, client, parts.tools) if config.eval.every and rank == 0 else None
+    evaluation = (
+        InTrainingEval(config, parts.tokenizer, client, parts.tools)
+        if config.eval.every and rank == 0
+        else None
+    )
     tools = parts.tools if rank == 0 else None
-    rollouts = Rollouts(client, n=t.num_generations, max_tokens=t.max_completion_tokens, temperature=t.temperature,
-                        top_p=t.top_p, seed=config.run.seed, max_staleness=t.max_staleness if t.overlap else 0,
-                        tools=tools)
+    rollouts = Rollouts(
+        client,
+        n=t.num_generations,
+        max_tokens=t.max_completion_tokens,
+        temperature=t.temperature,
+        top_p=t.top_p,
+        seed=config.run.seed,
+        max_staleness=t.max_staleness if t.overlap else 0,
+        tools=tools,
+    )
 
     fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir)
 
@@ -133,8 +162,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def fit(parts: TrainingParts, link: ServerLink, rollouts: Rollouts, metrics: Metrics,
-        evaluation: InTrainingEval | None, start_step: int, ckpt_dir: Path) -> None:
+def fit(
+    parts: TrainingParts,
+    link: ServerLink,
+    rollouts: Rollouts,
+    metrics: Metrics,
+    evaluation: InTrainingEval | None,
+    start_step: int,
+    ckpt_dir: Path,
+) -> None:
     """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step."""
     from tqdm import tqdm
 
@@ -162,12 +198,22 @@ def fit(parts: TrainingParts, link: ServerLink, rollouts: Rollouts, metrics: Met
             request_rollouts(step + 1)  # generated while this step trains; its push waits for it
         clock.lap("generate")  # the trainer's wait for rollouts
 
-        batch = score_step(completions, generated_by, rank=rank, world=parts.world, group_size=t.num_generations,
-                           scaling=t.advantage_scaling, weights=config.rewards, rewards=parts.rewards,
-                           system_prompt=parts.style.system_prompt, device=engine.device)
+        batch = score_step(
+            completions,
+            generated_by,
+            rank=rank,
+            world=parts.world,
+            group_size=t.num_generations,
+            scaling=t.advantage_scaling,
+            weights=config.rewards,
+            rewards=parts.rewards,
+            system_prompt=parts.style.system_prompt,
+            device=engine.device,
+        )
         clock.lap("reward")
-        sums, maxima = train_on_batch(engine, parts.reference, batch, t, parts.tokenizer.pad_token_id,
-                                      parts.world)
+        sums, maxima = train_on_batch(
+            engine, parts.reference, batch, t, parts.tokenizer.pad_token_id, parts.world
+        )
         clock.lap("train")
         rollouts.wait()  # overlapped: the next step's generation finishes before its weights change
         clock.lap("wait_rollouts")
@@ -178,17 +224,35 @@ def fit(parts: TrainingParts, link: ServerLink, rollouts: Rollouts, metrics: Met
         probe = link.probe(probed.prompt_ids, probed.token_ids, step + 1)
         clock.lap("probe")
 
-        row = step_row(step, batch, sums, maxima, parts, {
-            "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
-            "rollout/staleness": step - generated_by, "rollout/discarded_total": rollouts.discarded,
-            **engine_columns(link, rollouts), "sync/logprob_max_abs_diff": 0.0, **probe,
-            "sync/bytes": link.last_stats.get("bytes", 0), "sync/adapter": link.last_stats.get("adapter", 0.0),
-            "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
-            "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
-            "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0), "time/verify": link.last_stats.get("verify_s", 0.0),
-            **({"sync/shared_memory": link.last_stats["shared_memory"]} if "shared_memory" in link.last_stats else {}),
-            **(tool_metrics(completions, parts.tools.toolbox.names) if parts.tools is not None else {}),
-            **rollouts.timing, **clock.times()})
+        row = step_row(
+            step,
+            batch,
+            sums,
+            maxima,
+            parts,
+            {
+                "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
+                "rollout/staleness": step - generated_by,
+                "rollout/discarded_total": rollouts.discarded,
+                **engine_columns(link, rollouts),
+                "sync/logprob_max_abs_diff": 0.0,
+                **probe,
+                "sync/bytes": link.last_stats.get("bytes", 0),
+                "sync/adapter": link.last_stats.get("adapter", 0.0),
+                "sync/verified_tensors": link.last_stats.get("verified_tensors", 0),
+                "sync/verified_bytes_frac": link.last_stats.get("verified_bytes_frac", 0.0),
+                "sync/gb_per_s": link.last_stats.get("gb_per_s", 0.0),
+                "time/verify": link.last_stats.get("verify_s", 0.0),
+                **(
+                    {"sync/shared_memory": link.last_stats["shared_memory"]}
+                    if "shared_memory" in link.last_stats
+                    else {}
+                ),
+                **(tool_metrics(completions, parts.tools.toolbox.names) if parts.tools is not None else {}),
+                **rollouts.timing,
+                **clock.times(),
+            },
+        )
         if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
             row.update(evaluation.run(step + 1))  # the weights just pushed: version step + 1
         if (step + 1) % t.log_every == 0 or step + 1 == total:
@@ -196,8 +260,11 @@ def fit(parts: TrainingParts, link: ServerLink, rollouts: Rollouts, metrics: Met
         if t.log_completions_every and t.log_completions and (step + 1) % t.log_completions_every == 0:
             metrics.write_completions(step + 1, completion_samples(batch, t.log_completions))
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/total']:.3f}", strict=f"{row['format/strict_rate']:.2f}",
-                        step_s=f"{row['time/step']:.1f}")
+        bar.set_postfix(
+            reward=f"{row['reward/total']:.3f}",
+            strict=f"{row['format/strict_rate']:.2f}",
+            step_s=f"{row['time/step']:.1f}",
+        )
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
             save_checkpoint(engine, ckpt_dir, step + 1, t.keep_checkpoints, rank)
     bar.close()
@@ -207,11 +274,18 @@ def engine_columns(link: ServerLink, rollouts: Rollouts) -> dict[str, float]:
     """Restarts (in all, and per engine with several), engines generating, the slowest engine's time
     over the mean (`rollout/engine_imbalance`, 1 = balanced) and the engines each push verified."""
     restarts = link.restarts
-    row = {"server/restarts": sum(restarts.values()), "sync/engines_verified": link.last_stats.get("engines_verified", 0)}
+    row = {
+        "server/restarts": sum(restarts.values()),
+        "sync/engines_verified": link.last_stats.get("engines_verified", 0),
+    }
     if len(restarts) > 1:
         row.update({f"server/restarts/engine_{i}": n for i, n in restarts.items()})
-        row.update({"server/engines": rollouts.split.get("engines", 0),
-                    "rollout/engine_imbalance": rollouts.split.get("imbalance", 1.0)})
+        row.update(
+            {
+                "server/engines": rollouts.split.get("engines", 0),
+                "rollout/engine_imbalance": rollouts.split.get("imbalance", 1.0),
+            }
+        )
     return row
 
 
@@ -231,18 +305,30 @@ class StepClock:
         return {**self.laps, "time/step": time.perf_counter() - self.start}
 
 
-def step_row(step: int, batch: StepBatch, sums: dict, maxima: dict, parts: TrainingParts, extra: dict) -> dict:
+def step_row(
+    step: int, batch: StepBatch, sums: dict, maxima: dict, parts: TrainingParts, extra: dict
+) -> dict:
     """The step's metrics row: this rank's sums reduced over every rank, and what rank 0 knows as is."""
     counts, longest = completion_stats(batch)
     s, mx = Metrics.reduce({**sums, **counts}, {**maxima, **longest}, parts.engine.device)
-    return metrics_row(step + 1, s, mx, list(parts.rewards), {
-        "epoch": (step + 1) / parts.step_data.steps_per_epoch, "lr": parts.engine.get_lr()[0],
-        **group_stats(batch.group_totals.tolist()),
-        **{f"time/{k.removeprefix('time_')}": v for k, v in mx.items() if k.startswith("time_")}, **extra})
+    return metrics_row(
+        step + 1,
+        s,
+        mx,
+        list(parts.rewards),
+        {
+            "epoch": (step + 1) / parts.step_data.steps_per_epoch,
+            "lr": parts.engine.get_lr()[0],
+            **group_stats(batch.group_totals.tolist()),
+            **{f"time/{k.removeprefix('time_')}": v for k, v in mx.items() if k.startswith("time_")},
+            **extra,
+        },
+    )
 
 
-def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: int,
-                   world: int) -> tuple[dict[str, float], dict[str, float]]:
+def train_on_batch(
+    engine, reference, batch: StepBatch, t: TrainConfig, pad_id: int, world: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """One optimizer step on this rank's completions: `gradient_accumulation_steps` micro-batches of
     forward (with the frozen reference when beta > 0), GRPO loss, backward; DeepSpeed steps, clips
     and schedules at the accumulation boundary. Returns this rank's sums and maxima for the metrics
@@ -251,9 +337,16 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
     device = engine.device
     mine, advantages = batch.completions, batch.advantages
     trained = [not (t.mask_truncated_completions and c.truncated) for c in mine]
-    token_total = step_normaliser(t.loss_type, sum(c.model_tokens for c, k in zip(mine, trained, strict=True) if k),
-                                  t.gradient_accumulation_steps, world, device)
-    sums = dict.fromkeys(("loss", "tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "entropy_sum"), 0.0)
+    token_total = step_normaliser(
+        t.loss_type,
+        sum(c.model_tokens for c, k in zip(mine, trained, strict=True) if k),
+        t.gradient_accumulation_steps,
+        world,
+        device,
+    )
+    sums = dict.fromkeys(
+        ("loss", "tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "entropy_sum"), 0.0
+    )
     if t.beta > 0:
         sums["kl_sum"] = 0.0
     maxima = {"ratio_max": 0.0, "time_forward": 0.0, "time_backward": 0.0, "time_optimizer": 0.0}
@@ -261,19 +354,40 @@ def train_on_batch(engine, reference, batch: StepBatch, t: TrainConfig, pad_id: 
         start = time.perf_counter()
         part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
         chunk = mine[part]
-        micro = make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
-                           advantages[part].tolist(), trained[part], pad_id, device, [c.loss_mask for c in chunk])
-        logprobs, entropy = token_logprobs(engine, micro.input_ids, micro.attention_mask, t.temperature,
-                                           with_entropy=True)
+        micro = make_batch(
+            [c.prompt_ids for c in chunk],
+            [c.token_ids for c in chunk],
+            [c.logprobs for c in chunk],
+            advantages[part].tolist(),
+            trained[part],
+            pad_id,
+            device,
+            [c.loss_mask for c in chunk],
+        )
+        logprobs, entropy = token_logprobs(
+            engine, micro.input_ids, micro.attention_mask, t.temperature, with_entropy=True
+        )
         ref_logprobs = None
         if t.beta > 0:
-            ref_model, off = ((reference, contextlib.nullcontext()) if reference is not None
-                              else (engine, engine.module.disable_adapter()))  # LoRA: the adapter switched off
+            ref_model, off = (
+                (reference, contextlib.nullcontext())
+                if reference is not None
+                else (engine, engine.module.disable_adapter())
+            )  # LoRA: the adapter switched off
             with torch.no_grad(), off:
                 ref_logprobs = token_logprobs(ref_model, micro.input_ids, micro.attention_mask, t.temperature)
-        loss, stats = grpo_loss(logprobs, micro, epsilon=t.epsilon, epsilon_high=t.epsilon_high or None,
-                                loss_type=t.loss_type, is_cap=t.is_cap, beta=t.beta, ref_logprobs=ref_logprobs,
-                                token_normaliser=token_total, max_completion_tokens=t.max_completion_tokens)
+        loss, stats = grpo_loss(
+            logprobs,
+            micro,
+            epsilon=t.epsilon,
+            epsilon_high=t.epsilon_high or None,
+            loss_type=t.loss_type,
+            is_cap=t.is_cap,
+            beta=t.beta,
+            ref_logprobs=ref_logprobs,
+            token_normaliser=token_total,
+            max_completion_tokens=t.max_completion_tokens,
+        )
         forward = time.perf_counter()
         engine.backward(loss)
         backward = time.perf_counter()
@@ -298,7 +412,8 @@ def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, floa
     mine, per_reward = batch.completions, batch.per_reward
     checks = [check_reasoning(c.final_text) for c in mine]
     return {
-        "count": float(len(mine)), "reward_total": float(sum(batch.totals)),
+        "count": float(len(mine)),
+        "reward_total": float(sum(batch.totals)),
         "strict": float(sum(v == STRICT_POINTS for v in per_reward["strict_format"])),
         "correct": float(sum(v > 0 for v in per_reward["correctness"])),
         "length": float(sum(len(c.token_ids) for c in mine)),
@@ -321,11 +436,23 @@ class InTrainingEval:
 
     def run(self, step: int) -> dict[str, float]:
         e = self.config.eval
-        summary, _ = evaluate(self.client, self.tokenizer, self.examples, max_tokens=self.config.train.max_completion_tokens,
-                              maj_k=e.maj_k, temperature=e.temperature, seed=self.config.run.seed + step, style=self.style,
-                              tools=self.tools)
-        log.info("step %d: eval pass@1 strict accuracy %.3f on %d problems", step,
-                 summary.get("pass@1/strict_accuracy", float("nan")), len(self.examples))
+        summary, _ = evaluate(
+            self.client,
+            self.tokenizer,
+            self.examples,
+            max_tokens=self.config.train.max_completion_tokens,
+            maj_k=e.maj_k,
+            temperature=e.temperature,
+            seed=self.config.run.seed + step,
+            style=self.style,
+            tools=self.tools,
+        )
+        log.info(
+            "step %d: eval pass@1 strict accuracy %.3f on %d problems",
+            step,
+            summary.get("pass@1/strict_accuracy", float("nan")),
+            len(self.examples),
+        )
         return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, int | float)}
 
 
@@ -334,9 +461,16 @@ def completion_samples(batch: StepBatch, count: int) -> list[dict]:
     rows = []
     for i, c in enumerate(batch.completions[:count]):
         # with tools the text shows the turns: the calls, the results the model read, its answer
-        rows.append({"prompt": c.example.question, "completion": c.text, "reference": c.answer,
-                     **{f"reward/{name}": values[i] for name, values in batch.per_reward.items()},
-                     "reward/total": batch.totals[i], "advantage": float(batch.advantages[i])})
+        rows.append(
+            {
+                "prompt": c.example.question,
+                "completion": c.text,
+                "reference": c.answer,
+                **{f"reward/{name}": values[i] for name, values in batch.per_reward.items()},
+                "reward/total": batch.totals[i],
+                "advantage": float(batch.advantages[i]),
+            }
+        )
     return rows
 
 
@@ -346,8 +480,10 @@ def release_shm_name(rank: int) -> None:
     mapped every peer's buffer (during init_distributed, hence the barrier), the names can go: the
     memory stays mapped while the ranks live and is freed when they exit, however they exit."""
     dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+        f"{os.environ.get('MASTER_PORT')}_{rank}"
+    )
     with contextlib.suppress(FileNotFoundError):
         os.unlink(Path("/dev/shm") / name)
 
@@ -361,7 +497,9 @@ def collective_timeout(config: Config) -> timedelta:
     if e.every:  # one greedy (and one sampled, for maj@k) request per 128 problems, each within its deadline
         requests = -(-(e.limit or 10_000) // REQUEST_PROMPTS) * (2 if e.maj_k else 1)
         evaluation = requests * s.request_timeout_s
-    return timedelta(seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120)
+    return timedelta(
+        seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120
+    )
 
 
 def command() -> int:

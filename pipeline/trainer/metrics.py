@@ -17,25 +17,36 @@ def group_stats(group_totals: list[list[float]]) -> dict[str, float]:
     and the fraction of groups whose completions all scored the same, which teach nothing (zero
     advantage for every completion)."""
     stds = torch.tensor(group_totals, dtype=torch.float64).std(dim=1)
-    return {"reward/std_within_group": float(stds.mean()), "frac_zero_std_groups": float((stds < 1e-9).double().mean())}
+    return {
+        "reward/std_within_group": float(stds.mean()),
+        "frac_zero_std_groups": float((stds < 1e-9).double().mean()),
+    }
 
 
-def metrics_row(step: int, s: dict[str, float], mx: dict[str, float], reward_names: list[str],
-                extra: dict[str, float]) -> dict:
+def metrics_row(
+    step: int, s: dict[str, float], mx: dict[str, float], reward_names: list[str], extra: dict[str, float]
+) -> dict:
     """The metrics.jsonl row of one step. `s`: sums over every rank's completions (count, tokens,
     reward sums `r_<name>`, loss, ...); `mx`: maxima over ranks; `extra`: values known on rank 0 as
     they are (learning rate, timings, sync figures, group diagnostics)."""
     n, tokens = max(s["count"], 1.0), max(s["tokens"], 1.0)
     row = {
-        "step": step, "loss": s["loss"], "reward/total": s["reward_total"] / n,
+        "step": step,
+        "loss": s["loss"],
+        "reward/total": s["reward_total"] / n,
         **{f"reward/{name}": s[f"r_{name}"] / n for name in reward_names},
-        "format/strict_rate": s["strict"] / n, "accuracy": s["correct"] / n,
-        "completion_len/mean": s["length"] / n, "completion_len/max": mx["length_max"],
+        "format/strict_rate": s["strict"] / n,
+        "accuracy": s["correct"] / n,
+        "completion_len/mean": s["length"] / n,
+        "completion_len/max": mx["length_max"],
         "completions/truncated_rate": s["truncated"] / n,
         "reasoning/step_accuracy": s["reasoning_correct"] / max(s["reasoning_steps"], 1.0),
-        "entropy": s["entropy_sum"] / tokens, "grad_norm": mx["grad_norm"],
-        "clip_ratio": s["clipped_tokens"] / tokens, "is_ratio/mean": s["ratio_sum"] / tokens,
-        "is_ratio/max": mx["ratio_max"], "is_ratio/capped_frac": s["capped_tokens"] / tokens,
+        "entropy": s["entropy_sum"] / tokens,
+        "grad_norm": mx["grad_norm"],
+        "clip_ratio": s["clipped_tokens"] / tokens,
+        "is_ratio/mean": s["ratio_sum"] / tokens,
+        "is_ratio/max": mx["ratio_max"],
+        "is_ratio/capped_frac": s["capped_tokens"] / tokens,
     }
     if "kl_sum" in s:  # beta > 0 only
         row["kl"] = s["kl_sum"] / tokens
@@ -62,7 +73,10 @@ class _TensorBoard:
 
     def table(self, name: str, columns: list[str], data: list[list], step: int) -> None:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(v).replace("\n", "<br>").replace("|", "\\|") for v in r) + " |" for r in data]
+        lines += [
+            "| " + " | ".join(str(v).replace("\n", "<br>").replace("|", "\\|") for v in r) + " |"
+            for r in data
+        ]
         self.writer.add_text(name, "\n".join(lines), step)
 
     def close(self) -> None:
@@ -76,7 +90,9 @@ class _WandB:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config, reinit="finish_previous")
+        self.run = wandb.init(
+            project=project, name=name, dir=str(run_dir), config=config, reinit="finish_previous"
+        )
 
     def log(self, row: dict, step: int) -> None:
         self.run.log(row, step=step)
@@ -98,8 +114,9 @@ class _Trackio:
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(project=project, name=name, config=config, embed=False, auto_log_gpu=False,
-                                auto_log_cpu=False)
+        self.run = trackio.init(
+            project=project, name=name, config=config, embed=False, auto_log_gpu=False, auto_log_cpu=False
+        )
 
     def log(self, row: dict, step: int) -> None:
         self.trackio.log(row, step=step)
@@ -121,13 +138,26 @@ class Metrics:
     (the record every report reads) and each tracker in train.report_to. Sampled completions go to
     completions.jsonl and to the trackers as a table."""
 
-    def __init__(self, run_dir: Path, is_writer: bool, report_to: list[str] = ("tensorboard",),
-                 project: str = "grpo-pipeline", run_name: str = "", config: dict | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        is_writer: bool,
+        report_to: list[str] = ("tensorboard",),
+        project: str = "grpo-pipeline",
+        run_name: str = "",
+        config: dict | None = None,
+    ):
         self.is_writer = is_writer
         self.file = open(run_dir / "metrics.jsonl", "a") if is_writer else None  # noqa: SIM115
         self.samples = open(run_dir / "completions.jsonl", "a") if is_writer else None  # noqa: SIM115
-        self.trackers = [TRACKERS[name](run_dir, project=project, name=run_name or run_dir.name, config=config or {})
-                         for name in report_to] if is_writer else []
+        self.trackers = (
+            [
+                TRACKERS[name](run_dir, project=project, name=run_name or run_dir.name, config=config or {})
+                for name in report_to
+            ]
+            if is_writer
+            else []
+        )
 
     @staticmethod
     def reduce(sums: dict[str, float], maxima: dict[str, float], device) -> tuple[dict, dict]:

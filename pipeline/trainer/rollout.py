@@ -34,14 +34,26 @@ class Rollouts:
     """Rank 0 talks to the server (in a helper thread, so a request can run ahead); all ranks
     receive each step's completions by broadcast."""
 
-    def __init__(self, client, *, n: int, max_tokens: int, temperature: float, top_p: float, seed: int,
-                 max_staleness: int, tools: ToolRollouts | None = None):
+    def __init__(
+        self,
+        client,
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        max_staleness: int,
+        tools: ToolRollouts | None = None,
+    ):
         # tools: rank 0's, with rollout.tools or rollout.environment: multi-turn generation
         self.client, self.max_staleness, self.tools = client, max_staleness, tools
         self.params = {"n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
         self.seed = seed
         self.is_sender = dist.get_rank() == 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if self.is_sender else None
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if self.is_sender else None
+        )
         self.pending: dict[int, tuple[Future, list[list[int]], list[Example]]] = {}
         self.discarded = 0
         self.timing: dict[str, float] = {}  # the last collected step's: time/<phase> seconds (rank 0's)
@@ -58,16 +70,21 @@ class Rollouts:
             future = self.pool.submit(self._generate, prompt_ids, examples, step)
             self.pending[step] = (future, prompt_ids, examples)
 
-    def _generate(self, prompt_ids: list[list[int]], examples: list[Example],
-                  step: int) -> tuple[Generation, dict[str, float]]:
+    def _generate(
+        self, prompt_ids: list[list[int]], examples: list[Example], step: int
+    ) -> tuple[Generation, dict[str, float]]:
         """One generate call, and its round trip next to the engine time the server reports (`time/*`
         columns), so a step's metrics separate the engine (prefill, decode) from HTTP and (de)serialisation."""
         start = time.perf_counter()
-        out = generate(self.client, prompt_ids, examples, seed=self.step_seed(step), tools=self.tools, **self.params)
+        out = generate(
+            self.client, prompt_ids, examples, seed=self.step_seed(step), tools=self.tools, **self.params
+        )
         server = out.timing
-        timing = {"time/engine": server.get("engine_s", 0.0),
-                  "time/http": time.perf_counter() - start - server.get("engine_s", 0.0),
-                  **{f"time/engine_{k.removesuffix('_s')}": v for k, v in server.items() if k != "engine_s"}}
+        timing = {
+            "time/engine": server.get("engine_s", 0.0),
+            "time/http": time.perf_counter() - start - server.get("engine_s", 0.0),
+            **{f"time/engine_{k.removesuffix('_s')}": v for k, v in server.items() if k != "engine_s"},
+        }
         return out, timing
 
     def collect(self, step: int, version: int) -> tuple[list[Completion], int]:
@@ -82,8 +99,10 @@ class Rollouts:
                     self.discarded += 1  # too stale: generate again from the current weights
                     out, timing = self._generate(prompt_ids, examples, step)
                     if out.version != version:
-                        raise StaleRolloutError(f"server generated with weights version {out.version}, "
-                                                f"the trainer is at version {version}")
+                        raise StaleRolloutError(
+                            f"server generated with weights version {out.version}, "
+                            f"the trainer is at version {version}"
+                        )
                 self.timing, self.split = timing, out.split
                 payload = [(out.version, out.completions)]
             except Exception as e:  # let every rank fail with the same message instead of hanging
@@ -111,32 +130,41 @@ def tool_metrics(completions: list[Completion], tool_names: list[str]) -> dict[s
     """tools/*: calls per completion, the share that failed, completions with at least one call, and
     calls per tool (every configured tool, so the columns are the same every step)."""
     calls = [call for c in completions for call in c.tool_calls]
-    return {"tools/calls_per_completion": len(calls) / max(len(completions), 1),
-            "tools/failure_rate": sum(not ok for _, ok in calls) / max(len(calls), 1),
-            "tools/completions_with_call": sum(bool(c.tool_calls) for c in completions) / max(len(completions), 1),
-            **{f"tools/calls/{name}": float(sum(n == name for n, _ in calls)) for name in tool_names}}
+    return {
+        "tools/calls_per_completion": len(calls) / max(len(completions), 1),
+        "tools/failure_rate": sum(not ok for _, ok in calls) / max(len(calls), 1),
+        "tools/completions_with_call": sum(bool(c.tool_calls) for c in completions)
+        / max(len(completions), 1),
+        **{f"tools/calls/{name}": float(sum(n == name for n, _ in calls)) for name in tool_names},
+    }
 
 
 class StaleRolloutError(RuntimeError):
     """The server generated with weights other than the trainer's current ones."""
 
 
-def score_slice(completions: list[Completion], weights: dict[str, float], rewards: dict[str, Reward] | None = None,
-                system_prompt: str | None = None):
+def score_slice(
+    completions: list[Completion],
+    weights: dict[str, float],
+    rewards: dict[str, Reward] | None = None,
+    system_prompt: str | None = None,
+):
     """Weighted total reward and each reward's values for this rank's completions. Reward functions
     get TRL's arguments: the prompts (chat messages), the completions, `answer`, and each other column
     of the dataset rows as a list (None where a row lacks it)."""
     names = {key for c in completions for key in c.example.columns}
     columns = {key: [c.example.columns.get(key) for c in completions] for key in sorted(names)}
     prompts = [c.example.prompt(system_prompt or SYSTEM_PROMPT) for c in completions]
-    return score_completions([c.scored for c in completions], [c.answer for c in completions], weights, rewards,
-                             prompts, columns)
+    return score_completions(
+        [c.scored for c in completions], [c.answer for c in completions], weights, rewards, prompts, columns
+    )
 
 
 @dataclass
 class StepBatch:
     """One optimizer step as this rank sees it: its slice of the step's completions (its micro-batches,
     in order), their rewards, and advantages normalised over each prompt's whole group."""
+
     completions: list[Completion]  # (per_rank,) = micro_batch_size x gradient_accumulation_steps
     totals: list[float]  # (per_rank,) weighted reward of each
     per_reward: dict[str, list[float]]  # name -> (per_rank,) each reward's own values
@@ -145,16 +173,28 @@ class StepBatch:
     generated_by: int  # the weights version that generated them
 
 
-def score_step(completions: list[Completion], generated_by: int, *, rank: int, world: int, group_size: int,
-               scaling: str, weights: dict[str, float], rewards: dict[str, Reward], system_prompt: str,
-               device) -> StepBatch:
+def score_step(
+    completions: list[Completion],
+    generated_by: int,
+    *,
+    rank: int,
+    world: int,
+    group_size: int,
+    scaling: str,
+    weights: dict[str, float],
+    rewards: dict[str, Reward],
+    system_prompt: str,
+    device,
+) -> StepBatch:
     """Score this rank's slice, gather every rank's totals (collectives need tensors on the rank's
     device: NCCL CUDA ones, gloo CPU ones) and compute group-normalised advantages."""
     per_rank = len(completions) // world
-    mine = completions[rank * per_rank: (rank + 1) * per_rank]
+    mine = completions[rank * per_rank : (rank + 1) * per_rank]
     totals, per_reward = score_slice(mine, weights, rewards, system_prompt)
     gathered = [torch.zeros(per_rank, dtype=torch.float64, device=device) for _ in range(world)]
     dist.all_gather(gathered, torch.tensor(totals, dtype=torch.float64, device=device))
     everyone = torch.cat(gathered).cpu()
-    advantages = group_advantages(everyone, group_size, scaling)[rank * per_rank: (rank + 1) * per_rank].float()
+    advantages = group_advantages(everyone, group_size, scaling)[
+        rank * per_rank : (rank + 1) * per_rank
+    ].float()
     return StepBatch(mine, totals, per_reward, advantages, everyone.view(-1, group_size), generated_by)

@@ -22,13 +22,31 @@ log = logging.getLogger(__name__)
 
 
 class ServerLink(WeightSync):
-    def __init__(self, model_engine, zero_stage: int, rank: int, config: Config, client: Engines | None,
-                 sync_host: str, dtype: torch.dtype):
+    def __init__(
+        self,
+        model_engine,
+        zero_stage: int,
+        rank: int,
+        config: Config,
+        client: Engines | None,
+        sync_host: str,
+        dtype: torch.dtype,
+    ):
         s = config.sync
-        super().__init__(model_engine.module, zero_stage, rank, model_engine.device, client, host=sync_host,
-                         port=s.port, timeout_s=s.timeout_s, bucket_bytes=s.bucket_mb * 2**20,
-                         verify_bytes=s.verify_mb * 2**20, shared_memory=s.shared_memory,
-                         lora_sync=config.model.lora_sync)
+        super().__init__(
+            model_engine.module,
+            zero_stage,
+            rank,
+            model_engine.device,
+            client,
+            host=sync_host,
+            port=s.port,
+            timeout_s=s.timeout_s,
+            bucket_bytes=s.bucket_mb * 2**20,
+            verify_bytes=s.verify_mb * 2**20,
+            shared_memory=s.shared_memory,
+            lora_sync=config.model.lora_sync,
+        )
         self.model_engine, self.config, self.dtype = model_engine, config, dtype
 
     @property
@@ -56,7 +74,11 @@ class ServerLink(WeightSync):
             # none healthy: no group to form; the push fails and `recover` decides (wait, or the error)
             changed = [bool(now) and now != was]
             if changed[0]:
-                log.warning("engines changed: group was %s, now %s", sorted(i for i, _ in was), sorted(i for i, _ in now))
+                log.warning(
+                    "engines changed: group was %s, now %s",
+                    sorted(i for i, _ in was),
+                    sorted(i for i, _ in now),
+                )
         return bool(_broadcast(changed))
 
     def recover(self, error: Exception, version: int) -> None:
@@ -105,27 +127,41 @@ class ServerLink(WeightSync):
         self.model_engine.eval()
         with torch.no_grad():
             ids = torch.tensor([prompt_ids + token_ids], device=self.model_engine.device)
-            mine = token_logprobs(self.model_engine, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1:].float().cpu()
+            mine = (
+                token_logprobs(self.model_engine, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1 :]
+                .float()
+                .cpu()
+            )
             base = None
             if hasattr(module, "peft_config"):
                 with module.disable_adapter():
-                    base = token_logprobs(self.model_engine, ids, torch.ones_like(ids))[0, len(prompt_ids) - 1:]
+                    base = token_logprobs(self.model_engine, ids, torch.ones_like(ids))[
+                        0, len(prompt_ids) - 1 :
+                    ]
                 base = base.float().cpu()
         if self.rank != 0:
             return {}
         served = torch.tensor(self.engines.score([(prompt_ids, token_ids)])["logprobs"][0])
         diff = float((served - mine).abs().max())
         if diff > probe_tolerance(self.dtype):
-            log.warning("step %d: served logprobs differ from the trainer's by %.2e (tolerance %.0e for %s)",
-                        step, diff, probe_tolerance(self.dtype), self.dtype)
+            log.warning(
+                "step %d: served logprobs differ from the trainer's by %.2e (tolerance %.0e for %s)",
+                step,
+                diff,
+                probe_tolerance(self.dtype),
+                self.dtype,
+            )
         row = {"sync/logprob_max_abs_diff": diff}
         if base is not None:
             effect, shift = adapter_effect(served, mine, base)
             row.update({"sync/adapter_effect": effect, "sync/adapter_shift_rms": shift})
             if shift > 2 * NOISE_RMS[self.dtype == torch.float32] and effect < 0.5:
-                log.warning("step %d: the engines serve %.0f%% of the adapter's effect on the probe's logprobs "
-                            "(a merged 16-bit push rounds small updates away: model.lora_sync=adapter)", step,
-                            100 * effect)
+                log.warning(
+                    "step %d: the engines serve %.0f%% of the adapter's effect on the probe's logprobs "
+                    "(a merged 16-bit push rounds small updates away: model.lora_sync=adapter)",
+                    step,
+                    100 * effect,
+                )
         return row
 
 
@@ -134,7 +170,9 @@ class ServerLink(WeightSync):
 NOISE_RMS = {True: 1e-5, False: 1e-2}
 
 
-def adapter_effect(served: torch.Tensor, adapter_on: torch.Tensor, adapter_off: torch.Tensor) -> tuple[float, float]:
+def adapter_effect(
+    served: torch.Tensor, adapter_on: torch.Tensor, adapter_off: torch.Tensor
+) -> tuple[float, float]:
     """How much of the adapter's effect the served logprobs show: the least-squares coefficient of
     (served - off) along (on - off), 1 = all of it, 0 = the base model's; kernel noise averages out
     instead of adding up as it does in a max. And the RMS of on - off, the effect itself."""

@@ -72,23 +72,46 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="gloo, fp32, no CUDA (to test this script's logic)")
     p.add_argument("--steps", type=int, default=6, help="GRPO optimizer steps per ZeRO stage")
-    p.add_argument("--lora-steps", type=int, default=4,
-                   help=f"GRPO steps per ZeRO stage with LoRA (rank {LORA_RANK}, alpha {LORA_ALPHA}); 0 skips them")
+    p.add_argument(
+        "--lora-steps",
+        type=int,
+        default=4,
+        help=f"GRPO steps per ZeRO stage with LoRA (rank {LORA_RANK}, alpha {LORA_ALPHA}); 0 skips them",
+    )
     p.add_argument("--hidden", type=int, default=0, help="model width (default 512 on GPU, 64 on CPU)")
     p.add_argument("--layers", type=int, default=0, help="decoder layers (default 4 on GPU, 2 on CPU)")
-    p.add_argument("--zero2-config", default="", help="default configs/ds_zero2_gpu.json (CPU: ds_zero2.json)")
-    p.add_argument("--zero3-config", default="", help="default configs/ds_zero3_gpu.json (CPU: ds_zero3.json)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="auto: bfloat16 on GPU (the recipe), float32 with --cpu")
-    p.add_argument("--no-vllm", action="store_true", help="stub pipeline.sync.weight_sync even where vLLM imports")
-    p.add_argument("--lr", type=float, default=0.0,
-                   help="learning rate (default 5e-3 below 100M parameters, where a few steps must move the weights; "
-                        "1e-5 above: 5e-3 diverges a 1B model within 3 steps)")
-    p.add_argument("--recipe-shape", action="store_true",
-                   help="memory only: prem-1B's shape (vocabulary 32,004, random weights) at the recipe's lengths, "
-                        "micro-batch, beta and learning rate (configs/prem-1b-gsm8k.yaml), one rank; per ZeRO stage "
-                        "launch/memory.py's estimate next to the measured peak")
-    p.add_argument("--out", default="", help="JSON summary (default $OUT/gpu_trainer_check.json if OUT is set)")
+    p.add_argument(
+        "--zero2-config", default="", help="default configs/ds_zero2_gpu.json (CPU: ds_zero2.json)"
+    )
+    p.add_argument(
+        "--zero3-config", default="", help="default configs/ds_zero3_gpu.json (CPU: ds_zero3.json)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="auto: bfloat16 on GPU (the recipe), float32 with --cpu",
+    )
+    p.add_argument(
+        "--no-vllm", action="store_true", help="stub pipeline.sync.weight_sync even where vLLM imports"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=0.0,
+        help="learning rate (default 5e-3 below 100M parameters, where a few steps must move the weights; "
+        "1e-5 above: 5e-3 diverges a 1B model within 3 steps)",
+    )
+    p.add_argument(
+        "--recipe-shape",
+        action="store_true",
+        help="memory only: prem-1B's shape (vocabulary 32,004, random weights) at the recipe's lengths, "
+        "micro-batch, beta and learning rate (configs/prem-1b-gsm8k.yaml), one rank; per ZeRO stage "
+        "launch/memory.py's estimate next to the measured peak",
+    )
+    p.add_argument(
+        "--out", default="", help="JSON summary (default $OUT/gpu_trainer_check.json if OUT is set)"
+    )
     return p.parse_args()
 
 
@@ -97,7 +120,9 @@ def import_train(force_stub: bool):
     have_vllm = importlib.util.find_spec("vllm") is not None and not force_stub
     if not have_vllm:
         stub = types.ModuleType("pipeline.sync.weight_sync")
-        stub.__doc__ = "stub: vLLM is not installed here; tests/harness/gpu_trainer.py does not use weight sync"
+        stub.__doc__ = (
+            "stub: vLLM is not installed here; tests/harness/gpu_trainer.py does not use weight sync"
+        )
 
         class WeightSyncError(RuntimeError):
             pass
@@ -120,10 +145,21 @@ def build_model(out_dir: Path, hidden: int, layers: int) -> tuple[Path, list]:
     from pipeline.task.xml_format import SYSTEM_PROMPT
 
     examples = generate(400, seed=7)
-    corpus = [SYSTEM_PROMPT] + [e.question + "\n" + e.solution for e in examples]  # as tests/conftest.tiny_corpus
+    corpus = [SYSTEM_PROMPT] + [
+        e.question + "\n" + e.solution for e in examples
+    ]  # as tests/conftest.tiny_corpus
     heads = max(2, hidden // 64)
-    build_tiny_model(out_dir, corpus, hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
-                     num_heads=heads, num_kv_heads=max(1, heads // 4), tie_word_embeddings=True, seed=0)
+    build_tiny_model(
+        out_dir,
+        corpus,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 4),
+        tie_word_embeddings=True,
+        seed=0,
+    )
     return out_dir, examples
 
 
@@ -144,7 +180,7 @@ def make_rollouts(tokenizer, examples, steps: int, per_step: int, group: int, ma
     out = []
     for s in range(steps):
         batch = []
-        for e in examples[s * (per_step // group): (s + 1) * (per_step // group)]:
+        for e in examples[s * (per_step // group) : (s + 1) * (per_step // group)]:
             prompt = prompt_token_ids(tokenizer, e)
             for g in range(group):
                 if g % 2 == 0:
@@ -172,7 +208,9 @@ def fill_old_logprobs(model, rollouts, device, noise: float, seed: int) -> None:
         for batch in rollouts:
             for c in batch:
                 ids = torch.tensor([c.prompt_ids + c.token_ids], device=device)
-                lp = token_logprobs(model, ids, torch.ones_like(ids))[0, len(c.prompt_ids) - 1:].float().cpu()
+                lp = (
+                    token_logprobs(model, ids, torch.ones_like(ids))[0, len(c.prompt_ids) - 1 :].float().cpu()
+                )
                 c.logprobs = (lp + noise * torch.randn(lp.shape, generator=g)).tolist()
 
 
@@ -180,8 +218,15 @@ def probe_batch(rollouts, tokenizer, device):
     from pipeline.trainer.grpo import make_batch
 
     chunk = rollouts[0][:4]
-    return make_batch([c.prompt_ids for c in chunk], [c.token_ids for c in chunk], [c.logprobs for c in chunk],
-                      [0.0] * len(chunk), [True] * len(chunk), tokenizer.pad_token_id, device)
+    return make_batch(
+        [c.prompt_ids for c in chunk],
+        [c.token_ids for c in chunk],
+        [c.logprobs for c in chunk],
+        [0.0] * len(chunk),
+        [True] * len(chunk),
+        tokenizer.pad_token_id,
+        device,
+    )
 
 
 def full_params(engine_or_module, zero_stage: int) -> dict:
@@ -190,8 +235,11 @@ def full_params(engine_or_module, zero_stage: int) -> dict:
 
     module = getattr(engine_or_module, "module", engine_or_module)
     named = list(module.named_parameters())
-    ctx = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None) if zero_stage == 3
-           else contextlib.nullcontext())
+    ctx = (
+        deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        if zero_stage == 3
+        else contextlib.nullcontext()
+    )
     with ctx:
         return {n: p.detach().float().cpu().clone() for n, p in named}
 
@@ -216,12 +264,22 @@ def stage_config(ds_path: Path, ctx: dict, steps: int, lora: bool):
     """A pipeline.config.Config as the trainer gets it (load_config with --set overrides)."""
     from pipeline.config import load_config
 
-    overrides = [f"model.path={ctx['model_dir']}", f"train.deepspeed_config={ds_path}",
-                 f"train.micro_batch_size={ctx['micro']}", f"train.gradient_accumulation_steps={ctx['accum']}",
-                 f"train.num_generations={ctx['group']}", f"train.max_steps={steps}",
-                 f"train.learning_rate={ctx['lr']}", "train.warmup_ratio=0.0", "train.min_lr_ratio=0.1",
-                 "train.max_grad_norm=1.0", "train.beta=0.04", f"train.max_completion_tokens={ctx['max_tokens']}",
-                 f"train.deepspeed_config={ds_path}", "data.synthetic_train=64"]
+    overrides = [
+        f"model.path={ctx['model_dir']}",
+        f"train.deepspeed_config={ds_path}",
+        f"train.micro_batch_size={ctx['micro']}",
+        f"train.gradient_accumulation_steps={ctx['accum']}",
+        f"train.num_generations={ctx['group']}",
+        f"train.max_steps={steps}",
+        f"train.learning_rate={ctx['lr']}",
+        "train.warmup_ratio=0.0",
+        "train.min_lr_ratio=0.1",
+        "train.max_grad_norm=1.0",
+        "train.beta=0.04",
+        f"train.max_completion_tokens={ctx['max_tokens']}",
+        f"train.deepspeed_config={ds_path}",
+        "data.synthetic_train=64",
+    ]
     if lora:
         overrides += [f"model.lora_rank={LORA_RANK}", f"model.lora_alpha={LORA_ALPHA}"]
     return load_config(None, overrides)
@@ -242,11 +300,17 @@ def build_engines(config, ctx: dict, stage: int, tag: str):
     built = ctx["train"].build(config, world=1)
     engine = built.engine
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in engine.module.parameters()})
-    check(f"{tag}: deepspeed.initialize", built.zero_stage == stage and engine.zero_optimization_stage() == stage
-          and engine.device.type == device.type and engine.bfloat16_enabled() == (dtype == torch.bfloat16)
-          and built.dtype == dtype and (built.reference is None) == bool(config.model.lora_rank or not config.train.beta),
-          f"stage {engine.zero_optimization_stage()}, device {engine.device}, bf16 {engine.bfloat16_enabled()}, "
-          f"param dtypes {dtypes}, reference {'none (LoRA: adapter off)' if built.reference is None else 'engine'}")
+    check(
+        f"{tag}: deepspeed.initialize",
+        built.zero_stage == stage
+        and engine.zero_optimization_stage() == stage
+        and engine.device.type == device.type
+        and engine.bfloat16_enabled() == (dtype == torch.bfloat16)
+        and built.dtype == dtype
+        and (built.reference is None) == bool(config.model.lora_rank or not config.train.beta),
+        f"stage {engine.zero_optimization_stage()}, device {engine.device}, bf16 {engine.bfloat16_enabled()}, "
+        f"param dtypes {dtypes}, reference {'none (LoRA: adapter off)' if built.reference is None else 'engine'}",
+    )
     return built, start_gib
 
 
@@ -271,11 +335,21 @@ def grpo_steps(built, config, ctx: dict, tag: str) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            batch = score_step(mine, step, rank=0, world=1, group_size=t.num_generations, scaling=t.advantage_scaling,
-                               weights=config.rewards, rewards=built.rewards, system_prompt=built.style.system_prompt,
-                               device=device)
-            sums, maxima = train.train_on_batch(engine, built.reference, batch,
-                                                dataclasses.replace(t, loss_type=loss_type), ctx["pad_id"], 1)
+            batch = score_step(
+                mine,
+                step,
+                rank=0,
+                world=1,
+                group_size=t.num_generations,
+                scaling=t.advantage_scaling,
+                weights=config.rewards,
+                rewards=built.rewards,
+                system_prompt=built.style.system_prompt,
+                device=device,
+            )
+            sums, maxima = train.train_on_batch(
+                engine, built.reference, batch, dataclasses.replace(t, loss_type=loss_type), ctx["pad_id"], 1
+            )
             s, mx = train.Metrics.reduce(sums, maxima, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -285,18 +359,29 @@ def grpo_steps(built, config, ctx: dict, tag: str) -> dict:
             lrs.append(engine.get_lr()[0])
             kls.append(s.get("kl_sum", 0.0) / max(s["tokens"], 1.0))
             tokens_per_step.append(sum(len(c.prompt_ids) + len(c.token_ids) for c in mine))
-            print(f"  {tag} step {step + 1} {loss_type:8s} loss {s['loss']:+.4f} grad_norm {norms[-1]:.3g} "
-                  f"kl {kls[-1]:.3g} clipped {s['clipped_tokens']:.0f}/{s['tokens']:.0f} lr {lrs[-1]:.2e} "
-                  f"{times[-1] * 1000:.0f} ms", flush=True)
+            print(
+                f"  {tag} step {step + 1} {loss_type:8s} loss {s['loss']:+.4f} grad_norm {norms[-1]:.3g} "
+                f"kl {kls[-1]:.3g} clipped {s['clipped_tokens']:.0f}/{s['tokens']:.0f} lr {lrs[-1]:.2e} "
+                f"{times[-1] * 1000:.0f} ms",
+                flush=True,
+            )
         used = loss_types[:steps] if steps < len(loss_types) else loss_types
-        check(f"{tag}: loss and grad norm finite over {steps} steps ({', '.join(used)})",
-              all(math.isfinite(x) for x in losses + norms + kls) and len(losses) == steps,
-              f"losses {[round(x, 4) for x in losses]}, grad norms {[round(x, 3) for x in norms]}")
+        check(
+            f"{tag}: loss and grad norm finite over {steps} steps ({', '.join(used)})",
+            all(math.isfinite(x) for x in losses + norms + kls) and len(losses) == steps,
+            f"losses {[round(x, 4) for x in losses]}, grad norms {[round(x, 3) for x in norms]}",
+        )
         if t.beta:
-            check(f"{tag}: KL to the reference starts at 0 and grows", abs(kls[0]) < 1e-3 and kls[-1] > kls[0] and
-                  all(k >= -1e-6 for k in kls), f"kl {[f'{k:.2e}' for k in kls]}")
-        check(f"{tag}: learning rate follows the schedule (cosine to 10%)", lrs[0] > lrs[-1] > 0,
-              f"lr {[f'{x:.2e}' for x in lrs]}")
+            check(
+                f"{tag}: KL to the reference starts at 0 and grows",
+                abs(kls[0]) < 1e-3 and kls[-1] > kls[0] and all(k >= -1e-6 for k in kls),
+                f"kl {[f'{k:.2e}' for k in kls]}",
+            )
+        check(
+            f"{tag}: learning rate follows the schedule (cosine to 10%)",
+            lrs[0] > lrs[-1] > 0,
+            f"lr {[f'{x:.2e}' for x in lrs]}",
+        )
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if times:
@@ -326,16 +411,22 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         before = full_params(engine, stage)
         ref = ctx["hf_params"]
         diff = max(float((before[n] - ref[n]).abs().max()) for n in ref)
-        check(f"{tag}: initial full parameters equal the HF checkpoint", before.keys() == ref.keys() and diff == 0.0,
-              f"{len(before)} tensors, max |diff| {diff:.3g}")
+        check(
+            f"{tag}: initial full parameters equal the HF checkpoint",
+            before.keys() == ref.keys() and diff == 0.0,
+            f"{len(before)} tensors, max |diff| {diff:.3g}",
+        )
     with guarded(f"{tag}: initial logits"):
         engine.eval()
         mask = probe.attention_mask[..., None].float()
         d = masked_max_diff(logits_of(engine, probe), logits_of(hf, probe), mask)
         d_ref = masked_max_diff(logits_of(reference, probe), logits_of(hf, probe), mask)
         tol = ctx["logit_tol"]
-        check(f"{tag}: engine and reference logits equal a plain HF model's", d <= tol and d_ref <= tol,
-              f"max |diff| engine {d:.3g}, reference {d_ref:.3g} (tolerance {tol:g})")
+        check(
+            f"{tag}: engine and reference logits equal a plain HF model's",
+            d <= tol and d_ref <= tol,
+            f"max |diff| engine {d:.3g}, reference {d_ref:.3g} (tolerance {tol:g})",
+        )
 
     result.update(grpo_steps(built, config, ctx, tag))
 
@@ -346,8 +437,11 @@ def run_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         changed = [n for n in after if not torch.equal(after[n], before[n])]
         matrices = [n for n in after if after[n].dim() >= 2]
         unchanged_matrices = [n for n in matrices if n not in changed]
-        check(f"{tag}: parameters changed", not unchanged_matrices and len(changed) >= 0.5 * len(after),
-              f"{len(changed)}/{len(after)} tensors changed; unchanged: {sorted(set(after) - set(changed))[:6]}")
+        check(
+            f"{tag}: parameters changed",
+            not unchanged_matrices and len(changed) >= 0.5 * len(after),
+            f"{len(changed)}/{len(after)} tensors changed; unchanged: {sorted(set(after) - set(changed))[:6]}",
+        )
         result["after"] = after
         result["before"] = before
     result["engine"], result["reference"] = engine, reference
@@ -371,8 +465,11 @@ def exported_state(module, zero_stage: int) -> dict:
     dtype = next(module.parameters()).dtype
     out = {}
     for name, params, scaling in exported_weights(module):
-        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3
-                  else contextlib.nullcontext())
+        gather = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if zero_stage == 3
+            else contextlib.nullcontext()
+        )
         with gather:
             out[name] = merged_weight(params, scaling).to("cpu", dtype).contiguous()
     return out
@@ -393,29 +490,45 @@ def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
     trainable = [n for n, p in named if p.requires_grad]
     n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in named if p.requires_grad)
     n_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in named)
-    result: dict = {"stage": stage, "lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "trainable_params": n_train,
-                    "total_params": n_total}
+    result: dict = {
+        "stage": stage,
+        "lora_rank": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "trainable_params": n_train,
+        "total_params": n_total,
+    }
     if ctx["device"].type == "cuda":
         result["start_memory_gib"] = start_gib
     linears = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    check(f"{tag}: with_lora: only the adapter trains, every linear layer but the head adapted",
-          hasattr(module, "peft_config") and all(".lora_" in n for n in trainable)
-          and len(trainable) == 2 * len(linears),
-          f"{len(trainable)} trainable tensors for {len(linears)} linear layers, {n_train} of {n_total} parameters "
-          f"({100 * n_train / n_total:.2f}%)")
+    check(
+        f"{tag}: with_lora: only the adapter trains, every linear layer but the head adapted",
+        hasattr(module, "peft_config")
+        and all(".lora_" in n for n in trainable)
+        and len(trainable) == 2 * len(linears),
+        f"{len(trainable)} trainable tensors for {len(linears)} linear layers, {n_train} of {n_total} parameters "
+        f"({100 * n_train / n_total:.2f}%)",
+    )
     with guarded(f"{tag}: initial parameters"):
         before = full_params(engine, stage)
         base = {hf_name(n): v for n, v in before.items() if ".lora_" not in n}
         ref = ctx["hf_params"]
-        diff = max(float((base[n] - ref[n]).abs().max()) for n in ref) if base.keys() == ref.keys() else math.inf
+        diff = (
+            max(float((base[n] - ref[n]).abs().max()) for n in ref) if base.keys() == ref.keys() else math.inf
+        )
         b_max = max(float(v.abs().max()) for n, v in before.items() if ".lora_B." in n)
-        check(f"{tag}: initial base parameters equal the HF checkpoint and lora_B is zero",
-              diff == 0.0 and b_max == 0.0, f"{len(base)} base tensors, max |diff| {diff:.3g}; max |lora_B| {b_max:.3g}")
+        check(
+            f"{tag}: initial base parameters equal the HF checkpoint and lora_B is zero",
+            diff == 0.0 and b_max == 0.0,
+            f"{len(base)} base tensors, max |diff| {diff:.3g}; max |lora_B| {b_max:.3g}",
+        )
     with guarded(f"{tag}: initial logits"):
         engine.eval()
         d = masked_max_diff(logits_of(engine, probe), logits_of(hf, probe), mask)
-        check(f"{tag}: engine logits equal a plain HF model's before training (B = 0)", d <= tol,
-              f"max |diff| {d:.3g} (tolerance {tol:g})")
+        check(
+            f"{tag}: engine logits equal a plain HF model's before training (B = 0)",
+            d <= tol,
+            f"max |diff| {d:.3g} (tolerance {tol:g})",
+        )
 
     result.update(grpo_steps(built, config, ctx, tag))
 
@@ -425,9 +538,12 @@ def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         lora = [n for n in after if ".lora_" in n]
         moved = [n for n in after if ".lora_" not in n and not torch.equal(after[n], before[n])]
         still = [n for n in lora if torch.equal(after[n], before[n])]
-        check(f"{tag}: only LoRA parameters changed (base weights bit-identical)", not moved and not still and lora,
-              f"{len(lora) - len(still)}/{len(lora)} LoRA tensors changed, {len(moved)}/{len(after) - len(lora)} base "
-              f"tensors changed{': ' + str(moved[:4]) if moved else ''}{'; unchanged LoRA: ' + str(still[:4]) if still else ''}")
+        check(
+            f"{tag}: only LoRA parameters changed (base weights bit-identical)",
+            not moved and not still and lora,
+            f"{len(lora) - len(still)}/{len(lora)} LoRA tensors changed, {len(moved)}/{len(after) - len(lora)} base "
+            f"tensors changed{': ' + str(moved[:4]) if moved else ''}{'; unchanged LoRA: ' + str(still[:4]) if still else ''}",
+        )
         result["after"], result["before"] = after, before
     exported = None
     with guarded(f"{tag}: merged export"):
@@ -436,8 +552,10 @@ def run_lora_stage(stage: int, ds_path: Path, ctx: dict) -> dict | None:
         with guarded(f"{tag}: pipeline.trainer.loop.save_final_model"):
             lora_save_final_model(engine, stage, after, exported, ctx, tag)
     elif not ctx["have_vllm"]:
-        print(f"NOTE: {tag}: pipeline.trainer.loop.save_final_model (merged final/, final/adapter) not run: it needs vLLM",
-              flush=True)
+        print(
+            f"NOTE: {tag}: pipeline.trainer.loop.save_final_model (merged final/, final/adapter) not run: it needs vLLM",
+            flush=True,
+        )
     result["engine"], result["reference"] = engine, reference
     return result
 
@@ -452,18 +570,23 @@ def lora_export_checks(engine, stage: int, config, after: dict, ctx: dict, tag: 
     dtype, probe, tol = ctx["dtype"], ctx["probe"], ctx["logit_tol"]
     exported = exported_state(engine.module, stage)
     plain_names = [n for n, _ in ctx["hf"].named_parameters()]
-    check(f"{tag}: exported weights have the plain HF model's names (no adapter tensors)",
-          list(exported) == plain_names and all(exported[n].dtype == dtype for n in exported),
-          f"{len(exported)} tensors in {sorted({str(t.dtype) for t in exported.values()})} "
-          f"(plain model: {len(plain_names)})")
+    check(
+        f"{tag}: exported weights have the plain HF model's names (no adapter tensors)",
+        list(exported) == plain_names and all(exported[n].dtype == dtype for n in exported),
+        f"{len(exported)} tensors in {sorted({str(t.dtype) for t in exported.values()})} "
+        f"(plain model: {len(plain_names)})",
+    )
 
     # the reference: the gathered state (base + LoRA) in a fresh CPU PEFT model of the same config, merged by PEFT
-    fresh = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype,
-                                                              attn_implementation=ctx["attn"])
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(
+        config.model.path, dtype=dtype, attn_implementation=ctx["attn"]
+    )
     fresh = with_lora(fresh, config)
     fresh_named = dict(fresh.named_parameters())
     if fresh_named.keys() != after.keys():
-        raise AssertionError(f"fresh PEFT model's names differ: {sorted(fresh_named.keys() ^ after.keys())[:4]}")
+        raise AssertionError(
+            f"fresh PEFT model's names differ: {sorted(fresh_named.keys() ^ after.keys())[:4]}"
+        )
     with torch.no_grad():
         for n, p in fresh_named.items():
             p.copy_(after[n])
@@ -489,16 +612,23 @@ def lora_export_checks(engine, stage: int, config, after: dict, ctx: dict, tag: 
         differ += int((diff > 0).sum())
         total += diff.numel()
         max_diff = max(max_diff, float(diff.max()))
-    result["merge_vs_peft"] = {"max_abs_diff": max_diff, "elements_differing": differ, "elements": total,
-                               "adapter_delta_max": delta_max}
-    check(f"{tag}: exported merged weights equal PEFT's merge_and_unload",
-          worst <= 0.0 and delta_max > 0.0,
-          f"max |diff| {max_diff:.3g}, {differ}/{total} elements differ (tolerance: 1 ulp of {dtype}, "
-          f"eps {eps:.3g} x (|W'| + |B||A| s)); the adapter moved weights by up to {delta_max:.3g}")
+    result["merge_vs_peft"] = {
+        "max_abs_diff": max_diff,
+        "elements_differing": differ,
+        "elements": total,
+        "adapter_delta_max": delta_max,
+    }
+    check(
+        f"{tag}: exported merged weights equal PEFT's merge_and_unload",
+        worst <= 0.0 and delta_max > 0.0,
+        f"max |diff| {max_diff:.3g}, {differ}/{total} elements differ (tolerance: 1 ulp of {dtype}, "
+        f"eps {eps:.3g} x (|W'| + |B||A| s)); the adapter moved weights by up to {delta_max:.3g}",
+    )
 
     # a plain HF model with the exported weights == the DeepSpeed LoRA engine's forward
-    plain = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype,
-                                                              attn_implementation=ctx["attn"])
+    plain = transformers.AutoModelForCausalLM.from_pretrained(
+        config.model.path, dtype=dtype, attn_implementation=ctx["attn"]
+    )
     with torch.no_grad():
         for n, p in plain.named_parameters():
             p.copy_(exported[n])
@@ -514,10 +644,12 @@ def lora_export_checks(engine, stage: int, config, after: dict, ctx: dict, tag: 
     top = float((engine_logits.abs() * mask).max())
     moved = masked_max_diff(engine_logits, logits_of(ctx["hf"], probe), mask)
     result["merged_logits"] = {"max_abs_diff": d, "max_abs_logit": top, "adapter_moved_max": moved}
-    check(f"{tag}: a plain HF model with the exported weights gives the LoRA engine's logits",
-          worst <= tol and moved > tol + rtol * top,
-          f"max |diff| {d:.3g} (tolerance {tol:g} + {rtol:.3g} x |logit|, |logit| <= {top:.3g}); "
-          f"the adapter moved logits by up to {moved:.3g}")
+    check(
+        f"{tag}: a plain HF model with the exported weights gives the LoRA engine's logits",
+        worst <= tol and moved > tol + rtol * top,
+        f"max |diff| {d:.3g} (tolerance {tol:g} + {rtol:.3g} x |logit|, |logit| <= {top:.3g}); "
+        f"the adapter moved logits by up to {moved:.3g}",
+    )
     del plain, fresh
     return exported
 
@@ -534,21 +666,33 @@ def lora_save_final_model(engine, stage: int, after: dict, exported: dict, ctx: 
     ctx["train"].save_final_model(engine, stage, ctx["tokenizer"], out, 0)
     saved = load_file(str(out / "model.safetensors"))
     same = saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
-    check(f"{tag}: pipeline.trainer.loop.save_final_model writes the merged weights exported here", same,
-          f"{len(saved)} tensors")
+    check(
+        f"{tag}: pipeline.trainer.loop.save_final_model writes the merged weights exported here",
+        same,
+        f"{len(saved)} tensors",
+    )
     base = transformers.AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=ctx["dtype"])
     with contextlib.suppress(Exception):  # a broken adapter: say what is in the file, not only that it failed
-        shapes = {k: tuple(v.shape) for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items()}
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items()
+        }
         empty = [k for k, v in shapes.items() if 0 in v]
         if empty:
-            print(f"  {tag}: final/adapter holds {len(empty)}/{len(shapes)} empty tensors, e.g. {empty[0]} "
-                  f"{shapes[empty[0]]}", flush=True)
+            print(
+                f"  {tag}: final/adapter holds {len(empty)}/{len(shapes)} empty tensors, e.g. {empty[0]} "
+                f"{shapes[empty[0]]}",
+                flush=True,
+            )
     loaded = PeftModel.from_pretrained(base, out / "adapter")
     got = {n: p.detach().float() for n, p in loaded.named_parameters() if ".lora_" in n}
     want = {n: v for n, v in after.items() if ".lora_" in n}
     same = got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
-    check(f"{tag}: pipeline.trainer.loop.save_final_model's final/adapter reloads with the trained LoRA tensors", same,
-          f"{len(got)}/{len(want)} tensors")
+    check(
+        f"{tag}: pipeline.trainer.loop.save_final_model's final/adapter reloads with the trained LoRA tensors",
+        same,
+        f"{len(got)}/{len(want)} tensors",
+    )
 
 
 def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
@@ -562,8 +706,11 @@ def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
         gathered = full_params(engine, 3)
         common = [n for n in gathered if n in consolidated]
         diff = max(float((consolidated[n].float().cpu() - gathered[n]).abs().max()) for n in common)
-        check("zero3: DeepSpeed's consolidated 16-bit state dict equals the gathered parameters",
-              len(common) == len(gathered) and diff == 0.0, f"{len(common)}/{len(gathered)} tensors, max |diff| {diff:.3g}")
+        check(
+            "zero3: DeepSpeed's consolidated 16-bit state dict equals the gathered parameters",
+            len(common) == len(gathered) and diff == 0.0,
+            f"{len(common)}/{len(gathered)} tensors, max |diff| {diff:.3g}",
+        )
     with guarded("zero3: save and reload"):
         # gathered to CPU in the engine's dtype, saved as pipeline.trainer.loop.save_final_model saves it
         import deepspeed
@@ -575,14 +722,24 @@ def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
         engine.module.save_pretrained(out, state_dict=state)
         ctx["tokenizer"].save_pretrained(out)
         reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
-            out, dtype=ctx["dtype"], attn_implementation=ctx["attn"], output_loading_info=True)
+            out, dtype=ctx["dtype"], attn_implementation=ctx["attn"], output_loading_info=True
+        )
         reloaded = reloaded.to(ctx["device"]).eval()
-        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        check("zero3: saved model reloads with AutoModelForCausalLM, no missing/unexpected keys", not bad, str(bad or ""))
+        bad = {
+            k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
+        check(
+            "zero3: saved model reloads with AutoModelForCausalLM, no missing/unexpected keys",
+            not bad,
+            str(bad or ""),
+        )
         mask = probe.attention_mask[..., None].float()
         d = masked_max_diff(logits_of(engine, probe), logits_of(reloaded, probe), mask)
-        check("zero3: reloaded model's logits equal the ZeRO-3 engine's", d <= ctx["logit_tol"],
-              f"max |diff| {d:.3g} (tolerance {ctx['logit_tol']:g})")
+        check(
+            "zero3: reloaded model's logits equal the ZeRO-3 engine's",
+            d <= ctx["logit_tol"],
+            f"max |diff| {d:.3g} (tolerance {ctx['logit_tol']:g})",
+        )
         ctx["zero3_state"] = state
         del reloaded
     if ctx["have_vllm"]:
@@ -593,10 +750,16 @@ def zero3_save_and_reload(r3: dict, ctx: dict) -> None:
 
             a, b = load_file(str(out / "model.safetensors")), load_file(str(real / "model.safetensors"))
             same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-            check("zero3: pipeline.trainer.loop.save_final_model writes the same tensors as the gather here", same,
-                  f"{len(a)} tensors")
+            check(
+                "zero3: pipeline.trainer.loop.save_final_model writes the same tensors as the gather here",
+                same,
+                f"{len(a)} tensors",
+            )
     else:
-        print("NOTE: pipeline.trainer.loop.save_final_model / weight_sync.ModelSource not run: they need vLLM", flush=True)
+        print(
+            "NOTE: pipeline.trainer.loop.save_final_model / weight_sync.ModelSource not run: they need vLLM",
+            flush=True,
+        )
 
 
 def device_checks(ctx: dict) -> None:
@@ -613,38 +776,66 @@ def device_checks(ctx: dict) -> None:
     check(f"device: accelerator() is {name}", dev.accelerator() == name, dev.accelerator())
     want = torch.bfloat16 if cuda else torch.float32
     check("device: resolve_dtype(auto)", dev.resolve_dtype("auto") == want, str(dev.resolve_dtype("auto")))
-    check("device: resolve_dtype(bfloat16/float32/float16)",
-          (dev.resolve_dtype("bfloat16"), dev.resolve_dtype("float32"), dev.resolve_dtype("float16"))
-          == (torch.bfloat16, torch.float32, torch.float16))
+    check(
+        "device: resolve_dtype(bfloat16/float32/float16)",
+        (dev.resolve_dtype("bfloat16"), dev.resolve_dtype("float32"), dev.resolve_dtype("float16"))
+        == (torch.bfloat16, torch.float32, torch.float16),
+    )
     auto_bf16 = dev.resolve_attn("auto", torch.bfloat16)
     want_attn = "flash_attention_2" if cuda and has_fa else "sdpa"
-    check("device: resolve_attn(auto, bfloat16)", auto_bf16 == want_attn,
-          f"{auto_bf16} (flash_attn installed: {has_fa})")
-    check("device: resolve_attn(auto, float32) is sdpa (FA2 takes no fp32)", dev.resolve_attn("auto", torch.float32) == "sdpa")
-    check("device: resolve_attn(sdpa/eager) kept", dev.resolve_attn("sdpa", torch.bfloat16) == "sdpa"
-          and dev.resolve_attn("eager", torch.float32) == "eager")
+    check(
+        "device: resolve_attn(auto, bfloat16)",
+        auto_bf16 == want_attn,
+        f"{auto_bf16} (flash_attn installed: {has_fa})",
+    )
+    check(
+        "device: resolve_attn(auto, float32) is sdpa (FA2 takes no fp32)",
+        dev.resolve_attn("auto", torch.float32) == "sdpa",
+    )
+    check(
+        "device: resolve_attn(sdpa/eager) kept",
+        dev.resolve_attn("sdpa", torch.bfloat16) == "sdpa"
+        and dev.resolve_attn("eager", torch.float32) == "eager",
+    )
     try:
         dev.resolve_attn("flash_attention_2", torch.float32)
         check("device: resolve_attn(flash_attention_2, float32) is a ConfigError", False, "no error")
     except ConfigError as e:
-        check("device: resolve_attn(flash_attention_2, float32) is a ConfigError", "bfloat16" in str(e), str(e))
+        check(
+            "device: resolve_attn(flash_attention_2, float32) is a ConfigError", "bfloat16" in str(e), str(e)
+        )
     try:
         got = dev.resolve_attn("flash_attention_2", torch.bfloat16)
         check("device: resolve_attn(flash_attention_2, bfloat16)", has_fa and got == "flash_attention_2", got)
     except ConfigError as e:
-        check("device: resolve_attn(flash_attention_2, bfloat16) without flash-attn is a ConfigError",
-              not has_fa and "flash-attn" in str(e), str(e))
-    check(f"device: sync_backend(auto, {name})", dev.sync_backend("auto", name) == ("nccl" if cuda else "gloo"),
-          dev.sync_backend("auto", name))
-    check("device: sync_backend(ipc/gloo) kept", dev.sync_backend("ipc", "cuda") == "ipc"
-          and dev.sync_backend("gloo", "cuda") == "gloo" and dev.sync_backend("auto", "cpu") == "gloo")
-    check("device: probe_tolerance", dev.probe_tolerance(torch.float32) == 1e-3
-          and dev.probe_tolerance(torch.bfloat16) == 0.08, f"fp32 {dev.probe_tolerance(torch.float32)}, "
-          f"bf16 {dev.probe_tolerance(torch.bfloat16)}")
+        check(
+            "device: resolve_attn(flash_attention_2, bfloat16) without flash-attn is a ConfigError",
+            not has_fa and "flash-attn" in str(e),
+            str(e),
+        )
+    check(
+        f"device: sync_backend(auto, {name})",
+        dev.sync_backend("auto", name) == ("nccl" if cuda else "gloo"),
+        dev.sync_backend("auto", name),
+    )
+    check(
+        "device: sync_backend(ipc/gloo) kept",
+        dev.sync_backend("ipc", "cuda") == "ipc"
+        and dev.sync_backend("gloo", "cuda") == "gloo"
+        and dev.sync_backend("auto", "cpu") == "gloo",
+    )
+    check(
+        "device: probe_tolerance",
+        dev.probe_tolerance(torch.float32) == 1e-3 and dev.probe_tolerance(torch.bfloat16) == 0.08,
+        f"fp32 {dev.probe_tolerance(torch.float32)}, bf16 {dev.probe_tolerance(torch.bfloat16)}",
+    )
     check(f"device: resolve_enforce_eager(None, {name})", dev.resolve_enforce_eager(None, name) == (not cuda))
     opts = dev.engine_options(320)
-    check("device: engine_options", opts == ({} if cuda else {"enable_chunked_prefill": False,
-                                                               "max_num_batched_tokens": 8192}), str(opts))
+    check(
+        "device: engine_options",
+        opts == ({} if cuda else {"enable_chunked_prefill": False, "max_num_batched_tokens": 8192}),
+        str(opts),
+    )
     # the bf16 gap between two HF attention kernels on the same weights: what probe_tolerance must cover
     with guarded("device: probe_tolerance covers the kernel gap"):
         from pipeline.trainer.grpo import token_logprobs
@@ -653,16 +844,24 @@ def device_checks(ctx: dict) -> None:
         lps = {}
         kernels = ["sdpa", "eager"] + (["flash_attention_2"] if cuda and has_fa else [])
         for kernel in kernels:
-            m = transformers.AutoModelForCausalLM.from_pretrained(ctx["model_dir"], dtype=dtype,
-                                                                  attn_implementation=kernel).to(ctx["device"]).eval()
+            m = (
+                transformers.AutoModelForCausalLM.from_pretrained(
+                    ctx["model_dir"], dtype=dtype, attn_implementation=kernel
+                )
+                .to(ctx["device"])
+                .eval()
+            )
             with torch.no_grad():
                 lps[kernel] = token_logprobs(m, probe.input_ids, probe.attention_mask).float()
             del m
         gaps = {k: masked_max_diff(lps[k], lps["sdpa"], probe.completion_mask) for k in kernels[1:]}
         METRICS["logprob_gap_vs_sdpa"] = gaps
         tol = dev.probe_tolerance(dtype)
-        check(f"device: completion logprob gap between attention kernels <= probe_tolerance({dtype})",
-              all(v <= tol for v in gaps.values()), ", ".join(f"{k} vs sdpa {v:.3g}" for k, v in gaps.items()))
+        check(
+            f"device: completion logprob gap between attention kernels <= probe_tolerance({dtype})",
+            all(v <= tol for v in gaps.values()),
+            ", ".join(f"{k} vs sdpa {v:.3g}" for k, v in gaps.items()),
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -687,16 +886,23 @@ def recipe_shape(args, train, device, dtype) -> None:
 
     shape = dict(KNOWN_MODELS["premai-io/prem-1B-chat"])
     if args.hidden or args.layers:  # a smaller model of the same kind (--cpu: this function's logic)
-        shape.update(hidden_size=args.hidden or shape["hidden_size"], num_hidden_layers=args.layers or shape["num_hidden_layers"],
-                     intermediate_size=int(2.75 * (args.hidden or shape["hidden_size"])))
+        shape.update(
+            hidden_size=args.hidden or shape["hidden_size"],
+            num_hidden_layers=args.layers or shape["num_hidden_layers"],
+            intermediate_size=int(2.75 * (args.hidden or shape["hidden_size"])),
+        )
     tmp = Path(tempfile.mkdtemp(prefix="gpu-recipe-shape-"))
     examples = generate(200, seed=7)
-    tokenizer_dir = build_tiny_model(tmp / "tokenizer", [e.question + "\n" + e.solution for e in examples],
-                                     hidden_size=32, num_layers=1)
+    tokenizer_dir = build_tiny_model(
+        tmp / "tokenizer", [e.question + "\n" + e.solution for e in examples], hidden_size=32, num_layers=1
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        transformers.LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"}, max_position_embeddings=2048),
-        dtype=dtype)
+        transformers.LlamaConfig(
+            **{k: v for k, v in shape.items() if k != "model_type"}, max_position_embeddings=2048
+        ),
+        dtype=dtype,
+    )
     model_dir = tmp / "model"
     model.save_pretrained(model_dir)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
@@ -711,22 +917,47 @@ def recipe_shape(args, train, device, dtype) -> None:
     def completion(e, formatted_start: bool):
         """Full length: a formatted solution then random tokens, or only random tokens (rewards differ)."""
         ids = tokenizer(formatted(e), add_special_tokens=False)["input_ids"] if formatted_start else []
-        ids = (ids + [rng.randrange(len(tokenizer)) for _ in range(t.max_completion_tokens)])[:t.max_completion_tokens]
-        return Completion([rng.randrange(len(tokenizer)) for _ in range(prompt_len)], ids, [], tokenizer.decode(ids),
-                          True, e)
+        ids = (ids + [rng.randrange(len(tokenizer)) for _ in range(t.max_completion_tokens)])[
+            : t.max_completion_tokens
+        ]
+        return Completion(
+            [rng.randrange(len(tokenizer)) for _ in range(prompt_len)],
+            ids,
+            [],
+            tokenizer.decode(ids),
+            True,
+            e,
+        )
 
-    rollouts = [[completion(examples[s * per_step // group + i // group], i % 2 == 0) for i in range(per_step)]
-                for s in range(args.steps)]
-    print(f"recipe shape: {shape['hidden_size']} hidden, {shape['num_hidden_layers']} layers, vocab "
-          f"{shape['vocab_size']}, {per_step} completions of {prompt_len} + {t.max_completion_tokens} tokens per step, "
-          f"micro-batch {micro} x accumulation {per_step // micro}, beta {t.beta}, lr {t.learning_rate}", flush=True)
+    rollouts = [
+        [completion(examples[s * per_step // group + i // group], i % 2 == 0) for i in range(per_step)]
+        for s in range(args.steps)
+    ]
+    print(
+        f"recipe shape: {shape['hidden_size']} hidden, {shape['num_hidden_layers']} layers, vocab "
+        f"{shape['vocab_size']}, {per_step} completions of {prompt_len} + {t.max_completion_tokens} tokens per step, "
+        f"micro-batch {micro} x accumulation {per_step // micro}, beta {t.beta}, lr {t.learning_rate}",
+        flush=True,
+    )
     ctx = {"train": train, "device": device, "dtype": dtype, "rollouts": rollouts, "pad_id": 0}
     table = {}
     for stage in (2, 3):
         ds = REPO / "configs" / f"ds_zero{stage}{'_gpu' if device.type == 'cuda' else ''}.json"
-        config = load_config(RECIPE, [f"model.path={model_dir}", f"train.deepspeed_config={ds}", f"model.dtype={str(dtype).removeprefix('torch.')}",
-                                      f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={per_step // micro}",
-                                      f"train.max_steps={args.steps}", "train.min_lr_ratio=0.1", "data.source=synthetic", "data.synthetic_train=64", "model.attn_implementation=sdpa"])
+        config = load_config(
+            RECIPE,
+            [
+                f"model.path={model_dir}",
+                f"train.deepspeed_config={ds}",
+                f"model.dtype={str(dtype).removeprefix('torch.')}",
+                f"train.micro_batch_size={micro}",
+                f"train.gradient_accumulation_steps={per_step // micro}",
+                f"train.max_steps={args.steps}",
+                "train.min_lr_ratio=0.1",
+                "data.source=synthetic",
+                "data.synthetic_train=64",
+                "model.attn_implementation=sdpa",
+            ],
+        )
         one_rank = BatchSplit(per_step, micro, per_step // micro, 1)
         estimate_at, parts = trainer_peak(config, shape, one_rank, Zero.from_file(str(ds)))
         estimate = total(parts) / GIB - CUDA_CONTEXT_GIB
@@ -736,16 +967,28 @@ def recipe_shape(args, train, device, dtype) -> None:
                 for batch in rollouts:
                     for c in batch:
                         ids = torch.tensor([c.prompt_ids + c.token_ids], device=device)
-                        c.logprobs = train.token_logprobs(built.engine, ids, torch.ones_like(ids))[
-                            0, len(c.prompt_ids) - 1:].float().cpu().tolist()
+                        c.logprobs = (
+                            train.token_logprobs(built.engine, ids, torch.ones_like(ids))[
+                                0, len(c.prompt_ids) - 1 :
+                            ]
+                            .float()
+                            .cpu()
+                            .tolist()
+                        )
             result = grpo_steps(built, config, ctx, f"recipe-zero{stage}")
             measured = result.get("peak_memory_gib", math.nan) - start_gib
-            table[f"zero{stage}"] = {"estimate_gib": estimate, "estimate_at": estimate_at, "measured_gib": measured,
-                                     "estimate_over_measured": estimate / measured if measured else math.nan,
-                                     **{k: result[k] for k in ("step_s_median", "tokens_per_s", "losses") if k in result}}
-            check(f"recipe shape zero{stage}: launch/memory.py's estimate is never below the measured peak",
-                  device.type != "cuda" or estimate >= measured,
-                  f"estimate {estimate:.2f} GiB at the {estimate_at}, measured {measured:.2f} GiB")
+            table[f"zero{stage}"] = {
+                "estimate_gib": estimate,
+                "estimate_at": estimate_at,
+                "measured_gib": measured,
+                "estimate_over_measured": estimate / measured if measured else math.nan,
+                **{k: result[k] for k in ("step_s_median", "tokens_per_s", "losses") if k in result},
+            }
+            check(
+                f"recipe shape zero{stage}: launch/memory.py's estimate is never below the measured peak",
+                device.type != "cuda" or estimate >= measured,
+                f"estimate {estimate:.2f} GiB at the {estimate_at}, measured {measured:.2f} GiB",
+            )
             del built
         gc.collect()
         if device.type == "cuda":
@@ -754,8 +997,11 @@ def recipe_shape(args, train, device, dtype) -> None:
     print("| ZeRO | estimate (GiB, allocator) | measured peak (GiB) | estimate / measured | step (s) |")
     print("|---|---|---|---|---|")
     for key, row in table.items():
-        print(f"| {key[4]} | {row['estimate_gib']:.2f} (at the {row['estimate_at']}) | {row['measured_gib']:.2f} | "
-              f"{row['estimate_over_measured']:.2f} | {row.get('step_s_median', math.nan):.2f} |", flush=True)
+        print(
+            f"| {key[4]} | {row['estimate_gib']:.2f} (at the {row['estimate_at']}) | {row['measured_gib']:.2f} | "
+            f"{row['estimate_over_measured']:.2f} | {row.get('step_s_median', math.nan):.2f} |",
+            flush=True,
+        )
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -763,8 +1009,14 @@ def main() -> int:
     args = parse_args()
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(free_port())),
+    ):
         os.environ.setdefault(key, value)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -784,19 +1036,37 @@ def main() -> int:
 
     train, have_vllm = import_train(args.no_vllm)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[args.dtype]
-    METRICS.update(python=platform.python_version(), torch=torch.__version__, deepspeed=deepspeed.__version__,
-                   transformers=transformers.__version__, vllm_importable=have_vllm, dtype=str(dtype),
-                   gpu=torch.cuda.get_device_name(0) if cuda else None)
-    print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-          f"device {METRICS['gpu'] or 'cpu'}, dtype {dtype}, vLLM importable: {have_vllm} "
-          f"({'real' if have_vllm else 'stubbed'} pipeline.sync.weight_sync)", flush=True)
+    dtype = {
+        "auto": torch.bfloat16 if cuda else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[args.dtype]
+    METRICS.update(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        deepspeed=deepspeed.__version__,
+        transformers=transformers.__version__,
+        vllm_importable=have_vllm,
+        dtype=str(dtype),
+        gpu=torch.cuda.get_device_name(0) if cuda else None,
+    )
+    print(
+        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+        f"device {METRICS['gpu'] or 'cpu'}, dtype {dtype}, vLLM importable: {have_vllm} "
+        f"({'real' if have_vllm else 'stubbed'} pipeline.sync.weight_sync)",
+        flush=True,
+    )
     if cuda:
-        torch.cuda.set_device(0)  # before any collective: NCCL binds to the current device (as pipeline/trainer/loop.py)
+        torch.cuda.set_device(
+            0
+        )  # before any collective: NCCL binds to the current device (as pipeline/trainer/loop.py)
     deepspeed.init_distributed(timeout=train.collective_timeout(train.load_config()))
     backend = torch.distributed.get_backend()
-    check(f"distributed backend is {'nccl' if cuda else 'gloo'}", backend == ("nccl" if cuda else "gloo"), backend)
+    check(
+        f"distributed backend is {'nccl' if cuda else 'gloo'}",
+        backend == ("nccl" if cuda else "gloo"),
+        backend,
+    )
 
     from pipeline.device import resolve_attn
     from pipeline.trainer.grpo import token_logprobs
@@ -813,19 +1083,40 @@ def main() -> int:
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     hf = hf.to(device).eval()
     n_params = sum(p.numel() for p in hf.parameters())
-    METRICS.update(model={"hidden": hidden, "layers": layers, "params": n_params, "vocab": len(tokenizer), "attn": attn})
-    print(f"model: Qwen2 {n_params / 1e6:.2f}M parameters, hidden {hidden}, {layers} layers, vocab {len(tokenizer)}, "
-          f"attention {attn}", flush=True)
+    METRICS.update(
+        model={"hidden": hidden, "layers": layers, "params": n_params, "vocab": len(tokenizer), "attn": attn}
+    )
+    print(
+        f"model: Qwen2 {n_params / 1e6:.2f}M parameters, hidden {hidden}, {layers} layers, vocab {len(tokenizer)}, "
+        f"attention {attn}",
+        flush=True,
+    )
 
     steps, micro, accum, group, max_tokens = args.steps, 8, 2, 8, 96
     rollouts = make_rollouts(tokenizer, examples, steps, micro * accum, group, max_tokens, seed=1)
     fill_old_logprobs(hf, rollouts, device, noise=0.05, seed=2)
-    ctx = {"train": train, "device": device, "dtype": dtype, "attn": attn, "model_dir": model_dir, "hf": hf,
-           "tokenizer": tokenizer, "pad_id": tokenizer.pad_token_id, "rollouts": rollouts, "steps": steps,
-           "micro": micro, "accum": accum, "group": group, "max_tokens": max_tokens, "tmp": tmp,
-           "have_vllm": have_vllm, "logit_tol": 1e-4 if dtype == torch.float32 else 2e-2,
-           "lora_steps": min(args.lora_steps, steps), "lr": args.lr or (5e-3 if n_params < 1e8 else 1e-5),
-           "hf_params": {n: p.detach().float().cpu() for n, p in hf.named_parameters()}}
+    ctx = {
+        "train": train,
+        "device": device,
+        "dtype": dtype,
+        "attn": attn,
+        "model_dir": model_dir,
+        "hf": hf,
+        "tokenizer": tokenizer,
+        "pad_id": tokenizer.pad_token_id,
+        "rollouts": rollouts,
+        "steps": steps,
+        "micro": micro,
+        "accum": accum,
+        "group": group,
+        "max_tokens": max_tokens,
+        "tmp": tmp,
+        "have_vllm": have_vllm,
+        "logit_tol": 1e-4 if dtype == torch.float32 else 2e-2,
+        "lora_steps": min(args.lora_steps, steps),
+        "lr": args.lr or (5e-3 if n_params < 1e8 else 1e-5),
+        "hf_params": {n: p.detach().float().cpu() for n, p in hf.named_parameters()},
+    }
     ctx["probe"] = probe_batch(rollouts, tokenizer, device)
     with torch.no_grad():
         token_logprobs(hf, ctx["probe"].input_ids, ctx["probe"].attention_mask)
@@ -835,15 +1126,20 @@ def main() -> int:
     device_checks(ctx)
     METRICS["phase_s"]["device_checks"] = time.perf_counter() - mark
 
-    configs = {2: args.zero2_config or f"configs/ds_zero2{'_gpu' if cuda else ''}.json",
-               3: args.zero3_config or f"configs/ds_zero3{'_gpu' if cuda else ''}.json"}
+    configs = {
+        2: args.zero2_config or f"configs/ds_zero2{'_gpu' if cuda else ''}.json",
+        3: args.zero3_config or f"configs/ds_zero3{'_gpu' if cuda else ''}.json",
+    }
     runs = [(stage, False) for stage in (2, 3)] + [(stage, True) for stage in (2, 3) if args.lora_steps > 0]
     results = {}
     for stage, lora in runs:
         key = f"zero{stage}{'_lora' if lora else ''}"
         path = (REPO / configs[stage]).resolve()
-        print(f"--- ZeRO-{stage}{' LoRA' if lora else ''}: "
-              f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
+        print(
+            f"--- ZeRO-{stage}{' LoRA' if lora else ''}: "
+            f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}",
+            flush=True,
+        )
         mark = time.perf_counter()
         with guarded(f"{key.replace('_', '-')}: stage"):
             results[key] = (run_lora_stage if lora else run_stage)(stage, path, ctx)
@@ -882,14 +1178,20 @@ def compare_stages(r2: dict | None, r3: dict | None, label: str, dtype) -> None:
         tol = 1e-3 if dtype == torch.float32 else 0.25
         key = label.replace("-", "_").replace(" ", "_")
         METRICS[key] = {"relative_update_diff": rel, "param_max_abs_diff": pmax}
-        check(f"{label}: same steps give the same update", rel <= tol,
-              f"|upd3 - upd2| / |upd2| = {rel:.3g} (tolerance {tol:g}), max |param diff| {pmax:.3g}")
+        check(
+            f"{label}: same steps give the same update",
+            rel <= tol,
+            f"|upd3 - upd2| / |upd2| = {rel:.3g} (tolerance {tol:g}), max |param diff| {pmax:.3g}",
+        )
         l2, l3 = r2.get("losses", []), r3.get("losses", [])
         if l2 and l3:
             dl = max(abs(x - y) for x, y in zip(l2, l3, strict=True))
             METRICS[key]["loss_max_abs_diff"] = dl
-            check(f"{label}: same losses", dl <= (1e-4 if dtype == torch.float32 else 5e-2),
-                  f"max |loss diff| {dl:.3g}")
+            check(
+                f"{label}: same losses",
+                dl <= (1e-4 if dtype == torch.float32 else 5e-2),
+                f"max |loss diff| {dl:.3g}",
+            )
 
 
 def finish(args, t0: float) -> int:
@@ -900,12 +1202,17 @@ def finish(args, t0: float) -> int:
         if "step_s_median" in m:
             mem = ""
             if "peak_memory_gib" in m:
-                mem = (f", peak GPU memory {m['peak_memory_gib']:.3f} GiB ({m['start_memory_gib']:.3f} GiB resident "
-                       f"before the engines)")
+                mem = (
+                    f", peak GPU memory {m['peak_memory_gib']:.3f} GiB ({m['start_memory_gib']:.3f} GiB resident "
+                    f"before the engines)"
+                )
             train = f", {m['trainable_params'] / 1e6:.3f}M trainable" if "trainable_params" in m else ""
             label = f"ZeRO-{key[4]}{' LoRA' if key.endswith('lora') else ''}"
-            print(f"{label}: step {m['step_s_median'] * 1000:.0f} ms median (first {m['step_s_first'] * 1000:.0f} ms), "
-                  f"{m['tokens_per_s']:.0f} tokens/s{mem}{train}", flush=True)
+            print(
+                f"{label}: step {m['step_s_median'] * 1000:.0f} ms median (first {m['step_s_first'] * 1000:.0f} ms), "
+                f"{m['tokens_per_s']:.0f} tokens/s{mem}{train}",
+                flush=True,
+            )
     for stage in (2, 3):
         full, lora = METRICS.get(f"zero{stage}", {}), METRICS.get(f"zero{stage}_lora", {})
         if "step_s_median" in full and "step_s_median" in lora:
@@ -915,20 +1222,32 @@ def finish(args, t0: float) -> int:
                 own = [m["peak_memory_gib"] - m["start_memory_gib"] for m in (lora, full)]
                 ratio["peak_memory"] = lora["peak_memory_gib"] / full["peak_memory_gib"]
                 ratio["peak_memory_above_start"] = own[0] / max(own[1], 1e-12)
-                line += (f", peak memory x{ratio['peak_memory']:.2f} (above what was resident before: "
-                         f"{own[0]:.3f} vs {own[1]:.3f} GiB, x{ratio['peak_memory_above_start']:.2f})")
+                line += (
+                    f", peak memory x{ratio['peak_memory']:.2f} (above what was resident before: "
+                    f"{own[0]:.3f} vs {own[1]:.3f} GiB, x{ratio['peak_memory_above_start']:.2f})"
+                )
             METRICS[f"zero{stage}_lora_vs_full"] = ratio
             print(line, flush=True)
-    summary = {"ok": not failed, "passed": len(RESULTS) - len(failed), "failed": len(failed), "checks": RESULTS,
-               "metrics": METRICS}
-    out = args.out or (os.path.join(os.environ["OUT"], "gpu_trainer_check.json") if os.environ.get("OUT") else "")
+    summary = {
+        "ok": not failed,
+        "passed": len(RESULTS) - len(failed),
+        "failed": len(failed),
+        "checks": RESULTS,
+        "metrics": METRICS,
+    }
+    out = args.out or (
+        os.path.join(os.environ["OUT"], "gpu_trainer_check.json") if os.environ.get("OUT") else ""
+    )
     if out:
         Path(out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"-> {out}")
     if "phase_s" in METRICS:
         print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in METRICS["phase_s"].items()))
-    print(f"{'ALL PASS' if not failed else 'FAILED'}: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "
-          f"({METRICS['wall_s']:.0f} s)", flush=True)
+    print(
+        f"{'ALL PASS' if not failed else 'FAILED'}: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "
+        f"({METRICS['wall_s']:.0f} s)",
+        flush=True,
+    )
     with contextlib.suppress(Exception):
         import torch.distributed as dist
 

@@ -17,8 +17,16 @@ RECIPE = "configs/prem-1b-gsm8k.yaml"
 def _command(*args: str, root, server) -> list[str]:
     """configs/tiny-cpu.yaml at the suite's scale (TEST_SCALE) under `root`, then `args`; with `server`
     (a ServerProcess) the run uses it instead of starting its own."""
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-           "--set", f"run.root={root}", *TEST_SCALE, *args]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-cpu.yaml"),
+        "--set",
+        f"run.root={root}",
+        *TEST_SCALE,
+        *args,
+    ]
     if server is not None:
         cmd += ["--server-url", server.client.base_url]
     return cmd
@@ -44,8 +52,11 @@ def start_launch(*args, server, root, token=SERVER_TOKEN) -> subprocess.Popen:
         from pipeline.generation.client import free_port
 
         cmd += ["--set", f"server.port={free_port('127.0.0.1')}"]
-    env = {**os.environ, "GRPO_SERVER_TOKEN": token} if token else {
-        k: v for k, v in os.environ.items() if k != "GRPO_SERVER_TOKEN"}
+    env = (
+        {**os.environ, "GRPO_SERVER_TOKEN": token}
+        if token
+        else {k: v for k, v in os.environ.items() if k != "GRPO_SERVER_TOKEN"}
+    )
     env[RUN_TAG] = str(root)
     with open(Path(root) / "launch.log", "ab") as log:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -53,26 +64,58 @@ def start_launch(*args, server, root, token=SERVER_TOKEN) -> subprocess.Popen:
 
 def warm_run(name: str, *extra: str, warm_model_dir) -> list[str]:
     """A run named `name` from the warm model (as is, not built), without the launcher's evaluations."""
-    return ["--name", name, "--set", f"model.path={warm_model_dir}", "--set", "model.build=",
-            "--set", "eval.enabled=false", *extra]
+    return [
+        "--name",
+        name,
+        "--set",
+        f"model.path={warm_model_dir}",
+        "--set",
+        "model.build=",
+        "--set",
+        "eval.enabled=false",
+        *extra,
+    ]
 
 
 SECRET = "plan-test-secret"  # the token a dry run is given: it must appear nowhere in its plan or output
 
 
-def dry_run(*args: str, tmp_path: Path, config: str = "configs/tiny-cpu.yaml", env: dict | None = None,
-            cwd: Path = REPO, root: str | None = None):
+def dry_run(
+    *args: str,
+    tmp_path: Path,
+    config: str = "configs/tiny-cpu.yaml",
+    env: dict | None = None,
+    cwd: Path = REPO,
+    root: str | None = None,
+):
     """A dry run on no GPU inventory but the one `env` gives (GRPO_GPU_INVENTORY; none = `--gpus N` of
     80 GiB) and no inherited CUDA_VISIBLE_DEVICES, whatever host runs the tests; (the process, its plan
     or None)."""
     tiers.require("integration", "runs the launcher (launch/train.py)")
     out = tmp_path / "plan.json"
     inherited = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", config, "--dry-run",
-                           "--plan-json", str(out), "--set", f"run.root={root or tmp_path / 'runs'}", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120,
-                          env={**inherited, "GRPO_SERVER_TOKEN": SECRET, "GRPO_GPU_INVENTORY": "", **(env or {})})
-    plan = Plan.from_json(json.loads(out.read_text())) if out.exists() else None  # every key one the Plan knows
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            config,
+            "--dry-run",
+            "--plan-json",
+            str(out),
+            "--set",
+            f"run.root={root or tmp_path / 'runs'}",
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**inherited, "GRPO_SERVER_TOKEN": SECRET, "GRPO_GPU_INVENTORY": "", **(env or {})},
+    )
+    plan = (
+        Plan.from_json(json.loads(out.read_text())) if out.exists() else None
+    )  # every key one the Plan knows
     return proc, plan
 
 
@@ -83,11 +126,32 @@ def recipe(*overrides: str):
     return load_config(REPO / RECIPE, list(overrides))
 
 
-def plan_for(gpus: int, tp: int = 1, num_ranks: int = 0, completions: int = 16, micro: int = 2, ids=None,
-             dp: int = 1, **kwargs) -> Plan:
+def plan_for(
+    gpus: int,
+    tp: int = 1,
+    num_ranks: int = 0,
+    completions: int = 16,
+    micro: int = 2,
+    ids=None,
+    dp: int = 1,
+    **kwargs,
+) -> Plan:
     """launch/plan.py's plan in-process, for a launch on one host with these numbers."""
     from launch.plan import Layout, make_plan
 
-    return make_plan(Layout(gpus=gpus, gpu_ids=ids, tp=tp, dp=dp, num_ranks=num_ranks, micro_batch_size=micro,
-                            gradient_accumulation_steps=2, completions_per_step=completions, run_dir="/r",
-                            master_port=29501, token="t", **kwargs))
+    return make_plan(
+        Layout(
+            gpus=gpus,
+            gpu_ids=ids,
+            tp=tp,
+            dp=dp,
+            num_ranks=num_ranks,
+            micro_batch_size=micro,
+            gradient_accumulation_steps=2,
+            completions_per_step=completions,
+            run_dir="/r",
+            master_port=29501,
+            token="t",
+            **kwargs,
+        )
+    )

@@ -18,7 +18,9 @@ def lora_model(model_dir, rank=4, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     torch.manual_seed(0)
     with torch.no_grad():  # a trained adapter: B is zero at init, which would hide a wrong merge
         for name, p in model.named_parameters():

@@ -15,8 +15,11 @@ def run_processes(text: str, sessions: set[int] | None = None) -> list[psutil.Pr
     environment, everything below those, and everything in a session one of them leads (or in
     `sessions`)."""
     found: dict[int, psutil.Process] = {}
-    everyone = [p for p in psutil.process_iter(["pid", "cmdline", "environ", "status"])
-                if p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid()]
+    everyone = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline", "environ", "status"])
+        if p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid()
+    ]
     for proc in everyone:
         info = proc.info
         if text in " ".join(info["cmdline"] or []) or (info["environ"] or {}).get(RUN_TAG) == text:

@@ -14,7 +14,7 @@ def hf_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
     targets = ids[0, 1:]
-    return logprobs.gather(-1, targets[:, None])[:, 0][len(prompt) - 1:].cpu()
+    return logprobs.gather(-1, targets[:, None])[:, 0][len(prompt) - 1 :].cpu()
 
 
 def peft_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
@@ -23,4 +23,4 @@ def peft_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tens
 
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
-        return token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt) - 1:]
+        return token_logprobs(model, ids, torch.ones_like(ids))[0, len(prompt) - 1 :]

@@ -13,9 +13,17 @@ from support import tiers
 CPU_SETTINGS = ("--set", "server.kv_cache_gib=1", "--set", "server.request_timeout_s=120")
 
 
-def local_server(model_dir, log_dir, *extra: str, token: str = "", env: dict[str, str] | None = None,
-                 port: int | None = None, log_name: str = "server.log", settings=CPU_SETTINGS,
-                 healthy_within: float | None = 240):
+def local_server(
+    model_dir,
+    log_dir,
+    *extra: str,
+    token: str = "",
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    log_name: str = "server.log",
+    settings=CPU_SETTINGS,
+    healthy_within: float | None = 240,
+):
     """A real `python -m pipeline.generation.serve` process for `model_dir` on a free loopback port (or on
     `port`: a restart at the same address), logging to log_dir/log_name. Its arguments: --model, --port,
     `settings` (by default the suite's CPU ones), then `extra`; `token` and `env` by environment.
@@ -28,8 +36,14 @@ def local_server(model_dir, log_dir, *extra: str, token: str = "", env: dict[str
     from pipeline.generation.server_process import ServerProcess
 
     port = port or free_port("127.0.0.1")
-    server = ServerProcess(["--model", str(model_dir), "--port", str(port), *settings, *extra],
-                           Path(log_dir) / log_name, "127.0.0.1", port, token=token, env=env)
+    server = ServerProcess(
+        ["--model", str(model_dir), "--port", str(port), *settings, *extra],
+        Path(log_dir) / log_name,
+        "127.0.0.1",
+        port,
+        token=token,
+        env=env,
+    )
     if healthy_within is not None:
         server.wait_healthy(healthy_within)
     return server

@@ -53,7 +53,9 @@ def rank(tier: str) -> int:
 
 def tier_of(item) -> tuple[str, str]:
     """(the item's tier, an error or ""), from its marks and the fixtures it requests."""
-    marked = {ALIASES.get(m.name, m.name) for m in item.iter_markers() if m.name in TIERS or m.name in ALIASES}
+    marked = {
+        ALIASES.get(m.name, m.name) for m in item.iter_markers() if m.name in TIERS or m.name in ALIASES
+    }
     needed = [(FIXTURE_TIERS[f], f) for f in getattr(item, "fixturenames", ()) if f in FIXTURE_TIERS]
     implied, why = max(needed, key=lambda n: rank(n[0]), default=("unit", ""))
     if len(marked) > 1:
@@ -97,8 +99,11 @@ def require(needed: str, what: str) -> None:
     if tier is not None and rank(tier) < rank(needed):
         import pytest
 
-        pytest.fail(f"{_running['nodeid']} {what}, which a {tier} test may not: mark it "
-                    f"@pytest.mark.{needed} (tests/support/tiers.py)", pytrace=False)
+        pytest.fail(
+            f"{_running['nodeid']} {what}, which a {tier} test may not: mark it "
+            f"@pytest.mark.{needed} (tests/support/tiers.py)",
+            pytrace=False,
+        )
 
 
 def launcher_ran(proc) -> None:
@@ -108,16 +113,23 @@ def launcher_ran(proc) -> None:
     if tier is not None and rank(tier) < rank("e2e") and proc.returncode != 2:
         import pytest
 
-        pytest.fail(f"{_running['nodeid']}: the launcher exited {proc.returncode} in an {tier} test, which may run "
-                    "it only to see it refuse (exit 2); a test that starts a run is e2e: mark it @pytest.mark.e2e "
-                    f"(tests/support/tiers.py)\n--- stdout (tail) ---\n{proc.stdout[-2000:]}\n"
-                    f"--- stderr (tail) ---\n{proc.stderr[-2000:]}", pytrace=False)
+        pytest.fail(
+            f"{_running['nodeid']}: the launcher exited {proc.returncode} in an {tier} test, which may run "
+            "it only to see it refuse (exit 2); a test that starts a run is e2e: mark it @pytest.mark.e2e "
+            f"(tests/support/tiers.py)\n--- stdout (tail) ---\n{proc.stdout[-2000:]}\n"
+            f"--- stderr (tail) ---\n{proc.stderr[-2000:]}",
+            pytrace=False,
+        )
 
 
 def note(report) -> None:
     """Remember a unit test whose setup or call took longer than UNIT_SECONDS (a fixture that trains a
     model, say): `make test-fast` must stay under two minutes."""
-    if report.when in ("setup", "call") and report.duration > UNIT_SECONDS and _assigned.get(report.nodeid) == "unit":
+    if (
+        report.when in ("setup", "call")
+        and report.duration > UNIT_SECONDS
+        and _assigned.get(report.nodeid) == "unit"
+    ):
         _slow_units.append(f"{report.nodeid} ({report.when} {report.duration:.0f} s)")
 
 
