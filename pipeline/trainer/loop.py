@@ -44,7 +44,7 @@ from pipeline.task.reward_functions import STRICT_POINTS, RewardError
 from pipeline.task.tools import ToolError
 from pipeline.trainer.build import TrainingParts, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
-from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
+from pipeline.trainer.grpo import SamplerCorrection, grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
 from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step, tool_metrics
 from pipeline.trainer.server_link import ServerLink
@@ -387,6 +387,9 @@ def train_on_batch(
             ref_logprobs=ref_logprobs,
             token_normaliser=token_total,
             max_completion_tokens=t.max_completion_tokens,
+            importance_sampling_level=t.importance_sampling_level,
+            sampler_correction=sampler_correction(t),
+            use_bias_correction_kl=t.use_bias_correction_kl,
         )
         forward = time.perf_counter()
         engine.backward(loss)
@@ -400,11 +403,25 @@ def train_on_batch(
         for key in ("tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "kl_sum"):
             if key in sums:
                 sums[key] += stats[key]
-        maxima["ratio_max"] = max(maxima["ratio_max"], stats["ratio_max"])
+        for key in ("sampler_weight_sum", "sampler_masked_tokens"):  # with the sampler correction
+            if key in stats:
+                sums[key] = sums.get(key, 0.0) + stats[key]
+        for key in ("ratio_max", "sampler_weight_max"):
+            if key in stats:
+                maxima[key] = max(maxima.get(key, 0.0), stats[key])
     # the gradient's norm before clipping, computed by DeepSpeed at the boundary (the same on every rank)
     norm = engine.get_global_grad_norm()
     maxima["grad_norm"] = float(norm) if norm is not None else math.nan
     return sums, maxima
+
+
+def sampler_correction(t: TrainConfig) -> SamplerCorrection | None:
+    """train.vllm_importance_sampling_*, as the loss takes them (None: the ratio is against the sampler)."""
+    if not t.vllm_importance_sampling_correction:
+        return None
+    return SamplerCorrection(
+        t.vllm_importance_sampling_mode, t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max
+    )
 
 
 def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, float]]:
