@@ -278,6 +278,12 @@ class TrainConfig:
     keeps such differences small (the CPU default uses it)."""
     mask_truncated_completions: bool = False
     """Give completions cut at max_completion_tokens no gradient (DAPO's overlong filtering)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: a group whose completions all score the same has zero advantage and
+    trains nothing; drop such groups and draw more prompts until the step has its groups with signal
+    (rollout/filtered_groups, rollout/dynamic_draws, rollout/short_groups per step)."""
+    dynamic_sampling_max_draws: int = 3
+    """Extra rounds of prompts one step may draw; a step still short trains with groups without signal."""
     importance_sampling_level: ImportanceSamplingLevel = "token"
     """The PPO ratio per token (token) or one per completion, the exp of its tokens' mean log-ratio
     (sequence: GSPO). As TRL's GRPOConfig."""
@@ -587,6 +593,10 @@ def validate(config: Config) -> None:
     if t.vllm_importance_sampling_mode.endswith("truncate") and high is None and low is None:
         raise ConfigError(
             f"train.vllm_importance_sampling_mode={t.vllm_importance_sampling_mode}: needs clip_max"
+        )
+    if t.dynamic_sampling_max_draws < 0:
+        raise ConfigError(
+            f"train.dynamic_sampling_max_draws: must be >= 0, got {t.dynamic_sampling_max_draws}"
         )
     if t.is_cap <= 1 or t.max_staleness < 0:
         raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")

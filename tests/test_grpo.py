@@ -455,3 +455,53 @@ def test_the_metrics_row_has_trls_sampling_columns_only_with_the_correction():
     assert row["sampling/importance_sampling_ratio/mean"] == 0.75
     assert row["sampling/importance_sampling_ratio/max"] == 1.5
     assert row["sampling/importance_sampling_masked_frac"] == 0.25
+
+
+# --- DAPO's dynamic sampling ----------------------------------------------------------------------------
+
+
+def _groups(*rewards):
+    """Completions as (group name, reward) pairs, G = 2 per group."""
+    return [(name, r) for name, pair in rewards for r in pair]
+
+
+def test_dynamic_sampling_replaces_groups_without_signal_by_drawing_more():
+    from pipeline.trainer.rollout import keep_informative_groups
+
+    def totals(pool):
+        return torch.tensor([r for _, r in pool], dtype=torch.float64).view(-1, 2)
+
+    first = _groups(("a", (1, 0)), ("b", (1, 1)), ("c", (0, 0)), ("d", (0, 2)))
+    draws = {1: _groups(("e", (2, 2)), ("f", (1, 3)), ("g", (0, 0)), ("h", (5, 5))),
+             2: _groups(("i", (0, 1)), ("j", (1, 0)), ("k", (0, 0)), ("l", (1, 1)))}  # fmt: skip
+    asked = []
+    kept, stats = keep_informative_groups(first, 2, totals, lambda k: asked.append(k) or draws[k], 3)
+    assert [name for name, _ in kept[::2]] == ["a", "d", "f", "i"]  # in order; j was one too many
+    assert asked == [1, 2] and (stats.draws, stats.filtered, stats.short) == (2, 7, 0)
+    ready, stats = keep_informative_groups(draws[2][:4] * 2, 2, totals, lambda k: 1 / 0, 3)
+    assert len(ready) == 8 and stats.draws == 0  # every group has signal: nothing drawn
+
+
+def test_dynamic_sampling_fills_a_step_from_what_it_filtered_when_the_draws_run_out():
+    from pipeline.trainer.rollout import keep_informative_groups
+
+    def totals(pool):
+        return torch.tensor([r for _, r in pool], dtype=torch.float64).view(-1, 2)
+
+    flat = _groups(("a", (1, 1)), ("b", (0, 1)), ("c", (0, 0)))
+    kept, stats = keep_informative_groups(flat, 2, totals, lambda k: _groups(("x", (3, 3)), ("y", (2, 2)), ("z", (4, 4))), 1)  # fmt: skip
+    assert [name for name, _ in kept[::2]] == ["b", "a", "c"]  # the step keeps its shape
+    assert (stats.draws, stats.filtered, stats.short) == (1, 5, 2)
+
+
+def test_dynamic_sampling_draws_are_seeded_and_leave_the_epoch_order_alone():
+    from pipeline.task.example import Example
+    from pipeline.trainer.build import StepData
+
+    examples = [Example(f"q{i}", str(i), str(i), f"test:{i}") for i in range(50)]
+    data = StepData(examples, 4, seed=7)
+    before = [data.indices(s) for s in range(5)]
+    a, b = data.extra(3, 1), StepData(examples, 4, seed=7).extra(3, 1)
+    assert [e.question for e in a] == [e.question for e in b] and len(a) == 4
+    assert [e.question for e in a] != [e.question for e in data.extra(3, 2)]
+    assert [data.indices(s) for s in range(5)] == before

@@ -142,7 +142,7 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
 
 
 @pytest.mark.e2e
-def test_overlapped_mode(server, warm_model_dir, tmp_path):
+def test_overlapped_mode_with_dynamic_sampling(server, warm_model_dir, tmp_path):
     proc = launch(
         "--name",
         "overlap",
@@ -155,12 +155,18 @@ def test_overlapped_mode(server, warm_model_dir, tmp_path):
         "--set",
         "train.overlap=true",
         "--set",
+        "train.dynamic_sampling=true",
+        "--set",
         "eval.enabled=false",
         server=server,
         root=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "overlap")
+    # a group without signal trains only where the draws ran out, and each one is counted
+    for r in rows:
+        assert (r["frac_zero_std_groups"] > 0) == (r["rollout/short_groups"] > 0)
+        assert r["rollout/dynamic_draws"] <= 3 and r["rollout/filtered_groups"] >= r["rollout/short_groups"]
     assert [r["step"] for r in rows] == [1, 2, 3]
     # the first step's rollouts come from the starting weights; later ones are exactly one step stale
     assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]

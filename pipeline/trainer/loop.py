@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -46,7 +47,14 @@ from pipeline.trainer.build import TrainingParts, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
 from pipeline.trainer.grpo import SamplerCorrection, grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
-from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step, tool_metrics
+from pipeline.trainer.rollout import (
+    Rollouts,
+    StaleRolloutError,
+    StepBatch,
+    keep_informative_groups,
+    score_step,
+    tool_metrics,
+)
 from pipeline.trainer.server_link import ServerLink
 
 log = logging.getLogger("pipeline.trainer")
@@ -177,9 +185,32 @@ def fit(
     config, t, engine, data = parts.config, parts.config.train, parts.engine, parts.step_data
     rank, total = dist.get_rank(), parts.total_steps
 
+    def prompts_of(examples: list) -> tuple[list[list[int]], list]:
+        return [parts.style.ids(parts.tokenizer, e) for e in examples], examples
+
     def request_rollouts(step: int) -> None:
-        batch = data(step)
-        rollouts.request(step, [parts.style.ids(parts.tokenizer, e) for e in batch], batch)
+        rollouts.request(step, *prompts_of(data(step)))
+
+    def with_signal(step: int, completions: list, generated_by: int):
+        return keep_informative_groups(
+            completions,
+            t.num_generations,
+            lambda pool: score(pool, generated_by).group_totals,
+            lambda k: rollouts.draw(step, k, *prompts_of(data.extra(step, k))),
+            t.dynamic_sampling_max_draws,
+        )
+
+    score = functools.partial(
+        score_step,
+        rank=rank,
+        world=parts.world,
+        group_size=t.num_generations,
+        scaling=t.advantage_scaling,
+        weights=config.rewards,
+        rewards=parts.rewards,
+        system_prompt=parts.style.system_prompt,
+        device=engine.device,
+    )
 
     if t.overlap and start_step < total:
         request_rollouts(start_step)
@@ -194,22 +225,14 @@ def fit(
             link.recover(e, step)
             request_rollouts(step)
             completions, generated_by = rollouts.collect(step, version=step)
+        filled = None
+        if t.dynamic_sampling:  # before the next step's request: the extra draws use these weights
+            completions, filled = with_signal(step, completions, generated_by)
         if t.overlap and step + 1 < total:
             request_rollouts(step + 1)  # generated while this step trains; its push waits for it
         clock.lap("generate")  # the trainer's wait for rollouts
 
-        batch = score_step(
-            completions,
-            generated_by,
-            rank=rank,
-            world=parts.world,
-            group_size=t.num_generations,
-            scaling=t.advantage_scaling,
-            weights=config.rewards,
-            rewards=parts.rewards,
-            system_prompt=parts.style.system_prompt,
-            device=engine.device,
-        )
+        batch = score(completions, generated_by)
         clock.lap("reward")
         sums, maxima = train_on_batch(
             engine, parts.reference, batch, t, parts.tokenizer.pad_token_id, parts.world
@@ -234,6 +257,15 @@ def fit(
                 "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
                 "rollout/staleness": step - generated_by,
                 "rollout/discarded_total": rollouts.discarded,
+                **(
+                    {
+                        "rollout/filtered_groups": filled.filtered,
+                        "rollout/dynamic_draws": filled.draws,
+                        "rollout/short_groups": filled.short,
+                    }
+                    if filled is not None
+                    else {}
+                ),
                 **engine_columns(link, rollouts),
                 "sync/logprob_max_abs_diff": 0.0,
                 **probe,
@@ -420,7 +452,9 @@ def sampler_correction(t: TrainConfig) -> SamplerCorrection | None:
     if not t.vllm_importance_sampling_correction:
         return None
     return SamplerCorrection(
-        t.vllm_importance_sampling_mode, t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max
+        t.vllm_importance_sampling_mode,
+        t.vllm_importance_sampling_clip_min,
+        t.vllm_importance_sampling_clip_max,
     )
 
 
