@@ -112,6 +112,7 @@ def main(argv=None) -> int:
             args.server_url,
             server_token(config.server.token, args.token_file),
             config.server.request_timeout_s,
+            ca_file=config.server.tls_ca,
         )
     server_is_local = all(
         url.split("//")[-1].startswith(("127.", "localhost", "[::1]")) for url in args.server_url.split(",")
