@@ -77,13 +77,15 @@ class Options:
 class Run:
     """A resolved run: the finished config and its plan, where it writes, the server's token; after
     `preflight`, the sockets it holds: engine i's listening socket at position i (handed to each of its
-    server processes, kept across restarts)."""
+    server processes, kept across restarts) and the trainer ranks' rendezvous port on this host."""
 
     config: Config
     plan: Plan
     run_dir: Path
     token: str
+    master_port: int = 0  # the ranks' rendezvous port when they run on this host (0: elsewhere)
     listeners: tuple = ()
+    reserved: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,8 @@ def resolve(config: Config, options: Options) -> Run:
     config.train.deepspeed_config, zero = read_deepspeed_config(config.train.deepspeed_config, cuda=count > 0)
     # A run that starts its own server gives it a fresh token: loopback is no boundary on a shared node.
     token = server_token(config.server.token) or ("" if options.server_url else secrets.token_hex(16))
-    plan = make_plan(layout(config, options, count, gpus, run_dir, token))
+    asked = layout(config, options, count, gpus, run_dir, token)
+    plan = make_plan(asked)
     check_compute_modes(plan, gpus)
     plan = dataclasses.replace(
         plan, memory=plan_memory(plan, gpus, config, zero), notes=(*notes, *plan.notes)
@@ -227,7 +230,7 @@ def resolve(config: Config, options: Options) -> Run:
     apply_plan(config, plan)
     if not options.hostfile:
         check_batch(config, plan.trainer.ranks)
-    return Run(config, plan, run_dir, token)
+    return Run(config, plan, run_dir, token, 0 if options.hostfile else asked.master_port)
 
 
 def apply_plan(config: Config, plan: Plan) -> None:
@@ -383,7 +386,7 @@ def absolute_paths(config: Config) -> None:
 
 def preflight(run: Run) -> Run:
     """What the plan cannot say, checked before any process starts: the engines' ports are ours (bound
-    and held from now on: `hold_port`), the data,
+    and held from now on: `hold_port`) and so is the ranks' rendezvous port (`reserve_port`), the data,
     rewards and tools load, the model is there (model.build=tiny: built now, which a dry run skips; the
     run that comes back names it), the disk holds the checkpoints, and the run directory takes the
     resolved config (and the token file for ranks on other nodes). A refusal releases the ports."""
@@ -391,7 +394,9 @@ def preflight(run: Run) -> Run:
     try:
         for engine in run.plan.servers:
             held.append(hold_port(engine.host, engine.port, engine.engine, len(run.plan.servers)))
-        run = dataclasses.replace(run, listeners=tuple(held))
+        reserved = (reserve_port(run.master_port),) if run.master_port else ()
+        held += reserved
+        run = dataclasses.replace(run, listeners=tuple(held[: len(run.plan.servers)]), reserved=reserved)
         check_data_and_rewards(run.config)
         run = dataclasses.replace(run, config=model_built(run.config))
         check_disk_space(run.config, run.run_dir, cuda=run.plan.trainer.device == "cuda")
@@ -418,6 +423,19 @@ def hold_port(host: str, port: int, engine: int = 0, engines: int = 1):
         raise ConfigError(
             f"server.port: {host}:{port}{which} is already in use (another run's server?); "
             f"pick another with --set server.port=N"
+        ) from None
+
+
+def reserve_port(port: int, host: str = "127.0.0.1"):
+    """The ranks' rendezvous port on this host, held until the run ends for rank 0 alone (SO_REUSEPORT,
+    pipeline/sync/rendezvous.py `reserve`): no other process can take it in between."""
+    from pipeline.sync.rendezvous import reserve
+
+    try:
+        return reserve(host, port)
+    except OSError:
+        raise ConfigError(
+            f"--master-port {port}: {host}:{port} is already in use; pick another (or leave it out)"
         ) from None
 
 
@@ -713,7 +731,7 @@ class Processes:
         self.stopping.set()
         for engine in self.engines:
             engine.stop()
-        for sock in self.run.listeners:
+        for sock in (*self.run.listeners, *self.run.reserved):
             sock.close()
 
 

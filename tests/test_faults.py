@@ -20,6 +20,7 @@ from support.processes import (
     processes_mentioning,
     run_processes,
     wait_gone,
+    wildcard_listeners,
 )
 from support.runs import read_metrics, run_log, wait_for_step
 
@@ -240,6 +241,9 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
             ).status_code
             == 200
         )
+
+        # --- the run's stores and servers listen on their one address (loopback), none on every interface ---
+        assert not wildcard_listeners(run_processes(str(tmp_path)))
 
         # --- killed once: restarted, and training goes on with the trainer's weights in it; the port is
         # never another process's meanwhile ---

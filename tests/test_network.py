@@ -15,15 +15,191 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import requests
 from support.constants import REPO, RUN_TAG
+from support.processes import listening
 
 from pipeline.generation.client import ServerClient, ServerError, proof
 from pipeline.generation.server_process import bind
+
+WILDCARD = ("0.0.0.0", "::")
+
+
+def my_listeners() -> set[tuple[str, int]]:
+    return set(listening(os.getpid()))
+
+
+# --- item 1: rendezvous stores on one address ----------------------------------------------------------
+
+
+def test_the_transfer_groups_store_listens_on_its_address_only(monkeypatch):
+    """The gloo transfer group formed as the trainer forms it (its engine's `trainer_init`, a worker
+    joining from the HTTP call): every socket it opened listens on 127.0.0.1, none on every interface
+    (torch's TCPStore, left to itself, binds `::` whatever host it is given), and the workers are told
+    the port the trainer had already bound. Both members are threads of this process here: gloo's
+    interface is set for both up front (`gloo_bound_towards` would set it per process)."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    from pipeline.sync.gloo_transfer import (
+        GlooTrainerInitInfo,
+        GlooTrainerWeightTransferEngine,
+        all_members,
+        join_group,
+        leave_group,
+    )
+
+    joined, told = [], []
+
+    class Client:
+        def init_weight_transfer_engine(self, info):
+            told.append(info)
+            group = join_group(info["master_address"], info["master_port"], 1, info["world_size"], 20)
+            all_members(group, False)
+            joined.append(group)
+
+    from pipeline.generation.client import free_port
+
+    before = my_listeners()
+    port = free_port("127.0.0.1")  # sync.port given (0, the default, lets the OS pick as the group forms)
+    info = GlooTrainerInitInfo("127.0.0.1", port, 2, timeout_s=20, shared_memory=False, rank=0)
+    engine = GlooTrainerWeightTransferEngine.trainer_init(info, client=Client(), source=object())
+    try:
+        opened = my_listeners() - before
+        assert opened, "the group opened no listening socket?"
+        assert all(address == "127.0.0.1" for address, _ in opened), opened
+        assert ("127.0.0.1", port) in opened and told[0]["master_port"] == port
+    finally:
+        engine.shutdown()
+        for group in joined:
+            leave_group(group)
+
+
+def test_the_rendezvous_address_is_never_loopback_towards_another_host():
+    from pipeline.sync.rendezvous import RendezvousError, listen_socket, rendezvous_address
+
+    assert rendezvous_address("", "http://127.0.0.1:8710,http://localhost:8711") == "127.0.0.1"
+    assert rendezvous_address("10.1.2.3", "http://192.0.2.77:8710") == "10.1.2.3"
+    # a hostname that resolves to loopback here (Debian's 127.0.1.1) would be dialled on the engine's host
+    with pytest.raises(RendezvousError, match=r"^sync\.host=localhost is a loopback address here"):
+        rendezvous_address("localhost", "http://192.0.2.77:8710")
+    with listen_socket("127.0.0.1") as sock:
+        assert sock.getsockname()[0] == "127.0.0.1" and sock.getsockname()[1] > 0
+
+
+def test_trainer_ranks_on_several_hosts_refuse_a_loopback_master_addr(monkeypatch):
+    import torch.distributed as dist
+
+    from pipeline.sync.rendezvous import RendezvousError, init_trainer_world
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "localhost",
+        "MASTER_PORT": "1",
+    }
+    with pytest.raises(RendezvousError, match=r"^MASTER_ADDR=localhost is a loopback address on this host"):
+        init_trainer_world("gloo", timedelta(seconds=5), env)
+
+
+def test_a_reserved_master_port_is_the_runs_alone():
+    """The launcher's reservation of the ranks' port lets its own rank 0 listen beside it, and nobody
+    else: not another run's launcher, nor another run's rank 0 (the same user could share a SO_REUSEPORT
+    port, and its ranks' connections would be split between the two stores)."""
+    from launch.train import reserve_port
+    from pipeline.config import ConfigError
+    from pipeline.generation.client import free_port
+    from pipeline.sync.rendezvous import store_listener
+
+    port = free_port("127.0.0.1")
+    reservation = reserve_port(port)
+    try:
+        with pytest.raises(
+            ConfigError, match=rf"^--master-port {port}: 127\.0\.0\.1:{port} is already in use"
+        ):
+            reserve_port(port)
+        with store_listener("127.0.0.1", port) as rank0:
+            assert rank0.getsockname() == ("127.0.0.1", port)
+            with pytest.raises(ConfigError):
+                reserve_port(port)
+            with pytest.raises(OSError):
+                store_listener("127.0.0.1", port)
+    finally:
+        reservation.close()
+
+
+RANK = """
+import json, sys
+from datetime import timedelta
+import deepspeed, torch.distributed as dist
+from pipeline.sync.rendezvous import init_trainer_world
+adopted = init_trainer_world("gloo", timedelta(seconds=60))
+deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60))
+dist.barrier()
+print("READY " + json.dumps([adopted, deepspeed.comm.is_initialized(), dist.get_rank(), dist.get_world_size()]), flush=True)
+sys.stdin.readline()
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.integration
+def test_the_trainer_ranks_store_listens_on_master_addr_only(tmp_path):
+    """Two ranks as DeepSpeed's launcher starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), the port
+    reserved the launcher's way: rank 0's store and gloo's sockets listen on 127.0.0.1 only, and DeepSpeed
+    adopts the group. (`deepspeed.init_distributed` alone listens on `::`.)"""
+    from launch.train import reserve_port
+    from pipeline.generation.client import free_port
+
+    port = free_port("127.0.0.1")
+    reservation = reserve_port(port)  # what the launcher holds for the whole run
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        RUN_TAG: str(tmp_path),
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(tmp_path / f"rank{r}.err").open("w"),
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        for r, proc in enumerate(ranks):
+            line = ""
+            while not line.startswith("READY ") and (line := proc.stdout.readline()):
+                pass  # DeepSpeed says things on stdout first
+            assert line.startswith("READY "), (tmp_path / f"rank{r}.err").read_text()[-3000:]
+            assert json.loads(line[6:]) == [True, True, r, 2]
+        sockets = {r: listening(proc.pid) for r, proc in enumerate(ranks)}
+        assert ("127.0.0.1", port) in sockets[0], sockets
+        assert all(address not in WILDCARD for found in sockets.values() for address, _ in found), sockets
+        for proc in ranks:
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        for r, proc in enumerate(ranks):
+            assert proc.wait(60) == 0, (tmp_path / f"rank{r}.err").read_text()[-3000:]
+    finally:
+        reservation.close()
+        for proc in ranks:
+            proc.kill()
+
 
 # --- item 2: the client authenticates the server -------------------------------------------------------
 
