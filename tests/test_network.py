@@ -107,6 +107,19 @@ def test_trainer_ranks_on_several_hosts_refuse_a_loopback_master_addr(monkeypatc
         init_trainer_world("gloo", timedelta(seconds=5), env)
 
 
+def test_a_host_name_that_resolves_to_loopback_is_not_bound_with_ranks_elsewhere():
+    """Debian maps a host's own name to 127.0.1.1 (here: whatever this host's name resolves to); the
+    ranks on other hosts reach it by its real address, so that is where the store listens."""
+    from pipeline.sync.rendezvous import address_towards, is_loopback_host, master_address
+
+    name = socket.gethostname()
+    if not is_loopback_host(name):
+        pytest.skip(f"this host's name ({name}) does not resolve to loopback here")
+    chosen = master_address(name, elsewhere=True)
+    assert not is_loopback_host(chosen) and chosen == address_towards("192.0.2.1")
+    assert master_address(name, elsewhere=False) == name  # every rank here: loopback is right
+
+
 def test_a_reserved_master_port_is_the_runs_alone():
     """The launcher's reservation of the ranks' port lets its own rank 0 listen beside it, and nobody
     else: not another run's launcher, nor another run's rank 0 (the same user could share a SO_REUSEPORT

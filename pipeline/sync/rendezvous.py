@@ -14,6 +14,7 @@ MASTER_PORT) before DeepSpeed would create its store on every interface.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -192,6 +193,29 @@ def gloo_bound_towards(host: str):
             os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
+DEFAULT_ROUTE_PROBE = "192.0.2.1"  # TEST-NET-1: only picks the route (no packet is sent)
+
+
+def master_address(host: str, elsewhere: bool) -> str:
+    """The address rank 0's store binds and this host's ranks dial: MASTER_ADDR, unless ranks run on
+    other hosts (`elsewhere`) and it is a name that resolves to loopback here (Debian maps a host's own
+    name to 127.0.1.1; the other hosts resolve it to its real address): then this host's address on its
+    default route. A loopback address given as such (127.x, ::1, localhost) is refused."""
+    if not elsewhere or not is_loopback_host(host):
+        return host
+    literal = host.strip("[]") == "localhost"
+    with contextlib.suppress(ValueError):
+        literal = bool(ipaddress.ip_address(host.strip("[]")))
+    local = None if literal else address_towards(DEFAULT_ROUTE_PROBE)
+    if local is None or ipaddress.ip_address(local).is_loopback:
+        raise RendezvousError(
+            f"MASTER_ADDR={host} is a loopback address on this host, but ranks run on other hosts and "
+            f"could not reach it; pass --master-addr with this host's address on their network"
+        )
+    log.info("MASTER_ADDR=%s resolves to loopback here; the ranks' store listens on %s", host, local)
+    return local
+
+
 def init_trainer_world(backend: str, timeout: timedelta, environ=os.environ) -> bool:
     """The trainer ranks' process group from the launcher's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
     with rank 0's store on a socket bound to MASTER_ADDR only (torch's `env://` would listen on every
@@ -209,11 +233,7 @@ def init_trainer_world(backend: str, timeout: timedelta, environ=os.environ) -> 
     rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
     host, port = environ["MASTER_ADDR"], int(environ["MASTER_PORT"])
     local = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or world)
-    if rank == 0 and local < world and is_loopback_host(host):
-        raise RendezvousError(
-            f"MASTER_ADDR={host} is a loopback address on this host, but ranks run on other hosts and "
-            f"could not reach it; pass --master-addr with this host's address on their network"
-        )
+    host = master_address(host, elsewhere=local < world)
     if rank == 0:
         try:
             listener = store_listener(host, port)
