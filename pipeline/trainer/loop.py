@@ -41,7 +41,7 @@ from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
 from pipeline.task.reward_functions import STRICT_POINTS, RewardError
-from pipeline.task.tools import ToolError
+from pipeline.task.tools import ToolError, tool_turn_s
 from pipeline.trainer.build import TrainingParts, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
 from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
@@ -491,15 +491,18 @@ def release_shm_name(rank: int) -> None:
 def collective_timeout(config: Config) -> timedelta:
     """How long a rank waits in a collective for the others. Rank 0 alone talks to the server, so the
     other ranks wait out its deadlines (a generation, a server restart, a push) plus a margin: rank 0's
-    error names the cause, instead of a bare gloo/NCCL timeout on a rank that was only waiting."""
-    s, e = config.server, config.eval
+    error names the cause, instead of a bare gloo/NCCL timeout on a rank that was only waiting. With
+    tools a generation is up to max_tool_calling_iterations more turns, each the turn's calls (bounded
+    as a whole: pipeline/task/tools.py `tool_turn_s`) and a request."""
+    s, e, r = config.server, config.eval, config.rollout
+    generation = s.request_timeout_s
+    if r.tools or r.environment:
+        generation += r.max_tool_calling_iterations * (tool_turn_s(r.tool_timeout_s) + s.request_timeout_s)
     evaluation = 0.0
     if e.every:  # one greedy (and one sampled, for maj@k) request per 128 problems, each within its deadline
         requests = -(-(e.limit or 10_000) // REQUEST_PROMPTS) * (2 if e.maj_k else 1)
-        evaluation = requests * s.request_timeout_s
-    return timedelta(
-        seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120
-    )
+        evaluation = requests * generation
+    return timedelta(seconds=generation + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120)
 
 
 def command() -> int:
