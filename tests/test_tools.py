@@ -130,6 +130,19 @@ def die(how: str) -> str:
     os._exit(3)
 
 
+def spawn(seconds: int) -> str:
+    """Starts a process that outlives the call, and says which (the worker's pid, then the child's).
+
+    Args:
+        seconds: how long the child sleeps
+    """
+    import os
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(seconds)])
+    return f"{os.getpid()} {child.pid}"
+
+
 class Counter:
     """An environment: state across one rollout's turns."""
 
@@ -480,16 +493,81 @@ def test_a_turns_calls_are_bounded_as_a_whole(plugin):
     start = time.monotonic()
     with ThreadPoolExecutor(6) as pool:
         results = list(
-            pool.map(lambda _: toolbox.call(ToolCall("sleepy", {"x": "y"}), 1.0, start + 0.2), range(6))
+            pool.map(lambda _: toolbox.call(ToolCall("sleepy", {"x": "y"}), 2.0, start + 0.5), range(6))
         )
     took = time.monotonic() - start
     texts = sorted(r.text for r in results)
-    assert texts.count("error: sleepy ran past 1s") == 2, texts  # the two workers' calls
-    assert sum("was not run: its turn's 1s passed before one of the 2" in t for t in texts) == 4, texts
+    assert texts.count("error: sleepy ran past 2s") == 2, texts  # the two workers' calls
+    assert sum("was not run: its turn's 2s passed before one of the 2" in t for t in texts) == 4, texts
     assert took < 10, took
-    late = toolbox.call(ToolCall("sleepy", {"x": "y"}), 1.0, time.monotonic() - 0.1)  # a worker is free
-    assert late.text.startswith("error: sleepy was not run: its turn's 1s passed"), late
+    late = toolbox.call(ToolCall("sleepy", {"x": "y"}), 2.0, time.monotonic() - 0.1)  # a worker is free
+    assert late.text.startswith("error: sleepy was not run: its turn's 2s passed"), late
     toolbox.workers.close()
+
+
+def test_closing_the_workers_ends_the_busy_ones_too(plugin):
+    """ToolWorkers.close (a rank leaving, however it leaves) kills the idle workers and the busy ones:
+    a call under way is answered with an error, a later call is not run, and no process is left."""
+    toolbox = load_toolbox([f"{plugin}:sleepy", f"{plugin}:spawn"], None, WorkerSettings(workers=2))
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(toolbox.call, ToolCall("sleepy", {"x": "y"}), 60)  # busy for 30 s
+        wait_for(lambda: children())
+        worker, child = map(int, toolbox.call(ToolCall("spawn", {"seconds": 600}), 30).text.split())
+        assert len(children()) == 3  # the busy worker, the idle one and its child
+        toolbox.workers.close()
+        result = busy.result(timeout=60)
+    assert not result.ok and result.text.startswith("error: sleepy failed: its worker exited"), result
+    later = toolbox.call(ToolCall("sleepy", {"x": "y"}), 60)
+    assert later.text == "error: sleepy was not run: the tool workers are closed", later
+    assert not children() and not any(map(alive, (worker, child)))
+
+
+PARENT = """
+import threading, time
+import psutil
+from pipeline.task.tools import ToolCall, WorkerSettings, load_toolbox
+
+toolbox = load_toolbox(["user_tools:sleepy", "user_tools:spawn"], None, WorkerSettings(workers=2))
+threading.Thread(target=toolbox.call, args=(ToolCall("sleepy", {"x": "y"}), 2.0)).start()  # busy 30 s
+while not psutil.Process().children():
+    time.sleep(0.05)
+print(toolbox.call(ToolCall("spawn", {"seconds": 600}), 30).text, flush=True)  # another, then idle
+threading.Event().wait()
+"""
+
+
+def wait_for(condition, seconds: float = 120) -> None:
+    """Until `condition()` holds (a bound, not a speed target: a loaded machine is slow)."""
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, f"waited {seconds:g}s"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_no_worker_or_what_it_started_outlives_its_parent(plugin, tmp_path):
+    """A rank killed outright (SIGKILL: no finally, no atexit): its idle workers see the pipe's end, its
+    busy ones their backstop (the call's timeout + BACKSTOP_S), and each takes its process group, what
+    the tools started, with it."""
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        idle, child = map(int, parent.stdout.readline().split())
+        pids = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
+        assert idle in pids and child in pids and len(pids) == 3, pids  # the busy worker too
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_for(lambda: not any(map(alive, pids)))  # the busy worker's backstop is 7 s away
 
 
 @pytest.mark.parametrize("server_fails", [False, True])

@@ -245,6 +245,12 @@ class ToolRollouts:
             config.server.max_prompts,
         )
 
+    def close(self) -> None:
+        """End the user's tool workers (rank 0's, or the evaluating process's): the owner calls it on
+        every way out, so that no worker outlives the run."""
+        if self.toolbox.workers is not None:
+            self.toolbox.workers.close()
+
     def prompt_style(self, style):
         """`style` (a PromptStyle) with the tools' schemas, for templates that show them to the model."""
         return dataclasses.replace(style, tools=tuple(self.toolbox.schemas))

@@ -472,7 +472,10 @@ class _Worker:
     thread at a time."""
 
     def __init__(self, hello: dict, log: ToolLog):
+        from pipeline.generation.client import TOKEN_ENV  # the parent's side only (it imports requests)
+
         self.log = log
+        env = {name: value for name, value in os.environ.items() if name != TOKEN_ENV}  # no secret to read
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         try:
@@ -483,7 +486,7 @@ class _Worker:
                 stderr=subprocess.STDOUT,
                 pass_fds=(request_r, reply_w),
                 start_new_session=True,  # its own process group: a kill takes whatever the tool started
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**env, "PYTHONUNBUFFERED": "1"},
             )
         except BaseException:
             for fd in (request_r, request_w, reply_r, reply_w):
@@ -563,7 +566,6 @@ class _Worker:
             name = signal.Signals(-code).name
             why = {
                 "SIGXCPU": "its CPU-time limit",
-                "SIGALRM": "its own deadline",
                 "SIGKILL": "killed, perhaps out of memory",
             }.get(name, "")
             return f"{what}: {name}" + (f" ({why})" if why else "")
@@ -605,6 +607,12 @@ class _Worker:
         value = as_text(answer.get("value", ""))
         return ToolResult(name, value, ok=not value.startswith("error:"))
 
+    def kill(self) -> None:
+        """SIGKILL to its process group, from any thread (`close` is its caller's)."""
+        if self.alive and self.proc.returncode is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
     def close(self) -> None:
         """Kill it (and whatever it started), reap it, keep what it printed."""
         self.alive = False
@@ -641,8 +649,12 @@ class ToolWorkers:
         self.slots = threading.BoundedSemaphore(size)
         self.lock = threading.Lock()
         self.idle: list[_Worker] = []
+        self.started: weakref.WeakSet[_Worker] = weakref.WeakSet()  # idle or busy: what `close` ends
+        self.closed = False
 
     def call(self, name: str, arguments: dict, timeout_s: float, start_by: float) -> ToolResult:
+        if self.closed:
+            return ToolResult(name, f"error: {name} was not run: the tool workers are closed", ok=False)
         left = start_by - time.monotonic()  # nothing starts after it, or a turn would have no bound
         if left < 0 or not self.slots.acquire(timeout=left):
             return ToolResult(
@@ -656,7 +668,7 @@ class ToolWorkers:
             with self.lock:
                 worker = self.idle.pop() if self.idle else None
             if worker is None:
-                worker = _Worker(self.hello, self.log)
+                worker = self.start()
             return worker.call(name, arguments, timeout_s)
         except (OSError, ValueError) as e:  # no process to be had (process or memory limit)
             self.log.note(f"cannot start a tool worker: {one_line(e)}")
@@ -666,18 +678,34 @@ class ToolWorkers:
         finally:
             if worker is not None and not worker.alive:
                 try:
-                    worker = _Worker(self.hello, self.log)  # its successor starts now
+                    worker = self.start()  # its successor starts now
                 except (OSError, ValueError):
                     worker = None  # the next call tries again
             if worker is not None:
                 with self.lock:
-                    self.idle.append(worker)
+                    if not self.closed:
+                        self.idle.append(worker)
+                if self.closed:  # closed while it worked
+                    worker.close()
             self.slots.release()
 
-    def close(self) -> None:
+    def start(self) -> _Worker:
         with self.lock:
-            workers, self.idle = self.idle, []
-        for worker in workers:
+            if self.closed:
+                raise ValueError("the tool workers are closed")
+            worker = _Worker(self.hello, self.log)
+            self.started.add(worker)
+        return worker
+
+    def close(self) -> None:
+        """Kill every worker, the busy ones too (their calls answer an error); later calls are not run."""
+        with self.lock:
+            self.closed = True
+            idle, self.idle = self.idle, []
+            busy = [worker for worker in self.started if worker not in idle]
+        for worker in busy:  # only killed: its caller sees it end, and reaps it and closes its pipes
+            worker.kill()
+        for worker in idle:
             worker.close()
 
 
@@ -750,6 +778,9 @@ def serve_worker(requests, replies_fd: int, hello: dict) -> None:
         limit = _address_space() + hello["memory_mb"] * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+    # past a call's backstop, or once the parent is gone (the pipe's end), the worker ends and with it
+    # whatever its tools started (its process group); C code that holds the interpreter meets RLIMIT_CPU
+    signal.signal(signal.SIGALRM, lambda *_: os.killpg(0, signal.SIGKILL))
     answer({"ready": True})
     for line in requests:
         request = json.loads(line)
@@ -759,7 +790,7 @@ def serve_worker(requests, replies_fd: int, hello: dict) -> None:
         resource.setrlimit(
             resource.RLIMIT_CPU, (cpu if cpu_hard == resource.RLIM_INFINITY else min(cpu, cpu_hard), cpu_hard)
         )
-        signal.alarm(backstop)  # SIGALRM's default action ends the process
+        signal.alarm(backstop)
         try:
             reply = {"value": as_text(tools[request["name"]](**request["arguments"]))}
         except BaseException as e:  # noqa: BLE001 - a tool's exception (SystemExit too) is its result
@@ -770,6 +801,7 @@ def serve_worker(requests, replies_fd: int, hello: dict) -> None:
             with contextlib.suppress(Exception):  # a tool may have closed or replaced it
                 stream.flush()
         answer(reply)
+    os.killpg(0, signal.SIGKILL)
 
 
 def _address_space() -> int:

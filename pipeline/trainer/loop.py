@@ -10,8 +10,8 @@ Each optimizer step runs the stages in order, each in one obvious place:
   sync      push the new weights (vLLM weight-transfer API), verify them  server_link.ServerLink
   metrics   one row per step from sums over ranks                          metrics.metrics_row
 
-`main` sets a rank up (`build.build`: data, rewards, the model under DeepSpeed), connects it to the
-server and hands over to `fit`, the loop. What it simplifies on purpose: one policy update per batch
+`main` sets a rank up (`build.build`: data, rewards, the model under DeepSpeed; it closes the tool
+workers however the rank leaves), `train` connects it to the server and hands over to `fit`, the loop. What it simplifies on purpose: one policy update per batch
 of rollouts (TRL's num_iterations=1), so the server's logprobs are the "old" policy; no HF Trainer in
 between, so DeepSpeed sees exactly the batch sizes we compute.
 """
@@ -92,7 +92,15 @@ def main(argv=None) -> int:
     release_shm_name(rank)
     setup_logging(run_dir, rank)
     parts = build(config, world)
+    try:
+        return train(args, config, parts, rank, run_dir)
+    finally:  # rank 0's tool workers end with it, whichever way it leaves
+        if parts.tools is not None:
+            parts.tools.close()
 
+
+def train(args, config: Config, parts: TrainingParts, rank: int, run_dir: Path) -> int:
+    """The rank's run once its parts are built: resume, the engines' link, the steps, the final model."""
     # --- resume -------------------------------------------------------------------------------------
     ckpt_dir = run_dir / "checkpoints"
     start_step = 0
