@@ -516,7 +516,10 @@ def test_closing_the_workers_ends_the_busy_ones_too(plugin):
         assert len(children()) == 3  # the busy worker, the idle one and its child
         toolbox.workers.close()
         result = busy.result(timeout=60)
-    assert not result.ok and result.text.startswith("error: sleepy failed: its worker exited"), result
+    assert (
+        not result.ok
+        and result.text == "error: sleepy failed: its worker exited: the tool workers were closed"
+    ), result
     later = toolbox.call(ToolCall("sleepy", {"x": "y"}), 60)
     assert later.text == "error: sleepy was not run: the tool workers are closed", later
     assert not children() and not any(map(alive, (worker, child)))

@@ -500,6 +500,7 @@ class _Worker:
         self.buffer = b""
         self.ready = False
         self.alive = True
+        self.killed = False  # by `kill`: the workers were closed
         self._end = weakref.finalize(self, _end_worker, self.proc, request_w, reply_r)
         self.send({**hello, "path": sys.path})
 
@@ -562,6 +563,8 @@ class _Worker:
             code = self.proc.wait(2)
         except subprocess.TimeoutExpired:
             return what
+        if self.killed:
+            return f"{what}: the tool workers were closed"
         if code < 0:
             name = signal.Signals(-code).name
             why = {
@@ -610,6 +613,7 @@ class _Worker:
     def kill(self) -> None:
         """SIGKILL to its process group, from any thread (`close` is its caller's)."""
         if self.alive and self.proc.returncode is None:
+            self.killed = True
             with contextlib.suppress(OSError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
