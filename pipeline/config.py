@@ -365,7 +365,14 @@ class RolloutConfig:
     max_tool_calling_iterations: int = 5
     """Tool calls per rollout (TRL's name); a rollout still calling after them ends there."""
     tool_timeout_s: float = 10.0
-    """A tool call running longer is abandoned and answered with an error (counted in tools/failure_rate)."""
+    """A user's tool call running longer is killed (its worker process) and answered with an error
+    (counted in tools/failure_rate); a turn's call not started within it (workers busy) is not run."""
+    tool_workers: int = 8
+    """Worker processes running the user's tool functions (rank 0's; a turn's calls run this many at a time)."""
+    tool_memory_mb: int = 4096
+    """Memory a tool worker may allocate beyond its imports (address-space limit: MemoryError past it); 0 = none."""
+    tool_log_mb: float = 16.0
+    """What the user's tools print goes to <run dir>/tools.log, rotated to tools.log.1 at this size."""
 
 
 @dataclass
@@ -618,6 +625,12 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"train.dynamic_sampling_max_draws: must be >= 0, got {t.dynamic_sampling_max_draws}"
         )
+    if not 1 <= r.tool_workers <= 256:
+        raise ConfigError(f"rollout.tool_workers: must be in [1, 256], got {r.tool_workers}")
+    if r.tool_memory_mb < 0:
+        raise ConfigError(f"rollout.tool_memory_mb: must be >= 0 (0 = no limit), got {r.tool_memory_mb}")
+    if not r.tool_log_mb > 0:
+        raise ConfigError(f"rollout.tool_log_mb: must be > 0, got {r.tool_log_mb}")
     if t.is_cap <= 1 or t.max_staleness < 0:
         raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")
     if not 0 <= t.warmup_ratio < 1:

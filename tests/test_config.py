@@ -64,6 +64,9 @@ def test_the_old_redacted_placeholder_is_no_token(tmp_path):
             "would be biased",
         ),
         ("train.top_p=1.5", "train.top_p=1.5: must be 1.0"),
+        ("rollout.tool_workers=0", "rollout.tool_workers: must be in [1, 256], got 0"),
+        ("rollout.tool_memory_mb=-1", "rollout.tool_memory_mb: must be >= 0 (0 = no limit), got -1"),
+        ("rollout.tool_log_mb=0", "rollout.tool_log_mb: must be > 0, got 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -5,6 +5,7 @@ trainer's view of the whole conversation lines up token by token with what the s
 import json
 import textwrap
 
+import psutil
 import pytest
 import torch
 from support.constants import REPO, SERVER_TOKEN
@@ -168,12 +169,19 @@ def runs(mask: list[int], value: int) -> list[tuple[int, int]]:
 
 
 TOOL_PLUGIN = '''
+import os
+from pathlib import Path
+
+
 def calculator(expression: str) -> str:
     """A user's calculator, replacing the built-in one: answers 7 whatever it is asked.
 
     Args:
         expression: the arithmetic to do
     """
+    print(f"calculator asked {expression!r}")  # into the run's tools.log
+    with open(Path(__file__).with_name("tool_pids.txt"), "a") as f:  # the worker processes, seen after
+        f.write(f"{os.getpid()}\\n")
     return "7"
 
 
@@ -258,9 +266,22 @@ def test_a_users_tool_plugin_trains_end_to_end(tool_model_dir, tmp_path):
     )
     summary = json.loads((tmp_path / "runs" / "tools" / "eval_after.json").read_text())
     assert summary["tools/call_rate"] == sum(row["tool_calls"] > 0 for row in evaluated) / 4
+    # the tool ran in worker processes (the rank's, the launcher's evaluations'), its output in the run's
+    # tools.log and not the trainer's; no worker outlived the run
+    assert "calculator asked" in (tmp_path / "runs" / "tools" / "tools.log").read_text()
+    assert "calculator asked" not in proc.stdout + proc.stderr
+    workers = {int(pid) for pid in (tmp_path / "tool_pids.txt").read_text().split()}
+    assert workers and not [pid for pid in workers if alive(pid)], workers
 
     bad_cmd = [*cmd[:-4], "--set", "rollout.tools=[my_tools:nothing_here]"]
     bad_cmd[bad_cmd.index("--name") + 1] = "tools-bad"
     bad = subprocess.run(bad_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert "rollout.tools[0]: module 'my_tools' has no 'nothing_here'" in one_line_error(bad)
     assert not (tmp_path / "runs" / "tools-bad").exists()  # refused before anything was written
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -304,3 +304,21 @@ def test_ranks_wait_out_rank_zeros_deadlines():
     config.server.request_timeout_s = 1200
     waited = collective_timeout(config).total_seconds()
     assert waited > config.server.request_timeout_s + config.server.startup_timeout_s + config.sync.timeout_s
+
+
+def test_ranks_wait_out_rank_zeros_tool_turns():
+    """With tools, rank 0's generation is up to max_tool_calling_iterations turns more, each the turn's
+    calls (bounded as a whole by rollout.tool_timeout_s) and a request: the other ranks wait them out,
+    in training and in evaluation during training."""
+    from pipeline.config import Config
+    from pipeline.trainer.loop import collective_timeout
+
+    config = Config()
+    plain = collective_timeout(config).total_seconds()
+    config.rollout.tools = ["calculator"]
+    config.rollout.tool_timeout_s = 300
+    r, s = config.rollout, config.server
+    turns = r.max_tool_calling_iterations * (r.tool_timeout_s + s.request_timeout_s)
+    assert collective_timeout(config).total_seconds() > plain + turns
+    config.eval.every, config.eval.limit, config.eval.maj_k = 5, 128, 0  # one request, and its turns
+    assert collective_timeout(config).total_seconds() > plain + 2 * turns + s.request_timeout_s

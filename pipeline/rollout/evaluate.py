@@ -222,17 +222,22 @@ def run_eval(
         config.model.path, trust_remote_code=config.model.trust_remote_code
     )
     examples, dropped = load_eval_examples(config, tokenizer, data_file, limit or config.eval.limit or None)
-    summary, rows = evaluate(
-        client,
-        tokenizer,
-        examples,
-        seed=config.run.seed,
-        style=PromptStyle.from_config(config.data),
-        tools=ToolRollouts.from_config(config, tokenizer),
-        maj_k=config.eval.maj_k if maj_k is None else maj_k,
-        temperature=temperature or config.eval.temperature,
-        max_tokens=max_tokens or config.train.max_completion_tokens,
-    )
+    tools = ToolRollouts.from_config(config, tokenizer)
+    try:
+        summary, rows = evaluate(
+            client,
+            tokenizer,
+            examples,
+            seed=config.run.seed,
+            style=PromptStyle.from_config(config.data),
+            tools=tools,
+            maj_k=config.eval.maj_k if maj_k is None else maj_k,
+            temperature=temperature or config.eval.temperature,
+            max_tokens=max_tokens or config.train.max_completion_tokens,
+        )
+    finally:  # its tool workers end with the evaluation
+        if tools is not None:
+            tools.close()
     summary["prompts_dropped_as_too_long"] = dropped
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

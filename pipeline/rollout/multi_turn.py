@@ -18,27 +18,26 @@ the weight push waits for (overlapped mode too), so all of a rollout's turns com
 from __future__ import annotations
 
 import dataclasses
-import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.task.tools import (
     CALL_CLOSE,
-    CALL_OPEN,
     Toolbox,
     ToolResult,
     ToolTurns,
+    WorkerSettings,
     load_toolbox,
     parse_tool_calls,
+    strip_tool_calls,
 )
 
 MAX_PARALLEL_CALLS = 32
 TURN_SEED_STRIDE = (
     2**40
 )  # turn k's seeds: the step's + k * stride (the server samples prompt i with seed + i)
-_CALL_TEXT = re.compile(
-    re.escape(CALL_OPEN) + r".*?(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S
-)  # closed or cut
 
 
 @dataclass
@@ -93,7 +92,7 @@ class Conversation:
         out = []
         for turn, text in enumerate(self.turn_texts):
             calls = [c for c in parse_tool_calls(text) if not c.error]
-            message = {"role": "assistant", "content": _CALL_TEXT.sub("", text).strip()}
+            message = {"role": "assistant", "content": strip_tool_calls(text).strip()}
             if calls:
                 message["tool_calls"] = [
                     {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -104,12 +103,15 @@ class Conversation:
         return out
 
 
-def run_calls(conversation: Conversation, timeout_s: float) -> list[ToolResult]:
-    """The calls in the model's last turn, run in order (an error result for text that holds none)."""
+def run_calls(
+    conversation: Conversation, timeout_s: float, start_by: float | None = None
+) -> list[ToolResult]:
+    """The calls in the model's last turn, run in order (an error result for text that holds none);
+    a call not started by `start_by` (time.monotonic(): its turn's start + timeout_s) is not run."""
     calls = parse_tool_calls(conversation.last_text)
     if not calls:
         return [ToolResult("?", "error: no tool call found", ok=False)]
-    return [conversation.tools.call(call, timeout_s) for call in calls]
+    return [conversation.tools.call(call, timeout_s, start_by) for call in calls]
 
 
 def generate_with_tools(
@@ -144,48 +146,54 @@ def generate_with_tools(
             group.append(conversation)
         groups.append(group)
     everyone = [c for group in groups for c in group]
-    for turn in range(1, max_iterations + 1):
-        waiting = [c for c in everyone if c.wants_tool]
-        if not waiting:
-            break
-        by_budget: dict[int, list[Conversation]] = {}
-        # every waiting rollout's calls at once (each under its deadline): a slow tool costs a turn
-        # its timeout, not its timeout per rollout. Functions must tolerate concurrent calls.
-        with ThreadPoolExecutor(
-            max_workers=min(MAX_PARALLEL_CALLS, len(waiting)), thread_name_prefix="tools"
-        ) as pool:
-            all_results = list(pool.map(lambda c: run_calls(c, timeout_s), waiting))
-        for conversation, results in zip(waiting, all_results, strict=True):
-            conversation.calls += [(r.name, r.ok) for r in results]
-            conversation.wants_tool = False
-            text = "\n".join(r.text for r in results)
-            tool_ids = turns.token_ids(tokenizer, text)
-            left = max_tokens - len(conversation.token_ids) - len(tool_ids)
-            if left < 1:  # no room for the result and a word after it: the call ran, its result is cut
-                conversation.finish_reason = "length"
-                continue
-            conversation.add_tool_turn(tool_ids, results)
-            by_budget.setdefault(left, []).append(conversation)
-        for left, conversations in sorted(by_budget.items()):
-            # at most max_prompts a request (the server's limit): after the first turn each rollout is a
-            # prompt of its own, n times as many as the first request had
-            for start in range(0, len(conversations), max_prompts):
-                chunk = conversations[start : start + max_prompts]
-                turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE + start) % 2**62
-                answer = engines.generate(
-                    [c.prompt_ids + c.token_ids for c in chunk],
-                    n=1,
-                    max_tokens=left,
-                    seed=turn_seed,
-                    stop=[CALL_CLOSE],
-                    **params,
-                )
-                answers.append(answer)
-                for conversation, result in zip(chunk, answer["results"], strict=True):
-                    completion = result["completions"][0]
-                    conversation.add_model_turn(
-                        {**completion, "version": completion.get("version", answer["version"])}, tokenizer
+    try:
+        for turn in range(1, max_iterations + 1):
+            waiting = [c for c in everyone if c.wants_tool]
+            if not waiting:
+                break
+            by_budget: dict[int, list[Conversation]] = {}
+            # every waiting rollout's calls at once, each started within timeout_s of the turn or not run,
+            # and killed past timeout_s (pipeline/task/tools.py `tool_turn_s`): a slow tool costs a turn
+            # about twice its timeout, not its timeout per rollout. A worker runs one call at a time.
+            start_by = time.monotonic() + timeout_s
+            with ThreadPoolExecutor(
+                max_workers=min(MAX_PARALLEL_CALLS, len(waiting)), thread_name_prefix="tools"
+            ) as pool:
+                all_results = list(pool.map(lambda c, by=start_by: run_calls(c, timeout_s, by), waiting))
+            for conversation, results in zip(waiting, all_results, strict=True):
+                conversation.calls += [(r.name, r.ok) for r in results]
+                conversation.wants_tool = False
+                text = "\n".join(r.text for r in results)
+                tool_ids = turns.token_ids(tokenizer, text)
+                left = max_tokens - len(conversation.token_ids) - len(tool_ids)
+                if left < 1:  # no room for the result and a word after it: the call ran, its result is cut
+                    conversation.finish_reason = "length"
+                    continue
+                conversation.add_tool_turn(tool_ids, results)
+                by_budget.setdefault(left, []).append(conversation)
+            for left, conversations in sorted(by_budget.items()):
+                # at most max_prompts a request (the server's limit): after the first turn each rollout is a
+                # prompt of its own, n times as many as the first request had
+                for start in range(0, len(conversations), max_prompts):
+                    chunk = conversations[start : start + max_prompts]
+                    turn_seed = None if seed is None else (seed + turn * TURN_SEED_STRIDE + start) % 2**62
+                    answer = engines.generate(
+                        [c.prompt_ids + c.token_ids for c in chunk],
+                        n=1,
+                        max_tokens=left,
+                        seed=turn_seed,
+                        stop=[CALL_CLOSE],
+                        **params,
                     )
+                    answers.append(answer)
+                    for conversation, result in zip(chunk, answer["results"], strict=True):
+                        completion = result["completions"][0]
+                        conversation.add_model_turn(
+                            {**completion, "version": completion.get("version", answer["version"])}, tokenizer
+                        )
+    finally:  # the rollouts' environment workers end with them (the function workers stay)
+        for conversation in everyone:
+            conversation.tools.close()
     for conversation in everyone:
         if conversation.wants_tool:  # still calling at the cap: its last call gets no result
             conversation.finish_reason = "tool_calls"
@@ -217,17 +225,31 @@ class ToolRollouts:
 
     @classmethod
     def from_config(cls, config, tokenizer) -> ToolRollouts | None:
-        """rollout.tools / rollout.environment of a `Config`, loaded and checked; None without tools."""
-        r = config.rollout
+        """rollout.tools / rollout.environment of a `Config`, loaded and checked; None without tools.
+        The user's tools print into the run directory's tools.log (run.root / run.name, as the launcher
+        resolves them; without a run name, into this process's stderr)."""
+        r, run = config.rollout, config.run
         if not (r.tools or r.environment):
             return None
+        settings = WorkerSettings(
+            workers=r.tool_workers,
+            memory_mb=r.tool_memory_mb,
+            log_path=str(Path(run.root) / run.name / "tools.log") if run.name else "",
+            log_mb=r.tool_log_mb,
+        )
         return cls(
-            load_toolbox(r.tools, r.environment or None),
+            load_toolbox(r.tools, r.environment or None, settings),
             tokenizer,
             r.max_tool_calling_iterations,
             r.tool_timeout_s,
             config.server.max_prompts,
         )
+
+    def close(self) -> None:
+        """End the user's tool workers (rank 0's, or the evaluating process's): the owner calls it on
+        every way out, so that no worker outlives the run."""
+        if self.toolbox.workers is not None:
+            self.toolbox.workers.close()
 
     def prompt_style(self, style):
         """`style` (a PromptStyle) with the tools' schemas, for templates that show them to the model."""

@@ -10,8 +10,8 @@ Each optimizer step runs the stages in order, each in one obvious place:
   sync      push the new weights (vLLM weight-transfer API), verify them  server_link.ServerLink
   metrics   one row per step from sums over ranks                          metrics.metrics_row
 
-`main` sets a rank up (`build.build`: data, rewards, the model under DeepSpeed), connects it to the
-server and hands over to `fit`, the loop. What it simplifies on purpose: one policy update per batch
+`main` sets a rank up (`build.build`: data, rewards, the model under DeepSpeed; it closes the tool
+workers however the rank leaves), `train` connects it to the server and hands over to `fit`, the loop. What it simplifies on purpose: one policy update per batch
 of rollouts (TRL's num_iterations=1), so the server's logprobs are the "old" policy; no HF Trainer in
 between, so DeepSpeed sees exactly the batch sizes we compute.
 """
@@ -42,7 +42,7 @@ from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
 from pipeline.task.reward_functions import STRICT_POINTS, RewardError
-from pipeline.task.tools import ToolError
+from pipeline.task.tools import ToolError, tool_turn_s
 from pipeline.trainer.build import TrainingParts, build
 from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
 from pipeline.trainer.grpo import SamplerCorrection, grpo_loss, make_batch, step_normaliser, token_logprobs
@@ -103,7 +103,15 @@ def main(argv=None) -> int:
     release_shm_name(rank)
     setup_logging(run_dir, rank)
     parts = build(config, world)
+    try:
+        return train(args, config, parts, rank, run_dir)
+    finally:  # rank 0's tool workers end with it, whichever way it leaves
+        if parts.tools is not None:
+            parts.tools.close()
 
+
+def train(args, config: Config, parts: TrainingParts, rank: int, run_dir: Path) -> int:
+    """The rank's run once its parts are built: resume, the engines' link, the steps, the final model."""
     # --- resume -------------------------------------------------------------------------------------
     ckpt_dir = run_dir / "checkpoints"
     start_step = 0
@@ -543,15 +551,18 @@ def release_shm_name(rank: int) -> None:
 def collective_timeout(config: Config) -> timedelta:
     """How long a rank waits in a collective for the others. Rank 0 alone talks to the server, so the
     other ranks wait out its deadlines (a generation, a server restart, a push) plus a margin: rank 0's
-    error names the cause, instead of a bare gloo/NCCL timeout on a rank that was only waiting."""
-    s, e = config.server, config.eval
+    error names the cause, instead of a bare gloo/NCCL timeout on a rank that was only waiting. With
+    tools a generation is up to max_tool_calling_iterations more turns, each the turn's calls (bounded
+    as a whole: pipeline/task/tools.py `tool_turn_s`) and a request."""
+    s, e, r = config.server, config.eval, config.rollout
+    generation = s.request_timeout_s
+    if r.tools or r.environment:
+        generation += r.max_tool_calling_iterations * (tool_turn_s(r.tool_timeout_s) + s.request_timeout_s)
     evaluation = 0.0
     if e.every:  # one greedy (and one sampled, for maj@k) request per 128 problems, each within its deadline
         requests = -(-(e.limit or 10_000) // REQUEST_PROMPTS) * (2 if e.maj_k else 1)
-        evaluation = requests * s.request_timeout_s
-    return timedelta(
-        seconds=s.request_timeout_s + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120
-    )
+        evaluation = requests * generation
+    return timedelta(seconds=generation + s.startup_timeout_s + config.sync.timeout_s + evaluation + 120)
 
 
 def command() -> int:
