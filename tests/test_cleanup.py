@@ -164,7 +164,8 @@ def test_two_builds_of_the_same_model_at_once_share_one(tmp_path):
 
 
 def group_shared_memory(pgid: int) -> set[str]:
-    """The /dev/shm/psm_* files the processes of group `pgid` have mapped (the test's own reading)."""
+    """The /dev/shm files the processes of group `pgid` have mapped or open (the test's own reading):
+    vLLM's message-queue rings (`psm_*`) and anything else it keeps there."""
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -172,26 +173,31 @@ def group_shared_memory(pgid: int) -> set[str]:
         try:
             if os.getpgid(int(entry)) != pgid:
                 continue
-            maps = Path(f"/proc/{entry}/maps").read_text()
+            targets = [
+                line.split(maxsplit=5)[-1] for line in Path(f"/proc/{entry}/maps").read_text().splitlines()
+            ]
+            fd_dir = f"/proc/{entry}/fd"
+            targets += [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
         except OSError:
             continue
-        found.update(
-            line[line.index("/dev/shm/") :]
-            for line in maps.splitlines()
-            if "/dev/shm/psm_" in line and not line.endswith("(deleted)")
-        )
+        found.update(t for t in targets if t.startswith("/dev/shm/") and not t.endswith("(deleted)"))
     return found
 
 
 @pytest.mark.integration
 def test_a_stopped_server_leaves_nothing_in_dev_shm(tiny_model_dir, tmp_path):
     """vLLM's engine core and workers talk through shared-memory rings (/dev/shm/psm_*): stopped as the
-    launcher stops it, a server leaves none of them behind. (Before, SIGTERM and SIGKILL to its whole
-    group at once left its rings: 15 after a day's runs.) Only the files the server's own processes
-    mapped are compared: other tests may make and remove theirs meanwhile."""
+    launcher stops it, a server leaves nothing in /dev/shm. (Before, SIGTERM and SIGKILL to its whole
+    group at once left its rings: 15 after a day's runs.) What /dev/shm held before the start is compared
+    with what it holds after the stop, limited to what the server's own processes had mapped or open:
+    other processes on the host (tests run side by side) make and remove theirs meanwhile."""
+    before = set(os.listdir("/dev/shm"))
     server = local_server(tiny_model_dir, tmp_path)
-    rings = group_shared_memory(server.proc.pid)
-    assert rings, "the server's processes map no /dev/shm/psm_* file: nothing to check"
+    mapped = group_shared_memory(server.proc.pid)
+    assert any(Path(m).name.startswith("psm_") for m in mapped), f"no vLLM ring mapped: {sorted(mapped)}"
     server.stop()
-    left = sorted(r for r in rings if os.path.exists(r))
-    assert not left, f"left in /dev/shm after the server stopped: {left}"
+    after = set(os.listdir("/dev/shm"))
+    ours = {Path(m).name for m in mapped}
+    assert (after & ours) <= before, (
+        f"left in /dev/shm after the server stopped: {sorted(after & ours - before)}"
+    )
