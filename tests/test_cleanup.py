@@ -125,12 +125,12 @@ print(build_default_model(load_config("configs/tiny-cpu.yaml", sys.argv[1:])), f
 
 @pytest.mark.integration
 def test_two_builds_of_the_same_model_at_once_share_one(tmp_path):
-    """A second build of the same model while the first runs waits for it and takes its model. (Before,
-    it removed the first one's `.building` folder from under it.)"""
-    overrides = [f"run.root={tmp_path}", *SMALL_BUILD, "model.build_sft_steps=150"]
-
-    def build():
-        return subprocess.Popen(
+    """Two builds of the same model started together: one builds, the other waits for it (the build takes
+    tens of seconds, the two start within a second or two) and takes its model. (Before, each removed
+    the other's `.building` folder from under it.)"""
+    overrides = [f"run.root={tmp_path}", *SMALL_BUILD, "model.build_sft_steps=20"]
+    builds = [
+        subprocess.Popen(
             [sys.executable, "-c", BUILD, *overrides],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -138,25 +138,22 @@ def test_two_builds_of_the_same_model_at_once_share_one(tmp_path):
             stderr=subprocess.STDOUT,
             text=True,
         )
-
-    first = build()
-    second = None
+        for _ in range(2)
+    ]
     try:
-        wait_for(lambda: any((tmp_path / ".cache").glob("*.building")), 300, "first build", first)
-        second = build()
-        outs = []
-        for proc in (first, second):
-            code = proc.wait(600)
-            outs.append(proc.stdout.read())
-            assert code == 0, outs[-1][-3000:]
-        built = [Path(out.strip().splitlines()[-1]) for out in outs]
-        assert built[0] == built[1] and (built[0] / "config.json").exists()
-        assert (built[0] / "build.json").exists()
-        assert f"another process is building {built[0].name}; waiting for it" in outs[1]
+        outs = [proc.communicate(timeout=600)[0] for proc in builds]
+        for proc, out in zip(builds, outs, strict=True):
+            assert proc.returncode == 0, out[-3000:]
+        built = {Path(out.strip().splitlines()[-1]) for out in outs}
+        assert len(built) == 1, built
+        model = built.pop()
+        assert (model / "config.json").exists() and (model / "build.json").exists()
+        waited = [out for out in outs if f"another process is building {model.name}; waiting for it" in out]
+        assert len(waited) == 1, outs
         assert not list((tmp_path / ".cache").glob("*.building"))
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
+        for proc in builds:
+            if proc.poll() is None:
                 proc.kill()
 
 
