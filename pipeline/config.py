@@ -7,6 +7,7 @@ and wrong types are errors naming the key (`ConfigError: train.max_stepz: unknow
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ AnswerFormat = Literal[options.ANSWER_FORMATS]
 ChatTemplate = Literal[options.CHAT_TEMPLATES]
 LossType = Literal[options.LOSS_TYPES]
 AdvantageScaling = Literal[options.ADVANTAGE_SCALINGS]
+ImportanceSamplingLevel = Literal[options.IMPORTANCE_SAMPLING_LEVELS]
+VllmImportanceSamplingMode = Literal[options.VLLM_IMPORTANCE_SAMPLING_MODES]
 Tracker = Literal[options.TRACKERS]
 
 
@@ -90,8 +93,19 @@ class ServerConfig:
     port: int = 8710
     """HTTP port of the generation server."""
     token: str = ""
-    """Shared secret; when set every request needs `Authorization: Bearer <token>`. Prefer the
-    GRPO_SERVER_TOKEN environment variable, which overrides this and is never written to disk."""
+    """Shared secret every request needs (`Authorization: Bearer <token>`), and which the server proves
+    it holds before a client sends it. Prefer the GRPO_SERVER_TOKEN environment variable, which
+    overrides this and is never written to disk. Neither set: a server on loopback makes a random one
+    (launch/train.py and `make eval` give theirs one), off loopback it refuses to start. A saved
+    config.yaml holds "" here."""
+    tls_cert: str = ""
+    """PEM certificate the server serves HTTPS with (with `tls_key`); clients then use https:// URLs.
+    For engines on other hosts: the token travels encrypted (README "Security")."""
+    tls_key: str = ""
+    """PEM private key of `tls_cert`."""
+    tls_ca: str = ""
+    """PEM CA bundle clients verify an https:// server against (a self-signed `tls_cert` itself);
+    empty: the system's CAs."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism (GPUs given to each generation engine)."""
     data_parallel_size: int = 1
@@ -155,9 +169,11 @@ class SyncConfig:
     sample of whole layers of about this many MB (all of a smaller model; at least the embeddings, the
     head and one layer), against the server's digests; a mismatch fails the step."""
     host: str = ""
-    """Address the trainer's rank 0 listens on for the sync group; empty = the server's host."""
+    """Address the trainer's rank 0 binds the sync group's rendezvous store to (it listens there only)
+    and the engines' workers dial; empty = 127.0.0.1 when every engine is on this host, else this host's
+    address on its route to the first engine. Never one that resolves to loopback with an engine elsewhere."""
     port: int = 0
-    """Port for the sync group's rendezvous; 0 = a free port chosen at start."""
+    """Port of the sync group's rendezvous; 0 = one the OS picks, bound before the workers are told it."""
 
 
 @dataclass
@@ -275,6 +291,30 @@ class TrainConfig:
     keeps such differences small (the CPU default uses it)."""
     mask_truncated_completions: bool = False
     """Give completions cut at max_completion_tokens no gradient (DAPO's overlong filtering)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: a group whose completions all score the same has zero advantage and
+    trains nothing; drop such groups and draw more prompts until the step has its groups with signal
+    (rollout/filtered_groups, rollout/dynamic_draws, rollout/short_groups per step)."""
+    dynamic_sampling_max_draws: int = 3
+    """Extra rounds of prompts one step may draw; a step still short trains with groups without signal."""
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    """The PPO ratio per token (token) or one per completion, the exp of its tokens' mean log-ratio
+    (sequence: GSPO). As TRL's GRPOConfig."""
+    vllm_importance_sampling_correction: bool = False
+    """TRL's correction of the sampler/trainer mismatch: the PPO ratio is taken against the trainer's own
+    logprobs before the step, and each token's loss is weighted by trainer / sampler probability, bounded
+    as vllm_importance_sampling_mode says. Off (the default here, on in TRL): the ratio is taken against
+    the sampler's logprobs directly, which corrects the same mismatch inside the PPO clip and is_cap."""
+    vllm_importance_sampling_mode: VllmImportanceSamplingMode = "sequence_mask"
+    """token_truncate / sequence_truncate clip the token's / completion's ratio to [clip_min, clip_max];
+    token_mask / sequence_mask give a weight of 0 outside it (TRL's modes and default)."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """The correction's upper bound C_max (TRL's default 3.0); null: none (mask modes, with a clip_min)."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """The correction's lower bound C_min; null: none."""
+    use_bias_correction_kl: bool = False
+    """Multiply the KL term by the importance ratio (TRL's default True: the unbiased reverse-KL gradient,
+    DeepSeek-V3.2); only matters with beta > 0."""
     deepspeed_config: str = "auto"
     """DeepSpeed JSON (ZeRO stage etc.); batch sizes, clipping and precision are filled in from here.
     auto: configs/ds_zero2.json on CPU, configs/ds_zero2_gpu.json (overlapped communication) on GPU;
@@ -409,7 +449,10 @@ def _check_type(value, hint, key: str):
 
 
 # Keys that once existed: a config that still sets one is told what replaced it.
-RETIRED_KEYS = {"train.loss_aggregation": "replaced by train.loss_type (sequence -> grpo, token -> dapo)"}
+RETIRED_KEYS = {
+    "train.loss_aggregation": "replaced by train.loss_type (sequence -> grpo, token -> dapo)",
+    "train.vllm_importance_sampling_cap": "TRL's deprecated name: use train.vllm_importance_sampling_clip_max",
+}
 
 
 def _merge(obj, values: dict, prefix: str = "") -> None:
@@ -506,6 +549,13 @@ def validate(config: Config) -> None:
         )
     if config.server.max_restarts < 0:
         raise ConfigError(f"server.max_restarts: must be >= 0, got {config.server.max_restarts}")
+    if config.server.token == REDACTED_TOKEN:
+        raise ConfigError(
+            f"server.token: {REDACTED_TOKEN!r} is the placeholder an older saved config.yaml holds, not a "
+            f'token; set GRPO_SERVER_TOKEN (or server.token to the real one, or to "")'
+        )
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key: give both (HTTPS) or neither")
     for key in (
         "port",
         "tensor_parallel_size",
@@ -555,6 +605,19 @@ def validate(config: Config) -> None:
         )
     if not 0 < r.tool_timeout_s <= 3600:
         raise ConfigError(f"rollout.tool_timeout_s: must be in (0, 3600], got {r.tool_timeout_s}")
+    low, high = t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max
+    if (low is not None and low < 0) or (high is not None and high <= 0) or (low or 0) >= (high or math.inf):
+        raise ConfigError(
+            f"train.vllm_importance_sampling_clip_min={low} and clip_max={high}: need 0 <= min < max"
+        )
+    if t.vllm_importance_sampling_mode.endswith("truncate") and high is None and low is None:
+        raise ConfigError(
+            f"train.vllm_importance_sampling_mode={t.vllm_importance_sampling_mode}: needs clip_max"
+        )
+    if t.dynamic_sampling_max_draws < 0:
+        raise ConfigError(
+            f"train.dynamic_sampling_max_draws: must be >= 0, got {t.dynamic_sampling_max_draws}"
+        )
     if t.is_cap <= 1 or t.max_staleness < 0:
         raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")
     if not 0 <= t.warmup_ratio < 1:
@@ -610,9 +673,13 @@ def check_batch(config: Config, ranks: int) -> int:
     return completions // t.num_generations
 
 
+REDACTED_TOKEN = "<redacted>"  # what saved configs once held for a token: refused, never a token
+
+
 def to_dict(config: Config, redact: bool = True) -> dict:
-    """Plain dict for saving next to a run; the server token is never written."""
+    """Plain dict for saving next to a run; the server token is never written (`token: ""`: reusing the
+    file gives a server a token of its own, never a known one)."""
     data = dataclasses.asdict(config)
-    if redact and data["server"]["token"]:
-        data["server"]["token"] = "<redacted>"
+    if redact:
+        data["server"]["token"] = ""
     return data
