@@ -47,8 +47,9 @@ from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines
 from pipeline.generation.server_process import ServerProcess, die_with_parent
 from pipeline.rollout.evaluate import format_table, run_eval
 from pipeline.task.data import DataError
-from pipeline.task.reward_functions import RewardError
+from pipeline.task.reward_functions import PLUGIN_DIR_ENV, RewardError
 from pipeline.task.tools import ToolError
+from pipeline.trainer.trust import untrusted_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
@@ -158,6 +159,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """The command line: the config file and its overrides, then `train`."""
     args = parse_args(argv)
+    if args.name is not None and not args.name.strip():
+        print("error: --name: empty (leave it out for a timestamped run)", file=sys.stderr)
+        return 2
     try:
         config = load_config(
             config_file(args.config), [*args.set, *([f"run.name={args.name}"] if args.name else [])]
@@ -185,19 +189,60 @@ def train(config: Config, options: Options | None = None) -> Outcome:
     write or print the plan if asked, check everything before anything starts, then run and watch the
     engines and the trainer. A refusal is one line on stderr (`error: ...`) and code 2."""
     options = options or Options()
-    try:
-        run = resolve(config, options)
-        if options.plan_json:
-            Path(options.plan_json).write_text(json.dumps(redacted(run.plan).to_json(), indent=2) + "\n")
-        if options.dry_run:
-            print(describe(run.plan))
-            return Outcome(0, run.run_dir, run.plan)
-        run = preflight(run)
-    except REFUSALS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return Outcome(2)
-    print(f"run directory: {run.run_dir}", flush=True)
-    return Outcome(supervise(run), run.run_dir, run.plan)
+    with Interrupts() as interrupts:  # first: the embedded model's build (minutes) is interruptible too
+        try:
+            run = resolve(config, options)
+            if options.plan_json:
+                Path(options.plan_json).write_text(json.dumps(redacted(run.plan).to_json(), indent=2) + "\n")
+            if options.dry_run:
+                print(describe(run.plan))
+                return Outcome(0, run.run_dir, run.plan)
+            run = preflight(run)
+        except REFUSALS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return Outcome(2)
+        except KeyboardInterrupt:  # nothing runs yet; a half-built model removed itself
+            print("interrupted before the run started", file=sys.stderr, flush=True)
+            return Outcome(130)
+        print(f"run directory: {run.run_dir}", flush=True)
+        return Outcome(supervise(run, interrupts), run.run_dir, run.plan)
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM while the launcher runs (a context; in the main thread only, where
+    Python runs signal handlers): the first raises KeyboardInterrupt wherever the main thread is, and
+    the run unwinds; once stopping (`stop`, or that first signal), further ones are noted and ignored,
+    so the clean-up (stop the trainer, the engines, the final SIGKILL sweep) always runs to its end.
+    The previous handlers are put back on exit: an in-process caller gets its own."""
+
+    def __init__(self):
+        self.stopping = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def handle(self, signum, frame) -> None:
+        if self.stopping:
+            print(
+                f"{signal.Signals(signum).name}: already stopping; the clean-up runs to its end",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        """From here on the run is being cleaned up: signals are no longer obeyed."""
+        self.stopping = True
 
 
 # --- resolve: the finished config and plan ----------------------------------------------------------
@@ -213,9 +258,11 @@ def resolve(config: Config, options: Options) -> Run:
         raise ConfigError("--resume needs --name (the run to continue)")
     count, gpus, notes = host_gpus(options)
     config.run.name = config.run.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.run.root) / config.run.name
+    run_dir = run_directory(config.run.root, config.run.name)
     if options.resume and not (run_dir / "checkpoints" / "latest").exists():
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    if options.resume and (why := untrusted_checkpoints(run_dir)):
+        raise ConfigError(f"--resume: refusing to load {run_dir / 'checkpoints'}: {why}")
     if not options.resume and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run.name: {run_dir} already holds a run (use --resume or another --name)")
     config.train.deepspeed_config, zero = read_deepspeed_config(config.train.deepspeed_config, cuda=count > 0)
@@ -231,6 +278,34 @@ def resolve(config: Config, options: Options) -> Run:
     if not options.hostfile:
         check_batch(config, plan.trainer.ranks)
     return Run(config, plan, run_dir, token, 0 if options.hostfile else asked.master_port)
+
+
+def run_directory(root: str, name: str) -> Path:
+    """run.root/run.name, where run.name (--name) must be one directory name inside run.root: not
+    empty, no path separator (`../x`, `/abs/path`), no leading dot (`.`, `..`, and run.root/.cache,
+    where the embedded model is kept), no control character, and not a link out of run.root."""
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    why = next(
+        (
+            reason
+            for failed, reason in (
+                (not name.strip(), "is empty"),
+                (any(sep in name for sep in separators), "holds a path separator"),
+                (name.startswith("."), "starts with '.'"),
+                (not name.isprintable(), "holds a control character"),
+            )
+            if failed
+        ),
+        "",
+    )
+    run_dir = Path(root) / name
+    if not why and run_dir.resolve().parent != Path(root).resolve():
+        why = f"leads out of run.root ({run_dir} is a link to {run_dir.resolve()})"
+    if why:
+        raise ConfigError(
+            f"run.name (--name) {name!r} {why}: expected a directory name inside run.root ({root})"
+        )
+    return run_dir
 
 
 def apply_plan(config: Config, plan: Plan) -> None:
@@ -510,22 +585,32 @@ def model_built(config: Config) -> Config:
 
 
 def prepare_model(config: Config) -> None:
-    """`model_built`, in place (launch/slurm.sbatch resolves the model with it before starting the server)."""
-    config.model = model_built(config).model
+    """`model_built`, in place (launch/slurm.sbatch resolves the model with it before starting the server);
+    SIGTERM (scancel) during the build is a KeyboardInterrupt, which leaves no half-built model."""
+    with Interrupts():
+        config.model = model_built(config).model
 
 
 def write_run_dir(run: Run) -> None:
-    """The resolved config (what the server and ranks read) and, for ranks on other nodes, the token in a
-    0600 file on the shared run directory."""
+    """The run directory, yours alone (0700, a resumed one too): the resolved config (what the server and
+    ranks read) and, for ranks on other nodes, the token, each in a 0600 file."""
     try:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+        run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run.run_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(run.run_dir, 0o700)  # whatever the umask, and a run directory made before this was 0755
+        write_private(run.run_dir / "config.yaml", yaml.safe_dump(to_dict(run.config), sort_keys=False))
         if run.plan.trainer.token_file:
-            fd = os.open(run.plan.trainer.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(run.token)
+            write_private(Path(run.plan.trainer.token_file), run.token)
     except OSError as e:
         raise ConfigError(f"run directory {run.run_dir} is not writable: {e.strerror or e}") from None
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` into `path`, readable and writable by you alone (0600, an existing file too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def check_disk_space(config: Config, run_dir: Path, cuda: bool = False) -> None:
@@ -569,13 +654,18 @@ def check_disk_space(config: Config, run_dir: Path, cuda: bool = False) -> None:
 # --- supervise: the engines, the trainer, the finish -----------------------------------------------
 
 
-def supervise(run: Run) -> int:
+def supervise(run: Run, interrupts: Interrupts | None = None) -> int:
     """Start the engines (or wait for those running elsewhere), evaluate the initial model, run the
     trainer while watching the engines, and after a successful run evaluate and report; every process is
-    stopped on the way out. Exit code: the trainer's, 130 interrupted, 1 the launcher failed."""
+    stopped on the way out, whatever signals arrive meanwhile (`Interrupts`). Everything the run's
+    processes write is yours alone (umask 077: checkpoints, logs, the final model). Exit code: the
+    trainer's, 130 interrupted, 1 the launcher failed."""
+    if interrupts is None:
+        with Interrupts() as interrupts:
+            return supervise(run, interrupts)
     processes = Processes(run)
     started = time.time()
-    previous = signal.signal(signal.SIGTERM, processes.interrupt)
+    umask = os.umask(0o077)
     try:
         client = processes.start_engines()
         evaluate_before(client, run)
@@ -593,14 +683,16 @@ def supervise(run: Run) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
+        interrupts.stop()  # a second Ctrl-C or SIGTERM from here on is noted, not obeyed
         processes.stop()
-        if previous is not None:  # an in-process caller gets its own handler back
-            signal.signal(signal.SIGTERM, previous)
+        os.umask(umask)
 
 
 class Processes:
     """The processes of a run: engine i at position i (none when they run elsewhere; only the main
     thread changes the list) and the trainer (`deepspeed` or `srun`, in its own process group)."""
+
+    trainer_grace_s = 30.0  # from SIGTERM to the SIGKILL of whatever is left of the trainer's group
 
     def __init__(self, run: Run):
         self.run = run
@@ -655,25 +747,11 @@ class Processes:
         """The trainer, its output copied to the console and trainer.log, the engines watched (and
         restarted) until it exits; its exit code."""
         run, trainer = self.run, self.run.plan.trainer
-        # the repo, then where the user launched from (reward plugins there), then their own PYTHONPATH
-        env = {
-            **os.environ,
-            **trainer.env,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
-        for name in (*trainer.unset_env, *([TOKEN_ENV] if trainer.token_file else [])):
-            env.pop(name, None)  # ranks on other nodes read the token from their file
-        if (
-            run.plan.servers
-        ):  # the engines are this process's: the ranks wait for a restart only while it lives
-            env[LAUNCHER_PID_ENV] = str(os.getpid())
         self.trainer = subprocess.Popen(
             list(trainer.command),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=trainer_env(run),
             cwd=REPO,
             start_new_session=True,
             preexec_fn=die_with_parent,
@@ -695,11 +773,6 @@ class Processes:
         copier.join(10)
         return code
 
-    def interrupt(self, signum=None, frame=None):
-        """SIGTERM: stop the trainer, then unwind as Ctrl-C does."""
-        self.stop_trainer()
-        raise KeyboardInterrupt
-
     def stop_trainer(self) -> None:
         if self.trainer is not None and self.trainer.poll() is None:
             try:
@@ -715,13 +788,13 @@ class Processes:
             self.run.listeners[i].close()
 
     def stop(self) -> None:
-        """On the way out: the trainer (SIGTERM, 30 s, then whatever is left of its ranks SIGKILLed), then
-        every engine (a restart thread still waiting sees its engine gone and ends), then the ports held
-        for them."""
+        """On the way out: the trainer (SIGTERM, `trainer_grace_s`, then whatever is left of its ranks
+        SIGKILLed), then every engine (a restart thread still waiting sees its engine gone and ends), then
+        the ports held for them."""
         if self.trainer is not None:
             self.stop_trainer()
             try:
-                self.trainer.wait(30)
+                self.trainer.wait(self.trainer_grace_s)
             except subprocess.TimeoutExpired:
                 pass
             try:
@@ -733,6 +806,25 @@ class Processes:
             engine.stop()
         for sock in (*self.run.listeners, *self.run.reserved):
             sock.close()
+
+
+def trainer_env(run: Run) -> dict[str, str]:
+    """The ranks' environment. PYTHONPATH: the repo, then the user's own; the directory the user launched
+    from (plugins there) goes separately ($PYTHON_GRPO_PLUGIN_DIR), to the end of the ranks' sys.path
+    (`plugin_path`): on PYTHONPATH it would come before the standard library, and a `json.py` there
+    would replace the real one in every rank."""
+    trainer = run.plan.trainer
+    env = {
+        **os.environ,
+        **trainer.env,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        PLUGIN_DIR_ENV: os.getcwd(),
+    }
+    for name in (*trainer.unset_env, *([TOKEN_ENV] if trainer.token_file else [])):
+        env.pop(name, None)  # ranks on other nodes read the token from their file
+    if run.plan.servers:  # the engines are this process's: the ranks wait for a restart only while it lives
+        env[LAUNCHER_PID_ENV] = str(os.getpid())
+    return env
 
 
 def evaluate_before(client: Engines, run: Run) -> None:

@@ -9,6 +9,8 @@ settings, so only the first `make train` pays for it (about 2.5 minutes on 2 cor
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
@@ -37,19 +39,9 @@ def tiny_shape(config: Config) -> dict:
 
 
 def build_default_model(config: Config) -> Path:
-    """Return the directory of the default model for `config`, building it if not cached."""
-    from pipeline.embedded.tiny_model import build_tiny_model
-    from pipeline.embedded.warmstart import (
-        calculator_calls,
-        formatted_completion,
-        sft_warm_start,
-        sloppy_completions,
-    )
-    from pipeline.task.data import PromptStyle
-    from pipeline.task.synthetic import generate
-    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, load_toolbox
-    from pipeline.task.xml_format import SYSTEM_PROMPT
-
+    """Return the directory of the default model for `config`, building it if not cached. One build
+    per model at a time (a lock beside it: a second process waits, then takes the first one's); a build
+    that is interrupted or fails leaves nothing behind."""
     m, d, seed = config.model, config.data, config.run.seed
     settings = {
         "hidden": m.build_hidden_size,
@@ -70,8 +62,50 @@ def build_default_model(config: Config) -> Path:
     final = Path(config.run.root) / ".cache" / f"default-model-{key}"
     if (final / "config.json").exists():
         return final
-    work = final.with_name(final.name + ".building")
-    shutil.rmtree(work, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(final):  # another process building the same model: wait for it, then take its model
+        if (final / "config.json").exists():
+            return final
+        work = final.with_name(final.name + ".building")
+        shutil.rmtree(work, ignore_errors=True)  # left by a build that was killed (we hold the lock)
+        try:
+            _build(config, settings, work, final)
+        except BaseException:  # interrupted (Ctrl-C; SIGTERM, which the launcher raises as Ctrl-C) or failed
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return final
+
+
+@contextlib.contextmanager
+def build_lock(final: Path):
+    """An exclusive lock on `final`'s lock file (beside it, never removed), held while it is built."""
+    with open(final.with_name(final.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another process is building {final.name}; waiting for it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(config: Config, settings: dict, work: Path, final: Path) -> None:
+    """Build the default model in `work`, then move it to `final` in one rename."""
+    from pipeline.embedded.tiny_model import build_tiny_model
+    from pipeline.embedded.warmstart import (
+        calculator_calls,
+        formatted_completion,
+        sft_warm_start,
+        sloppy_completions,
+    )
+    from pipeline.task.data import PromptStyle
+    from pipeline.task.synthetic import generate
+    from pipeline.task.tools import CALL_CLOSE, CALL_OPEN, load_toolbox
+    from pipeline.task.xml_format import SYSTEM_PROMPT
+
+    m, d, seed = config.model, config.data, config.run.seed
     # Train-split problems only (the test split is disjoint): tokenizer corpus + SFT, about one epoch.
     examples = generate(
         SFT_BATCH * max(m.build_sft_steps, 1), seed, "train", d.synthetic_levels, d.synthetic_max_operand
@@ -118,10 +152,9 @@ def build_default_model(config: Config) -> Path:
         built = work / "sft"
     else:
         built = base
-    built.rename(final)  # atomic: a half-built model is never taken from the cache
-    shutil.rmtree(work, ignore_errors=True)
     # the warm start's time, so an SFT-for-the-same-time control (launch/sft_control.py) can size itself
-    (final / "build.json").write_text(
+    (built / "build.json").write_text(
         json.dumps({**settings, "sft_seconds": round(time.time() - started, 1)}, indent=2) + "\n"
     )
-    return final
+    built.rename(final)  # atomic: a half-built model is never taken from the cache
+    shutil.rmtree(work, ignore_errors=True)

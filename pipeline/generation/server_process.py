@@ -1,20 +1,25 @@
 """Start and stop the generation server as a child process (used by the launcher and the tests).
 
 The server runs in its own session so that stopping it reaches vLLM's engine-core and worker
-processes too, even if the API process itself was killed with SIGKILL.
+processes too, even if the API process itself was killed with SIGKILL, and the shared memory they
+mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.generation.client import TOKEN_ENV, ServerClient, ServerError
+
+SHM_PREFIX = "/dev/shm/psm_"  # Python's SharedMemory names: vLLM's message queues between its processes
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -126,15 +131,73 @@ class ServerProcess:
             pass
 
     def stop(self, grace_s: float = 20.0) -> int | None:
-        """SIGTERM (graceful), then SIGKILL for whatever is left of the group."""
+        """Stop the server and every process it started, leaving nothing in /dev/shm. SIGTERM to the API
+        process alone: uvicorn drains, and the lifespan's exit shuts vLLM's engine core and workers down,
+        which unlink their shared-memory rings (`/dev/shm/psm_*`, vllm/distributed/device_communicators/
+        shm_broadcast.py); a signal to the whole group at once would end them before that, and SIGKILL
+        never unlinks. What is left of the group once the API process is gone (after `grace_s` at most)
+        gets SIGTERM, then SIGKILL, 5 s apart; then the rings its processes had mapped that nobody
+        unlinked are removed."""
+        rings = shared_memory(group_members(self.proc.pid))  # before anything ends
         if self.proc.poll() is None:
-            self.kill(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        self.kill(signal.SIGKILL)  # stragglers: engine core / workers whose parent is gone
+            wait_group_gone(self.proc.pid, time.monotonic() + 5.0)  # the rest of their own shutdown
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # a dead API process's engine core and workers too
+            if group_members(self.proc.pid) or not os.path.isdir("/proc"):  # elsewhere: no way to tell
+                self.kill(sig)
+                wait_group_gone(self.proc.pid, time.monotonic() + 5.0)
+        for path in rings:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         try:
             return self.proc.wait(5)
         except subprocess.TimeoutExpired:
             return None
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`, from /proc (none where there is none)."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]  # after the command name: state ppid pgrp
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+def wait_group_gone(pgid: int, end: float) -> None:
+    """Until process group `pgid` has no live process, or time.monotonic() passes `end`."""
+    while group_members(pgid) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+def shared_memory(pids: list[int]) -> set[str]:
+    """The POSIX shared-memory files named like Python's `SharedMemory` ones (`/dev/shm/psm_*`, which
+    vLLM's message queues are) that these processes have mapped or open."""
+    found = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            fds = [os.path.join(f"/proc/{pid}/fd", fd) for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        targets = [line[line.index("/dev/shm/") :] for line in maps.splitlines() if "/dev/shm/" in line]
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(fd))
+        found.update(t for t in targets if t.startswith(SHM_PREFIX) and not t.endswith(" (deleted)"))
+    return found

@@ -13,6 +13,7 @@ Pure Python: `datasets` is imported only for Parquet and the hub. Every bad row 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -41,9 +42,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
         if not text.strip():
             continue
         try:
-            yield where, json.loads(text)
+            row = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:  # `[[[[...` deeper than the parser's recursion limit
+            raise DataError(f"{where}: invalid JSON: nested too deeply") from None
+        yield where, row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -205,22 +209,60 @@ class PromptStyle:
         return cls(resolve_system_prompt(data.system_prompt), CHAT_TEMPLATES[str(data.chat_template).lower()])
 
     def ids(self, tokenizer, example: Example) -> list[int]:
+        """The prompt's tokens. The question is data, never template: special-token strings in it
+        (`<|im_end|>`, `<|im_start|>system`) are tokenised as plain text, as a tool's result is
+        (pipeline/task/tools.py), so a dataset row cannot close its turn or open another role's."""
         use_template = self.chat_template
         if use_template is None:
             use_template = getattr(tokenizer, "chat_template", None) is not None
-        if use_template:
-            text = tokenizer.apply_chat_template(
-                example.prompt(self.system_prompt),
-                tokenize=False,
-                add_generation_prompt=True,
-                tools=list(self.tools) or None,
-            )
+        split = any(s in example.question for s in special_strings(tokenizer))
+        if not use_template:
+            # a base model: the instructions, then the question, all plain text; the tokenizer adds BOS
+            # if it uses one (by its settings, not from the text)
+            text = f"{self.system_prompt}\n\n{example.question}\n"
+            return tokenizer(text, split_special_tokens=split)["input_ids"]
+        text = self.render(tokenizer, example)
+        if not split:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
-        # a base model: the instructions, then the question; the tokenizer adds BOS if it uses one
-        return tokenizer(f"{self.system_prompt}\n\n{example.question}\n")["input_ids"]
+        # The template's text around the question as it is, the question split. Tokenised apart, the
+        # pieces meet at the template's own special tokens, so nothing else changes.
+        marked = self.render(tokenizer, dataclasses.replace(example, question=QUESTION_SENTINEL))
+        before, _, after = marked.partition(QUESTION_SENTINEL)
+        if before + example.question + after != text:
+            raise DataError(
+                f"{example.source}: the question holds a special-token string and the chat template "
+                "changes the question's text, so it cannot be kept plain text"
+            )
+
+        def plain(part: str, split: bool) -> list[int]:
+            return (
+                tokenizer(part, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+                if part
+                else []
+            )
+
+        return plain(before, False) + plain(example.question, True) + plain(after, False)
+
+    def render(self, tokenizer, example: Example) -> str:
+        """The chat template's text of the prompt, ready for the assistant's turn."""
+        return tokenizer.apply_chat_template(
+            example.prompt(self.system_prompt),
+            tokenize=False,
+            add_generation_prompt=True,
+            tools=list(self.tools) or None,
+        )
 
 
 DEFAULT_STYLE = PromptStyle()
+QUESTION_SENTINEL = "GRPO_QUESTION_SENTINEL"
+
+
+def special_strings(tokenizer) -> set[str]:
+    """The strings the tokenizer turns into its special tokens (what `split_special_tokens` splits)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {t.content for t in added.values() if getattr(t, "special", False)} | set(
+        getattr(tokenizer, "all_special_tokens", ())
+    )
 
 
 def resolve_system_prompt(value: str) -> str:

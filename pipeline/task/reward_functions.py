@@ -142,9 +142,26 @@ class RewardError(ValueError):
     """A reward plugin that cannot be used; the message names the reward."""
 
 
+# The launcher's working directory, for its ranks (they run in the repo). PYTHON-prefixed: DeepSpeed's
+# multi-node runners forward PYTHON* variables to the other nodes (deepspeed/launcher/runner.py EXPORT_ENVS).
+PLUGIN_DIR_ENV = "PYTHON_GRPO_PLUGIN_DIR"
+
+
+def plugin_path() -> None:
+    """Make plugins next to where the run was launched importable: that directory
+    ($PYTHON_GRPO_PLUGIN_DIR in the launcher's ranks, else the working directory) goes at the *end* of
+    sys.path, after the standard library and the installed packages, so a file there named like one of
+    them (`json.py`, `random.py`) never replaces it in any process of the run."""
+    where = os.environ.get(PLUGIN_DIR_ENV) or os.getcwd()
+    if where not in sys.path:
+        sys.path.append(where)
+
+
 def load_rewards(plugins: dict[str, str] | None = None) -> dict[str, Reward]:
     """The built-ins plus `reward_functions` plugins (`name: "module:function"`, the module importable
-    from the working directory or PYTHONPATH), each weighted 1.0 unless `rewards.<name>` says otherwise."""
+    from PYTHONPATH or the directory the run was launched from: `plugin_path`), each weighted 1.0 unless
+    `rewards.<name>` says otherwise. A plugin is arbitrary code: importing it runs it, in the launcher
+    and in every trainer rank, with your privileges."""
     rewards = dict(BUILTIN_REWARDS)
     for name, spec in (plugins or {}).items():
         if name in BUILTIN_REWARDS:
@@ -154,8 +171,7 @@ def load_rewards(plugins: dict[str, str] | None = None) -> dict[str, Reward]:
         module_name, _, attr = str(spec).partition(":")
         if not module_name or not attr:
             raise RewardError(f"reward_functions.{name}: expected 'module:function', got {spec!r}")
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as `python -m` does: plugins next to the config are found
+        plugin_path()
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except Exception as e:  # ImportError, AttributeError, or the module's own error at import

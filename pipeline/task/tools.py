@@ -118,6 +118,9 @@ def load_object(spec: str, field_name: str):
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ToolError(f"{field_name}: expected 'module:name', got {spec!r}")
+    from pipeline.task.reward_functions import plugin_path
+
+    plugin_path()  # as reward plugins: PYTHONPATH, then the launch directory, after the standard library
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the plugin's

@@ -56,6 +56,7 @@ from pipeline.trainer.rollout import (
     tool_metrics,
 )
 from pipeline.trainer.server_link import ServerLink
+from pipeline.trainer.trust import untrusted_checkpoints
 
 log = logging.getLogger("pipeline.trainer")
 
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.set)
     run_dir = Path(args.run_dir)
+    if args.resume and (why := untrusted_checkpoints(run_dir)):  # before any pickle is opened
+        raise SystemExit(f"error: --resume: refusing to load {run_dir / 'checkpoints'}: {why}")
     if torch.cuda.is_available():  # before any collective: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # the ranks' store on MASTER_ADDR alone (DeepSpeed's would listen on every interface); DeepSpeed adopts it
