@@ -20,6 +20,9 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")  # train.importance_sampling_
 # train.vllm_importance_sampling_mode: pipeline/trainer/grpo.py
 VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 TRACKERS = ("tensorboard", "wandb", "trackio")  # train.report_to: pipeline/trainer/metrics.py
+# the server's shared secret travels by environment, never on a command line (generation/client.py reads it;
+# task/tools.py keeps it from the tool workers)
+TOKEN_ENV = "GRPO_SERVER_TOKEN"
 # the rewards a config may weight besides its reward_functions: pipeline/task/reward_functions.py
 BUILTIN_REWARDS = (
     "strict_format",

@@ -24,7 +24,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-TOKEN_ENV = "GRPO_SERVER_TOKEN"  # the server's shared secret travels by environment, never on a command line
+from pipeline import options
+
+TOKEN_ENV = options.TOKEN_ENV
 CHALLENGE = "challenge"  # GET /health?challenge=<nonce>: the server's proof that it holds the token
 MAX_PROOF_BYTES = 4096
 

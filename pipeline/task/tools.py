@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from pipeline import options
 from pipeline.task.reasoning import evaluate_expression
 
 MAX_CALL_CHARS = 2048  # a call's text; longer is an error result, not parsed
@@ -475,10 +476,10 @@ class _Worker:
     thread at a time."""
 
     def __init__(self, hello: dict, log: ToolLog):
-        from pipeline.generation.client import TOKEN_ENV  # the parent's side only (it imports requests)
-
         self.log = log
-        env = {name: value for name, value in os.environ.items() if name != TOKEN_ENV}  # no secret to read
+        env = {
+            name: value for name, value in os.environ.items() if name != options.TOKEN_ENV
+        }  # no secret to read
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         try:

@@ -172,6 +172,16 @@ def _dr_grpo(
 LOG_RATIO_BOUND = 20.0  # |log pi_theta - log mu| beyond this is clamped (see grpo_loss)
 
 
+# train.importance_sampling_level: the log-ratio per token (B, T-1), or per sequence (B, 1) as GSPO's mean
+IMPORTANCE_SAMPLING_LEVELS = {
+    "token": lambda log_ratio, mask: log_ratio,
+    "sequence": lambda log_ratio, mask: ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(
+        -1
+    ),
+}
+options.check_implements(__name__, "IMPORTANCE_SAMPLING_LEVELS", IMPORTANCE_SAMPLING_LEVELS)
+
+
 @dataclass(frozen=True)
 class SamplerCorrection:
     """TRL's vllm_importance_sampling_correction: how trainer / sampler probability weights the loss."""
@@ -266,13 +276,11 @@ def grpo_loss(
     # would make the ratio inf and its gradient 0 x inf = NaN. e^20 is far past every clip, so no
     # gradient that the clips let through changes.
     log_ratio = ((logprobs - old) * mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-    if importance_sampling_level == "sequence":  # GSPO: (B, 1), broadcast over the tokens
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    elif importance_sampling_level != "token":
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(
             f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}"
         )
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(IMPORTANCE_SAMPLING_LEVELS[importance_sampling_level](log_ratio, mask))
     adv = batch.advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + high) * adv
