@@ -43,7 +43,7 @@ from pipeline.task.reasoning import check_reasoning
 from pipeline.task.reward_functions import STRICT_POINTS, RewardError
 from pipeline.task.tools import ToolError
 from pipeline.trainer.build import TrainingParts, build
-from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
+from pipeline.trainer.checkpoint import load_extras, restore_rng, save_checkpoint, save_final_model, trim_rows
 from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
 from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step, tool_metrics
@@ -94,16 +94,26 @@ def main(argv=None) -> int:
     parts = build(config, world)
 
     # --- resume -------------------------------------------------------------------------------------
+    # Everything the uninterrupted run had at this step comes back (README "Training": resuming): the
+    # weights, optimizer and schedule (DeepSpeed), the counters, each rank's random generators (restored
+    # just before the loop), and in overlapped mode the next step's rollouts, which the previous weights
+    # generated; the logs lose what a killed session wrote past the checkpoint.
     ckpt_dir = run_dir / "checkpoints"
-    start_step = 0
+    start_step, state, rng, ahead = 0, {}, None, None
     if args.resume:
-        path, state = parts.engine.load_checkpoint(str(ckpt_dir))
+        latest = ckpt_dir / "latest"
+        tag = latest.read_text().strip() if latest.exists() else ""
+        path, state = parts.engine.load_checkpoint(str(ckpt_dir), tag=tag) if tag else (None, None)
         if path is None:
             raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
         start_step = state["step"]
+        rng, ahead = load_extras(ckpt_dir / tag, rank)
         if rank == 0:
-            trim_metrics(run_dir / "metrics.jsonl", start_step)
+            for log_file in ("metrics.jsonl", "completions.jsonl"):
+                trim_rows(run_dir / log_file, start_step)
         log.info("resumed from %s at step %d", path, start_step)
+        if rng is None:
+            log.warning("the checkpoint holds no random generator states: the resumed run is not exact")
 
     # --- the engines' link: they must serve exactly the trainer's weights before the first rollout ---
     client = None
@@ -129,7 +139,15 @@ def main(argv=None) -> int:
     link.connect()
     link.push(start_step)
     t = config.train
-    metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
+    metrics = Metrics(
+        run_dir,
+        rank == 0,
+        t.report_to,
+        config.run.project,
+        config.run.name,
+        to_dict(config),
+        resumed_at=start_step if args.resume else None,
+    )
     evaluation = (
         InTrainingEval(config, parts.tokenizer, client, parts.tools)
         if config.eval.every and rank == 0
@@ -146,12 +164,29 @@ def main(argv=None) -> int:
         max_staleness=t.max_staleness if t.overlap else 0,
         tools=tools,
     )
+    rollouts.discarded = state.get("discarded", 0)
+    if t.overlap and args.resume and rank == 0 and start_step < parts.total_steps:
+        if ahead is not None and ahead["step"] == start_step:
+            ahead = ahead["rollouts"]
+        else:
+            ahead = None
+            log.warning(
+                "the checkpoint holds no rollouts generated ahead for step %d: generated now, from "
+                "weights version %d (the uninterrupted run's came from version %d)",
+                start_step + 1,
+                start_step,
+                start_step - 1,
+            )
+    if rng is not None:
+        restore_rng(rng)  # last: nothing between here and the first step draws from them
 
-    fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir)
+    fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir, ahead if t.overlap else None)
 
     metrics.close()
     rollouts.close()
-    save_checkpoint(parts.engine, ckpt_dir, parts.total_steps, t.keep_checkpoints, rank)
+    save_checkpoint(
+        parts.engine, ckpt_dir, parts.total_steps, t.keep_checkpoints, rank, {"discarded": rollouts.discarded}
+    )
     save_final_model(parts.engine, parts.zero_stage, parts.tokenizer, run_dir / "final", rank)
     link.close()
     log.info("done: %d steps; final model in %s", parts.total_steps, run_dir / "final")
@@ -170,19 +205,21 @@ def fit(
     evaluation: InTrainingEval | None,
     start_step: int,
     ckpt_dir: Path,
+    ahead=None,
 ) -> None:
-    """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step."""
+    """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step.
+    `ahead`: overlapped mode, resumed: step `start_step`'s rollouts as the checkpoint kept them."""
     from tqdm import tqdm
 
     config, t, engine, data = parts.config, parts.config.train, parts.engine, parts.step_data
     rank, total = dist.get_rank(), parts.total_steps
 
-    def request_rollouts(step: int) -> None:
+    def request_rollouts(step: int, done=None) -> None:
         batch = data(step)
-        rollouts.request(step, [parts.style.ids(parts.tokenizer, e) for e in batch], batch)
+        rollouts.request(step, [parts.style.ids(parts.tokenizer, e) for e in batch], batch, done)
 
     if t.overlap and start_step < total:
-        request_rollouts(start_step)
+        request_rollouts(start_step, ahead)
     bar = tqdm(total=total, initial=start_step, desc="GRPO", disable=rank != 0, dynamic_ncols=True)
     for step in range(start_step, total):
         clock = StepClock()
@@ -266,7 +303,18 @@ def fit(
             step_s=f"{row['time/step']:.1f}",
         )
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
-            save_checkpoint(engine, ckpt_dir, step + 1, t.keep_checkpoints, rank)
+            # overlapped: step + 1's rollouts are in hand, from this step's weights, which the
+            # checkpoint does not hold: kept with it, so that a resume trains on the same rollouts
+            generated = rollouts.ahead(step + 1)
+            save_checkpoint(
+                engine,
+                ckpt_dir,
+                step + 1,
+                t.keep_checkpoints,
+                rank,
+                {"discarded": rollouts.discarded},
+                None if generated is None else {"step": step + 1, "rollouts": generated},
+            )
     bar.close()
 
 
