@@ -75,7 +75,10 @@ def changes(saved: dict, config: Config) -> list[tuple[str, object, object]]:
     now = _flat(to_dict(config))
     before = _flat(saved)
     t = config.train
-    length_free = t.lr_scheduler == "constant" and not t.min_lr_ratio  # no warm-up either
+    # transformers' "constant" has no warm-up; "constant_with_warmup"'s spans warmup_ratio x the run
+    length_free = t.lr_scheduler == "constant" or (
+        t.lr_scheduler == "constant_with_warmup" and not t.warmup_ratio
+    )
     out = []
     for key, value in now.items():
         if key not in before or before[key] == value or key in BOOKKEEPING:

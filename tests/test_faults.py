@@ -153,6 +153,7 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
         *warm_run(
             "rk",
             "--resume",
+            "--force",  # a longer run: another cosine schedule
             "--set",
             f"train.max_steps={int(latest.split('-')[1]) + 1}",
             warm_model_dir=warm_model_dir,
@@ -380,6 +381,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
     resumed = launch(
         *common(name),
         "--resume",
+        "--force",  # a longer run: another cosine schedule
         "--set",
         f"train.max_steps={step + 1}",
         "--set",

@@ -125,6 +125,11 @@ def test_changes_that_leave_the_numbers_alone_are_allowed(tmp_path):
     constant = saved_run(tmp_path, "c", ["train.lr_scheduler=constant", "train.min_lr_ratio=0"])
     longer = resume_config(None, [f"run.root={tmp_path}", "run.name=c", "train.max_steps=400"], TINY)
     check_changes(longer, constant, 2, force=False)
+    # ... but a warm-up spans a share of the run
+    warm = saved_run(tmp_path, "w", ["train.lr_scheduler=constant_with_warmup", "train.min_lr_ratio=0"])
+    longer = resume_config(None, [f"run.root={tmp_path}", "run.name=w", "train.max_steps=400"], TINY)
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        check_changes(longer, warm, 2, force=False)
 
 
 def test_another_number_of_trainer_ranks_is_refused(tmp_path):
