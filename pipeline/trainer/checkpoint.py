@@ -6,10 +6,12 @@ final model in HF format (what the server serves, LoRA merged)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from pipeline.sync.lora_export import adapter_state
 from pipeline.sync.weight_sync import ModelSource
 
+log = logging.getLogger(__name__)
 ROLLOUTS_FILE = "rollouts.pkl"  # rank 0's: the next step's rollouts, generated before the checkpoint
 
 
@@ -75,12 +78,45 @@ def save_checkpoint(
     dist.barrier()
 
 
-def load_extras(tag_dir: Path, rank: int) -> tuple[dict | None, object | None]:
-    """What `save_checkpoint` kept beside DeepSpeed's files: this rank's generators and (rank 0) the
-    rollouts generated ahead; None where the checkpoint has none (one written before they were kept)."""
-    rng = _read_pickle(tag_dir / rng_file(rank))
-    ahead = _read_pickle(tag_dir / ROLLOUTS_FILE) if rank == 0 else None
-    return rng, ahead
+@dataclass
+class Resumed:
+    """What `resume_from` brought back beside DeepSpeed's state (which it loads into the engine)."""
+
+    step: int = 0
+    counters: dict = field(default_factory=dict)  # client state: rollout/discarded_total's counter
+    rng: dict | None = None  # this rank's generators, for `restore_rng` just before the first step
+    ahead: object = None  # rank 0, overlapped: step `step`'s rollouts, generated before the checkpoint
+
+
+def resume_from(engine, run_dir: Path, rank: int, overlap: bool, total: int) -> Resumed:
+    """Load the latest checkpoint into `engine` and what `save_checkpoint` kept beside it, and trim the
+    run's logs (rank 0) to its step; a checkpoint written before the extras were kept resumes, not exactly
+    (said in the log)."""
+    ckpt_dir = run_dir / "checkpoints"
+    latest = ckpt_dir / "latest"
+    tag = latest.read_text().strip() if latest.exists() else ""
+    path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag) if tag else (None, None)
+    if path is None:
+        raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
+    step = state.pop("step")
+    rng = _read_pickle(ckpt_dir / tag / rng_file(rank))
+    saved = _read_pickle(ckpt_dir / tag / ROLLOUTS_FILE) if rank == 0 else None
+    ahead = saved["rollouts"] if saved is not None and saved["step"] == step else None
+    if rank == 0:
+        for log_file in ("metrics.jsonl", "completions.jsonl"):
+            trim_rows(run_dir / log_file, step)
+    log.info("resumed from %s at step %d", path, step)
+    if rng is None:
+        log.warning("the checkpoint holds no random generator states: the resumed run is not exact")
+    if rank == 0 and overlap and step < total and ahead is None:
+        log.warning(
+            "the checkpoint holds no rollouts generated ahead for step %d: generated now, from weights "
+            "version %d (the uninterrupted run's came from version %d)",
+            step + 1,
+            step,
+            step - 1,
+        )
+    return Resumed(step, state, rng, ahead)
 
 
 def _write_pickle(path: Path, value) -> None:

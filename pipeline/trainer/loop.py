@@ -43,7 +43,7 @@ from pipeline.task.reasoning import check_reasoning
 from pipeline.task.reward_functions import STRICT_POINTS, RewardError
 from pipeline.task.tools import ToolError
 from pipeline.trainer.build import TrainingParts, build
-from pipeline.trainer.checkpoint import load_extras, restore_rng, save_checkpoint, save_final_model, trim_rows
+from pipeline.trainer.checkpoint import Resumed, restore_rng, resume_from, save_checkpoint, save_final_model
 from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
 from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step, tool_metrics
@@ -93,27 +93,12 @@ def main(argv=None) -> int:
     setup_logging(run_dir, rank)
     parts = build(config, world)
 
-    # --- resume -------------------------------------------------------------------------------------
-    # Everything the uninterrupted run had at this step comes back (README "Training": resuming): the
-    # weights, optimizer and schedule (DeepSpeed), the counters, each rank's random generators (restored
-    # just before the loop), and in overlapped mode the next step's rollouts, which the previous weights
-    # generated; the logs lose what a killed session wrote past the checkpoint.
+    # --- resume: all the state the uninterrupted run had at the checkpoint (README "Resume") ---------
     ckpt_dir = run_dir / "checkpoints"
-    start_step, state, rng, ahead = 0, {}, None, None
+    resumed = Resumed()
     if args.resume:
-        latest = ckpt_dir / "latest"
-        tag = latest.read_text().strip() if latest.exists() else ""
-        path, state = parts.engine.load_checkpoint(str(ckpt_dir), tag=tag) if tag else (None, None)
-        if path is None:
-            raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
-        start_step = state["step"]
-        rng, ahead = load_extras(ckpt_dir / tag, rank)
-        if rank == 0:
-            for log_file in ("metrics.jsonl", "completions.jsonl"):
-                trim_rows(run_dir / log_file, start_step)
-        log.info("resumed from %s at step %d", path, start_step)
-        if rng is None:
-            log.warning("the checkpoint holds no random generator states: the resumed run is not exact")
+        resumed = resume_from(parts.engine, run_dir, rank, config.train.overlap, parts.total_steps)
+    start_step = resumed.step
 
     # --- the engines' link: they must serve exactly the trainer's weights before the first rollout ---
     client = None
@@ -164,23 +149,11 @@ def main(argv=None) -> int:
         max_staleness=t.max_staleness if t.overlap else 0,
         tools=tools,
     )
-    rollouts.discarded = state.get("discarded", 0)
-    if t.overlap and args.resume and rank == 0 and start_step < parts.total_steps:
-        if ahead is not None and ahead["step"] == start_step:
-            ahead = ahead["rollouts"]
-        else:
-            ahead = None
-            log.warning(
-                "the checkpoint holds no rollouts generated ahead for step %d: generated now, from "
-                "weights version %d (the uninterrupted run's came from version %d)",
-                start_step + 1,
-                start_step,
-                start_step - 1,
-            )
-    if rng is not None:
-        restore_rng(rng)  # last: nothing between here and the first step draws from them
+    rollouts.discarded = resumed.counters.get("discarded", 0)
+    if resumed.rng is not None:
+        restore_rng(resumed.rng)  # last: nothing between here and the first step draws from them
 
-    fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir, ahead if t.overlap else None)
+    fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir, resumed.ahead)
 
     metrics.close()
     rollouts.close()
