@@ -7,6 +7,7 @@ and wrong types are errors naming the key (`ConfigError: train.max_stepz: unknow
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ AnswerFormat = Literal[options.ANSWER_FORMATS]
 ChatTemplate = Literal[options.CHAT_TEMPLATES]
 LossType = Literal[options.LOSS_TYPES]
 AdvantageScaling = Literal[options.ADVANTAGE_SCALINGS]
+ImportanceSamplingLevel = Literal[options.IMPORTANCE_SAMPLING_LEVELS]
+VllmImportanceSamplingMode = Literal[options.VLLM_IMPORTANCE_SAMPLING_MODES]
 Tracker = Literal[options.TRACKERS]
 
 
@@ -275,6 +278,30 @@ class TrainConfig:
     keeps such differences small (the CPU default uses it)."""
     mask_truncated_completions: bool = False
     """Give completions cut at max_completion_tokens no gradient (DAPO's overlong filtering)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: a group whose completions all score the same has zero advantage and
+    trains nothing; drop such groups and draw more prompts until the step has its groups with signal
+    (rollout/filtered_groups, rollout/dynamic_draws, rollout/short_groups per step)."""
+    dynamic_sampling_max_draws: int = 3
+    """Extra rounds of prompts one step may draw; a step still short trains with groups without signal."""
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    """The PPO ratio per token (token) or one per completion, the exp of its tokens' mean log-ratio
+    (sequence: GSPO). As TRL's GRPOConfig."""
+    vllm_importance_sampling_correction: bool = False
+    """TRL's correction of the sampler/trainer mismatch: the PPO ratio is taken against the trainer's own
+    logprobs before the step, and each token's loss is weighted by trainer / sampler probability, bounded
+    as vllm_importance_sampling_mode says. Off (the default here, on in TRL): the ratio is taken against
+    the sampler's logprobs directly, which corrects the same mismatch inside the PPO clip and is_cap."""
+    vllm_importance_sampling_mode: VllmImportanceSamplingMode = "sequence_mask"
+    """token_truncate / sequence_truncate clip the token's / completion's ratio to [clip_min, clip_max];
+    token_mask / sequence_mask give a weight of 0 outside it (TRL's modes and default)."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """The correction's upper bound C_max (TRL's default 3.0); null: none (mask modes, with a clip_min)."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """The correction's lower bound C_min; null: none."""
+    use_bias_correction_kl: bool = False
+    """Multiply the KL term by the importance ratio (TRL's default True: the unbiased reverse-KL gradient,
+    DeepSeek-V3.2); only matters with beta > 0."""
     deepspeed_config: str = "auto"
     """DeepSpeed JSON (ZeRO stage etc.); batch sizes, clipping and precision are filled in from here.
     auto: configs/ds_zero2.json on CPU, configs/ds_zero2_gpu.json (overlapped communication) on GPU;
@@ -409,7 +436,10 @@ def _check_type(value, hint, key: str):
 
 
 # Keys that once existed: a config that still sets one is told what replaced it.
-RETIRED_KEYS = {"train.loss_aggregation": "replaced by train.loss_type (sequence -> grpo, token -> dapo)"}
+RETIRED_KEYS = {
+    "train.loss_aggregation": "replaced by train.loss_type (sequence -> grpo, token -> dapo)",
+    "train.vllm_importance_sampling_cap": "TRL's deprecated name: use train.vllm_importance_sampling_clip_max",
+}
 
 
 def _merge(obj, values: dict, prefix: str = "") -> None:
@@ -555,6 +585,19 @@ def validate(config: Config) -> None:
         )
     if not 0 < r.tool_timeout_s <= 3600:
         raise ConfigError(f"rollout.tool_timeout_s: must be in (0, 3600], got {r.tool_timeout_s}")
+    low, high = t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max
+    if (low is not None and low < 0) or (high is not None and high <= 0) or (low or 0) >= (high or math.inf):
+        raise ConfigError(
+            f"train.vllm_importance_sampling_clip_min={low} and clip_max={high}: need 0 <= min < max"
+        )
+    if t.vllm_importance_sampling_mode.endswith("truncate") and high is None and low is None:
+        raise ConfigError(
+            f"train.vllm_importance_sampling_mode={t.vllm_importance_sampling_mode}: needs clip_max"
+        )
+    if t.dynamic_sampling_max_draws < 0:
+        raise ConfigError(
+            f"train.dynamic_sampling_max_draws: must be >= 0, got {t.dynamic_sampling_max_draws}"
+        )
     if t.is_cap <= 1 or t.max_staleness < 0:
         raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")
     if not 0 <= t.warmup_ratio < 1:

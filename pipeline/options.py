@@ -16,6 +16,9 @@ ANSWER_FORMATS = ("gsm8k", "plain", "boxed")  # data.answer_format: pipeline/tas
 CHAT_TEMPLATES = ("auto", "true", "false")  # data.chat_template: pipeline/task/data.py
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")  # train.loss_type: pipeline/trainer/grpo.py
 ADVANTAGE_SCALINGS = ("group", "batch", "none")  # train.advantage_scaling: pipeline/trainer/grpo.py
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")  # train.importance_sampling_level: trainer/grpo.py
+# train.vllm_importance_sampling_mode: pipeline/trainer/grpo.py
+VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 TRACKERS = ("tensorboard", "wandb", "trackio")  # train.report_to: pipeline/trainer/metrics.py
 # the rewards a config may weight besides its reward_functions: pipeline/task/reward_functions.py
 BUILTIN_REWARDS = (

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from pipeline.trainer.grpo import group_advantages, grpo_loss, make_batch, step_token_normaliser
+from pipeline.trainer.grpo import (
+    SamplerCorrection,
+    group_advantages,
+    grpo_loss,
+    make_batch,
+    sampler_weights,
+    step_token_normaliser,
+)
 
 
 def test_equal_rewards_give_zero_advantage():
@@ -268,3 +275,233 @@ def test_grpo_counts_a_masked_sequence_as_trl_does():
     b = batch_of([[-1.0, -1.0], [-1.0]], [1.0, 0.5], trained=[True, False])
     loss, _ = grpo_loss(b.old_logprobs.clone(), b, loss_type="grpo")
     assert loss.item() == pytest.approx((-1.0 + 0.0) / 2)
+
+
+# --- TRL's importance-sampling options (vllm_importance_sampling_*, importance_sampling_level) ----------
+
+
+def test_sampler_weights_by_mode_by_hand():
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    trainer = torch.tensor([[0.0, math.log(0.5), math.log(0.9)]])
+    sampler = torch.tensor([[-5.0, math.log(0.1), math.log(0.3)]])  # token ratios 5 and 3, sequence 15
+    w = {
+        m: sampler_weights(trainer, sampler, mask, SamplerCorrection(m, clip_min=0.5, clip_max=4.0))
+        for m in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+    }
+    assert w["token_truncate"][0, 1:].tolist() == pytest.approx([4.0, 3.0])
+    assert w["token_mask"][0, 1:].tolist() == pytest.approx([0.0, 3.0])
+    assert w["token_mask"][0, 0].item() == 1.0  # a prompt position: exp(0)
+    assert w["sequence_truncate"].shape == (1, 1) and w["sequence_truncate"].item() == pytest.approx(4.0)
+    assert w["sequence_mask"].item() == 0.0
+    low = sampler_weights(sampler, trainer, mask, SamplerCorrection("token_mask", clip_min=0.5, clip_max=4.0))
+    assert low[0, 1:].tolist() == [0.0, 0.0]  # ratios 1/5 and 1/3: below clip_min
+    # the server's floor for a token it gave probability 0, and a NaN: finite weights, TRL's 1 for NaN
+    odd = sampler_weights(
+        torch.zeros(1, 2),
+        torch.tensor([[-1e9, math.nan]]),
+        torch.ones(1, 2),
+        SamplerCorrection("token_truncate"),
+    )
+    assert odd.tolist() == [[3.0, 1.0]]
+
+
+def test_gspo_takes_one_ratio_per_sequence():
+    b = batch_of([[0.0, 0.0], [0.0]], [1.0, -1.0])
+    logp = b.old_logprobs.clone()
+    logp[0, 1], logp[0, 2], logp[1, 1] = 0.1, 0.3, -0.05  # sequence 0's mean log-ratio 0.2
+    loss, stats = grpo_loss(logp, b, epsilon=0.5, loss_type="bnpo", importance_sampling_level="sequence")
+    r0, r1 = math.exp(0.2), math.exp(-0.05)
+    assert loss.item() == pytest.approx((-r0 * 2 + r1) / 3, rel=1e-6)
+    assert stats["ratio_sum"] == pytest.approx(2 * r0 + r1, rel=1e-6)
+
+
+def test_sampler_correction_weights_a_ratio_taken_against_the_trainer():
+    """The PPO ratio is 1 in value (the old policy is the trainer's own, before the step); each token's
+    loss is weighted by the truncated trainer / sampler ratio, and the gradient carries that weight."""
+    b = batch_of([[math.log(0.1), math.log(0.5)]], [2.0])
+    logp = torch.zeros_like(b.old_logprobs)
+    logp[0, 2], logp[0, 3 - 1] = math.log(0.5), math.log(0.5)
+    logp[0, 1] = math.log(0.6)  # token ratios vs the sampler: 6 and 1
+    logp.requires_grad_(True)
+    c = SamplerCorrection("token_truncate", clip_max=3.0)
+    loss, stats = grpo_loss(logp, b, epsilon=0.2, loss_type="bnpo", sampler_correction=c)
+    assert loss.item() == pytest.approx(-(2.0 * 3.0 + 2.0 * 1.0) / 2, rel=1e-6)
+    assert stats["clipped_tokens"] == 0 and stats["sampler_weight_sum"] == pytest.approx(4.0)
+    loss.backward()
+    assert logp.grad[0, 1:].tolist() == pytest.approx([-3.0, -1.0], rel=1e-6)  # -A x weight / 2 tokens
+    masked, stats = grpo_loss(
+        logp, b, loss_type="bnpo", sampler_correction=SamplerCorrection("sequence_mask", clip_max=3.0)
+    )
+    assert masked.item() == 0.0 and stats["sampler_masked_tokens"] == 2  # sequence ratio 6 > 3
+
+
+class _TRLTrainer:
+    """Just what TRL's GRPOTrainer._compute_loss reads of `self`: its real code runs on our inputs."""
+
+    def __init__(self, logprobs, **args):
+        from types import SimpleNamespace
+
+        self._logprobs = logprobs
+        self.args = SimpleNamespace(delta=None, use_bias_correction_kl=args.pop("use_bias_correction_kl"))
+        self.model = SimpleNamespace(training=True)
+        self.accelerator = SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x, num_processes=1)
+        self.current_gradient_accumulation_steps = 1  # DeepSpeed divides ours; TRL divides its own
+        self.top_entropy_quantile, self.off_policy_mask_threshold = 1.0, None
+        self.aux_loss_enabled = self._entropy_bonus_enabled = False
+        self.use_vllm = True
+        self._metrics = {"train": __import__("collections").defaultdict(list)}
+        for name, value in args.items():
+            setattr(self, name, value)
+
+    def _get_per_token_logps_and_entropies(self, *_, **__):
+        return self._logprobs, torch.zeros_like(self._logprobs), None
+
+
+@pytest.mark.parametrize(
+    "level,mode,loss_type,beta",
+    [
+        ("token", None, "grpo", 0.0),
+        ("sequence", None, "grpo", 0.04),
+        ("token", "token_truncate", "bnpo", 0.04),
+        ("token", "token_mask", "grpo", 0.0),
+        ("sequence", "sequence_truncate", "grpo", 0.0),
+        ("token", "sequence_mask", "dr_grpo", 0.04),
+    ],
+)
+def test_loss_and_gradient_equal_trls_compute_loss(level, mode, loss_type, beta):
+    """TRL's own GRPOTrainer._compute_loss on the same tensors: the same loss and the same gradient.
+    Without the sampler correction TRL's old policy is the sampler's (our default: ratio against mu)."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    torch.manual_seed(1)
+    old = [[-1.0, -0.5, -2.0], [-0.3, -0.9], [-1.2, -0.7]]
+    b = batch_of(old, [0.8, -1.1, 0.3], prompt_len=3)
+    start = 3 - 1  # the completion's positions in the (B, T-1) tensors
+    mask = b.completion_mask[:, start:]
+    sampler = b.old_logprobs[:, start:]
+    logp = (b.old_logprobs + 0.4 * torch.randn_like(b.old_logprobs)) * b.completion_mask
+    ref = b.old_logprobs + 0.2 * torch.randn_like(b.old_logprobs)
+    correction = SamplerCorrection(mode, clip_min=0.6, clip_max=1.5) if mode else None
+    ours = logp.clone().requires_grad_(True)
+    loss, _ = grpo_loss(
+        ours, b, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, is_cap=1e9, beta=beta, ref_logprobs=ref,
+        max_completion_tokens=4, importance_sampling_level=level, sampler_correction=correction,
+        use_bias_correction_kl=True,
+    )  # fmt: skip
+    loss.backward()
+    theirs = logp[:, start:].clone().requires_grad_(True)
+    inputs = {
+        "prompt_ids": b.input_ids[:, :3],
+        "prompt_mask": b.attention_mask[:, :3],
+        "completion_ids": b.input_ids[:, 3:],
+        "completion_mask": mask,
+        "advantages": b.advantages,
+        "old_per_token_logps": theirs.detach() if mode else sampler,
+        "ref_per_token_logps": ref[:, start:],
+    }
+    if mode:
+        inputs["importance_sampling_ratio"] = sampler_weights(theirs.detach(), sampler, mask, correction)
+    trl = _TRLTrainer(
+        theirs, importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=0.2,
+        epsilon_high=0.28, vllm_importance_sampling_correction=mode is not None, max_completion_length=4,
+        use_bias_correction_kl=True,
+    )  # fmt: skip
+    expected = GRPOTrainer._compute_loss(trl, None, inputs)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(ours.grad[:, start:], theirs.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_importance_sampling_options_are_checked_by_field():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.vllm_importance_sampling_cap: TRL's deprecated name"):
+        load_config(None, ["train.vllm_importance_sampling_cap=2"])
+    with pytest.raises(ConfigError, match="clip_min=3.0 and clip_max=2.0"):
+        load_config(
+            None, ["train.vllm_importance_sampling_clip_min=3", "train.vllm_importance_sampling_clip_max=2"]
+        )
+    with pytest.raises(ConfigError, match="token_truncate: needs clip_max"):
+        load_config(
+            None,
+            [
+                "train.vllm_importance_sampling_mode=token_truncate",
+                "train.vllm_importance_sampling_clip_max=null",
+            ],
+        )
+    with pytest.raises(ConfigError, match="importance_sampling_level"):
+        load_config(None, ["train.importance_sampling_level=tokens"])
+    ok = load_config(
+        None,
+        [
+            "train.vllm_importance_sampling_mode=token_mask",
+            "train.vllm_importance_sampling_clip_max=null",
+            "train.vllm_importance_sampling_clip_min=0.5",
+        ],
+    )
+    assert ok.train.vllm_importance_sampling_clip_max is None
+
+
+def test_the_metrics_row_has_trls_sampling_columns_only_with_the_correction():
+    from pipeline.trainer.metrics import metrics_row
+
+    s = dict.fromkeys(("count", "tokens", "reward_total", "strict", "correct", "length", "truncated"), 4.0)
+    s |= dict.fromkeys(("reasoning_steps", "reasoning_correct", "entropy_sum", "loss", "clipped_tokens"), 0.0)
+    s |= {"ratio_sum": 4.0, "capped_tokens": 0.0}
+    mx = {"length_max": 1.0, "grad_norm": 1.0, "ratio_max": 1.0}
+    assert "sampling/importance_sampling_ratio/mean" not in metrics_row(1, s, mx, [], {})
+    s |= {"sampler_weight_sum": 3.0, "sampler_masked_tokens": 1.0}
+    row = metrics_row(1, s, mx | {"sampler_weight_max": 1.5}, [], {})
+    assert row["sampling/importance_sampling_ratio/mean"] == 0.75
+    assert row["sampling/importance_sampling_ratio/max"] == 1.5
+    assert row["sampling/importance_sampling_masked_frac"] == 0.25
+
+
+# --- DAPO's dynamic sampling ----------------------------------------------------------------------------
+
+
+def _groups(*rewards):
+    """Completions as (group name, reward) pairs, G = 2 per group."""
+    return [(name, r) for name, pair in rewards for r in pair]
+
+
+def test_dynamic_sampling_replaces_groups_without_signal_by_drawing_more():
+    from pipeline.trainer.rollout import keep_informative_groups
+
+    def totals(pool):
+        return torch.tensor([r for _, r in pool], dtype=torch.float64).view(-1, 2)
+
+    first = _groups(("a", (1, 0)), ("b", (1, 1)), ("c", (0, 0)), ("d", (0, 2)))
+    draws = {1: _groups(("e", (2, 2)), ("f", (1, 3)), ("g", (0, 0)), ("h", (5, 5))),
+             2: _groups(("i", (0, 1)), ("j", (1, 0)), ("k", (0, 0)), ("l", (1, 1)))}  # fmt: skip
+    asked = []
+    kept, stats = keep_informative_groups(first, 2, totals, lambda k: asked.append(k) or draws[k], 3)
+    assert [name for name, _ in kept[::2]] == ["a", "d", "f", "i"]  # in order; j was one too many
+    assert asked == [1, 2] and (stats.draws, stats.filtered, stats.short) == (2, 7, 0)
+    ready, stats = keep_informative_groups(draws[2][:4] * 2, 2, totals, lambda k: 1 / 0, 3)
+    assert len(ready) == 8 and stats.draws == 0  # every group has signal: nothing drawn
+
+
+def test_dynamic_sampling_fills_a_step_from_what_it_filtered_when_the_draws_run_out():
+    from pipeline.trainer.rollout import keep_informative_groups
+
+    def totals(pool):
+        return torch.tensor([r for _, r in pool], dtype=torch.float64).view(-1, 2)
+
+    flat = _groups(("a", (1, 1)), ("b", (0, 1)), ("c", (0, 0)))
+    kept, stats = keep_informative_groups(flat, 2, totals, lambda k: _groups(("x", (3, 3)), ("y", (2, 2)), ("z", (4, 4))), 1)  # fmt: skip
+    assert [name for name, _ in kept[::2]] == ["b", "a", "c"]  # the step keeps its shape
+    assert (stats.draws, stats.filtered, stats.short) == (1, 5, 2)
+
+
+def test_dynamic_sampling_draws_are_seeded_and_leave_the_epoch_order_alone():
+    from pipeline.task.example import Example
+    from pipeline.trainer.build import StepData
+
+    examples = [Example(f"q{i}", str(i), str(i), f"test:{i}") for i in range(50)]
+    data = StepData(examples, 4, seed=7)
+    before = [data.indices(s) for s in range(5)]
+    a, b = data.extra(3, 1), StepData(examples, 4, seed=7).extra(3, 1)
+    assert [e.question for e in a] == [e.question for e in b] and len(a) == 4
+    assert [e.question for e in a] != [e.question for e in data.extra(3, 2)]
+    assert [data.indices(s) for s in range(5)] == before

@@ -144,7 +144,7 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
 
 
 @pytest.mark.e2e
-def test_overlapped_mode(server, warm_model_dir, tmp_path):
+def test_overlapped_mode_with_dynamic_sampling(server, warm_model_dir, tmp_path):
     proc = launch(
         "--name",
         "overlap",
@@ -157,12 +157,18 @@ def test_overlapped_mode(server, warm_model_dir, tmp_path):
         "--set",
         "train.overlap=true",
         "--set",
+        "train.dynamic_sampling=true",
+        "--set",
         "eval.enabled=false",
         server=server,
         root=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "overlap")
+    # a group without signal trains only where the draws ran out, and each one is counted
+    for r in rows:
+        assert (r["frac_zero_std_groups"] > 0) == (r["rollout/short_groups"] > 0)
+        assert r["rollout/dynamic_draws"] <= 3 and r["rollout/filtered_groups"] >= r["rollout/short_groups"]
     assert [r["step"] for r in rows] == [1, 2, 3]
     # the first step's rollouts come from the starting weights; later ones are exactly one step stale
     assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]
@@ -180,7 +186,8 @@ def test_overlapped_mode(server, warm_model_dir, tmp_path):
 @pytest.mark.e2e
 def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_model_dir, tmp_path):
     """beta > 0 (a reference model under DeepSpeed), the step-global token mean across 2 ranks x 2
-    micro-batches, and no gradient for truncated completions, through the real launcher."""
+    micro-batches, no gradient for truncated completions, and TRL's sampler correction, through the
+    real launcher."""
     proc = launch(
         "--name",
         "kl",
@@ -200,11 +207,18 @@ def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_mod
         "train.mask_truncated_completions=true",
         "--set",
         "train.max_completion_tokens=24",
+        "--set",
+        "train.vllm_importance_sampling_correction=true",  # TRL's correction, its default mode
+        "--set",
+        "train.use_bias_correction_kl=true",
         server=server,
         root=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "kl")
+    # synchronous fp32: the sampler is the trainer, so no completion is masked and the weights are ~1
+    assert all(r["sampling/importance_sampling_masked_frac"] == 0 for r in rows)
+    assert all(abs(r["sampling/importance_sampling_ratio/mean"] - 1) < 1e-2 for r in rows)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # the reference is the starting model: KL is 0 before the first update, then grows from 0
     assert abs(rows[0]["kl"]) < 1e-5 and rows[-1]["kl"] > 0

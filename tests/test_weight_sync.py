@@ -467,7 +467,7 @@ def test_ipc_handles_travel_as_json():
 # --- a failed ZeRO-3 push: every rank leaves it having done the same gathers ------------------------
 
 ZERO3_PUSH_FAILS = r"""
-import json, sys, threading, time
+import json, os, sys, threading, time
 from datetime import timedelta
 import deepspeed, torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -566,6 +566,11 @@ dist.all_gather_object(everyone, results)
 if rank == 0:
     assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
     print("RESULT " + json.dumps({"ranks": everyone, "tensors": len(reference)}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+# The abandoned pushes' daemon threads may still hold gloo state: without this, the interpreter's teardown
+# can abort the process ("terminate called without an active exception") after every check passed.
+os._exit(0)
 """
 
 

@@ -50,6 +50,12 @@ class StepData:
     def __call__(self, step: int) -> list[Example]:
         return [self.examples[i] for i in self.indices(step)]
 
+    def extra(self, step: int, draw: int) -> list[Example]:
+        """Dynamic sampling's draw-th extra prompts for step `step`: a seeded sample, the same after a
+        resume, that leaves the epoch's order alone."""
+        rng = random.Random(f"{self.seed}:{step}:{draw}")
+        return [self.examples[i] for i in rng.sample(range(len(self.examples)), self.per_step)]
+
 
 def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig, total_steps: int):
     """train.lr_scheduler with linear warm-up; cosine ends at train.min_lr_ratio x the peak."""

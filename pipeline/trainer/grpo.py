@@ -16,10 +16,15 @@ Pure functions on tensors, so each is unit-tested on hand-computed cases. Refere
   mode, for rollouts one step stale. Truncated importance sampling: for A < 0 the surrogate is
   additionally bounded by `is_cap * A` (dual-clip PPO, Ye et al. 2020), so no token's weight exceeds
   `is_cap` however far pi_theta has moved from mu (for A > 0 the PPO clip already bounds it at 1 + eps).
+- TRL's alternative (`SamplerCorrection`, TRL's vllm_importance_sampling_*): the ratio is taken against
+  the trainer's own logprobs before the step, and the mismatch with mu becomes a separate per-token or
+  per-sequence weight, truncated or masked. `importance_sampling_level="sequence"` is GSPO (Zheng et al.
+  2025): one ratio per completion, the exp of its mean token log-ratio.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +170,50 @@ def _dr_grpo(
 
 
 LOG_RATIO_BOUND = 20.0  # |log pi_theta - log mu| beyond this is clamped (see grpo_loss)
+
+
+@dataclass(frozen=True)
+class SamplerCorrection:
+    """TRL's vllm_importance_sampling_correction: how trainer / sampler probability weights the loss."""
+
+    mode: str = "sequence_mask"  # train.vllm_importance_sampling_mode
+    clip_min: float | None = None
+    clip_max: float | None = 3.0
+
+
+def _truncate(ratio: torch.Tensor, c: SamplerCorrection) -> torch.Tensor:
+    return torch.clamp(ratio, min=c.clip_min, max=c.clip_max)
+
+
+def _mask(ratio: torch.Tensor, c: SamplerCorrection) -> torch.Tensor:
+    low = -math.inf if c.clip_min is None else c.clip_min
+    high = math.inf if c.clip_max is None else c.clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+# train.vllm_importance_sampling_mode: (per sequence, bound)
+SAMPLER_CORRECTIONS = {
+    "token_truncate": (False, _truncate),
+    "token_mask": (False, _mask),
+    "sequence_truncate": (True, _truncate),
+    "sequence_mask": (True, _mask),
+}
+options.check_implements(__name__, "VLLM_IMPORTANCE_SAMPLING_MODES", SAMPLER_CORRECTIONS)
+
+
+def sampler_weights(
+    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, c: SamplerCorrection
+) -> torch.Tensor:
+    """TRL's importance_sampling_ratio: exp(trainer - sampler) per token (B, T-1) or, summed over the
+    completion's tokens, per sequence (B, 1), then truncated or masked to [clip_min, clip_max]. The
+    log-difference is clamped first: the server's floor (-1e9) must give a bounded weight, not inf."""
+    per_sequence, bound = SAMPLER_CORRECTIONS[c.mode]
+    diff = torch.nan_to_num((trainer_logprobs - sampler_logprobs) * mask, nan=0.0)
+    if per_sequence:
+        diff = diff.sum(dim=-1, keepdim=True)
+    return bound(torch.exp(diff.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)), c)
+
+
 # train.loss_type: what each loss type divides the token losses by
 LOSS_TYPES = {"grpo": _grpo, "bnpo": _bnpo, "dapo": _dapo, "dr_grpo": _dr_grpo}
 options.check_implements(__name__, "LOSS_TYPES", LOSS_TYPES)
@@ -195,31 +244,50 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     token_normaliser: float | None = None,
     max_completion_tokens: int | None = None,
+    importance_sampling_level: str = "token",
+    sampler_correction: SamplerCorrection | None = None,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO loss of one micro-batch and its diagnostics.
 
     `token_normaliser` (dapo): what this micro-batch's summed token loss is divided by, from
     `step_token_normaliser` so the mean is over the whole step. `max_completion_tokens` (dr_grpo):
-    the constant length each sequence counts as.
+    the constant length each sequence counts as. The last three are TRL's GRPOConfig fields.
     """
     high = epsilon if epsilon_high is None else epsilon_high
     mask = batch.completion_mask
+    old, weight = batch.old_logprobs, None
+    if sampler_correction is not None:
+        # TRL with one update per generation: the old policy is these weights (the step has not
+        # happened yet), and the sampler's difference from them is a separate weight
+        old = logprobs.detach()
+        weight = sampler_weights(old, batch.old_logprobs, mask, sampler_correction)
     # Clamped before exp: a behaviour logprob at the server's floor (-1e9, a token it gave probability 0)
     # would make the ratio inf and its gradient 0 x inf = NaN. e^20 is far past every clip, so no
     # gradient that the clips let through changes.
-    log_ratio = ((logprobs - batch.old_logprobs) * mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    log_ratio = ((logprobs - old) * mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    if importance_sampling_level == "sequence":  # GSPO: (B, 1), broadcast over the tokens
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    elif importance_sampling_level != "token":
+        raise ValueError(
+            f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}"
+        )
     ratio = torch.exp(log_ratio)
     adv = batch.advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + high) * adv
     per_token = -torch.min(unclipped, clipped)
     per_token = torch.where(adv < 0, torch.minimum(per_token, -is_cap * adv), per_token)  # dual clip
+    if weight is not None:
+        per_token = per_token * weight
     kl = None
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs ref_logprobs")
         delta = (ref_logprobs - logprobs) * mask  # masked first: padding's gap must not overflow exp
         kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+        if use_bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + beta * kl
     tokens = mask.sum()
     if loss_type not in LOSS_TYPES:
@@ -237,4 +305,9 @@ def grpo_loss(
             "capped_tokens": float(((ratio > is_cap) & (adv < 0)).float().mul(mask).sum()),
             "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
         }
+        if weight is not None:
+            token_weight = weight.expand_as(mask)
+            stats["sampler_weight_sum"] = float((token_weight * mask).sum())
+            stats["sampler_masked_tokens"] = float(((token_weight == 0) & (mask > 0)).float().sum())
+            stats["sampler_weight_max"] = float(torch.where(mask > 0, token_weight, 0).max())
     return loss, stats

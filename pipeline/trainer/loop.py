@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -44,9 +45,16 @@ from pipeline.task.reward_functions import STRICT_POINTS, RewardError
 from pipeline.task.tools import ToolError
 from pipeline.trainer.build import TrainingParts, build
 from pipeline.trainer.checkpoint import Resumed, restore_rng, resume_from, save_checkpoint, save_final_model
-from pipeline.trainer.grpo import grpo_loss, make_batch, step_normaliser, token_logprobs
+from pipeline.trainer.grpo import SamplerCorrection, grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
-from pipeline.trainer.rollout import Rollouts, StaleRolloutError, StepBatch, score_step, tool_metrics
+from pipeline.trainer.rollout import (
+    Rollouts,
+    StaleRolloutError,
+    StepBatch,
+    keep_informative_groups,
+    score_step,
+    tool_metrics,
+)
 from pipeline.trainer.server_link import ServerLink
 
 log = logging.getLogger("pipeline.trainer")
@@ -187,9 +195,32 @@ def fit(
     config, t, engine, data = parts.config, parts.config.train, parts.engine, parts.step_data
     rank, total = dist.get_rank(), parts.total_steps
 
+    def prompts_of(examples: list) -> tuple[list[list[int]], list]:
+        return [parts.style.ids(parts.tokenizer, e) for e in examples], examples
+
     def request_rollouts(step: int, done=None) -> None:
-        batch = data(step)
-        rollouts.request(step, [parts.style.ids(parts.tokenizer, e) for e in batch], batch, done)
+        rollouts.request(step, *prompts_of(data(step)), done)
+
+    def with_signal(step: int, completions: list, generated_by: int):
+        return keep_informative_groups(
+            completions,
+            t.num_generations,
+            lambda pool: score(pool, generated_by).group_totals,
+            lambda k: rollouts.draw(step, k, *prompts_of(data.extra(step, k))),
+            t.dynamic_sampling_max_draws,
+        )
+
+    score = functools.partial(
+        score_step,
+        rank=rank,
+        world=parts.world,
+        group_size=t.num_generations,
+        scaling=t.advantage_scaling,
+        weights=config.rewards,
+        rewards=parts.rewards,
+        system_prompt=parts.style.system_prompt,
+        device=engine.device,
+    )
 
     if t.overlap and start_step < total:
         request_rollouts(start_step, ahead)
@@ -204,22 +235,14 @@ def fit(
             link.recover(e, step)
             request_rollouts(step)
             completions, generated_by = rollouts.collect(step, version=step)
+        filled = None
+        if t.dynamic_sampling:  # before the next step's request: the extra draws use these weights
+            completions, filled = with_signal(step, completions, generated_by)
         if t.overlap and step + 1 < total:
             request_rollouts(step + 1)  # generated while this step trains; its push waits for it
         clock.lap("generate")  # the trainer's wait for rollouts
 
-        batch = score_step(
-            completions,
-            generated_by,
-            rank=rank,
-            world=parts.world,
-            group_size=t.num_generations,
-            scaling=t.advantage_scaling,
-            weights=config.rewards,
-            rewards=parts.rewards,
-            system_prompt=parts.style.system_prompt,
-            device=engine.device,
-        )
+        batch = score(completions, generated_by)
         clock.lap("reward")
         sums, maxima = train_on_batch(
             engine, parts.reference, batch, t, parts.tokenizer.pad_token_id, parts.world
@@ -244,6 +267,15 @@ def fit(
                 "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
                 "rollout/staleness": step - generated_by,
                 "rollout/discarded_total": rollouts.discarded,
+                **(
+                    {
+                        "rollout/filtered_groups": filled.filtered,
+                        "rollout/dynamic_draws": filled.draws,
+                        "rollout/short_groups": filled.short,
+                    }
+                    if filled is not None
+                    else {}
+                ),
                 **engine_columns(link, rollouts),
                 "sync/logprob_max_abs_diff": 0.0,
                 **probe,
@@ -408,6 +440,9 @@ def train_on_batch(
             ref_logprobs=ref_logprobs,
             token_normaliser=token_total,
             max_completion_tokens=t.max_completion_tokens,
+            importance_sampling_level=t.importance_sampling_level,
+            sampler_correction=sampler_correction(t),
+            use_bias_correction_kl=t.use_bias_correction_kl,
         )
         forward = time.perf_counter()
         engine.backward(loss)
@@ -421,11 +456,27 @@ def train_on_batch(
         for key in ("tokens", "clipped_tokens", "capped_tokens", "ratio_sum", "kl_sum"):
             if key in sums:
                 sums[key] += stats[key]
-        maxima["ratio_max"] = max(maxima["ratio_max"], stats["ratio_max"])
+        for key in ("sampler_weight_sum", "sampler_masked_tokens"):  # with the sampler correction
+            if key in stats:
+                sums[key] = sums.get(key, 0.0) + stats[key]
+        for key in ("ratio_max", "sampler_weight_max"):
+            if key in stats:
+                maxima[key] = max(maxima.get(key, 0.0), stats[key])
     # the gradient's norm before clipping, computed by DeepSpeed at the boundary (the same on every rank)
     norm = engine.get_global_grad_norm()
     maxima["grad_norm"] = float(norm) if norm is not None else math.nan
     return sums, maxima
+
+
+def sampler_correction(t: TrainConfig) -> SamplerCorrection | None:
+    """train.vllm_importance_sampling_*, as the loss takes them (None: the ratio is against the sampler)."""
+    if not t.vllm_importance_sampling_correction:
+        return None
+    return SamplerCorrection(
+        t.vllm_importance_sampling_mode,
+        t.vllm_importance_sampling_clip_min,
+        t.vllm_importance_sampling_clip_max,
+    )
 
 
 def completion_stats(batch: StepBatch) -> tuple[dict[str, float], dict[str, float]]:

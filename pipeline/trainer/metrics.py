@@ -50,6 +50,10 @@ def metrics_row(
     }
     if "kl_sum" in s:  # beta > 0 only
         row["kl"] = s["kl_sum"] / tokens
+    if "sampler_weight_sum" in s:  # train.vllm_importance_sampling_correction, with TRL's names
+        row["sampling/importance_sampling_ratio/mean"] = s["sampler_weight_sum"] / tokens
+        row["sampling/importance_sampling_ratio/max"] = mx["sampler_weight_max"]
+        row["sampling/importance_sampling_masked_frac"] = s["sampler_masked_tokens"] / tokens
     row.update(extra)
     return row
 

@@ -128,6 +128,24 @@ class Rollouts:
         generated_by, completions = payload[0]
         return completions, generated_by
 
+    def draw(
+        self, step: int, draw: int, prompt_ids: list[list[int]], examples: list[Example]
+    ) -> list[Completion]:
+        """Dynamic sampling's extra prompts for step `step` (its draw-th), generated now from the weights
+        being served, on every rank; a seed of their own (draws never reach the next step's seeds)."""
+        payload = [None]
+        if self.is_sender:
+            try:
+                seed = (self.step_seed(step) + draw * 2**40) % 2**62
+                out = generate(self.client, prompt_ids, examples, seed=seed, tools=self.tools, **self.params)
+                payload = [out.completions]
+            except Exception as e:  # every rank fails with the same message
+                payload = [e]
+        dist.broadcast_object_list(payload, src=0)
+        if isinstance(payload[0], Exception):
+            raise payload[0]
+        return payload[0]
+
     def wait(self) -> None:
         """Block until requests under way are done (before a weight push, which would wait for them
         inside the server, where only the push's own deadline applies)."""
@@ -211,3 +229,39 @@ def score_step(
         rank * per_rank : (rank + 1) * per_rank
     ].float()
     return StepBatch(mine, totals, per_reward, advantages, everyone.view(-1, group_size), generated_by)
+
+
+@dataclass
+class GroupFilter:
+    """train.dynamic_sampling (DAPO): what one step's filling took."""
+
+    filtered: int = 0  # groups seen whose completions all scored the same (no signal)
+    draws: int = 0  # extra rounds of prompts generated
+    short: int = 0  # groups without signal still in the step: the draws ran out
+
+
+def keep_informative_groups(
+    completions: list[Completion], group_size: int, group_totals, draw_more, max_draws: int
+) -> tuple[list[Completion], GroupFilter]:
+    """DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero advantage everywhere,
+    so no gradient) and draw more prompts until the step has its number of groups with signal, or
+    `max_draws` extra rounds ran. `group_totals(completions)` gives every group's rewards (prompts, G)
+    on every rank; `draw_more(k)` the k-th round's completions. Groups beyond the step's are dropped;
+    a step still short is filled with groups without signal, so every step has the same shape."""
+    prompts, stats = len(completions) // group_size, GroupFilter()
+    kept: list[list[Completion]] = []
+    spare: list[list[Completion]] = []
+    pool = completions
+    while True:
+        totals = group_totals(pool)
+        for g, rewards in enumerate(totals):
+            group = pool[g * group_size : (g + 1) * group_size]
+            (kept if float(rewards.std()) > 1e-9 else spare).append(group)
+        if len(kept) >= prompts or stats.draws == max_draws:
+            break
+        stats.draws += 1
+        pool = draw_more(stats.draws)
+    stats.filtered = len(spare)
+    chosen = (kept + spare)[:prompts]
+    stats.short = max(prompts - len(kept), 0)
+    return [c for group in chosen for c in group], stats
