@@ -66,7 +66,8 @@ def resume_config(config_file: Path | None, overrides: list[str], default: Path)
             f"--config {config_file} only located run.root",
             flush=True,
         )
-    return load_config(saved, ["server.token=", *overrides])  # "<redacted>" there: see to_dict
+    # the token is "<redacted>" there (see to_dict); run.root is where the run was found (moved or not)
+    return load_config(saved, ["server.token=", f"run.root={run_dir.parent}", *overrides])
 
 
 def changes(saved: dict, config: Config) -> list[tuple[str, object, object]]:

@@ -64,6 +64,7 @@ def test_resume_continues_with_the_runs_own_config_plus_set(tmp_path, monkeypatc
     assert config.rollout.tools == ["calculator"] and config.run.seed == 7 and config.train.max_steps == 9
     assert config.train.save_every == 3 and config.model.path == "/models/built" and not config.model.build
     assert config.server.token == "" and options.resume and not options.force
+    assert config.run.root == str(tmp_path)
     # --config with --resume: used only to find run.root, and said so
     assert launch.train.main([*argv, "--config", str(TINY), "--force"]) == 0
     assert given[-1][0].rollout.tools == ["calculator"] and given[-1][1].force
@@ -77,6 +78,13 @@ def test_resume_refusals_before_anything(tmp_path, capsys):
     assert "--force: only with --resume" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs --name"):
         resume_config(None, [f"run.root={tmp_path}"], TINY)
+
+
+def test_a_moved_run_continues_where_it_was_found(tmp_path):
+    saved_run(tmp_path / "before")
+    (tmp_path / "before").rename(tmp_path / "after")
+    config = resume_config(None, [f"run.root={tmp_path / 'after'}", "run.name=r"], TINY)
+    assert config.run.root == str(tmp_path / "after")
 
 
 @pytest.mark.parametrize(
