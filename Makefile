@@ -76,6 +76,7 @@ clean:
 CONFIG ?=
 SERVE_ARGS ?=
 .PHONY: serve bench bench-quick bench-sync
+# Without GRPO_SERVER_TOKEN (or server.token) the server makes a token and says which 0600 file holds it.
 serve: install
 	$(PY) -m pipeline.generation.serve $(if $(CONFIG),--config $(CONFIG)) $(SERVE_ARGS)
 

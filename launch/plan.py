@@ -59,6 +59,7 @@ class Layout:
     transport: str = "auto"  # sync.transport
     server_host: str = "127.0.0.1"  # server.host; engine i listens on server.port + i
     server_port: int = 8710
+    tls: bool = False  # server.tls_cert set: the engines this launch starts serve https://
     server_url: str | None = None  # --server-url: engines already running, comma-separated
     hostfile: str | None = None  # --hostfile (absolute), --launcher, --master-addr, --master-port
     launcher: str = ""
@@ -453,7 +454,8 @@ def on_this_host(
     notes: list[str],
 ) -> Plan:
     """A plan whose ranks `deepspeed` starts here with `placement` (engines here too, unless --server-url)."""
-    urls = urls or tuple(f"http://{e.host}:{e.port}" for e in engines)
+    scheme = "https" if layout.tls else "http"
+    urls = urls or tuple(f"{scheme}://{e.host}:{e.port}" for e in engines)
     head = [
         layout.deepspeed,
         *placement,

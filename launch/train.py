@@ -78,12 +78,17 @@ class Options:
 
 @dataclass(frozen=True)
 class Run:
-    """A resolved run: the finished config and its plan, where it writes, the server's token."""
+    """A resolved run: the finished config and its plan, where it writes, the server's token; after
+    `preflight`, the sockets it holds: engine i's listening socket at position i (handed to each of its
+    server processes, kept across restarts) and the trainer ranks' rendezvous port on this host."""
 
     config: Config
     plan: Plan
     run_dir: Path
     token: str
+    master_port: int = 0  # the ranks' rendezvous port when they run on this host (0: elsewhere)
+    listeners: tuple = ()
+    reserved: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -237,7 +242,8 @@ def resolve(config: Config, options: Options) -> Run:
     config.train.deepspeed_config, zero = read_deepspeed_config(config.train.deepspeed_config, cuda=count > 0)
     # A run that starts its own server gives it a fresh token: loopback is no boundary on a shared node.
     token = server_token(config.server.token) or ("" if options.server_url else secrets.token_hex(16))
-    plan = make_plan(layout(config, options, count, gpus, run_dir, token))
+    asked = layout(config, options, count, gpus, run_dir, token)
+    plan = make_plan(asked)
     check_compute_modes(plan, gpus)
     plan = dataclasses.replace(
         plan, memory=plan_memory(plan, gpus, config, zero), notes=(*notes, *plan.notes)
@@ -247,7 +253,7 @@ def resolve(config: Config, options: Options) -> Run:
         check_batch(config, plan.trainer.ranks)
     if options.resume:  # what the numbers depend on is as saved (or --force)
         check_changes(config, run_dir, plan.trainer.ranks, options.force)
-    return Run(config, plan, run_dir, token)
+    return Run(config, plan, run_dir, token, 0 if options.hostfile else asked.master_port)
 
 
 def apply_plan(config: Config, plan: Plan) -> None:
@@ -280,6 +286,7 @@ def layout(
         server_host=s.host,
         server_port=s.port,
         server_url=options.server_url,
+        tls=bool(s.tls_cert),
         hostfile=hostfile,
         launcher=options.launcher,
         master_addr=options.master_addr,
@@ -380,7 +387,7 @@ def config_file(given: str) -> Path:
 
 
 def absolute_paths(config: Config) -> None:
-    """run.root, a local model.path, data files and an @file system prompt, relative to where the user
+    """run.root, a local model.path, data files, TLS files and an @file system prompt, relative to where the user
     launched: the server and ranks run in the repository, so the resolved config (run_dir/config.yaml)
     and the plan name them absolutely. A model.path that is no local directory is a hub name, kept."""
     config.run.root = str(Path(config.run.root).expanduser().absolute())
@@ -390,6 +397,9 @@ def absolute_paths(config: Config) -> None:
     for key in ("train_file", "test_file"):
         if getattr(d, key):
             setattr(d, key, str(Path(getattr(d, key)).expanduser().absolute()))
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        if getattr(config.server, key):
+            setattr(config.server, key, str(Path(getattr(config.server, key)).expanduser().absolute()))
     if d.system_prompt.startswith("@"):
         d.system_prompt = "@" + str(Path(d.system_prompt[1:]).expanduser().absolute())
 
@@ -398,36 +408,58 @@ def absolute_paths(config: Config) -> None:
 
 
 def preflight(run: Run) -> Run:
-    """What the plan cannot say, checked before any process starts: the engines' ports are free, the
-    data, rewards and tools load, the model is there (model.build=tiny: built now, which a dry run
-    skips; the run that comes back names it), the disk holds the checkpoints, and the run directory
-    takes the resolved config (and the token file for ranks on other nodes)."""
-    for engine in run.plan.servers:
-        check_port_free(engine.host, engine.port, engine.engine, len(run.plan.servers))
-    check_data_and_rewards(run.config)
-    run = dataclasses.replace(run, config=model_built(run.config))
-    check_disk_space(run.config, run.run_dir, cuda=run.plan.trainer.device == "cuda")
-    write_run_dir(run)
+    """What the plan cannot say, checked before any process starts: the engines' ports are ours (bound
+    and held from now on: `hold_port`) and so is the ranks' rendezvous port (`reserve_port`), the data,
+    rewards and tools load, the model is there (model.build=tiny: built now, which a dry run skips; the
+    run that comes back names it), the disk holds the checkpoints, and the run directory takes the
+    resolved config (and the token file for ranks on other nodes). A refusal releases the ports."""
+    held: list = []
+    try:
+        for engine in run.plan.servers:
+            held.append(hold_port(engine.host, engine.port, engine.engine, len(run.plan.servers)))
+        reserved = (reserve_port(run.master_port),) if run.master_port else ()
+        held += reserved
+        run = dataclasses.replace(run, listeners=tuple(held[: len(run.plan.servers)]), reserved=reserved)
+        check_data_and_rewards(run.config)
+        run = dataclasses.replace(run, config=model_built(run.config))
+        check_disk_space(run.config, run.run_dir, cuda=run.plan.trainer.device == "cuda")
+        write_run_dir(run)
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
     return run
 
 
-def check_port_free(host: str, port: int, engine: int = 0, engines: int = 1) -> None:
-    """Our server must not start on a port another server answers on: the trainer would talk to
-    (and push weights into) the wrong one. Engine i listens on server.port + i."""
-    import socket
+def hold_port(host: str, port: int, engine: int = 0, engines: int = 1):
+    """Engine i's listening socket on server.port + i, bound now and held by the launcher for the whole
+    run: each server process of the engine gets it (`--listen-fd`), so between this check and the
+    server's start, and while it restarts, no other process can take the port and receive what the
+    trainer sends there. A port another server answers on is refused (the trainer would push weights
+    into the wrong one); connections of a server that just stopped, lingering in TIME_WAIT, are not."""
+    from pipeline.generation.server_process import bind
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # As uvicorn does: connections of a server that just stopped linger in TIME_WAIT, and must
-        # not make the next run refuse the port; a live listener still fails the bind.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            which = f" (engine {engine} of {engines}: server.port + {engine})" if engines > 1 else ""
-            raise ConfigError(
-                f"server.port: {host}:{port}{which} is already in use (another run's server?); "
-                f"pick another with --set server.port=N"
-            ) from None
+    try:
+        return bind(host, port)
+    except OSError:
+        which = f" (engine {engine} of {engines}: server.port + {engine})" if engines > 1 else ""
+        raise ConfigError(
+            f"server.port: {host}:{port}{which} is already in use (another run's server?); "
+            f"pick another with --set server.port=N"
+        ) from None
+
+
+def reserve_port(port: int, host: str = "127.0.0.1"):
+    """The ranks' rendezvous port on this host, held until the run ends for rank 0 alone (SO_REUSEPORT,
+    pipeline/sync/rendezvous.py `reserve`): no other process can take it in between."""
+    from pipeline.sync.rendezvous import reserve
+
+    try:
+        return reserve(host, port)
+    except OSError:
+        raise ConfigError(
+            f"--master-port {port}: {host}:{port} is already in use; pick another (or leave it out)"
+        ) from None
 
 
 def check_data_and_rewards(config: Config) -> None:
@@ -614,6 +646,9 @@ class Processes:
             env=engine.env,
             cwd=REPO,
             command=list(engine.command),
+            listener=run.listeners[i] if run.listeners else None,  # kept open here across restarts
+            scheme="https" if run.config.server.tls_cert else "http",
+            ca_file=run.config.server.tls_ca,
         )
         if len(run.plan.servers) > 1:
             print(
@@ -632,9 +667,12 @@ class Processes:
         for i in range(len(run.plan.servers)):
             self.engines.append(self.start_engine(i))
         deadline = time.monotonic() + run.config.server.startup_timeout_s
-        for server in self.engines or [ServerClient(url, run.token) for url in run.plan.server_urls]:
+        ca = run.config.server.tls_ca
+        for server in self.engines or [
+            ServerClient(url, run.token, ca_file=ca) for url in run.plan.server_urls
+        ]:
             server.wait_healthy(max(1.0, deadline - time.monotonic()))
-        return Engines(list(run.plan.server_urls), run.token, run.config.server.request_timeout_s)
+        return Engines(list(run.plan.server_urls), run.token, run.config.server.request_timeout_s, ca_file=ca)
 
     def run_trainer(self) -> int:
         """The trainer, its output copied to the console and trainer.log, the engines watched (and
@@ -666,7 +704,13 @@ class Processes:
         copier = tee(self.trainer.stdout, sys.stdout, run.run_dir / "trainer.log")
         s = run.config.server
         monitor = EngineMonitor(
-            self.engines, self.start_engine, s.restart, s.max_restarts, s.startup_timeout_s, self.stopping
+            self.engines,
+            self.start_engine,
+            s.restart,
+            s.max_restarts,
+            s.startup_timeout_s,
+            self.stopping,
+            release=self.release_port,
         )
         while (code := self.trainer.poll()) is None:
             monitor.poll()
@@ -686,9 +730,17 @@ class Processes:
             except ProcessLookupError:
                 pass
 
+    def release_port(self, i: int) -> None:
+        """Engine i is down for good: its port is closed, so the trainer's calls to it fail at once
+        (connection refused) instead of waiting in the held socket's backlog for a server that never
+        comes."""
+        if self.run.listeners:
+            self.run.listeners[i].close()
+
     def stop(self) -> None:
         """On the way out: the trainer (SIGTERM, 30 s, then whatever is left of its ranks SIGKILLed), then
-        every engine (a restart thread still waiting sees its engine gone and ends)."""
+        every engine (a restart thread still waiting sees its engine gone and ends), then the ports held
+        for them."""
         if self.trainer is not None:
             self.stop_trainer()
             try:
@@ -702,6 +754,8 @@ class Processes:
         self.stopping.set()
         for engine in self.engines:
             engine.stop()
+        for sock in (*self.run.listeners, *self.run.reserved):
+            sock.close()
 
 
 def evaluate_before(client: Engines, run: Run) -> None:
@@ -730,8 +784,10 @@ class EngineMonitor:
         startup_timeout_s: float,
         stopping: threading.Event | None = None,
         say=None,
+        release=None,
     ):
         self.engines, self.start_engine = engines, start_engine
+        self.release = release or (lambda i: None)  # engine i is down for good (its port can go)
         self.restart, self.max_restarts, self.startup_timeout_s = restart, max_restarts, startup_timeout_s
         self.stopping = stopping or threading.Event()  # set on the way out: a failed restart is then no news
         self.say = say or (lambda line: print(line, flush=True))
@@ -769,6 +825,7 @@ class EngineMonitor:
                 self.waiting[i].start()
             else:
                 self.down.add(i)
+                self.release(i)
                 n = self.restarts[i]
                 why = (
                     f"has used its {n} restart{'s' * (n != 1)}"

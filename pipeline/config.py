@@ -93,8 +93,19 @@ class ServerConfig:
     port: int = 8710
     """HTTP port of the generation server."""
     token: str = ""
-    """Shared secret; when set every request needs `Authorization: Bearer <token>`. Prefer the
-    GRPO_SERVER_TOKEN environment variable, which overrides this and is never written to disk."""
+    """Shared secret every request needs (`Authorization: Bearer <token>`), and which the server proves
+    it holds before a client sends it. Prefer the GRPO_SERVER_TOKEN environment variable, which
+    overrides this and is never written to disk. Neither set: a server on loopback makes a random one
+    (launch/train.py and `make eval` give theirs one), off loopback it refuses to start. A saved
+    config.yaml holds "" here."""
+    tls_cert: str = ""
+    """PEM certificate the server serves HTTPS with (with `tls_key`); clients then use https:// URLs.
+    For engines on other hosts: the token travels encrypted (README "Security")."""
+    tls_key: str = ""
+    """PEM private key of `tls_cert`."""
+    tls_ca: str = ""
+    """PEM CA bundle clients verify an https:// server against (a self-signed `tls_cert` itself);
+    empty: the system's CAs."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism (GPUs given to each generation engine)."""
     data_parallel_size: int = 1
@@ -158,9 +169,11 @@ class SyncConfig:
     sample of whole layers of about this many MB (all of a smaller model; at least the embeddings, the
     head and one layer), against the server's digests; a mismatch fails the step."""
     host: str = ""
-    """Address the trainer's rank 0 listens on for the sync group; empty = the server's host."""
+    """Address the trainer's rank 0 binds the sync group's rendezvous store to (it listens there only)
+    and the engines' workers dial; empty = 127.0.0.1 when every engine is on this host, else this host's
+    address on its route to the first engine. Never one that resolves to loopback with an engine elsewhere."""
     port: int = 0
-    """Port for the sync group's rendezvous; 0 = a free port chosen at start."""
+    """Port of the sync group's rendezvous; 0 = one the OS picks, bound before the workers are told it."""
 
 
 @dataclass
@@ -536,6 +549,13 @@ def validate(config: Config) -> None:
         )
     if config.server.max_restarts < 0:
         raise ConfigError(f"server.max_restarts: must be >= 0, got {config.server.max_restarts}")
+    if config.server.token == REDACTED_TOKEN:
+        raise ConfigError(
+            f"server.token: {REDACTED_TOKEN!r} is the placeholder an older saved config.yaml holds, not a "
+            f'token; set GRPO_SERVER_TOKEN (or server.token to the real one, or to "")'
+        )
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key: give both (HTTPS) or neither")
     for key in (
         "port",
         "tensor_parallel_size",
@@ -653,9 +673,13 @@ def check_batch(config: Config, ranks: int) -> int:
     return completions // t.num_generations
 
 
+REDACTED_TOKEN = "<redacted>"  # what saved configs once held for a token: refused, never a token
+
+
 def to_dict(config: Config, redact: bool = True) -> dict:
-    """Plain dict for saving next to a run; the server token is never written."""
+    """Plain dict for saving next to a run; the server token is never written (`token: ""`: reusing the
+    file gives a server a token of its own, never a known one)."""
     data = dataclasses.asdict(config)
-    if redact and data["server"]["token"]:
-        data["server"]["token"] = "<redacted>"
+    if redact:
+        data["server"]["token"] = ""
     return data

@@ -11,7 +11,16 @@ def test_overrides_and_types(tmp_path):
         ["train.max_steps=5", "train.learning_rate=1e-4", "rewards.correctness=2", "server.token=abc"],
     )
     assert c.train.max_steps == 5 and c.train.learning_rate == 1e-4 and c.rewards == {"correctness": 2.0}
-    assert to_dict(c)["server"]["token"] == "<redacted>"
+    assert to_dict(c)["server"]["token"] == ""  # a saved config gives a reused server no known token
+
+
+def test_the_old_redacted_placeholder_is_no_token(tmp_path):
+    """Saved configs once held `token: <redacted>`: reused, it was a token everybody knows. Refused."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("server:\n  token: <redacted>\n")
+    with pytest.raises(ConfigError, match=r"^server\.token: '<redacted>' is the placeholder"):
+        load_config(str(saved))
+    assert load_config(None, ["server.token=abc"]).server.token == "abc"
 
 
 @pytest.mark.parametrize(

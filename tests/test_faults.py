@@ -5,14 +5,23 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from support.launcher import launch, start_launch, warm_run
 from support.models import tiny_corpus
-from support.processes import alive, one_line_error, processes_mentioning, run_processes, wait_gone
+from support.processes import (
+    alive,
+    one_line_error,
+    processes_mentioning,
+    run_processes,
+    wait_gone,
+    wildcard_listeners,
+)
 from support.runs import read_metrics, run_log, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +173,41 @@ def test_killed_rank_stops_run_and_keeps_checkpoint(server, warm_model_dir, tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
+class PortGrabber(threading.Thread):
+    """Another process's attempt at a port: bind it the instant it is free (every millisecond), and if
+    that ever works, take every connection and keep what it is sent."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port, self.stop = port, threading.Event()
+        self.tries, self.bound, self.received = 0, False, []
+
+    def run(self):
+        while not self.stop.is_set():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.tries += 1
+            try:
+                sock.bind(("127.0.0.1", self.port))
+                sock.listen(16)
+            except OSError:
+                sock.close()
+                time.sleep(0.001)
+                continue
+            self.bound = True
+            sock.settimeout(0.2)
+            while not self.stop.is_set():
+                try:
+                    conn, _ = sock.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(2)
+                    with contextlib.suppress(OSError):
+                        self.received.append(conn.recv(65536).decode(errors="replace"))
+            sock.close()
+
+
 def kill_server_of(root: Path) -> None:
     """SIGKILL the launcher-owned server's whole process group (API process, engine core, workers)."""
     pids = [
@@ -180,10 +224,12 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
     warm_model_dir, tmp_path
 ):
     """One run of a launcher-owned server, three faults in turn (one server start each would cost the
-    suite minutes): no token configured, yet the server gets a random one that strangers lack; killed
-    once, it is restarted and gets the trainer's weights before training goes on; killed past
-    server.max_restarts, the run ends within the deadline with a one-line error, as with restart off
-    (the same check in the launcher); the token is in no file of the run."""
+    suite minutes): no token configured, yet the server gets a random one that strangers lack, and once
+    the transfer group has formed no process of the run listens on every interface; killed once, it is
+    restarted and gets the trainer's weights before training goes on, while another process trying to
+    take its port the instant it is free never gets it (the launcher holds the socket) nor sees the
+    token; killed past server.max_restarts, the run ends within the deadline with a one-line error, as
+    with restart off (the same check in the launcher); the token is in no file of the run."""
     import requests
 
     run_dir = tmp_path / "sr"
@@ -228,8 +274,14 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
             == 200
         )
 
-        # --- killed once: restarted, and training goes on with the trainer's weights in it ---
+        # --- the run's stores and servers listen on their one address (loopback), none on every interface ---
+        assert not wildcard_listeners(run_processes(str(tmp_path)))
+
+        # --- killed once: restarted, and training goes on with the trainer's weights in it; the port is
+        # never another process's meanwhile ---
         wait_for_step(run_dir / "metrics.jsonl", 2, proc)
+        grabber = PortGrabber(port)
+        grabber.start()
         kill_server_of(tmp_path)  # generation is most of a step: usually mid-generation, else mid-train/push
         log = tmp_path / "launch.log"
         end = time.monotonic() + 300
@@ -237,6 +289,9 @@ def test_server_restart_continues_training_and_a_death_past_max_restarts_ends_th
             time.sleep(0.5)
         steps = len(read_metrics(run_dir))
         wait_for_step(run_dir / "metrics.jsonl", steps + 2, proc)
+        grabber.stop.set()
+        grabber.join(10)
+        assert grabber.tries > 100 and not grabber.bound and not grabber.received, grabber.received[:2]
         rows = read_metrics(run_dir)
         assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
         assert rows[0]["server/restarts"] == 0 and rows[-1]["server/restarts"] == 1

@@ -256,7 +256,7 @@ def test_port_left_in_time_wait_is_not_refused():
     time.sleep(0.2)
     with socket.socket() as plain, pytest.raises(OSError):
         plain.bind(("127.0.0.1", port))  # the situation is real: a plain bind is refused
-    launcher.check_port_free("127.0.0.1", port)
+    launcher.hold_port("127.0.0.1", port).close()
 
 
 @pytest.mark.e2e

@@ -1,7 +1,8 @@
 """Two "hosts": the server and the trainer in separate network namespaces joined by a veth pair.
 
 This is the launcher's multi-node path for real (`--server-url` on another address, a token because
-the server binds off loopback, the sync group's rendezvous on the trainer host's address). The test
+the server binds off loopback, the sync group's rendezvous on the trainer host's address, and no process
+on either host listening on every interface). The test
 makes its namespaces itself and removes them; where that is not allowed it is skipped with the reason.
 """
 
@@ -14,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.constants import TEST_SCALE
-from support.runs import read_metrics
+from support.constants import RUN_TAG, TEST_SCALE
+from support.processes import run_processes, wildcard_listeners
+from support.runs import read_metrics, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "two-hosts-secret-token"
@@ -66,7 +68,7 @@ def in_namespace(ns: str, *cmd: str) -> list[str]:
 @pytest.mark.e2e
 def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
     srv, srv_addr, trn, trn_addr = two_hosts
-    env = {**os.environ, "GRPO_SERVER_TOKEN": TOKEN}
+    env = {**os.environ, "GRPO_SERVER_TOKEN": TOKEN, RUN_TAG: str(tmp_path)}
     port = 8710
     with open(tmp_path / "server.out", "wb") as out:
         server = subprocess.Popen(
@@ -91,8 +93,9 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
             start_new_session=True,
         )
     url = f"http://{srv_addr}:{port}"
+    launcher = None
     try:
-        run = subprocess.run(
+        launcher = subprocess.Popen(
             in_namespace(
                 trn,
                 sys.executable,
@@ -119,13 +122,17 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
             ),
             cwd=REPO,
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
+            stdout=(tmp_path / "launch.log").open("wb"),  # the file wait_for_step shows when the run ends
+            stderr=subprocess.STDOUT,
         )
-        assert run.returncode == 0, (
-            run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "server.out").read_text()[-3000:]
-        )
+        # Once the transfer group has formed: on both hosts, no process of the run listens on every
+        # interface (each sees its own namespace's sockets).
+        wait_for_step(tmp_path / "two" / "metrics.jsonl", 1, launcher, timeout=600)
+        assert not wildcard_listeners(run_processes(str(tmp_path)))
+        launcher.wait(900)
+        assert launcher.returncode == 0, (tmp_path / "launch.log").read_text()[-6000:] + (
+            tmp_path / "server.out"
+        ).read_text()[-3000:]
         rows = read_metrics(tmp_path / "two")
         assert [r["step"] for r in rows] == [1, 2, 3]
         assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in rows)  # weights landed across the link
@@ -145,6 +152,8 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
         )
         assert json.loads(answer.stdout) == [3, 401], answer.stderr
     finally:
+        if launcher is not None and launcher.poll() is None:
+            launcher.kill()
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(30)
@@ -152,5 +161,6 @@ def test_server_and_trainer_on_two_hosts(two_hosts, warm_model_dir, tmp_path):
             pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)  # engine-core / worker stragglers
-    for log in [tmp_path / "server.out", *(tmp_path / "two").glob("*.log"), tmp_path / "two" / "config.yaml"]:
+    logs = [tmp_path / "server.out", tmp_path / "launch.log", *(tmp_path / "two").glob("*.log")]
+    for log in [*logs, tmp_path / "two" / "config.yaml"]:
         assert TOKEN not in log.read_text(errors="replace"), f"token leaked into {log}"

@@ -1,15 +1,37 @@
-"""Trainer-side HTTP client of the generation server. Every call has a deadline."""
+"""Trainer-side HTTP client of the generation server. Every call has a deadline.
+
+The client authenticates the server before it sends the token: each new connection first asks
+`GET /health?challenge=<nonce>` (no token on it) and goes on only if the answer is
+HMAC-SHA256(token, nonce) (`proof`). A process that took the server's port (between a port check and
+the server's bind, or while it restarts) cannot answer, so it never receives the token, and the
+client's call fails naming the URL. https:// URLs are verified against `ca_file` (server.tls_ca).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.client
+import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 TOKEN_ENV = "GRPO_SERVER_TOKEN"  # the server's shared secret travels by environment, never on a command line
+CHALLENGE = "challenge"  # GET /health?challenge=<nonce>: the server's proof that it holds the token
+MAX_PROOF_BYTES = 4096
+
+
+def proof(token: str, nonce: str) -> str:
+    """What a server holding `token` answers to the challenge `nonce`."""
+    return hmac.new(token.encode(), b"grpo-server-proof:" + nonce.encode(), hashlib.sha256).hexdigest()
 
 
 def server_token(configured: str = "", token_file: str | None = None) -> str:
@@ -43,12 +65,92 @@ class ServerError(RuntimeError):
         self.status = status
 
 
+def prove_server(sock: socket.socket, host: str, port: int, token: str, url: str) -> None:
+    """On a fresh connection, before anything else goes over it: the challenge, without the token. The
+    answer must be the proof, and the connection stays open for the requests that follow. ServerError
+    (the URL, one line) when it is not; OSError and timeouts as the socket raises them."""
+    nonce = secrets.token_hex(16)
+    name = f"[{host}]" if ":" in host else host
+    sock.sendall(
+        f"GET /health?{CHALLENGE}={nonce} HTTP/1.1\r\nHost: {name}:{port}\r\n"
+        f"Accept: application/json\r\n\r\n".encode()
+    )
+    response = http.client.HTTPResponse(sock, method="GET")
+    try:
+        response.begin()
+        body = response.read(MAX_PROOF_BYTES + 1)
+        closes = response.will_close
+    except http.client.HTTPException as e:
+        raise ServerError(
+            f"{url} answered the server challenge with something that is not HTTP ({type(e).__name__}): "
+            f"not a generation server holding the token; the token was not sent"
+        ) from None
+    finally:
+        response.close()
+    try:
+        given = json.loads(body).get("proof", "") if response.status == 200 else ""
+    except (ValueError, AttributeError):
+        given = ""
+    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), proof(token, nonce).encode()):
+        raise ServerError(
+            f"{url} did not prove it holds the server token (HTTP {response.status} to the challenge): "
+            f"another process on that port, or a server with another token; the token was not sent",
+            401,
+        )
+    if closes:
+        raise ServerError(f"{url} closed the connection after the challenge (not a generation server?)")
+
+
+class _Proven:
+    """A urllib3 connection that proves its server (`prove_server`) as soon as it connects (TLS done)."""
+
+    token = ""
+    url = ""
+
+    def connect(self) -> None:
+        super().connect()
+        try:
+            prove_server(self.sock, self.host, self.port, self.token, self.url)
+        except BaseException:
+            self.close()
+            raise
+
+
+class ProvenAdapter(HTTPAdapter):
+    """requests' adapter whose every connection is `_Proven` for `token`."""
+
+    def __init__(self, token: str, url: str, **kwargs):
+        self.token, self.url = token, url  # before super(): it builds the pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        fields = {"token": self.token, "url": self.url}
+        http_conn = type("ProvenHTTPConnection", (_Proven, HTTPConnection), fields)
+        https_conn = type("ProvenHTTPSConnection", (_Proven, HTTPSConnection), fields)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("ProvenHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("ProvenHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        }
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "token": self.token, "url": self.url}
+
+
 class ServerClient:
-    def __init__(self, base_url: str, token: str = "", timeout_s: float = 600.0):
+    def __init__(self, base_url: str, token: str = "", timeout_s: float = 600.0, ca_file: str = ""):
+        """`token`: sent only to a server that proved it holds it (no token: nothing proven, nothing sent;
+        every server refuses such a client). `ca_file`: what https:// servers are verified against
+        (server.tls_ca; empty: the system's CAs)."""
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = requests.Session()
+        self.session.trust_env = False  # straight to the server: no proxy, no .netrc credentials
+        self.session.verify = ca_file or True
         if token:
+            adapter = ProvenAdapter(token, self.base_url)
+            self.session.mount("http://", adapter)
+            self.session.mount("https://", adapter)
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def request(

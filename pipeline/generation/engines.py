@@ -88,12 +88,13 @@ class Engines:
         token: str = "",
         timeout_s: float = 600.0,
         clients: list[ServerClient] | None = None,
+        ca_file: str = "",
     ):
         """`urls`: engine i's base URL at position i (a list, or comma-separated as on the command line);
-        or `clients`, existing ones (see `of`)."""
+        or `clients`, existing ones (see `of`). `ca_file`: what https:// engines are verified against."""
         if clients is None:
             urls = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
-            clients = [ServerClient(url, token, timeout_s) for url in urls]
+            clients = [ServerClient(url, token, timeout_s, ca_file) for url in urls]
         if not clients:
             raise ValueError("no generation engine URL given")
         self.engines = [Engine(i, client) for i, client in enumerate(clients)]

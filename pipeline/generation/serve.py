@@ -22,6 +22,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -39,9 +40,9 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.generation.client import TOKEN_ENV, server_token
+from pipeline.generation.client import CHALLENGE, TOKEN_ENV, proof, server_token
 from pipeline.generation.deadline import DeadlineCall, DeadlineExceeded
-from pipeline.generation.server_process import log_name
+from pipeline.generation.server_process import bind, log_name
 
 DEADLINE_ENV = "GRPO_SYNC_TIMEOUT_S"  # pipeline/sync/nccl_deadline.py reads it in the workers
 
@@ -57,6 +58,7 @@ RPC_GRACE_S = 5.0  # beyond sync.timeout_s, so vLLM's own timeout (where it has 
 ABORT_WAIT_S = 10.0  # /weights/abort waits this long for the update's own RPC to fail (its group is closed)
 MAX_ITEMS = 100_000  # any list in a request (prompts, tokens of one prompt, names)
 MAX_TEXT = 1_000_000  # characters of one text prompt
+NONCE = re.compile(r"[0-9a-f]{16,128}")  # a client's challenge (GET /health?challenge=...)
 
 
 class Strict(BaseModel):
@@ -186,7 +188,7 @@ class GenerationServer:
         os.environ[DEADLINE_ENV] = str(config.sync.timeout_s)
         if self.backend == "ipc":
             # vLLM's IPC engine ships CUDA IPC handles pickled over HTTP and refuses to unpickle them
-            # without this; main() refuses to start ipc without a token, so only the run can send them.
+            # without this; every request needs the server's token, so only the run can send them.
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         self.enforce_eager = resolve_enforce_eager(cfg.enforce_eager, self.device)
         self.max_lora_rank, why = adapter_serving(config, self.device, self.dtype)
@@ -803,7 +805,39 @@ def adapter_header(body: bytes, max_rank: int) -> tuple[int, str]:
     return version, config
 
 
+class BodyLimit:
+    """Request bodies up to `max_bytes`, counted as they arrive: a larger Content-Length is a 413 before
+    anything is read, and a body without one (chunked) is a 413 once its bytes pass the limit (the
+    endpoint reading it gets the 413 instead of the body). A pure ASGI middleware: it sees every chunk."""
+
+    def __init__(self, app, max_bytes: int, detail: str):
+        self.app, self.max_bytes, self.detail = app, max_bytes, detail
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await JSONResponse({"detail": self.detail}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, self.detail)  # FastAPI's body reading lets it through
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def build_app(server: GenerationServer, token: str) -> FastAPI:
+    """The HTTP routes around `server`; every request needs `token` (never empty: `main` makes one)."""
+    if not token:
+        raise ValueError("the server needs a token")
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -825,27 +859,24 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
             parts.append(f"{where}: {error.get('msg', 'invalid')}")
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > max_body:
-            return JSONResponse(
-                {"detail": f"request body over server.max_request_mb={server.config.server.max_request_mb}"},
-                status_code=413,
-            )
-        return await call_next(request)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=max_body,
+        detail=f"request body over server.max_request_mb={server.config.server.max_request_mb}",
+    )
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if token:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
-        elif request.url.path.startswith("/weights") and not is_loopback(
-            request.client.host if request.client else ""
-        ):
-            # Without a token only loopback callers may replace the model.
-            return JSONResponse({"detail": "weight updates need a token off loopback"}, status_code=401)
+        if request.url.path == "/health" and CHALLENGE in request.query_params:
+            # The client's check of the server before it sends the token (pipeline/generation/client.py):
+            # the proof only, to anyone; it says nothing else and changes nothing.
+            nonce = request.query_params[CHALLENGE]
+            if not NONCE.fullmatch(nonce):
+                return JSONResponse({"detail": "challenge: expected 16-128 hex digits"}, status_code=400)
+            return JSONResponse({"proof": proof(token, nonce)})
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
         return await call_next(request)
 
     @app.get("/health")
@@ -954,6 +985,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="shortcut for --set server.port=...")
     parser.add_argument("--run-dir", help="also write server.log here")
     parser.add_argument(
+        "--listen-fd",
+        type=int,
+        help="serve on this inherited listening socket instead of binding server.host:server.port (the "
+        "launcher binds it and keeps it across restarts, so no other process can take the port)",
+    )
+    parser.add_argument(
+        "--token-file",
+        help=f"with no token set ({TOKEN_ENV}, server.token): write the one this server makes here (0600; "
+        "default: <run-dir>/server.token, else ~/.cache/grpo-pipeline/server-PORT.token)",
+    )
+    parser.add_argument(
         "--engine-index",
         type=int,
         default=0,
@@ -1005,20 +1047,36 @@ def set_engine_gpus(spec: str, environ=os.environ) -> list[str]:
     return chosen
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The HTTP socket, bound before the engine loads (tens of seconds): the port is ours from the
-    start, not taken meanwhile by another process's ephemeral port (vLLM's own, or another engine's),
-    and a port in use is an error at once. Health checks wait in the backlog until the engine is ready."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
+def inherited_socket(fd: int) -> socket.socket:
+    """`--listen-fd`: the listening TCP socket the launcher bound and keeps (across restarts); not
+    passed on to any process this one starts."""
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ValueError("not a listening TCP socket")
+    sock.set_inheritable(False)
     return sock
+
+
+def default_token_file(run_dir: str | None, port: int) -> Path:
+    """Where a server started without a token writes the one it made: the run directory, else the
+    user's cache (~/.cache/grpo-pipeline/server-PORT.token)."""
+    if run_dir:
+        return Path(run_dir) / "server.token"
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "grpo-pipeline"
+        / f"server-{port}.token"
+    )
+
+
+def write_secret(path: Path, text: str) -> None:
+    """`text` in `path`, readable by this user only (0600; its directory made 0700 when new)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text + "\n")
 
 
 def main(argv=None) -> int:
@@ -1054,13 +1112,18 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    if config.sync.transport == "ipc" and not token:
-        print(
-            f"error: sync.transport=ipc ships pickled CUDA IPC handles; refusing to start without a token "
-            f"(set {TOKEN_ENV})",
-            file=sys.stderr,
-        )
-        return 2
+    tls = {}
+    if config.server.tls_cert:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                config.server.tls_cert, config.server.tls_key
+            )
+        except (OSError, ssl.SSLError) as e:
+            print(f"error: server.tls_cert/server.tls_key: cannot load them: {e}", file=sys.stderr)
+            return 2
+        tls = {"ssl_certfile": config.server.tls_cert, "ssl_keyfile": config.server.tls_key}
     if not 0 <= args.engine_index < config.server.data_parallel_size:
         print(
             f"error: --engine-index {args.engine_index}: expected 0..{config.server.data_parallel_size - 1} "
@@ -1075,14 +1138,42 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        listening = bind(config.server.host, config.server.port)
-    except OSError as e:
+    if args.listen_fd is not None:
+        try:
+            listening = inherited_socket(args.listen_fd)
+        except (OSError, ValueError) as e:
+            print(f"error: --listen-fd {args.listen_fd}: {e}", file=sys.stderr)
+            return 2
+        if not token and not is_loopback(listening.getsockname()[0]):
+            print(
+                f"error: --listen-fd {args.listen_fd} is bound to {listening.getsockname()[0]}, not loopback; "
+                f"refusing to start without a token (set {TOKEN_ENV} or server.token)",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        try:
+            listening = bind(config.server.host, config.server.port)
+        except OSError as e:
+            print(
+                f"error: server.port={config.server.port} on {config.server.host}: {e.strerror or e}",
+                file=sys.stderr,
+            )
+            return 2
+    if not token:  # on loopback (off it, refused above): a token of its own, in a 0600 file
+        token = secrets.token_hex(16)
+        path = Path(args.token_file or default_token_file(args.run_dir, listening.getsockname()[1]))
+        try:
+            write_secret(path, token)
+        except OSError as e:
+            print(f"error: --token-file {path}: cannot write it: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(
-            f"error: server.port={config.server.port} on {config.server.host}: {e.strerror or e}",
+            f"no server token set ({TOKEN_ENV}, server.token): this server's is in {path} (0600); "
+            f"clients: {TOKEN_ENV}=$(cat {path})",
             file=sys.stderr,
+            flush=True,
         )
-        return 2
     setup_logging(args.run_dir, args.engine_index)
     log.info(
         "engine %d: CUDA_VISIBLE_DEVICES=%s%s",
@@ -1113,6 +1204,7 @@ def main(argv=None) -> int:
             port=config.server.port,
             log_level="warning",
             timeout_graceful_shutdown=5,
+            **tls,
         )
     )
     uv.run(

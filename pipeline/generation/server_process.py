@@ -7,12 +7,33 @@ processes too, even if the API process itself was killed with SIGKILL.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from pipeline.generation.client import TOKEN_ENV, ServerClient, ServerError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's HTTP socket, bound and listening before the engine loads (tens of seconds): the port
+    is ours from the start, not taken meanwhile by another process's ephemeral port (vLLM's own, or
+    another engine's), and a port in use is an error at once (OSError). Health checks wait in the
+    backlog until the engine is ready. Port 0: the OS picks one (`getsockname()`). Whoever binds it
+    and starts the server (`ServerProcess(listener=...)`) may keep it open across restarts, so that no
+    other process can take the port while the server is down."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def log_name(engine_index: int) -> str:
@@ -50,23 +71,37 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         cwd: str | Path | None = None,
         command: list[str] | None = None,
+        listener: socket.socket | None = None,
+        scheme: str = "http",
+        ca_file: str = "",
     ):
+        """`listener`: the server's listening socket (`bind`), handed over as `--listen-fd` (the server
+        then binds nothing); the caller keeps its own copy open or closes it (never this object).
+        `token` "": a fresh random one (`self.token`): no server runs without one.
+        `scheme` https with server.tls_cert set; `ca_file` for the client (server.tls_ca)."""
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        full_env = {**os.environ, **(env or {})}
-        if token:
-            full_env[TOKEN_ENV] = token  # by environment: never on a command line or in a file
+        self.token = token or secrets.token_hex(16)
+        # by environment: never on a command line or in a file
+        full_env = {**os.environ, **(env or {}), TOKEN_ENV: self.token}
+        command = list(command or [sys.executable, "-m", "pipeline.generation.serve", *args])
+        fds: tuple[int, ...] = ()
+        if listener is not None:
+            fds = (listener.fileno(),)
+            command += ["--listen-fd", str(fds[0])]  # the same number in the child (pass_fds)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                command or [sys.executable, "-m", "pipeline.generation.serve", *args],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=full_env,
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
+                pass_fds=fds,
             )
-        self.client = ServerClient(f"http://{host}:{port}", token)
+        name = f"[{host}]" if ":" in host else host
+        self.client = ServerClient(f"{scheme}://{name}:{port}", self.token, ca_file=ca_file)
 
     def wait_healthy(self, deadline_s: float) -> ServerClient:
         try:

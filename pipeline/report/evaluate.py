@@ -58,29 +58,43 @@ def main(argv=None) -> int:
             from pipeline.generation.client import ServerClient, server_token
 
             client = ServerClient(
-                args.server_url, server_token(config.server.token), config.server.request_timeout_s
+                args.server_url,
+                server_token(config.server.token),
+                config.server.request_timeout_s,
+                ca_file=config.server.tls_ca,
             )
             model_path = client.model_info()["model"]
         else:
-            from pipeline.generation.client import free_port, server_token
-            from pipeline.generation.server_process import ServerProcess
+            from pipeline.generation.client import server_token
+            from pipeline.generation.server_process import ServerProcess, bind
 
-            port = free_port("127.0.0.1")
+            # Its socket bound here and handed over (no port another process could take first), and a
+            # token (the configured one, else a fresh one): nobody else can replace the model it serves.
+            listener = bind("127.0.0.1", 0)
+            port = listener.getsockname()[1]
             out_dir = Path(args.out).parent
-            server = ServerProcess(
-                [
-                    *(["--config", args.config] if args.config else []),
-                    *sum((["--set", s] for s in args.set), []),
-                    "--model",
-                    args.model,
-                    "--port",
-                    str(port),
-                ],
-                out_dir / "eval-server.log",
-                "127.0.0.1",
-                port,
-                token=server_token(config.server.token),
-            )
+            try:
+                server = ServerProcess(
+                    [
+                        *(["--config", args.config] if args.config else []),
+                        *sum((["--set", s] for s in args.set), []),
+                        "--model",
+                        args.model,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ],
+                    out_dir / "eval-server.log",
+                    "127.0.0.1",
+                    port,
+                    token=server_token(config.server.token),
+                    listener=listener,
+                    scheme="https" if config.server.tls_cert else "http",
+                    ca_file=config.server.tls_ca,
+                )
+            finally:
+                listener.close()  # the server holds it now
             client = server.wait_healthy(config.server.startup_timeout_s)
             model_path = args.model
         config.model.path = model_path

@@ -48,6 +48,7 @@ from vllm.distributed.weight_transfer.base import (
 
 from pipeline.generation.deadline import DeadlineCall
 from pipeline.sync.digest import tensor_digest
+from pipeline.sync.rendezvous import gloo_bound_towards, listen_socket
 
 log = logging.getLogger("pipeline.sync.gloo_transfer")
 BACKEND = "gloo"
@@ -95,47 +96,28 @@ def without_agent_store():
             os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
 
 
-@contextmanager
-def gloo_bound_towards(host: str):
-    """Make gloo bind the interface this process uses to reach `host` (the rendezvous host).
-
-    Left alone, gloo binds the address its hostname resolves to, or loopback when that address is not
-    on this machine (common: /etc/hosts, containers, namespaces); the other side then dials its own
-    loopback and the group never forms. GLOO_SOCKET_IFNAME set by the user is respected."""
-    interface = None
-    if "GLOO_SOCKET_IFNAME" not in os.environ:
-        import psutil
-
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # UDP: no packet is sent
-                probe.connect((host, 9))
-                local = probe.getsockname()[0]
-        except OSError:  # not an IPv4 route: leave gloo's default
-            local = None
-        if local:
-            interface = next(
-                (
-                    name
-                    for name, addresses in psutil.net_if_addrs().items()
-                    if any(a.address == local for a in addresses)
-                ),
-                None,
-            )
-    if interface:
-        os.environ["GLOO_SOCKET_IFNAME"] = interface
-    try:
-        yield
-    finally:
-        if interface:
-            del os.environ["GLOO_SOCKET_IFNAME"]
-
-
-def join_group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
+def join_group(
+    host: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    timeout_s: float,
+    listen_socket: socket.socket | None = None,
+):
+    """Join the group whose store is at host:port. Rank 0 hosts the store on `listen_socket`, bound to
+    `host` alone beforehand (pipeline/sync/rendezvous.py; torch's own store would listen on every
+    interface); the store takes the socket over."""
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
     with without_agent_store(), gloo_bound_towards(host):
         return stateless_init_torch_distributed_process_group(
-            host, port, rank, world_size, backend="gloo", timeout=timedelta(seconds=timeout_s)
+            host,
+            port,
+            rank,
+            world_size,
+            backend="gloo",
+            timeout=timedelta(seconds=timeout_s),
+            listen_socket=listen_socket,
         )
 
 
@@ -461,6 +443,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
 
     master_address: str
     master_port: int
+    """The store's port on master_address; 0: one the OS picks as the group forms."""
     world_size: int
     timeout_s: float = 60.0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
@@ -494,10 +477,14 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         )
         if not engine.is_sender:
             return engine
+        # The store's socket, bound to master_address before the workers are told its port (0: the
+        # OS picks one): no other process can take the port in between, and it listens nowhere else.
+        listener = listen_socket(init_info.master_address, init_info.master_port)
+        port = listener.getsockname()[1]
         shared = SharedBuckets.create() if init_info.shared_memory else None
         worker_info = GlooWeightTransferInitInfo(
             master_address=init_info.master_address,
-            master_port=init_info.master_port,
+            master_port=port,
             world_size=init_info.world_size,
             rank_offset=1,
             timeout_s=init_info.timeout_s,
@@ -510,14 +497,16 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             with DeadlineCall(client.init_weight_transfer_engine, asdict(worker_info)) as call:
                 engine.group = join_group(
                     init_info.master_address,
-                    init_info.master_port,
+                    port,
                     0,
                     init_info.world_size,
                     init_info.timeout_s,
+                    listen_socket=listener,
                 )
                 everyone_local = all_members(engine.group, shared is not None)
                 call.result(init_info.timeout_s)
         finally:
+            listener.close()  # a no-op once the store has taken it over
             if shared is not None:
                 shared.unlink()  # the workers that use it hold it open
         if everyone_local:

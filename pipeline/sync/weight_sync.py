@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, layerwise_groups
 
-from pipeline.generation.client import ServerClient, ServerError, free_port
+from pipeline.generation.client import ServerClient, ServerError
 from pipeline.generation.deadline import DeadlineCall, DeadlineExceeded
 from pipeline.generation.engines import Engine, Engines
 from pipeline.sync.digest import tensor_digest
@@ -656,7 +656,7 @@ def _gloo_init_info(sync: WeightSync, world_size: int):
 
     return GlooTrainerInitInfo(
         master_address=sync.host,
-        master_port=sync.port or free_port(sync.host),
+        master_port=sync.port,  # 0: the OS picks one, bound before the workers are told it
         world_size=world_size,
         timeout_s=sync.timeout_s,
         bucket_bytes=sync.bucket_bytes,
@@ -666,11 +666,11 @@ def _gloo_init_info(sync: WeightSync, world_size: int):
 
 
 def _nccl_init_info(sync: WeightSync, world_size: int):
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+    from pipeline.sync.nccl_deadline import BoundNCCLTrainerInitInfo
 
-    return NCCLTrainerInitInfo(
+    return BoundNCCLTrainerInitInfo(  # vLLM's NCCL trainer engine, its store bound before the workers dial it
         master_address=sync.host,
-        master_port=sync.port or free_port(sync.host),
+        master_port=sync.port,
         world_size=world_size,
         packed=True,
         packed_buffer_size_bytes=sync.bucket_bytes,

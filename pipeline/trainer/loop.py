@@ -24,7 +24,6 @@ import functools
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -38,6 +37,7 @@ from pipeline.generation.client import ServerError, server_token
 from pipeline.generation.engines import Engines
 from pipeline.rollout.evaluate import REQUEST_PROMPTS, evaluate, load_eval_examples
 from pipeline.rollout.multi_turn import ToolRollouts
+from pipeline.sync.rendezvous import RendezvousError, init_trainer_world, rendezvous_address
 from pipeline.sync.weight_sync import WeightSyncError
 from pipeline.task.data import DataError, PromptStyle
 from pipeline.task.reasoning import check_reasoning
@@ -89,12 +89,15 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def main(argv=None) -> int:
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     args = parse_args(argv)
     config = load_config(args.config, args.set)
     run_dir = Path(args.run_dir)
     if torch.cuda.is_available():  # before any collective: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # the ranks' store on MASTER_ADDR alone (DeepSpeed's would listen on every interface); DeepSpeed adopts it
+    init_trainer_world(get_accelerator().communication_backend_name(), collective_timeout(config))
     deepspeed.init_distributed(timeout=collective_timeout(config))
     rank, world = dist.get_rank(), dist.get_world_size()
     release_shm_name(rank)
@@ -115,11 +118,9 @@ def main(argv=None) -> int:
             args.server_url,
             server_token(config.server.token, args.token_file),
             config.server.request_timeout_s,
+            ca_file=config.server.tls_ca,
         )
-    server_is_local = all(
-        url.split("//")[-1].startswith(("127.", "localhost", "[::1]")) for url in args.server_url.split(",")
-    )
-    # Trainer rank 0 hosts the transfer group's rendezvous; the server's workers connect to it.
+    # Trainer rank 0 hosts the transfer group's rendezvous on this address; the server's workers dial it.
     link = ServerLink(
         parts.engine,
         parts.zero_stage,
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         config,
         client,
         dtype=parts.dtype,
-        sync_host=config.sync.host or ("127.0.0.1" if server_is_local else socket.getfqdn()),
+        sync_host=rendezvous_address(config.sync.host, args.server_url),
     )
     link.connect()
     link.push(start_step)
@@ -578,7 +579,7 @@ def command() -> int:
     """`python -m pipeline.trainer` (pipeline/trainer/__main__.py): `main`, its refusals as one line."""
     try:
         return main()
-    except (ConfigError, DataError, RewardError, ToolError) as e:
+    except (ConfigError, DataError, RewardError, ToolError, RendezvousError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ServerError, WeightSyncError, StaleRolloutError) as e:  # the server failed: say so in one line

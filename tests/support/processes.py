@@ -68,3 +68,45 @@ def one_line_error(proc) -> str:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     return lines[0]
+
+
+def listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` holds in LISTEN state, read from /proc: its
+    open descriptors' socket inodes against its own network namespace's /proc/<pid>/net/tcp{,6} (so a
+    process in another namespace is seen as it is there). Gone processes have none."""
+    import ipaddress
+
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    found = []
+    for table, width in (("tcp", 4), ("tcp6", 16)):
+        try:
+            rows = open(f"/proc/{pid}/net/{table}").read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
+            found.append((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
+    return found
+
+
+def wildcard_listeners(procs) -> list[str]:
+    """`pid name address:port` of each LISTEN socket on every interface (0.0.0.0 or ::) among `procs`."""
+    out = []
+    for proc in procs:
+        for address, port in listening(proc.pid):
+            if address in ("0.0.0.0", "::"):
+                with contextlib.suppress(psutil.Error):
+                    out.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]} {address}:{port}")
+    return out

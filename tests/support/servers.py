@@ -24,26 +24,31 @@ def local_server(
     settings=CPU_SETTINGS,
     healthy_within: float | None = 240,
 ):
-    """A real `python -m pipeline.generation.serve` process for `model_dir` on a free loopback port (or on
-    `port`: a restart at the same address), logging to log_dir/log_name. Its arguments: --model, --port,
-    `settings` (by default the suite's CPU ones), then `extra`; `token` and `env` by environment.
+    """A real `python -m pipeline.generation.serve` process for `model_dir` on a loopback port bound here
+    and handed over (or on `port`: a restart at the same address), logging to log_dir/log_name. Its
+    arguments: --model, --port, `settings` (by default the suite's CPU ones), then `extra`; `token` (a
+    random one when "": every server has one, `.token`) and `env` by environment.
     Healthy, or stopped with a ServerError holding its log's tail, within `healthy_within` seconds; with
     healthy_within=None only started, not waited for (servers loading side by side; the caller waits).
     Every test and benchmark starts its local servers here; inside a test it must be an integration or
     e2e one (tests/support/tiers.py)."""
     tiers.require("integration", "starts a generation server")
-    from pipeline.generation.client import free_port
-    from pipeline.generation.server_process import ServerProcess
+    from pipeline.generation.server_process import ServerProcess, bind
 
-    port = port or free_port("127.0.0.1")
-    server = ServerProcess(
-        ["--model", str(model_dir), "--port", str(port), *settings, *extra],
-        Path(log_dir) / log_name,
-        "127.0.0.1",
-        port,
-        token=token,
-        env=env,
-    )
+    listener = bind("127.0.0.1", port or 0)  # no port free between choosing it and the server's start
+    port = listener.getsockname()[1]
+    try:
+        server = ServerProcess(
+            ["--model", str(model_dir), "--port", str(port), *settings, *extra],
+            Path(log_dir) / log_name,
+            "127.0.0.1",
+            port,
+            token=token,
+            env=env,
+            listener=listener,
+        )
+    finally:
+        listener.close()  # the server holds it: when it exits, the port is free (a restart binds it again)
     if healthy_within is not None:
         server.wait_healthy(healthy_within)
     return server
