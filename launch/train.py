@@ -1,6 +1,7 @@
 """Start a GRPO run: the generation engines, then the trainer ranks under the `deepspeed` launcher.
 
-    python launch/train.py [--config C] [--set key=value] [--name R [--resume]] [--dry-run]   (or grpo-train)
+    python launch/train.py [--config C] [--set key=value] [--name R [--resume [--force]]] [--dry-run]
+                                                                                          (or grpo-train)
 
 `train(config, options)` is the same run in process, in three phases: `resolve` (the finished config and
 launch plan), `preflight` (every check before a process starts), `supervise` (engines, trainer,
@@ -41,6 +42,7 @@ from launch.plan import (
     redacted,
     visible_gpus,
 )
+from launch.resume import check_changes, resume_config
 from pipeline.config import Config, ConfigError, check_batch, load_config, to_dict
 from pipeline.generation.client import TOKEN_ENV, ServerClient, free_port, server_token
 from pipeline.generation.engines import LAUNCHER_PID_ENV, Engines
@@ -63,6 +65,7 @@ class Options:
     """What the command line adds to a config (see `parse_args`; --name and --set go into the config)."""
 
     resume: bool = False
+    force: bool = False  # with resume: allow changes that make it differ from the uninterrupted run
     server_url: str | None = None
     hostfile: str | None = None
     launcher: str = ""
@@ -102,7 +105,9 @@ class Outcome:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="YAML recipe (default: configs/tiny-cpu.yaml)"
+        "--config",
+        help="YAML recipe (default: configs/tiny-cpu.yaml); with --resume the run's own config.yaml is "
+        "used, and this file only locates run.root",
     )
     p.add_argument(
         "--set",
@@ -112,7 +117,17 @@ def parse_args(argv=None):
         help="override a config field, e.g. --set train.max_steps=5 (repeatable)",
     )
     p.add_argument("--name", help="run name (shortcut for --set run.name=...)")
-    p.add_argument("--resume", action="store_true", help="continue run --name from its latest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue run --name from its latest checkpoint, with its own config.yaml plus --set",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: allow --set changes that make the resumed run differ from an uninterrupted "
+        "one (seed, data, model, ZeRO, batch, schedule, ...)",
+    )
     p.add_argument(
         "--server-url",
         help="use a server that is already running (multi-node); do not start one. "
@@ -162,15 +177,21 @@ def main(argv=None) -> int:
     if args.name is not None and not args.name.strip():
         print("error: --name: empty (leave it out for a timestamped run)", file=sys.stderr)
         return 2
+    overrides = [*args.set, *([f"run.name={args.name}"] if args.name else [])]
     try:
-        config = load_config(
-            config_file(args.config), [*args.set, *([f"run.name={args.name}"] if args.name else [])]
-        )
+        if args.force and not args.resume:
+            raise ConfigError("--force: only with --resume")
+        if args.resume:  # the run's own config.yaml, plus --set
+            given = config_file(args.config) if args.config else None
+            config = resume_config(given, overrides, DEFAULT_CONFIG)
+        else:
+            config = load_config(config_file(args.config or str(DEFAULT_CONFIG)), overrides)
     except REFUSALS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     options = Options(
         resume=args.resume,
+        force=args.force,
         server_url=args.server_url,
         hostfile=args.hostfile,
         launcher=args.launcher,
@@ -277,6 +298,8 @@ def resolve(config: Config, options: Options) -> Run:
     apply_plan(config, plan)
     if not options.hostfile:
         check_batch(config, plan.trainer.ranks)
+    if options.resume:  # what the numbers depend on is as saved (or --force)
+        check_changes(config, run_dir, plan.trainer.ranks, options.force)
     return Run(config, plan, run_dir, token, 0 if options.hostfile else asked.master_port)
 
 

@@ -168,7 +168,7 @@ def test_a_lora_run_pushes_the_adapter_and_resumes(warm_model_dir, tmp_path):
     ]
     proc = launch(*common, "--set", "train.max_steps=2", root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resumed = launch(*common, "--resume", "--set", "train.max_steps=3", root=tmp_path)
+    resumed = launch(*common, "--resume", "--force", "--set", "train.max_steps=3", root=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = read_metrics(tmp_path / "adapter")
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -148,7 +148,9 @@ def test_lora_run_with_merged_pushes_saves_merged_final_and_resumes(server, warm
     ]
     proc = launch(*common, "--set", "train.max_steps=2", server=server, root=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    resumed = launch(*common, "--resume", "--set", "train.max_steps=3", server=server, root=tmp_path)
+    resumed = launch(
+        *common, "--resume", "--force", "--set", "train.max_steps=3", server=server, root=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     run = tmp_path / "lora"
     rows = read_metrics(run)

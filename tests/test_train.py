@@ -134,7 +134,9 @@ def test_two_ranks_three_steps(zero, server, warm_model_dir, tmp_path):
     # --- the same run again: refused without --resume; with it, continued from the last checkpoint ---
     again = launch(*common, "--set", "train.max_steps=3", server=server, root=tmp_path)
     assert again.returncode == 2 and "already holds a run" in one_line_error(again)
-    resumed = launch(*common, "--resume", "--set", "train.max_steps=4", server=server, root=tmp_path)
+    resumed = launch(
+        *common, "--resume", "--force", "--set", "train.max_steps=4", server=server, root=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints'}" in (run_dir / "train.log").read_text()
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]

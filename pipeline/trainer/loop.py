@@ -44,7 +44,7 @@ from pipeline.task.reasoning import check_reasoning
 from pipeline.task.reward_functions import STRICT_POINTS, RewardError
 from pipeline.task.tools import ToolError, tool_turn_s
 from pipeline.trainer.build import TrainingParts, build
-from pipeline.trainer.checkpoint import save_checkpoint, save_final_model, trim_metrics
+from pipeline.trainer.checkpoint import Resumed, restore_rng, resume_from, save_checkpoint, save_final_model
 from pipeline.trainer.grpo import SamplerCorrection, grpo_loss, make_batch, step_normaliser, token_logprobs
 from pipeline.trainer.metrics import Metrics, group_stats, metrics_row
 from pipeline.trainer.rollout import (
@@ -115,17 +115,12 @@ def main(argv=None) -> int:
 
 def train(args, config: Config, parts: TrainingParts, rank: int, run_dir: Path) -> int:
     """The rank's run once its parts are built: resume, the engines' link, the steps, the final model."""
-    # --- resume -------------------------------------------------------------------------------------
+    # --- resume: all the state the uninterrupted run had at the checkpoint (README "Resume") ---------
     ckpt_dir = run_dir / "checkpoints"
-    start_step = 0
+    resumed = Resumed()
     if args.resume:
-        path, state = parts.engine.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            raise SystemExit(f"error: --resume: no checkpoint in {ckpt_dir}")
-        start_step = state["step"]
-        if rank == 0:
-            trim_metrics(run_dir / "metrics.jsonl", start_step)
-        log.info("resumed from %s at step %d", path, start_step)
+        resumed = resume_from(parts.engine, run_dir, rank, config.train.overlap, parts.total_steps)
+    start_step = resumed.step
 
     # --- the engines' link: they must serve exactly the trainer's weights before the first rollout ---
     client = None
@@ -149,7 +144,15 @@ def train(args, config: Config, parts: TrainingParts, rank: int, run_dir: Path) 
     link.connect()
     link.push(start_step)
     t = config.train
-    metrics = Metrics(run_dir, rank == 0, t.report_to, config.run.project, config.run.name, to_dict(config))
+    metrics = Metrics(
+        run_dir,
+        rank == 0,
+        t.report_to,
+        config.run.project,
+        config.run.name,
+        to_dict(config),
+        resumed_at=start_step if args.resume else None,
+    )
     evaluation = (
         InTrainingEval(config, parts.tokenizer, client, parts.tools)
         if config.eval.every and rank == 0
@@ -166,12 +169,17 @@ def train(args, config: Config, parts: TrainingParts, rank: int, run_dir: Path) 
         max_staleness=t.max_staleness if t.overlap else 0,
         tools=tools,
     )
+    rollouts.discarded = resumed.counters.get("discarded", 0)
+    if resumed.rng is not None:
+        restore_rng(resumed.rng)  # last: nothing between here and the first step draws from them
 
-    fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir)
+    fit(parts, link, rollouts, metrics, evaluation, start_step, ckpt_dir, resumed.ahead)
 
     metrics.close()
     rollouts.close()
-    save_checkpoint(parts.engine, ckpt_dir, parts.total_steps, t.keep_checkpoints, rank)
+    save_checkpoint(
+        parts.engine, ckpt_dir, parts.total_steps, t.keep_checkpoints, rank, {"discarded": rollouts.discarded}
+    )
     save_final_model(parts.engine, parts.zero_stage, parts.tokenizer, run_dir / "final", rank)
     link.close()
     log.info("done: %d steps; final model in %s", parts.total_steps, run_dir / "final")
@@ -190,8 +198,10 @@ def fit(
     evaluation: InTrainingEval | None,
     start_step: int,
     ckpt_dir: Path,
+    ahead=None,
 ) -> None:
-    """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step."""
+    """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step.
+    `ahead`: overlapped mode, resumed: step `start_step`'s rollouts as the checkpoint kept them."""
     from tqdm import tqdm
 
     config, t, engine, data = parts.config, parts.config.train, parts.engine, parts.step_data
@@ -200,8 +210,8 @@ def fit(
     def prompts_of(examples: list) -> tuple[list[list[int]], list]:
         return [parts.style.ids(parts.tokenizer, e) for e in examples], examples
 
-    def request_rollouts(step: int) -> None:
-        rollouts.request(step, *prompts_of(data(step)))
+    def request_rollouts(step: int, done=None) -> None:
+        rollouts.request(step, *prompts_of(data(step)), done)
 
     def with_signal(step: int, completions: list, generated_by: int):
         return keep_informative_groups(
@@ -225,7 +235,7 @@ def fit(
     )
 
     if t.overlap and start_step < total:
-        request_rollouts(start_step)
+        request_rollouts(start_step, ahead)
     bar = tqdm(total=total, initial=start_step, desc="GRPO", disable=rank != 0, dynamic_ncols=True)
     for step in range(start_step, total):
         clock = StepClock()
@@ -310,7 +320,18 @@ def fit(
             step_s=f"{row['time/step']:.1f}",
         )
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
-            save_checkpoint(engine, ckpt_dir, step + 1, t.keep_checkpoints, rank)
+            # overlapped: step + 1's rollouts are in hand, from this step's weights, which the
+            # checkpoint does not hold: kept with it, so that a resume trains on the same rollouts
+            generated = rollouts.ahead(step + 1)
+            save_checkpoint(
+                engine,
+                ckpt_dir,
+                step + 1,
+                t.keep_checkpoints,
+                rank,
+                {"discarded": rollouts.discarded},
+                None if generated is None else {"step": step + 1, "rollouts": generated},
+            )
     bar.close()
 
 

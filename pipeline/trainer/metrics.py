@@ -66,10 +66,15 @@ def missing_trackers(report_to: list[str]) -> list[str]:
 
 
 class _TensorBoard:
-    def __init__(self, run_dir: Path, **_):
+    """A resumed run (`resumed_at` = the checkpoint's step) purges the events a killed session wrote past
+    the checkpoint: TensorBoard hides every event of the run's directory from step resumed_at + 1 on that
+    came before this writer's (SummaryWriter's purge_step), so each step's values are the resumed ones."""
+
+    def __init__(self, run_dir: Path, resumed_at: int | None = None, **_):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        purge = None if resumed_at is None else resumed_at + 1  # rows are logged at step + 1
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, row: dict, step: int) -> None:
         for key, value in row.items():
@@ -88,9 +93,11 @@ class _TensorBoard:
 
 
 class _WandB:
-    """Offline with WANDB_MODE=offline (the run lands in <run_dir>/wandb, `wandb sync` uploads it)."""
+    """Offline with WANDB_MODE=offline (the run lands in <run_dir>/wandb, `wandb sync` uploads it). Each
+    session is a wandb run of its own: a resumed one logs from the checkpoint's step on, and what a killed
+    session logged past it stays in that session's run (wandb cannot rewind an offline run)."""
 
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict):
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict, resumed_at: int | None = None):
         import wandb
 
         self.wandb = wandb
@@ -109,9 +116,11 @@ class _WandB:
 
 
 class _Trackio:
-    """trackio's local store: <run_dir>/trackio unless TRACKIO_DIR says otherwise (`trackio show` reads it)."""
+    """trackio's local store: <run_dir>/trackio unless TRACKIO_DIR says otherwise (`trackio show` reads it).
+    Each session is a trackio run of its own (trackio has no way to drop logged steps): a resumed one
+    logs from the checkpoint's step on, and what a killed session logged past it stays in its run."""
 
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict):
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict, resumed_at: int | None = None):
         import os
 
         os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))  # read when trackio is imported
@@ -150,13 +159,22 @@ class Metrics:
         project: str = "grpo-pipeline",
         run_name: str = "",
         config: dict | None = None,
+        resumed_at: int | None = None,
     ):
+        """`resumed_at`: the checkpoint's step when the run resumed (the caller trimmed the .jsonl files
+        to it; the trackers are told, see each)."""
         self.is_writer = is_writer
         self.file = open(run_dir / "metrics.jsonl", "a") if is_writer else None  # noqa: SIM115
         self.samples = open(run_dir / "completions.jsonl", "a") if is_writer else None  # noqa: SIM115
         self.trackers = (
             [
-                TRACKERS[name](run_dir, project=project, name=run_name or run_dir.name, config=config or {})
+                TRACKERS[name](
+                    run_dir,
+                    project=project,
+                    name=run_name or run_dir.name,
+                    config=config or {},
+                    resumed_at=resumed_at,
+                )
                 for name in report_to
             ]
             if is_writer

@@ -64,11 +64,24 @@ class Rollouts:
         within the server's seed range, however large the run seed or the step."""
         return (self.seed * 1_000_003 + step) % 2**62
 
-    def request(self, step: int, prompt_ids: list[list[int]], examples: list[Example]) -> None:
-        """Start generating step `step`'s rollouts (returns at once)."""
+    def request(self, step: int, prompt_ids: list[list[int]], examples: list[Example], done=None) -> None:
+        """Start generating step `step`'s rollouts (returns at once). `done`: what `ahead` returned for
+        this step before a checkpoint, used as they were instead of generating them again."""
         if self.is_sender:
-            future = self.pool.submit(self._generate, prompt_ids, examples, step)
+            if done is None:
+                future = self.pool.submit(self._generate, prompt_ids, examples, step)
+            else:
+                future = Future()
+                future.set_result(done)
             self.pending[step] = (future, prompt_ids, examples)
+
+    def ahead(self, step: int):
+        """Rank 0: step `step`'s rollouts if they were requested and came back (overlapped mode, after
+        `wait`), as `request(done=...)` takes them; else None."""
+        future = self.pending.get(step, (None,))[0]
+        if future is None or not future.done() or future.exception() is not None:
+            return None
+        return future.result()
 
     def _generate(
         self, prompt_ids: list[list[int]], examples: list[Example], step: int

@@ -14,17 +14,18 @@ from support.constants import REPO, RUN_TAG, SERVER_TOKEN, TEST_SCALE
 RECIPE = "configs/prem-1b-gsm8k.yaml"
 
 
-def _command(*args: str, root, server) -> list[str]:
+def _command(*args: str, root, server, recipe: bool = True) -> list[str]:
     """configs/tiny-cpu.yaml at the suite's scale (TEST_SCALE) under `root`, then `args`; with `server`
-    (a ServerProcess) the run uses it instead of starting its own."""
+    (a ServerProcess) the run uses it instead of starting its own. recipe=False: neither (a `--resume`
+    that continues with the run's own config), only run.root."""
+    recipe_args = ["--config", str(REPO / "configs" / "tiny-cpu.yaml")] if recipe else []
     cmd = [
         sys.executable,
         str(REPO / "launch" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-cpu.yaml"),
+        *recipe_args,
         "--set",
         f"run.root={root}",
-        *TEST_SCALE,
+        *(TEST_SCALE if recipe else []),
         *args,
     ]
     if server is not None:
@@ -32,11 +33,12 @@ def _command(*args: str, root, server) -> list[str]:
     return cmd
 
 
-def launch(*args, timeout=600, server=None, root, env=None) -> subprocess.CompletedProcess:
+def launch(*args, timeout=600, server=None, root, env=None, recipe=True) -> subprocess.CompletedProcess:
     """The launcher, waited for (its output captured); the shared server's token and the run's tag
-    (RUN_TAG=root) in its environment, then `env`. In an integration test it may only refuse (exit 2)."""
+    (RUN_TAG=root) in its environment, then `env`. In an integration test it may only refuse (exit 2).
+    recipe=False: without the recipe and the suite's scale (see `_command`)."""
     tiers.require("integration", "runs the launcher (launch/train.py)")
-    cmd = _command(*args, root=root, server=server)
+    cmd = _command(*args, root=root, server=server, recipe=recipe)
     env = {**os.environ, "GRPO_SERVER_TOKEN": SERVER_TOKEN, RUN_TAG: str(root), **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     tiers.launcher_ran(proc)
