@@ -66,7 +66,7 @@ def resume_config(config_file: Path | None, overrides: list[str], default: Path)
             f"--config {config_file} only located run.root",
             flush=True,
         )
-    # the token is "<redacted>" there (see to_dict); run.root is where the run was found (moved or not)
+    # the token is never saved (to_dict writes ""); run.root is where the run was found (moved or not)
     return load_config(saved, ["server.token=", f"run.root={run_dir.parent}", *overrides])
 
 

@@ -101,6 +101,8 @@ def checkpoints(run_dir: Path) -> Path:
     (ckpt / "step-2").mkdir(parents=True)
     (ckpt / "latest").write_text("step-2")
     (ckpt / "step-2" / "mp_rank_00_model_states.pt").write_bytes(b"pickle")
+    (run_dir / "config.yaml").write_text(f"run:\n  name: {run_dir.name}\n")  # what --resume continues with
+    os.chmod(run_dir / "config.yaml", 0o600)
     for path in (run_dir, ckpt, ckpt / "step-2"):
         os.chmod(path, 0o700)
     return ckpt

@@ -2,6 +2,7 @@
 calculator, parsing what the model writes, and running calls in real worker processes so that nothing
 a tool or the model does can raise into a rollout, hang it, or outlive its deadline."""
 
+import contextlib
 import subprocess
 import textwrap
 import threading
@@ -373,7 +374,13 @@ def test_rewards_see_the_rollout_as_trls_message_list():
 
 
 def children() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+    """This process's tool workers and what they started (not the session's servers or SLURM daemons)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "serve_worker" in " ".join(child.cmdline()):
+                found += [child, *child.children(recursive=True)]
+    return list({p.pid: p for p in found}.values())
 
 
 def test_a_tool_in_c_code_is_killed_at_its_deadline(plugin):

@@ -183,7 +183,7 @@ def test_trainer_dying_mid_push_tears_the_weights_until_a_full_push(tiny_untied_
                 "-c",
                 TRAINER_DIES_MID_PUSH,
                 server.client.base_url,
-                "",
+                server.token,
                 str(tiny_untied_model_dir),
                 str(version + 1),
             ],
