@@ -415,6 +415,7 @@ def train_on_batch(
     if t.beta > 0:
         sums["kl_sum"] = 0.0
     maxima = {"ratio_max": 0.0, "time_forward": 0.0, "time_backward": 0.0, "time_optimizer": 0.0}
+    correction = sampler_correction(t)
     for m in range(t.gradient_accumulation_steps):
         start = time.perf_counter()
         part = slice(m * t.micro_batch_size, (m + 1) * t.micro_batch_size)
@@ -453,7 +454,7 @@ def train_on_batch(
             token_normaliser=token_total,
             max_completion_tokens=t.max_completion_tokens,
             importance_sampling_level=t.importance_sampling_level,
-            sampler_correction=sampler_correction(t),
+            sampler_correction=correction,
             use_bias_correction_kl=t.use_bias_correction_kl,
         )
         forward = time.perf_counter()
