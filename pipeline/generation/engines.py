@@ -247,7 +247,7 @@ class Engines:
                 versions.append(out["version"])
                 for i, result in zip(range(piece.start, piece.stop), out["results"], strict=True):
                     per_prompt[i] += [
-                        {**c, "engine": engine.index, "version": out["version"]}
+                        {**c, "engine": engine.index, "version": c.get("versions", [[out["version"]]])[0][0]}
                         for c in result["completions"]
                     ]
                 done = (piece.stop - piece.start) * piece.n

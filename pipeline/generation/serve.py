@@ -132,6 +132,15 @@ def finite(logprob: float) -> float:
     return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
+def token_versions(completion, served: int) -> list[list[int]]:
+    """[[version, start, end], ...]: the weights version that sampled tokens [start, end) (vLLM's spans,
+    labelled by `set_weight_version` at each update); `served` where vLLM reports none."""
+    spans = completion.weight_versions or []
+    if not spans:
+        return [[served, 0, len(completion.token_ids)]]
+    return [[int(span.version), span.start, span.end] for span in spans]
+
+
 def engine_phases(outputs) -> dict[str, float]:
     """Where the engine's time went for one batch, from vLLM's per-request timestamps (engine-core
     monotonic clock): prefill, from the first request scheduled to the last first token, and decode,
@@ -228,7 +237,13 @@ class GenerationServer:
         self.torn = ""  # why the weights are torn (a push broke off): nothing is served until a full push
         self.fatal = ""  # set when a worker is stuck: the process exits so the launcher restarts it
         self.sync_ready = False
-        self.engine = threading.Condition()  # serialises engine calls; waits out weight updates
+        self.engine = threading.Lock()  # serialises generate/score (LLM.generate drives one batch at a time)
+        self.state = threading.Condition()  # `updating`: new generation waits for an open update's end
+        # serialises weight updates; they do not wait for a generation under way: it is paused between
+        # decode steps (vLLM's pause_scheduler "keep") while the weights change, then resumed
+        self.weights = threading.RLock()
+        self._guard_engine_client()
+        self._core("set_weight_version", "0")
         self.lora = (
             None  # the adapter every request is sampled with (vLLM LoRARequest); None = the base model
         )
@@ -237,21 +252,51 @@ class GenerationServer:
 
     # --- engine access ---------------------------------------------------------------------------
 
-    def call(self, fn, what: str, *, during_update: bool = False):
-        """Run `fn` on the engine: one call at a time (each batches all its prompts), never during a
-        weight update unless it is part of it, within the request deadline, under the watchdog."""
+    def call(self, fn, what: str):
+        """Run `fn` on the engine: one call at a time (each batches all its prompts), not started during
+        a weight update (one that starts later pauses it), within the request deadline, under the watchdog."""
         deadline = time.monotonic() + self.config.server.request_timeout_s
         if self.fatal:
             raise HTTPException(503, f"server exiting: {self.fatal}")
-        with self._locked(what):
-            if not during_update:
-                if not self.engine.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
-                    raise HTTPException(503, "a weight update is in progress; try again")
-                if self.torn:
-                    raise HTTPException(503, f"no weights to serve until a full push: {self.torn}")
+        with self.state:
+            if not self.state.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
+                raise HTTPException(503, "a weight update is in progress; try again")
+        with self._locked(what, self.engine):
+            if self.torn:
+                raise HTTPException(503, f"no weights to serve until a full push: {self.torn}")
             if self.fatal:
                 raise HTTPException(503, f"server exiting: {self.fatal}")
             return self._guarded(fn, what)
+
+    def weight_call(self, fn, what: str):
+        """Run a step of a weight update (or a read of the weights): one at a time, beside a generation."""
+        with self._locked(what, self.weights):
+            if self.fatal:
+                raise HTTPException(503, f"server exiting: {self.fatal}")
+            return self._guarded(fn, what)
+
+    def _core(self, method: str, *args):
+        """One of vLLM's engine-core methods (pause_scheduler, set_weight_version, ...): a utility call
+        to the engine-core process, which runs it between two engine steps."""
+        core = self.llm.llm_engine.engine_core
+        if hasattr(core, "call_utility"):
+            return core.call_utility(method, *args)
+        return getattr(core.engine_core, method)(*args)  # in-process engine core (no multiprocessing)
+
+    def _guard_engine_client(self) -> None:
+        """vLLM's synchronous engine client sends on one ZeroMQ socket, written for one thread; a weight
+        update now calls it while a generation's thread may send (aborts at stop strings): one lock."""
+        core = self.llm.llm_engine.engine_core
+        send = getattr(core, "_send_input", None)
+        if send is None:
+            return
+        lock = threading.Lock()
+
+        def locked_send(*args, **kwargs):
+            with lock:
+                return send(*args, **kwargs)
+
+        core._send_input = locked_send
 
     def _guarded(self, fn, what: str):
         """The watchdog and the recovery around one engine call. Past server.request_timeout_s the
@@ -394,9 +439,12 @@ class GenerationServer:
         def run():
             start = time.perf_counter()
             outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+            if any(c.finish_reason == "abort" for out in outputs for c in out.outputs):
+                # a weight update that broke off tore the weights under this paused generation
+                raise HTTPException(503, f"generation aborted: the weights were torn: {self.torn}")
             return self.version, outputs, time.perf_counter() - start
 
-        version, outputs, engine_s = self.call(run, "generate")
+        served, outputs, engine_s = self.call(run, "generate")
         results = []
         for out in outputs:
             completions = []
@@ -410,9 +458,12 @@ class GenerationServer:
                         "token_ids": list(c.token_ids),
                         "logprobs": logprobs,
                         "finish_reason": c.finish_reason,
+                        "versions": token_versions(c, served),
                     }
                 )
             results.append({"prompt_token_ids": list(out.prompt_token_ids), "completions": completions})
+        # the oldest weights any token came from (a generation an update paused spans two or more)
+        version = min((c["versions"][0][0] for r in results for c in r["completions"]), default=served)
         return {
             "version": version,
             "engine": self.engine_index,
@@ -445,6 +496,7 @@ class GenerationServer:
             return self.version, self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
 
         version, outputs = self.call(run, "score")
+        version = min(token_versions(out.outputs[0], version)[0][0] for out in outputs)
         logprobs = []
         for seq, out in zip(req.sequences, outputs, strict=True):
             start = len(seq.prompt_token_ids)
@@ -534,30 +586,32 @@ class GenerationServer:
             self._rpc("init_weight_transfer_engine", timeout, touches_weights=False, init_info=req.init_info)
             self.sync_ready = True
 
-        self.call(run, "weights/init", during_update=True)
+        self.weight_call(run, "weights/init")
         return {"backend": self.backend, "world_size": 1 + self.config.server.tensor_parallel_size}
 
     def start_update(self, req: VersionRequest) -> dict:
         timeout = self.config.sync.timeout_s
         if not self.sync_ready:
             raise HTTPException(409, "no transfer group: call /weights/init first")
-        with self._locked(
-            "weights/start"
-        ):  # wait for in-flight generation, then hold new generation until /finish
+        with self._locked("weights/start", self.weights):  # held until the pause has begun
             self._abandon_update()
-            self.updating, self.update_started = True, time.monotonic()
+            with self.state:  # new generation waits until /finish
+                self.updating, self.update_started = True, time.monotonic()
+            # A generation under way stops between two decode steps and keeps its requests; their KV
+            # is recomputed by the new weights at /finish (see `finish_update`).
+            self._core("pause_scheduler", "keep", False)
 
-        def run():
-            if self.torn:
-                self._rpc("grpo_forget_torn_update", timeout)
-            self._rpc("start_weight_update", timeout)
-            self.session_open = True
+            def run():
+                if self.torn:
+                    self._rpc("grpo_forget_torn_update", timeout)
+                self._rpc("start_weight_update", timeout)
+                self.session_open = True
 
-        try:
-            self.call(run, "weights/start", during_update=True)
-        except HTTPException:
-            self._finish_update()
-            raise
+            try:
+                self.weight_call(run, "weights/start")
+            except HTTPException:
+                self._finish_update()
+                raise
         log.info("weight update to version %d started", req.version)
         return {"version": self.version}
 
@@ -567,10 +621,8 @@ class GenerationServer:
         self._check_payload("update", req.update_info)
         timeout = self.config.sync.timeout_s
         try:
-            self.call(
-                lambda: self._rpc("update_weights", timeout, update_info=req.update_info),
-                "weights/update",
-                during_update=True,
+            self.weight_call(
+                lambda: self._rpc("update_weights", timeout, update_info=req.update_info), "weights/update"
             )
         except HTTPException:
             if self.torn and not self.session_open:  # the session has ended: nothing left to finish
@@ -586,10 +638,11 @@ class GenerationServer:
         def run():
             self._rpc("finish_weight_update", timeout)
             self.session_open = False
-            # Cached KV was computed by the old weights. Engine calls are serialised, so nothing holds
-            # cache blocks now and the reset cannot legitimately fail; if it does, fail the update
-            # rather than serve prompts whose prefix still runs on the old policy.
-            if not self.llm.reset_prefix_cache():
+            # Cached KV was computed by the old weights: none of it may serve again. The paused requests
+            # give theirs up too (vLLM preempts them; resumed, they prefill their prompt and tokens so
+            # far under the new weights), so every token after the update is sampled exactly as the new
+            # weights would from its prefix (the trainer's view), not from a mix of old KV and new weights.
+            if not self._core("reset_prefix_cache", True, False):
                 self._die(
                     "reset_prefix_cache refused after a weight update: cached KV is from the old weights"
                 )
@@ -599,9 +652,10 @@ class GenerationServer:
             ):  # vLLM drops every adapter when an update finishes; its files are still here
                 self.llm.llm_engine.add_lora(self.lora)
             self.version, self.torn = req.version, ""
+            self._core("set_weight_version", str(req.version))  # each token's version: see generate
 
         try:
-            self.call(run, "weights/finish", during_update=True)
+            self.weight_call(run, "weights/finish")
         finally:
             self._finish_update()
         log.info("weights updated to version %d", req.version)
@@ -615,7 +669,7 @@ class GenerationServer:
         end within ABORT_WAIT_S (a stuck worker) makes the server exit. No open update: nothing to do."""
         if not self.updating:
             return {"aborted": False, "version": self.version}
-        if not self.engine.acquire(timeout=ABORT_WAIT_S):  # the update's own RPC holds the engine
+        if not self.weights.acquire(timeout=ABORT_WAIT_S):  # the update's own RPC holds it
             self._die("the trainer abandoned the weight update and its RPC does not end (a worker is stuck)")
             return {"aborted": True, "version": self.version}
         try:
@@ -623,7 +677,7 @@ class GenerationServer:
                 "the trainer abandoned the weight update half-way (a peer of the transfer group failed)"
             )
         finally:
-            self.engine.release()
+            self.weights.release()
         self._finish_update()
         return {"aborted": True, "version": self.version}
 
@@ -667,6 +721,7 @@ class GenerationServer:
                     400, f"vLLM refused the adapter: {' '.join(str(e).split())[:500]}"
                 ) from None
             old, self.lora, self.version = self.lora, request, version
+            self._core("set_weight_version", str(version))
             if old is not None:
                 self.llm.llm_engine.remove_lora(old.lora_int_id)
                 shutil.rmtree(old.lora_path, ignore_errors=True)
@@ -686,35 +741,33 @@ class GenerationServer:
 
     def checksums(self, req: ChecksumRequest) -> dict:
         timeout = self.config.sync.timeout_s
-        workers = self.call(
+        workers = self.weight_call(
             lambda: self._rpc(
                 "grpo_weight_digests", timeout, touches_weights=False, names=req.names, received=req.received
             ),
             "weights/checksums",
-            during_update=True,
         )
         return {"version": self.version, "workers": workers}
 
     @contextlib.contextmanager
-    def _locked(self, what: str):
-        if not self.engine.acquire(timeout=self.config.server.request_timeout_s):
+    def _locked(self, what: str, lock):
+        if not lock.acquire(timeout=self.config.server.request_timeout_s):
             raise HTTPException(
                 503, f"{what}: the engine stayed busy past server.request_timeout_s; try again"
             )
         try:
             yield
         finally:
-            self.engine.release()
+            lock.release()
 
     def _abandon_update(self) -> None:
         """A new /weights/init or /weights/start while an update is open: its trainer died or gave up
         (one run's trainer is the only holder of the token) and some layers hold new weights, some old,
         some none. The weights are torn; this very push repairs them."""
-        with self._locked("weights"):
+        with self._locked("weights", self.weights):
             if self.updating:
                 self._close_torn_session("a weight update was abandoned half-way")
-                self.updating = False
-                self.engine.notify_all()
+                self._finish_update()
 
     def stuck_update(self) -> bool:
         """An update has been open past sync.timeout_s: its worker is stuck (the watchdog in `_rpc` is
@@ -722,9 +775,17 @@ class GenerationServer:
         return self.updating and time.monotonic() - self.update_started > self.config.sync.timeout_s
 
     def _finish_update(self) -> None:
-        with self._locked("weights"):
+        """The update is over: a paused generation goes on, with the new weights; with torn weights its
+        requests are aborted instead (the generate answers 503), so nothing is sampled from them."""
+        try:
+            if self.torn:
+                self._core("pause_scheduler", "abort", False)
+            self._core("resume_scheduler")
+        except Exception:  # noqa: BLE001 - a dead engine core: the health check ends the server
+            log.exception("resuming the scheduler after a weight update failed")
+        with self.state:
             self.updating = False
-            self.engine.notify_all()
+            self.state.notify_all()
 
     def shutdown(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)

@@ -28,6 +28,9 @@ class Completion:
     loss_mask: list[int] | None = None  # per token: 1 the model wrote it, 0 a tool's result (None: all 1)
     tool_calls: tuple[tuple[str, bool], ...] = ()  # (tool name, succeeded) of each call it made
     messages: list[dict] | None = None  # a multi-turn rollout as TRL's message list (None: one turn)
+    # (version, start, end): the weights version that sampled token_ids[start:end]; a weight update
+    # mid-generation (train.max_staleness >= 2) makes two or more. () = all of them `version`'s.
+    versions: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def of_answer(cls, prompt_ids: list[int], completion: dict, example: Example, version: int) -> Completion:
@@ -41,6 +44,7 @@ class Completion:
             example,
             completion.get("engine", 0),
             completion.get("version", version),
+            versions=tuple(tuple(span) for span in completion.get("versions", ())),
         )
 
     @classmethod
@@ -60,6 +64,7 @@ class Completion:
             c.loss_mask,
             tuple(c.calls),
             c.messages(),
+            tuple(c.versions),
         )
 
     @property
@@ -80,6 +85,11 @@ class Completion:
     def final_text(self) -> str:
         """The model's final answer turn (the whole text without tools)."""
         return completion_text(self.scored)
+
+    @property
+    def newest_version(self) -> int:
+        """The newest weights version that sampled any of its tokens (`version` is the oldest)."""
+        return max((v for v, _, _ in self.versions), default=self.version)
 
     @property
     def model_tokens(self) -> int:

@@ -52,6 +52,7 @@ class Conversation:
     finish_reason: str = ""
     engine: int = 0
     version: int | None = None  # the oldest weights version of its turns
+    versions: list[tuple[int, int, int]] = field(default_factory=list)  # as Completion.versions
     calls: list[tuple[str, bool]] = field(default_factory=list)  # (tool name, succeeded), in order
     turn_texts: list[str] = field(default_factory=list)  # the model's turns as text
     tool_messages: list[list[dict]] = field(default_factory=list)  # each tool turn: a tool message per call
@@ -60,6 +61,9 @@ class Conversation:
 
     def add_model_turn(self, completion: dict, tokenizer) -> None:
         ids = completion["token_ids"]
+        offset = len(self.token_ids)
+        for v, start, end in completion.get("versions", ()):
+            self.versions.append((v, offset + start, offset + end))
         self.token_ids += ids
         self.logprobs += completion["logprobs"]
         self.loss_mask += [1] * len(ids)

@@ -1,0 +1,74 @@
+"""A weight push while a generation is under way (train.max_staleness >= 2): the engine pauses between
+decode steps, loads the new weights, recomputes the running requests' KV and goes on. Each completion
+says which version sampled which of its tokens, and each token's logprob is exactly that version's
+(HF's, teacher-forced over the whole sequence)."""
+
+import copy
+import threading
+import time
+
+import torch
+from support.models import perturb
+from support.reference import hf_logprobs
+from transformers import AutoModelForCausalLM
+
+from pipeline.rollout.completion import Completion
+from pipeline.sync.weight_sync import WeightSync
+from pipeline.task.example import Example
+
+
+def test_a_push_mid_generation_splits_completions_into_versions_each_exact(server, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sync = WeightSync(model, 0, 0, torch.device("cpu"), server.client, host="127.0.0.1", timeout_s=60)
+    sync.connect()
+    try:
+        before = server.client.health()["version"] + 1
+        perturb(model, seed=before)
+        sync.push(before)  # the server serves `model` as `before`
+        old = copy.deepcopy(model)
+        prompt = list(range(5, 45))
+        answer: dict = {}
+
+        def generate():
+            answer["out"] = server.client.generate(
+                [prompt, prompt[::-1]], n=8, max_tokens=450, temperature=1.0, seed=3, ignore_eos=True
+            )
+
+        start = time.monotonic()
+        generate()  # how long it takes here, so the push lands a third of the way in
+        took = time.monotonic() - start
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(took / 3)
+        perturb(model, seed=before + 1)
+        sync.push(before + 1)  # does not wait for the generation
+        thread.join(120)
+        assert not thread.is_alive()
+    finally:
+        sync.close()
+
+    out = answer["out"]
+    assert out["version"] == before  # the oldest token's
+    spanning = 0
+    for result in out["results"]:
+        for c in result["completions"]:
+            spans = c["versions"]
+            assert spans[0][1] == 0 and spans[-1][2] == len(c["token_ids"]) == 450
+            assert [v for v, _, _ in spans] in ([before], [before + 1], [before, before + 1])
+            if len(spans) < 2:
+                continue
+            spanning += 1
+            (_, _, cut), (_, start, _) = spans
+            assert cut == start and 0 < cut < 450
+            served = torch.tensor(c["logprobs"])
+            ids = c["token_ids"]
+            by_old = hf_logprobs(old, result["prompt_token_ids"], ids)
+            by_new = hf_logprobs(model, result["prompt_token_ids"], ids)
+            # each token as the weights that sampled it compute it from its whole prefix: the KV of the
+            # tokens before the update was recomputed by the new weights, not kept
+            assert (served[:cut] - by_old[:cut]).abs().max() <= 1e-3
+            assert (served[cut:] - by_new[cut:]).abs().max() <= 1e-3
+            assert (served[cut:] - by_old[cut:]).abs().max() > 1e-2, "the push did not change the weights"
+            completion = Completion.of_answer(result["prompt_token_ids"], c, Example("q", "a", "a", "test"), out["version"])
+            assert (completion.version, completion.newest_version) == (before, before + 1)
+    assert spanning >= 8, (took, [c["versions"] for r in out["results"] for c in r["completions"]])
