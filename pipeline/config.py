@@ -268,12 +268,15 @@ class TrainConfig:
     is_cap: float = 3.0
     """Truncated importance sampling: the ratio's weight never exceeds this for negative advantages
     (dual-clip PPO's c); matters for stale (overlapped) or numerically mismatched (bf16) rollouts."""
+    max_staleness: int = 0
+    """How many weight versions a step's rollouts may lag the weights they train (README "Asynchronous
+    GRPO"). 0: synchronous, each step generates from its own weights (exact, reproducible). 1:
+    overlapped, step k+1's rollouts are generated while step k trains, and the push waits for them
+    (reproducible). k >= 2: up to k steps' rollouts are generated ahead, continuously, and each push
+    lands mid-generation (the engines pause between decode steps): a completion can span versions.
+    Groups whose oldest token is more than k versions old are dropped and generated again."""
     overlap: bool = False
-    """Overlapped mode: the server generates step k+1's rollouts (with the weights before step k's
-    update) while the trainer computes step k; rollouts are then one step stale."""
-    max_staleness: int = 1
-    """Overlapped mode: rollouts generated more than this many weight versions ago are discarded
-    and regenerated."""
+    """The older name of max_staleness=1 (used when max_staleness is 0)."""
     beta: float = 0.0
     """KL penalty weight to the frozen initial model; 0 loads no reference model (TRL's default)."""
     loss_type: LossType = "grpo"
@@ -633,6 +636,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"rollout.tool_log_mb: must be > 0, got {r.tool_log_mb}")
     if t.is_cap <= 1 or t.max_staleness < 0:
         raise ConfigError("train.is_cap must be > 1 and train.max_staleness >= 0")
+    if t.overlap and t.max_staleness == 0:
+        t.max_staleness = 1  # the alias: everything below reads max_staleness
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio: expected a value in [0, 1), got {t.warmup_ratio}")
     if not 0 <= t.min_lr_ratio < 1 or (t.min_lr_ratio and t.lr_scheduler != "cosine"):

@@ -95,6 +95,40 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(overlap, server, warm_m
 
 
 @pytest.mark.e2e
+def test_kill_9_then_resume_in_async_mode_loses_and_repeats_no_prompt(server, warm_model_dir, tmp_path):
+    """train.max_staleness=2 (pushes land mid-generation, so runs differ in their numbers): SIGKILL
+    after a checkpoint, --resume. The steps generated ahead of the checkpoint are generated again, so
+    every step trains exactly the prompts the uninterrupted run trained at that step: none lost
+    (OpenRLHF#1322), none trained twice."""
+    settings = [
+        *("--set", "train.max_steps=6", "--set", "train.save_every=2", "--set", "train.max_staleness=2"),
+        *("--set", "eval.enabled=false"),
+    ]
+    whole = launch(*warm_run("whole", *settings, warm_model_dir=warm_model_dir), server=server, root=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:] + run_log(tmp_path / "whole")
+    run_dir = tmp_path / "k"
+    proc = start_launch(
+        *warm_run("k", *settings, warm_model_dir=warm_model_dir), server=server, root=tmp_path
+    )
+    wait_for_step(run_dir / "metrics.jsonl", 3, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    wait_gone(str(tmp_path))
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest in ("step-2", "step-4")
+    resumed = launch("--name", "k", "--resume", server=server, root=tmp_path, recipe=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + run_log(run_dir)
+    rows, expected = read_metrics(run_dir), read_metrics(tmp_path / "whole")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    trained = [(r["data/first_index"], r["data/prompts_crc"]) for r in rows]
+    assert trained == [(r["data/first_index"], r["data/prompts_crc"]) for r in expected]
+    assert len(set(trained)) == 6  # six different steps' prompts: none trained twice
+    for r in rows:
+        assert r["rollout/staleness_max"] <= 2 and r["rollout/dropped_stale"] == 0
+        assert 0 <= r["rollout/generation_idle_frac"] <= 1 and 0 <= r["rollout/trainer_idle_frac"] <= 1
+
+
+@pytest.mark.e2e
 def test_kill_9_of_a_launcher_that_owns_its_server_leaves_nothing(warm_model_dir, tmp_path):
     """The launcher started the server: SIGKILL it mid-run, and server, engine core, workers and
     ranks all go (found by the run's inherited environment: vLLM renames its processes), the port

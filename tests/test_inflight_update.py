@@ -34,6 +34,7 @@ def test_a_push_mid_generation_splits_completions_into_versions_each_exact(serve
                 [prompt, prompt[::-1]], n=8, max_tokens=450, temperature=1.0, seed=3, ignore_eos=True
             )
 
+        generate()  # the engine's first call warms it up
         start = time.monotonic()
         generate()  # how long it takes here, so the push lands a third of the way in
         took = time.monotonic() - start
@@ -69,6 +70,8 @@ def test_a_push_mid_generation_splits_completions_into_versions_each_exact(serve
             assert (served[:cut] - by_old[:cut]).abs().max() <= 1e-3
             assert (served[cut:] - by_new[cut:]).abs().max() <= 1e-3
             assert (served[cut:] - by_old[cut:]).abs().max() > 1e-2, "the push did not change the weights"
-            completion = Completion.of_answer(result["prompt_token_ids"], c, Example("q", "a", "a", "test"), out["version"])
+            completion = Completion.of_answer(
+                result["prompt_token_ids"], c, Example("q", "a", "a", "test"), out["version"]
+            )
             assert (completion.version, completion.newest_version) == (before, before + 1)
     assert spanning >= 8, (took, [c["versions"] for r in out["results"] for c in r["completions"]])

@@ -1,12 +1,16 @@
-"""Rollout collection against a scripted fake server: stale rollouts are discarded and regenerated
-(overlapped mode), and synchronous mode refuses anything but the current weights."""
+"""Rollout collection against a scripted fake server: stale groups are dropped and regenerated
+(train.max_staleness), synchronous mode refuses anything but the current weights, and the staleness
+and version-span metrics."""
+
+import time
 
 import pytest
 import torch.distributed as dist
 
 from pipeline.generation.client import free_port
+from pipeline.rollout.completion import Completion
 from pipeline.task.data import Example
-from pipeline.trainer.rollout import Rollouts, StaleRolloutError, score_slice
+from pipeline.trainer.rollout import Busy, Rollouts, StaleRolloutError, score_slice, staleness_metrics
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,27 +23,31 @@ def one_rank_group():
 class ScriptedServer:
     """Answers generate calls with the weight versions it is given, in order."""
 
-    def __init__(self, versions: list[int]):
-        self.versions, self.calls = list(versions), []
+    def __init__(self, versions: list[int | list[int]]):
+        """Each answer's version, or one per prompt (their oldest is the answer's)."""
+        self.versions, self.calls, self.prompts = list(versions), [], []
 
     def generate(self, prompt_ids, *, seed, n, **params):
         self.calls.append(seed)
+        self.prompts.append(prompt_ids)
         version = self.versions.pop(0)
+        per_prompt = version if isinstance(version, list) else [version] * len(prompt_ids)
         return {
-            "version": version,
+            "version": min(per_prompt),
             "results": [
                 {
                     "completions": [
                         {
-                            "token_ids": [7, version],
+                            "token_ids": [7, v],
                             "logprobs": [-0.5, -0.25],
-                            "text": f"v{version}",
+                            "text": f"v{v}",
                             "finish_reason": "stop",
+                            "version": v,
                         }
                         for _ in range(n)
                     ]
                 }
-                for _ in prompt_ids
+                for v in per_prompt
             ],
         }
 
@@ -72,6 +80,52 @@ def test_overlapped_keeps_rollouts_within_the_staleness_bound():
     _, generated_by = r.collect(5, version=5)
     assert generated_by == 4 and r.discarded == 0
     r.close()
+
+
+def test_only_the_groups_past_the_bound_are_generated_again():
+    """k = 2: the group whose oldest token is 3 versions old is dropped and its prompt generated again
+    from the current weights; the others are kept, however old within the bound."""
+    server = ScriptedServer([[3, 6, 4], 6])
+    r = rollouts(server, max_staleness=2)
+    r.request(6, [[1], [2], [3]], [example("a"), example("b"), example("c")])
+    completions, generated_by = r.collect(6, version=6)
+    assert [c.version for c in completions] == [6, 6, 6, 6, 4, 4] and generated_by == 4
+    assert [c.answer for c in completions] == ["a", "a", "b", "b", "c", "c"]  # no prompt lost or moved
+    assert server.prompts[1] == [[1]] and r.dropped_stale == 1 and r.discarded == 1
+    r.close()
+
+
+def completion(spans: list[tuple[int, int, int]]) -> Completion:
+    return Completion(
+        [1],
+        [2] * spans[-1][2],
+        [0.0] * spans[-1][2],
+        "",
+        False,
+        example("a"),
+        version=spans[0][0],
+        versions=tuple(spans),
+    )
+
+
+def test_staleness_is_counted_from_each_groups_oldest_token():
+    group_a = [completion([(3, 0, 4), (4, 4, 9)]), completion([(4, 0, 5)])]  # spans versions 3 and 4
+    group_b = [completion([(5, 0, 2)]), completion([(5, 0, 2), (6, 2, 3), (7, 3, 8)])]  # 5, 6 and 7
+    row = staleness_metrics(group_a + group_b, 2, version=7)
+    assert row == {
+        "rollout/staleness_mean": 3.0,
+        "rollout/staleness_max": 4.0,
+        "rollout/version_span_max": 2.0,
+    }
+    assert staleness_metrics([completion([(7, 0, 3)])] * 2, 2, version=7)["rollout/version_span_max"] == 0.0
+
+
+def test_busy_counts_the_request_under_way():
+    busy = Busy()
+    with busy:
+        time.sleep(0.05)
+        assert busy.seconds() >= 0.05
+    assert 0.05 <= busy.total == busy.seconds() < 1
 
 
 def test_synchronous_mode_refuses_rollouts_from_other_weights():

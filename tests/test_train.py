@@ -184,6 +184,40 @@ def test_overlapped_mode_with_dynamic_sampling(server, warm_model_dir, tmp_path)
 
 
 @pytest.mark.e2e
+def test_async_mode_trains_with_weight_updates_mid_generation(server, warm_model_dir, tmp_path):
+    """train.max_staleness=2 with dynamic sampling: up to two steps generated ahead, pushes into the
+    generation under way; every row has the staleness, version spans, buffer and idle columns, the
+    bound holds, and the final weights are the engines'."""
+    proc = launch(
+        *("--name", "async", "--set", f"model.path={warm_model_dir}", "--set", "model.build="),
+        *("--set", "train.max_steps=5", "--set", "train.max_staleness=2"),
+        *("--set", "train.dynamic_sampling=true", "--set", "eval.enabled=false"),
+        server=server,
+        root=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "async")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert 0 <= r["rollout/staleness_mean"] <= r["rollout/staleness_max"] <= 2
+        assert r["rollout/version_span_max"] <= r["rollout/staleness_max"]
+        assert r["rollout/dropped_stale"] == 0 and 0 <= r["rollout/buffer_steps"] <= 1
+        assert 0 <= r["rollout/generation_idle_frac"] <= 1 and 0 <= r["rollout/trainer_idle_frac"] <= 1
+        assert (r["frac_zero_std_groups"] > 0) == (r["rollout/short_groups"] > 0)
+    # steps 1 and 2 were requested before any update; step 1 trains version 0's rollouts
+    assert rows[0]["rollout/staleness_max"] == 0 and rows[1]["rollout/staleness_max"] >= 1
+    probed = [r for r in rows if r.get("sync/probed")]
+    assert all(r["sync/logprob_max_abs_diff"] <= 1e-3 for r in probed)
+    assert server.client.health()["version"] == 5
+    prompt = server.client.request("POST", "/generate", {"prompts": ["Ana has 5 books."], "max_tokens": 1})
+    prompt = prompt["results"][0]["prompt_token_ids"]
+    completion = server.client.generate([prompt], n=1, max_tokens=16, seed=1)["results"][0]["completions"][0]
+    served = torch.tensor(server.client.score([(prompt, completion["token_ids"])])["logprobs"][0])
+    final = hf_logprobs(tmp_path / "async" / "final", prompt, completion["token_ids"])
+    assert (served - final).abs().max() <= 1e-3
+
+
+@pytest.mark.e2e
 def test_kl_token_aggregation_and_truncation_masking_end_to_end(server, warm_model_dir, tmp_path):
     """beta > 0 (a reference model under DeepSpeed), the step-global token mean across 2 ranks x 2
     micro-batches, no gradient for truncated completions, and TRL's sampler correction, through the

@@ -239,6 +239,8 @@ class GenerationServer:
         self.sync_ready = False
         self.engine = threading.Lock()  # serialises generate/score (LLM.generate drives one batch at a time)
         self.state = threading.Condition()  # `updating`: new generation waits for an open update's end
+        self.running = 0  # engine calls started or waiting for the engine (under `state`)
+        self.paused = False  # the open update paused a generation under way
         # serialises weight updates; they do not wait for a generation under way: it is paused between
         # decode steps (vLLM's pause_scheduler "keep") while the weights change, then resumed
         self.weights = threading.RLock()
@@ -261,12 +263,17 @@ class GenerationServer:
         with self.state:
             if not self.state.wait_for(lambda: not self.updating, max(0.0, deadline - time.monotonic())):
                 raise HTTPException(503, "a weight update is in progress; try again")
-        with self._locked(what, self.engine):
-            if self.torn:
-                raise HTTPException(503, f"no weights to serve until a full push: {self.torn}")
-            if self.fatal:
-                raise HTTPException(503, f"server exiting: {self.fatal}")
-            return self._guarded(fn, what)
+            self.running += 1
+        try:
+            with self._locked(what, self.engine):
+                if self.torn:
+                    raise HTTPException(503, f"no weights to serve until a full push: {self.torn}")
+                if self.fatal:
+                    raise HTTPException(503, f"server exiting: {self.fatal}")
+                return self._guarded(fn, what)
+        finally:
+            with self.state:
+                self.running -= 1
 
     def weight_call(self, fn, what: str):
         """Run a step of a weight update (or a read of the weights): one at a time, beside a generation."""
@@ -542,6 +549,23 @@ class GenerationServer:
         self._die(reason)
         raise HTTPException(503, f"server exiting: {reason}")
 
+    def _pause(self, mode: str | None) -> None:
+        """vLLM's pause_scheduler(`mode`, no cache reset), or resume_scheduler with None, under the
+        weight RPCs' deadline: a pause waits for the workers (it synchronises the device), and a stuck
+        worker would hold it forever. Past the deadline, or failed, the server exits (as `_rpc`)."""
+        timeout = self.config.sync.timeout_s
+        args = ("resume_scheduler",) if mode is None else ("pause_scheduler", mode, False)
+        with DeadlineCall(self._core, *args) as call:
+            try:
+                call.result(timeout + RPC_GRACE_S)
+                return
+            except DeadlineExceeded:
+                reason = f"{args[0]} did not finish within sync.timeout_s={timeout:.0f}s; a worker is stuck"
+            except Exception as e:  # noqa: BLE001 - the engine core is gone
+                reason = f"{args[0]} failed: {type(e).__name__}: {str(e)[:500]}"
+        self._die(reason)
+        raise HTTPException(503, f"server exiting: {reason}")
+
     def _tear(self, reason: str) -> None:
         """A push broke off: the weights are neither the old version nor the new one. Version -1 and a
         503 for generation until a full push has been finished (and verified by the trainer)."""
@@ -597,11 +621,13 @@ class GenerationServer:
             self._abandon_update()
             with self.state:  # new generation waits until /finish
                 self.updating, self.update_started = True, time.monotonic()
-            # A generation under way stops between two decode steps and keeps its requests; their KV
-            # is recomputed by the new weights at /finish (see `finish_update`).
-            self._core("pause_scheduler", "keep", False)
+                self.paused = self.running > 0
 
             def run():
+                # A generation under way stops between two decode steps and keeps its requests; their
+                # KV is recomputed by the new weights at /finish (see `finish_update`).
+                if self.paused:
+                    self._pause("keep")
                 if self.torn:
                     self._rpc("grpo_forget_torn_update", timeout)
                 self._rpc("start_weight_update", timeout)
@@ -612,7 +638,7 @@ class GenerationServer:
             except HTTPException:
                 self._finish_update()
                 raise
-        log.info("weight update to version %d started", req.version)
+        log.info("weight update to version %d started%s", req.version, " (generation paused)" if self.paused else "")
         return {"version": self.version}
 
     def update(self, req: UpdateRequest) -> dict:
@@ -778,14 +804,15 @@ class GenerationServer:
         """The update is over: a paused generation goes on, with the new weights; with torn weights its
         requests are aborted instead (the generate answers 503), so nothing is sampled from them."""
         try:
-            if self.torn:
-                self._core("pause_scheduler", "abort", False)
-            self._core("resume_scheduler")
-        except Exception:  # noqa: BLE001 - a dead engine core: the health check ends the server
-            log.exception("resuming the scheduler after a weight update failed")
-        with self.state:
-            self.updating = False
-            self.state.notify_all()
+            if self.paused and not self.fatal:
+                if self.torn:
+                    self._pause("abort")
+                self._pause(None)
+        finally:
+            self.paused = False
+            with self.state:
+                self.updating = False
+                self.state.notify_all()
 
     def shutdown(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)

@@ -88,10 +88,12 @@ class Resumed:
     ahead: object = None  # rank 0, overlapped: step `step`'s rollouts, generated before the checkpoint
 
 
-def resume_from(engine, run_dir: Path, rank: int, overlap: bool, total: int) -> Resumed:
+def resume_from(engine, run_dir: Path, rank: int, max_staleness: int, total: int) -> Resumed:
     """Load the latest checkpoint into `engine` and what `save_checkpoint` kept beside it, and trim the
     run's logs (rank 0) to its step; a checkpoint written before the extras were kept resumes, not exactly
-    (said in the log)."""
+    (said in the log). With train.max_staleness >= 2 the steps generated ahead are generated again (their
+    completions came from weights the checkpoint does not hold, mid-generation), so no prompt is lost or
+    trained twice: every step trains exactly its own prompts (`StepData`)."""
     ckpt_dir = run_dir / "checkpoints"
     latest = ckpt_dir / "latest"
     tag = latest.read_text().strip() if latest.exists() else ""
@@ -108,7 +110,7 @@ def resume_from(engine, run_dir: Path, rank: int, overlap: bool, total: int) -> 
     log.info("resumed from %s at step %d", path, step)
     if rng is None:
         log.warning("the checkpoint holds no random generator states: the resumed run is not exact")
-    if rank == 0 and overlap and step < total and ahead is None:
+    if rank == 0 and max_staleness == 1 and step < total and ahead is None:
         log.warning(
             "the checkpoint holds no rollouts generated ahead for step %d: generated now, from weights "
             "version %d (the uninterrupted run's came from version %d)",

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from pipeline.trainer.rollout import (
     StepBatch,
     keep_informative_groups,
     score_step,
+    staleness_metrics,
     tool_metrics,
 )
 from pipeline.trainer.server_link import ServerLink
@@ -119,7 +121,7 @@ def train(args, config: Config, parts: TrainingParts, rank: int, run_dir: Path) 
     ckpt_dir = run_dir / "checkpoints"
     resumed = Resumed()
     if args.resume:
-        resumed = resume_from(parts.engine, run_dir, rank, config.train.overlap, parts.total_steps)
+        resumed = resume_from(parts.engine, run_dir, rank, config.train.max_staleness, parts.total_steps)
     start_step = resumed.step
 
     # --- the engines' link: they must serve exactly the trainer's weights before the first rollout ---
@@ -166,7 +168,7 @@ def train(args, config: Config, parts: TrainingParts, rank: int, run_dir: Path) 
         temperature=t.temperature,
         top_p=t.top_p,
         seed=config.run.seed,
-        max_staleness=t.max_staleness if t.overlap else 0,
+        max_staleness=t.max_staleness,
         tools=tools,
     )
     rollouts.discarded = resumed.counters.get("discarded", 0)
@@ -234,12 +236,14 @@ def fit(
         device=engine.device,
     )
 
-    if t.overlap and start_step < total:
-        request_rollouts(start_step, ahead)
+    ahead_steps = t.max_staleness  # steps requested before they start (0: synchronous)
+    for step in range(start_step, min(start_step + ahead_steps, total)):
+        request_rollouts(step, ahead if step == start_step else None)
     bar = tqdm(total=total, initial=start_step, desc="GRPO", disable=rank != 0, dynamic_ncols=True)
     for step in range(start_step, total):
         clock = StepClock()
-        if not t.overlap:
+        generating = rollouts.busy.seconds()
+        if not ahead_steps:
             request_rollouts(step)
         try:
             completions, generated_by = rollouts.collect(step, version=step)
@@ -250,8 +254,8 @@ def fit(
         filled = None
         if t.dynamic_sampling:  # before the next step's request: the extra draws use these weights
             completions, filled = with_signal(step, completions, generated_by)
-        if t.overlap and step + 1 < total:
-            request_rollouts(step + 1)  # generated while this step trains; its push waits for it
+        if ahead_steps and step + ahead_steps < total:
+            request_rollouts(step + ahead_steps)  # generated while this step trains
         clock.lap("generate")  # the trainer's wait for rollouts
 
         batch = score(completions, generated_by)
@@ -260,14 +264,23 @@ def fit(
             engine, parts.reference, batch, t, parts.tokenizer.pad_token_id, parts.world
         )
         clock.lap("train")
-        rollouts.wait()  # overlapped: the next step's generation finishes before its weights change
+        if ahead_steps == 1:  # overlapped: the next step's generation finishes before its weights change
+            rollouts.wait()
         clock.lap("wait_rollouts")
-        link.push(step + 1)
+        link.push(step + 1)  # k >= 2: into the generation under way (the engines pause for it)
         clock.lap("sync")
         # on a multi-turn sequence when there is one: tool turns are in what the trainer scores too
         probed = max(completions, key=lambda c: len(c.tool_calls))
-        probe = link.probe(probed.prompt_ids, probed.token_ids, step + 1)
+        probe = link.probe(probed.prompt_ids, probed.token_ids, step + 1, later=ahead_steps >= 2)
         clock.lap("probe")
+        times = clock.times()
+        idle = {
+            "rollout/generation_idle_frac": max(
+                0.0, 1 - (rollouts.busy.seconds() - generating) / times["time/step"]
+            ),
+            "rollout/trainer_idle_frac": (times["time/generate"] + times["time/wait_rollouts"])
+            / times["time/step"],
+        }
 
         row = step_row(
             step,
@@ -277,7 +290,12 @@ def fit(
             parts,
             {
                 "data/first_index": data.indices(step)[0],  # shows the data order survives a resume
+                "data/prompts_crc": prompts_crc(completions, t.num_generations),
                 "rollout/staleness": step - generated_by,
+                **staleness_metrics(completions, t.num_generations, step),
+                "rollout/dropped_stale": rollouts.dropped_stale,
+                "rollout/buffer_steps": rollouts.buffered,
+                **idle,
                 "rollout/discarded_total": rollouts.discarded,
                 **(
                     {
@@ -304,7 +322,7 @@ def fit(
                 ),
                 **(tool_metrics(completions, parts.tools.toolbox.names) if parts.tools is not None else {}),
                 **rollouts.timing,
-                **clock.times(),
+                **times,
             },
         )
         if evaluation and ((step + 1) % config.eval.every == 0 or step + 1 == total):
@@ -333,6 +351,13 @@ def fit(
                 None if generated is None else {"step": step + 1, "rollouts": generated},
             )
     bar.close()
+
+
+def prompts_crc(completions: list, group_size: int) -> int:
+    """A checksum of the prompts the step trained (their rows' file:line, in order): equal in two runs
+    only if each step trained the same prompts (a resume loses and repeats none)."""
+    sources = "\n".join(c.example.source for c in completions[::group_size])
+    return zlib.crc32(sources.encode())
 
 
 def engine_columns(link: ServerLink, rollouts: Rollouts) -> dict[str, float]:

@@ -6,10 +6,12 @@ rollout.tools) and broadcasts the completions; every rank then owns a contiguous
 `prompts x G` completions (its micro-batches) and scores only that slice: the task's rewards
 (pipeline/task/reward_functions.py), gathered over ranks into group-normalised advantages (pipeline/trainer/grpo.py).
 
-Synchronous mode requests step k's rollouts when step k starts, from the weights of step k.
-Overlapped mode requests step k+1's rollouts as soon as step k's are in hand, so the server
-generates them (with the weights from before step k's update) while the trainer computes step k;
-rollouts more than `max_staleness` versions old are discarded and regenerated.
+train.max_staleness k: with k = 0 (synchronous) step s's rollouts are requested when step s starts,
+from the weights of step s. With k >= 1 step s+k's are requested as soon as step s's are in hand, so
+the engines generate up to k steps ahead, one request after the other, while the trainer computes;
+k = 1 pushes only once the request under way has ended (overlapped), k >= 2 pushes into it (the
+engines pause between decode steps, so a completion can span versions). A group whose oldest token is
+more than k versions older than the weights it trains is dropped and generated again.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Rollouts:
         )
         self.pending: dict[int, tuple[Future, list[list[int]], list[Example]]] = {}
         self.discarded = 0
+        self.dropped_stale = 0  # the last collected step's groups dropped as too stale (rank 0's)
+        self.buffered = 0  # requested steps whose rollouts were ready when the last step collected its own
+        self.busy = Busy()  # rank 0's time with a generate request under way
         self.timing: dict[str, float] = {}  # the last collected step's: time/<phase> seconds (rank 0's)
         self.split: dict[str, float] = {}  # the last collected step's engines and their imbalance (rank 0's)
 
@@ -89,9 +94,10 @@ class Rollouts:
         """One generate call, and its round trip next to the engine time the server reports (`time/*`
         columns), so a step's metrics separate the engine (prefill, decode) from HTTP and (de)serialisation."""
         start = time.perf_counter()
-        out = generate(
-            self.client, prompt_ids, examples, seed=self.step_seed(step), tools=self.tools, **self.params
-        )
+        with self.busy:
+            out = generate(
+                self.client, prompt_ids, examples, seed=self.step_seed(step), tools=self.tools, **self.params
+            )
         server = out.timing
         timing = {
             "time/engine": server.get("engine_s", 0.0),
@@ -108,16 +114,31 @@ class Rollouts:
         return completions, generated_by
 
     def _take(self, step: int, version: int) -> tuple[int, list[Completion]]:
-        """Rank 0: step `step`'s requested rollouts, generated again if they are too stale."""
+        """Rank 0: step `step`'s requested rollouts; with k >= 1 the groups more than k versions stale
+        generated again, with k = 0 all of them unless they came from exactly `version`."""
         future, prompt_ids, examples = self.pending.pop(step)
+        self.buffered = sum(f.done() for f, _, _ in self.pending.values())
         out, timing = future.result()
-        if not version - self.max_staleness <= out.version <= version:
-            self.discarded += 1  # too stale: generate again from the current weights
+        self.dropped_stale = 0
+        if self.max_staleness == 0 and out.version != version:
+            self.discarded += 1  # not the current weights: generate again from them
             out, timing = self._generate(prompt_ids, examples, step)
             if out.version != version:
                 raise StaleRolloutError(
                     f"server generated with weights version {out.version}, the trainer is at version {version}"
                 )
+        stale = [
+            g
+            for g, group in enumerate(out.groups)
+            if not version - self.max_staleness <= min(c.version for c in group) <= version
+        ]
+        if stale:  # too old (a restart, a slow engine): the same prompts again, from the current weights
+            self.discarded += 1
+            self.dropped_stale = len(stale)
+            again, _ = self._generate([prompt_ids[g] for g in stale], [examples[g] for g in stale], step)
+            for g, group in zip(stale, again.groups, strict=True):
+                out.groups[g] = group
+            out.version = min(c.version for group in out.groups for c in group)
         self.timing, self.split = timing, out.split
         return out.version, out.completions
 
@@ -157,6 +178,36 @@ class Rollouts:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Busy:
+    """Seconds spent inside `with busy:` (a generate request under way), the one under way included."""
+
+    def __init__(self):
+        self.total, self.since = 0.0, None
+
+    def __enter__(self):
+        self.since = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self.since
+        self.since = None
+
+    def seconds(self) -> float:
+        since = self.since
+        return self.total + (time.perf_counter() - since if since is not None else 0.0)
+
+
+def staleness_metrics(completions: list[Completion], group_size: int, version: int) -> dict[str, float]:
+    """rollout/staleness_mean|max: versions between each group's oldest token and the weights it
+    trains (`version`); rollout/version_span_max: the most versions one completion's tokens span, - 1."""
+    groups = [completions[i : i + group_size] for i in range(0, len(completions), group_size)]
+    lags = [version - min(c.version for c in group) for group in groups]
+    return {
+        "rollout/staleness_mean": sum(lags) / max(len(lags), 1),
+        "rollout/staleness_max": float(max(lags, default=0)),
+        "rollout/version_span_max": float(max((c.newest_version - c.version for c in completions), default=0)),
+    }
 
 
 def tool_metrics(completions: list[Completion], tool_names: list[str]) -> dict[str, float]:

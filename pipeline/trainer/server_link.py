@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,8 @@ class ServerLink(WeightSync):
             lora_sync=config.model.lora_sync,
         )
         self.model_engine, self.config, self.dtype = model_engine, config, dtype
+        self._pending_probe = None  # `probe(later=True)`'s: (score future, mine, base, version)
+        self._probe_pool = None
 
     @property
     def restarts(self) -> dict[int, int]:
@@ -117,12 +120,17 @@ class ServerLink(WeightSync):
                 return f"no generation engine healthy within {wait_s:.0f}s"
             time.sleep(0.5)
 
-    def probe(self, prompt_ids: list[int], token_ids: list[int], step: int) -> dict[str, float]:
+    def probe(
+        self, prompt_ids: list[int], token_ids: list[int], step: int, later: bool = False
+    ) -> dict[str, float]:
         """The engines' logprobs of one sequence against the trainer's (rank 0's numbers; {} elsewhere):
         the largest gap (`sync/logprob_max_abs_diff`, with a dtype-aware tolerance) and, with LoRA, how
         much of the adapter's effect the served logprobs show (`sync/adapter_effect`, see
         `adapter_effect`: merged bf16 weights lose most of a small update, which the gap alone, within
-        bf16's kernel noise, cannot show). The checksums are the proof of a push; this is a second signal."""
+        bf16's kernel noise, cannot show). The checksums are the proof of a push; this is a second signal.
+        `later` (train.max_staleness >= 2): the engines are generating, and a score request would wait
+        for that generation; it is sent in the background and compared at a later step, if the engine
+        still served version `step` when it scored (`sync/probed` says whether this row holds one)."""
         module = self.model_engine.module
         self.model_engine.eval()
         with torch.no_grad():
@@ -141,7 +149,24 @@ class ServerLink(WeightSync):
                 base = base.float().cpu()
         if self.rank != 0:
             return {}
-        served = torch.tensor(self.engines.score([(prompt_ids, token_ids)])["logprobs"][0])
+        if not later:
+            return self._compare(self.engines.score([(prompt_ids, token_ids)]), mine, base, step)
+        row = {"sync/probed": 0.0}
+        pending = self._pending_probe
+        if pending is not None and not pending[0].done():
+            return row  # the last one still waits for its engine: no second one queued behind it
+        if pending is not None and pending[0].exception() is None:
+            scored = pending[0].result()
+            if scored["version"] == pending[3]:
+                row = {**self._compare(scored, *pending[1:]), "sync/probed": 1.0}
+        if self._probe_pool is None:
+            self._probe_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
+        future = self._probe_pool.submit(self.engines.score, [(prompt_ids, token_ids)])
+        self._pending_probe = (future, mine, base, step)
+        return row
+
+    def _compare(self, scored: dict, mine: torch.Tensor, base, step: int) -> dict[str, float]:
+        served = torch.tensor(scored["logprobs"][0])
         diff = float((served - mine).abs().max())
         if diff > probe_tolerance(self.dtype):
             log.warning(
