@@ -224,7 +224,7 @@ def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False
         "max_staleness_seen": max(r.get("rollout/staleness_max", 0) for r in result["rows"]),
         "staleness_mean": med(r.get("rollout/staleness_mean", 0.0) for r in rows),
         "version_span_max": max(r.get("rollout/version_span_max", 0.0) for r in rows),
-        "generation_idle_fraction": med(r.get("rollout/generation_idle_frac", 0.0) for r in rows),
+        "generation_idle_fraction": med(r.get("time/generation_idle_frac", 0.0) for r in rows),
         **(
             {"engine_imbalance_median": med(r["rollout/engine_imbalance"] for r in rows)}
             if "rollout/engine_imbalance" in rows[0]

@@ -125,7 +125,7 @@ def test_kill_9_then_resume_in_async_mode_loses_and_repeats_no_prompt(server, wa
     assert len(set(trained)) == 6  # six different steps' prompts: none trained twice
     for r in rows:
         assert r["rollout/staleness_max"] <= 2 and r["rollout/dropped_stale"] == 0
-        assert 0 <= r["rollout/generation_idle_frac"] <= 1 and 0 <= r["rollout/trainer_idle_frac"] <= 1
+        assert 0 <= r["time/generation_idle_frac"] <= 1 and 0 <= r["time/trainer_idle_frac"] <= 1
 
 
 @pytest.mark.e2e

@@ -97,7 +97,8 @@ def test_a_moved_run_continues_where_it_was_found(tmp_path):
         ("train.num_generations=8", "train.num_generations"),
         ("train.micro_batch_size=4", "train.micro_batch_size"),
         ("train.learning_rate=1e-3", "train.learning_rate"),
-        ("train.overlap=true", "train.overlap"),
+        ("train.overlap=true", "train.max_staleness"),  # its alias
+        ("train.max_staleness=2", "train.max_staleness"),
         ("train.max_steps=300", "train.max_steps"),  # the cosine schedule spans the run's steps
         ("rollout.tools=[calculator]", "rollout.tools"),
         ("rewards.correctness=3.0", "rewards"),

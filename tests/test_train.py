@@ -202,7 +202,7 @@ def test_async_mode_trains_with_weight_updates_mid_generation(server, warm_model
         assert 0 <= r["rollout/staleness_mean"] <= r["rollout/staleness_max"] <= 2
         assert r["rollout/version_span_max"] <= r["rollout/staleness_max"]
         assert r["rollout/dropped_stale"] == 0 and 0 <= r["rollout/buffer_steps"] <= 1
-        assert 0 <= r["rollout/generation_idle_frac"] <= 1 and 0 <= r["rollout/trainer_idle_frac"] <= 1
+        assert 0 <= r["time/generation_idle_frac"] <= 1 and 0 <= r["time/trainer_idle_frac"] <= 1
         assert (r["frac_zero_std_groups"] > 0) == (r["rollout/short_groups"] > 0)
     # steps 1 and 2 were requested before any update; step 1 trains version 0's rollouts
     assert rows[0]["rollout/staleness_max"] == 0 and rows[1]["rollout/staleness_max"] >= 1

@@ -275,10 +275,10 @@ def fit(
         clock.lap("probe")
         times = clock.times()
         idle = {
-            "rollout/generation_idle_frac": max(
+            "time/generation_idle_frac": max(
                 0.0, 1 - (rollouts.busy.seconds() - generating) / times["time/step"]
             ),
-            "rollout/trainer_idle_frac": (times["time/generate"] + times["time/wait_rollouts"])
+            "time/trainer_idle_frac": (times["time/generate"] + times["time/wait_rollouts"])
             / times["time/step"],
         }
 
