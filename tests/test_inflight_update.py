@@ -75,3 +75,88 @@ def test_a_push_mid_generation_splits_completions_into_versions_each_exact(serve
             )
             assert (completion.version, completion.newest_version) == (before, before + 1)
     assert spanning >= 8, (took, [c["versions"] for r in out["results"] for c in r["completions"]])
+
+
+TRAINER_DIES_MID_PUSH = """
+import os, sys, torch
+from transformers import AutoModelForCausalLM
+from pipeline.generation.client import ServerClient
+from pipeline.sync.weight_sync import ModelSource, WeightSync
+url, token, model_dir, version = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+sync = WeightSync(model, 0, 0, torch.device("cpu"), ServerClient(url, token), host="127.0.0.1", timeout_s=10,
+                  bucket_bytes=4096)
+sync.connect()
+print("ready", flush=True)
+sys.stdin.readline()
+real_iter = ModelSource.__iter__
+def dies_midway(self):
+    for i, item in enumerate(real_iter(self)):
+        if i == 8:  # several buckets have landed on the server, whose generation is paused
+            os._exit(17)
+        yield item
+ModelSource.__iter__ = dies_midway
+sync.push(int(version))
+"""
+
+
+def test_a_push_that_breaks_off_mid_generation_aborts_it_instead_of_sampling_torn_weights(
+    tiny_model_dir, tmp_path
+):
+    """The trainer dies half-way through a push that paused a generation: the generation is not resumed
+    on the torn weights but answers 503, and the server stays up for the repairing full push."""
+    import subprocess
+    import sys
+
+    from support.servers import local_server
+
+    from pipeline.generation.client import ServerError
+
+    server = local_server(tiny_model_dir, tmp_path)
+    try:
+        version = server.client.health()["version"]
+        answer: dict = {}
+
+        def generate():
+            try:
+                answer["out"] = server.client.generate(
+                    [list(range(5, 45))], n=16, max_tokens=450, temperature=1.0, seed=3, ignore_eos=True
+                )
+            except ServerError as e:
+                answer["error"] = e
+
+        generate()  # warm-up, then timed
+        start = time.monotonic()
+        generate()
+        took = time.monotonic() - start
+        script = [sys.executable, "-c", TRAINER_DIES_MID_PUSH, server.client.base_url, server.token]
+        proc = subprocess.Popen(
+            [*script, str(tiny_model_dir), str(version + 1)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        answer.clear()
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(took / 3)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(120) == 17
+        thread.join(120)
+        assert "out" not in answer, "a generation went on after its push broke off"
+        assert answer["error"].status == 503 and "torn" in str(answer["error"])
+        assert server.proc.poll() is None and server.client.health()["torn"]
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        sync = WeightSync(model, 0, 0, torch.device("cpu"), server.client, host="127.0.0.1", timeout_s=60)
+        sync.connect()
+        try:
+            sync.push(version + 2)
+        finally:
+            sync.close()
+        out = server.client.generate([[5, 6, 7]], n=2, max_tokens=8, seed=0)
+        assert out["version"] == version + 2
+    finally:
+        server.stop()

@@ -638,7 +638,11 @@ class GenerationServer:
             except HTTPException:
                 self._finish_update()
                 raise
-        log.info("weight update to version %d started%s", req.version, " (generation paused)" if self.paused else "")
+        log.info(
+            "weight update to version %d started%s",
+            req.version,
+            " (generation paused)" if self.paused else "",
+        )
         return {"version": self.version}
 
     def update(self, req: UpdateRequest) -> dict:

@@ -12,7 +12,9 @@ A `Conversation` is how one such rollout is built, turn by turn; finished, it be
 tokens carry the server's logprobs and a loss mask of 1; a tool's result and the template tokens around
 it carry 0 (in the sequence the model reads, out of the loss, the KL and the length normalisers:
 pipeline/trainer/grpo.py `make_batch`). A rollout's turns are one call of `generate_with_tools`, which
-the weight push waits for (overlapped mode too), so all of a rollout's turns come from one weights version.
+the weight push waits for with train.max_staleness <= 1, so all of a rollout's turns come from one
+weights version; with k >= 2 a push can land between or within turns, and `versions` keeps, token by
+token, the version that sampled each.
 """
 
 from __future__ import annotations

@@ -202,8 +202,9 @@ def fit(
     ckpt_dir: Path,
     ahead=None,
 ) -> None:
-    """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step.
-    `ahead`: overlapped mode, resumed: step `start_step`'s rollouts as the checkpoint kept them."""
+    """The loop: generate -> reward/advantage -> train -> sync -> metrics -> checkpoint, every step; with
+    train.max_staleness k >= 1 the next k steps' generation runs beside it (pipeline/trainer/rollout.py).
+    `ahead`: resumed with k >= 1, step `start_step`'s rollouts as the checkpoint kept them."""
     from tqdm import tqdm
 
     config, t, engine, data = parts.config, parts.config.train, parts.engine, parts.step_data
@@ -274,13 +275,7 @@ def fit(
         probe = link.probe(probed.prompt_ids, probed.token_ids, step + 1, later=ahead_steps >= 2)
         clock.lap("probe")
         times = clock.times()
-        idle = {
-            "time/generation_idle_frac": max(
-                0.0, 1 - (rollouts.busy.seconds() - generating) / times["time/step"]
-            ),
-            "time/trainer_idle_frac": (times["time/generate"] + times["time/wait_rollouts"])
-            / times["time/step"],
-        }
+        idle = idle_fractions(times, rollouts.busy.seconds() - generating)
 
         row = step_row(
             step,
@@ -338,8 +333,8 @@ def fit(
             step_s=f"{row['time/step']:.1f}",
         )
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < total:
-            # overlapped: step + 1's rollouts are in hand, from this step's weights, which the
-            # checkpoint does not hold: kept with it, so that a resume trains on the same rollouts
+            # k >= 1: step + 1's rollouts may be in hand, from weights the checkpoint does not hold:
+            # kept with it, so that a resume trains on the same rollouts (later steps' are generated again)
             generated = rollouts.ahead(step + 1)
             save_checkpoint(
                 engine,
@@ -351,6 +346,16 @@ def fit(
                 None if generated is None else {"step": step + 1, "rollouts": generated},
             )
     bar.close()
+
+
+def idle_fractions(times: dict[str, float], generating_s: float) -> dict[str, float]:
+    """The shares of the step the engines had no generate request under way (rank 0's) and the
+    trainer waited for rollouts."""
+    step = times["time/step"]
+    return {
+        "time/generation_idle_frac": max(0.0, 1 - generating_s / step),
+        "time/trainer_idle_frac": (times["time/generate"] + times["time/wait_rollouts"]) / step,
+    }
 
 
 def prompts_crc(completions: list, group_size: int) -> int:

@@ -206,7 +206,9 @@ def staleness_metrics(completions: list[Completion], group_size: int, version: i
     return {
         "rollout/staleness_mean": sum(lags) / max(len(lags), 1),
         "rollout/staleness_max": float(max(lags, default=0)),
-        "rollout/version_span_max": float(max((c.newest_version - c.version for c in completions), default=0)),
+        "rollout/version_span_max": float(
+            max((c.newest_version - c.version for c in completions), default=0)
+        ),
     }
 
 
