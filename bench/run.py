@@ -195,10 +195,13 @@ def step_phases(rows: list[dict], overlap: bool) -> dict[str, float]:
     return {k: round(v, 4) for k, v in phases.items()}
 
 
-def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False) -> dict:
+def summarise_ours(result: dict, warmup: int, nbytes: int, overlap: bool = False, drain: int = 0) -> dict:
+    """The run's steady state: the first `warmup` steps left out, and the last `drain` (with
+    train.max_staleness k, the last k steps have nothing left to generate beside them: training alone,
+    faster than any step of a longer run; run_ours is given k more steps for them)."""
     if not result["ok"]:
         return result
-    rows = result["rows"][warmup:] or result["rows"]
+    rows = result["rows"][warmup : len(result["rows"]) - drain] or result["rows"]
     step = [r["time/step"] for r in rows]
     med = statistics.median
     idle = [r["time/generate"] + r.get("time/wait_rollouts", 0.0) for r in rows]
@@ -373,19 +376,21 @@ def main() -> int:
         )
         print(f"[{label}] ours, overlapped ...", flush=True)
         runs[f"{label} ours overlap"] = summarise_ours(
-            run_ours(f"{label}-overlap", model, steps, max_tokens, 1, root, rss),
+            run_ours(f"{label}-overlap", model, steps + 1, max_tokens, 1, root, rss),
             warmup,
             nbytes,
             overlap=True,
+            drain=1,
         )
         # train.max_staleness k >= 2: k steps generated ahead, each push landing mid-generation
         for k in (2,) if args.quick else (2, 4):
             print(f"[{label}] ours, async k={k} ...", flush=True)
             runs[f"{label} ours async k={k}"] = summarise_ours(
-                run_ours(f"{label}-async-k{k}", model, steps, max_tokens, k, root, rss),
+                run_ours(f"{label}-async-k{k}", model, steps + k, max_tokens, k, root, rss),
                 warmup,
                 nbytes,
                 overlap=True,
+                drain=k,
             )
         if label == "tiny" and not args.quick:
             # Side by side with the row above: vLLM's own 1 s idle spin (our plugin that shortens it to
@@ -416,10 +421,11 @@ def main() -> int:
         if not args.quick:
             print(f"[{label}] ours, overlapped, 2 engines ...", flush=True)
             runs[f"{label} ours overlap, 2 engines"] = summarise_ours(
-                run_ours(f"{label}-overlap-2e", model, steps, max_tokens, 1, root, rss, engines=2),
+                run_ours(f"{label}-overlap-2e", model, steps + 1, max_tokens, 1, root, rss, engines=2),
                 warmup,
                 nbytes,
                 overlap=True,
+                drain=1,
             )
             print(f"[{label}] ours, synchronous, 1 engine on both cores ...", flush=True)
             runs[f"{label} ours sync, 1 engine x 2 cores"] = summarise_ours(

@@ -7,6 +7,7 @@ import copy
 import threading
 import time
 
+import pytest
 import torch
 from support.models import perturb
 from support.reference import hf_logprobs
@@ -100,6 +101,7 @@ sync.push(int(version))
 """
 
 
+@pytest.mark.integration
 def test_a_push_that_breaks_off_mid_generation_aborts_it_instead_of_sampling_torn_weights(
     tiny_model_dir, tmp_path
 ):
