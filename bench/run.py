@@ -290,8 +290,8 @@ def run_trl(
 
 def table(results: dict) -> str:
     lines = [
-        f"{'run':<38}{'s/step (median, min-max)':>28}{'tokens/s':>10}{'idle':>7}{'sync GB/s':>11}",
-        "-" * 94,
+        f"{'run':<38}{'s/step (median, min-max)':>28}{'tokens/s':>10}{'idle':>7}{'gen idle':>10}{'sync GB/s':>11}",
+        "-" * 104,
     ]
     for name, r in results["runs"].items():
         if not r.get("ok"):
@@ -300,7 +300,8 @@ def table(results: dict) -> str:
         spread = f"{r['s_per_step_median']:.2f} ({r['s_per_step_min']:.2f}-{r['s_per_step_max']:.2f})"
         idle = f"{r['trainer_idle_fraction']:.0%}" if "trainer_idle_fraction" in r else "-"
         sync = f"{r['sync_gb_per_s']:.2f}" if "sync_gb_per_s" in r else "-"
-        lines.append(f"{name:<38}{spread:>28}{r['rollout_tokens_per_s']:>10.0f}{idle:>7}{sync:>11}")
+        gen = f"{r['generation_idle_fraction']:.0%}" if "generation_idle_fraction" in r else "-"
+        lines.append(f"{name:<38}{spread:>28}{r['rollout_tokens_per_s']:>10.0f}{idle:>7}{gen:>10}{sync:>11}")
     lines.append("")
     for key, value in results["ratios"].items():
         lines.append(f"{key}: {value:.2f}x" if value else f"{key}: n/a")
