@@ -272,6 +272,53 @@ def test_cuda_graphs_survive_pushes(tiny_model_dir, tmp_path):
 
 @pytest.mark.integration
 @need(2)
+def test_an_nccl_push_into_a_running_cuda_generation(tiny_model_dir, tmp_path):
+    """train.max_staleness >= 2 on GPUs: a push over NCCL while the engine decodes (CUDA graphs on) pauses
+    it, and every completion that spans the two versions has each token's logprob from the version that
+    sampled it (HF's, within bf16's tolerance), its KV recomputed by the new weights."""
+    import copy
+    import threading
+    import time
+
+    server = gpu_server(tiny_model_dir, tmp_path, [0])
+    try:
+        model = hf_model(tiny_model_dir, "cuda:1")
+        sync = push_and_check(server, model, "cuda:1", 1)
+        old = copy.deepcopy(model)
+        answer: dict = {}
+
+        def generate():
+            answer["out"] = server.client.generate(
+                [PROMPT], n=16, max_tokens=400, temperature=1.0, seed=3, ignore_eos=True
+            )
+
+        generate()
+        start = time.monotonic()
+        generate()
+        took = time.monotonic() - start
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(took / 3)
+        perturb(model, 2)
+        sync.push(2)
+        thread.join(120)
+        sync.close()
+        spanning = 0
+        for c in answer["out"]["results"][0]["completions"]:
+            if len(c["versions"]) != 2:
+                continue
+            spanning += 1
+            (_, _, cut), _ = c["versions"]
+            served = torch.tensor(c["logprobs"])
+            assert (served[:cut] - hf_logprobs(old, PROMPT, c["token_ids"])[:cut]).abs().max() <= BF16_TOL
+            assert (served[cut:] - hf_logprobs(model, PROMPT, c["token_ids"])[cut:]).abs().max() <= BF16_TOL
+        assert spanning >= 8, took
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+@need(2)
 def test_server_killed_mid_nccl_push_fails_within_the_deadline(tiny_model_dir, tmp_path):
     server = gpu_server(tiny_model_dir, tmp_path, [0])
     model = hf_model(tiny_model_dir, "cuda:1")
