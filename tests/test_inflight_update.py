@@ -18,6 +18,23 @@ from pipeline.sync.weight_sync import WeightSync
 from pipeline.task.example import Example
 
 
+def under_way(server, answer: dict, generate) -> threading.Thread:
+    """`generate` started in a thread, returned once the server runs it and it has decoded a while (a
+    quarter of the time the same request took just before, at most 0.3 s: it runs for seconds)."""
+    start = time.monotonic()
+    generate()
+    took = time.monotonic() - start
+    answer.clear()
+    thread = threading.Thread(target=generate)
+    thread.start()
+    end = time.monotonic() + 30
+    while not server.client.health().get("running"):
+        assert time.monotonic() < end, "the generation never started"
+        time.sleep(0.01)
+    time.sleep(min(took / 4, 0.3))
+    return thread
+
+
 def test_a_push_mid_generation_splits_completions_into_versions_each_exact(server, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     sync = WeightSync(model, 0, 0, torch.device("cpu"), server.client, host="127.0.0.1", timeout_s=60)
@@ -27,6 +44,7 @@ def test_a_push_mid_generation_splits_completions_into_versions_each_exact(serve
         perturb(model, seed=before)
         sync.push(before)  # the server serves `model` as `before`
         old = copy.deepcopy(model)
+        perturb(model, seed=before + 1)
         prompt = list(range(5, 45))
         answer: dict = {}
 
@@ -36,13 +54,7 @@ def test_a_push_mid_generation_splits_completions_into_versions_each_exact(serve
             )
 
         generate()  # the engine's first call warms it up
-        start = time.monotonic()
-        generate()  # how long it takes here, so the push lands a third of the way in
-        took = time.monotonic() - start
-        thread = threading.Thread(target=generate)
-        thread.start()
-        time.sleep(took / 3)
-        perturb(model, seed=before + 1)
+        thread = under_way(server, answer, generate)
         sync.push(before + 1)  # does not wait for the generation
         thread.join(120)
         assert not thread.is_alive()
@@ -75,7 +87,7 @@ def test_a_push_mid_generation_splits_completions_into_versions_each_exact(serve
                 result["prompt_token_ids"], c, Example("q", "a", "a", "test"), out["version"]
             )
             assert (completion.version, completion.newest_version) == (before, before + 1)
-    assert spanning >= 8, (took, [c["versions"] for r in out["results"] for c in r["completions"]])
+    assert spanning >= 8, [c["versions"] for r in out["results"] for c in r["completions"]]
 
 
 TRAINER_DIES_MID_PUSH = """
@@ -121,16 +133,20 @@ def test_a_push_that_breaks_off_mid_generation_aborts_it_instead_of_sampling_tor
 
         def generate():
             try:
+                # 64 sequences: seconds of decoding, so the dying push (another process) lands inside it
+                prompts = [
+                    list(range(5, 45)),
+                    list(range(45, 5, -1)),
+                    list(range(7, 47)),
+                    list(range(47, 7, -1)),
+                ]
                 answer["out"] = server.client.generate(
-                    [list(range(5, 45))], n=16, max_tokens=450, temperature=1.0, seed=3, ignore_eos=True
+                    prompts, n=16, max_tokens=450, temperature=1.0, seed=3, ignore_eos=True
                 )
             except ServerError as e:
                 answer["error"] = e
 
-        generate()  # warm-up, then timed
-        start = time.monotonic()
-        generate()
-        took = time.monotonic() - start
+        generate()  # warm-up
         script = [sys.executable, "-c", TRAINER_DIES_MID_PUSH, server.client.base_url, server.token]
         proc = subprocess.Popen(
             [*script, str(tiny_model_dir), str(version + 1)],
@@ -139,10 +155,7 @@ def test_a_push_that_breaks_off_mid_generation_aborts_it_instead_of_sampling_tor
             text=True,
         )
         assert proc.stdout.readline().strip() == "ready"
-        answer.clear()
-        thread = threading.Thread(target=generate)
-        thread.start()
-        time.sleep(took / 3)
+        thread = under_way(server, answer, generate)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         assert proc.wait(120) == 17

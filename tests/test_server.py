@@ -183,8 +183,8 @@ def test_a_second_transfer_group_releases_the_first(monkeypatch):
     server = object.__new__(GenerationServer)
     server.config, server.backend, server.llm = load_config(None, []), "gloo", Engine()
     server.fatal = server.error = ""
-    server.updating = server.sync_ready = False
-    server.engine = threading.Condition()
+    server.updating = server.sync_ready = server.paused = False
+    server.engine, server.weights, server.state = threading.Lock(), threading.RLock(), threading.Condition()
     info = {"master_address": "127.0.0.1", "master_port": 29999, "world_size": 2}
     server.init_sync(SyncInitRequest(init_info=info))
     server.init_sync(SyncInitRequest(init_info=info))

@@ -991,6 +991,7 @@ def build_app(server: GenerationServer, token: str) -> FastAPI:
             "status": "ok",
             "version": server.version,
             "updating": server.updating,
+            "running": server.running,  # engine calls (generate, score) under way or waiting for the engine
             "engine": server.engine_index,
             "instance": server.instance,
             "torn": bool(server.torn),
