@@ -90,29 +90,6 @@ def test_a_push_mid_generation_splits_completions_into_versions_each_exact(serve
     assert spanning >= 8, [c["versions"] for r in out["results"] for c in r["completions"]]
 
 
-TRAINER_DIES_MID_PUSH = """
-import os, sys, torch
-from transformers import AutoModelForCausalLM
-from pipeline.generation.client import ServerClient
-from pipeline.sync.weight_sync import ModelSource, WeightSync
-url, token, model_dir, version = sys.argv[1:]
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-sync = WeightSync(model, 0, 0, torch.device("cpu"), ServerClient(url, token), host="127.0.0.1", timeout_s=10,
-                  bucket_bytes=4096)
-sync.connect()
-print("ready", flush=True)
-sys.stdin.readline()
-real_iter = ModelSource.__iter__
-def dies_midway(self):
-    for i, item in enumerate(real_iter(self)):
-        if i == 8:  # several buckets have landed on the server, whose generation is paused
-            os._exit(17)
-        yield item
-ModelSource.__iter__ = dies_midway
-sync.push(int(version))
-"""
-
-
 @pytest.mark.integration
 def test_a_push_that_breaks_off_mid_generation_aborts_it_instead_of_sampling_torn_weights(
     tiny_model_dir, tmp_path
@@ -122,7 +99,7 @@ def test_a_push_that_breaks_off_mid_generation_aborts_it_instead_of_sampling_tor
     import subprocess
     import sys
 
-    from support.servers import local_server
+    from support.servers import TRAINER_DIES_MID_PUSH, local_server
 
     from pipeline.generation.client import ServerError
 
@@ -149,7 +126,7 @@ def test_a_push_that_breaks_off_mid_generation_aborts_it_instead_of_sampling_tor
         generate()  # warm-up
         script = [sys.executable, "-c", TRAINER_DIES_MID_PUSH, server.client.base_url, server.token]
         proc = subprocess.Popen(
-            [*script, str(tiny_model_dir), str(version + 1)],
+            [*script, str(tiny_model_dir), str(version + 1), "wait"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from support.models import perturb
 from support.reference import hf_logprobs
-from support.servers import killed_mid_push, local_server
+from support.servers import TRAINER_DIES_MID_PUSH, killed_mid_push, local_server
 from transformers import AutoModelForCausalLM
 
 from pipeline.generation.client import ServerError
@@ -141,27 +141,6 @@ def test_a_worker_that_never_answers_ends_the_server(tiny_untied_model_dir, tmp_
         assert 503 in statuses and statuses[-1] == 503, statuses
     finally:
         server.stop()
-
-
-TRAINER_DIES_MID_PUSH = """
-import os, sys, torch
-from transformers import AutoModelForCausalLM
-from pipeline.generation.client import ServerClient
-from pipeline.sync.weight_sync import ModelSource, WeightSync
-url, token, model_dir, version = sys.argv[1:]
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-sync = WeightSync(model, 0, 0, torch.device("cpu"), ServerClient(url, token), host="127.0.0.1", timeout_s=10,
-                  bucket_bytes=4096)
-sync.connect()
-real_iter = ModelSource.__iter__
-def dies_midway(self):
-    for i, item in enumerate(real_iter(self)):
-        if i == 8:  # several buckets have landed on the server
-            os._exit(17)
-        yield item
-ModelSource.__iter__ = dies_midway
-sync.push(int(version))
-"""
 
 
 @pytest.mark.integration

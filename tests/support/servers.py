@@ -75,3 +75,29 @@ def killed_mid_push(sync, kill, after: int = 6):
         yield fired
     finally:
         source_cls.__iter__ = real_iter
+
+
+# A trainer process that dies half-way through a push (several buckets have landed): argv url, token,
+# model_dir, version, and optionally "wait" (print "ready" once connected, push after a line on stdin).
+TRAINER_DIES_MID_PUSH = """
+import os, sys, torch
+from transformers import AutoModelForCausalLM
+from pipeline.generation.client import ServerClient
+from pipeline.sync.weight_sync import ModelSource, WeightSync
+url, token, model_dir, version = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+sync = WeightSync(model, 0, 0, torch.device("cpu"), ServerClient(url, token), host="127.0.0.1", timeout_s=10,
+                  bucket_bytes=4096)
+sync.connect()
+if sys.argv[5:] == ["wait"]:
+    print("ready", flush=True)
+    sys.stdin.readline()
+real_iter = ModelSource.__iter__
+def dies_midway(self):
+    for i, item in enumerate(real_iter(self)):
+        if i == 8:  # several buckets have landed on the server
+            os._exit(17)
+        yield item
+ModelSource.__iter__ = dies_midway
+sync.push(int(version))
+"""
